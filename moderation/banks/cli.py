@@ -1,0 +1,158 @@
+"""`moderation bank ...`: create banks and add known-bad entries to them."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from moderation.banks import service
+from moderation.config import get_settings
+from moderation.console import emit_json, emit_table
+from moderation.db import session_scope
+from moderation.embedding.service import get_or_create_model, model_dim, normalise
+from moderation.images.decode import DecodeLimits
+from moderation.images.errors import IntakeError
+from moderation.images.fetch import fetch, to_uri
+from moderation.images.hashing import PdqHash, parse_hex
+from moderation.images.signals import extract_signals
+
+
+@click.group()
+def bank() -> None:
+    """Banks of known-bad content (signals only, never the content)."""
+
+
+@bank.command("create")
+@click.argument("name")
+@click.option("--radius", type=float, help="CLIP cosine distance for this bank (default: global).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def create(name: str, radius: float | None, as_json: bool) -> None:
+    """Create a bank called NAME."""
+    try:
+        with session_scope() as session:
+            created = service.create_bank(session, name, radius)
+            row = {"id": created.id, "name": created.name, "radius": created.radius}
+    except (service.BankExists, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        emit_json(row)
+    else:
+        click.echo(f"created bank {name} (id {row['id']})")
+
+
+@bank.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(as_json: bool) -> None:
+    """List banks with their entry counts."""
+    with session_scope() as session:
+        banks = service.list_banks(session)
+    if as_json:
+        emit_json(banks)
+    else:
+        rows = [vars(b) for b in banks]
+        emit_table(rows, ["id", "name", "radius", "enabled", "entries"], empty="no banks")
+
+
+@bank.command("add")
+@click.argument("name")
+@click.argument("images", nargs=-1)
+@click.option(
+    "--embedding",
+    "embedding_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A .npy of one embedding (d,) or several (n, d) from the configured model.",
+)
+@click.option("--pdq", "pdq_hashes", multiple=True, help="A PDQ hash, 64 hex digits (repeatable).")
+@click.option(
+    "--sha256", "sha256_hashes", multiple=True, help="A SHA-256, 64 hex digits (repeatable)."
+)
+@click.option(
+    "--source-ref", help="Where the source lives in restricted storage (default: the image path)."
+)
+@click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the new entries with their id.")
+def add(
+    name: str,
+    images: tuple[str, ...],
+    embedding_file: Path | None,
+    pdq_hashes: tuple[str, ...],
+    sha256_hashes: tuple[str, ...],
+    source_ref: str | None,
+    added_by: str,
+    as_json: bool,
+) -> None:
+    """Add entries to bank NAME: from IMAGES, an embedding file, or hashes."""
+    if not (images or embedding_file or pdq_hashes or sha256_hashes):
+        raise click.UsageError("give IMAGES, --embedding, --pdq or --sha256")
+    try:
+        entries = [
+            *(
+                service.NewEntry(sha256=parse_hex(h, length=32, what="SHA-256"))
+                for h in sha256_hashes
+            ),
+            *(
+                service.NewEntry(pdq=PdqHash(parse_hex(h, length=32, what="PDQ"), None))
+                for h in pdq_hashes
+            ),
+        ]
+        if images or embedding_file:
+            entries += _model_entries(images, embedding_file, source_ref)
+        with session_scope() as session:
+            rows = service.add_entries(
+                session, service.get_bank(session, name), entries, added_by=added_by
+            )
+            added = [
+                {
+                    "id": r.id,
+                    "bank": name,
+                    "sha256": r.sha256,
+                    "pdq": r.pdq,
+                    "pdq_quality": r.pdq_quality,
+                    "embedding": bool(r.embeddings),
+                    "source_ref": r.source_ref,
+                }
+                for r in rows
+            ]
+    except (ValueError, LookupError, IntakeError) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        emit_json(added)
+    else:
+        click.echo(
+            f"added {len(added)} entr{'y' if len(added) == 1 else 'ies'} to {name}: "
+            f"ids {', '.join(str(a['id']) for a in added)}"
+        )
+
+
+def _model_entries(
+    images: tuple[str, ...], embedding_file: Path | None, source_ref: str | None
+) -> list[service.NewEntry]:
+    """Entries that carry an embedding, tied to the configured model."""
+    from moderation.embedding.cli import load_embedder
+
+    settings = get_settings()
+    entries: list[service.NewEntry] = []
+    if embedding_file is not None:
+        vectors = normalise(np.load(embedding_file, allow_pickle=False))
+        with session_scope() as session:
+            model = get_or_create_model(
+                session, settings.resolved_model(), model_dim(settings.resolved_model())
+            )
+        entries += [
+            service.NewEntry(embedding=v, model=model, source_ref=source_ref) for v in vectors
+        ]
+    if images:
+        embedder = load_embedder()
+        limits = DecodeLimits.from_settings(settings)
+        with session_scope() as session:
+            model = get_or_create_model(session, embedder.name, embedder.dim)
+        for image in images:
+            uri = to_uri(image)
+            data = fetch(uri, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
+            signals = extract_signals(data, limits, embedder.preprocess)
+            vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
+            entries.append(service.entry_from_signals(signals, vector, model, source_ref or uri))
+    return entries

@@ -1,0 +1,65 @@
+"""Banks of known-bad content. A bank holds signals of the content, never the content itself."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin
+
+
+class Bank(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
+    # Workers compare the newest `updated_at` of banks and entries to notice changes.
+    __tablename__ = "banks"
+
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Cosine distance for CLIP matches against this bank; NULL means the global radius.
+    radius: Mapped[float | None] = mapped_column(Float)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+
+    entries: Mapped[list[BankEntry]] = relationship(back_populates="bank")
+
+
+class BankEntry(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
+    """One known-bad item: any of its SHA-256, PDQ hash and per-model embeddings."""
+
+    __tablename__ = "bank_entries"
+
+    bank_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("banks.id", ondelete="CASCADE"), index=True
+    )
+    sha256: Mapped[bytes | None] = mapped_column(LargeBinary(32), index=True)
+    pdq: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    # NULL when the hash was imported from a list that did not say.
+    pdq_quality: Mapped[int | None] = mapped_column(Integer)
+    # Where the source lives in restricted storage, for re-embedding under a new model.
+    source_ref: Mapped[str | None] = mapped_column(Text)
+    added_by: Mapped[str] = mapped_column(String(200))
+
+    bank: Mapped[Bank] = relationship(back_populates="entries")
+    embeddings: Mapped[list[BankEntryEmbedding]] = relationship(
+        back_populates="entry", cascade="all, delete-orphan"
+    )
+
+
+class BankEntryEmbedding(IdMixin, CreatedAtMixin, Base):
+    __tablename__ = "bank_entry_embeddings"
+    __table_args__ = (UniqueConstraint("bank_entry_id", "model_id"),)
+
+    bank_entry_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("bank_entries.id", ondelete="CASCADE")
+    )
+    model_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("embedding_models.id"))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+    entry: Mapped[BankEntry] = relationship(back_populates="embeddings")

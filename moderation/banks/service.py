@@ -1,0 +1,118 @@
+"""Creating banks and adding entries to them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.embedding.models import EmbeddingModel
+from moderation.embedding.service import vector_to_bytes
+from moderation.images.hashing import PdqHash
+from moderation.images.signals import ImageSignals
+
+
+class BankNotFound(LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no bank named {name!r}; create it with `moderation bank create {name}`")
+
+
+class BankExists(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a bank named {name!r} already exists")
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """Signals of one known-bad item. At least one of them must be present."""
+
+    sha256: bytes | None = None
+    pdq: PdqHash | None = None
+    embedding: np.ndarray | None = None  # L2-normalised, from `model`
+    model: EmbeddingModel | None = None
+    source_ref: str | None = None
+
+
+@dataclass(frozen=True)
+class BankSummary:
+    id: int
+    name: str
+    radius: float | None
+    enabled: bool
+    entries: int
+
+
+def create_bank(session: Session, name: str, radius: float | None = None) -> Bank:
+    if radius is not None and not 0 <= radius <= 2:
+        raise ValueError(f"radius is a cosine distance between 0 and 2, got {radius}")
+    if session.scalar(select(Bank.id).where(Bank.name == name)) is not None:
+        raise BankExists(name)
+    bank = Bank(name=name, radius=radius, enabled=True)
+    session.add(bank)
+    session.flush()
+    return bank
+
+
+def get_bank(session: Session, name: str) -> Bank:
+    bank = session.scalar(select(Bank).where(Bank.name == name))
+    if bank is None:
+        raise BankNotFound(name)
+    return bank
+
+
+def list_banks(session: Session) -> list[BankSummary]:
+    rows = session.execute(
+        select(Bank, func.count(BankEntry.id))
+        .outerjoin(BankEntry, BankEntry.bank_id == Bank.id)
+        .group_by(Bank.id)
+        .order_by(Bank.name)
+    )
+    return [
+        BankSummary(id=bank.id, name=bank.name, radius=bank.radius, enabled=bank.enabled, entries=n)
+        for bank, n in rows
+    ]
+
+
+def add_entries(
+    session: Session, bank: Bank, entries: list[NewEntry], *, added_by: str
+) -> list[BankEntry]:
+    rows = []
+    for entry in entries:
+        if entry.sha256 is None and entry.pdq is None and entry.embedding is None:
+            raise ValueError("a bank entry needs at least one of SHA-256, PDQ or an embedding")
+        row = BankEntry(
+            bank=bank,
+            sha256=entry.sha256,
+            pdq=entry.pdq.bits if entry.pdq else None,
+            pdq_quality=entry.pdq.quality if entry.pdq else None,
+            source_ref=entry.source_ref,
+            added_by=added_by,
+        )
+        if entry.embedding is not None:
+            if entry.model is None:
+                raise ValueError("an embedding must say which model produced it")
+            if entry.embedding.shape != (entry.model.dim,):
+                raise ValueError(
+                    f"embedding has shape {entry.embedding.shape}; model {entry.model.name!r} "
+                    f"produces ({entry.model.dim},)"
+                )
+            row.embeddings.append(
+                BankEntryEmbedding(model_id=entry.model.id, vector=vector_to_bytes(entry.embedding))
+            )
+        rows.append(row)
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def entry_from_signals(
+    signals: ImageSignals, vector: np.ndarray, model: EmbeddingModel, source_ref: str | None
+) -> NewEntry:
+    """An entry for a known-bad image: its SHA-256 and its first frame's PDQ and embedding."""
+    first = signals.frames[0]
+    return NewEntry(
+        sha256=signals.sha256, pdq=first.pdq, embedding=vector, model=model, source_ref=source_ref
+    )

@@ -1,0 +1,87 @@
+"""One settings object for the whole service, read from `MODERATION_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The production checkpoint on a GPU, and the smaller one that is still usable on a CPU.
+DEFAULT_CUDA_MODEL = "openai/clip-vit-large-patch14-336"
+DEFAULT_CPU_MODEL = "openai/clip-vit-base-patch32"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODERATION_", extra="ignore")
+
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Embedding model: a Hugging Face CLIP id or a local directory. Unset means the default
+    # for the device the worker ends up on (see `resolved_model`).
+    model: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Images per forward pass; unset means 64 on CUDA and 16 on CPU (measured: larger CPU
+    # batches are slower per image on ViT-B/32).
+    batch_size: int | None = Field(default=None, ge=1)
+    # How long the batcher waits for more images before running a partial batch.
+    batch_wait_ms: float = Field(default=10.0, ge=0)
+
+    # Matching thresholds. Cosine distance for CLIP (a bank may override it); Hamming bits for PDQ.
+    match_radius: float = Field(default=0.05, ge=0, le=2)
+    pdq_threshold: int = Field(default=31, ge=0, le=256)
+    # PDQ hashes of flat, featureless frames are noise; below this quality they are not matched.
+    pdq_min_quality: int = Field(default=50, ge=0, le=100)
+    # Running workers re-check the banks at most this often, so changes land within it.
+    bank_refresh_s: float = Field(default=5.0, ge=0)
+
+    # Intake limits.
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    max_side: int = Field(default=16_384, gt=0)
+    max_aspect_ratio: float = Field(default=50.0, ge=1)
+    # Animated images: how many frames are screened, and how many pixels may be decoded in all
+    # to reach them (later frames are skipped when a long animation would exceed it).
+    max_frames: int = Field(default=4, ge=1)
+    max_animation_pixels: int = Field(default=200_000_000, gt=0)
+
+    # Worker and delivery.
+    queue: str = "screening"
+    worker_concurrency: int | None = Field(default=None, ge=1)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_backoff_s: float = Field(default=2.0, gt=0)
+    retry_backoff_max_s: float = Field(default=300.0, gt=0)
+    # Redis redelivers a message that was taken but never acknowledged after this long.
+    visibility_timeout_s: int = Field(default=900, gt=0)
+    # The sweeper re-enqueues uploads stuck in `queued` or `processing` for longer than this.
+    stuck_after_s: float = Field(default=600.0, gt=0)
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_model(self) -> str:
+        if self.model:
+            return self.model
+        return DEFAULT_CUDA_MODEL if self.resolved_device() == "cuda" else DEFAULT_CPU_MODEL
+
+    def resolved_batch_size(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return 64 if self.resolved_device() == "cuda" else 16
+
+    def resolved_concurrency(self) -> int:
+        # Enough tasks in flight to fill the next batch while the current one runs.
+        return self.worker_concurrency or 2 * self.resolved_batch_size()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,64 @@
+"""`moderation embed` and `moderation model tiny`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from moderation.config import get_settings
+from moderation.embedding.clip import ClipEmbedder
+from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
+from moderation.images.decode import DecodeLimits
+from moderation.images.errors import IntakeError
+from moderation.images.fetch import fetch
+from moderation.images.signals import extract_signals
+
+
+def load_embedder() -> ClipEmbedder:
+    settings = get_settings()
+    return ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+
+
+@click.command()
+@click.argument("image")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the embedding (.npy, float32, L2-normalised).",
+)
+def embed(image: str, out: Path) -> None:
+    """Write the embedding of IMAGE under the configured model.
+
+    Partners can share these instead of the images. For an animated image, the first
+    frame is embedded.
+    """
+    settings = get_settings()
+    embedder = load_embedder()
+    try:
+        data = fetch(image, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
+        signals = extract_signals(data, DecodeLimits.from_settings(settings), embedder.preprocess)
+    except IntakeError as error:
+        raise click.ClickException(str(error)) from None
+    vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
+    np.save(out, vector)
+    click.echo(f"wrote {out}: {embedder.dim}-d embedding from {embedder.name}")
+
+
+@click.group()
+def model() -> None:
+    """Embedding model utilities."""
+
+
+@model.command("tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+def tiny(directory: Path, seed: int) -> None:
+    """Write a tiny randomly initialised CLIP (weights, tokenizer, processor) to DIRECTORY."""
+    write_tiny_clip(directory, seed=seed)
+    click.echo(f"wrote a tiny CLIP to {directory}")
+    click.echo(f"use it with: MODERATION_MODEL={directory.resolve()}")
+    click.echo(TINY_MODEL_WARNING)

@@ -1,0 +1,91 @@
+"""A tiny, randomly initialised CLIP with tokenizer and processor, written like a checkpoint.
+
+It loads through exactly the same `from_pretrained` path as a real CLIP, which is what tests
+and offline demos need. Its weights are random: two copies of the same image embed to the
+same vector, but nothing else about its distances means anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+TINY_MODEL_WARNING = (
+    "This is a tiny CLIP with random weights. Its matches mean nothing beyond exact copies "
+    "of an image; use a real checkpoint (MODERATION_MODEL) for semantic near-duplicates."
+)
+IMAGE_SIZE = 64
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-character table of byte-level BPE (as used by GPT-2 and CLIP)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_tokenizer(directory: Path) -> CLIPTokenizer:
+    # Single characters only and no merges: every word tokenises to its characters.
+    characters = list(_bytes_to_unicode().values())
+    tokens = [*characters, *(c + "</w>" for c in characters), "<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    merges_file.write_text("#version: 0.2\n")
+    # Loading the files (rather than constructing) works on transformers 4 and 5 alike.
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(directory)
+    return tokenizer
+
+
+def write_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+    from moderation.embedding.clip import processor_class
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _write_tokenizer(directory)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "initializer_factor": 3.0,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 16,
+            "initializer_factor": 3.0,
+        },
+        projection_dim=32,
+        # At the default scale a random ViT's output barely depends on its input, and every
+        # image lands within 0.05 of every other; at 3x, unrelated images are 0.3-0.7 apart.
+        initializer_factor=3.0,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor_class()(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    ).save_pretrained(directory)
+    (directory / "README.md").write_text(f"# Tiny random CLIP\n\n{TINY_MODEL_WARNING}\n")
+    return directory

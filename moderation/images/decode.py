@@ -1,0 +1,188 @@
+"""Safe decoding: refuse hostile or broken files with a typed error before they cost much.
+
+Checks happen in order of cost: byte count, then the header (format, dimensions), and only
+then the pixel data. Every frame comes out as an RGB image, upright (EXIF orientation
+applied), reduced so its shorter side is no smaller than `WORKING_SIDE`: large enough for
+PDQ and CLIP, and far cheaper than full resolution.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from moderation.config import Settings
+from moderation.images.errors import (
+    BadDimensions,
+    CorruptImage,
+    DecompressionBomb,
+    EmptyFile,
+    FileTooLarge,
+    TruncatedImage,
+    UnsupportedFormat,
+)
+
+# Formats we decode. Pillow can open more (EPS, PSD, ICO, ...), some through external
+# programs; an allowlist keeps the attack surface to well-trodden decoders.
+# (Multi-picture JPEGs, MPO, open through the JPEG opener.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+WORKING_SIDE = 512
+# Container signatures of formats we recognise but cannot decode, for a helpful refusal.
+_KNOWN_UNSUPPORTED = {
+    b"ftypheic": "HEIC is not enabled; install pillow-heif",
+    b"ftypheix": "HEIC is not enabled; install pillow-heif",
+    b"ftypmif1": "HEIF is not enabled; install pillow-heif",
+    b"ftypavif": "AVIF is not supported by this build of Pillow",
+}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    max_aspect_ratio: float
+    max_frames: int
+    max_animation_pixels: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeLimits:
+        return cls(
+            max_bytes=settings.max_bytes,
+            max_pixels=settings.max_pixels,
+            max_side=settings.max_side,
+            max_aspect_ratio=settings.max_aspect_ratio,
+            max_frames=settings.max_frames,
+            max_animation_pixels=settings.max_animation_pixels,
+        )
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    format: str
+    width: int
+    height: int
+    frame_count: int
+    # (frame index in the file, upright RGB image) for each screened frame.
+    frames: list[tuple[int, Image.Image]]
+
+
+def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    if not data:
+        raise EmptyFile("the file is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise FileTooLarge(
+            f"the file is {len(data) / 2**20:.1f} MiB; the limit is "
+            f"{limits.max_bytes / 2**20:.1f} MiB (MODERATION_MAX_BYTES)"
+        )
+    image = _open(data)
+    try:
+        # As stored in the header: JPEG draft decoding changes `image.size` afterwards.
+        width, height = image.size
+        _check_dimensions(width, height, limits)
+        frame_count = getattr(image, "n_frames", 1)
+        indices = _frames_to_screen(frame_count, image.size, limits)
+        frames = [(index, _load_frame(image, index, limits)) for index in indices]
+        return DecodedImage(
+            format=image.format or "unknown",
+            width=width,
+            height=height,
+            frame_count=frame_count,
+            frames=frames,
+        )
+    finally:
+        image.close()
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        for signature, reason in _KNOWN_UNSUPPORTED.items():
+            if signature in data[:32]:
+                raise UnsupportedFormat(reason) from None
+        raise UnsupportedFormat(
+            f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)}); "
+            f"the file starts with {data[:16]!r}"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise DecompressionBomb(str(exc)) from None
+    except Exception as exc:  # a malformed header can raise almost anything
+        raise CorruptImage(f"the image header is unreadable: {exc}") from None
+
+
+def _check_dimensions(width: int, height: int, limits: DecodeLimits) -> None:
+    if width < 1 or height < 1:
+        raise BadDimensions(f"the image is {width}x{height} pixels")
+    if width * height > limits.max_pixels:
+        raise DecompressionBomb(
+            f"{width}x{height} is {width * height / 1e6:.0f} megapixels; the limit is "
+            f"{limits.max_pixels / 1e6:.0f} (MODERATION_MAX_PIXELS)"
+        )
+    if max(width, height) > limits.max_side:
+        raise BadDimensions(
+            f"{width}x{height}: a side is longer than {limits.max_side} pixels "
+            "(MODERATION_MAX_SIDE)"
+        )
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise BadDimensions(
+            f"{width}x{height}: the aspect ratio exceeds {limits.max_aspect_ratio:g}:1 "
+            "(MODERATION_MAX_ASPECT_RATIO)"
+        )
+
+
+def _frames_to_screen(frame_count: int, size: tuple[int, int], limits: DecodeLimits) -> list[int]:
+    """Frame indices spread evenly over the animation, always including the first.
+
+    Seeking to frame N decodes every frame before it, so a long animation is only sampled
+    within the prefix that fits the decode budget.
+    """
+    if frame_count <= 1:
+        return [0]
+    reachable = max(1, min(frame_count, limits.max_animation_pixels // (size[0] * size[1])))
+    wanted = min(limits.max_frames, reachable)
+    return sorted({round(i * (reachable - 1) / max(1, wanted - 1)) for i in range(wanted)})
+
+
+def _load_frame(image: Image.Image, index: int, limits: DecodeLimits) -> Image.Image:
+    try:
+        if index:
+            image.seek(index)
+            # Multi-page TIFFs can hold pages larger than the first.
+            _check_dimensions(*image.size, limits)
+        elif image.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale straight from the DCT.
+            image.draft("RGB", (WORKING_SIDE, WORKING_SIDE))
+        image.load()
+        frame = ImageOps.exif_transpose(image) if index == 0 else image
+        rgb = _to_rgb(frame)
+    except (BadDimensions, DecompressionBomb):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecompressionBomb(str(exc)) from None
+    except OSError as exc:
+        if "truncated" in str(exc):
+            raise TruncatedImage(f"the image data ends early: {exc}") from None
+        raise CorruptImage(f"the image data is corrupt: {exc}") from None
+    except Exception as exc:  # malformed data can raise almost anything from a decoder
+        raise CorruptImage(f"the image data is corrupt: {exc!r}") from None
+    return _reduce(rgb)
+
+
+def _to_rgb(frame: Image.Image) -> Image.Image:
+    if frame.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # High bit depth: stretch to 8 bits, else convert() clips nearly everything to white.
+        values = np.asarray(frame, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
+        frame = Image.fromarray(scaled.astype(np.uint8))
+    # Alpha is dropped, not composited: what is hidden under transparency is still screened.
+    return frame.convert("RGB")
+
+
+def _reduce(frame: Image.Image) -> Image.Image:
+    factor = min(frame.size) // WORKING_SIDE
+    return frame.reduce(factor) if factor > 1 else frame

@@ -1,0 +1,78 @@
+"""Typed intake errors. Each carries a stable code and a sentence a person can act on.
+
+`BadInput` is final: the same bytes fail the same way every time, so it is stored on the
+upload and never retried. `TransientFault` may succeed later and is retried with backoff.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class IntakeError(Exception):
+    code: ClassVar[str] = "intake_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class BadInput(IntakeError):
+    code = "bad_input"
+
+
+class TransientFault(IntakeError):
+    code = "transient_fault"
+
+
+# Fetching.
+class NotFound(BadInput):
+    code = "not_found"
+
+
+class UnsupportedUri(BadInput):
+    code = "unsupported_uri"
+
+
+class FetchRefused(BadInput):
+    code = "fetch_refused"
+
+
+class FetchTimeout(TransientFault):
+    code = "fetch_timeout"
+
+
+class FetchUnavailable(TransientFault):
+    code = "fetch_unavailable"
+
+
+# Decoding.
+class EmptyFile(BadInput):
+    code = "empty_file"
+
+
+class FileTooLarge(BadInput):
+    code = "file_too_large"
+
+
+class UnsupportedFormat(BadInput):
+    code = "unsupported_format"
+
+
+class DecompressionBomb(BadInput):
+    code = "decompression_bomb"
+
+
+class BadDimensions(BadInput):
+    code = "bad_dimensions"
+
+
+class TruncatedImage(BadInput):
+    code = "truncated_image"
+
+
+class CorruptImage(BadInput):
+    code = "corrupt_image"

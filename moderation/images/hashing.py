@@ -1,0 +1,51 @@
+"""Hash signals: SHA-256 of the bytes and PDQ (Meta's 256-bit perceptual hash) of a frame."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pdqhash
+from PIL import Image
+
+PDQ_BYTES = 32
+# Meta's reference hashers work on images no larger than this; PDQ itself reduces to 64x64.
+PDQ_MAX_SIDE = 512
+
+
+@dataclass(frozen=True)
+class PdqHash:
+    bits: bytes  # 32 bytes, most significant bit first, as in ThreatExchange's hex strings
+    quality: int | None  # 0-100; None when imported from a list that did not say
+
+    @property
+    def hex(self) -> str:
+        return self.bits.hex()
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def pdq(frame: Image.Image) -> PdqHash:
+    if max(frame.size) > PDQ_MAX_SIDE:
+        frame = frame.copy()
+        frame.thumbnail((PDQ_MAX_SIDE, PDQ_MAX_SIDE), Image.Resampling.BILINEAR)
+    vector, quality = pdqhash.compute(np.asarray(frame.convert("RGB")))
+    return PdqHash(bits=np.packbits(vector.astype(np.uint8)).tobytes(), quality=int(quality))
+
+
+def parse_hex(value: str, *, length: int, what: str) -> bytes:
+    """Parse a hex digest from a hash list, with an error that says what was wrong."""
+    cleaned = value.strip().lower()
+    if len(cleaned) != 2 * length:
+        raise ValueError(f"{what} must be {2 * length} hex digits, got {len(cleaned)}: {value!r}")
+    try:
+        return bytes.fromhex(cleaned)
+    except ValueError:
+        raise ValueError(f"{what} is not hexadecimal: {value!r}") from None
+
+
+def hamming(a: bytes, b: bytes) -> int:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_count()

@@ -1,0 +1,57 @@
+"""Everything computed from an image's bytes before the model runs: one pass, shared by
+screening and by adding images to a bank, so both sides of a match are made the same way."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from moderation.images.decode import DecodeLimits, decode
+from moderation.images.hashing import PdqHash, pdq, sha256
+
+
+class SignalType(enum.StrEnum):
+    SHA256 = "sha256"
+    PDQ = "pdq"
+    CLIP = "clip"
+
+
+@dataclass(frozen=True)
+class FrameSignals:
+    index: int  # frame index in the file
+    pdq: PdqHash
+    pixels: np.ndarray  # preprocessed for the embedding model
+
+
+@dataclass(frozen=True)
+class ImageSignals:
+    sha256: bytes
+    format: str
+    width: int
+    height: int
+    frame_count: int
+    frames: list[FrameSignals]
+
+
+def extract_signals(
+    data: bytes,
+    limits: DecodeLimits,
+    preprocess: Callable[[Image.Image], np.ndarray],
+) -> ImageSignals:
+    """Decode safely, then hash and preprocess each screened frame. Raises `BadInput`."""
+    decoded = decode(data, limits)
+    return ImageSignals(
+        sha256=sha256(data),
+        format=decoded.format,
+        width=decoded.width,
+        height=decoded.height,
+        frame_count=decoded.frame_count,
+        frames=[
+            FrameSignals(index=index, pdq=pdq(frame), pixels=preprocess(frame))
+            for index, frame in decoded.frames
+        ],
+    )

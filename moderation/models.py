@@ -1,0 +1,18 @@
+"""Every ORM model, imported in one place so the metadata is complete (Alembic, tests)."""
+
+from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.db import Base
+from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.screening.models import Hit, Signal, Upload
+
+__all__ = [
+    "Bank",
+    "BankEntry",
+    "BankEntryEmbedding",
+    "Base",
+    "Embedding",
+    "EmbeddingModel",
+    "Hit",
+    "Signal",
+    "Upload",
+]

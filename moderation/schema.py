@@ -1,0 +1,44 @@
+"""Alembic, configured in code: `moderation db upgrade` and the models/migrations drift check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from moderation.config import get_settings
+from moderation.db import ensure_database
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Date-first names sort in the order they were written.
+    config.set_main_option("file_template", "%%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s")
+    config.set_main_option("sqlalchemy.url", url or get_settings().database_url)
+    return config
+
+
+def upgrade(url: str | None = None) -> None:
+    url = url or get_settings().database_url
+    ensure_database(url)
+    command.upgrade(alembic_config(url), "head")
+
+
+def drift(url: str | None = None) -> list[object]:
+    """Differences between the ORM models and the migrated database; empty when they agree."""
+    from moderation.models import Base
+
+    engine = create_engine(url or get_settings().database_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, Base.metadata))
+    finally:
+        engine.dispose()

@@ -1,0 +1,111 @@
+"""Uploads being screened, the signals computed from them, and the hits they produced."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin
+from moderation.images.signals import SignalType
+
+
+class UploadStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SCREENED = "screened"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    # A VARCHAR with a CHECK constraint: adding a value later is a plain migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
+    __tablename__ = "uploads"
+    __table_args__ = (
+        # The sweeper looks for rows stuck in a non-final state.
+        Index("ix_uploads_status_updated_at", "status", "updated_at"),
+    )
+
+    # The caller's own id for the upload; submitting it again returns the same upload.
+    external_id: Mapped[str | None] = mapped_column(String(512), unique=True)
+    uri: Mapped[str] = mapped_column(Text)
+    status: Mapped[UploadStatus] = mapped_column(
+        _enum(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
+    )
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # Incremented each time a worker starts on the upload; bounds poison messages.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    # What the decoder found; NULL until screened.
+    media_format: Mapped[str | None] = mapped_column(String(16))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    frame_count: Mapped[int | None] = mapped_column(Integer)
+
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Signal(IdMixin, Base):
+    """A hash of an upload: SHA-256 of its bytes (frame 0), or PDQ of one screened frame."""
+
+    __tablename__ = "signals"
+    __table_args__ = (
+        UniqueConstraint("upload_id", "signal", "frame_index"),
+        Index("ix_signals_signal_value", "signal", "value"),
+    )
+
+    upload_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("uploads.id", ondelete="CASCADE"))
+    signal: Mapped[SignalType] = mapped_column(_enum(SignalType, "signal_type"))
+    frame_index: Mapped[int] = mapped_column(Integer, default=0)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    # PDQ's own quality score, 0-100; NULL for SHA-256.
+    quality: Mapped[int | None] = mapped_column(Integer)
+
+
+class Hit(IdMixin, Base):
+    """An upload matched a bank entry on one signal. One row per (upload, entry, signal)."""
+
+    __tablename__ = "hits"
+    __table_args__ = (UniqueConstraint("upload_id", "bank_entry_id", "signal"),)
+
+    upload_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("uploads.id", ondelete="CASCADE"))
+    bank_entry_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("bank_entries.id", ondelete="CASCADE"), index=True
+    )
+    signal: Mapped[SignalType] = mapped_column(_enum(SignalType, "signal_type"))
+    # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256; the best over all frames.
+    distance: Mapped[float] = mapped_column(Float)
+    frame_index: Mapped[int] = mapped_column(Integer, default=0)
+    # The model whose embeddings matched (CLIP hits only).
+    model_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("embedding_models.id"))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )

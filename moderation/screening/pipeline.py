@@ -1,0 +1,118 @@
+"""Screening one upload: claim, fetch, decode, hash, embed, match, record.
+
+A `Screener` is built once per worker process and shared by all its task threads. Each
+stage that writes is its own short transaction, and no connection is held while the
+image is fetched, decoded or embedded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from moderation.banks.matcher import BankMatcher, MatchSettings
+from moderation.config import Settings
+from moderation.embedding.batcher import EmbeddingBatcher
+from moderation.embedding.clip import ClipEmbedder
+from moderation.embedding.service import get_or_create_model
+from moderation.images.decode import DecodeLimits
+from moderation.images.errors import BadInput, IntakeError, TransientFault
+from moderation.images.fetch import fetch
+from moderation.images.signals import extract_signals
+from moderation.screening import service
+
+logger = logging.getLogger(__name__)
+
+Sessions = Callable[[], AbstractContextManager[Session]]
+
+
+class InternalFault(TransientFault):
+    """Something unexpected (a bug, the model) failed; retried like a transient fault."""
+
+    code = "internal_error"
+
+
+class Screener:
+    def __init__(self, settings: Settings, sessions: Sessions, embedder: ClipEmbedder) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self._sessions = sessions
+        self._limits = DecodeLimits.from_settings(settings)
+        with sessions() as session:
+            self.model_id = get_or_create_model(session, embedder.name, embedder.dim).id
+        self.matcher = BankMatcher(
+            sessions,
+            model_id=self.model_id,
+            dim=embedder.dim,
+            settings=MatchSettings(
+                default_radius=settings.match_radius,
+                pdq_threshold=settings.pdq_threshold,
+                pdq_min_quality=settings.pdq_min_quality,
+            ),
+            refresh_s=settings.bank_refresh_s,
+        )
+        self.batcher = EmbeddingBatcher(
+            embedder,
+            max_batch=settings.resolved_batch_size(),
+            max_wait_s=settings.batch_wait_ms / 1000,
+        )
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def run(self, upload_id: int) -> None:
+        """Screen one upload end to end.
+
+        Bad input is recorded as a final failure here. Transient faults are raised for the
+        task to retry (see `defer`); database errors propagate untouched, since nothing can
+        be recorded while the database is unreachable.
+        """
+        with self._sessions() as session:
+            upload = service.claim(session, upload_id, max_attempts=self.settings.max_attempts)
+            if upload is None:
+                logger.info("upload %d is already final; nothing to do", upload_id)
+                return
+            uri = upload.uri
+        try:
+            data = fetch(
+                uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s
+            )
+            signals = extract_signals(data, self._limits, self.embedder.preprocess)
+            vectors = self.batcher.embed([frame.pixels for frame in signals.frames])
+            matches = self.matcher.current().match(signals, vectors)
+        except BadInput as error:
+            logger.info("upload %d refused: %s", upload_id, error)
+            with self._sessions() as session:
+                service.record_failed(session, upload_id, error.code, error.message)
+            return
+        except (IntakeError, DBAPIError):
+            raise
+        except Exception as exc:
+            logger.exception("screening upload %d failed unexpectedly", upload_id)
+            raise InternalFault(f"{type(exc).__name__}: {exc}") from exc
+        with self._sessions() as session:
+            service.record_screened(session, upload_id, signals, vectors, self.model_id, matches)
+        logger.info("upload %d screened: %d hit(s)", upload_id, len(matches))
+
+    def defer(self, upload_id: int, fault: TransientFault) -> float | None:
+        """Record a transient fault: seconds until the retry, or None if it is now final."""
+        with self._sessions() as session:
+            attempts = service.record_transient_fault(
+                session,
+                upload_id,
+                fault.code,
+                fault.message,
+                max_attempts=self.settings.max_attempts,
+            )
+        if attempts is None:
+            logger.warning("upload %d failed for good: %s", upload_id, fault)
+            return None
+        delay = min(
+            self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2.0 ** (attempts - 1)
+        )
+        logger.info("upload %d: %s; retry %d in %.1f s", upload_id, fault, attempts, delay)
+        return delay

@@ -1,0 +1,278 @@
+"""The lifecycle of an upload in the database: submitted, claimed, screened or failed.
+
+Every function takes a session and leaves committing to the caller, so each state change
+is one transaction. Messages that announce a change are sent by the caller after commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from moderation.banks.matcher import Match
+from moderation.banks.models import Bank, BankEntry
+from moderation.embedding.models import Embedding
+from moderation.embedding.service import vector_to_bytes
+from moderation.images.signals import ImageSignals, SignalType
+from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+
+FINAL_STATUSES = (UploadStatus.SCREENED, UploadStatus.FAILED)
+# Any constant: the key of the advisory lock that lets one sweeper run at a time.
+_SWEEP_LOCK_KEY = 7_301_562
+
+
+class UploadNotFound(LookupError):
+    def __init__(self, upload_id: int) -> None:
+        super().__init__(f"no upload with id {upload_id}")
+
+
+@dataclass(frozen=True)
+class HitView:
+    hit_id: int
+    upload_id: int
+    uri: str
+    bank: str
+    bank_entry_id: int
+    signal: str
+    distance: float
+    frame_index: int
+    created_at: datetime
+
+
+def submit(session: Session, uri: str, external_id: str | None = None) -> tuple[Upload, bool]:
+    """Record an upload as queued. An external id seen before returns that upload instead.
+
+    The caller publishes the screening message after committing, and only if created.
+    """
+    upload_id = session.scalar(
+        insert(Upload)
+        .values(
+            uri=uri, external_id=external_id, status=UploadStatus.QUEUED, enqueued_at=func.now()
+        )
+        .on_conflict_do_nothing(index_elements=[Upload.external_id])
+        .returning(Upload.id)
+    )
+    if upload_id is not None:
+        return session.get_one(Upload, upload_id), True
+    existing = session.scalars(select(Upload).where(Upload.external_id == external_id)).one()
+    return existing, False
+
+
+def claim(session: Session, upload_id: int, *, max_attempts: int) -> Upload | None:
+    """Mark an upload as being processed, or None if there is nothing (left) to do.
+
+    The attempt counter survives crashes and redeliveries, so an image that kills the
+    worker every time is failed after `max_attempts` instead of looping forever.
+    """
+    upload = session.get(Upload, upload_id, with_for_update=True)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    if upload.status in FINAL_STATUSES:
+        return None
+    if upload.attempts >= max_attempts:
+        _finish_failed(
+            upload,
+            "too_many_attempts",
+            f"gave up after {upload.attempts} attempts; last error: "
+            f"{upload.error_code or 'none recorded'}: {upload.error_message or ''}".rstrip(": "),
+        )
+        return None
+    upload.status = UploadStatus.PROCESSING
+    upload.attempts += 1
+    upload.started_at = func.now()
+    return upload
+
+
+def record_screened(
+    session: Session,
+    upload_id: int,
+    signals: ImageSignals,
+    vectors: np.ndarray,
+    model_id: int,
+    matches: Sequence[Match],
+) -> bool:
+    """Store signals, embeddings and hits and mark the upload screened, in one transaction.
+
+    Idempotent: a redelivered or concurrent duplicate finds the upload final and writes
+    nothing, and the unique constraints would refuse duplicate rows regardless.
+    Returns False when the upload was already final.
+    """
+    upload = session.get(Upload, upload_id, with_for_update=True)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    if upload.status in FINAL_STATUSES:
+        return False
+    signal_rows = [
+        {
+            "upload_id": upload_id,
+            "signal": SignalType.SHA256,
+            "frame_index": 0,
+            "value": signals.sha256,
+            "quality": None,
+        },
+        *(
+            {
+                "upload_id": upload_id,
+                "signal": SignalType.PDQ,
+                "frame_index": frame.index,
+                "value": frame.pdq.bits,
+                "quality": frame.pdq.quality,
+            }
+            for frame in signals.frames
+        ),
+    ]
+    session.execute(insert(Signal).values(signal_rows).on_conflict_do_nothing())
+    session.execute(
+        insert(Embedding)
+        .values(
+            [
+                {
+                    "upload_id": upload_id,
+                    "model_id": model_id,
+                    "frame_index": frame.index,
+                    "vector": vector_to_bytes(vector),
+                }
+                for frame, vector in zip(signals.frames, vectors, strict=True)
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    if matches:
+        session.execute(
+            insert(Hit)
+            .values(
+                [
+                    {
+                        "upload_id": upload_id,
+                        "bank_entry_id": m.bank_entry_id,
+                        "signal": m.signal,
+                        "distance": m.distance,
+                        "frame_index": m.frame_index,
+                        "model_id": model_id if m.signal is SignalType.CLIP else None,
+                    }
+                    for m in matches
+                ]
+            )
+            .on_conflict_do_nothing()
+        )
+    upload.status = UploadStatus.SCREENED
+    upload.error_code = upload.error_message = None
+    upload.media_format = signals.format
+    upload.width, upload.height = signals.width, signals.height
+    upload.frame_count = signals.frame_count
+    upload.finished_at = func.now()
+    return True
+
+
+def record_failed(session: Session, upload_id: int, code: str, message: str) -> None:
+    """A final failure: bad input, or a transient fault that outlived its retries."""
+    upload = session.get(Upload, upload_id, with_for_update=True)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    if upload.status not in FINAL_STATUSES:
+        _finish_failed(upload, code, message)
+
+
+def record_transient_fault(
+    session: Session, upload_id: int, code: str, message: str, *, max_attempts: int
+) -> int | None:
+    """A fault that may pass. Returns the attempts so far if a retry is due, else None.
+
+    While a retry is pending the upload is back to queued, with the error visible; once
+    the attempts are spent it fails with that error.
+    """
+    upload = session.get(Upload, upload_id, with_for_update=True)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    if upload.status in FINAL_STATUSES:
+        return None
+    if upload.attempts >= max_attempts:
+        _finish_failed(upload, code, f"{message} (gave up after {upload.attempts} attempts)")
+        return None
+    upload.status = UploadStatus.QUEUED
+    upload.error_code = code
+    upload.error_message = f"retrying: {message}"
+    upload.enqueued_at = func.now()
+    return upload.attempts
+
+
+def _finish_failed(upload: Upload, code: str, message: str) -> None:
+    upload.status = UploadStatus.FAILED
+    upload.error_code = code
+    upload.error_message = message
+    upload.finished_at = func.now()
+
+
+def find_stuck(session: Session, *, older_than: timedelta, limit: int = 1000) -> list[int]:
+    """Uploads queued or processing for too long (their message or worker was lost).
+
+    Marks them re-enqueued now and returns their ids; the caller publishes after commit.
+    Returns nothing if another sweeper holds the lock.
+    """
+    if not session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK_KEY))):
+        return []
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than.total_seconds())
+    # Judged by the latest sign of life, so a re-enqueued row is not re-sent at every sweep.
+    last_activity = func.greatest(Upload.enqueued_at, Upload.started_at)
+    stuck = session.scalars(
+        select(Upload.id)
+        .where(Upload.status.not_in(FINAL_STATUSES), last_activity < cutoff)
+        .order_by(Upload.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if stuck:
+        session.execute(update(Upload).where(Upload.id.in_(stuck)).values(enqueued_at=func.now()))
+    return list(stuck)
+
+
+def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
+    rows = session.scalars(select(Upload).where(Upload.id.in_(upload_ids))).all()
+    by_id = {row.id: row for row in rows}
+    return [by_id[i] for i in upload_ids if i in by_id]
+
+
+def list_uploads(
+    session: Session, *, status: UploadStatus | None = None, limit: int = 100
+) -> list[Upload]:
+    query = select(Upload).order_by(Upload.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Upload.status == status)
+    return list(session.scalars(query))
+
+
+def list_hits(
+    session: Session, *, upload_id: int | None = None, limit: int = 1000
+) -> list[HitView]:
+    query = (
+        select(Hit, Upload.uri, Bank.name)
+        .join(Upload, Upload.id == Hit.upload_id)
+        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .order_by(Hit.id)
+        .limit(limit)
+    )
+    if upload_id is not None:
+        query = query.where(Hit.upload_id == upload_id)
+    return [_hit_view(row) for row in session.execute(query)]
+
+
+def _hit_view(row: Row[Hit, str, str]) -> HitView:
+    hit, uri, bank = row
+    return HitView(
+        hit_id=hit.id,
+        upload_id=hit.upload_id,
+        uri=uri,
+        bank=bank,
+        bank_entry_id=hit.bank_entry_id,
+        signal=hit.signal.value,
+        distance=hit.distance,
+        frame_index=hit.frame_index,
+        created_at=hit.created_at,
+    )

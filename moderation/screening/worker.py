@@ -1,0 +1,68 @@
+"""The worker process: one screener (model, batcher, bank index) shared by all task threads,
+loaded before the first message, and a sweeper that re-enqueues stuck uploads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Any
+
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+
+from moderation.config import get_settings
+from moderation.db import session_scope
+from moderation.embedding.clip import ClipEmbedder
+from moderation.screening import service
+from moderation.screening.pipeline import Screener
+
+logger = logging.getLogger(__name__)
+
+_screener: Screener | None = None
+_screener_lock = threading.Lock()
+_stop = threading.Event()
+
+
+def get_screener() -> Screener:
+    global _screener
+    with _screener_lock:
+        if _screener is None:
+            settings = get_settings()
+            embedder = ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+            _screener = Screener(settings, session_scope, embedder)
+        return _screener
+
+
+def sweep_once() -> list[int]:
+    """Re-enqueue uploads stuck in queued or processing; returns their ids."""
+    from moderation.screening.tasks import publish_screening
+
+    settings = get_settings()
+    with session_scope() as session:
+        stuck = service.find_stuck(session, older_than=timedelta(seconds=settings.stuck_after_s))
+    if stuck:
+        logger.warning("re-enqueueing %d stuck upload(s): %s", len(stuck), stuck[:20])
+        publish_screening(stuck)
+    return stuck
+
+
+def _sweep_forever() -> None:
+    interval = get_settings().sweep_interval_s
+    while not _stop.wait(interval):
+        try:
+            sweep_once()
+        except Exception:
+            logger.exception("sweep failed; trying again in %.0f s", interval)
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    threading.Thread(target=_sweep_forever, name="sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    _stop.set()
+    if _screener is not None:
+        _screener.close()

@@ -1,0 +1,141 @@
+"""Test fixtures: a migrated test database, Redis, the tiny CLIP and a real worker process.
+
+Settings are read from the environment once, so the environment is set here, before
+anything from `moderation` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_RUN_DIR = Path(tempfile.mkdtemp(prefix="moderation-tests-"))
+TINY_MODEL_DIR = _RUN_DIR / "tiny-clip"
+TEST_ENV = {
+    "MODERATION_DATABASE_URL": os.environ.get(
+        "MODERATION_TEST_DATABASE_URL",
+        "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_test",
+    ),
+    "MODERATION_REDIS_URL": os.environ.get(
+        "MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"
+    ),
+    "MODERATION_QUEUE": f"screening-test-{os.getpid()}",
+    "MODERATION_MODEL": str(TINY_MODEL_DIR),
+    "MODERATION_DEVICE": "cpu",
+    # Tests add bank entries and submit at once: check the banks before every match.
+    "MODERATION_BANK_REFRESH_S": "0",
+    "MODERATION_RETRY_BACKOFF_S": "0.2",
+    "MODERATION_MAX_ATTEMPTS": "3",
+    "MODERATION_FETCH_TIMEOUT_S": "2",
+    "MODERATION_BATCH_SIZE": "8",
+}
+os.environ.update(TEST_ENV)
+
+import redis  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from moderation import schema  # noqa: E402
+from moderation.db import get_engine  # noqa: E402
+from moderation.embedding.tiny import write_tiny_clip  # noqa: E402
+
+# Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
+_DATA_TABLES = "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> str:
+    url = TEST_ENV["MODERATION_DATABASE_URL"]
+    admin = create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    name = url.rsplit("/", 1)[1]
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+    schema.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model() -> Path:
+    if not TINY_MODEL_DIR.exists():
+        write_tiny_clip(TINY_MODEL_DIR)
+    return TINY_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(TEST_ENV["MODERATION_REDIS_URL"])
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def session(database: str) -> Iterator[Session]:
+    """A session whose every change is rolled back after the test."""
+    connection = get_engine().connect()
+    transaction = connection.begin()
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as db_session:
+        yield db_session
+    transaction.rollback()
+    connection.close()
+
+
+@pytest.fixture
+def clean_db(database: str) -> None:
+    """For tests whose data must be committed (a worker process reads it)."""
+    with get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {_DATA_TABLES} CASCADE"))
+
+
+class WorkerProcess:
+    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moderation", "worker", "--loglevel", "INFO"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log()}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def worker(database: str, tiny_model: Path, redis_client: redis.Redis) -> Iterator[WorkerProcess]:
+    """A real `moderation worker` process, shared by the end-to-end tests."""
+    process = WorkerProcess(_RUN_DIR / "worker.log", {**os.environ, **TEST_ENV})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()

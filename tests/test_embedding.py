@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPModel
+
+from moderation.embedding.batcher import EmbeddingBatcher
+from moderation.embedding.clip import ClipEmbedder, Preprocessing, processor_class
+from tests.images import textured
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model: Path) -> ClipEmbedder:
+    return ClipEmbedder(str(tiny_model), "cpu")
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 451), (64, 64), (1000, 90)])
+def test_preprocessing_matches_the_checkpoints_own_processor(
+    tiny_model: Path, size: tuple[int, int]
+) -> None:
+    image = textured(7, size)
+    reference = processor_class().from_pretrained(str(tiny_model))
+    expected = reference(images=image, return_tensors="np")["pixel_values"][0]
+    ours = Preprocessing.from_pretrained(str(tiny_model))(image)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_embeddings_are_unit_float32_and_equal_to_the_models_own(
+    embedder: ClipEmbedder, tiny_model: Path
+) -> None:
+    images = [textured(1), textured(2)]
+    vectors = embedder.embed_images(images)
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (2, embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    # The same checkpoint used directly through transformers agrees.
+    model: Any = CLIPModel.from_pretrained(str(tiny_model))
+    model.eval()
+    reference = processor_class().from_pretrained(str(tiny_model))
+    pixels = torch.from_numpy(reference(images=images, return_tensors="np")["pixel_values"])
+    with torch.inference_mode():
+        output = model.get_image_features(pixel_values=pixels)
+    features = output if isinstance(output, torch.Tensor) else output.pooler_output
+    expected = torch.nn.functional.normalize(features, dim=-1).numpy()
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+def test_tiny_model_is_a_complete_checkpoint(tiny_model: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokens = tokenizer(["red sports car"], return_tensors="pt")
+    model: Any = CLIPModel.from_pretrained(str(tiny_model))
+    model.eval()
+    with torch.inference_mode():
+        output = model.get_text_features(**tokens)
+    features = output if isinstance(output, torch.Tensor) else output.pooler_output
+    assert features.shape == (1, model.config.projection_dim)
+    assert "random weights" in (tiny_model / "README.md").read_text()
+
+
+def test_tiny_model_separates_different_images(embedder: ClipEmbedder) -> None:
+    a, b = embedder.embed_images([textured(10), textured(11)])
+    assert 1 - float(a @ b) > 0.1
+
+
+class _CountingEmbedder:
+    def __init__(self, inner: ClipEmbedder, delay_s: float = 0.0) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.batch_sizes: list[int] = []
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(pixels))
+        time.sleep(self.delay_s)
+        return self.inner.embed(pixels)
+
+
+def test_batcher_gathers_concurrent_requests_into_one_forward_pass(embedder: ClipEmbedder) -> None:
+    counting = _CountingEmbedder(embedder, delay_s=0.2)
+    batcher = EmbeddingBatcher(counting, max_batch=8, max_wait_s=0.05)
+    images = [embedder.preprocess(textured(seed, (100, 80))) for seed in range(17)]
+    results: dict[int, np.ndarray] = {}
+
+    def one(i: int) -> None:
+        results[i] = batcher.embed([images[i]])[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(17)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.close()
+    assert sum(counting.batch_sizes) == 17
+    assert max(counting.batch_sizes) == 8
+    assert len(counting.batch_sizes) <= 5
+    # Every caller got its own image's embedding back.
+    expected = embedder.embed(np.stack(images))
+    for i in range(17):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-5)
+
+
+def test_batcher_fails_every_request_of_a_failed_batch(embedder: ClipEmbedder) -> None:
+    class Broken:
+        def embed(self, pixels: np.ndarray) -> np.ndarray:
+            raise RuntimeError("out of memory")
+
+    batcher = EmbeddingBatcher(Broken(), max_batch=4, max_wait_s=0.01)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batcher.embed([embedder.preprocess(textured(1))] * 3)
+    batcher.close()

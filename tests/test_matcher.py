@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session
+
+from moderation.banks import service as banks
+from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
+from moderation.embedding.models import EmbeddingModel
+from moderation.embedding.service import get_or_create_model
+from moderation.images.hashing import PdqHash
+from moderation.images.signals import FrameSignals, ImageSignals, SignalType
+from tests.vectors import at_cosine_distance
+
+DIM = 8
+SETTINGS = MatchSettings(default_radius=0.05, pdq_threshold=31, pdq_min_quality=50)
+ANCHOR = np.eye(DIM, dtype=np.float32)[0]
+
+
+def _signals(
+    sha: bytes = b"\x01" * 32, pdq_bits: bytes = b"\x00" * 32, quality: int = 100, frames: int = 1
+) -> ImageSignals:
+    return ImageSignals(
+        sha256=sha,
+        format="PNG",
+        width=10,
+        height=10,
+        frame_count=frames,
+        frames=[
+            FrameSignals(index=i, pdq=PdqHash(pdq_bits, quality), pixels=np.zeros(1))
+            for i in range(frames)
+        ],
+    )
+
+
+def _flip(bits: int) -> bytes:
+    """A PDQ hash that differs from all-zeros in `bits` bits."""
+    return (int("1" * bits, 2) if bits else 0).to_bytes(32, "big")
+
+
+@pytest.fixture
+def model(session: Session) -> EmbeddingModel:
+    return get_or_create_model(session, "test-model", DIM)
+
+
+def _matches(
+    session: Session, model: EmbeddingModel, signals: ImageSignals, vectors: np.ndarray
+) -> set[tuple[int, SignalType, float]]:
+    index = load_index(session, model.id, DIM, SETTINGS)
+    return {
+        (m.bank_entry_id, m.signal, round(m.distance, 5)) for m in index.match(signals, vectors)
+    }
+
+
+def test_clip_radius_is_inclusive_and_per_bank(session: Session, model: EmbeddingModel) -> None:
+    default = banks.create_bank(session, "default-radius")
+    wide = banks.create_bank(session, "wide", radius=0.08)
+    near, far, far_in_wide = banks.add_entries(
+        session,
+        default,
+        [
+            banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.04), model=model),
+            banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.06, seed=1), model=model),
+        ],
+        added_by="test",
+    ) + banks.add_entries(
+        session,
+        wide,
+        [banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.06, seed=2), model=model)],
+        added_by="test",
+    )
+    found = _matches(session, model, _signals(), ANCHOR[np.newaxis])
+    assert found == {(near.id, SignalType.CLIP, 0.04), (far_in_wide.id, SignalType.CLIP, 0.06)}
+    assert far.id not in {entry for entry, _, _ in found}
+
+
+def test_exactly_at_the_radius_is_a_hit(session: Session, model: EmbeddingModel) -> None:
+    bank = banks.create_bank(session, "edge")
+    (entry, _just_outside) = banks.add_entries(
+        session,
+        bank,
+        [
+            banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.05), model=model),
+            banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.0501, seed=4), model=model),
+        ],
+        added_by="t",
+    )
+    assert {e for e, _, _ in _matches(session, model, _signals(), ANCHOR[np.newaxis])} == {entry.id}
+
+
+def test_pdq_threshold_is_inclusive_and_low_quality_is_ignored(
+    session: Session, model: EmbeddingModel
+) -> None:
+    bank = banks.create_bank(session, "pdq")
+    at_31, _at_32, _low_quality = banks.add_entries(
+        session,
+        bank,
+        [
+            banks.NewEntry(pdq=PdqHash(_flip(31), None)),
+            banks.NewEntry(pdq=PdqHash(_flip(32), None)),
+            banks.NewEntry(pdq=PdqHash(_flip(0), 10)),
+        ],
+        added_by="test",
+    )
+    found = _matches(session, model, _signals(pdq_bits=_flip(0)), np.zeros((1, DIM), np.float32))
+    assert found == {(at_31.id, SignalType.PDQ, 31.0)}
+    # A low-quality upload frame is not matched on PDQ at all.
+    assert (
+        _matches(
+            session, model, _signals(pdq_bits=_flip(0), quality=20), np.zeros((1, DIM), np.float32)
+        )
+        == set()
+    )
+
+
+def test_sha256_and_disabled_banks(session: Session, model: EmbeddingModel) -> None:
+    enabled = banks.create_bank(session, "on")
+    disabled = banks.create_bank(session, "off")
+    (hit,) = banks.add_entries(
+        session, enabled, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="t"
+    )
+    banks.add_entries(session, disabled, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="t")
+    disabled.enabled = False
+    session.flush()
+    assert _matches(session, model, _signals(), np.zeros((1, DIM), np.float32)) == {
+        (hit.id, SignalType.SHA256, 0.0)
+    }
+
+
+def test_the_closest_frame_is_recorded(session: Session, model: EmbeddingModel) -> None:
+    bank = banks.create_bank(session, "frames")
+    (entry,) = banks.add_entries(
+        session, bank, [banks.NewEntry(embedding=ANCHOR, model=model)], added_by="t"
+    )
+    vectors = np.stack([at_cosine_distance(ANCHOR, 0.03), at_cosine_distance(ANCHOR, 0.01, seed=3)])
+    index = load_index(session, model.id, DIM, SETTINGS)
+    (match,) = index.match(_signals(frames=2), vectors)
+    assert (match.bank_entry_id, match.frame_index) == (entry.id, 1)
+    assert match.distance == pytest.approx(0.01, abs=1e-5)
+
+
+def test_running_matcher_picks_up_bank_changes_after_its_refresh_interval(
+    session: Session, model: EmbeddingModel
+) -> None:
+    @contextmanager
+    def sessions() -> Iterator[Session]:
+        yield session
+
+    matcher = BankMatcher(sessions, model_id=model.id, dim=DIM, settings=SETTINGS, refresh_s=0.3)
+    bank = banks.create_bank(session, "live")
+    (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="t")
+    signals = _signals()
+    vectors = np.zeros((1, DIM), np.float32)
+    assert matcher.current().match(signals, vectors) == []  # not yet checked
+    time.sleep(0.35)
+    assert [m.bank_entry_id for m in matcher.current().match(signals, vectors)] == [entry.id]
+    # Unchanged banks: the snapshot is kept, not rebuilt.
+    before = matcher.current()
+    time.sleep(0.35)
+    assert matcher.current() is before
+
+
+def test_default_refresh_interval_meets_the_ten_second_promise() -> None:
+    from moderation.config import Settings
+
+    assert Settings().bank_refresh_s <= 10

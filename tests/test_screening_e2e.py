@@ -1,0 +1,219 @@
+"""The whole pipeline: CLI and service → Redis → a real worker process → PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from click.testing import CliRunner
+from PIL import Image
+from sqlalchemy import func, select, update
+
+from moderation.cli import main
+from moderation.config import get_settings
+from moderation.db import session_scope
+from moderation.screening import service
+from moderation.screening.cli import submit_uris, wait_until_final
+from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.screening.tasks import publish_screening
+from moderation.screening.worker import sweep_once
+from tests.images import animated_gif, decompression_bomb, encode, textured, write
+from tests.vectors import at_cosine_distance
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db", "worker")]
+
+
+def cli(*args: str) -> Any:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
+def screen(*paths: Path | str) -> list[Upload]:
+    ids = submit_uris([p if isinstance(p, str) else p.resolve().as_uri() for p in paths])
+    uploads = wait_until_final(ids, timeout_s=60)
+    assert all(u.status in service.FINAL_STATUSES for u in uploads), [u.status for u in uploads]
+    return uploads
+
+
+def hits_by_signal(upload_id: int) -> dict[str, dict[str, Any]]:
+    return {h["signal"]: h for h in cli("hits", "--upload", str(upload_id), "--json")}
+
+
+def test_copies_of_a_banked_image_are_hit(tmp_path: Path) -> None:
+    original = textured(100)
+    banked = write(tmp_path / "bad.jpg", encode(original, quality=95))
+    reencoded = write(tmp_path / "reencoded.jpg", encode(Image.open(banked), quality=50))
+    half = write(tmp_path / "half.png", encode(original.resize((320, 240)), "PNG"))
+    unrelated = write(tmp_path / "unrelated.jpg", encode(textured(200)))
+    cli("bank", "create", "known-bad")
+    (entry,) = cli("bank", "add", "known-bad", str(banked), "--json")
+
+    same, again, smaller, other = screen(banked, reencoded, half, unrelated)
+
+    exact = hits_by_signal(same.id)
+    assert set(exact) == {"sha256", "pdq", "clip"}
+    assert all(
+        h["bank_entry_id"] == entry["id"] and h["bank"] == "known-bad" for h in exact.values()
+    )
+    assert exact["sha256"]["distance"] == 0
+    assert exact["pdq"]["distance"] == 0
+    assert exact["clip"]["distance"] == pytest.approx(0, abs=1e-5)
+    for copy in (again, smaller):
+        copy_hits = hits_by_signal(copy.id)
+        assert "sha256" not in copy_hits  # different bytes
+        assert copy_hits["pdq"]["distance"] <= 31
+        assert copy_hits["pdq"]["uri"] == copy.uri
+    assert not {"sha256", "pdq"} & set(hits_by_signal(other.id))
+    assert (same.width, same.height, same.media_format, same.frame_count) == (640, 480, "JPEG", 1)
+
+
+def test_clip_radius_boundary_through_the_worker(tmp_path: Path) -> None:
+    image = write(tmp_path / "upload.png", encode(textured(300), "PNG"))
+    cli("embed", str(image), "--out", str(tmp_path / "upload.npy"))
+    anchor = np.load(tmp_path / "upload.npy")
+    np.save(tmp_path / "near.npy", at_cosine_distance(anchor, 0.04, seed=1))
+    np.save(tmp_path / "far.npy", at_cosine_distance(anchor, 0.06, seed=2))
+    cli("bank", "create", "embeddings")
+    (near,) = cli("bank", "add", "embeddings", "--embedding", str(tmp_path / "near.npy"), "--json")
+    cli("bank", "add", "embeddings", "--embedding", str(tmp_path / "far.npy"), "--json")
+
+    (upload,) = screen(image)
+
+    (hit,) = cli("hits", "--upload", str(upload.id), "--json")
+    assert (hit["bank_entry_id"], hit["signal"]) == (near["id"], "clip")
+    assert hit["distance"] == pytest.approx(0.04, abs=1e-4)
+
+
+def test_bad_input_fails_with_its_own_code_and_the_worker_carries_on(tmp_path: Path) -> None:
+    bad = {
+        "empty_file": write(tmp_path / "zero.jpg", b""),
+        "truncated_image": write(tmp_path / "truncated.jpg", encode(textured(1))[:4000]),
+        "unsupported_format": write(tmp_path / "text.jpg", b"this is text, not a JPEG\n" * 20),
+        "decompression_bomb": write(tmp_path / "bomb.png", decompression_bomb()),
+        "bad_dimensions": write(
+            tmp_path / "thin.png", encode(Image.new("RGB", (1, 100_000)), "PNG")
+        ),
+        "not_found": tmp_path / "missing.jpg",
+    }
+    good = write(tmp_path / "good.jpg", encode(textured(2)))
+
+    uploads = screen(*bad.values(), good)
+
+    for (code, _), upload in zip(bad.items(), uploads, strict=False):
+        assert (upload.status, upload.error_code) == (UploadStatus.FAILED, code), upload.uri
+        assert upload.error_message
+        assert upload.attempts == 1  # bad input is never retried
+    assert uploads[-1].status is UploadStatus.SCREENED
+    shown = {u["upload_id"]: u for u in cli("uploads", "--status", "failed", "--json")}
+    assert shown[uploads[0].id]["error"]["code"] == "empty_file"
+
+
+def _queue_drained(client: redis.Redis, timeout_s: float = 30) -> None:
+    """Wait until every message is taken and acknowledged (acks_late: after the commit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.llen(get_settings().queue) == 0 and client.hlen("unacked") == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("messages still queued or unacknowledged")
+
+
+def test_redelivered_event_creates_no_duplicate_hits(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    image = write(tmp_path / "bad.jpg", encode(textured(400)))
+    cli("bank", "create", "redelivery")
+    cli("bank", "add", "redelivery", str(image), "--json")
+    with session_scope() as session:
+        upload, _ = service.submit(session, image.resolve().as_uri())
+    # The same event three times at once, then twice more after it has been screened.
+    publish_screening([upload.id] * 3)
+    wait_until_final([upload.id], timeout_s=60)
+    publish_screening([upload.id] * 2)
+    _queue_drained(redis_client)
+
+    with session_scope() as session:
+        hits = session.scalars(select(Hit).where(Hit.upload_id == upload.id)).all()
+    assert sorted(h.signal.value for h in hits) == ["clip", "pdq", "sha256"]
+
+
+class _FlakyImageServer(BaseHTTPRequestHandler):
+    """Answers 503 to the first request for each path, then the image."""
+
+    image = encode(textured(500))
+    seen: set[str] = set()
+
+    def do_GET(self) -> None:
+        if self.path not in self.seen or self.path.startswith("/always-down"):
+            self.seen.add(self.path)
+            self.send_response(503)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.image)))
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyImageServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_transient_faults_are_retried_with_backoff_then_fail_visibly(flaky_server: str) -> None:
+    recovers, never = screen(f"{flaky_server}/recovers.jpg", f"{flaky_server}/always-down.jpg")
+    assert (recovers.status, recovers.attempts, recovers.error_code) == (
+        UploadStatus.SCREENED,
+        2,
+        None,
+    )
+    assert (never.status, never.error_code) == (UploadStatus.FAILED, "fetch_unavailable")
+    assert never.attempts == get_settings().max_attempts
+    assert "gave up after" in (never.error_message or "")
+
+
+def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(tmp_path: Path) -> None:
+    image = write(tmp_path / "orphan.jpg", encode(textured(600)))
+    with session_scope() as session:
+        # Committed, but the message was never sent (say the producer died right here).
+        upload, _ = service.submit(session, image.resolve().as_uri())
+        session.flush()
+        session.execute(
+            update(Upload)
+            .where(Upload.id == upload.id)
+            .values(enqueued_at=func.now() - timedelta(seconds=get_settings().stuck_after_s + 1))
+        )
+    assert sweep_once() == [upload.id]
+    (done,) = wait_until_final([upload.id], timeout_s=60)
+    assert done.status is UploadStatus.SCREENED
+
+
+def test_animated_images_match_on_a_later_frame(tmp_path: Path) -> None:
+    frames = [textured(700 + i, (240, 180)) for i in range(10)]
+    banked = write(tmp_path / "frame9.png", encode(frames[9], "PNG"))
+    gif = write(tmp_path / "animation.gif", animated_gif([f.convert("P") for f in frames]))
+    cli("bank", "create", "frames")
+    cli("bank", "add", "frames", str(banked), "--json")
+
+    (upload,) = screen(gif)
+
+    assert upload.frame_count == 10
+    pdq_hit = hits_by_signal(upload.id)["pdq"]
+    assert pdq_hit["frame_index"] == 9
