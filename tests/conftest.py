@@ -7,10 +7,7 @@ anything from `moderation` is imported.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 from moderation import schema  # noqa: E402
 from moderation.db import get_engine  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip  # noqa: E402
+from moderation.screening.worker_process import WorkerProcess  # noqa: E402
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks"
@@ -95,47 +93,8 @@ def clean_db(database: str) -> None:
         conn.execute(text(f"TRUNCATE {_DATA_TABLES} CASCADE"))
 
 
-class WorkerProcess:
-    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moderation", "worker", "--loglevel", "INFO"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited at start:\n{self.log()}")
-            if " ready." in self.log():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def worker(database: str, tiny_model: Path, redis_client: redis.Redis) -> Iterator[WorkerProcess]:
     """A real `moderation worker` process, shared by the end-to-end tests."""
-    process = WorkerProcess(_RUN_DIR / "worker.log", {**os.environ, **TEST_ENV})
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+    with WorkerProcess(_RUN_DIR / "worker.log", TEST_ENV) as process:
+        yield process.wait_ready()

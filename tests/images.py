@@ -1,19 +1,15 @@
-"""Test images, made on the fly: textured enough for PDQ to be confident about them."""
+"""Test images, made on the fly."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from moderation.demo.synthetic import textured
 
-def textured(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
-    """A smooth random texture: distinct per seed, with plenty of structure for PDQ."""
-    rng = np.random.default_rng(seed)
-    coarse = (rng.random((12, 16, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+__all__ = ["animated_gif", "decompression_bomb", "encode", "textured", "write"]
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:

@@ -9,7 +9,12 @@ import numpy as np
 
 from moderation.config import get_settings
 from moderation.embedding.clip import ClipEmbedder
-from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
+from moderation.embedding.tiny import (
+    ARCHITECTURES,
+    TINY_MODEL_WARNING,
+    write_random_clip,
+    write_tiny_clip,
+)
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
@@ -44,7 +49,9 @@ def embed(image: str, out: Path) -> None:
     except IntakeError as error:
         raise click.ClickException(str(error)) from None
     vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
-    np.save(out, vector)
+    # Through a file object: given a path, np.save appends ".npy" to any other name.
+    with out.open("wb") as handle:
+        np.save(handle, vector)
     click.echo(f"wrote {out}: {embedder.dim}-d embedding from {embedder.name}")
 
 
@@ -59,6 +66,26 @@ def model() -> None:
 def tiny(directory: Path, seed: int) -> None:
     """Write a tiny randomly initialised CLIP (weights, tokenizer, processor) to DIRECTORY."""
     write_tiny_clip(directory, seed=seed)
-    click.echo(f"wrote a tiny CLIP to {directory}")
+    _written(directory, "a tiny CLIP")
+
+
+@model.command("random")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHITECTURES)),
+    default="vit-b-32",
+    show_default=True,
+    help="Whose shapes to copy.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+def random_(directory: Path, arch: str, seed: int) -> None:
+    """Write a full-size CLIP architecture with random weights, for speed benchmarks."""
+    write_random_clip(directory, arch, seed=seed)
+    _written(directory, f"a random {arch} CLIP")
+
+
+def _written(directory: Path, what: str) -> None:
+    click.echo(f"wrote {what} to {directory}")
     click.echo(f"use it with: MODERATION_MODEL={directory.resolve()}")
     click.echo(TINY_MODEL_WARNING)

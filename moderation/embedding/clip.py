@@ -79,6 +79,11 @@ def _load_image_processor(name: str) -> Any:
     return processor_class().from_pretrained(name)
 
 
+def quiet_transformers() -> None:
+    """No progress bars on stderr: workers log, and CLI output stays readable."""
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def projection_dim(config: Any) -> int:
     """The embedding size of a CLIP config."""
     dim = getattr(config, "projection_dim", None)
@@ -96,7 +101,7 @@ class ClipEmbedder:
         # fp16 halves memory and roughly doubles throughput on GPUs; CPUs stay in fp32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         logger.info("loading CLIP %s on %s (%s)", name, self.device, self.dtype)
-        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        quiet_transformers()
         model: Any = CLIPModel.from_pretrained(name)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = projection_dim(model.config)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 TINY_MODEL_WARNING = (
-    "This is a tiny CLIP with random weights. Its matches mean nothing beyond exact copies "
+    "This is a CLIP with random weights. Its matches mean nothing beyond exact copies "
     "of an image; use a real checkpoint (MODERATION_MODEL) for semantic near-duplicates."
 )
 IMAGE_SIZE = 64
@@ -48,44 +49,103 @@ def _write_tokenizer(directory: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def write_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
-    from moderation.embedding.clip import processor_class
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _write_tokenizer(directory)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
+# Architectures with random weights. "tiny" is for tests; the full-size ones have the exact
+# shapes of OpenAI's checkpoints, for benchmarks of speed where weights do not matter.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": {
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_attention_heads": 2,
             "num_hidden_layers": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "initializer_factor": 3.0,
         },
-        vision_config={
+        "vision": {
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_attention_heads": 2,
             "num_hidden_layers": 2,
             "image_size": IMAGE_SIZE,
             "patch_size": 16,
-            "initializer_factor": 3.0,
         },
-        projection_dim=32,
+        "projection_dim": 32,
         # At the default scale a random ViT's output barely depends on its input, and every
         # image lands within 0.05 of every other; at 3x, unrelated images are 0.3-0.7 apart.
-        initializer_factor=3.0,
+        "initializer_factor": 3.0,
+    },
+    "vit-b-32": {  # openai/clip-vit-base-patch32
+        "text": {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_attention_heads": 8,
+            "num_hidden_layers": 12,
+        },
+        "vision": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        "projection_dim": 512,
+        "initializer_factor": 1.0,
+    },
+    "vit-l-14-336": {  # openai/clip-vit-large-patch14-336
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+        },
+        "vision": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "image_size": 336,
+            "patch_size": 14,
+        },
+        "projection_dim": 768,
+        "initializer_factor": 1.0,
+    },
+}
+
+
+def write_random_clip(directory: Path, architecture: str, *, seed: int = 0) -> Path:
+    """Write a CLIP checkpoint with random weights: config, weights, tokenizer, processor."""
+    from moderation.embedding.clip import processor_class, quiet_transformers
+
+    quiet_transformers()
+    spec = ARCHITECTURES[architecture]
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _write_tokenizer(directory)
+    factor = spec["initializer_factor"]
+    config = CLIPConfig(
+        text_config={
+            **spec["text"],
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "initializer_factor": factor,
+        },
+        vision_config={**spec["vision"], "initializer_factor": factor},
+        projection_dim=spec["projection_dim"],
+        initializer_factor=factor,
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    side = spec["vision"]["image_size"]
     processor_class()(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     ).save_pretrained(directory)
-    (directory / "README.md").write_text(f"# Tiny random CLIP\n\n{TINY_MODEL_WARNING}\n")
+    (directory / "README.md").write_text(
+        f"# Random CLIP ({architecture})\n\n{TINY_MODEL_WARNING}\n"
+    )
     return directory
+
+
+def write_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+    return write_random_clip(directory, "tiny", seed=seed)

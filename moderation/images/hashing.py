@@ -41,10 +41,10 @@ def parse_hex(value: str, *, length: int, what: str) -> bytes:
     cleaned = value.strip().lower()
     if len(cleaned) != 2 * length:
         raise ValueError(f"{what} must be {2 * length} hex digits, got {len(cleaned)}: {value!r}")
-    try:
-        return bytes.fromhex(cleaned)
-    except ValueError:
-        raise ValueError(f"{what} is not hexadecimal: {value!r}") from None
+    # Checked digit by digit: bytes.fromhex would skip spaces and return a short hash.
+    if not all(c in "0123456789abcdef" for c in cleaned):
+        raise ValueError(f"{what} is not hexadecimal: {value!r}")
+    return bytes.fromhex(cleaned)
 
 
 def hamming(a: bytes, b: bytes) -> int:

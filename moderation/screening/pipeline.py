@@ -63,6 +63,13 @@ class Screener:
 
     def close(self) -> None:
         self.batcher.close()
+        stats = self.batcher.stats
+        logger.info(
+            "embedded %d images in %d batches (mean %.1f per forward pass)",
+            stats.images,
+            stats.batches,
+            stats.mean_batch,
+        )
 
     def run(self, upload_id: int) -> None:
         """Screen one upload end to end.

@@ -1,0 +1,266 @@
+"""Screening throughput: the whole pipeline against the model alone, in the same run.
+
+    python bench/screening.py [--images N] [--arch vit-b-32] [--batch-size B]
+
+Pipeline: N images submitted as the CLI does (row committed, then message) → Redis → a
+real `moderation worker` process → PostgreSQL, timed from the first submit to the last
+upload final. Model only: the same images, preprocessed beforehand, through the same model
+in batches of the same size, with nothing else running. The model is a full-size CLIP
+architecture with random weights (speed does not depend on the weights), loaded through
+MODERATION_MODEL like any checkpoint. The figures are printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench"
+BENCH_REDIS = "redis://127.0.0.1:6379/14"
+CACHE = Path.home() / ".cache" / "moderation"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images", type=int, help="Timed images (default: 400 on CPU, 3000 on CUDA)."
+    )
+    parser.add_argument(
+        "--arch", help="Random architecture (default: vit-b-32 on CPU, vit-l-14-336 on CUDA)."
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="Images per forward pass (default: the service's)."
+    )
+    parser.add_argument("--bank-size", type=int, default=10_000, help="Random entries in the bank.")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/screening.json"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    arch = args.arch or ("vit-l-14-336" if cuda else "vit-b-32")
+    n_images = args.images or (3000 if cuda else 400)
+    model_dir = Path(os.environ.get("MODERATION_MODEL") or CACHE / f"random-{arch}")
+    # Settings are read from the environment on first use: set it before importing them.
+    os.environ.update(
+        {
+            "MODERATION_DATABASE_URL": os.environ.get(
+                "MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE
+            ),
+            "MODERATION_REDIS_URL": os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS),
+            "MODERATION_QUEUE": "screening-bench",
+            "MODERATION_MODEL": str(model_dir),
+            **({"MODERATION_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}),
+        }
+    )
+    from moderation.config import get_settings
+    from moderation.embedding.tiny import write_random_clip
+
+    if not (model_dir / "config.json").exists():
+        print(f"writing a random {arch} checkpoint to {model_dir} ...")
+        write_random_clip(model_dir, arch)
+    settings = get_settings()
+    batch = settings.resolved_batch_size()
+
+    with tempfile.TemporaryDirectory(prefix="moderation-bench-") as tmp:
+        workdir = Path(tmp)
+        warmup = make_images(workdir / "warmup", range(1_000_000, 1_000_000 + 4 * batch))
+        timed = make_images(workdir / "timed", range(n_images))
+        prepare_database_and_bank(timed[:10], args.bank_size)
+
+        model_before = model_only(timed, batch)
+        pipeline = run_pipeline(workdir, warmup, timed)
+        model_after = model_only(timed, batch)
+        cpu_work = per_image_cpu_work(timed[:50])
+
+    model_ips = statistics.mean([model_before, model_after])
+    results: dict[str, Any] = {
+        "pipeline_images_per_s": round(pipeline["images_per_s"], 2),
+        "model_only_images_per_s": round(model_ips, 2),
+        "ratio": round(pipeline["images_per_s"] / model_ips, 3),
+        "model_only_runs_images_per_s": [round(model_before, 2), round(model_after, 2)],
+        "images": n_images,
+        "batch_size": batch,
+        "mean_batch": pipeline["mean_batch"],
+        "hits": pipeline["hits"],
+        "bank_size": args.bank_size,
+        "architecture": arch,
+        "model": str(model_dir),
+        "device": settings.resolved_device(),
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "intake_ms_per_image_single_thread": cpu_work,
+        "machine": platform.platform(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(
+        f"\npipeline {results['pipeline_images_per_s']} img/s vs model alone "
+        f"{results['model_only_images_per_s']} img/s: ratio {results['ratio']} (target >= 0.9)"
+    )
+    print(f"written to {args.out}")
+
+
+def make_images(directory: Path, seeds: range) -> list[Path]:
+    """Distinct 640x480 JPEGs, a typical upload size."""
+    from moderation.demo.synthetic import textured
+
+    directory.mkdir(parents=True)
+    paths = []
+    for seed in seeds:
+        path = directory / f"{seed}.jpg"
+        textured(seed).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
+    """A fresh schema and one bank: random entries, plus a few of the timed images."""
+    import numpy as np
+    from sqlalchemy import text
+
+    from moderation import schema
+    from moderation.banks import service as banks
+    from moderation.config import get_settings
+    from moderation.db import get_engine, session_scope
+    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.service import get_or_create_model, normalise
+    from moderation.images.decode import DecodeLimits
+    from moderation.images.hashing import PdqHash
+    from moderation.images.signals import extract_signals
+
+    settings = get_settings()
+    schema.upgrade()
+    with get_engine().begin() as conn:
+        conn.execute(text("TRUNCATE hits, signals, embeddings, uploads, banks CASCADE"))
+    embedder = ClipEmbedder(settings.resolved_model(), "cpu")
+    rng = np.random.default_rng(0)
+    with session_scope() as session:
+        model = get_or_create_model(session, embedder.name, embedder.dim)
+        bank = banks.create_bank(session, "bench")
+        vectors = normalise(rng.standard_normal((bank_size, embedder.dim)))
+        random_entries = [
+            banks.NewEntry(
+                pdq=PdqHash(rng.integers(0, 256, 32, dtype=np.uint8).tobytes(), None),
+                embedding=vector,
+                model=model,
+            )
+            for vector in vectors
+        ]
+        limits = DecodeLimits.from_settings(settings)
+        image_entries = []
+        for path in banked:
+            signals = extract_signals(path.read_bytes(), limits, embedder.preprocess)
+            vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
+            image_entries.append(banks.entry_from_signals(signals, vector, model, path.as_uri()))
+        banks.add_entries(session, bank, random_entries + image_entries, added_by="bench")
+
+
+def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[str, Any]:
+    import redis
+    from sqlalchemy import func, select
+
+    from moderation.config import get_settings
+    from moderation.db import session_scope
+    from moderation.screening.cli import submit_uris, wait_until_final
+    from moderation.screening.models import Hit, UploadStatus
+    from moderation.screening.worker_process import WorkerProcess
+
+    redis.Redis.from_url(get_settings().redis_url).flushdb()
+    with WorkerProcess(workdir / "worker.log") as worker:
+        worker.wait_ready()
+        wait_until_final(submit_uris([p.as_uri() for p in warmup]), timeout_s=600)
+        started = time.perf_counter()
+        upload_ids = submit_uris([p.as_uri() for p in timed])
+        uploads = wait_until_final(upload_ids, timeout_s=3600)
+        elapsed = time.perf_counter() - started
+        worker.stop()
+        log = worker.log()
+    not_screened = [u.id for u in uploads if u.status is not UploadStatus.SCREENED]
+    if not_screened:
+        raise SystemExit(
+            f"{len(not_screened)} uploads were not screened; see {workdir / 'worker.log'}"
+        )
+    with session_scope() as session:
+        hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
+    batches = re.search(r"embedded (\d+) images in (\d+) batches", log)
+    return {
+        "images_per_s": len(timed) / elapsed,
+        "hits": hits,
+        "mean_batch": round(int(batches[1]) / int(batches[2]), 1) if batches else None,
+    }
+
+
+def model_only(paths: list[Path], batch: int) -> float:
+    """Forward passes alone over the same images, preprocessed beforehand."""
+    import numpy as np
+
+    from moderation.config import get_settings
+    from moderation.embedding.clip import ClipEmbedder
+    from moderation.images.decode import DecodeLimits
+    from moderation.images.signals import extract_signals
+
+    settings = get_settings()
+    embedder = ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+    limits = DecodeLimits.from_settings(settings)
+    pixels = np.stack(
+        [
+            extract_signals(p.read_bytes(), limits, embedder.preprocess).frames[0].pixels
+            for p in paths
+        ]
+    )
+    embedder.embed(pixels[:batch])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(pixels), batch):
+        embedder.embed(pixels[start : start + batch])
+    return len(pixels) / (time.perf_counter() - started)
+
+
+def per_image_cpu_work(paths: list[Path]) -> dict[str, float]:
+    """Milliseconds per image of each intake stage, one thread, for where the time goes."""
+    from moderation.config import get_settings
+    from moderation.embedding.clip import Preprocessing
+    from moderation.images.decode import DecodeLimits, decode
+    from moderation.images.fetch import fetch
+    from moderation.images.hashing import pdq, sha256
+
+    settings = get_settings()
+    limits = DecodeLimits.from_settings(settings)
+    preprocess = Preprocessing.from_pretrained(settings.resolved_model())
+    timings: dict[str, float] = {"fetch": 0, "sha256": 0, "decode": 0, "pdq": 0, "preprocess": 0}
+    for path in paths:
+        t0 = time.perf_counter()
+        data = fetch(path.as_uri(), max_bytes=settings.max_bytes, timeout_s=5)
+        t1 = time.perf_counter()
+        sha256(data)
+        t2 = time.perf_counter()
+        frame = decode(data, limits).frames[0][1]
+        t3 = time.perf_counter()
+        pdq(frame)
+        t4 = time.perf_counter()
+        preprocess(frame)
+        t5 = time.perf_counter()
+        for stage, seconds in zip(
+            timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+        ):
+            timings[stage] += seconds
+    return {stage: round(total / len(paths) * 1000, 3) for stage, total in timings.items()}
+
+
+if __name__ == "__main__":
+    main()
