@@ -94,6 +94,7 @@ def main() -> None:
         "model_only_runs_images_per_s": [round(model_before, 2), round(model_after, 2)],
         "images": n_images,
         "batch_size": batch,
+        "inference_streams": settings.resolved_streams(),
         "mean_batch": pipeline["mean_batch"],
         "hits": pipeline["hits"],
         "bank_size": args.bank_size,
@@ -207,7 +208,10 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
 
 
 def model_only(paths: list[Path], batch: int) -> float:
-    """Forward passes alone over the same images, preprocessed beforehand."""
+    """Forward passes alone over the same images, preprocessed beforehand, in the worker's
+    configuration: the same batch size, streams and threads per stream."""
+    import threading
+
     import numpy as np
 
     from moderation.config import get_settings
@@ -216,7 +220,11 @@ def model_only(paths: list[Path], batch: int) -> float:
     from moderation.images.signals import extract_signals
 
     settings = get_settings()
-    embedder = ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+    embedder = ClipEmbedder(
+        settings.resolved_model(),
+        settings.resolved_device(),
+        cpu_threads=settings.resolved_torch_threads(),
+    )
     limits = DecodeLimits.from_settings(settings)
     pixels = np.stack(
         [
@@ -224,10 +232,25 @@ def model_only(paths: list[Path], batch: int) -> float:
             for p in paths
         ]
     )
-    embedder.embed(pixels[:batch])  # warm-up
+    batches = [pixels[start : start + batch] for start in range(0, len(pixels), batch)]
+    embedder.embed(batches[0])  # warm-up
+    pending = iter(batches)
+    lock = threading.Lock()
+
+    def stream() -> None:
+        while True:
+            with lock:
+                chunk = next(pending, None)
+            if chunk is None:
+                return
+            embedder.embed(chunk)
+
+    threads = [threading.Thread(target=stream) for _ in range(settings.resolved_streams())]
     started = time.perf_counter()
-    for start in range(0, len(pixels), batch):
-        embedder.embed(pixels[start : start + batch])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return len(pixels) / (time.perf_counter() - started)
 
 

@@ -45,12 +45,16 @@ class UpdatedAtMixin:
 def get_engine(url: str | None = None) -> Engine:
     settings = get_settings()
     # Worker threads hold a connection only while they claim or record an upload, so the pool
-    # can be much smaller than the thread count.
+    # can be much smaller than the thread count; they queue for one briefly. No overflow:
+    # overflow connections are closed on return, and reconnecting costs a Postgres fork.
+    # No pre-ping either (a round trip per checkout): a dead connection fails the task, which
+    # is retried, and the pool replaces it.
     return create_engine(
         url or settings.database_url,
-        pool_size=8,
-        max_overflow=8,
-        pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=0,
+        pool_timeout=60,
+        pool_recycle=1800,
     )
 
 

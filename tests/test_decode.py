@@ -8,7 +8,7 @@ from PIL import Image
 
 from moderation.config import Settings
 from moderation.images import errors
-from moderation.images.decode import WORKING_SIDE, DecodeLimits, decode
+from moderation.images.decode import DecodeLimits, decode
 from tests.images import animated_gif, decompression_bomb, encode, textured
 
 LIMITS = DecodeLimits.from_settings(Settings())
@@ -91,11 +91,16 @@ def test_long_animations_are_sampled_within_the_decode_budget() -> None:
     assert max(index for index, _ in decoded.frames) <= 7
 
 
-def test_large_jpegs_are_decoded_reduced_but_not_below_the_working_side() -> None:
+def test_frames_are_decoded_at_full_resolution_for_pdq() -> None:
     decoded = decode(encode(textured(5, (4000, 3000))), LIMITS)
-    width, height = decoded.frames[0][1].size
     assert (decoded.width, decoded.height) == (4000, 3000)
-    assert WORKING_SIDE <= min(width, height) < 1500
+    assert decoded.frames[0][1].size == (4000, 3000)
+
+
+def test_the_visitor_sees_each_frame_once() -> None:
+    frames = [textured(seed, (60, 40)).convert("P") for seed in range(3)]
+    decoded = decode(animated_gif(frames), LIMITS, lambda frame: frame.size)
+    assert decoded.frames == [(0, (60, 40)), (1, (60, 40)), (2, (60, 40))]
 
 
 def test_multi_page_tiff_pages_are_checked_too() -> None:

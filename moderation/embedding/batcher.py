@@ -1,10 +1,10 @@
 """Dynamic batching: many concurrent tasks, one forward pass.
 
 Each Celery task (one per upload, in a thread of the worker) decodes its own image and hands
-the preprocessed pixels to the batcher. A single model thread takes whatever has queued up,
-up to `max_batch`, waiting at most `max_wait_s` for a partial batch to fill, and runs it.
-While it runs, the other threads fetch and decode the next images, so decoding overlaps
-inference without any stage having to know about the others.
+the preprocessed pixels to the batcher. Each of `streams` model threads takes whatever has
+queued up, up to `max_batch`, waiting at most `max_wait_s` for a partial batch to fill, and
+runs it. While they run, the task threads fetch and decode the next images, so decoding
+overlaps inference without any stage having to know about the others.
 """
 
 from __future__ import annotations
@@ -43,18 +43,25 @@ class BatchStats:
 
 
 class EmbeddingBatcher:
-    def __init__(self, embedder: Embeds, *, max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self, embedder: Embeds, *, max_batch: int, max_wait_s: float, streams: int = 1
+    ) -> None:
         self._embedder = embedder
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._stats_lock = threading.Lock()
         self.stats = BatchStats()
-        self._thread = threading.Thread(target=self._run, name="embedding-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"embedding-stream-{i}", daemon=True)
+            for i in range(streams)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def embed(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Embed some images (the frames of one upload) and wait for the result."""
-        if not self._thread.is_alive():
+        if not any(thread.is_alive() for thread in self._threads):
             raise RuntimeError("the embedding batcher has stopped")
         requests = [_Request(p) for p in pixels]
         for request in requests:
@@ -62,8 +69,9 @@ class EmbeddingBatcher:
         return np.stack([request.future.result() for request in requests])
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._queue.put(None)  # each stream passes it on to the next as it stops
+        for thread in self._threads:
+            thread.join()
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -74,14 +82,16 @@ class EmbeddingBatcher:
                 for request in batch:
                     request.future.set_exception(exc)
             else:
-                self.stats.batches += 1
-                self.stats.images += len(batch)
+                with self._stats_lock:
+                    self.stats.batches += 1
+                    self.stats.images += len(batch)
                 for request, vector in zip(batch, vectors, strict=True):
                     request.future.set_result(vector)
 
     def _next_batch(self) -> list[_Request] | None:
         first = self._queue.get()
         if first is None:
+            self._queue.put(None)  # for the other streams
             return None
         batch = [first]
         deadline = time.monotonic() + self._max_wait_s

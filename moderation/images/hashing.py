@@ -10,8 +10,6 @@ import pdqhash
 from PIL import Image
 
 PDQ_BYTES = 32
-# Meta's reference hashers work on images no larger than this; PDQ itself reduces to 64x64.
-PDQ_MAX_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -29,10 +27,8 @@ def sha256(data: bytes) -> bytes:
 
 
 def pdq(frame: Image.Image) -> PdqHash:
-    if max(frame.size) > PDQ_MAX_SIDE:
-        frame = frame.copy()
-        frame.thumbnail((PDQ_MAX_SIDE, PDQ_MAX_SIDE), Image.Resampling.BILINEAR)
-    vector, quality = pdqhash.compute(np.asarray(frame.convert("RGB")))
+    """PDQ of an RGB frame at full resolution, as the reference implementation hashes it."""
+    vector, quality = pdqhash.compute(np.asarray(frame))
     return PdqHash(bits=np.packbits(vector.astype(np.uint8)).tobytes(), quality=int(quality))
 
 

@@ -43,7 +43,7 @@ def extract_signals(
     preprocess: Callable[[Image.Image], np.ndarray],
 ) -> ImageSignals:
     """Decode safely, then hash and preprocess each screened frame. Raises `BadInput`."""
-    decoded = decode(data, limits)
+    decoded = decode(data, limits, lambda frame: (pdq(frame), preprocess(frame)))
     return ImageSignals(
         sha256=sha256(data),
         format=decoded.format,
@@ -51,7 +51,7 @@ def extract_signals(
         height=decoded.height,
         frame_count=decoded.frame_count,
         frames=[
-            FrameSignals(index=index, pdq=pdq(frame), pixels=preprocess(frame))
-            for index, frame in decoded.frames
+            FrameSignals(index=index, pdq=hashed, pixels=pixels)
+            for index, (hashed, pixels) in decoded.frames
         ],
     )

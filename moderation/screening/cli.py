@@ -58,12 +58,13 @@ def submit_uris(uris: list[str], external_id: str | None = None) -> list[int]:
 
 def wait_until_final(upload_ids: list[int], timeout_s: float) -> list[Upload]:
     deadline = time.monotonic() + timeout_s
-    while True:
+    while time.monotonic() < deadline:
         with session_scope() as session:
-            uploads = service.get_uploads(session, upload_ids)
-        if all(u.status in service.FINAL_STATUSES for u in uploads) or time.monotonic() > deadline:
-            return uploads
+            if not service.count_unfinished(session, upload_ids):
+                break
         time.sleep(0.2)
+    with session_scope() as session:
+        return service.get_uploads(session, upload_ids)
 
 
 @click.command()
@@ -164,7 +165,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
     screener = get_screener()
     click.echo(
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
-        f"batch {settings.resolved_batch_size()}, queue {settings.queue}"
+        f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
+        f"queue {settings.queue}"
     )
     app.worker_main(
         [

@@ -59,6 +59,7 @@ class Screener:
             embedder,
             max_batch=settings.resolved_batch_size(),
             max_wait_s=settings.batch_wait_ms / 1000,
+            streams=settings.resolved_streams(),
         )
 
     def close(self) -> None:
@@ -79,11 +80,10 @@ class Screener:
         be recorded while the database is unreachable.
         """
         with self._sessions() as session:
-            upload = service.claim(session, upload_id, max_attempts=self.settings.max_attempts)
-            if upload is None:
-                logger.info("upload %d is already final; nothing to do", upload_id)
-                return
-            uri = upload.uri
+            uri = service.claim(session, upload_id, max_attempts=self.settings.max_attempts)
+        if uri is None:
+            logger.info("upload %d is already final; nothing to do", upload_id)
+            return
         try:
             data = fetch(
                 uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s

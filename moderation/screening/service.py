@@ -64,29 +64,36 @@ def submit(session: Session, uri: str, external_id: str | None = None) -> tuple[
     return existing, False
 
 
-def claim(session: Session, upload_id: int, *, max_attempts: int) -> Upload | None:
-    """Mark an upload as being processed, or None if there is nothing (left) to do.
+def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
+    """Mark an upload as being processed and return its URI, or None if nothing is left to do.
 
     The attempt counter survives crashes and redeliveries, so an image that kills the
     worker every time is failed after `max_attempts` instead of looping forever.
     """
+    # One statement in the common case; the row lock orders concurrent duplicates.
+    uri: str | None = session.scalar(
+        update(Upload)
+        .where(
+            Upload.id == upload_id,
+            Upload.status.not_in(FINAL_STATUSES),
+            Upload.attempts < max_attempts,
+        )
+        .values(status=UploadStatus.PROCESSING, attempts=Upload.attempts + 1, started_at=func.now())
+        .returning(Upload.uri)
+    )
+    if uri is not None:
+        return uri
     upload = session.get(Upload, upload_id, with_for_update=True)
     if upload is None:
         raise UploadNotFound(upload_id)
-    if upload.status in FINAL_STATUSES:
-        return None
-    if upload.attempts >= max_attempts:
+    if upload.status not in FINAL_STATUSES:
         _finish_failed(
             upload,
             "too_many_attempts",
             f"gave up after {upload.attempts} attempts; last error: "
             f"{upload.error_code or 'none recorded'}: {upload.error_message or ''}".rstrip(": "),
         )
-        return None
-    upload.status = UploadStatus.PROCESSING
-    upload.attempts += 1
-    upload.started_at = func.now()
-    return upload
+    return None
 
 
 def record_screened(
@@ -103,11 +110,29 @@ def record_screened(
     nothing, and the unique constraints would refuse duplicate rows regardless.
     Returns False when the upload was already final.
     """
-    upload = session.get(Upload, upload_id, with_for_update=True)
-    if upload is None:
-        raise UploadNotFound(upload_id)
-    if upload.status in FINAL_STATUSES:
+    # The update takes the row lock first: a concurrent duplicate waits here, then finds
+    # the upload final and writes nothing.
+    screened = session.scalar(
+        update(Upload)
+        .where(Upload.id == upload_id, Upload.status.not_in(FINAL_STATUSES))
+        .values(
+            status=UploadStatus.SCREENED,
+            error_code=None,
+            error_message=None,
+            media_format=signals.format,
+            width=signals.width,
+            height=signals.height,
+            frame_count=signals.frame_count,
+            finished_at=func.now(),
+        )
+        .returning(Upload.id)
+    )
+    if screened is None:
+        if session.get(Upload, upload_id) is None:
+            raise UploadNotFound(upload_id)
         return False
+    # Core statements on the session's connection: the ORM's unit of work adds nothing here.
+    connection = session.connection()
     signal_rows = [
         {
             "upload_id": upload_id,
@@ -127,46 +152,34 @@ def record_screened(
             for frame in signals.frames
         ),
     ]
-    session.execute(insert(Signal).values(signal_rows).on_conflict_do_nothing())
-    session.execute(
-        insert(Embedding)
-        .values(
+    connection.execute(insert(Signal).on_conflict_do_nothing(), signal_rows)
+    connection.execute(
+        insert(Embedding).on_conflict_do_nothing(),
+        [
+            {
+                "upload_id": upload_id,
+                "model_id": model_id,
+                "frame_index": frame.index,
+                "vector": vector_to_bytes(vector),
+            }
+            for frame, vector in zip(signals.frames, vectors, strict=True)
+        ],
+    )
+    if matches:
+        connection.execute(
+            insert(Hit).on_conflict_do_nothing(),
             [
                 {
                     "upload_id": upload_id,
-                    "model_id": model_id,
-                    "frame_index": frame.index,
-                    "vector": vector_to_bytes(vector),
+                    "bank_entry_id": m.bank_entry_id,
+                    "signal": m.signal,
+                    "distance": m.distance,
+                    "frame_index": m.frame_index,
+                    "model_id": model_id if m.signal is SignalType.CLIP else None,
                 }
-                for frame, vector in zip(signals.frames, vectors, strict=True)
-            ]
+                for m in matches
+            ],
         )
-        .on_conflict_do_nothing()
-    )
-    if matches:
-        session.execute(
-            insert(Hit)
-            .values(
-                [
-                    {
-                        "upload_id": upload_id,
-                        "bank_entry_id": m.bank_entry_id,
-                        "signal": m.signal,
-                        "distance": m.distance,
-                        "frame_index": m.frame_index,
-                        "model_id": model_id if m.signal is SignalType.CLIP else None,
-                    }
-                    for m in matches
-                ]
-            )
-            .on_conflict_do_nothing()
-        )
-    upload.status = UploadStatus.SCREENED
-    upload.error_code = upload.error_message = None
-    upload.media_format = signals.format
-    upload.width, upload.height = signals.width, signals.height
-    upload.frame_count = signals.frame_count
-    upload.finished_at = func.now()
     return True
 
 
@@ -230,6 +243,17 @@ def find_stuck(session: Session, *, older_than: timedelta, limit: int = 1000) ->
     if stuck:
         session.execute(update(Upload).where(Upload.id.in_(stuck)).values(enqueued_at=func.now()))
     return list(stuck)
+
+
+def count_unfinished(session: Session, upload_ids: Sequence[int]) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Upload)
+            .where(Upload.id.in_(upload_ids), Upload.status.not_in(FINAL_STATUSES))
+        )
+        or 0
+    )
 
 
 def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
