@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
-import pdqhash
 from PIL import Image
+
+from moderation.images.pdq import pdq_bits_and_quality
 
 PDQ_BYTES = 32
 
@@ -28,8 +28,8 @@ def sha256(data: bytes) -> bytes:
 
 def pdq(frame: Image.Image) -> PdqHash:
     """PDQ of an RGB frame at full resolution, as the reference implementation hashes it."""
-    vector, quality = pdqhash.compute(np.asarray(frame))
-    return PdqHash(bits=np.packbits(vector.astype(np.uint8)).tobytes(), quality=int(quality))
+    bits, quality = pdq_bits_and_quality(frame)
+    return PdqHash(bits=bits, quality=quality)
 
 
 def parse_hex(value: str, *, length: int, what: str) -> bytes:
