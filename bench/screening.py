@@ -167,7 +167,7 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
         image_entries = []
         for path in banked:
             signals = extract_signals(path.read_bytes(), limits, embedder.preprocess)
-            vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
+            vector = embedder.embed_one(signals.frames[0].pixels)
             image_entries.append(banks.entry_from_signals(signals, vector, model, path.as_uri()))
         banks.add_entries(session, bank, random_entries + image_entries, added_by="bench")
 

@@ -27,7 +27,9 @@ def test_preprocessing_matches_the_checkpoints_own_processor(
     image = textured(7, size)
     reference = processor_class().from_pretrained(str(tiny_model))
     expected = reference(images=image, return_tensors="np")["pixel_values"][0]
-    ours = Preprocessing.from_pretrained(str(tiny_model))(image)
+    preprocessing = Preprocessing.from_pretrained(str(tiny_model))
+    crop = torch.from_numpy(preprocessing(image)[np.newaxis])
+    ours = preprocessing.normalise(crop)[0].numpy()
     assert ours.shape == expected.shape
     # Exact below twice the target size; above it, the box pre-reduction (reducing_gap=2)
     # may move a pixel by a few levels of 255, i.e. a few hundredths once normalised.
@@ -41,7 +43,7 @@ def test_embeddings_are_unit_float32_and_equal_to_the_models_own(
     images = [textured(1), textured(2)]
     reference = processor_class().from_pretrained(str(tiny_model))
     pixels = reference(images=images, return_tensors="np")["pixel_values"]
-    vectors = embedder.embed(pixels)
+    vectors = embedder.embed_pixel_values(torch.from_numpy(pixels))
     assert vectors.dtype == np.float32
     assert vectors.shape == (2, embedder.dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)

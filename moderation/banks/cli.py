@@ -153,6 +153,6 @@ def _model_entries(
             uri = to_uri(image)
             data = fetch(uri, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
             signals = extract_signals(data, limits, embedder.preprocess)
-            vector = embedder.embed(signals.frames[0].pixels[np.newaxis])[0]
+            vector = embedder.embed_one(signals.frames[0].pixels)
             entries.append(service.entry_from_signals(signals, vector, model, source_ref or uri))
     return entries

@@ -1,9 +1,10 @@
 """CLIP image embeddings through Hugging Face `transformers` (4.x and 5.x).
 
 Any CLIP checkpoint id or local directory loads through `from_pretrained`, the tiny test
-model included. Preprocessing reproduces the checkpoint's own image processor (shortest-edge
-bicubic resize, centre crop, rescale, normalise) with PIL and NumPy so that it can run in
-the decode threads, away from the thread that runs the model.
+model included. Preprocessing reproduces the checkpoint's own image processor in two
+halves: the resize and centre crop run with PIL in the decode threads, and the rescale and
+normalisation run on the whole batch, on the model's device, just before the forward pass
+(uint8 crops are also a quarter of the size to hold and to copy to a GPU).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Preprocessing:
     crop_width: int
     resample: Image.Resampling
     rescale_factor: float
-    mean: np.ndarray  # shape (3, 1, 1)
-    std: np.ndarray  # shape (3, 1, 1)
+    mean: torch.Tensor  # shape (1, 3, 1, 1)
+    std: torch.Tensor  # shape (1, 3, 1, 1)
 
     @classmethod
     def from_pretrained(cls, name: str) -> Preprocessing:
@@ -42,12 +43,12 @@ class Preprocessing:
             crop_width=int(crop["width"]),
             resample=Image.Resampling(int(processor.resample)),
             rescale_factor=float(processor.rescale_factor),
-            mean=np.asarray(processor.image_mean, dtype=np.float32).reshape(3, 1, 1),
-            std=np.asarray(processor.image_std, dtype=np.float32).reshape(3, 1, 1),
+            mean=torch.tensor(processor.image_mean, dtype=torch.float32).reshape(1, 3, 1, 1),
+            std=torch.tensor(processor.image_std, dtype=torch.float32).reshape(1, 3, 1, 1),
         )
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """An RGB image to normalised float32 pixels, shape (3, crop_height, crop_width)."""
+        """An RGB image resized and centre-cropped: uint8, shape (crop_height, crop_width, 3)."""
         width, height = image.size
         # As transformers' get_resize_output_image_size: the long side is truncated.
         if width <= height:
@@ -61,9 +62,13 @@ class Preprocessing:
         left = (size[0] - self.crop_width) // 2
         top = (size[1] - self.crop_height) // 2
         cropped = resized.crop((left, top, left + self.crop_width, top + self.crop_height))
-        pixels = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1)
-        normalised: np.ndarray = (pixels * self.rescale_factor - self.mean) / self.std
-        return normalised
+        return np.array(cropped)  # a writable copy: torch refuses to wrap read-only memory
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (n, H, W, 3) to the model's pixel values (n, 3, H, W), float32."""
+        pixels = crops.permute(0, 3, 1, 2).to(torch.float32) * self.rescale_factor
+        mean, std = self.mean.to(crops.device), self.std.to(crops.device)
+        return (pixels - mean) / std
 
 
 def processor_class() -> Any:
@@ -113,19 +118,28 @@ class ClipEmbedder:
         self.dim = projection_dim(model.config)
         self.preprocess = Preprocessing.from_pretrained(name)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels (n, 3, H, W) to L2-normalised float32 embeddings (n, dim)."""
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """Crops from `preprocess`, uint8 (n, H, W, 3), to L2-normalised float32 (n, dim)."""
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(pixels))
+            batch = torch.from_numpy(np.ascontiguousarray(crops))
             if self.device.type == "cuda":
                 batch = batch.pin_memory()
-            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True)
+            return self.embed_pixel_values(self.preprocess.normalise(batch))
+
+    def embed_pixel_values(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Model-ready pixel values (n, 3, H, W) to L2-normalised float32 (n, dim)."""
+        with torch.inference_mode():
+            batch = pixel_values.to(self.device, dtype=self.dtype)
             output = self.model.get_image_features(pixel_values=batch)
             # transformers 5 returns a model output whose pooler_output is the projection.
             features = output if isinstance(output, torch.Tensor) else output.pooler_output
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             result: np.ndarray = features.cpu().numpy()
             return result
+
+    def embed_one(self, crop: np.ndarray) -> np.ndarray:
+        return self.embed(crop[np.newaxis])[0]
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.embed(np.stack([self.preprocess(image) for image in images]))

@@ -24,7 +24,7 @@ class SignalType(enum.StrEnum):
 class FrameSignals:
     index: int  # frame index in the file
     pdq: PdqHash
-    pixels: np.ndarray  # preprocessed for the embedding model
+    pixels: np.ndarray  # resized and cropped for the embedding model, uint8 (H, W, 3)
 
 
 @dataclass(frozen=True)
