@@ -55,13 +55,26 @@ class Preprocessing:
             size = (self.shortest_edge, int(self.shortest_edge * height / width))
         else:
             size = (int(self.shortest_edge * width / height), self.shortest_edge)
-        # reducing_gap=2: a box reduction by an integer factor first while at least twice the
-        # target remains. Measured against the exact resize: identical for images under twice
-        # the target, within 3/255 per pixel above it, and several times faster there.
-        resized = image.resize(size, self.resample, reducing_gap=2.0)
         left = (size[0] - self.crop_width) // 2
         top = (size[1] - self.crop_height) // 2
-        cropped = resized.crop((left, top, left + self.crop_width, top + self.crop_height))
+        if left < 0 or top < 0:  # a crop larger than the resized image: the reference pads
+            resized = image.resize(size, self.resample)
+            box = (left, top, left + self.crop_width, top + self.crop_height)
+            return np.array(resized.crop(box))
+        # Resample only the crop's preimage, at the same positions and scale as resizing the
+        # whole image and then cropping, for a fraction of the work. reducing_gap=2: a box
+        # reduction by an integer factor first while twice the target size remains.
+        # Measured against the reference: equal below twice the target, within 3/255 above.
+        scale_x, scale_y = width / size[0], height / size[1]
+        preimage = (
+            left * scale_x,
+            top * scale_y,
+            (left + self.crop_width) * scale_x,
+            (top + self.crop_height) * scale_y,
+        )
+        cropped = image.resize(
+            (self.crop_width, self.crop_height), self.resample, box=preimage, reducing_gap=2.0
+        )
         return np.array(cropped)  # a writable copy: torch refuses to wrap read-only memory
 
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
