@@ -231,7 +231,7 @@ def model_only(paths: list[Path], batch: int) -> float:
     limits = DecodeLimits.from_settings(settings)
     pixels = np.stack(
         [
-            extract_signals(p.read_bytes(), limits, embedder.preprocess).frames[0].pixels
+            extract_signals(p.read_bytes(), limits, embedder.preprocess).embedding_inputs()[0]
             for p in paths
         ]
     )

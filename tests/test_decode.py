@@ -76,10 +76,11 @@ def test_any_mode_becomes_rgb(mode: str) -> None:
 def test_animated_images_are_screened_on_several_frames() -> None:
     frames = [textured(seed, (120, 90)).convert("P") for seed in range(10)]
     decoded = decode(animated_gif(frames), LIMITS)
-    indices = [index for index, _ in decoded.frames]
     assert decoded.frame_count == 10
-    assert indices == [0, 3, 6, 9]
-    # Each screened frame is its own picture, not the first one repeated.
+    # Every frame is visited (for PDQ); four, spread evenly, are sampled (for CLIP).
+    assert [index for index, _ in decoded.frames] == list(range(10))
+    assert decoded.sampled == [0, 3, 6, 9]
+    # Each frame is its own picture, not the first one repeated.
     pixels = [np.asarray(frame) for _, frame in decoded.frames]
     assert all(not np.array_equal(pixels[0], other) for other in pixels[1:])
 
@@ -88,7 +89,8 @@ def test_long_animations_are_sampled_within_the_decode_budget() -> None:
     frames = [textured(seed, (100, 100)).convert("P") for seed in range(20)]
     limits = DecodeLimits(**{**vars(LIMITS), "max_animation_pixels": 100 * 100 * 8})
     decoded = decode(animated_gif(frames), limits)
-    assert max(index for index, _ in decoded.frames) <= 7
+    assert [index for index, _ in decoded.frames] == list(range(8))
+    assert decoded.sampled == [0, 2, 5, 7]
 
 
 def test_frames_are_decoded_at_full_resolution_for_pdq() -> None:
@@ -99,8 +101,13 @@ def test_frames_are_decoded_at_full_resolution_for_pdq() -> None:
 
 def test_the_visitor_sees_each_frame_once() -> None:
     frames = [textured(seed, (60, 40)).convert("P") for seed in range(3)]
-    decoded = decode(animated_gif(frames), LIMITS, lambda frame: frame.size)
-    assert decoded.frames == [(0, (60, 40)), (1, (60, 40)), (2, (60, 40))]
+    limits = DecodeLimits(**{**vars(LIMITS), "max_frames": 2})
+
+    def visit(frame: Image.Image, sampled: bool) -> tuple[tuple[int, int], bool]:
+        return frame.size, sampled
+
+    decoded = decode(animated_gif(frames), limits, visit)
+    assert decoded.frames == [(0, ((60, 40), True)), (1, ((60, 40), False)), (2, ((60, 40), True))]
 
 
 def test_multi_page_tiff_pages_are_checked_too() -> None:

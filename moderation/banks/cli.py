@@ -17,7 +17,6 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import PdqHash, parse_hex
-from moderation.images.signals import extract_signals
 
 
 @click.group()
@@ -152,7 +151,7 @@ def _model_entries(
         for image in images:
             uri = to_uri(image)
             data = fetch(uri, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
-            signals = extract_signals(data, limits, embedder.preprocess)
-            vector = embedder.embed_one(signals.frames[0].pixels)
-            entries.append(service.entry_from_signals(signals, vector, model, source_ref or uri))
+            entries.append(
+                service.entry_from_image(data, embedder, model, limits, source_ref or uri)
+            )
     return entries

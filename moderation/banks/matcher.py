@@ -115,7 +115,7 @@ class BankIndex:
             for entry_id in self._sha256.get(signals.sha256, ())
         ]
         found += self._match_pdq(signals)
-        found += self._match_clip(vectors, [frame.index for frame in signals.frames])
+        found += self._match_clip(vectors, [frame.index for frame in signals.embedded_frames])
         return _closest_per_entry(found)
 
     def _match_pdq(self, signals: ImageSignals) -> Iterable[Match]:

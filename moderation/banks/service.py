@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import func, select
@@ -11,8 +12,12 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
+from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
-from moderation.images.signals import ImageSignals
+from moderation.images.signals import extract_signals
+
+if TYPE_CHECKING:
+    from moderation.embedding.clip import ClipEmbedder
 
 
 class BankNotFound(LookupError):
@@ -108,11 +113,21 @@ def add_entries(
     return rows
 
 
-def entry_from_signals(
-    signals: ImageSignals, vector: np.ndarray, model: EmbeddingModel, source_ref: str | None
+def entry_from_image(
+    data: bytes,
+    embedder: ClipEmbedder,
+    model: EmbeddingModel,
+    limits: DecodeLimits,
+    source_ref: str | None,
 ) -> NewEntry:
-    """An entry for a known-bad image: its SHA-256 and its first frame's PDQ and embedding."""
-    first = signals.frames[0]
+    """An entry for a known-bad image: its SHA-256, and its first frame's PDQ and embedding,
+    computed exactly as screening computes them. Raises `BadInput`."""
+    signals = extract_signals(data, limits, embedder.preprocess)
+    vector = embedder.embed_one(signals.embedding_inputs()[0])
     return NewEntry(
-        sha256=signals.sha256, pdq=first.pdq, embedding=vector, model=model, source_ref=source_ref
+        sha256=signals.sha256,
+        pdq=signals.frames[0].pdq,
+        embedding=vector,
+        model=model,
+        source_ref=source_ref,
     )

@@ -48,7 +48,7 @@ def embed(image: str, out: Path) -> None:
         signals = extract_signals(data, DecodeLimits.from_settings(settings), embedder.preprocess)
     except IntakeError as error:
         raise click.ClickException(str(error)) from None
-    vector = embedder.embed_one(signals.frames[0].pixels)
+    vector = embedder.embed_one(signals.embedding_inputs()[0])
     # Through a file object: given a path, np.save appends ".npy" to any other name.
     with out.open("wb") as handle:
         np.save(handle, vector)

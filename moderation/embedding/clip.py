@@ -152,7 +152,8 @@ class ClipEmbedder:
             return result
 
     def embed_one(self, crop: np.ndarray) -> np.ndarray:
-        return self.embed(crop[np.newaxis])[0]
+        vector: np.ndarray = self.embed(crop[np.newaxis])[0]
+        return vector
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.embed(np.stack([self.preprocess(image) for image in images]))

@@ -1,9 +1,11 @@
 """Safe decoding: refuse hostile or broken files with a typed error before they cost much.
 
 Checks happen in order of cost: byte count, then the header (format, dimensions), and only
-then the pixel data. Every screened frame is handed, upright (EXIF orientation applied) and
-in RGB, to a visitor, one frame at a time, so that only one full-resolution frame is in
-memory at once.
+then the pixel data. Every frame is handed, upright (EXIF orientation applied) and in RGB,
+to a visitor, one frame at a time, so that only one full-resolution frame is in memory at
+once. Of an animation, every frame within the decode budget is visited (cheap signals such
+as PDQ can afford them all) and up to `max_frames` of them, spread evenly, are marked
+sampled (for the costly ones, such as the embedding).
 
 Frames stay at full resolution because PDQ needs them so: measured on real photos, any
 downscaling before PDQ (bicubic, box or JPEG DCT scaling) moves the hash by 4 to 20 bits
@@ -73,23 +75,28 @@ class DecodedImage(Generic[T]):
     format: str
     width: int  # as stored, before EXIF orientation
     height: int
-    frame_count: int
-    # (frame index in the file, what the visitor made of that frame) per screened frame.
+    frame_count: int  # in the file; frames past the decode budget are not visited
+    # (frame index in the file, what the visitor made of that frame) per visited frame.
     frames: list[tuple[int, T]]
+    sampled: list[int]  # the indices of the sampled frames, always including 0
+
+
+def _copy_frame(frame: Image.Image, sampled: bool) -> Image.Image:
+    return frame.copy()
 
 
 @overload
 def decode(data: bytes, limits: DecodeLimits) -> DecodedImage[Image.Image]: ...
 @overload
 def decode(
-    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image], T]
+    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image, bool], T]
 ) -> DecodedImage[T]: ...
 
 
 def decode(
-    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image], Any] = Image.Image.copy
+    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image, bool], Any] = _copy_frame
 ) -> DecodedImage[Any]:
-    """Decode safely and call `visit` on each screened frame. Raises `BadInput`.
+    """Decode safely and call `visit(frame, sampled)` on each frame. Raises `BadInput`.
 
     The frame passed to `visit` is only valid during the call; keep a copy, not the frame.
     Without a visitor, the frames themselves are returned (copied).
@@ -106,14 +113,19 @@ def decode(
         width, height = image.size
         _check_dimensions(width, height, limits)
         frame_count = getattr(image, "n_frames", 1)
-        indices = _frames_to_screen(frame_count, image.size, limits)
-        frames = [(index, visit(_load_frame(image, index, limits))) for index in indices]
+        visited = _frames_within_budget(frame_count, image.size, limits)
+        sampled = _spread(visited, limits.max_frames)
+        frames = [
+            (index, visit(_load_frame(image, index, limits), index in sampled))
+            for index in range(visited)
+        ]
         return DecodedImage(
             format=image.format or "unknown",
             width=width,
             height=height,
             frame_count=frame_count,
             frames=frames,
+            sampled=sorted(sampled),
         )
     finally:
         image.close()
@@ -156,17 +168,19 @@ def _check_dimensions(width: int, height: int, limits: DecodeLimits) -> None:
         )
 
 
-def _frames_to_screen(frame_count: int, size: tuple[int, int], limits: DecodeLimits) -> list[int]:
-    """Frame indices spread evenly over the animation, always including the first.
+def _frames_within_budget(frame_count: int, size: tuple[int, int], limits: DecodeLimits) -> int:
+    """How many leading frames fit the decode budget (at least the first).
 
-    Seeking to frame N decodes every frame before it, so a long animation is only sampled
-    within the prefix that fits the decode budget.
+    Reaching frame N means decoding every frame before it, so a long animation is screened
+    within the prefix that fits.
     """
-    if frame_count <= 1:
-        return [0]
-    reachable = max(1, min(frame_count, limits.max_animation_pixels // (size[0] * size[1])))
-    wanted = min(limits.max_frames, reachable)
-    return sorted({round(i * (reachable - 1) / max(1, wanted - 1)) for i in range(wanted)})
+    return max(1, min(frame_count, limits.max_animation_pixels // (size[0] * size[1])))
+
+
+def _spread(count: int, wanted: int) -> set[int]:
+    """Up to `wanted` of `count` frame indices, evenly spread, first and last included."""
+    wanted = min(wanted, count)
+    return {round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)}
 
 
 def _load_frame(image: Image.Image, index: int, limits: DecodeLimits) -> Image.Image:

@@ -24,7 +24,8 @@ class SignalType(enum.StrEnum):
 class FrameSignals:
     index: int  # frame index in the file
     pdq: PdqHash
-    pixels: np.ndarray  # resized and cropped for the embedding model, uint8 (H, W, 3)
+    # Resized and cropped for the embedding model, uint8 (H, W, 3); sampled frames only.
+    pixels: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,15 @@ class ImageSignals:
     width: int
     height: int
     frame_count: int
-    frames: list[FrameSignals]
+    frames: list[FrameSignals]  # every frame within the decode budget, in order
+
+    @property
+    def embedded_frames(self) -> list[FrameSignals]:
+        """The sampled frames, which carry pixels for the model; the first is always one."""
+        return [frame for frame in self.frames if frame.pixels is not None]
+
+    def embedding_inputs(self) -> list[np.ndarray]:
+        return [frame.pixels for frame in self.frames if frame.pixels is not None]
 
 
 def extract_signals(
@@ -42,8 +51,10 @@ def extract_signals(
     limits: DecodeLimits,
     preprocess: Callable[[Image.Image], np.ndarray],
 ) -> ImageSignals:
-    """Decode safely, then hash and preprocess each screened frame. Raises `BadInput`."""
-    decoded = decode(data, limits, lambda frame: (pdq(frame), preprocess(frame)))
+    """Decode safely; hash every frame and preprocess the sampled ones. Raises `BadInput`."""
+    decoded = decode(
+        data, limits, lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None)
+    )
     return ImageSignals(
         sha256=sha256(data),
         format=decoded.format,

@@ -89,7 +89,7 @@ class Screener:
                 uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s
             )
             signals = extract_signals(data, self._limits, self.embedder.preprocess)
-            vectors = self.batcher.embed([frame.pixels for frame in signals.frames])
+            vectors = self.batcher.embed(signals.embedding_inputs())
             matches = self.matcher.current().match(signals, vectors)
         except BadInput as error:
             logger.info("upload %d refused: %s", upload_id, error)

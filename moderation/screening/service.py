@@ -162,7 +162,7 @@ def record_screened(
                 "frame_index": frame.index,
                 "vector": vector_to_bytes(vector),
             }
-            for frame, vector in zip(signals.frames, vectors, strict=True)
+            for frame, vector in zip(signals.embedded_frames, vectors, strict=True)
         ],
     )
     if matches:
