@@ -1,0 +1,73 @@
+"""The README's main job (`moderation demo`) and the benchmark, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.e2e
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    """The environment of a user with nothing configured and no models downloaded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+    return {**env, "HOME": str(home), "HF_HOME": str(home / "hf")}
+
+
+def test_demo_screens_the_samples_and_shows_the_hits(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "moderation", "demo"],
+        env=_user_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "random weights" in output  # it says plainly which model it used
+    assert "9 uploads: 7 screened, 2 refused as bad input; 4 matched the bank" in output
+    hit_lines = [line for line in output.splitlines() if "demo-known-bad" not in line]
+    animation = [line.split() for line in hit_lines if "04-b-inside-animation.gif" in line]
+    assert ["pdq", "3"] in [[cells[3], cells[5]] for cells in animation if len(cells) == 6]
+    assert "truncated_image" in output
+    assert "unsupported_format" in output
+
+
+def test_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "screening.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/screening.py",
+            "--images",
+            "16",
+            "--arch",
+            "tiny",
+            "--bank-size",
+            "200",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=_user_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["pipeline_images_per_s"] > 0
+    assert figures["model_only_images_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(
+        figures["pipeline_images_per_s"] / figures["model_only_images_per_s"], abs=0.01
+    )
+    assert figures["hits"] >= 10  # the banked images were found again
