@@ -46,6 +46,18 @@ def upload_json(upload: Upload) -> dict[str, Any]:
     }
 
 
+def _emit_uploads(
+    rows: list[dict[str, Any]], columns: list[str], as_json: bool, empty: str
+) -> None:
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        if row["error"]:
+            row["error"] = f"{row['error']['code']}: {row['error']['message']}"
+    emit_table(rows, columns, empty=empty)
+
+
 def submit_uris(uris: list[str], external_id: str | None = None) -> list[int]:
     """Record uploads, commit, then publish: a message is never sent for an uncommitted row."""
     from moderation.screening.tasks import publish_screening
@@ -93,17 +105,7 @@ def submit(
         with session_scope() as session:
             uploads = service.get_uploads(session, upload_ids)
     rows = [upload_json(u) for u in uploads]
-    if as_json:
-        emit_json(rows)
-    else:
-        emit_table(
-            [
-                {**r, "error": r["error"] and f"{r['error']['code']}: {r['error']['message']}"}
-                for r in rows
-            ],
-            ["upload_id", "status", "uri", "error"],
-            empty="nothing submitted",
-        )
+    _emit_uploads(rows, ["upload_id", "status", "uri", "error"], as_json, "nothing submitted")
     if wait and any(u.status not in service.FINAL_STATUSES for u in uploads):
         raise click.ClickException(f"not every upload finished within {timeout:g} s")
 
@@ -139,17 +141,7 @@ def uploads(status: str | None, limit: int, as_json: bool) -> None:
             session, status=UploadStatus(status) if status else None, limit=limit
         )
     rows = [{**upload_json(u), "attempts": u.attempts} for u in found]
-    if as_json:
-        emit_json(rows)
-    else:
-        emit_table(
-            [
-                {**r, "error": r["error"] and f"{r['error']['code']}: {r['error']['message']}"}
-                for r in rows
-            ],
-            ["upload_id", "status", "attempts", "uri", "error"],
-            empty="no uploads",
-        )
+    _emit_uploads(rows, ["upload_id", "status", "attempts", "uri", "error"], as_json, "no uploads")
 
 
 @click.command()
