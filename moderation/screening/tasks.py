@@ -38,8 +38,9 @@ def screen_upload(self: Task, upload_id: int) -> None:
             raise self.retry(countdown=delay, max_retries=None) from fault
 
 
-def publish_screening(upload_ids: list[int]) -> None:
-    """Send one screening message per upload. Call only after the rows are committed."""
+def publish_screening(upload_ids: list[int], queue: str | None = None) -> None:
+    """Send one screening message per upload (to the configured queue unless told otherwise).
+    Call only after the rows are committed."""
     with app.producer_or_acquire() as producer:
         for upload_id in upload_ids:
-            screen_upload.apply_async(args=(upload_id,), producer=producer)
+            screen_upload.apply_async(args=(upload_id,), producer=producer, queue=queue)
