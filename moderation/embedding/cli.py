@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from moderation.config import get_settings
-from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.tiny import (
     ARCHITECTURES,
     TINY_MODEL_WARNING,
@@ -20,8 +20,15 @@ from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
 from moderation.images.signals import extract_signals
 
+if TYPE_CHECKING:
+    from moderation.embedding.clip import ClipEmbedder
+
 
 def load_embedder() -> ClipEmbedder:
+    # Imported here: torch and transformers take seconds to load, and most commands
+    # never run a model.
+    from moderation.embedding.clip import ClipEmbedder
+
     settings = get_settings()
     return ClipEmbedder(settings.resolved_model(), settings.resolved_device())
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 TINY_MODEL_WARNING = (
     "This is a CLIP with random weights. Its matches mean nothing beyond exact copies "
@@ -44,6 +44,8 @@ def _write_tokenizer(directory: Path) -> CLIPTokenizer:
     vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
     vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
     merges_file.write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
     # Loading the files (rather than constructing) works on transformers 4 and 5 alike.
     tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(directory)
     return tokenizer
@@ -113,6 +115,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 def write_random_clip(directory: Path, architecture: str, *, seed: int = 0) -> Path:
     """Write a CLIP checkpoint with random weights: config, weights, tokenizer, processor."""
+    # torch and transformers are imported where they are used: this module's constants are
+    # read by the command line, which should start in well under a second.
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
     from moderation.embedding.clip import processor_class, quiet_transformers
 
     quiet_transformers()

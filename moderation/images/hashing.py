@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from moderation.images.pdq import pdq_bits_and_quality
-
 PDQ_BYTES = 32
 
 
@@ -28,6 +26,9 @@ def sha256(data: bytes) -> bytes:
 
 def pdq(frame: Image.Image) -> PdqHash:
     """PDQ of an RGB frame at full resolution, as the reference implementation hashes it."""
+    # Imported here: it loads torch, which producers and most commands never need.
+    from moderation.images.pdq import pdq_bits_and_quality
+
     bits, quality = pdq_bits_and_quality(frame)
     return PdqHash(bits=bits, quality=quality)
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from moderation.banks.matcher import Match
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+
+if TYPE_CHECKING:
+    from moderation.banks.matcher import Match
 
 FINAL_STATUSES = (UploadStatus.SCREENED, UploadStatus.FAILED)
 # Any constant: the key of the advisory lock that lets one sweeper run at a time.

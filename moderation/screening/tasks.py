@@ -1,4 +1,8 @@
-"""Celery tasks of the screening domain. Thin: hand the id to the worker's screener."""
+"""Celery tasks of the screening domain. Thin: hand the id to the worker's screener.
+
+Producers import this module to publish, so it imports nothing heavy (no torch, no Faiss);
+the screener is imported where it runs, in the worker.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from sqlalchemy.exc import DBAPIError
 from moderation.celery_app import app
 from moderation.images.errors import TransientFault
 from moderation.screening.service import UploadNotFound
-from moderation.screening.worker import get_screener
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
     max_retries=10,
 )
 def screen_upload(self: Task, upload_id: int) -> None:
+    from moderation.screening.worker import get_screener
+
     screener = get_screener()
     try:
         screener.run(upload_id)
