@@ -178,7 +178,7 @@ def worker(concurrency: int | None, loglevel: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
     """Re-enqueue uploads stuck in queued or processing (workers also do this periodically)."""
-    from moderation.screening.worker import sweep_once
+    from moderation.screening.tasks import sweep_once
 
     stuck = sweep_once()
     if as_json:

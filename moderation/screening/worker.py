@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 from typing import Any
 
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
-from moderation.screening import service
 from moderation.screening.pipeline import Screener
+from moderation.screening.tasks import sweep_once
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +36,6 @@ def get_screener() -> Screener:
         return _screener
 
 
-def sweep_once() -> list[int]:
-    """Re-enqueue uploads stuck in queued or processing; returns their ids."""
-    from moderation.screening.tasks import publish_screening
-
-    settings = get_settings()
-    with session_scope() as session:
-        stuck = service.find_stuck(session, older_than=timedelta(seconds=settings.stuck_after_s))
-    if stuck:
-        logger.warning("re-enqueueing %d stuck upload(s): %s", len(stuck), stuck[:20])
-        publish_screening(stuck)
-    return stuck
-
-
 def _sweep_forever() -> None:
     interval = get_settings().sweep_interval_s
     while not _stop.wait(interval):
@@ -65,7 +51,6 @@ def _on_worker_ready(**_: Any) -> None:
 
 
 @worker_shutdown.connect
-@worker_process_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     _stop.set()
     if _screener is not None:
