@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from moderation import schema
+from moderation.banks import service as banks
+from moderation.banks.models import BankEntry
 
 
 def test_migrated_database_matches_the_models(database: str) -> None:
@@ -44,3 +48,16 @@ def test_core_tables_exist(database: str, table: str) -> None:
     engine = create_engine(database)
     assert table in inspect(engine).get_table_names()
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("sha256", b"\x01" * 31), ("pdq", b"\x01" * 22), ("pdq_quality", 101)],
+)
+def test_malformed_bank_hashes_are_refused_by_the_database(
+    session: Session, column: str, value: object
+) -> None:
+    bank = banks.create_bank(session, "strict")
+    session.add(BankEntry(bank=bank, added_by="t", **{column: value}))
+    with pytest.raises(IntegrityError, match="ck_bank_entries"):
+        session.flush()

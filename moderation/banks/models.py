@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Float,
     ForeignKey,
     Integer,
@@ -34,6 +35,12 @@ class BankEntry(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     """One known-bad item: any of its SHA-256, PDQ hash and per-model embeddings."""
 
     __tablename__ = "bank_entries"
+    __table_args__ = (
+        # Matching reads these as fixed-width rows; a malformed hash must not get in at all.
+        CheckConstraint("octet_length(sha256) = 32", name="sha256_length"),
+        CheckConstraint("octet_length(pdq) = 32", name="pdq_length"),
+        CheckConstraint("pdq_quality BETWEEN 0 AND 100", name="pdq_quality_range"),
+    )
 
     bank_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("banks.id", ondelete="CASCADE"), index=True
