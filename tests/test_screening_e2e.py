@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.screening.tasks import publish_screening, sweep_once
 from tests.images import animated_gif, decompression_bomb, encode, textured, write
+from tests.servers import http_server
 from tests.vectors import at_cosine_distance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db", "worker")]
@@ -169,11 +169,8 @@ class _FlakyImageServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyImageServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_FlakyImageServer) as url:
+        yield url
 
 
 def test_transient_faults_are_retried_with_backoff_then_fail_visibly(flaky_server: str) -> None:

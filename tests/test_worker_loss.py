@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from moderation.screening.tasks import publish_screening
 from moderation.screening.worker_process import WorkerProcess
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
+from tests.servers import http_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
 
@@ -46,11 +46,8 @@ class _SlowImage(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_SlowImage) as url:
+        yield url
 
 
 def _count(status: UploadStatus, ids: list[int]) -> int:
