@@ -223,11 +223,7 @@ def model_only(paths: list[Path], batch: int) -> float:
     from moderation.images.signals import extract_signals
 
     settings = get_settings()
-    embedder = ClipEmbedder(
-        settings.resolved_model(),
-        settings.resolved_device(),
-        cpu_threads=settings.resolved_torch_threads(),
-    )
+    embedder = ClipEmbedder.for_worker(settings)
     limits = DecodeLimits.from_settings(settings)
     pixels = np.stack(
         [

@@ -111,12 +111,12 @@ def _reset_broker(url: str) -> None:
 def _build_bank() -> list[int]:
     from moderation.banks import service as banks
     from moderation.db import session_scope
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.cli import load_embedder
     from moderation.embedding.service import get_or_create_model
     from moderation.images.decode import DecodeLimits
 
     settings = get_settings()
-    embedder = ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+    embedder = load_embedder()
     limits = DecodeLimits.from_settings(settings)
     with session_scope() as session:
         model = get_or_create_model(session, embedder.name, embedder.dim)

@@ -19,6 +19,8 @@ from PIL import Image
 from transformers import CLIPModel
 from transformers.utils import logging as transformers_logging
 
+from moderation.config import Settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -130,6 +132,16 @@ class ClipEmbedder:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = projection_dim(model.config)
         self.preprocess = Preprocessing.from_pretrained(name)
+
+    @classmethod
+    def for_worker(cls, settings: Settings) -> ClipEmbedder:
+        """The configured model as a worker runs it (and the benchmark's baseline with it):
+        on CPU, each inference stream gets its share of the cores."""
+        return cls(
+            settings.resolved_model(),
+            settings.resolved_device(),
+            cpu_threads=settings.resolved_torch_threads(),
+        )
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Crops from `preprocess`, uint8 (n, H, W, 3), to L2-normalised float32 (n, dim)."""

@@ -87,9 +87,7 @@ def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
     )
     if uri is not None:
         return uri
-    upload = session.get(Upload, upload_id, with_for_update=True, populate_existing=True)
-    if upload is None:
-        raise UploadNotFound(upload_id)
+    upload = _locked_upload(session, upload_id)
     if upload.status not in FINAL_STATUSES:
         _finish_failed(
             upload,
@@ -188,9 +186,7 @@ def record_screened(
 
 def record_failed(session: Session, upload_id: int, code: str, message: str) -> None:
     """A final failure: bad input, or a transient fault that outlived its retries."""
-    upload = session.get(Upload, upload_id, with_for_update=True, populate_existing=True)
-    if upload is None:
-        raise UploadNotFound(upload_id)
+    upload = _locked_upload(session, upload_id)
     if upload.status not in FINAL_STATUSES:
         _finish_failed(upload, code, message)
 
@@ -203,9 +199,7 @@ def record_transient_fault(
     While a retry is pending the upload is back to queued, with the error visible; once
     the attempts are spent it fails with that error.
     """
-    upload = session.get(Upload, upload_id, with_for_update=True, populate_existing=True)
-    if upload is None:
-        raise UploadNotFound(upload_id)
+    upload = _locked_upload(session, upload_id)
     if upload.status in FINAL_STATUSES:
         return None
     if upload.attempts >= max_attempts:
@@ -216,6 +210,14 @@ def record_transient_fault(
     upload.error_message = f"retrying: {message}"
     upload.enqueued_at = func.now()
     return upload.attempts
+
+
+def _locked_upload(session: Session, upload_id: int) -> Upload:
+    """The upload, row-locked and freshly read: rows may have changed under Core updates."""
+    upload = session.get(Upload, upload_id, with_for_update=True, populate_existing=True)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    return upload
 
 
 def _finish_failed(upload: Upload, code: str, message: str) -> None:

@@ -27,12 +27,7 @@ def get_screener() -> Screener:
     with _screener_lock:
         if _screener is None:
             settings = get_settings()
-            embedder = ClipEmbedder(
-                settings.resolved_model(),
-                settings.resolved_device(),
-                cpu_threads=settings.resolved_torch_threads(),
-            )
-            _screener = Screener(settings, session_scope, embedder)
+            _screener = Screener(settings, session_scope, ClipEmbedder.for_worker(settings))
         return _screener
 
 
