@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,3 +170,29 @@ def test_default_refresh_interval_meets_the_ten_second_promise() -> None:
     from moderation.config import Settings
 
     assert Settings().bank_refresh_s <= 10
+
+
+def test_matching_in_many_threads_starts_no_faiss_threads(
+    session: Session, model: EmbeddingModel
+) -> None:
+    """Faiss would give every calling thread its own OpenMP team of spinning helpers."""
+    bank = banks.create_bank(session, "threads")
+    banks.add_entries(
+        session,
+        bank,
+        [banks.NewEntry(pdq=PdqHash(_flip(3), 100), embedding=ANCHOR, model=model)],
+        added_by="test",
+    )
+    index = load_index(session, model.id, DIM, SETTINGS)
+    before = len(os.listdir("/proc/self/task"))
+    results: list[int] = []
+    callers = [
+        threading.Thread(target=lambda: results.append(len(index.match(_signals(), ANCHOR[None]))))
+        for _ in range(4)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert results == [2, 2, 2, 2]  # the PDQ and the CLIP hit, in every thread
+    assert len(os.listdir("/proc/self/task")) == before
