@@ -8,9 +8,12 @@ much as the hashing; on a 2-core worker PDQ was the largest cost after the model
 
 Box filters and sampling are linear and separable, so blur-then-sample is one matrix on
 each side: `grid = P(rows).T @ luma @ P(cols)`, with P(n) an (n, 64) matrix that depends
-only on the side length and is cached. That runs as two matrix products in torch (which
-releases the GIL) and touches each pixel once. The DCT, median and quality metric follow
-the reference step by step. `tests/test_pdq.py` holds this to `pdqhash` bit for bit.
+only on the side length and is cached. Luma is linear too, so it is folded into the
+right-hand matrix: the RGB rows are multiplied as they are, (h, 3w) by (3w, 64), and no
+luma image is ever written. That runs as two matrix products in torch (which releases the
+GIL), reading each pixel once, in row blocks that stay in cache. The DCT, median and
+quality metric follow the reference step by step. `tests/test_pdq.py` holds this to
+`pdqhash` bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ GRID = 64
 MIN_HASHABLE_SIDE = 5
 _PASSES = 2
 _LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32)
-# Rows of luma converted at a time, to bound the float copy of a large image.
-_ROW_BLOCK = 512
+# Rows converted to float at a time: the copy stays in cache and a large image is never
+# copied whole.
+_ROW_BLOCK = 64
 
 
 def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
@@ -35,12 +39,11 @@ def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
     width, height = frame.size
     if width < MIN_HASHABLE_SIDE or height < MIN_HASHABLE_SIDE:
         return bytes(32), 0
-    pixels = np.asarray(frame)  # (height, width, 3) uint8, read-only
-    across = _sampling_matrix(width)
+    rgb_rows = np.asarray(frame).reshape(height, width * 3)  # uint8, read-only
+    across = _luma_sampling_matrix(width)
     sampled_rows = torch.cat(
         [
-            (torch.from_numpy(pixels[start : start + _ROW_BLOCK].astype(np.float32)) @ _LUMA)
-            @ across
+            torch.from_numpy(rgb_rows[start : start + _ROW_BLOCK].astype(np.float32)) @ across
             for start in range(0, height, _ROW_BLOCK)
         ]
     )
@@ -77,6 +80,13 @@ def _sampling_matrix(length: int) -> torch.Tensor:
             weights = spread
         matrix[:, column] = weights
     return torch.from_numpy(matrix.astype(np.float32))
+
+
+@lru_cache(maxsize=64)
+def _luma_sampling_matrix(width: int) -> torch.Tensor:
+    """(3 * width, 64): `rgb_row @ L` = the luma row blurred and sampled, as `luma_row @ P`."""
+    across = _sampling_matrix(width)
+    return (across[:, None, :] * _LUMA[None, :, None]).reshape(3 * width, GRID).contiguous()
 
 
 def _dct_matrix() -> np.ndarray:
