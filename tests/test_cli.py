@@ -24,6 +24,7 @@ from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
+from moderation.screening.cli import SUBMIT_CHUNK
 from tests.images import encode, textured, write
 
 SHA256_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -377,6 +378,19 @@ def test_submit_of_a_directory_queues_the_images_inside(
         assert (row["status"], row["error"]) == ("queued", None)
     assert len({s["upload_id"] for s in submitted}) == 3
     assert redis_client.llen(queue) == 3  # one message per upload, waiting for a worker
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
+    tmp_path: Path, queue: str, redis_client: redis.Redis
+) -> None:
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    count = SUBMIT_CHUNK * 2 + 1
+    submitted = cli("submit", *[str(image)] * count, "--json")
+    ids = [row["upload_id"] for row in submitted]
+    assert len(set(ids)) == count  # one upload per argument, even of the same file
+    assert ids == sorted(ids)
+    assert redis_client.llen(queue) == count
 
 
 @pytest.mark.usefixtures("clean_db")

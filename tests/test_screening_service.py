@@ -53,6 +53,19 @@ def test_submit_is_idempotent_per_external_id(session: Session) -> None:
     assert first.enqueued_at is not None
 
 
+def test_submit_many_queues_every_uri_and_returns_ids_in_order(session: Session) -> None:
+    uris = [f"file:///images/{i}.jpg" for i in range(250)]
+    ids = service.submit_many(session, uris)
+    assert len(set(ids)) == 250
+    uploads = service.get_uploads(session, ids)
+    assert [u.uri for u in uploads] == uris
+    assert {(u.status, u.attempts, u.external_id) for u in uploads} == {
+        (UploadStatus.QUEUED, 0, None)
+    }
+    assert all(u.enqueued_at is not None for u in uploads)
+    assert service.submit_many(session, []) == []
+
+
 def test_recording_twice_writes_once(session: Session) -> None:
     model = get_or_create_model(session, "m", 4)
     bank = banks.create_bank(session, "b")

@@ -58,14 +58,30 @@ def _emit_uploads(
     emit_table(rows, columns, empty=empty)
 
 
+# Uploads recorded and published per transaction: workers start on the first chunk of a
+# large submission instead of waiting for all of it.
+SUBMIT_CHUNK = 100
+
+
 def submit_uris(uris: list[str], external_id: str | None = None) -> list[int]:
     """Record uploads, commit, then publish: a message is never sent for an uncommitted row."""
     from moderation.screening.tasks import publish_screening
 
-    with session_scope() as session:
-        submitted = [service.submit(session, uri, external_id) for uri in uris]
-    publish_screening([upload.id for upload, created in submitted if created])
-    return [upload.id for upload, _ in submitted]
+    if external_id is not None:
+        if len(uris) != 1:
+            raise ValueError("an external id names exactly one upload")
+        with session_scope() as session:
+            upload, created = service.submit(session, uris[0], external_id)
+        if created:
+            publish_screening([upload.id])
+        return [upload.id]
+    upload_ids: list[int] = []
+    for start in range(0, len(uris), SUBMIT_CHUNK):
+        with session_scope() as session:
+            chunk = service.submit_many(session, uris[start : start + SUBMIT_CHUNK])
+        publish_screening(chunk)
+        upload_ids += chunk
+    return upload_ids
 
 
 def wait_until_final(upload_ids: list[int], timeout_s: float) -> list[Upload]:

@@ -67,6 +67,21 @@ def submit(session: Session, uri: str, external_id: str | None = None) -> tuple[
     return existing, False
 
 
+def submit_many(session: Session, uris: Sequence[str]) -> list[int]:
+    """Record uploads without external ids as queued, in one statement; their ids, in order.
+
+    As with `submit`, the caller publishes the screening messages after committing.
+    """
+    if not uris:
+        return []
+    statement = (
+        insert(Upload)
+        .values(status=UploadStatus.QUEUED, enqueued_at=func.now())
+        .returning(Upload.id, sort_by_parameter_order=True)
+    )
+    return list(session.connection().scalars(statement, [{"uri": uri} for uri in uris]))
+
+
 def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
     """Mark an upload as being processed and return its URI, or None if nothing is left to do.
 
