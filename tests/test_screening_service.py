@@ -74,11 +74,12 @@ def test_recording_twice_writes_once(session: Session) -> None:
     matches = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0)]
     vectors = np.ones((1, 4), np.float32) / 2
 
+    screened = service.Screened(upload.id, _signals(), vectors, matches)
     assert service.claim(session, upload.id, max_attempts=3) is not None
-    assert service.record_screened(session, upload.id, _signals(), vectors, model.id, matches)
+    assert service.record_screened(session, [screened], model.id) == [True]
     # A redelivered message: nothing left to claim, and recording again is a no-op.
     assert service.claim(session, upload.id, max_attempts=3) is None
-    assert not service.record_screened(session, upload.id, _signals(), vectors, model.id, matches)
+    assert service.record_screened(session, [screened], model.id) == [False]
 
     assert _count(session, Hit, upload.id) == 1
     assert _count(session, Signal, upload.id) == 2  # SHA-256 and one PDQ frame
@@ -89,6 +90,76 @@ def test_recording_twice_writes_once(session: Session) -> None:
         1,
         "JPEG",
     )
+
+
+def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
+    """Several uploads in one call, as the worker's group commit writes them."""
+    model = get_or_create_model(session, "m", 4)
+    bank = banks.create_bank(session, "b")
+    (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
+    a, b, done = (service.submit(session, f"file:///{n}.jpg")[0] for n in "abc")
+    vectors = np.ones((1, 4), np.float32) / 2
+    hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0)]
+    service.record_screened(
+        session, [service.Screened(done.id, _signals(), vectors, hit)], model.id
+    )
+
+    outcome = service.record_screened(
+        session,
+        [
+            service.Screened(a.id, _signals(), vectors, hit),
+            service.Screened(b.id, _signals(), vectors, []),
+            service.Screened(a.id, _signals(), vectors, hit),  # a duplicate delivery
+            service.Screened(done.id, _signals(), vectors, hit),  # already final
+        ],
+        model.id,
+    )
+
+    assert outcome == [True, True, False, False]
+    assert [_count(session, Hit, u.id) for u in (a, b, done)] == [1, 0, 1]
+    assert [_count(session, Signal, u.id) for u in (a, b, done)] == [2, 2, 2]
+    assert [_count(session, Embedding, u.id) for u in (a, b, done)] == [1, 1, 1]
+    for upload in (a, b):
+        _reload(session, upload)
+        assert (upload.status, upload.width, upload.frame_count) == (UploadStatus.SCREENED, 640, 1)
+
+
+def test_recording_a_group_with_a_missing_upload_raises(session: Session) -> None:
+    model = get_or_create_model(session, "m", 4)
+    upload, _ = service.submit(session, "file:///a.jpg")
+    vectors = np.ones((1, 4), np.float32) / 2
+    with pytest.raises(service.UploadNotFound, match="999999999"):
+        service.record_screened(
+            session,
+            [
+                service.Screened(upload.id, _signals(), vectors, []),
+                service.Screened(999_999_999, _signals(), vectors, []),
+            ],
+            model.id,
+        )
+
+
+def test_claim_many_claims_what_is_left_to_do(session: Session) -> None:
+    fresh, twice, exhausted, final = (
+        service.submit(session, f"file:///{n}.jpg")[0] for n in "abcd"
+    )
+    service.claim(session, exhausted.id, max_attempts=1)
+    service.record_failed(session, final.id, "bad_image", "broken")
+    session.flush()  # claims are Core statements: the ORM's pending change must be written
+
+    uris = service.claim_many(
+        session, [fresh.id, twice.id, exhausted.id, twice.id, final.id], max_attempts=1
+    )
+
+    assert uris == ["file:///a.jpg", "file:///b.jpg", None, "file:///b.jpg", None]
+    for upload in (fresh, twice, exhausted, final):
+        _reload(session, upload)
+    assert (fresh.status, fresh.attempts) == (UploadStatus.PROCESSING, 1)
+    assert (twice.status, twice.attempts) == (UploadStatus.PROCESSING, 1)  # claimed once
+    assert (exhausted.status, exhausted.error_code) == (UploadStatus.FAILED, "too_many_attempts")
+    assert (final.status, final.error_code) == (UploadStatus.FAILED, "bad_image")
+    with pytest.raises(service.UploadNotFound):
+        service.claim_many(session, [fresh.id, 999_999_999], max_attempts=5)
 
 
 def test_attempts_are_bounded_across_redeliveries(session: Session) -> None:

@@ -1,8 +1,9 @@
 """Screening one upload: claim, fetch, decode, hash, embed, match, record.
 
-A `Screener` is built once per worker process and shared by all its task threads. Each
-stage that writes is its own short transaction, and no connection is held while the
-image is fetched, decoded or embedded.
+A `Screener` is built once per worker process and shared by all its task threads. Claims
+and results are written by group commit (many uploads per transaction, see
+`moderation.group_commit`), and no connection is held while the image is fetched, decoded
+or embedded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from moderation.config import Settings
 from moderation.embedding.batcher import EmbeddingBatcher
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import get_or_create_model
+from moderation.group_commit import GroupCommit
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.fetch import fetch
@@ -55,6 +57,18 @@ class Screener:
             ),
             refresh_s=settings.bank_refresh_s,
         )
+        self._claim: GroupCommit[int, str | None] = GroupCommit(
+            sessions,
+            lambda session, ids: service.claim_many(
+                session, ids, max_attempts=settings.max_attempts
+            ),
+            name="claim-writer",
+        )
+        self._record: GroupCommit[service.Screened, bool] = GroupCommit(
+            sessions,
+            lambda session, results: service.record_screened(session, results, self.model_id),
+            name="result-writer",
+        )
         self.batcher = EmbeddingBatcher(
             embedder,
             max_batch=settings.resolved_batch_size(),
@@ -64,6 +78,8 @@ class Screener:
 
     def close(self) -> None:
         self.batcher.close()
+        self._claim.close()
+        self._record.close()
         stats = self.batcher.stats
         logger.info(
             "embedded %d images in %d batches (mean %.1f per forward pass)",
@@ -79,8 +95,7 @@ class Screener:
         task to retry (see `defer`); database errors propagate untouched, since nothing can
         be recorded while the database is unreachable.
         """
-        with self._sessions() as session:
-            uri = service.claim(session, upload_id, max_attempts=self.settings.max_attempts)
+        uri = self._claim(upload_id)
         if uri is None:
             logger.info("upload %d is already final; nothing to do", upload_id)
             return
@@ -101,9 +116,10 @@ class Screener:
         except Exception as exc:
             logger.exception("screening upload %d failed unexpectedly", upload_id)
             raise InternalFault(f"{type(exc).__name__}: {exc}") from exc
-        with self._sessions() as session:
-            service.record_screened(session, upload_id, signals, vectors, self.model_id, matches)
-        logger.info("upload %d screened: %d hit(s)", upload_id, len(matches))
+        if self._record(service.Screened(upload_id, signals, vectors, matches)):
+            logger.info("upload %d screened: %d hit(s)", upload_id, len(matches))
+        else:
+            logger.info("upload %d was screened by another delivery meanwhile", upload_id)
 
     def defer(self, upload_id: int, fault: TransientFault) -> float | None:
         """Record a transient fault: seconds until the retry, or None if it is now final."""

@@ -12,7 +12,18 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    Row,
+    String,
+    column,
+    func,
+    select,
+    update,
+    values,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -88,76 +99,137 @@ def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
     The attempt counter survives crashes and redeliveries, so an image that kills the
     worker every time is failed after `max_attempts` instead of looping forever.
     """
-    # One statement in the common case; the row lock orders concurrent duplicates. Core, on
+    return claim_many(session, [upload_id], max_attempts=max_attempts)[0]
+
+
+def claim_many(
+    session: Session, upload_ids: Sequence[int], *, max_attempts: int
+) -> list[str | None]:
+    """`claim` for many uploads at once: their URIs, in order, None where nothing is left to do.
+
+    An id given twice (two deliveries of one message) is claimed once and gets its URI
+    twice; recording is what settles such duplicates.
+    """
+    # One statement in the common case; the row locks order concurrent duplicates. Core, on
     # the session's connection: the ORM's bulk-update machinery costs more than the query.
-    uri: str | None = session.connection().scalar(
+    statement = (
         update(Upload)
         .where(
-            Upload.id == upload_id,
+            Upload.id.in_(set(upload_ids)),
             Upload.status.not_in(FINAL_STATUSES),
             Upload.attempts < max_attempts,
         )
         .values(status=UploadStatus.PROCESSING, attempts=Upload.attempts + 1, started_at=func.now())
-        .returning(Upload.uri)
+        .returning(Upload.id, Upload.uri)
     )
-    if uri is not None:
-        return uri
-    upload = _locked_upload(session, upload_id)
-    if upload.status not in FINAL_STATUSES:
-        _finish_failed(
-            upload,
-            "too_many_attempts",
-            f"gave up after {upload.attempts} attempts; last error: "
-            f"{upload.error_code or 'none recorded'}: {upload.error_message or ''}".rstrip(": "),
-        )
-    return None
+    claimed: dict[int, str] = {id_: uri for id_, uri in session.connection().execute(statement)}
+    for upload_id in set(upload_ids) - claimed.keys():
+        upload = _locked_upload(session, upload_id)
+        if upload.status not in FINAL_STATUSES:
+            _finish_failed(
+                upload,
+                "too_many_attempts",
+                f"gave up after {upload.attempts} attempts; last error: "
+                f"{upload.error_code or 'none recorded'}: {upload.error_message or ''}".rstrip(
+                    ": "
+                ),
+            )
+    return [claimed.get(upload_id) for upload_id in upload_ids]
 
 
-def record_screened(
-    session: Session,
-    upload_id: int,
-    signals: ImageSignals,
-    vectors: np.ndarray,
-    model_id: int,
-    matches: Sequence[Match],
-) -> bool:
-    """Store signals, embeddings and hits and mark the upload screened, in one transaction.
+@dataclass(frozen=True)
+class Screened:
+    """What screening found for one upload, ready to be recorded."""
 
-    Idempotent: a redelivered or concurrent duplicate finds the upload final and writes
-    nothing, and the unique constraints would refuse duplicate rows regardless.
-    Returns False when the upload was already final.
+    upload_id: int
+    signals: ImageSignals
+    vectors: np.ndarray
+    matches: Sequence[Match]
+
+
+def record_screened(session: Session, results: Sequence[Screened], model_id: int) -> list[bool]:
+    """Store signals, embeddings and hits and mark the uploads screened, in one transaction.
+
+    Returns, per result, whether it was written: False when its upload was already final
+    (a redelivered or concurrent duplicate, which writes nothing; the unique constraints
+    would refuse duplicate rows regardless). Raises `UploadNotFound` for a missing upload.
     """
-    # The update takes the row lock first: a concurrent duplicate waits here, then finds
-    # the upload final and writes nothing.
-    connection = session.connection()
-    screened = connection.scalar(
-        update(Upload)
-        .where(Upload.id == upload_id, Upload.status.not_in(FINAL_STATUSES))
-        .values(
-            status=UploadStatus.SCREENED,
-            error_code=None,
-            error_message=None,
-            media_format=signals.format,
-            width=signals.width,
-            height=signals.height,
-            frame_count=signals.frame_count,
-            finished_at=func.now(),
-        )
-        .returning(Upload.id)
+    first_of_each: dict[int, Screened] = {}
+    for result in results:
+        first_of_each.setdefault(result.upload_id, result)
+    screened_rows = values(
+        column("id", BigInteger),
+        column("media_format", String),
+        column("width", Integer),
+        column("height", Integer),
+        column("frame_count", Integer),
+        name="screened",
+    ).data(
+        [
+            (
+                r.upload_id,
+                r.signals.format,
+                r.signals.width,
+                r.signals.height,
+                r.signals.frame_count,
+            )
+            for r in first_of_each.values()
+        ]
     )
-    if screened is None:
-        if session.get(Upload, upload_id) is None:
-            raise UploadNotFound(upload_id)
-        return False
-    signal_rows = [
-        {
-            "upload_id": upload_id,
-            "signal": SignalType.SHA256,
-            "frame_index": 0,
-            "value": signals.sha256,
-            "quality": None,
-        },
-        *(
+    # The update takes the row locks first: a concurrent duplicate waits here, then finds
+    # its upload final and writes nothing.
+    connection = session.connection()
+    written_ids = set(
+        connection.scalars(
+            update(Upload)
+            .where(Upload.id == screened_rows.c.id, Upload.status.not_in(FINAL_STATUSES))
+            .values(
+                status=UploadStatus.SCREENED,
+                error_code=None,
+                error_message=None,
+                media_format=screened_rows.c.media_format,
+                width=screened_rows.c.width,
+                height=screened_rows.c.height,
+                frame_count=screened_rows.c.frame_count,
+                finished_at=func.now(),
+            )
+            .returning(Upload.id)
+        )
+    )
+    unwritten = first_of_each.keys() - written_ids
+    if unwritten:
+        existing = set(session.scalars(select(Upload.id).where(Upload.id.in_(unwritten))))
+        if missing := unwritten - existing:
+            raise UploadNotFound(min(missing))
+    written = [r for r in first_of_each.values() if r.upload_id in written_ids]
+    if written:
+        _insert_screening_rows(connection, written, model_id)
+    reported: set[int] = set()
+    outcome = []
+    for result in results:  # a duplicate within the group is reported as not written
+        outcome.append(result.upload_id in written_ids and result.upload_id not in reported)
+        reported.add(result.upload_id)
+    return outcome
+
+
+def _insert_screening_rows(
+    connection: Connection, results: Sequence[Screened], model_id: int
+) -> None:
+    signal_rows = []
+    embedding_rows = []
+    hit_rows = []
+    for result in results:
+        upload_id, signals = result.upload_id, result.signals
+        signal_rows.append(
+            {
+                "upload_id": upload_id,
+                "signal": SignalType.SHA256,
+                "frame_index": 0,
+                "value": signals.sha256,
+                "quality": None,
+            }
+        )
+        signal_rows += [
             {
                 "upload_id": upload_id,
                 "signal": SignalType.PDQ,
@@ -166,37 +238,32 @@ def record_screened(
                 "quality": frame.pdq.quality,
             }
             for frame in signals.frames
-        ),
-    ]
-    connection.execute(insert(Signal).on_conflict_do_nothing(), signal_rows)
-    connection.execute(
-        insert(Embedding).on_conflict_do_nothing(),
-        [
+        ]
+        embedding_rows += [
             {
                 "upload_id": upload_id,
                 "model_id": model_id,
                 "frame_index": frame.index,
                 "vector": vector_to_bytes(vector),
             }
-            for frame, vector in zip(signals.embedded_frames, vectors, strict=True)
-        ],
-    )
-    if matches:
-        connection.execute(
-            insert(Hit).on_conflict_do_nothing(),
-            [
-                {
-                    "upload_id": upload_id,
-                    "bank_entry_id": m.bank_entry_id,
-                    "signal": m.signal,
-                    "distance": m.distance,
-                    "frame_index": m.frame_index,
-                    "model_id": model_id if m.signal is SignalType.CLIP else None,
-                }
-                for m in matches
-            ],
-        )
-    return True
+            for frame, vector in zip(signals.embedded_frames, result.vectors, strict=True)
+        ]
+        hit_rows += [
+            {
+                "upload_id": upload_id,
+                "bank_entry_id": m.bank_entry_id,
+                "signal": m.signal,
+                "distance": m.distance,
+                "frame_index": m.frame_index,
+                "model_id": model_id if m.signal is SignalType.CLIP else None,
+            }
+            for m in result.matches
+        ]
+    connection.execute(insert(Signal).on_conflict_do_nothing(), signal_rows)
+    if embedding_rows:
+        connection.execute(insert(Embedding).on_conflict_do_nothing(), embedding_rows)
+    if hit_rows:
+        connection.execute(insert(Hit).on_conflict_do_nothing(), hit_rows)
 
 
 def record_failed(session: Session, upload_id: int, code: str, message: str) -> None:
