@@ -2,12 +2,17 @@
 
     python bench/screening.py [--images N] [--arch vit-b-32] [--batch-size B]
 
-Pipeline: N images submitted as the CLI does (row committed, then message) → Redis → a
-real `moderation worker` process → PostgreSQL, timed from the first submit to the last
-upload final. Model only: the same images, preprocessed beforehand, through the same model
-in batches of the same size, with nothing else running. The model is a full-size CLIP
-architecture with random weights (speed does not depend on the weights), loaded through
-MODERATION_MODEL like any checkpoint. The figures are printed and written as JSON.
+Pipeline: N images submitted as the CLI does (rows committed, then messages) → Redis → a
+real `moderation worker` process → PostgreSQL, timed on the database's clock from just
+before the first submit to the last upload's screening transaction. Model only: the same
+images, preprocessed beforehand, through the same model in batches of the same size, with
+nothing else running. The model is a full-size CLIP architecture with random weights
+(speed does not depend on the weights), loaded through MODERATION_MODEL like any
+checkpoint. The figures are printed and written as JSON.
+
+On a machine whose cores the model shares with everything else (a CPU worker), the JSON
+also says where the CPU went during the pipeline run, per image: the worker, PostgreSQL,
+Redis, this process (the producer) and idle time, beside the model alone's cost.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import re
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--images", type=int, help="Timed images (default: 400 on CPU, 3000 on CUDA)."
+        "--images", type=int, help="Timed images (default: 1000 on CPU, 3000 on CUDA)."
     )
     parser.add_argument(
         "--arch", help="Random architecture (default: vit-b-32 on CPU, vit-l-14-336 on CUDA)."
@@ -52,7 +58,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     arch = args.arch or ("vit-l-14-336" if cuda else "vit-b-32")
-    n_images = args.images or (3000 if cuda else 400)
+    n_images = args.images or (3000 if cuda else 1000)
     model_dir = Path(os.environ.get("MODERATION_MODEL") or CACHE / f"random-{arch}")
     # Settings are read from the environment on first use: set it before importing them.
     os.environ.update(
@@ -96,6 +102,12 @@ def main() -> None:
         "batch_size": batch,
         "inference_streams": settings.resolved_streams(),
         "mean_batch": pipeline["mean_batch"],
+        "cpu_ms_per_image": {
+            "model_only": round(1000 * (os.cpu_count() or 1) / model_ips, 2),
+            **pipeline["cpu_ms_per_image"],
+        }
+        if not cuda
+        else None,
         "hits": pipeline["hits"],
         "bank_size": args.bank_size,
         "architecture": arch,
@@ -189,10 +201,12 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
     with WorkerProcess(workdir / "worker.log") as worker:
         worker.wait_ready()
         wait_until_final(submit_uris([p.as_uri() for p in warmup]), timeout_s=600)
-        started = time.perf_counter()
+        cpu_before = CpuTimes.now(worker.process.pid)
+        with session_scope() as session:
+            started_at = session.scalar(select(func.clock_timestamp()))
         upload_ids = submit_uris([p.as_uri() for p in timed])
         uploads = wait_until_final(upload_ids, timeout_s=3600)
-        elapsed = time.perf_counter() - started
+        cpu_used = CpuTimes.now(worker.process.pid) - cpu_before
         worker.stop()
         log = worker.log()
     not_screened = [u.id for u in uploads if u.status is not UploadStatus.SCREENED]
@@ -200,6 +214,10 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
         raise SystemExit(
             f"{len(not_screened)} uploads were not screened; see {workdir / 'worker.log'}"
         )
+    finished = [u.finished_at for u in uploads if u.finished_at is not None]
+    if started_at is None or len(finished) != len(uploads):
+        raise SystemExit("the database did not record when screening started and finished")
+    elapsed = (max(finished) - started_at).total_seconds()
     with session_scope() as session:
         hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
     batches = re.search(r"embedded (\d+) images in (\d+) batches", log)
@@ -207,7 +225,56 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
         "images_per_s": len(timed) / elapsed,
         "hits": hits,
         "mean_batch": round(int(batches[1]) / int(batches[2]), 1) if batches else None,
+        "cpu_ms_per_image": cpu_used.per_image_ms(len(timed), elapsed),
     }
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds used so far by the processes of the pipeline (Linux /proc), by role."""
+
+    worker: float
+    postgres: float
+    redis: float
+    producer: float
+    wall: float
+
+    @classmethod
+    def now(cls, worker_pid: int) -> CpuTimes:
+        postgres = redis = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text()
+            except OSError:  # the process has exited
+                continue
+            name = fields[fields.index("(") + 1 : fields.rindex(")")]
+            if name == "postgres":
+                postgres += _cpu_seconds(fields)
+            elif name.startswith("redis-server"):
+                redis += _cpu_seconds(fields)
+        worker = _cpu_seconds(Path(f"/proc/{worker_pid}/stat").read_text())
+        return cls(worker, postgres, redis, time.process_time(), time.monotonic())
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(*(getattr(self, f) - getattr(other, f) for f in self.__dataclass_fields__))
+
+    def per_image_ms(self, images: int, elapsed: float) -> dict[str, float]:
+        """Per image: each role's CPU and the cores' idle time (PostgreSQL backends that
+        ended in the window are not counted, so that figure is a lower bound)."""
+        used = {
+            "worker": self.worker,
+            "postgres": self.postgres,
+            "redis": self.redis,
+            "producer": self.producer,
+        }
+        used["idle_or_other"] = max(0.0, (os.cpu_count() or 1) * elapsed - sum(used.values()))
+        return {role: round(seconds * 1000 / images, 2) for role, seconds in used.items()}
+
+
+def _cpu_seconds(stat: str) -> float:
+    """utime + stime from a /proc/PID/stat line."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def model_only(paths: list[Path], batch: int) -> float:
