@@ -220,11 +220,17 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
     elapsed = (max(finished) - started_at).total_seconds()
     with session_scope() as session:
         hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
-    batches = re.search(r"embedded (\d+) images in (\d+) batches", log)
+    batches = {
+        stage: re.search(rf"{stage}: (\d+) items in (\d+) batches", log)
+        for stage in ("embedding", "clip-search")
+    }
     return {
         "images_per_s": len(timed) / elapsed,
         "hits": hits,
-        "mean_batch": round(int(batches[1]) / int(batches[2]), 1) if batches else None,
+        "mean_batch": {
+            stage: round(int(found[1]) / int(found[2]), 1) if found else None
+            for stage, found in batches.items()
+        },
         "cpu_ms_per_image": cpu_used.per_image_ms(len(timed), elapsed),
     }
 

@@ -5,11 +5,12 @@ changes its row twice (claimed, then screened). As one transaction apiece that i
 commits and a handful of statements per upload, which on a small worker costs as much CPU
 as decoding the image, and on a GPU worker holds the GIL long enough to starve the model.
 
-A `GroupCommit` has one writer thread. A caller hands it an item and blocks until the
-transaction that wrote it has committed, so a task still acknowledges its message only
-after its effects are durable. The writer takes whatever has queued up while the previous
-transaction ran and writes it all with one call of `write_many`: under load a transaction
-carries many items, and a lone item is written at once, with no added wait.
+A `GroupCommit` is a `Batcher` (see `moderation.batching`) with one writer thread. A caller
+hands it an item and blocks until the transaction that wrote it has committed, so a task
+still acknowledges its message only after its effects are durable. The writer takes
+whatever has queued up while the previous transaction ran and writes it all with one call
+of `write_many`: under load a transaction carries many items, and a lone item is written
+at once, with no added wait.
 
 If a group fails, each of its items is retried in a transaction of its own, so that one
 item's error (a missing row, a deadlock with a duplicate delivery elsewhere) is reported to
@@ -19,15 +20,14 @@ that item's caller alone, and the others still commit.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sqlalchemy.orm import Session
+
+from moderation.batching import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,9 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-@dataclass
-class _Request(Generic[Item, Result]):
-    item: Item
-    future: Future[Result] = field(default_factory=Future)
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -54,62 +53,34 @@ class GroupCommit(Generic[Item, Result]):
         result per item, in order; it must not commit (the group commit does)."""
         self._sessions = sessions
         self._write_many = write_many
-        self._max_group = max_group
-        self._queue: queue.SimpleQueue[_Request[Item, Result] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._batcher: Batcher[Item, Result | _Failed] = Batcher(
+            self._write, name=name, max_batch=max_group
+        )
 
     def __call__(self, item: Item) -> Result:
         """Write one item, waiting until it is committed; raises what writing it raised."""
-        if not self._thread.is_alive():
-            raise RuntimeError(f"{self._thread.name} has stopped")
-        request: _Request[Item, Result] = _Request(item)
-        self._queue.put(request)
-        return request.future.result()
+        (outcome,) = self._batcher.submit([item])
+        if isinstance(outcome, _Failed):
+            raise outcome.error
+        return outcome
 
     @property
     def waiting(self) -> int:
         """Items handed in that the writer has not yet taken up."""
-        return self._queue.qsize()
+        return self._batcher.waiting
 
     def close(self) -> None:
         """Write everything already handed in, then stop."""
-        self._queue.put(None)
-        self._thread.join()
+        self._batcher.close()
 
-    def _run(self) -> None:
-        while (group := self._next_group()) is not None:
-            self._write(group)
-
-    def _next_group(self) -> list[_Request[Item, Result]] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        group = [first]
-        while len(group) < self._max_group:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request is None:  # closing: write this group, then stop
-                self._queue.put(None)
-                break
-            group.append(request)
-        return group
-
-    def _write(self, group: list[_Request[Item, Result]]) -> None:
+    def _write(self, group: list[Item]) -> list[Result | _Failed]:
         try:
-            results = self._commit([request.item for request in group])
+            return list(self._commit(group))
         except Exception as exc:
             if len(group) == 1:
-                group[0].future.set_exception(exc)
-                return
+                return [_Failed(exc)]
             logger.warning("a group of %d writes failed (%s); writing each alone", len(group), exc)
-            for request in group:
-                self._write([request])
-            return
-        for request, result in zip(group, results, strict=True):
-            request.future.set_result(result)
+            return [outcome for item in group for outcome in self._write([item])]
 
     def _commit(self, items: list[Item]) -> Sequence[Result]:
         with self._sessions() as session:

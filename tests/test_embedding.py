@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
-from moderation.embedding.batcher import EmbeddingBatcher
 from moderation.embedding.clip import ClipEmbedder, Preprocessing, processor_class
 from tests.images import textured
 
@@ -75,77 +72,3 @@ def test_tiny_model_is_a_complete_checkpoint(tiny_model: Path) -> None:
 def test_tiny_model_separates_different_images(embedder: ClipEmbedder) -> None:
     a, b = embedder.embed_images([textured(10), textured(11)])
     assert 1 - float(a @ b) > 0.1
-
-
-class _CountingEmbedder:
-    def __init__(self, inner: ClipEmbedder, delay_s: float = 0.0) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.batch_sizes: list[int] = []
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        self.batch_sizes.append(len(pixels))
-        time.sleep(self.delay_s)
-        return self.inner.embed(pixels)
-
-
-def test_batcher_gathers_concurrent_requests_into_one_forward_pass(embedder: ClipEmbedder) -> None:
-    counting = _CountingEmbedder(embedder, delay_s=0.2)
-    batcher = EmbeddingBatcher(counting, max_batch=8, max_wait_s=0.05)
-    images = [embedder.preprocess(textured(seed, (100, 80))) for seed in range(17)]
-    results: dict[int, np.ndarray] = {}
-
-    def one(i: int) -> None:
-        results[i] = batcher.embed([images[i]])[0]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(17)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    batcher.close()
-    assert sum(counting.batch_sizes) == 17
-    assert max(counting.batch_sizes) == 8
-    assert len(counting.batch_sizes) <= 5
-    # Every caller got its own image's embedding back.
-    expected = embedder.embed(np.stack(images))
-    for i in range(17):
-        np.testing.assert_allclose(results[i], expected[i], atol=1e-5)
-
-
-def test_batcher_runs_several_streams_at_once(embedder: ClipEmbedder) -> None:
-    active, peak = 0, 0
-    lock = threading.Lock()
-
-    class Slow:
-        def embed(self, pixels: np.ndarray) -> np.ndarray:
-            nonlocal active, peak
-            with lock:
-                active += 1
-                peak = max(peak, active)
-            time.sleep(0.2)
-            with lock:
-                active -= 1
-            return embedder.embed(pixels)
-
-    batcher = EmbeddingBatcher(Slow(), max_batch=2, max_wait_s=0.01, streams=2)
-    pixels = embedder.preprocess(textured(1, (100, 80)))
-    threads = [threading.Thread(target=batcher.embed, args=([pixels],)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    batcher.close()
-    assert peak == 2
-    assert batcher.stats.images == 4
-
-
-def test_batcher_fails_every_request_of_a_failed_batch(embedder: ClipEmbedder) -> None:
-    class Broken:
-        def embed(self, pixels: np.ndarray) -> np.ndarray:
-            raise RuntimeError("out of memory")
-
-    batcher = EmbeddingBatcher(Broken(), max_batch=4, max_wait_s=0.01)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        batcher.embed([embedder.preprocess(textured(1))] * 3)
-    batcher.close()

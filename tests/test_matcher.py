@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
-from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
+from moderation.banks.matcher import BATCHED_SEARCH_FROM, BankMatcher, MatchSettings, load_index
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
@@ -196,3 +196,37 @@ def test_matching_in_many_threads_starts_no_faiss_threads(
         caller.join()
     assert results == [2, 2, 2, 2]  # the PDQ and the CLIP hit, in every thread
     assert len(os.listdir("/proc/self/task")) == before
+
+
+def test_a_batch_of_queries_finds_what_each_finds_alone(
+    session: Session, model: EmbeddingModel
+) -> None:
+    """Many uploads' vectors are searched in one call, through Faiss's BLAS path; the
+    radius boundary must hold there exactly as for a single query."""
+    bank = banks.create_bank(session, "batched")
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((2 * BATCHED_SEARCH_FROM, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    distances = (0.04, 0.05, 0.0501, 0.06)
+    entries = banks.add_entries(
+        session,
+        bank,
+        [
+            banks.NewEntry(embedding=at_cosine_distance(q, d, seed=i), model=model)
+            for i, q in enumerate(queries)
+            for d in distances
+        ],
+        added_by="test",
+    )
+    index = load_index(session, model.id, DIM, SETTINGS)
+
+    batched = index.search_clip(queries)
+    alone = [index.search_clip(q[np.newaxis])[0] for q in queries]
+
+    for i, (together, by_itself) in enumerate(zip(batched, alone, strict=True)):
+        own = {entries[i * len(distances) + k].id: d for k, d in enumerate(distances)}
+        assert {h.bank_entry_id for h in together} == {h.bank_entry_id for h in by_itself}
+        assert {
+            h.bank_entry_id: round(h.distance, 5) for h in together if h.bank_entry_id in own
+        } == {entry_id: d for entry_id, d in own.items() if d <= 0.05}
+    assert index.search_clip(queries[:0]) == []

@@ -12,12 +12,13 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import numpy as np
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from moderation.banks.matcher import BankMatcher, MatchSettings
+from moderation.banks.matcher import BankMatcher, ClipHit, MatchSettings
+from moderation.batching import Batcher
 from moderation.config import Settings
-from moderation.embedding.batcher import EmbeddingBatcher
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import get_or_create_model
 from moderation.group_commit import GroupCommit
@@ -69,24 +70,31 @@ class Screener:
             lambda session, results: service.record_screened(session, results, self.model_id),
             name="result-writer",
         )
-        self.batcher = EmbeddingBatcher(
-            embedder,
+        # Many uploads' images per forward pass, and their vectors searched together.
+        self.embedding: Batcher[np.ndarray, np.ndarray] = Batcher(
+            lambda pixels: list(embedder.embed(np.stack(pixels))),
+            name="embedding",
             max_batch=settings.resolved_batch_size(),
             max_wait_s=settings.batch_wait_ms / 1000,
             streams=settings.resolved_streams(),
         )
+        self.clip_search: Batcher[np.ndarray, list[ClipHit]] = Batcher(
+            lambda vectors: self.matcher.current().search_clip(np.stack(vectors)),
+            name="clip-search",
+            max_batch=4 * settings.resolved_batch_size(),
+        )
 
     def close(self) -> None:
-        self.batcher.close()
-        self._claim.close()
-        self._record.close()
-        stats = self.batcher.stats
-        logger.info(
-            "embedded %d images in %d batches (mean %.1f per forward pass)",
-            stats.images,
-            stats.batches,
-            stats.mean_batch,
-        )
+        for stage in (self.embedding, self.clip_search, self._claim, self._record):
+            stage.close()
+        for stage in (self.embedding, self.clip_search):
+            logger.info(
+                "%s: %d items in %d batches (mean %.1f)",
+                stage.name,
+                stage.stats.items,
+                stage.stats.batches,
+                stage.stats.mean_batch,
+            )
 
     def run(self, upload_id: int) -> None:
         """Screen one upload end to end.
@@ -104,8 +112,9 @@ class Screener:
                 uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s
             )
             signals = extract_signals(data, self._limits, self.embedder.preprocess)
-            vectors = self.batcher.embed(signals.embedding_inputs())
-            matches = self.matcher.current().match(signals, vectors)
+            vectors = np.stack(self.embedding.submit(signals.embedding_inputs()))
+            clip_hits = self.clip_search.submit(list(vectors))
+            matches = self.matcher.current().match_searched(signals, clip_hits)
         except BadInput as error:
             logger.info("upload %d refused: %s", upload_id, error)
             with self._sessions() as session:

@@ -1,0 +1,126 @@
+"""The dynamic batcher: many threads' requests, one call per batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moderation.batching import Batcher
+from moderation.embedding.clip import ClipEmbedder
+from tests.images import textured
+
+
+def _in_threads(count: int, target: Callable[[int], object]) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_concurrent_images_share_forward_passes(tiny_model: Path) -> None:
+    embedder = ClipEmbedder(str(tiny_model), "cpu")
+    batch_sizes: list[int] = []
+
+    def embed(pixels: list[np.ndarray]) -> list[np.ndarray]:
+        batch_sizes.append(len(pixels))
+        time.sleep(0.2)  # a forward pass long enough for the others to queue up
+        return list(embedder.embed(np.stack(pixels)))
+
+    batcher = Batcher(embed, name="embedding", max_batch=8, max_wait_s=0.05)
+    images = [embedder.preprocess(textured(seed, (100, 80))) for seed in range(17)]
+    results: dict[int, np.ndarray] = {}
+
+    def one(i: int) -> None:
+        (results[i],) = batcher.submit([images[i]])
+
+    _in_threads(17, one)
+    batcher.close()
+    assert sum(batch_sizes) == 17
+    assert max(batch_sizes) == 8
+    assert len(batch_sizes) <= 5
+    assert batcher.stats.mean_batch == 17 / len(batch_sizes)
+    # Every caller got its own image's embedding back.
+    expected = embedder.embed(np.stack(images))
+    for i in range(17):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-5)
+
+
+def test_several_streams_run_at_once() -> None:
+    active, peak = 0, 0
+    lock = threading.Lock()
+
+    def slow_double(items: list[int]) -> list[int]:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.2)
+        with lock:
+            active -= 1
+        return [2 * item for item in items]
+
+    batcher = Batcher(slow_double, name="slow", max_batch=2, max_wait_s=0.01, streams=2)
+    results: dict[int, int] = {}
+
+    def one(i: int) -> None:
+        (results[i],) = batcher.submit([i])
+
+    _in_threads(4, one)
+    batcher.close()
+    assert peak == 2
+    assert results == {0: 0, 1: 2, 2: 4, 3: 6}
+    assert batcher.stats.items == 4
+
+
+def test_without_a_wait_a_lone_request_runs_at_once_and_a_queue_runs_together() -> None:
+    batch_sizes: list[int] = []
+    release = threading.Event()
+
+    def record(items: list[int]) -> list[int]:
+        batch_sizes.append(len(items))
+        release.wait(timeout=10)
+        return items
+
+    batcher = Batcher(record, name="no-wait", max_batch=64)
+    started = time.monotonic()
+    first = threading.Thread(target=batcher.submit, args=([0],))
+    first.start()
+    while not batch_sizes:
+        assert time.monotonic() - started < 10
+        time.sleep(0.01)
+    others = [threading.Thread(target=batcher.submit, args=([i],)) for i in range(1, 6)]
+    for thread in others:
+        thread.start()
+    while batcher.waiting < 5:
+        assert time.monotonic() - started < 10
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *others]:
+        thread.join()
+    batcher.close()
+    assert batch_sizes == [1, 5]
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        pytest.param(lambda items: 1 / 0, id="raises"),
+        pytest.param(lambda items: items[:-1], id="miscounts"),
+    ],
+)
+def test_every_request_of_a_failed_batch_fails(run: Callable[[list[int]], Sequence[int]]) -> None:
+    batcher = Batcher(run, name="broken", max_batch=4, max_wait_s=0.01)
+    with pytest.raises((ZeroDivisionError, RuntimeError)):
+        batcher.submit([1, 2, 3])
+    # The stream survives a failed batch.
+    with pytest.raises((ZeroDivisionError, RuntimeError)):
+        batcher.submit([4])
+    batcher.close()
+    with pytest.raises(RuntimeError, match="broken has stopped"):
+        batcher.submit([5])
