@@ -82,6 +82,9 @@ class Screener:
             lambda vectors: self.matcher.current().search_clip(np.stack(vectors)),
             name="clip-search",
             max_batch=4 * settings.resolved_batch_size(),
+            # A forward pass releases its images together, but their threads wake one by
+            # one: a moment's wait lets a whole batch's vectors be searched in one pass.
+            max_wait_s=settings.batch_wait_ms / 1000,
         )
 
     def close(self) -> None:
