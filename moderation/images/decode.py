@@ -210,10 +210,11 @@ def _load_frame(image: Image.Image, index: int, limits: DecodeLimits) -> Image.I
 def _to_rgb(frame: Image.Image) -> Image.Image:
     if frame.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # High bit depth: stretch to 8 bits, else convert() clips nearly everything to white.
-        values = np.asarray(frame, dtype=np.float32)
+        values = np.array(frame, dtype=np.float32)  # in place from here: frames are large
         low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
-        frame = Image.fromarray(scaled.astype(np.uint8))
+        values -= low
+        values *= 255.0 / (high - low) if high > low else 0.0
+        frame = Image.fromarray(values.astype(np.uint8))
     if frame.mode == "RGB":
         return frame
     # Alpha is dropped, not composited: what is hidden under transparency is still screened.

@@ -39,11 +39,10 @@ def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
     width, height = frame.size
     if width < MIN_HASHABLE_SIDE or height < MIN_HASHABLE_SIDE:
         return bytes(32), 0
-    rgb_rows = np.asarray(frame).reshape(height, width * 3)  # uint8, read-only
     across = _luma_sampling_matrix(width)
     sampled_rows = torch.cat(
         [
-            torch.from_numpy(rgb_rows[start : start + _ROW_BLOCK].astype(np.float32)) @ across
+            torch.from_numpy(_rgb_rows(frame, start, min(height, start + _ROW_BLOCK))) @ across
             for start in range(0, height, _ROW_BLOCK)
         ]
     )
@@ -53,6 +52,13 @@ def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
     # Bit k is coefficient k (row-major); the hex form writes bit 255 first.
     bits = np.packbits((dct.ravel() > median)[::-1]).tobytes()
     return bits, _quality(grid)
+
+
+def _rgb_rows(frame: Image.Image, top: int, bottom: int) -> np.ndarray:
+    """Rows [top, bottom) as float32, (rows, 3 * width). Cropped from the image block by
+    block: converting the whole frame to an array would copy it twice over."""
+    block = np.asarray(frame.crop((0, top, frame.width, bottom)), dtype=np.float32)
+    return block.reshape(bottom - top, -1)
 
 
 @lru_cache(maxsize=64)
