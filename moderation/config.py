@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # to reach them (later frames are skipped when a long animation would exceed it).
     max_frames: int = Field(default=4, ge=1)
     max_animation_pixels: int = Field(default=200_000_000, gt=0)
+    # Decoded pixels a worker holds at once, over all its task threads (estimated peaks).
+    decode_memory_mb: int = Field(default=2048, gt=0)
 
     # Worker and delivery.
     queue: str = "screening"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from moderation.config import Settings
+from moderation.images.budget import PEAK_BYTES_PER_PIXEL, MemoryBudget
 from moderation.images.errors import (
     BadDimensions,
     CorruptImage,
@@ -86,20 +88,31 @@ def _copy_frame(frame: Image.Image, sampled: bool) -> Image.Image:
 
 
 @overload
-def decode(data: bytes, limits: DecodeLimits) -> DecodedImage[Image.Image]: ...
+def decode(
+    data: bytes, limits: DecodeLimits, *, budget: MemoryBudget | None = None
+) -> DecodedImage[Image.Image]: ...
 @overload
 def decode(
-    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image, bool], T]
+    data: bytes,
+    limits: DecodeLimits,
+    visit: Callable[[Image.Image, bool], T],
+    *,
+    budget: MemoryBudget | None = None,
 ) -> DecodedImage[T]: ...
 
 
 def decode(
-    data: bytes, limits: DecodeLimits, visit: Callable[[Image.Image, bool], Any] = _copy_frame
+    data: bytes,
+    limits: DecodeLimits,
+    visit: Callable[[Image.Image, bool], Any] = _copy_frame,
+    *,
+    budget: MemoryBudget | None = None,
 ) -> DecodedImage[Any]:
     """Decode safely and call `visit(frame, sampled)` on each frame. Raises `BadInput`.
 
     The frame passed to `visit` is only valid during the call; keep a copy, not the frame.
-    Without a visitor, the frames themselves are returned (copied).
+    Without a visitor, the frames themselves are returned (copied). With a `budget`, the
+    pixel work waits for its share of it (see `moderation.images.budget`).
     """
     if not data:
         raise EmptyFile("the file is empty (0 bytes)")
@@ -115,10 +128,14 @@ def decode(
         frame_count = getattr(image, "n_frames", 1)
         visited = _frames_within_budget(frame_count, image.size, limits)
         sampled = _spread(visited, limits.max_frames)
-        frames = [
-            (index, visit(_load_frame(image, index, limits), index in sampled))
-            for index in range(visited)
-        ]
+        # Frames are visited one at a time, so the peak is one frame's (multi-page TIFF
+        # pages may be larger than the first, but are held to the same pixel limits).
+        peak = width * height * PEAK_BYTES_PER_PIXEL
+        with budget.reserve(peak) if budget else nullcontext():
+            frames = [
+                (index, visit(_load_frame(image, index, limits), index in sampled))
+                for index in range(visited)
+            ]
         return DecodedImage(
             format=image.format or "unknown",
             width=width,

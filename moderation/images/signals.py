@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from moderation.images.budget import MemoryBudget
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.hashing import PdqHash, pdq, sha256
 
@@ -50,10 +51,14 @@ def extract_signals(
     data: bytes,
     limits: DecodeLimits,
     preprocess: Callable[[Image.Image], np.ndarray],
+    budget: MemoryBudget | None = None,
 ) -> ImageSignals:
     """Decode safely; hash every frame and preprocess the sampled ones. Raises `BadInput`."""
     decoded = decode(
-        data, limits, lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None)
+        data,
+        limits,
+        lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None),
+        budget=budget,
     )
     return ImageSignals(
         sha256=sha256(data),

@@ -22,6 +22,7 @@ from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import get_or_create_model
 from moderation.group_commit import GroupCommit
+from moderation.images.budget import MemoryBudget
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.fetch import fetch
@@ -45,6 +46,7 @@ class Screener:
         self.embedder = embedder
         self._sessions = sessions
         self._limits = DecodeLimits.from_settings(settings)
+        self._decode_memory = MemoryBudget(settings.decode_memory_mb * 2**20)
         with sessions() as session:
             self.model_id = get_or_create_model(session, embedder.name, embedder.dim).id
         self.matcher = BankMatcher(
@@ -114,7 +116,9 @@ class Screener:
             data = fetch(
                 uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s
             )
-            signals = extract_signals(data, self._limits, self.embedder.preprocess)
+            signals = extract_signals(
+                data, self._limits, self.embedder.preprocess, self._decode_memory
+            )
             vectors = np.stack(self.embedding.submit(signals.embedding_inputs()))
             clip_hits = self.clip_search.submit(list(vectors))
             matches = self.matcher.current().match_searched(signals, clip_hits)

@@ -1,0 +1,56 @@
+"""A memory budget for decoded pixels, shared by a worker's task threads.
+
+A worker decodes as many images at once as it has task threads (dozens), and a frame is
+decoded at full resolution: one 50-megapixel image passes every limit and peaks at about
+half a gigabyte while it is hashed and preprocessed. Each decode reserves its estimated
+peak before touching pixel data and waits, in arrival order, while the budget is spent, so
+a burst of large images slows a worker down instead of running it out of memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Peak bytes per pixel of one frame from decoding through hashing and preprocessing,
+# measured on 24-megapixel frames: 4.6 for an RGB JPEG, 8.4 with EXIF rotation (a turned
+# copy), 11 for a 16-bit PNG (scaled through float32). The worst case, with some room.
+PEAK_BYTES_PER_PIXEL = 12
+
+
+class MemoryBudget:
+    def __init__(self, total_bytes: int) -> None:
+        if total_bytes <= 0:
+            raise ValueError("a memory budget must be positive")
+        self.total_bytes = total_bytes
+        self._used = 0
+        self._next_ticket = 0
+        self._serving = 0
+        self._changed = threading.Condition()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold `nbytes` of the budget for the duration; waits until they are free, after
+        every earlier request. A request larger than the whole budget waits until nothing
+        else is held, then runs alone."""
+        nbytes = min(nbytes, self.total_bytes)
+        with self._changed:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._changed.wait_for(
+                lambda: self._serving == ticket and self._used + nbytes <= self.total_bytes
+            )
+            self._serving += 1
+            self._used += nbytes
+            self._changed.notify_all()  # the next in line may fit too
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used -= nbytes
+                self._changed.notify_all()
