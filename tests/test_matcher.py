@@ -184,7 +184,7 @@ def test_matching_in_many_threads_starts_no_faiss_threads(
         added_by="test",
     )
     index = load_index(session, model.id, DIM, SETTINGS)
-    before = len(os.listdir("/proc/self/task"))
+    before = set(os.listdir("/proc/self/task"))
     results: list[int] = []
     callers = [
         threading.Thread(target=lambda: results.append(len(index.match(_signals(), ANCHOR[None]))))
@@ -195,7 +195,9 @@ def test_matching_in_many_threads_starts_no_faiss_threads(
     for caller in callers:
         caller.join()
     assert results == [2, 2, 2, 2]  # the PDQ and the CLIP hit, in every thread
-    assert len(os.listdir("/proc/self/task")) == before
+    # A joined thread may linger in /proc for a moment; any other new thread is Faiss's.
+    started = set(os.listdir("/proc/self/task")) - before - {str(c.native_id) for c in callers}
+    assert started == set()
 
 
 def test_a_batch_of_queries_finds_what_each_finds_alone(
