@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
-from moderation.batching import Batcher
+from moderation.batching import Batcher, BatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,15 @@ class GroupCommit(Generic[Item, Result]):
         if isinstance(outcome, _Failed):
             raise outcome.error
         return outcome
+
+    @property
+    def name(self) -> str:
+        return self._batcher.name
+
+    @property
+    def stats(self) -> BatchStats:
+        """Items written and transactions that wrote them."""
+        return self._batcher.stats
 
     @property
     def waiting(self) -> int:

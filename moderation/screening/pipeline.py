@@ -90,9 +90,10 @@ class Screener:
         )
 
     def close(self) -> None:
-        for stage in (self.embedding, self.clip_search, self._claim, self._record):
+        stages = (self.embedding, self.clip_search, self._claim, self._record)
+        for stage in stages:
             stage.close()
-        for stage in (self.embedding, self.clip_search):
+        for stage in stages:
             logger.info(
                 "%s: %d items in %d batches (mean %.1f)",
                 stage.name,
