@@ -222,7 +222,7 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
         hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
     batches = {
         stage: re.search(rf"{stage}: (\d+) items in (\d+) batches", log)
-        for stage in ("embedding", "clip-search")
+        for stage in ("embedding", "clip-search", "claim-writer", "result-writer")
     }
     return {
         "images_per_s": len(timed) / elapsed,
