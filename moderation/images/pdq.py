@@ -10,8 +10,10 @@ Box filters and sampling are linear and separable, so blur-then-sample is one ma
 each side: `grid = P(rows).T @ luma @ P(cols)`, with P(n) an (n, 64) matrix that depends
 only on the side length and is cached. Luma is linear too, so it is folded into the
 right-hand matrix: the RGB rows are multiplied as they are, (h, 3w) by (3w, 64), and no
-luma image is ever written. That runs as two matrix products in torch (which releases the
-GIL), reading each pixel once, in row blocks that stay in cache. The DCT, median and
+luma image is ever written. That matrix is a band (each sample blurs a few neighbouring
+columns), so it is cut into groups of outputs, each multiplied only by the columns under
+its windows: an eighth of the work. That runs as matrix products in torch (which releases
+the GIL), reading each pixel once, in row blocks that stay in cache. The DCT, median and
 quality metric follow the reference step by step. `tests/test_pdq.py` holds this to
 `pdqhash` bit for bit.
 """
@@ -32,6 +34,9 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32)
 # Rows converted to float at a time: the copy stays in cache and a large image is never
 # copied whole.
 _ROW_BLOCK = 64
+# Groups the 64 sampled columns are computed in (see `_luma_sampling_bands`). Measured: 8
+# takes 34 ms on a 12 MP frame against 48 for the whole matrix at once; 4 and 16 no better.
+_OUTPUT_GROUPS = 8
 
 
 def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
@@ -39,13 +44,12 @@ def pdq_bits_and_quality(frame: Image.Image) -> tuple[bytes, int]:
     width, height = frame.size
     if width < MIN_HASHABLE_SIDE or height < MIN_HASHABLE_SIDE:
         return bytes(32), 0
-    across = _luma_sampling_matrix(width)
-    sampled_rows = torch.cat(
-        [
-            torch.from_numpy(_rgb_rows(frame, start, min(height, start + _ROW_BLOCK))) @ across
-            for start in range(0, height, _ROW_BLOCK)
-        ]
-    )
+    bands = _luma_sampling_bands(width)
+    blocks = []
+    for start in range(0, height, _ROW_BLOCK):
+        rows = torch.from_numpy(_rgb_rows(frame, start, min(height, start + _ROW_BLOCK)))
+        blocks.append(torch.cat([rows[:, first:end] @ band for first, end, band in bands], 1))
+    sampled_rows = torch.cat(blocks)
     grid = (_sampling_matrix(height).T @ sampled_rows).numpy()
     dct = _dct_16x16(grid)
     median = np.partition(dct.ravel(), 127)[127]  # Torben's: the 128th smallest of 256
@@ -89,10 +93,19 @@ def _sampling_matrix(length: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _luma_sampling_matrix(width: int) -> torch.Tensor:
-    """(3 * width, 64): `rgb_row @ L` = the luma row blurred and sampled, as `luma_row @ P`."""
+def _luma_sampling_bands(width: int) -> tuple[tuple[int, int, torch.Tensor], ...]:
+    """L, (3 * width, 64) with `rgb_row @ L` = the luma row blurred and sampled (as
+    `luma_row @ P`), in groups of outputs: (first row, end row, L's non-zero rows there)."""
     across = _sampling_matrix(width)
-    return (across[:, None, :] * _LUMA[None, :, None]).reshape(3 * width, GRID).contiguous()
+    matrix = (across[:, None, :] * _LUMA[None, :, None]).reshape(3 * width, GRID)
+    per_group = GRID // _OUTPUT_GROUPS
+    bands = []
+    for group in range(_OUTPUT_GROUPS):
+        columns = matrix[:, group * per_group : (group + 1) * per_group]
+        used = torch.nonzero(columns.abs().sum(dim=1)).flatten()
+        first, end = int(used[0]), int(used[-1]) + 1
+        bands.append((first, end, columns[first:end].contiguous()))
+    return tuple(bands)
 
 
 def _dct_matrix() -> np.ndarray:
