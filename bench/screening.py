@@ -48,6 +48,12 @@ def parse_args() -> argparse.Namespace:
         "--batch-size", type=int, help="Images per forward pass (default: the service's)."
     )
     parser.add_argument("--bank-size", type=int, default=10_000, help="Random entries in the bank.")
+    parser.add_argument(
+        "--image-size",
+        type=_size,
+        default=(640, 480),
+        help="WIDTHxHEIGHT of the JPEGs (default 640x480; a phone photo is 4032x3024).",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/screening.json"))
     return parser.parse_args()
 
@@ -83,8 +89,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="moderation-bench-") as tmp:
         workdir = Path(tmp)
-        warmup = make_images(workdir / "warmup", range(1_000_000, 1_000_000 + 4 * batch))
-        timed = make_images(workdir / "timed", range(n_images))
+        warmup = make_images(
+            workdir / "warmup", range(1_000_000, 1_000_000 + 4 * batch), args.image_size
+        )
+        timed = make_images(workdir / "timed", range(n_images), args.image_size)
         prepare_database_and_bank(timed[:10], args.bank_size)
 
         model_before = model_only(timed, batch)
@@ -99,6 +107,7 @@ def main() -> None:
         "ratio": round(pipeline["images_per_s"] / model_ips, 3),
         "model_only_runs_images_per_s": [round(model_before, 2), round(model_after, 2)],
         "images": n_images,
+        "image_size": "x".join(map(str, args.image_size)),
         "batch_size": batch,
         "inference_streams": settings.resolved_streams(),
         "mean_batch": pipeline["mean_batch"],
@@ -129,15 +138,20 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-def make_images(directory: Path, seeds: range) -> list[Path]:
-    """Distinct 640x480 JPEGs, a typical upload size."""
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
+def make_images(directory: Path, seeds: range, size: tuple[int, int]) -> list[Path]:
+    """Distinct JPEGs (smooth synthetic textures, which decode faster than photos)."""
     from moderation.demo.synthetic import textured
 
     directory.mkdir(parents=True)
     paths = []
     for seed in seeds:
         path = directory / f"{seed}.jpg"
-        textured(seed).save(path, "JPEG", quality=90)
+        textured(seed, size).save(path, "JPEG", quality=90)
         paths.append(path)
     return paths
 
