@@ -1,14 +1,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import pdqhash
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+from moderation.config import Settings
+from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import hamming, parse_hex, pdq, sha256
-from tests.images import textured
+from moderation.images.signals import extract_signals
+from tests.images import encode, textured
+
+LIMITS = DecodeLimits.from_settings(Settings())
 
 
 def test_pdq_hex_follows_the_threatexchange_convention() -> None:
@@ -47,3 +53,32 @@ def test_sha256_and_hex_parsing() -> None:
 def test_hamming_counts_differing_bits() -> None:
     assert hamming(b"\x00" * 32, b"\x00" * 32) == 0
     assert hamming(b"\xff" + b"\x00" * 31, b"\x0f" + b"\x00" * 31) == 4
+
+
+def _reference_hex(image: Image.Image) -> str:
+    vector, _ = pdqhash.compute(np.asarray(image.convert("RGB")))
+    return np.packbits(vector.astype(np.uint8)).tobytes().hex()
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_a_photo_stored_turned_is_hashed_upright_and_as_stored(orientation: int) -> None:
+    """Hash lists made without applying EXIF orientation (ThreatExchange's Python hasher,
+    used by HMA) hold the PDQ of the pixels as stored: an upload keeps that one too."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(textured(7, (400, 300)), "PNG", exif=exif)
+    stored = Image.open(io.BytesIO(data))
+    upright = ImageOps.exif_transpose(stored)
+
+    signals = extract_signals(data, LIMITS, lambda frame: np.zeros((2, 2, 3), np.uint8))
+
+    assert signals.frames[0].pdq.hex == _reference_hex(upright)
+    assert signals.pdq_as_stored is not None
+    assert signals.pdq_as_stored.hex == _reference_hex(stored)
+    assert hamming(signals.pdq_as_stored.bits, signals.frames[0].pdq.bits) > 31
+
+
+def test_an_unturned_photo_has_one_pdq() -> None:
+    data = encode(textured(7, (400, 300)), "PNG")
+    signals = extract_signals(data, LIMITS, lambda frame: np.zeros((2, 2, 3), np.uint8))
+    assert signals.pdq_as_stored is None

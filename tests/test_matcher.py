@@ -5,6 +5,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,6 +118,27 @@ def test_pdq_threshold_is_inclusive_and_low_quality_is_ignored(
         )
         == set()
     )
+
+
+def test_a_photo_stored_turned_matches_on_either_orientation(
+    session: Session, model: EmbeddingModel
+) -> None:
+    bank = banks.create_bank(session, "turned")
+    as_stored, upright = banks.add_entries(
+        session,
+        bank,
+        [banks.NewEntry(pdq=PdqHash(_flip(200), None)), banks.NewEntry(pdq=PdqHash(_flip(0), 90))],
+        added_by="test",
+    )
+    turned = replace(_signals(pdq_bits=_flip(100)), pdq_as_stored=PdqHash(_flip(203), 90))
+    no_vector = np.zeros((1, DIM), np.float32)
+    assert _matches(session, model, turned, no_vector) == {(as_stored.id, SignalType.PDQ, 3.0)}
+    # Upright, it matches the entry hashed upright; as stored, the one hashed as stored.
+    both = replace(_signals(pdq_bits=_flip(2)), pdq_as_stored=PdqHash(_flip(200), 90))
+    assert _matches(session, model, both, no_vector) == {
+        (upright.id, SignalType.PDQ, 2.0),
+        (as_stored.id, SignalType.PDQ, 0.0),
+    }
 
 
 def test_sha256_and_disabled_banks(session: Session, model: EmbeddingModel) -> None:

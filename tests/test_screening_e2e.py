@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pdqhash
 import pytest
 import redis
 from click.testing import CliRunner
@@ -214,3 +215,24 @@ def test_animated_images_match_on_a_later_frame(tmp_path: Path) -> None:
     assert upload.frame_count == 10
     pdq_hit = hits_by_signal(upload.id)["pdq"]
     assert pdq_hit["frame_index"] == 5
+
+
+def test_a_photo_stored_sideways_matches_a_hash_list_made_without_orientation(
+    tmp_path: Path,
+) -> None:
+    """Partners' PDQ lists (ThreatExchange's hasher, HMA) hash the pixels as stored; a
+    phone photo is often stored sideways with an EXIF orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = write(tmp_path / "portrait.jpg", encode(textured(800, (400, 300)), exif=exif))
+    vector, _ = pdqhash.compute(np.asarray(Image.open(photo).convert("RGB")))  # as stored
+    partner_hash = np.packbits(vector.astype(np.uint8)).tobytes().hex()
+    cli("bank", "create", "shared-list")
+    cli("bank", "add", "shared-list", "--pdq", partner_hash, "--json")
+
+    (upload,) = screen(photo)
+
+    assert (upload.width, upload.height) == (400, 300)  # as stored; screened upright
+    pdq_hit = hits_by_signal(upload.id)["pdq"]
+    assert pdq_hit["distance"] == 0
+    assert pdq_hit["frame_index"] == 0

@@ -169,14 +169,17 @@ class BankIndex:
         return _closest_per_entry(found)
 
     def _match_pdq(self, signals: ImageSignals) -> Iterable[Match]:
-        frames = [
-            f
-            for f in signals.frames
-            if f.pdq.quality is None or f.pdq.quality >= self.settings.pdq_min_quality
+        hashed = [(frame.index, frame.pdq) for frame in signals.frames]
+        if signals.pdq_as_stored is not None:
+            hashed.append((0, signals.pdq_as_stored))
+        queried = [
+            (index, pdq)
+            for index, pdq in hashed
+            if pdq.quality is None or pdq.quality >= self.settings.pdq_min_quality
         ]
-        if not frames or not self._pdq.ntotal:
+        if not queried or not self._pdq.ntotal:
             return []
-        queries = np.frombuffer(b"".join(f.pdq.bits for f in frames), np.uint8).reshape(
+        queries = np.frombuffer(b"".join(pdq.bits for _, pdq in queried), np.uint8).reshape(
             -1, PDQ_BYTES
         )
         # Faiss keeps distances strictly below the radius.
@@ -187,9 +190,9 @@ class BankIndex:
                 self._entry_bank[int(entry_id)],
                 SignalType.PDQ,
                 float(distance),
-                frame.index,
+                index,
             )
-            for frame, start, stop in zip(frames, limits[:-1], limits[1:], strict=True)
+            for (index, _), start, stop in zip(queried, limits[:-1], limits[1:], strict=True)
             for entry_id, distance in zip(
                 self._pdq_ids[rows[start:stop]], distances[start:stop], strict=True
             )

@@ -81,6 +81,9 @@ class DecodedImage(Generic[T]):
     # (frame index in the file, what the visitor made of that frame) per visited frame.
     frames: list[tuple[int, T]]
     sampled: list[int]  # the indices of the sampled frames, always including 0
+    # What `visit_as_stored` made of frame 0 as the file stores it, when EXIF orientation
+    # turned it upright; None otherwise.
+    as_stored: Any = None
 
 
 def _copy_frame(frame: Image.Image, sampled: bool) -> Image.Image:
@@ -89,7 +92,11 @@ def _copy_frame(frame: Image.Image, sampled: bool) -> Image.Image:
 
 @overload
 def decode(
-    data: bytes, limits: DecodeLimits, *, budget: MemoryBudget | None = None
+    data: bytes,
+    limits: DecodeLimits,
+    *,
+    budget: MemoryBudget | None = None,
+    visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[Image.Image]: ...
 @overload
 def decode(
@@ -98,6 +105,7 @@ def decode(
     visit: Callable[[Image.Image, bool], T],
     *,
     budget: MemoryBudget | None = None,
+    visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[T]: ...
 
 
@@ -107,12 +115,14 @@ def decode(
     visit: Callable[[Image.Image, bool], Any] = _copy_frame,
     *,
     budget: MemoryBudget | None = None,
+    visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[Any]:
     """Decode safely and call `visit(frame, sampled)` on each frame. Raises `BadInput`.
 
     The frame passed to `visit` is only valid during the call; keep a copy, not the frame.
     Without a visitor, the frames themselves are returned (copied). With a `budget`, the
-    pixel work waits for its share of it (see `moderation.images.budget`).
+    pixel work waits for its share of it (see `moderation.images.budget`). When EXIF
+    orientation turns frame 0, `visit_as_stored` also sees it as stored, unturned.
     """
     if not data:
         raise EmptyFile("the file is empty (0 bytes)")
@@ -131,11 +141,14 @@ def decode(
         # Frames are visited one at a time, so the peak is one frame's (multi-page TIFF
         # pages may be larger than the first, but are held to the same pixel limits).
         peak = width * height * PEAK_BYTES_PER_PIXEL
+        frames = []
+        as_stored = None
         with budget.reserve(peak) if budget else nullcontext():
-            frames = [
-                (index, visit(_load_frame(image, index, limits), index in sampled))
-                for index in range(visited)
-            ]
+            for index in range(visited):
+                frame, stored = _load_frame(image, index, limits)
+                if stored is not None and visit_as_stored is not None:
+                    as_stored = visit_as_stored(stored)
+                frames.append((index, visit(frame, index in sampled)))
         return DecodedImage(
             format=image.format or "unknown",
             width=width,
@@ -143,6 +156,7 @@ def decode(
             frame_count=frame_count,
             frames=frames,
             sampled=sorted(sampled),
+            as_stored=as_stored,
         )
     finally:
         image.close()
@@ -200,18 +214,20 @@ def _spread(count: int, wanted: int) -> set[int]:
     return {round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)}
 
 
-def _load_frame(image: Image.Image, index: int, limits: DecodeLimits) -> Image.Image:
+def _load_frame(
+    image: Image.Image, index: int, limits: DecodeLimits
+) -> tuple[Image.Image, Image.Image | None]:
+    """The frame upright in RGB, and as stored in RGB if EXIF orientation turned it."""
     try:
         if index:
             image.seek(index)
             # Multi-page TIFFs can hold pages larger than the first.
             _check_dimensions(*image.size, limits)
         image.load()
-        upright = image
         # exif_transpose copies even when there is nothing to turn; most images have nothing.
         if index == 0 and image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-            upright = ImageOps.exif_transpose(image)
-        return _to_rgb(upright)
+            return _to_rgb(ImageOps.exif_transpose(image)), _to_rgb(image)
+        return _to_rgb(image), None
     except (BadDimensions, DecompressionBomb):
         raise
     except Image.DecompressionBombError as exc:

@@ -37,6 +37,10 @@ class ImageSignals:
     height: int
     frame_count: int
     frames: list[FrameSignals]  # every frame within the decode budget, in order
+    # PDQ of frame 0 as the file stores it, when EXIF orientation turned it upright. Hash
+    # lists made without applying orientation (ThreatExchange's Python hasher, and so
+    # HMA) hold this one for a photo stored sideways; matching tries both.
+    pdq_as_stored: PdqHash | None = None
 
     @property
     def embedded_frames(self) -> list[FrameSignals]:
@@ -59,6 +63,7 @@ def extract_signals(
         limits,
         lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None),
         budget=budget,
+        visit_as_stored=pdq,
     )
     return ImageSignals(
         sha256=sha256(data),
@@ -70,4 +75,5 @@ def extract_signals(
             FrameSignals(index=index, pdq=hashed, pixels=pixels)
             for index, (hashed, pixels) in decoded.frames
         ],
+        pdq_as_stored=decoded.as_stored,
     )
