@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import numpy as np
 import pytest
-import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -17,7 +15,6 @@ from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
 from moderation.screening import service
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus
-from moderation.screening.tasks import oldest_waiting_upload, publish_screening
 
 
 def _signals() -> ImageSignals:
@@ -221,39 +218,6 @@ def test_sweeper_finds_uploads_stuck_past_the_timeout(session: Session) -> None:
     assert fresh.id not in found
     # Just re-enqueued: not stuck again until the timeout passes once more.
     assert service.find_stuck(session, older_than=timedelta(minutes=10)) == []
-
-
-def test_sweeper_does_not_mistake_a_backlog_for_lost_messages(session: Session) -> None:
-    """An hour of backlog: what waits behind the message next in line is not stuck; what
-    was sent well before it is, since the queue is consumed in order."""
-    lost, just_before, head, behind = (
-        service.submit(session, f"file:///{name}.jpg")[0]
-        for name in ("lost", "just-before", "head", "behind")
-    )
-    for upload, minutes_ago in ((lost, 90), (just_before, 65), (head, 60), (behind, 30)):
-        session.execute(
-            update(Upload)
-            .where(Upload.id == upload.id)
-            .values(enqueued_at=func.now() - timedelta(minutes=minutes_ago))
-        )
-    found = service.find_stuck(session, older_than=timedelta(minutes=10), oldest_waiting=head.id)
-    assert found == [lost.id]
-    # With the queue empty, age alone decides.
-    assert service.find_stuck(session, older_than=timedelta(minutes=10)) == sorted(
-        [just_before.id, head.id, behind.id]
-    )
-
-
-def test_the_message_next_in_line_names_its_upload(redis_client: redis.Redis) -> None:
-    queue = f"peek-{uuid.uuid4().hex}"
-    assert oldest_waiting_upload(queue) is None
-    publish_screening([41, 42, 43], queue=queue)
-    assert oldest_waiting_upload(queue) == 41
-    redis_client.rpop(queue)
-    assert oldest_waiting_upload(queue) == 42
-    redis_client.rpush(queue, b"not a celery message")
-    assert oldest_waiting_upload(queue) is None
-    redis_client.delete(queue)
 
 
 def test_unknown_upload_is_a_typed_error(session: Session) -> None:

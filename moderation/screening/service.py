@@ -18,10 +18,8 @@ from sqlalchemy import (
     Integer,
     Row,
     String,
-    and_,
     column,
     func,
-    or_,
     select,
     update,
     values,
@@ -311,48 +309,20 @@ def _finish_failed(upload: Upload, code: str, message: str) -> None:
     upload.finished_at = func.now()
 
 
-def find_stuck(
-    session: Session,
-    *,
-    older_than: timedelta,
-    oldest_waiting: int | None = None,
-    limit: int = 1000,
-) -> list[int]:
-    """Uploads whose message or worker was lost. Marks them re-enqueued now and returns
-    their ids; the caller publishes after commit. Returns nothing if another sweeper holds
-    the lock.
+def find_stuck(session: Session, *, older_than: timedelta, limit: int = 1000) -> list[int]:
+    """Uploads queued or processing for too long (their message or worker was lost).
 
-    - `processing` with no sign of life for `older_than`: the worker that claimed it died.
-    - `queued` since `older_than` before the message next in line on the broker queue
-      (`oldest_waiting`, the upload it is for; None when the queue is empty) was sent:
-      the queue is consumed in order, so that message should have been taken long ago.
-      Judged against the queue rather than the clock, a long backlog is not mistaken for
-      lost messages and flooded with duplicates.
+    Marks them re-enqueued now and returns their ids; the caller publishes after commit.
+    Returns nothing if another sweeper holds the lock.
     """
     if not session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK_KEY))):
         return []
-    interval = func.make_interval(0, 0, 0, 0, 0, 0, older_than.total_seconds())
-    waiting_since = (
-        session.scalar(select(Upload.enqueued_at).where(Upload.id == oldest_waiting))
-        if oldest_waiting is not None
-        else None
-    )
-    queued_cutoff = (
-        func.least(func.now(), waiting_since) if waiting_since is not None else func.now()
-    ) - interval
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than.total_seconds())
     # Judged by the latest sign of life, so a re-enqueued row is not re-sent at every sweep.
     last_activity = func.greatest(Upload.enqueued_at, Upload.started_at)
     stuck = session.scalars(
         select(Upload.id)
-        .where(
-            or_(
-                and_(
-                    Upload.status == UploadStatus.PROCESSING,
-                    last_activity < func.now() - interval,
-                ),
-                and_(Upload.status == UploadStatus.QUEUED, last_activity < queued_cutoff),
-            )
-        )
+        .where(Upload.status.not_in(FINAL_STATUSES), last_activity < cutoff)
         .order_by(Upload.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

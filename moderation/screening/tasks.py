@@ -6,8 +6,6 @@ the screener is imported where it runs, in the worker.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 from datetime import timedelta
 
@@ -48,42 +46,15 @@ def screen_upload(self: Task, upload_id: int) -> None:
             raise self.retry(countdown=delay, max_retries=None) from fault
 
 
-def sweep_once(queue: str | None = None) -> list[int]:
-    """Re-enqueue uploads stuck in queued or processing (see `find_stuck`) on the
-    configured queue unless told otherwise; returns their ids."""
+def sweep_once() -> list[int]:
+    """Re-enqueue uploads stuck in queued or processing; returns their ids."""
     settings = get_settings()
-    queue = queue or settings.queue
-    oldest_waiting = oldest_waiting_upload(queue)
     with session_scope() as session:
-        stuck = find_stuck(
-            session,
-            older_than=timedelta(seconds=settings.stuck_after_s),
-            oldest_waiting=oldest_waiting,
-        )
+        stuck = find_stuck(session, older_than=timedelta(seconds=settings.stuck_after_s))
     if stuck:
         logger.warning("re-enqueueing %d stuck upload(s): %s", len(stuck), stuck[:20])
-        publish_screening(stuck, queue=queue)
+        publish_screening(stuck)
     return stuck
-
-
-def oldest_waiting_upload(queue: str) -> int | None:
-    """The upload of the message next in line on the queue; None if the queue is empty
-    or that message is not a screening message. Celery on Redis keeps a queue as a list
-    that producers push on the left and workers pop from the right."""
-    with app.connection_for_read() as connection:
-        raw = connection.default_channel.client.lindex(queue, -1)
-    if raw is None:
-        return None
-    try:
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, _kwargs, _embed = json.loads(body)
-        return int(args[0])
-    except (ValueError, KeyError, TypeError, IndexError):
-        logger.warning("the message next in line on %s is not a screening message", queue)
-        return None
 
 
 def publish_screening(upload_ids: list[int], queue: str | None = None) -> None:
