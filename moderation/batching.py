@@ -58,7 +58,10 @@ class Batcher(Generic[In, Out]):
         self._run_batch = run
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._queue: queue.SimpleQueue[_Request[In, Out] | None] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with several streams, SimpleQueue.get(timeout=...)
+        # can block past its timeout (until the next put) when another stream takes the
+        # item it woke for. Seen here as a batch stuck in a stream until new work arrived.
+        self._queue: queue.Queue[_Request[In, Out] | None] = queue.Queue()
         self._stats_lock = threading.Lock()
         self.stats = BatchStats()
         self._threads = [
