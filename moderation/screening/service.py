@@ -112,10 +112,11 @@ def claim_many(
     """
     # One statement in the common case; the row locks order concurrent duplicates. Core, on
     # the session's connection: the ORM's bulk-update machinery costs more than the query.
+    unique_ids = set(upload_ids)
     statement = (
         update(Upload)
         .where(
-            Upload.id.in_(set(upload_ids)),
+            Upload.id.in_(unique_ids),
             Upload.status.not_in(FINAL_STATUSES),
             Upload.attempts < max_attempts,
         )
@@ -123,7 +124,7 @@ def claim_many(
         .returning(Upload.id, Upload.uri)
     )
     claimed: dict[int, str] = {id_: uri for id_, uri in session.connection().execute(statement)}
-    for upload_id in set(upload_ids) - claimed.keys():
+    for upload_id in unique_ids - claimed.keys():
         upload = _locked_upload(session, upload_id)
         if upload.status not in FINAL_STATUSES:
             _finish_failed(
