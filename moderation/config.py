@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The production checkpoint on a GPU, and the smaller one that is still usable on a CPU.
 DEFAULT_CUDA_MODEL = "openai/clip-vit-large-patch14-336"
@@ -44,7 +44,17 @@ class Settings(BaseSettings):
     # Running workers re-check the banks at most this often, so changes land within it.
     bank_refresh_s: float = Field(default=5.0, ge=0)
 
-    # Intake limits.
+    # Where uploads may be fetched from: URI prefixes, separated by commas. `file://` and
+    # plain paths only under a listed `file:///dir/` (after resolving symlinks and `..`);
+    # `http(s)://` only to public addresses, whatever the prefix (see `images/uri_policy`).
+    allowed_uri_prefixes: Annotated[list[str], NoDecode] = ["https://", "http://"]
+    # Private networks that fetching may reach after all (an internal object store), as
+    # CIDRs separated by commas. Empty: only public addresses are ever fetched.
+    fetch_allowed_networks: Annotated[list[str], NoDecode] = []
+    max_redirects: int = Field(default=5, ge=0)
+
+    # Intake limits. The fetch timeout bounds the whole fetch (connect, redirects, body, or
+    # a local read), not each network operation.
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=50_000_000, gt=0)
@@ -54,6 +64,10 @@ class Settings(BaseSettings):
     # to reach them (later frames are skipped when a long animation would exceed it).
     max_frames: int = Field(default=4, ge=1)
     max_animation_pixels: int = Field(default=200_000_000, gt=0)
+    # PDQ hashes at most this many frames of an animation, spread evenly; the upload records
+    # how many it hashed. Frames past `max_animation_frames` are not read at all.
+    max_hashed_frames: int = Field(default=64, ge=1)
+    max_animation_frames: int = Field(default=10_000, ge=1)
     # Decoded pixels a worker holds at once, over all its task threads (estimated peaks).
     decode_memory_mb: int = Field(default=2048, gt=0)
 
@@ -67,7 +81,18 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=900, gt=0)
     # The sweeper re-enqueues uploads stuck in `queued` or `processing` for longer than this.
     stuck_after_s: float = Field(default=600.0, gt=0)
-    sweep_interval_s: float = Field(default=60.0, gt=0)
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    # Workers record a heartbeat this often; one silent for `worker_dead_after_s` is dead,
+    # and the uploads it held are sent again at once instead of after `stuck_after_s`.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_dead_after_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     def resolved_device(self) -> str:
         if self.device != "auto":

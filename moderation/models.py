@@ -1,11 +1,13 @@
 """Every ORM model, imported in one place so the metadata is complete (Alembic, tests)."""
 
+from moderation.audit.models import AuditEvent
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
-from moderation.screening.models import Hit, Signal, Upload
+from moderation.screening.models import Hit, Signal, Upload, Worker
 
 __all__ = [
+    "AuditEvent",
     "Bank",
     "BankEntry",
     "BankEntryEmbedding",
@@ -15,4 +17,5 @@ __all__ = [
     "Hit",
     "Signal",
     "Upload",
+    "Worker",
 ]

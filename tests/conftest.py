@@ -15,6 +15,11 @@ import pytest
 
 _RUN_DIR = Path(tempfile.mkdtemp(prefix="moderation-tests-"))
 TINY_MODEL_DIR = _RUN_DIR / "tiny-clip"
+# Tests write their images under the temporary directory (pytest's tmp_path included).
+TEST_FILES_DIR = Path(tempfile.gettempdir()).resolve()
+# Test HTTP servers listen on 127.0.0.1, which production never fetches from; 127.0.0.2
+# stays forbidden, for the tests that prove refused addresses are never connected to.
+TEST_FETCH_NETWORK = "127.0.0.1/32"
 TEST_ENV = {
     "MODERATION_DATABASE_URL": os.environ.get(
         "MODERATION_TEST_DATABASE_URL",
@@ -32,6 +37,8 @@ TEST_ENV = {
     "MODERATION_MAX_ATTEMPTS": "3",
     "MODERATION_FETCH_TIMEOUT_S": "2",
     "MODERATION_BATCH_SIZE": "8",
+    "MODERATION_ALLOWED_URI_PREFIXES": f"{TEST_FILES_DIR.as_uri()}/,http://,https://",
+    "MODERATION_FETCH_ALLOWED_NETWORKS": TEST_FETCH_NETWORK,
 }
 os.environ.update(TEST_ENV)
 

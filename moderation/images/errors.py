@@ -37,6 +37,19 @@ class UnsupportedUri(BadInput):
     code = "unsupported_uri"
 
 
+class UriRefused(BadInput):
+    """The URI is outside what this service may fetch. One code and one kind of message
+    for every reason, never saying whether a refused file exists."""
+
+    code = "uri_refused"
+
+
+class ContentMismatch(BadInput):
+    """The bytes fetched are not the ones the submitter declared (their SHA-256 differs)."""
+
+    code = "content_mismatch"
+
+
 class FetchRefused(BadInput):
     code = "fetch_refused"
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -49,11 +50,15 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     __table_args__ = (
         # The sweeper looks for rows stuck in a non-final state.
         Index("ix_uploads_status_updated_at", "status", "updated_at"),
+        CheckConstraint("octet_length(declared_sha256) = 32", name="declared_sha256_length"),
     )
 
-    # The caller's own id for the upload; submitting it again returns the same upload.
+    # The caller's own id for the upload; submitting it again returns the same upload, and
+    # submitting it with another URI or other bytes is refused (an id names one event).
     external_id: Mapped[str | None] = mapped_column(String(512), unique=True)
     uri: Mapped[str] = mapped_column(Text)
+    # The SHA-256 the submitter declared for the bytes; the worker refuses other bytes.
+    declared_sha256: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[UploadStatus] = mapped_column(
         _enum(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
     )
@@ -61,12 +66,17 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # Incremented each time a worker starts on the upload; bounds poison messages.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The worker (`workers.name`) that claimed it last: if that worker stops heartbeating,
+    # the sweeper sends the upload again at once.
+    held_by: Mapped[str | None] = mapped_column(String(128))
 
     # What the decoder found; NULL until screened.
     media_format: Mapped[str | None] = mapped_column(String(16))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     frame_count: Mapped[int | None] = mapped_column(Integer)
+    # Frames hashed by PDQ: fewer than frame_count when an animation was sampled.
+    frames_hashed: Mapped[int | None] = mapped_column(Integer)
 
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -109,3 +119,20 @@ class Hit(IdMixin, Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )
+
+
+class Worker(Base):
+    """A screening worker process, alive while its heartbeat is recent."""
+
+    __tablename__ = "workers"
+
+    # Unique per process start: host, pid and a random suffix.
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    # Set by a clean shutdown; a dead worker never sets it.
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
