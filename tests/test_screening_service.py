@@ -4,9 +4,12 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import InternalError
 from sqlalchemy.orm import Session
 
+from moderation.audit import service as audit
+from moderation.audit.models import AuditEvent
 from moderation.banks import service as banks
 from moderation.banks.matcher import Match
 from moderation.embedding.models import Embedding
@@ -51,6 +54,58 @@ def test_submit_is_idempotent_per_external_id(session: Session) -> None:
     assert again.id == first.id != other.id
     assert first.status is UploadStatus.QUEUED
     assert first.enqueued_at is not None
+
+
+def test_an_external_id_with_another_uri_or_other_bytes_is_a_conflict(session: Session) -> None:
+    digest, other_digest = bytes(range(32)), bytes(32)
+    first, _ = service.submit(session, "file:///a.jpg", "ext-2", declared_sha256=digest)
+    with pytest.raises(service.ExternalIdConflict, match=r"already names upload \d+"):
+        service.submit(session, "file:///b.jpg", "ext-2", declared_sha256=digest)
+    with pytest.raises(service.ExternalIdConflict, match="bytes differ"):
+        service.submit(session, "file:///a.jpg", "ext-2", declared_sha256=other_digest)
+    # The same event again, with or without its bytes declared, is the same upload.
+    assert service.submit(session, "file:///a.jpg", "ext-2", declared_sha256=digest)[0] is first
+    assert service.submit(session, "file:///a.jpg", "ext-2")[0] is first
+
+
+def test_an_external_id_conflicts_with_the_bytes_screened_too(session: Session) -> None:
+    """Submitted without declared bytes, the upload's screened SHA-256 is what it names."""
+    model = get_or_create_model(session, "m", 4)
+    upload, _ = service.submit(session, "file:///a.jpg", "ext-3")
+    service.claim(session, upload.id, max_attempts=3)
+    screened = service.Screened(upload.id, _signals(), np.zeros((1, 4), np.float32), [])
+    service.record_screened(session, [screened], model.id)
+    with pytest.raises(service.ExternalIdConflict, match="bytes differ"):
+        service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=bytes(range(32)))
+    assert service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=b"\x02" * 32)[0]
+
+
+def test_resubmitting_a_failed_upload_queues_it_afresh_and_is_audited(session: Session) -> None:
+    upload, _ = service.submit(session, "file:///a.jpg", "ext-4")
+    service.claim(session, upload.id, max_attempts=3)
+    service.record_failed(session, upload.id, "fetch_timeout", "slow")
+    service.resubmit(session, upload.id, actor="cli:alice")
+    _reload(session, upload)
+    assert (upload.status, upload.attempts, upload.error_code) == (UploadStatus.QUEUED, 0, None)
+    (event,) = audit.events_for(session, "upload", upload.id)
+    assert (event.actor, event.action) == ("cli:alice", "upload.resubmit")
+    assert event.before == {
+        "status": "failed",
+        "error_code": "fetch_timeout",
+        "error_message": "slow",
+        "attempts": 1,
+    }
+    assert event.after == {"status": "queued", "attempts": 0}
+    with pytest.raises(service.NotResubmittable, match="is queued"):
+        service.resubmit(session, upload.id, actor="cli:alice")
+
+
+def test_the_audit_log_is_append_only(session: Session) -> None:
+    audit.record(session, actor="t", action="test", subject_type="upload", subject_id=1)
+    with pytest.raises(InternalError, match="append-only"), session.begin_nested():
+        session.execute(update(AuditEvent).values(actor="someone else"))
+    with pytest.raises(InternalError, match="append-only"), session.begin_nested():
+        session.execute(delete(AuditEvent))
 
 
 def test_submit_many_queues_every_uri_and_returns_ids_in_order(session: Session) -> None:
@@ -147,11 +202,17 @@ def test_claim_many_claims_what_is_left_to_do(session: Session) -> None:
     service.record_failed(session, final.id, "bad_image", "broken")
     session.flush()  # claims are Core statements: the ORM's pending change must be written
 
-    uris = service.claim_many(
+    claims = service.claim_many(
         session, [fresh.id, twice.id, exhausted.id, twice.id, final.id], max_attempts=1
     )
 
-    assert uris == ["file:///a.jpg", "file:///b.jpg", None, "file:///b.jpg", None]
+    assert [c and c.uri for c in claims] == [
+        "file:///a.jpg",
+        "file:///b.jpg",
+        None,
+        "file:///b.jpg",
+        None,
+    ]
     for upload in (fresh, twice, exhausted, final):
         _reload(session, upload)
     assert (fresh.status, fresh.attempts) == (UploadStatus.PROCESSING, 1)

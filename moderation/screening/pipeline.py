@@ -24,8 +24,9 @@ from moderation.embedding.service import get_or_create_model
 from moderation.group_commit import GroupCommit
 from moderation.images.budget import MemoryBudget
 from moderation.images.decode import DecodeLimits
-from moderation.images.errors import BadInput, IntakeError, TransientFault
+from moderation.images.errors import BadInput, ContentMismatch, IntakeError, TransientFault
 from moderation.images.fetch import fetch
+from moderation.images.hashing import sha256
 from moderation.images.signals import extract_signals
 from moderation.screening import service
 
@@ -60,7 +61,7 @@ class Screener:
             ),
             refresh_s=settings.bank_refresh_s,
         )
-        self._claim: GroupCommit[int, str | None] = GroupCommit(
+        self._claim: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions,
             lambda session, ids: service.claim_many(
                 session, ids, max_attempts=settings.max_attempts
@@ -109,14 +110,17 @@ class Screener:
         task to retry (see `defer`); database errors propagate untouched, since nothing can
         be recorded while the database is unreachable.
         """
-        uri = self._claim(upload_id)
-        if uri is None:
+        claim = self._claim(upload_id)
+        if claim is None:
             logger.info("upload %d is already final; nothing to do", upload_id)
             return
         try:
             data = fetch(
-                uri, max_bytes=self.settings.max_bytes, timeout_s=self.settings.fetch_timeout_s
+                claim.uri,
+                max_bytes=self.settings.max_bytes,
+                timeout_s=self.settings.fetch_timeout_s,
             )
+            _check_declared_bytes(data, claim.declared_sha256)
             signals = extract_signals(
                 data, self._limits, self.embedder.preprocess, self._decode_memory
             )
@@ -156,3 +160,13 @@ class Screener:
         )
         logger.info("upload %d: %s; retry %d in %.1f s", upload_id, fault, attempts, delay)
         return delay
+
+
+def _check_declared_bytes(data: bytes, declared_sha256: bytes | None) -> None:
+    """Refuse bytes other than those submitted (the file was replaced after submission)
+    before paying for their decode."""
+    if declared_sha256 is not None and sha256(data) != declared_sha256:
+        raise ContentMismatch(
+            f"the bytes at the URI are not the ones submitted: SHA-256 {sha256(data).hex()}, "
+            f"declared {declared_sha256.hex()}"
+        )

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_to_bytes
@@ -46,6 +47,32 @@ class UploadNotFound(LookupError):
         super().__init__(f"no upload with id {upload_id}")
 
 
+class ExternalIdConflict(ValueError):
+    """An external id names one event: submitting it with another URI or other bytes is
+    refused, never answered with the first image's result (that would let an uploader
+    swap a clean image's verdict onto another image)."""
+
+    def __init__(self, external_id: str, upload: Upload, reason: str) -> None:
+        super().__init__(
+            f"external id {external_id!r} already names upload {upload.id}, {reason}; "
+            "use a new external id for a new image"
+        )
+        self.upload_id = upload.id
+
+
+class NotResubmittable(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs to screen a claimed upload."""
+
+    uri: str
+    # The bytes' SHA-256 as the submitter declared it; other bytes are refused.
+    declared_sha256: bytes | None = None
+
+
 @dataclass(frozen=True)
 class HitView:
     hit_id: int
@@ -59,23 +86,86 @@ class HitView:
     created_at: datetime
 
 
-def submit(session: Session, uri: str, external_id: str | None = None) -> tuple[Upload, bool]:
-    """Record an upload as queued. An external id seen before returns that upload instead.
+def submit(
+    session: Session,
+    uri: str,
+    external_id: str | None = None,
+    declared_sha256: bytes | None = None,
+) -> tuple[Upload, bool]:
+    """Record an upload as queued. An external id seen before returns that upload instead,
+    if it is the same event: the same URI and, where both sides know them, the same bytes.
+    Otherwise raises `ExternalIdConflict`.
 
     The caller publishes the screening message after committing, and only if created.
     """
     upload_id = session.scalar(
         insert(Upload)
         .values(
-            uri=uri, external_id=external_id, status=UploadStatus.QUEUED, enqueued_at=func.now()
+            uri=uri,
+            external_id=external_id,
+            declared_sha256=declared_sha256,
+            status=UploadStatus.QUEUED,
+            enqueued_at=func.now(),
         )
         .on_conflict_do_nothing(index_elements=[Upload.external_id])
         .returning(Upload.id)
     )
     if upload_id is not None:
         return session.get_one(Upload, upload_id), True
+    assert external_id is not None  # only the external id can conflict
     existing = session.scalars(select(Upload).where(Upload.external_id == external_id)).one()
+    if existing.uri != uri:
+        raise ExternalIdConflict(external_id, existing, f"submitted as {existing.uri}")
+    known_sha256 = existing.declared_sha256 or _screened_sha256(session, existing.id)
+    if declared_sha256 is not None and known_sha256 not in (None, declared_sha256):
+        raise ExternalIdConflict(external_id, existing, "whose bytes differ from these")
     return existing, False
+
+
+def _screened_sha256(session: Session, upload_id: int) -> bytes | None:
+    return session.scalar(
+        select(Signal.value).where(
+            Signal.upload_id == upload_id, Signal.signal == SignalType.SHA256
+        )
+    )
+
+
+def resubmit(session: Session, upload_id: int, *, actor: str) -> Upload:
+    """Queue a failed upload to be screened again from scratch, and audit who did it.
+
+    Only failed uploads: a screened one has its verdict, and one in flight will end by
+    itself. The caller publishes the screening message after committing.
+    """
+    upload = _locked_upload(session, upload_id)
+    if upload.status is not UploadStatus.FAILED:
+        raise NotResubmittable(
+            f"upload {upload_id} is {upload.status.value}; only failed uploads can be "
+            "screened again"
+        )
+    before = {
+        "status": upload.status.value,
+        "error_code": upload.error_code,
+        "error_message": upload.error_message,
+        "attempts": upload.attempts,
+    }
+    upload.status = UploadStatus.QUEUED
+    upload.error_code = None
+    upload.error_message = None
+    upload.attempts = 0
+    upload.held_by = None
+    upload.enqueued_at = func.now()
+    upload.started_at = None
+    upload.finished_at = None
+    audit.record(
+        session,
+        actor=actor,
+        action="upload.resubmit",
+        subject_type="upload",
+        subject_id=upload_id,
+        before=before,
+        after={"status": UploadStatus.QUEUED.value, "attempts": 0},
+    )
+    return upload
 
 
 def submit_many(session: Session, uris: Sequence[str]) -> list[int]:
@@ -93,8 +183,9 @@ def submit_many(session: Session, uris: Sequence[str]) -> list[int]:
     return list(session.connection().scalars(statement, [{"uri": uri} for uri in uris]))
 
 
-def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
-    """Mark an upload as being processed and return its URI, or None if nothing is left to do.
+def claim(session: Session, upload_id: int, *, max_attempts: int) -> Claim | None:
+    """Mark an upload as being processed and return what screening it needs, or None if
+    nothing is left to do.
 
     The attempt counter survives crashes and redeliveries, so an image that kills the
     worker every time is failed after `max_attempts` instead of looping forever.
@@ -104,10 +195,11 @@ def claim(session: Session, upload_id: int, *, max_attempts: int) -> str | None:
 
 def claim_many(
     session: Session, upload_ids: Sequence[int], *, max_attempts: int
-) -> list[str | None]:
-    """`claim` for many uploads at once: their URIs, in order, None where nothing is left to do.
+) -> list[Claim | None]:
+    """`claim` for many uploads at once: their claims, in order, None where nothing is left
+    to do.
 
-    An id given twice (two deliveries of one message) is claimed once and gets its URI
+    An id given twice (two deliveries of one message) is claimed once and gets its claim
     twice; recording is what settles such duplicates.
     """
     # One statement in the common case; the row locks order concurrent duplicates. Core, on
@@ -121,9 +213,11 @@ def claim_many(
             Upload.attempts < max_attempts,
         )
         .values(status=UploadStatus.PROCESSING, attempts=Upload.attempts + 1, started_at=func.now())
-        .returning(Upload.id, Upload.uri)
+        .returning(Upload.id, Upload.uri, Upload.declared_sha256)
     )
-    claimed: dict[int, str] = {id_: uri for id_, uri in session.connection().execute(statement)}
+    claimed = {
+        id_: Claim(uri, declared) for id_, uri, declared in session.connection().execute(statement)
+    }
     for upload_id in unique_ids - claimed.keys():
         upload = _locked_upload(session, upload_id)
         if upload.status not in FINAL_STATUSES:
@@ -164,6 +258,7 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
         column("width", Integer),
         column("height", Integer),
         column("frame_count", Integer),
+        column("frames_hashed", Integer),
         name="screened",
     ).data(
         [
@@ -173,6 +268,7 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
                 r.signals.width,
                 r.signals.height,
                 r.signals.frame_count,
+                len(r.signals.frames),
             )
             for r in first_of_each.values()
         ]
@@ -192,6 +288,7 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
                 width=screened_rows.c.width,
                 height=screened_rows.c.height,
                 frame_count=screened_rows.c.frame_count,
+                frames_hashed=screened_rows.c.frames_hashed,
                 finished_at=func.now(),
             )
             .returning(Upload.id)
