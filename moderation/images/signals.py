@@ -35,12 +35,17 @@ class ImageSignals:
     format: str
     width: int
     height: int
+    # Frames read; a lower bound when `frame_count_exact` is False (reading stopped at
+    # `max_animation_frames` or `max_animation_pixels` before the end of the file).
     frame_count: int
-    frames: list[FrameSignals]  # every frame within the decode budget, in order
+    # The hashed frames, in order: at most `max_hashed_frames` of those read, spread evenly,
+    # first and last included. `len(frames)` is the number hashed.
+    frames: list[FrameSignals]
     # PDQ of frame 0 as the file stores it, when EXIF orientation turned it upright. Hash
     # lists made without applying orientation (ThreatExchange's Python hasher, and so
     # HMA) hold this one for a photo stored sideways; matching tries both.
     pdq_as_stored: PdqHash | None = None
+    frame_count_exact: bool = True
 
     @property
     def embedded_frames(self) -> list[FrameSignals]:
@@ -57,7 +62,8 @@ def extract_signals(
     preprocess: Callable[[Image.Image], np.ndarray],
     budget: MemoryBudget | None = None,
 ) -> ImageSignals:
-    """Decode safely; hash every frame and preprocess the sampled ones. Raises `BadInput`."""
+    """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
+    the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`."""
     decoded = decode(
         data,
         limits,
@@ -71,6 +77,7 @@ def extract_signals(
         width=decoded.width,
         height=decoded.height,
         frame_count=decoded.frame_count,
+        frame_count_exact=decoded.frame_count_exact,
         frames=[
             FrameSignals(index=index, pdq=hashed, pixels=pixels)
             for index, (hashed, pixels) in decoded.frames
