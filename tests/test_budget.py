@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from moderation.config import Settings
+from moderation.images import memory
 from moderation.images.budget import PEAK_BYTES_PER_PIXEL, MemoryBudget
 from moderation.images.decode import DecodeLimits, decode
 from tests.images import encode, textured
@@ -114,3 +115,28 @@ def test_decodes_hold_frames_only_within_the_budget(
 
     _in_threads(4, decode_one)
     assert overlap.peak == expected_peak
+
+
+def test_a_large_reservation_hands_freed_memory_back_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released: list[int] = []
+
+    def release() -> bool:
+        released.append(1)
+        return True
+
+    monkeypatch.setattr("moderation.images.budget.release_free_memory", release)
+    budget = MemoryBudget(2**40, release_after_bytes=100)
+    with budget.reserve(99):
+        pass
+    assert released == []
+    with budget.reserve(100):
+        assert released == []  # not while it is held
+    assert released == [1]
+
+
+def test_the_allocator_is_configured_and_trimmed_on_glibc() -> None:
+    # This project's machines run glibc; elsewhere both report that they did nothing.
+    assert memory.configure_allocator()
+    memory.release_free_memory()  # returns whether anything was free to give back

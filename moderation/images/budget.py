@@ -5,6 +5,9 @@ decoded at full resolution: one 50-megapixel image passes every limit and peaks 
 half a gigabyte while it is hashed and preprocessed. Each decode reserves its estimated
 peak before touching pixel data and waits, in arrival order, while the budget is spent, so
 a burst of large images slows a worker down instead of running it out of memory.
+
+Freed pixels are not given back to the system by themselves (see `memory.py`): a large
+reservation hands back the allocator's free memory when it ends.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from moderation.images.memory import release_free_memory
+
 # Peak bytes per pixel of one frame from decoding through hashing and preprocessing,
 # measured on 24-megapixel frames: 4.6 for an RGB JPEG, 8.4 with EXIF rotation (a turned
 # copy), 11 for a 16-bit PNG (scaled through float32). The worst case, with some room.
 PEAK_BYTES_PER_PIXEL = 12
+# A reservation at least this large (a frame of 20 megapixels and more) releases the
+# allocator's free memory when it ends; malloc_trim takes milliseconds, against a second
+# or more to decode and hash such a frame. None: never.
+RELEASE_AFTER_BYTES = 256 * 2**20
 
 
 class MemoryBudget:
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, total_bytes: int, release_after_bytes: int | None = RELEASE_AFTER_BYTES):
         if total_bytes <= 0:
             raise ValueError("a memory budget must be positive")
         self.total_bytes = total_bytes
+        self.release_after_bytes = release_after_bytes
         self._used = 0
         self._next_ticket = 0
         self._serving = 0
@@ -54,3 +64,5 @@ class MemoryBudget:
             with self._changed:
                 self._used -= nbytes
                 self._changed.notify_all()
+            if self.release_after_bytes is not None and nbytes >= self.release_after_bytes:
+                release_free_memory()

@@ -160,29 +160,55 @@ def decode(
         # Frames are decoded one at a time, so the peak is one frame's; no frame may be
         # larger than the first (see `_check_frame`).
         peak = width * height * PEAK_BYTES_PER_PIXEL
-        frames = []
-        as_stored = None
         with budget.reserve(peak) if budget else nullcontext():
-            frame_count, exact = _count_frames(image, limits)
-            visited = _spread(frame_count, limits.max_hashed_frames)
-            sampled = {visited[i] for i in _spread(len(visited), limits.max_frames)}
-            for index in visited:
-                frame, stored = _load_frame(image, index)
-                if stored is not None and visit_as_stored is not None:
-                    as_stored = visit_as_stored(stored)
-                frames.append((index, visit(frame, index in sampled)))
+            try:
+                visited = _visit_frames(image, limits, visit, visit_as_stored)
+            finally:
+                # Within the reservation: the decoded frame is freed before it ends (and
+                # the budget hands the freed memory back to the system then).
+                image.close()
         return DecodedImage(
             format=image.format or "unknown",
             width=width,
             height=height,
-            frame_count=frame_count,
-            frame_count_exact=exact,
-            frames=frames,
-            sampled=sorted(sampled),
-            as_stored=as_stored,
+            frame_count=visited.frame_count,
+            frame_count_exact=visited.frame_count_exact,
+            frames=visited.frames,
+            sampled=visited.sampled,
+            as_stored=visited.as_stored,
         )
     finally:
         image.close()
+
+
+@dataclass(frozen=True)
+class _Visited:
+    frame_count: int
+    frame_count_exact: bool
+    frames: list[tuple[int, Any]]
+    sampled: list[int]
+    as_stored: Any
+
+
+def _visit_frames(
+    image: Image.Image,
+    limits: DecodeLimits,
+    visit: Callable[[Image.Image, bool], Any],
+    visit_as_stored: Callable[[Image.Image], Any] | None,
+) -> _Visited:
+    """Count the frames, then visit the chosen ones in order. The frames are local here,
+    so none outlives the call."""
+    frame_count, exact = _count_frames(image, limits)
+    visited = _spread(frame_count, limits.max_hashed_frames)
+    sampled = {visited[i] for i in _spread(len(visited), limits.max_frames)}
+    frames = []
+    as_stored = None
+    for index in visited:
+        frame, stored = _load_frame(image, index)
+        if stored is not None and visit_as_stored is not None:
+            as_stored = visit_as_stored(stored)
+        frames.append((index, visit(frame, index in sampled)))
+    return _Visited(frame_count, exact, frames, sorted(sampled), as_stored)
 
 
 def describe_exception(exc: BaseException, limit: int = 160) -> str:
