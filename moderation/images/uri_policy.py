@@ -1,0 +1,330 @@
+"""Which URIs the service may fetch: uploads name them, so they are untrusted input.
+
+`file://` URIs and plain paths are allowed only under the directories listed as `file:///dir/`
+prefixes, judged after symlinks and `..` are resolved, and a refusal never says whether the
+file exists. `http(s)://` URIs must match a listed prefix, and every address their host
+resolves to must be public (or inside `fetch_allowed_networks`; cloud metadata addresses
+never). The fetcher applies the address rule again to each address it connects to, so a
+DNS answer that changes between this check and the connection gains nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
+
+import httpx
+
+from moderation.config import Settings
+from moderation.images.errors import FetchTimeout, FetchUnavailable, UnsupportedUri, UriRefused
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+FILE_REFUSED = (
+    "file:// URIs and paths are allowed only under the directories in "
+    "MODERATION_ALLOWED_URI_PREFIXES"
+)
+PREFIX_REFUSED = "the URI matches none of the prefixes in MODERATION_ALLOWED_URI_PREFIXES"
+
+# Instance metadata and platform endpoints that hand out credentials. Some are ordinary
+# public or shared addresses (Azure's wire server, Alibaba's), so they are listed by name;
+# none may be fetched even where an allowed network covers them.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(address)
+    for address in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
+        "169.254.169.253",  # AWS DNS
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.170.23",  # AWS EKS pod identity
+        "fd00:ec2::254",  # AWS over IPv6
+        "fd00:ec2::23",  # AWS EKS pod identity over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud
+        "168.63.129.16",  # Azure wire server
+    )
+)
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, RFC 6598
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+@dataclass(frozen=True)
+class UriPolicy:
+    """The allow-list for fetching, built once from settings and shared by threads."""
+
+    # Prefixes as configured: `file:///dir/` entries name directories, the rest URL prefixes.
+    allowed_prefixes: tuple[str, ...]
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        # A mistyped prefix fails at start-up, not as a refusal of every upload.
+        for prefix in self.allowed_prefixes:
+            scheme = urlsplit(prefix).scheme.lower()
+            if scheme == "file":
+                try:
+                    _local_path(prefix)
+                except UriRefused:
+                    raise ValueError(
+                        f"MODERATION_ALLOWED_URI_PREFIXES: {prefix!r} is not a local directory"
+                    ) from None
+            elif scheme in ("http", "https"):
+                try:
+                    httpx.URL(prefix)
+                except httpx.InvalidURL:
+                    raise ValueError(
+                        f"MODERATION_ALLOWED_URI_PREFIXES: {prefix!r} is not a valid URL"
+                    ) from None
+            else:
+                raise ValueError(
+                    f"MODERATION_ALLOWED_URI_PREFIXES: {prefix!r} is not a file://, http:// "
+                    "or https:// prefix"
+                )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UriPolicy:
+        return cls(
+            allowed_prefixes=tuple(settings.allowed_uri_prefixes),
+            allowed_networks=tuple(
+                ipaddress.ip_network(cidr, strict=False) for cidr in settings.fetch_allowed_networks
+            ),
+            max_redirects=settings.max_redirects,
+        )
+
+    def check(self, uri_or_path: str, *, resolve_timeout_s: float = 5.0) -> str:
+        """The canonical URI to store and fetch, or `UriRefused` naming the rule.
+
+        For http(s) the host is resolved too (within `resolve_timeout_s`), so a name that
+        points inside the network is refused before anything is queued.
+        """
+        canonical = self.check_location(uri_or_path)
+        url = _http_url(canonical)
+        if url is not None:
+            self.resolve(url.raw_host.decode("ascii"), timeout_s=resolve_timeout_s)
+        return canonical
+
+    def check_location(self, uri_or_path: str) -> str:
+        """Everything but DNS: scheme, prefix, and for files the resolved real path."""
+        if _is_path(uri_or_path):
+            return _file_uri(self.allowed_file(uri_or_path)[0])
+        scheme = urlsplit(uri_or_path).scheme.lower()
+        if scheme == "file":
+            return _file_uri(self.allowed_file(uri_or_path)[0])
+        if scheme in ("http", "https"):
+            return self._check_http(uri_or_path)
+        raise UnsupportedUri(
+            f"URI scheme {scheme!r} is not supported; use a path, file:// or http(s)://"
+        )
+
+    def allowed_file(self, uri_or_path: str) -> tuple[str, str]:
+        """The real path of a file URI or path and the real allowed directory it lies in.
+
+        Every refusal has the same message, so nothing tells an existing file from a
+        missing one.
+        """
+        path = _local_path(uri_or_path)
+        real = os.path.realpath(path)
+        for directory in self._file_directories():
+            if is_under(real, directory):
+                return real, directory
+        raise UriRefused(FILE_REFUSED)
+
+    def resolve(self, host: str, *, timeout_s: float) -> list[IPAddress]:
+        """The addresses `host` resolves to, each allowed, or a refusal naming why not.
+
+        One refused address refuses them all: which one a connection would use is up to
+        the resolver and the network, not to us.
+        """
+        addresses = _resolve(host, timeout_s)
+        for address in addresses:
+            self.check_address(address)
+        return addresses
+
+    def check_address(self, address: IPAddress) -> None:
+        judged = _embedded_ipv4(address) or address
+        if address in METADATA_ADDRESSES or judged in METADATA_ADDRESSES:
+            raise UriRefused("the host resolves to a cloud metadata address, never fetched")
+        if any(judged in net or address in net for net in self.allowed_networks):
+            return
+        kind = non_public_kind(judged)
+        if kind is not None:
+            raise UriRefused(
+                f"the host resolves to a non-public address ({kind}); set "
+                "MODERATION_FETCH_ALLOWED_NETWORKS to fetch from it"
+            )
+
+    def _check_http(self, uri: str) -> str:
+        try:
+            url = httpx.URL(uri)
+        except httpx.InvalidURL:
+            raise UriRefused("the URI is not a valid http(s) URL") from None
+        if url.userinfo:
+            # `https://cdn.example.com@evil.org/` reads as one host and connects to another.
+            raise UriRefused("URIs with user information (user@host) are not accepted")
+        if not url.host:
+            raise UriRefused("the URI has no host")
+        if not any(_matches(url, prefix) for prefix in self._url_prefixes()):
+            raise UriRefused(PREFIX_REFUSED)
+        literal = _ip_literal(url.host)
+        if literal is not None:
+            self.check_address(literal)
+        return str(url.copy_with(fragment=None))
+
+    def _file_directories(self) -> list[str]:
+        # Resolved at each check: a directory may be mounted or relinked after start-up.
+        return [
+            os.path.realpath(_local_path(prefix))
+            for prefix in self.allowed_prefixes
+            if urlsplit(prefix).scheme.lower() == "file"
+        ]
+
+    def _url_prefixes(self) -> list[httpx.URL]:
+        return [
+            httpx.URL(prefix)
+            for prefix in self.allowed_prefixes
+            if urlsplit(prefix).scheme.lower() in ("http", "https")
+        ]
+
+
+def non_public_kind(address: IPAddress) -> str | None:
+    """Why `address` is not a public unicast address, or None if it is one."""
+    for kind, test in (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("shared", address in _SHARED),
+        ("reserved", address.is_reserved),
+        ("private", address.is_private),
+        ("not globally routable", not address.is_global),
+    ):
+        if test:
+            return kind
+    return None
+
+
+def is_under(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory and path != directory
+
+
+def _is_path(uri_or_path: str) -> bool:
+    # A one-letter "scheme" is a Windows drive, not a URI.
+    return len(urlsplit(uri_or_path).scheme) <= 1
+
+
+def _local_path(uri_or_path: str) -> str:
+    """The local path a file URI or a path names, as given: nothing resolved yet."""
+    if _is_path(uri_or_path):
+        path = uri_or_path
+    else:
+        parts = urlsplit(uri_or_path)
+        if parts.netloc.lower() not in ("", "localhost") or parts.query or parts.fragment:
+            raise UriRefused(FILE_REFUSED)
+        # Percent-decoded to bytes: file names need not be UTF-8 (`Path.as_uri` encodes them so).
+        path = os.fsdecode(unquote_to_bytes(parts.path)) or "/"
+        if not path.startswith("/"):
+            raise UriRefused(FILE_REFUSED)
+    if "\0" in path:
+        raise UriRefused(FILE_REFUSED)
+    # Not normalised here: `realpath` takes `..` after the symlink before it, as opening does.
+    return path
+
+
+def _file_uri(real_path: str) -> str:
+    return Path(real_path).as_uri()
+
+
+def _http_url(canonical: str) -> httpx.URL | None:
+    return httpx.URL(canonical) if canonical.startswith(("http://", "https://")) else None
+
+
+def _matches(url: httpx.URL, prefix: httpx.URL) -> bool:
+    """Compared by parsed parts, not as strings: `https://cdn.example.com.evil.org/` does not
+    start with `https://cdn.example.com/` here."""
+    if url.scheme != prefix.scheme:
+        return False
+    if not prefix.host:
+        return True
+    if _host_key(url) != _host_key(prefix) or _port(url) != _port(prefix):
+        return False
+    path, prefix_path = _raw_path(url), _raw_path(prefix)
+    if prefix_path == "/":
+        return True
+    # Under a path prefix, refuse what a server might decode into another directory:
+    # `/images/%2e%2e/admin`, `/images/..%2F..%2Fadmin`, backslashes.
+    lowered = path.lower()
+    if "%2f" in lowered or "%5c" in lowered or "\\" in unquote(path):
+        return False
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        return False
+    return path.startswith(prefix_path)
+
+
+def _raw_path(url: httpx.URL) -> str:
+    return url.raw_path.split(b"?", 1)[0].decode("ascii") or "/"
+
+
+def _host_key(url: httpx.URL) -> str:
+    return url.host.lower().rstrip(".")
+
+
+def _port(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries to, judged in its place."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _resolve(host: str, timeout_s: float) -> list[IPAddress]:
+    """Resolve within `timeout_s`: getaddrinfo takes no timeout, so it runs on a thread
+    of its own, left to finish alone if the resolver hangs."""
+    literal = _ip_literal(host)
+    if literal is not None:
+        return [literal]
+    answer: list[str] = []
+    failed: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            answer.extend(str(sockaddr[0]) for *_, sockaddr in infos)
+        except (OSError, UnicodeError):
+            failed.append(True)
+
+    thread = threading.Thread(target=lookup, name="resolve", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0))
+    if thread.is_alive():
+        raise FetchTimeout(f"resolving the host took longer than {timeout_s:g} s")
+    if failed or not answer:
+        raise FetchUnavailable("the host name could not be resolved")
+    addresses: list[IPAddress] = []
+    for text in answer:
+        # An IPv6 link-local answer carries its interface: `fe80::1%eth0`.
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
