@@ -347,14 +347,16 @@ def per_image_cpu_work(paths: list[Path]) -> dict[str, float]:
     from moderation.images.decode import DecodeLimits, decode
     from moderation.images.fetch import fetch
     from moderation.images.hashing import pdq, sha256
+    from moderation.images.uri_policy import UriPolicy
 
     settings = get_settings()
     limits = DecodeLimits.from_settings(settings)
+    policy = UriPolicy.from_settings(settings)
     preprocess = Preprocessing.from_pretrained(settings.resolved_model())
     timings: dict[str, float] = {"fetch": 0, "sha256": 0, "decode": 0, "pdq": 0, "preprocess": 0}
     for path in paths:
         t0 = time.perf_counter()
-        data = fetch(path.as_uri(), max_bytes=settings.max_bytes, timeout_s=5)
+        data = fetch(path.as_uri(), policy=policy, max_bytes=settings.max_bytes, timeout_s=5)
         t1 = time.perf_counter()
         sha256(data)
         t2 = time.perf_counter()

@@ -1,10 +1,12 @@
-"""A real HTTP server on a free local port, for tests of fetching."""
+"""Real servers on free local ports, for tests of fetching."""
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -18,3 +20,78 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@dataclass
+class Listener:
+    """A TCP listener that counts the connections it accepted."""
+
+    host: str
+    port: int
+    _accepted: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def connections(self) -> int:
+        return len(self._accepted)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def close_at_once(conn: socket.socket) -> None:
+    conn.close()
+
+
+@contextmanager
+def tcp_listener(
+    host: str = "127.0.0.1", handle: Callable[[socket.socket], None] = close_at_once
+) -> Iterator[Listener]:
+    """Accept connections on `host` (any free port), each handled by `handle` on a thread
+    of its own; yields the listener, whose count proves whether anything connected."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    listener = Listener(host, server.getsockname()[1])
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            handle(conn)
+        except OSError:
+            pass  # the client hung up
+        finally:
+            conn.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            listener._accepted.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def read_request(conn: socket.socket) -> None:
+    """Read an HTTP request's head, so answering it does not reset the connection."""
+    conn.settimeout(5)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        received += chunk

@@ -17,6 +17,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import PdqHash, parse_hex
+from moderation.images.uri_policy import UriPolicy
 
 
 @click.group()
@@ -146,11 +147,14 @@ def _model_entries(
     if images:
         embedder = load_embedder()
         limits = DecodeLimits.from_settings(settings)
+        policy = UriPolicy.from_settings(settings)
         with session_scope() as session:
             model = get_or_create_model(session, embedder.name, embedder.dim)
         for image in images:
             uri = to_uri(image)
-            data = fetch(uri, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
+            data = fetch(
+                uri, policy=policy, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s
+            )
             entries.append(
                 service.entry_from_image(data, embedder, model, limits, source_ref or uri)
             )

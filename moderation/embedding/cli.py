@@ -19,6 +19,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
 from moderation.images.signals import extract_signals
+from moderation.images.uri_policy import UriPolicy
 
 if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
@@ -51,7 +52,12 @@ def embed(image: str, out: Path) -> None:
     settings = get_settings()
     embedder = load_embedder()
     try:
-        data = fetch(image, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s)
+        data = fetch(
+            image,
+            policy=UriPolicy.from_settings(settings),
+            max_bytes=settings.max_bytes,
+            timeout_s=settings.fetch_timeout_s,
+        )
         signals = extract_signals(data, DecodeLimits.from_settings(settings), embedder.preprocess)
     except IntakeError as error:
         raise click.ClickException(str(error)) from None

@@ -193,8 +193,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
-    """Re-enqueue uploads stuck in queued or processing (workers also do this periodically)."""
-    from moderation.screening.tasks import sweep_once
+    """Re-send uploads whose message or worker was lost (workers also do this periodically)."""
+    from moderation.screening.recovery import sweep_once
 
     stuck = sweep_once()
     if as_json:

@@ -42,7 +42,15 @@ class InternalFault(TransientFault):
 
 
 class Screener:
-    def __init__(self, settings: Settings, sessions: Sessions, embedder: ClipEmbedder) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Sessions,
+        embedder: ClipEmbedder,
+        *,
+        worker_name: str | None = None,
+    ) -> None:
+        """`worker_name`: this process's row in `workers`, recorded as each claim's holder."""
         self.settings = settings
         self.embedder = embedder
         self._sessions = sessions
@@ -64,7 +72,7 @@ class Screener:
         self._claim: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions,
             lambda session, ids: service.claim_many(
-                session, ids, max_attempts=settings.max_attempts
+                session, ids, max_attempts=settings.max_attempts, worker=worker_name
             ),
             name="claim-writer",
         )
