@@ -6,6 +6,10 @@ from celery import Celery
 
 from moderation.config import Settings, get_settings
 
+# The screening task's name: the recovery sweeper publishes by name, without importing the
+# task module (which imports the worker).
+SCREEN_UPLOAD = "moderation.screen_upload"
+
 
 def create_app(settings: Settings) -> Celery:
     app = Celery("moderation", broker=settings.redis_url, include=["moderation.screening.tasks"])
@@ -23,7 +27,16 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Redis is transport and may restart: a worker waits for it however long it takes
+        # (Celery's default gives up after 100 tries, about 45 minutes, and exits).
+        broker_connection_max_retries=None,
+        # Found by restarting Redis under a busy worker (tests/test_faults.py): a thread pool
+        # cannot cancel a running task, so asking it to on a lost connection only logged a
+        # NotImplementedError traceback per task, which then ran on anyway. Running on is
+        # what we want: the task records its upload in PostgreSQL, idempotently, and if its
+        # message comes back (restored, or re-sent by the sweeper), that delivery finds the
+        # upload final. Celery warns once per connection loss that the default will change.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
     )
     return app

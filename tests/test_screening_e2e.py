@@ -24,7 +24,8 @@ from moderation.db import session_scope
 from moderation.screening import service
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Hit, Upload, UploadStatus
-from moderation.screening.tasks import publish_screening, sweep_once
+from moderation.screening.recovery import sweep_once
+from moderation.screening.tasks import publish_screening
 from tests.images import animated_gif, decompression_bomb, encode, textured, write
 from tests.servers import http_server
 from tests.vectors import at_cosine_distance

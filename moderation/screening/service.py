@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from moderation.banks.matcher import Match
 
 FINAL_STATUSES = (UploadStatus.SCREENED, UploadStatus.FAILED)
-# Any constant: the key of the advisory lock that lets one sweeper run at a time.
-_SWEEP_LOCK_KEY = 7_301_562
 
 
 class UploadNotFound(LookupError):
@@ -183,18 +181,26 @@ def submit_many(session: Session, uris: Sequence[str]) -> list[int]:
     return list(session.connection().scalars(statement, [{"uri": uri} for uri in uris]))
 
 
-def claim(session: Session, upload_id: int, *, max_attempts: int) -> Claim | None:
-    """Mark an upload as being processed and return what screening it needs, or None if
-    nothing is left to do.
+def claim(
+    session: Session, upload_id: int, *, max_attempts: int, worker: str | None = None
+) -> Claim | None:
+    """Mark an upload as being processed by `worker` and return what screening it needs,
+    or None if nothing is left to do.
 
     The attempt counter survives crashes and redeliveries, so an image that kills the
-    worker every time is failed after `max_attempts` instead of looping forever.
+    worker every time is failed after `max_attempts` instead of looping forever. The
+    holder (`workers.name`; None for a claimer that keeps no heartbeat) lets the sweeper
+    send the upload again as soon as that worker is dead (see `recovery`).
     """
-    return claim_many(session, [upload_id], max_attempts=max_attempts)[0]
+    return claim_many(session, [upload_id], max_attempts=max_attempts, worker=worker)[0]
 
 
 def claim_many(
-    session: Session, upload_ids: Sequence[int], *, max_attempts: int
+    session: Session,
+    upload_ids: Sequence[int],
+    *,
+    max_attempts: int,
+    worker: str | None = None,
 ) -> list[Claim | None]:
     """`claim` for many uploads at once: their claims, in order, None where nothing is left
     to do.
@@ -212,7 +218,12 @@ def claim_many(
             Upload.status.not_in(FINAL_STATUSES),
             Upload.attempts < max_attempts,
         )
-        .values(status=UploadStatus.PROCESSING, attempts=Upload.attempts + 1, started_at=func.now())
+        .values(
+            status=UploadStatus.PROCESSING,
+            attempts=Upload.attempts + 1,
+            held_by=worker,
+            started_at=func.now(),
+        )
         .returning(Upload.id, Upload.uri, Upload.declared_sha256)
     )
     claimed = {
@@ -405,29 +416,6 @@ def _finish_failed(upload: Upload, code: str, message: str) -> None:
     upload.error_code = code
     upload.error_message = message
     upload.finished_at = func.now()
-
-
-def find_stuck(session: Session, *, older_than: timedelta, limit: int = 1000) -> list[int]:
-    """Uploads queued or processing for too long (their message or worker was lost).
-
-    Marks them re-enqueued now and returns their ids; the caller publishes after commit.
-    Returns nothing if another sweeper holds the lock.
-    """
-    if not session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK_KEY))):
-        return []
-    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than.total_seconds())
-    # Judged by the latest sign of life, so a re-enqueued row is not re-sent at every sweep.
-    last_activity = func.greatest(Upload.enqueued_at, Upload.started_at)
-    stuck = session.scalars(
-        select(Upload.id)
-        .where(Upload.status.not_in(FINAL_STATUSES), last_activity < cutoff)
-        .order_by(Upload.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    if stuck:
-        session.execute(update(Upload).where(Upload.id.in_(stuck)).values(enqueued_at=func.now()))
-    return list(stuck)
 
 
 def count_unfinished(session: Session, upload_ids: Sequence[int]) -> int:

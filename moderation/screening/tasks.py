@@ -7,23 +7,20 @@ the screener is imported where it runs, in the worker.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from celery import Task
 from sqlalchemy.exc import DBAPIError
 
-from moderation.celery_app import app
-from moderation.config import get_settings
-from moderation.db import session_scope
+from moderation.celery_app import SCREEN_UPLOAD, app
 from moderation.images.errors import TransientFault
-from moderation.screening.service import UploadNotFound, find_stuck
+from moderation.screening.service import UploadNotFound
 
 logger = logging.getLogger(__name__)
 
 
 @app.task(
     bind=True,
-    name="moderation.screen_upload",
+    name=SCREEN_UPLOAD,
     # The database is unreachable: nothing can be recorded, so retry the message itself.
     # If this runs out too, the sweeper re-enqueues the upload once the database is back.
     autoretry_for=(DBAPIError,),
@@ -44,17 +41,6 @@ def screen_upload(self: Task, upload_id: int) -> None:
         delay = screener.defer(upload_id, fault)
         if delay is not None:
             raise self.retry(countdown=delay, max_retries=None) from fault
-
-
-def sweep_once() -> list[int]:
-    """Re-enqueue uploads stuck in queued or processing; returns their ids."""
-    settings = get_settings()
-    with session_scope() as session:
-        stuck = find_stuck(session, older_than=timedelta(seconds=settings.stuck_after_s))
-    if stuck:
-        logger.warning("re-enqueueing %d stuck upload(s): %s", len(stuck), stuck[:20])
-        publish_screening(stuck)
-    return stuck
 
 
 def publish_screening(upload_ids: list[int], queue: str | None = None) -> None:

@@ -1,5 +1,6 @@
 """The worker process: one screener (model, batcher, bank index) shared by all task threads,
-loaded before the first message, and a sweeper that re-enqueues stuck uploads."""
+loaded before the first message; a heartbeat that says this process is alive; and a
+sweeper that re-sends lost work (see `recovery`)."""
 
 from __future__ import annotations
 
@@ -13,40 +14,51 @@ from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.screening.pipeline import Screener
-from moderation.screening.tasks import sweep_once
+from moderation.screening.recovery import Heartbeat, Sweeper
 
 logger = logging.getLogger(__name__)
 
 _screener: Screener | None = None
-_screener_lock = threading.Lock()
-_stop = threading.Event()
+_heartbeat: Heartbeat | None = None
+_sweeper: Sweeper | None = None
+_lock = threading.Lock()
 
 
 def get_screener() -> Screener:
-    global _screener
-    with _screener_lock:
+    global _screener, _heartbeat
+    with _lock:
         if _screener is None:
             settings = get_settings()
-            _screener = Screener(settings, session_scope, ClipEmbedder.for_worker(settings))
+            # Registered before anything is claimed, since claims name this worker; beating
+            # already while the model loads, which can take minutes.
+            _heartbeat = Heartbeat(settings).start()
+            logger.info("worker %s registered", _heartbeat.name)
+            _screener = Screener(
+                settings,
+                session_scope,
+                ClipEmbedder.for_worker(settings),
+                worker_name=_heartbeat.name,
+            )
         return _screener
-
-
-def _sweep_forever() -> None:
-    interval = get_settings().sweep_interval_s
-    while not _stop.wait(interval):
-        try:
-            sweep_once()
-        except Exception:
-            logger.exception("sweep failed; trying again in %.0f s", interval)
 
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
-    threading.Thread(target=_sweep_forever, name="sweeper", daemon=True).start()
+    global _sweeper
+    with _lock:
+        if _sweeper is None:
+            _sweeper = Sweeper(get_settings()).start()
 
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    _stop.set()
-    if _screener is not None:
-        _screener.close()
+    # Celery sends this after the last task has finished: the screener writes what it has,
+    # then the worker is recorded as stopped, so nothing it held waits for its heartbeat to
+    # go stale.
+    with _lock:
+        if _sweeper is not None:
+            _sweeper.stop()
+        if _screener is not None:
+            _screener.close()
+        if _heartbeat is not None:
+            _heartbeat.stop()

@@ -1,0 +1,294 @@
+"""Finding work that was lost and sending it again: worker heartbeats and the sweeper.
+
+PostgreSQL is the source of truth and Redis only transport, so an upload can be left
+unfinished by a message or a worker that disappears. The rules, checked by one sweeper at
+a time (an advisory lock) every `sweep_interval_s` in every worker:
+
+- `processing`, held by a dead worker (no heartbeat for `worker_dead_after_s`, stopped, or
+  unknown): sent again at once. A SIGKILLed worker's uploads are screened elsewhere within
+  about `worker_dead_after_s + sweep_interval_s`, not after Redis's visibility timeout,
+  which must stay longer than the longest legitimate task and so cannot be short.
+- `processing` with no sign of life for `stuck_after_s`, whoever holds it: the fallback
+  (a claim by no registered worker, a holder that is alive but lost the upload).
+- `queued`, sent `stuck_after_s` before the message next in line on the broker queue (or,
+  with the queue empty, `stuck_after_s` ago): its message was lost (Redis restarted
+  empty, a producer died between commit and publish). The queue is consumed in order, so
+  judged against its head rather than the clock a long backlog is never mistaken for lost
+  messages (measured before this rule: 600 uploads behind one busy worker drew 3,375
+  duplicate messages, one upload claimed 5 times).
+
+A re-sent upload goes back to `queued` with `enqueued_at` set to the sweep, so the next
+sweep leaves it alone, and its message is published only after that commit. Re-sending
+is harmless if the worker was not dead after all: claims count attempts and results are
+written once (see `service`).
+
+Redis redelivers the messages a dead worker took once their visibility timeout passes;
+by then the sweeper has had them screened and those duplicates find nothing to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from datetime import timedelta
+
+from sqlalchemy import ColumnElement, and_, create_engine, delete, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from moderation.celery_app import SCREEN_UPLOAD, app
+from moderation.config import Settings, get_settings
+from moderation.db import session_scope
+from moderation.screening.models import Upload, UploadStatus, Worker
+
+logger = logging.getLogger(__name__)
+
+# Any constant: the key of the advisory lock that lets one sweeper run at a time.
+_SWEEP_LOCK_KEY = 7_301_562
+# Rows of workers gone this long are deleted; uploads they still name count as held by a
+# dead worker all the same (an unknown holder is a dead one).
+_FORGET_WORKERS_AFTER = timedelta(days=7)
+# A shutdown waits this long at most for a beat or a sweep caught in a dead connection.
+_JOIN_TIMEOUT_S = 30.0
+
+
+# Worker liveness.
+
+
+def new_worker_name() -> str:
+    """A name unique to this process start: host, pid and a random suffix (pids recur)."""
+    return f"{socket.gethostname()[:96]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def beat(session: Session, name: str) -> None:
+    """Record that the worker is alive, registering it if it is not yet known."""
+    session.execute(
+        insert(Worker)
+        .values(name=name, hostname=socket.gethostname()[:255], pid=os.getpid())
+        .on_conflict_do_update(index_elements=[Worker.name], set_={"heartbeat_at": func.now()})
+    )
+
+
+def mark_stopped(session: Session, name: str) -> None:
+    session.execute(update(Worker).where(Worker.name == name).values(stopped_at=func.now()))
+
+
+class Heartbeat:
+    """Registers this worker process and keeps its heartbeat fresh from a thread.
+
+    It has a connection of its own: queued behind task threads for the shared pool, a
+    busy worker's heartbeat could fall silent and the worker be taken for dead. A beat
+    that fails (the database is down) is logged and tried again at the next interval;
+    it never stops the worker.
+    """
+
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
+        self.name = name or new_worker_name()
+        self._interval_s = settings.worker_heartbeat_s
+        # Pre-ping: after a database restart the first beat reconnects instead of failing.
+        self._engine = create_engine(
+            settings.database_url, pool_size=1, max_overflow=0, pool_pre_ping=True
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        """Register, then beat in the background. Raises if the database is unreachable:
+        a worker that cannot register cannot claim anything either."""
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating and record a clean stop: anything this worker still holds is sent
+        again at the next sweep instead of after `worker_dead_after_s`."""
+        self._stop.set()
+        self._thread.join(timeout=_JOIN_TIMEOUT_S)
+        try:
+            with Session(self._engine) as session, session.begin():
+                mark_stopped(session, self.name)
+        except Exception as exc:
+            logger.warning("could not record that worker %s stopped: %s", self.name, exc)
+        self._engine.dispose()
+
+    def _beat(self) -> None:
+        with Session(self._engine) as session, session.begin():
+            beat(session, self.name)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._beat()
+            except Exception as exc:
+                logger.warning(
+                    "heartbeat failed, trying again in %g s: %s",
+                    self._interval_s,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                failing = True
+                continue
+            if failing:
+                logger.info("heartbeat recorded again")
+                failing = False
+
+
+# Finding lost work.
+
+
+def _seconds(delta: timedelta) -> ColumnElement[timedelta]:
+    return func.make_interval(0, 0, 0, 0, 0, 0, delta.total_seconds())
+
+
+def find_stuck(
+    session: Session,
+    *,
+    stuck_after: timedelta,
+    dead_after: timedelta,
+    oldest_waiting: int | None = None,
+    limit: int = 1000,
+) -> list[int]:
+    """Uploads whose message or worker was lost (the rules are in the module docstring).
+
+    `oldest_waiting` is the upload of the message next in line on the broker queue, None
+    when the queue is empty. Marks the uploads queued and re-enqueued now and returns
+    their ids; the caller publishes after commit. Returns nothing if another sweeper
+    holds the lock.
+    """
+    if not session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK_KEY))):
+        return []
+    now = func.now()
+    dead_cutoff = now - _seconds(dead_after)
+    holder_alive = exists().where(
+        Worker.name == Upload.held_by,
+        Worker.stopped_at.is_(None),
+        Worker.heartbeat_at >= dead_cutoff,
+    )
+    # A heartbeat can only be missed while the database is up: right after a restart every
+    # worker looks silent, and the live ones need a moment to beat again.
+    up_long_enough = func.pg_postmaster_start_time() < dead_cutoff
+    waiting_since = (
+        session.scalar(select(Upload.enqueued_at).where(Upload.id == oldest_waiting))
+        if oldest_waiting is not None
+        else None
+    )
+    queued_cutoff = (
+        func.least(now, waiting_since) if waiting_since is not None else now
+    ) - _seconds(stuck_after)
+    # The latest sign of life: a re-sent upload is judged from its re-sending.
+    last_activity = func.greatest(Upload.enqueued_at, Upload.started_at)
+    processing = Upload.status == UploadStatus.PROCESSING
+    stuck = session.scalars(
+        select(Upload.id)
+        .where(
+            or_(
+                and_(processing, Upload.held_by.is_not(None), ~holder_alive, up_long_enough),
+                and_(processing, last_activity < now - _seconds(stuck_after)),
+                and_(Upload.status == UploadStatus.QUEUED, last_activity < queued_cutoff),
+            )
+        )
+        .order_by(Upload.id)
+        .limit(limit)
+        .with_for_update(of=Upload, skip_locked=True)
+    ).all()
+    if stuck:
+        session.execute(
+            update(Upload)
+            .where(Upload.id.in_(stuck))
+            .values(status=UploadStatus.QUEUED, enqueued_at=now)
+        )
+    return list(stuck)
+
+
+def forget_old_workers(session: Session) -> int:
+    """Delete the rows of workers silent for days, so the table does not grow forever."""
+    result = session.execute(
+        delete(Worker).where(Worker.heartbeat_at < func.now() - _seconds(_FORGET_WORKERS_AFTER))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def oldest_waiting_upload(queue: str) -> int | None:
+    """The upload of the message next in line on the queue; None if the queue is empty
+    or that message is not a screening message. Celery on Redis keeps a queue as a list
+    that producers push on the left and workers pop from the right."""
+    with app.connection_for_read() as connection:
+        raw = connection.default_channel.client.lindex(queue, -1)
+    if raw is None:
+        return None
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, _kwargs, _embed = json.loads(body)
+        return int(args[0])
+    except (ValueError, KeyError, TypeError, IndexError):
+        logger.warning("the message next in line on %s is not a screening message", queue)
+        return None
+
+
+# Sending it again.
+
+
+def sweep_once(queue: str | None = None) -> list[int]:
+    """Re-send uploads whose message or worker was lost (see `find_stuck`) on the
+    configured queue unless told otherwise; returns their ids."""
+    settings = get_settings()
+    queue = queue or settings.queue
+    oldest_waiting = oldest_waiting_upload(queue)
+    with session_scope() as session:
+        stuck = find_stuck(
+            session,
+            stuck_after=timedelta(seconds=settings.stuck_after_s),
+            dead_after=timedelta(seconds=settings.worker_dead_after_s),
+            oldest_waiting=oldest_waiting,
+        )
+        forget_old_workers(session)
+    if stuck:
+        logger.warning("re-sending %d lost upload(s): %s", len(stuck), stuck[:20])
+        try:
+            _publish(stuck, queue)
+        except Exception:
+            # Already marked as re-sent: they are found again once `stuck_after_s` passes.
+            logger.error("could not publish %d re-sent upload(s)", len(stuck))
+            raise
+    return stuck
+
+
+def _publish(upload_ids: list[int], queue: str) -> None:
+    # By task name: importing `tasks` here would close an import cycle through the worker,
+    # which imports this module and is imported by the task.
+    with app.producer_or_acquire() as producer:
+        for upload_id in upload_ids:
+            app.send_task(SCREEN_UPLOAD, args=(upload_id,), queue=queue, producer=producer)
+
+
+class Sweeper:
+    """`sweep_once` every `sweep_interval_s` on a thread, until stopped. A failed sweep
+    (database or broker down) is logged and tried again at the next interval."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._interval_s = settings.sweep_interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=_JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                sweep_once()
+            except Exception:
+                logger.exception("sweep failed; trying again in %g s", self._interval_s)
