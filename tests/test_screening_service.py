@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from datetime import timedelta
-
 import numpy as np
 import pytest
 from sqlalchemy import delete, func, select, update
@@ -259,26 +257,6 @@ def test_failure_never_overwrites_a_final_state(session: Session) -> None:
     service.record_failed(session, upload.id, "other", "later")
     _reload(session, upload)
     assert upload.error_code == "truncated_image"
-
-
-def test_sweeper_finds_uploads_stuck_past_the_timeout(session: Session) -> None:
-    stuck_queued, _ = service.submit(session, "file:///lost-message.jpg")
-    stuck_processing, _ = service.submit(session, "file:///dead-worker.jpg")
-    fresh, _ = service.submit(session, "file:///fresh.jpg")
-    done, _ = service.submit(session, "file:///done.jpg")
-    service.claim(session, stuck_processing.id, max_attempts=3)
-    service.record_failed(session, done.id, "x", "y")
-    an_hour_ago = func.now() - timedelta(hours=1)
-    session.execute(
-        update(Upload)
-        .where(Upload.id.in_([stuck_queued.id, stuck_processing.id, done.id]))
-        .values(enqueued_at=an_hour_ago, started_at=an_hour_ago)
-    )
-    found = service.find_stuck(session, older_than=timedelta(minutes=10))
-    assert found == [stuck_queued.id, stuck_processing.id]
-    assert fresh.id not in found
-    # Just re-enqueued: not stuck again until the timeout passes once more.
-    assert service.find_stuck(session, older_than=timedelta(minutes=10)) == []
 
 
 def test_unknown_upload_is_a_typed_error(session: Session) -> None:

@@ -19,7 +19,7 @@ from moderation.embedding.models import Embedding
 from moderation.images.hashing import sha256
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
-from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.screening.models import Hit, Signal, Upload, UploadStatus, Worker
 from moderation.screening.tasks import publish_screening
 from moderation.screening.worker_process import WorkerProcess
 from tests.conftest import TEST_ENV
@@ -29,6 +29,8 @@ from tests.servers import http_server
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
 
 IMAGE = encode(textured(900))
+# Each test its own queue: a killed worker's unacknowledged messages stay in Redis, and
+# another test's worker must not be handed them.
 QUEUE = f"screening-loss-{os.getpid()}"
 
 
@@ -52,49 +54,145 @@ def slow_server() -> Iterator[str]:
         yield url
 
 
-def _count(status: UploadStatus, ids: list[int]) -> int:
+def _count(status: UploadStatus, ids: list[int], held_by: str | None = None) -> int:
+    query = select(func.count()).where(Upload.id.in_(ids), Upload.status == status)
+    if held_by is not None:
+        query = query.where(Upload.held_by == held_by)
     with session_scope() as session:
-        return (
-            session.scalar(select(func.count()).where(Upload.id.in_(ids), Upload.status == status))
-            or 0
-        )
+        return session.scalar(query) or 0
 
 
-def test_killed_worker_loses_nothing_and_duplicates_nothing(
-    slow_server: str, tmp_path: Path
-) -> None:
+def _submit(bank_name: str, base_url: str, count: int) -> list[int]:
+    """Uploads of the banked image, each to be hit once (SHA-256)."""
     with session_scope() as session:
-        bank = banks.create_bank(session, "loss")
+        bank = banks.create_bank(session, bank_name)
         banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(IMAGE))], added_by="t")
-        uploads = [service.submit(session, f"{slow_server}/{i}.jpg")[0] for i in range(24)]
-    ids = [u.id for u in uploads]
-    env = {**TEST_ENV, "MODERATION_QUEUE": QUEUE, "MODERATION_WORKER_CONCURRENCY": "8"}
-    publish_screening(ids, queue=QUEUE)
+        return [service.submit(session, f"{base_url}/{i}.jpg")[0].id for i in range(count)]
 
-    with WorkerProcess(tmp_path / "doomed.log", env) as doomed:
-        doomed.wait_ready()
-        deadline = time.monotonic() + 30
-        while _count(UploadStatus.PROCESSING, ids) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _count(UploadStatus.PROCESSING, ids) >= 4
-        doomed.process.send_signal(signal.SIGKILL)
-        doomed.process.wait()
-    assert _count(UploadStatus.SCREENED, ids) < len(ids)  # it died with work in hand
 
-    # A fresh worker: its sweeper finds what the dead one held and what it never reached.
-    recovery = {**env, "MODERATION_STUCK_AFTER_S": "2", "MODERATION_SWEEP_INTERVAL_S": "1"}
-    with WorkerProcess(tmp_path / "recovery.log", recovery) as survivor:
-        survivor.wait_ready()
-        final = wait_until_final(ids, timeout_s=120)
-
-    assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
+def _hits_per_upload(ids: list[int]) -> dict[int, int]:
     with session_scope() as session:
-        hits = session.execute(
+        rows = session.execute(
             select(Hit.upload_id, func.count())
             .where(Hit.upload_id.in_(ids))
             .group_by(Hit.upload_id)
         ).all()
-    assert dict(hits) == {upload_id: 1 for upload_id in ids}
+    return {upload_id: count for upload_id, count in rows}
+
+
+def _worker_name(process: WorkerProcess) -> str:
+    with session_scope() as session:
+        return session.scalars(
+            select(Worker.name).where(
+                Worker.pid == process.process.pid, Worker.stopped_at.is_(None)
+            )
+        ).one()
+
+
+def _kill_when_holding(worker: WorkerProcess, ids: list[int], name: str | None = None) -> None:
+    """SIGKILL the worker once it holds at least 4 uploads."""
+    deadline = time.monotonic() + 30
+    while _count(UploadStatus.PROCESSING, ids, name) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _count(UploadStatus.PROCESSING, ids, name) >= 4
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait()
+
+
+def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
+    slow_server: str, tmp_path: Path
+) -> None:
+    """Redis hands a dead worker's unacknowledged messages to another worker once their
+    visibility timeout passes. The sweeper is kept out of it (thresholds of an hour), so
+    this fails if messages were acknowledged before their upload was recorded."""
+    ids = _submit("acks-late", slow_server, 24)
+    queue = f"{QUEUE}-acks-late"
+    env = {
+        **TEST_ENV,
+        "MODERATION_QUEUE": queue,
+        "MODERATION_WORKER_CONCURRENCY": "8",
+        "MODERATION_STUCK_AFTER_S": "3600",
+        "MODERATION_WORKER_DEAD_AFTER_S": "3600",
+        "MODERATION_SWEEP_INTERVAL_S": "0.5",
+    }
+    publish_screening(ids, queue=queue)
+
+    with WorkerProcess(tmp_path / "doomed.log", env) as doomed:
+        doomed.wait_ready()
+        _kill_when_holding(doomed, ids)
+    assert _count(UploadStatus.SCREENED, ids) < len(ids)  # it died with work in hand
+
+    # A worker restores unacknowledged messages older than its visibility timeout when it
+    # starts consuming: let that much pass since the last of them was taken.
+    visibility_timeout_s = 2
+    time.sleep(visibility_timeout_s + 0.5)
+    survivor_env = {**env, "MODERATION_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+    with WorkerProcess(tmp_path / "survivor.log", survivor_env) as survivor:
+        survivor.wait_ready()
+        final = wait_until_final(ids, timeout_s=60)
+        log = survivor.log()
+
+    assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
+    assert _hits_per_upload(ids) == dict.fromkeys(ids, 1)
+    assert "re-sending" not in log  # redelivered by the broker, not by the sweeper
+
+
+def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
+    slow_server: str, tmp_path: Path
+) -> None:
+    """Two workers share a queue and one is SIGKILLed mid-batch: its heartbeat stops, the
+    sweeper sends what it held again at once, and the other screens everything, with
+    Redis's visibility timeout left at its default (15 minutes)."""
+    ids = _submit("dead-worker", slow_server, 32)
+    queue = f"{QUEUE}-dead-worker"
+    env = {
+        **TEST_ENV,
+        "MODERATION_QUEUE": queue,
+        "MODERATION_WORKER_CONCURRENCY": "8",
+        # Only the dead-holder rule can rescue the uploads within the test.
+        "MODERATION_STUCK_AFTER_S": "3600",
+        "MODERATION_WORKER_HEARTBEAT_S": "0.5",
+        "MODERATION_WORKER_DEAD_AFTER_S": "2",
+        "MODERATION_SWEEP_INTERVAL_S": "0.5",
+    }
+    with (
+        WorkerProcess(tmp_path / "victim.log", env) as victim,
+        WorkerProcess(tmp_path / "survivor.log", env) as survivor,
+    ):
+        victim.wait_ready()
+        survivor.wait_ready()
+        victim_name, survivor_name = _worker_name(victim), _worker_name(survivor)
+        publish_screening(ids, queue=queue)
+        _kill_when_holding(victim, ids, victim_name)
+        killed_at = time.monotonic()
+        held = _held_by(victim_name, ids)
+        final = wait_until_final(ids, timeout_s=60)
+        recovery_s = time.monotonic() - killed_at
+        log = survivor.log()
+
+    print(f"killed with {len(held)} uploads in hand; all {len(ids)} final {recovery_s:.1f} s later")
+    assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
+    assert recovery_s < 60
+    assert _hits_per_upload(ids) == dict.fromkeys(ids, 1)
+    assert "re-sending" in log
+    with session_scope() as session:
+        rescued = session.execute(
+            select(Upload.attempts, Upload.held_by).where(Upload.id.in_(held))
+        ).all()
+    assert set(rescued) == {(2, survivor_name)}  # claimed once more, by the survivor
+
+
+def _held_by(name: str, ids: list[int]) -> list[int]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Upload.id).where(
+                    Upload.id.in_(ids),
+                    Upload.held_by == name,
+                    Upload.status == UploadStatus.PROCESSING,
+                )
+            )
+        )
 
 
 def _terminate_backends(application_name: str) -> int:
@@ -125,10 +223,10 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
     env = {
         **TEST_ENV,
         "MODERATION_DATABASE_URL": f"{TEST_ENV['MODERATION_DATABASE_URL']}?application_name={name}",
-        "MODERATION_QUEUE": QUEUE,
+        "MODERATION_QUEUE": f"{QUEUE}-dropped",
         "MODERATION_WORKER_CONCURRENCY": "8",
     }
-    publish_screening(ids, queue=QUEUE)
+    publish_screening(ids, queue=env["MODERATION_QUEUE"])
 
     with WorkerProcess(tmp_path / "faulty.log", env) as worker:
         worker.wait_ready()
