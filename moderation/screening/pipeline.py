@@ -28,6 +28,7 @@ from moderation.images.errors import BadInput, ContentMismatch, IntakeError, Tra
 from moderation.images.fetch import fetch
 from moderation.images.hashing import sha256
 from moderation.images.signals import extract_signals
+from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Screener:
         self.embedder = embedder
         self._sessions = sessions
         self._limits = DecodeLimits.from_settings(settings)
+        self._uri_policy = UriPolicy.from_settings(settings)
         self._decode_memory = MemoryBudget(settings.decode_memory_mb * 2**20)
         with sessions() as session:
             self.model_id = get_or_create_model(session, embedder.name, embedder.dim).id
@@ -125,6 +127,7 @@ class Screener:
         try:
             data = fetch(
                 claim.uri,
+                policy=self._uri_policy,
                 max_bytes=self.settings.max_bytes,
                 timeout_s=self.settings.fetch_timeout_s,
             )
