@@ -75,6 +75,8 @@ def main() -> None:
             "MODERATION_REDIS_URL": os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS),
             "MODERATION_QUEUE": "screening-bench",
             "MODERATION_MODEL": str(model_dir),
+            # The benchmark's images are written under the temporary directory.
+            "MODERATION_ALLOWED_URI_PREFIXES": f"{Path(tempfile.gettempdir()).resolve().as_uri()}/",
             **({"MODERATION_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}),
         }
     )

@@ -8,7 +8,7 @@ import click
 
 from moderation.banks.cli import bank
 from moderation.embedding.cli import embed, model
-from moderation.screening.cli import hits, submit, sweep, uploads, worker
+from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
 
 
 @click.group()
@@ -56,5 +56,5 @@ def demo() -> None:
     run_demo()
 
 
-for command in (bank, embed, model, submit, hits, uploads, worker, sweep):
+for command in (bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
     main.add_command(command)

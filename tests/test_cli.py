@@ -18,12 +18,14 @@ from click.testing import CliRunner, Result
 from sqlalchemy import select
 from transformers import AutoTokenizer, CLIPModel
 
+from moderation.audit import service as audit
 from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.cli import main
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
+from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
 from tests.images import encode, textured, write
 
@@ -373,7 +375,7 @@ def test_submit_of_a_directory_queues_the_images_inside(
 
     assert sorted(s["uri"] for s in submitted) == sorted(p.resolve().as_uri() for p in images)
     for row in submitted:
-        assert set(row) == {"upload_id", "uri", "status", "error"}
+        assert set(row) == {"upload_id", "uri", "status", "error", "frames_hashed", "frame_count"}
         assert isinstance(row["upload_id"], int)
         assert (row["status"], row["error"]) == ("queued", None)
     assert len({s["upload_id"] for s in submitted}) == 3
@@ -406,7 +408,7 @@ def test_submit_external_id_with_two_images_is_a_usage_error(tmp_path: Path, que
     a = write(tmp_path / "a.jpg", encode(textured(1)))
     b = write(tmp_path / "b.jpg", encode(textured(2)))
     output = fails("submit", str(a), str(b), "--external-id", "post-1", exit_code=2)
-    assert "--external-id names one upload" in output
+    assert "--external-id and --sha256 name one upload" in output
     assert cli("uploads", "--json") == []
 
 
@@ -426,6 +428,81 @@ def test_submit_of_the_same_external_id_twice_returns_the_same_upload(
     assert sorted(u["upload_id"] for u in cli("uploads", "--json")) == sorted(
         [first["upload_id"], other["upload_id"]]
     )
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize(
+    "target",
+    ["/etc/shadow", "/etc/no-such-file", "file:///proc/self/environ", "/root/.ssh/id_rsa"],
+)
+def test_submit_refuses_what_the_fetch_policy_refuses_without_saying_if_it_exists(
+    target: str, queue: str, redis_client: redis.Redis
+) -> None:
+    output = fails("submit", target)
+    assert "uri_refused" in output
+    assert "MODERATION_ALLOWED_URI_PREFIXES" in output
+    # The same words whether the file exists or not: only the path differs.
+    assert output.replace(target, "TARGET") == fails("submit", "/etc/absent").replace(
+        "/etc/absent", "TARGET"
+    )
+    assert cli("uploads", "--json") == []
+    assert redis_client.llen(queue) == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_one_refused_uri_refuses_the_whole_submission(tmp_path: Path, queue: str) -> None:
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    fails("submit", str(image), "/etc/passwd")
+    assert cli("uploads", "--json") == []
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_an_external_id_again_with_another_image_is_refused_as_a_conflict(
+    tmp_path: Path, queue: str, redis_client: redis.Redis
+) -> None:
+    first_image = write(tmp_path / "a.jpg", encode(textured(1)))
+    second_image = write(tmp_path / "b.jpg", encode(textured(2)))
+    (first,) = cli("submit", str(first_image), "--external-id", "post-7", "--json")
+
+    other_uri = fails("submit", str(second_image), "--external-id", "post-7")
+    assert f"already names upload {first['upload_id']}" in other_uri
+    # The same path with other bytes behind it: a different image, also refused.
+    first_image.write_bytes(encode(textured(3)))
+    assert "bytes differ" in fails("submit", str(first_image), "--external-id", "post-7")
+    assert [u["upload_id"] for u in cli("uploads", "--json")] == [first["upload_id"]]
+    assert redis_client.llen(queue) == 1
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_sha256_must_be_64_hex_digits(tmp_path: Path, queue: str) -> None:
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    assert "64 hexadecimal digits" in fails("submit", str(image), "--sha256", "abc", exit_code=2)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_resubmit_queues_a_failed_upload_again_and_refuses_others(
+    tmp_path: Path, queue: str, redis_client: redis.Redis
+) -> None:
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    (failed, queued) = cli("submit", str(image), str(image), "--json")
+    with session_scope() as session:
+        screening.record_failed(session, failed["upload_id"], "fetch_timeout", "slow")
+    redis_client.delete(queue)
+
+    assert "is queued" in fails("resubmit", str(queued["upload_id"]))
+    assert "no upload with id 999999999" in fails("resubmit", "999999999")
+    (again,) = cli("resubmit", str(failed["upload_id"]), "--json")
+
+    assert (again["upload_id"], again["status"], again["error"]) == (
+        failed["upload_id"],
+        "queued",
+        None,
+    )
+    assert redis_client.llen(queue) == 1
+    with session_scope() as session:
+        (event,) = audit.events_for(session, "upload", failed["upload_id"])
+    assert event.action == "upload.resubmit"
+    assert event.actor.startswith("cli:")
 
 
 @pytest.mark.usefixtures("clean_db")

@@ -182,6 +182,18 @@ def test_user_information_is_refused_even_on_an_allowed_host() -> None:
     assert "user information" in refusal(default_policy(), "https://user:pw@8.8.8.8/a.jpg")
 
 
+def test_an_operators_own_files_can_be_allowed_and_nothing_else(tmp_path: Path) -> None:
+    """`bank add` and `embed` read files the operator names on their command line."""
+    image = tmp_path / "banked" / "a.jpg"
+    image.parent.mkdir()
+    image.write_bytes(b"abc")
+    policy = default_policy().allowing_files([str(image), "https://example.com/b.jpg"])
+    assert policy.check_location(str(image)) == image.resolve().as_uri()
+    assert refusal(policy, str(tmp_path / "elsewhere.jpg")) == FILE_REFUSED
+    assert refusal(policy, "/etc/passwd") == FILE_REFUSED
+    assert policy.allowed_networks == default_policy().allowed_networks
+
+
 def test_other_schemes_are_unsupported() -> None:
     for uri in ["s3://bucket/key.jpg", "ftp://8.8.8.8/a.jpg", "gopher://127.0.0.1:6379/_x"]:
         with pytest.raises(errors.UnsupportedUri):

@@ -147,7 +147,8 @@ def _model_entries(
     if images:
         embedder = load_embedder()
         limits = DecodeLimits.from_settings(settings)
-        policy = UriPolicy.from_settings(settings)
+        # The operator's own files, named on their command line (see `allowing_files`).
+        policy = UriPolicy.from_settings(settings).allowing_files(images)
         with session_scope() as session:
             model = get_or_create_model(session, embedder.name, embedder.dim)
         for image in images:

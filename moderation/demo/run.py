@@ -42,6 +42,8 @@ def run_demo() -> None:
             "MODERATION_QUEUE": "screening-demo",
             "MODERATION_MODEL": model,
             "MODERATION_DEVICE": base.device,
+            # The samples are the only files the demo's worker may read.
+            "MODERATION_ALLOWED_URI_PREFIXES": f"{SAMPLES.resolve().as_uri()}/",
         }
     )
     get_settings.cache_clear()

@@ -54,7 +54,8 @@ def embed(image: str, out: Path) -> None:
     try:
         data = fetch(
             image,
-            policy=UriPolicy.from_settings(settings),
+            # The operator's own file, named on their command line.
+            policy=UriPolicy.from_settings(settings).allowing_files([image]),
             max_bytes=settings.max_bytes,
             timeout_s=settings.fetch_timeout_s,
         )

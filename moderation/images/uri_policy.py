@@ -14,7 +14,8 @@ import ipaddress
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
@@ -96,6 +97,17 @@ class UriPolicy:
             ),
             max_redirects=settings.max_redirects,
         )
+
+    def allowing_files(self, paths_or_uris: Iterable[str]) -> UriPolicy:
+        """This policy, also allowing the directories of the local files named. For commands
+        an operator runs on files of their own (`bank add`, `embed`): the shell already lets
+        them read those; only what uploads name is untrusted. URLs stay under the rules."""
+        directories = tuple(
+            f"{_file_uri(os.path.dirname(os.path.realpath(_local_path(item))))}/"
+            for item in paths_or_uris
+            if urlsplit(item).scheme.lower() == "file" or _is_path(item)
+        )
+        return replace(self, allowed_prefixes=self.allowed_prefixes + directories)
 
     def check(self, uri_or_path: str, *, resolve_timeout_s: float = 5.0) -> str:
         """The canonical URI to store and fetch, or `UriRefused` naming the rule.

@@ -5,13 +5,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
+from moderation.audit.service import cli_actor
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
-from moderation.images.fetch import to_uri
+from moderation.images.errors import IntakeError
+from moderation.images.fetch import fetch, to_uri
+from moderation.images.hashing import sha256
+from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 
@@ -43,6 +48,9 @@ def upload_json(upload: Upload) -> dict[str, Any]:
         "uri": upload.uri,
         "status": upload.status.value,
         "error": error,
+        # An animation hashed on a sample of its frames says so.
+        "frames_hashed": upload.frames_hashed,
+        "frame_count": upload.frame_count,
     }
 
 
@@ -63,15 +71,43 @@ def _emit_uploads(
 SUBMIT_CHUNK = 100
 
 
-def submit_uris(uris: list[str], external_id: str | None = None) -> list[int]:
-    """Record uploads, commit, then publish: a message is never sent for an uncommitted row."""
+def accept_uris(uris: list[str], policy: UriPolicy | None = None) -> list[str]:
+    """The URIs in canonical form, if the fetch policy allows every one of them; else
+    `UriRefused` for the first it refuses, and nothing is accepted. Workers check again
+    when they fetch (a host's addresses can change in between)."""
+    policy = policy or UriPolicy.from_settings(get_settings())
+    return [policy.check(uri) for uri in uris]
+
+
+def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
+    """SHA-256 of a local file's bytes now, so that the upload names these bytes: the worker
+    refuses others, and the external id cannot be reused for another image."""
+    settings = get_settings()
+    data = fetch(
+        uri,
+        policy=policy or UriPolicy.from_settings(settings),
+        max_bytes=settings.max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+    )
+    return sha256(data)
+
+
+def submit_uris(
+    uris: list[str], external_id: str | None = None, declared_sha256: bytes | None = None
+) -> list[int]:
+    """Record uploads, commit, then publish: a message is never sent for an uncommitted row.
+
+    Raises `UriRefused` if the fetch policy refuses any URI (nothing is recorded then), and
+    `service.ExternalIdConflict` if the external id names another event.
+    """
     from moderation.screening.tasks import publish_screening
 
-    if external_id is not None:
+    uris = accept_uris(uris)
+    if external_id is not None or declared_sha256 is not None:
         if len(uris) != 1:
-            raise ValueError("an external id names exactly one upload")
+            raise ValueError("an external id or declared bytes name exactly one upload")
         with session_scope() as session:
-            upload, created = service.submit(session, uris[0], external_id)
+            upload, created = service.submit(session, uris[0], external_id, declared_sha256)
         if created:
             publish_screening([upload.id])
         return [upload.id]
@@ -95,26 +131,19 @@ def wait_until_final(upload_ids: list[int], timeout_s: float) -> list[Upload]:
         return service.get_uploads(session, upload_ids)
 
 
-@click.command()
-@click.argument("paths_or_uris", nargs=-1, required=True)
-@click.option("--external-id", help="The caller's id for the upload (one upload only).")
-@click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
-def submit(
-    paths_or_uris: tuple[str, ...],
-    external_id: str | None,
-    wait: bool,
-    timeout: float,
-    as_json: bool,
-) -> None:
-    """Queue images for screening: paths, directories, file:// or http(s):// URIs."""
-    uris = expand(paths_or_uris)
-    if not uris:
-        raise click.UsageError("no images found in the given paths")
-    if external_id and len(uris) > 1:
-        raise click.UsageError("--external-id names one upload; give one image")
-    upload_ids = submit_uris(uris, external_id)
+def _parse_sha256(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        digest = bytes.fromhex(value)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise click.BadParameter("expected 64 hexadecimal digits", param_hint="--sha256")
+    return digest
+
+
+def _show_uploads(upload_ids: list[int], wait: bool, timeout: float, as_json: bool) -> None:
     if wait:
         uploads = wait_until_final(upload_ids, timeout)
     else:
@@ -124,6 +153,66 @@ def submit(
     _emit_uploads(rows, ["upload_id", "status", "uri", "error"], as_json, "nothing submitted")
     if wait and any(u.status not in service.FINAL_STATUSES for u in uploads):
         raise click.ClickException(f"not every upload finished within {timeout:g} s")
+
+
+@click.command()
+@click.argument("paths_or_uris", nargs=-1, required=True)
+@click.option("--external-id", help="The caller's id for the upload (one upload only).")
+@click.option(
+    "--sha256",
+    "sha256_hex",
+    help="SHA-256 of the image's bytes; the worker refuses other bytes. Local files with "
+    "--external-id are hashed at submission when this is not given.",
+)
+@click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
+def submit(
+    paths_or_uris: tuple[str, ...],
+    external_id: str | None,
+    sha256_hex: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Queue images for screening: paths, directories, file:// or http(s):// URIs.
+
+    Only URIs that MODERATION_ALLOWED_URI_PREFIXES allows are accepted.
+    """
+    declared = _parse_sha256(sha256_hex)
+    uris = expand(paths_or_uris)
+    if not uris:
+        raise click.UsageError("no images found in the given paths")
+    if (external_id or declared) and len(uris) > 1:
+        raise click.UsageError("--external-id and --sha256 name one upload; give one image")
+    try:
+        if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
+            declared = declared_bytes(uris[0])
+        upload_ids = submit_uris(uris, external_id, declared)
+    except (IntakeError, service.ExternalIdConflict) as error:
+        # A refusal says which rule refused, never whether a refused file exists.
+        raise click.ClickException(str(error)) from None
+    _show_uploads(upload_ids, wait, timeout, as_json)
+
+
+@click.command()
+@click.argument("upload_ids", nargs=-1, required=True, type=int)
+@click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
+def resubmit(upload_ids: tuple[int, ...], wait: bool, timeout: float, as_json: bool) -> None:
+    """Screen failed uploads again from scratch. Recorded in the audit log."""
+    from moderation.screening.tasks import publish_screening
+
+    actor = cli_actor()
+    try:
+        with session_scope() as session:
+            for upload_id in upload_ids:
+                service.resubmit(session, upload_id, actor=actor)
+    except (service.UploadNotFound, service.NotResubmittable) as error:
+        raise click.ClickException(f"{error}; nothing was resubmitted") from None
+    publish_screening(list(upload_ids))
+    _show_uploads(list(upload_ids), wait, timeout, as_json)
 
 
 @click.command()
@@ -166,8 +255,11 @@ def uploads(status: str | None, limit: int, as_json: bool) -> None:
 def worker(concurrency: int | None, loglevel: str) -> None:
     """Run a screening worker: one process, one model, many task threads."""
     from moderation.celery_app import app
+    from moderation.images.memory import configure_allocator
     from moderation.screening.worker import get_screener
 
+    # Before any thread exists: arenas made by then would stay (see images/memory.py).
+    configure_allocator()
     settings = get_settings()
     # Load the model and bank index before taking any message, so failures show at start.
     screener = get_screener()

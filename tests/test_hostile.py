@@ -1,0 +1,102 @@
+"""The hostile corpus (`tests/hostile.py`) against a real worker: each input fails with its
+code, or is screened within bounds, in bounded time, and the worker stays within its memory
+ceiling.
+
+Refused URIs are recorded with `service.submit` directly, past the producer's own check,
+to prove that the worker applies the fetch policy by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import func, select
+
+from moderation.db import session_scope
+from moderation.screening import service
+from moderation.screening.cli import wait_until_final
+from moderation.screening.models import Signal, Upload
+from moderation.screening.tasks import publish_screening
+from moderation.screening.worker_process import WorkerProcess
+from tests.hostile import Case, Listener, forbidden_targets, make_corpus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
+
+# Upload to final state, on the database's clock. Generous for two loaded cores; what it
+# guards against is a hang (a FIFO, a drip-fed socket) or a 26-second animation.
+FINAL_WITHIN_S = 15.0
+
+
+@pytest.fixture
+def targets() -> Iterator[tuple[Listener, str]]:
+    with forbidden_targets() as found:
+        yield found
+
+
+def _submit(cases: list[Case]) -> list[int]:
+    with session_scope() as session:
+        ids = [
+            service.submit(session, case.uri, declared_sha256=case.declared_sha256)[0].id
+            for case in cases
+        ]
+    publish_screening(ids)
+    return ids
+
+
+def _signal_rows(upload_ids: list[int]) -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).where(Signal.upload_id.in_(upload_ids))) or 0
+
+
+def _seconds_to_final(upload_ids: list[int]) -> dict[int, float]:
+    with session_scope() as session:
+        rows = session.execute(
+            select(Upload.id, func.extract("epoch", Upload.finished_at - Upload.created_at)).where(
+                Upload.id.in_(upload_ids)
+            )
+        ).all()
+    return {upload_id: float(seconds) for upload_id, seconds in rows}
+
+
+def test_every_hostile_input_fails_with_its_code_in_bounded_time(
+    tmp_path: Path, targets: tuple[Listener, str], worker: WorkerProcess
+) -> None:
+    listener, redirector = targets
+    cases = make_corpus(tmp_path, listener, redirector)
+    ids = _submit(cases)
+
+    uploads = wait_until_final(ids, timeout_s=60)
+
+    outcomes = {
+        case.name: (u.status.value, u.error_code) for case, u in zip(cases, uploads, strict=True)
+    }
+    expected = {
+        case.name: ("screened", None) if case.code is None else ("failed", case.code)
+        for case in cases
+    }
+    assert outcomes == expected
+    for case, upload in zip(cases, uploads, strict=True):
+        if case.code is None:
+            assert upload.frames_hashed is not None
+            assert upload.frames_hashed <= case.max_frames_hashed, case.name
+    assert _signal_rows(ids) <= sum(1 + c.max_frames_hashed for c in cases if c.code is None)
+    for case, upload in zip(cases, uploads, strict=True):
+        if case.code is not None:
+            assert upload.attempts == 1, case.name  # refused for good, never retried
+            message = upload.error_message or ""
+            # No message quotes what it read: not the file, not a service's banner.
+            assert "root:" not in message, (case.name, message)
+            assert "ERR" not in message, (case.name, message)
+    # An existing and a missing file are refused in the same words, but for their paths.
+    refusals = {
+        (u.error_message or "").replace(urlsplit(c.uri).path, "PATH")
+        for c, u in zip(cases, uploads, strict=True)
+        if "system file" in c.name
+    }
+    assert len(refusals) == 1, refusals
+    assert listener.connections == 0
+    slowest = max(_seconds_to_final(ids).values())
+    assert slowest < FINAL_WITHIN_S
