@@ -4,6 +4,7 @@ are exact."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -104,6 +105,54 @@ def test_a_live_workers_uploads_are_not_sent_again_until_silent_past_the_timeout
     # timeout has lost it (a hung thread, a message cancelled by a broker restart).
     assert _stuck(session) == [lost.id]
     assert _reload(session, slow).status is UploadStatus.PROCESSING
+
+
+def test_uploads_taken_by_a_worker_and_never_claimed_are_sent_again(session: Session) -> None:
+    """A worker killed between taking a message and claiming its upload leaves the upload
+    queued, its message unacknowledged in Redis."""
+    abandoned, sent_again_since, claimed = (
+        service.submit(session, f"file:///{name}.jpg")[0]
+        for name in ("abandoned", "sent-again", "claimed")
+    )
+    service.claim(session, claimed.id, max_attempts=3, worker=None)
+    session.execute(
+        update(Upload)
+        .where(Upload.id.in_([abandoned.id, claimed.id]))
+        .values(enqueued_at=func.now() - timedelta(minutes=2))
+    )
+    taken_at = session.scalar(select(func.now() - timedelta(minutes=1)))
+    assert taken_at is not None
+    taken = dict.fromkeys([abandoned.id, sent_again_since.id, claimed.id], taken_at)
+    assert find_stuck(session, stuck_after=STUCK_AFTER, dead_after=DEAD_AFTER, taken=taken) == [
+        abandoned.id
+    ]
+
+
+def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redis.Redis) -> None:
+    """Read from kombu's own `unacked` records: only this queue's, only those taken long
+    enough ago, and not retries waiting for their countdown."""
+    queue = f"taken-{uuid.uuid4().hex}"
+    publish_screening([51, 52, 53, 54], queue=queue)
+    messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
+    redis_client.delete(queue)
+    messages[2]["headers"]["eta"] = "2026-01-01T00:00:00+00:00"
+    now = time.time()
+    entries = {  # tag: (message, routing key, taken at)
+        f"{queue}-old": (messages[0], queue, now - 60),
+        f"{queue}-fresh": (messages[1], queue, now - 1),
+        f"{queue}-retry": (messages[2], queue, now - 60),
+        f"{queue}-other-queue": (messages[3], "elsewhere", now - 60),
+    }
+    try:
+        for tag, (message, routing_key, taken_at) in entries.items():
+            redis_client.hset("unacked", tag, json.dumps([message, routing_key, routing_key]))
+            redis_client.zadd("unacked_index", {tag: taken_at})
+        taken = recovery.taken_and_unacknowledged(queue, timedelta(seconds=30))
+    finally:
+        redis_client.hdel("unacked", *entries)
+        redis_client.zrem("unacked_index", *entries)
+    assert list(taken) == [51]
+    assert abs(taken[51].timestamp() - (now - 60)) < 1
 
 
 def test_uploads_silent_past_the_timeout_are_sent_again(session: Session) -> None:

@@ -10,6 +10,11 @@ a time (an advisory lock) every `sweep_interval_s` in every worker:
   which must stay longer than the longest legitimate task and so cannot be short.
 - `processing` with no sign of life for `stuck_after_s`, whoever holds it: the fallback
   (a claim by no registered worker, a holder that is alive but lost the upload).
+- `queued`, whose message a worker took `worker_dead_after_s` ago (it is in Redis's
+  `unacked` set) and never claimed: a live worker claims within moments of taking a
+  message, so that worker died between the two (a SIGKILL lands there easily: at any
+  moment a busy worker has a few messages taken and their claims waiting for a group
+  commit). Retries waiting for their countdown are not counted.
 - `queued`, sent `stuck_after_s` before the message next in line on the broker queue (or,
   with the queue empty, `stuck_after_s` ago): its message was lost (Redis restarted
   empty, a producer died between commit and publish). The queue is consumed in order, so
@@ -35,7 +40,10 @@ import os
 import secrets
 import socket
 import threading
-from datetime import timedelta
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, create_engine, delete, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -151,14 +159,17 @@ def find_stuck(
     stuck_after: timedelta,
     dead_after: timedelta,
     oldest_waiting: int | None = None,
+    taken: Mapping[int, datetime] | None = None,
     limit: int = 1000,
 ) -> list[int]:
     """Uploads whose message or worker was lost (the rules are in the module docstring).
 
     `oldest_waiting` is the upload of the message next in line on the broker queue, None
-    when the queue is empty. Marks the uploads queued and re-enqueued now and returns
-    their ids; the caller publishes after commit. Returns nothing if another sweeper
-    holds the lock.
+    when the queue is empty; `taken`, uploads whose message a worker took at least
+    `dead_after` ago and has not acknowledged, with when it took it.
+
+    Marks the uploads queued and re-enqueued now and returns their ids; the caller
+    publishes after commit. Returns nothing if another sweeper holds the lock.
     """
     if not session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK_KEY))):
         return []
@@ -183,13 +194,23 @@ def find_stuck(
     # The latest sign of life: a re-sent upload is judged from its re-sending.
     last_activity = func.greatest(Upload.enqueued_at, Upload.started_at)
     processing = Upload.status == UploadStatus.PROCESSING
+    queued = Upload.status == UploadStatus.QUEUED
+    # Taken and never claimed, unless sent again since it was taken.
+    abandoned = [
+        upload_id
+        for upload_id, enqueued_at in session.execute(
+            select(Upload.id, Upload.enqueued_at).where(Upload.id.in_(taken or {}), queued)
+        )
+        if taken and (enqueued_at is None or enqueued_at < taken[upload_id])
+    ]
     stuck = session.scalars(
         select(Upload.id)
         .where(
             or_(
                 and_(processing, Upload.held_by.is_not(None), ~holder_alive, up_long_enough),
                 and_(processing, last_activity < now - _seconds(stuck_after)),
-                and_(Upload.status == UploadStatus.QUEUED, last_activity < queued_cutoff),
+                and_(queued, Upload.id.in_(abandoned)),
+                and_(queued, last_activity < queued_cutoff),
             )
         )
         .order_by(Upload.id)
@@ -213,6 +234,39 @@ def forget_old_workers(session: Session) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, datetime]:
+    """Uploads whose screening message on `queue` a worker took more than `older_than` ago
+    and has not acknowledged, with when it was taken; retries waiting for their countdown
+    are left out. Kombu's Redis transport keeps each taken message in the `unacked` hash
+    until it is acknowledged, and when it was taken in the `unacked_index` sorted set."""
+    cutoff = time.time() - older_than.total_seconds()
+    with app.connection_for_read() as connection:
+        client = connection.default_channel.client
+        tags = client.zrangebyscore("unacked_index", "-inf", cutoff, withscores=True)
+        payloads = client.hmget("unacked", [tag for tag, _ in tags]) if tags else []
+    taken: dict[int, datetime] = {}
+    for (_tag, taken_at), payload in zip(tags, payloads, strict=True):
+        if payload is None:
+            continue
+        try:
+            message, _exchange, routing_key = json.loads(payload)
+            if routing_key != queue or message.get("headers", {}).get("eta"):
+                continue
+            upload_id = _upload_of(message)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            continue  # not a screening message
+        taken[upload_id] = datetime.fromtimestamp(taken_at, UTC)
+    return taken
+
+
+def _upload_of(message: dict[str, Any]) -> int:
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, _kwargs, _embed = json.loads(body)
+    return int(args[0])
+
+
 def oldest_waiting_upload(queue: str) -> int | None:
     """The upload of the message next in line on the queue; None if the queue is empty
     or that message is not a screening message. Celery on Redis keeps a queue as a list
@@ -222,13 +276,8 @@ def oldest_waiting_upload(queue: str) -> int | None:
     if raw is None:
         return None
     try:
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, _kwargs, _embed = json.loads(body)
-        return int(args[0])
-    except (ValueError, KeyError, TypeError, IndexError):
+        return _upload_of(json.loads(raw))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         logger.warning("the message next in line on %s is not a screening message", queue)
         return None
 
@@ -241,13 +290,16 @@ def sweep_once(queue: str | None = None) -> list[int]:
     configured queue unless told otherwise; returns their ids."""
     settings = get_settings()
     queue = queue or settings.queue
+    dead_after = timedelta(seconds=settings.worker_dead_after_s)
     oldest_waiting = oldest_waiting_upload(queue)
+    taken = taken_and_unacknowledged(queue, dead_after)
     with session_scope() as session:
         stuck = find_stuck(
             session,
             stuck_after=timedelta(seconds=settings.stuck_after_s),
-            dead_after=timedelta(seconds=settings.worker_dead_after_s),
+            dead_after=dead_after,
             oldest_waiting=oldest_waiting,
+            taken=taken,
         )
         forget_old_workers(session)
     if stuck:
