@@ -189,7 +189,7 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         http_server(_slow_image(0.5)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,
     ):
-        ids = _submit(engine, "pg-down", base_url, 48)
+        ids = _submit(engine, "pg-down", base_url, 32)
         worker.wait_ready()
         with app.producer_or_acquire() as producer:
             for upload_id in ids:
@@ -198,7 +198,9 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         while _count(engine, ids, UploadStatus.SCREENED) < 8 and time.monotonic() < deadline:
             time.sleep(0.1)
         own_postgres.stop("fast")
-        time.sleep(6)
+        # Long enough for tasks to retry more than once; the backoff doubles from 2 s, so
+        # each second more costs the test about two.
+        time.sleep(4)
         own_postgres.start()
         final = _wait_until_final(engine, ids, timeout_s=90)
         assert worker.process.poll() is None  # it rode out the outage
