@@ -20,14 +20,13 @@ TEST_FILES_DIR = Path(tempfile.gettempdir()).resolve()
 # Test HTTP servers listen on 127.0.0.1, which production never fetches from; 127.0.0.2
 # stays forbidden, for the tests that prove refused addresses are never connected to.
 TEST_FETCH_NETWORK = "127.0.0.1/32"
+TEST_DATABASE_URL = os.environ.get(
+    "MODERATION_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_test"
+)
+TEST_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_ENV = {
-    "MODERATION_DATABASE_URL": os.environ.get(
-        "MODERATION_TEST_DATABASE_URL",
-        "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_test",
-    ),
-    "MODERATION_REDIS_URL": os.environ.get(
-        "MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"
-    ),
+    "MODERATION_DATABASE_URL": TEST_DATABASE_URL,
+    "MODERATION_REDIS_URL": TEST_REDIS_URL,
     "MODERATION_QUEUE": f"screening-test-{os.getpid()}",
     "MODERATION_MODEL": str(TINY_MODEL_DIR),
     "MODERATION_DEVICE": "cpu",
@@ -43,6 +42,18 @@ TEST_ENV = {
 }
 os.environ.update(TEST_ENV)
 
+from moderation.local_services import LocalServices  # noqa: E402
+
+# Where nothing answers at the default addresses (and no test URL is given), the tests
+# start a PostgreSQL and a Redis of the project's own, stopped when the session ends.
+LOCAL_SERVICES = LocalServices(
+    TEST_DATABASE_URL,
+    TEST_REDIS_URL,
+    database_configured="MODERATION_TEST_DATABASE_URL" in os.environ,
+    redis_configured="MODERATION_TEST_REDIS_URL" in os.environ,
+)
+LOCAL_SERVICES.start()
+
 import redis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
@@ -54,6 +65,14 @@ from moderation.screening.worker_process import WorkerProcess  # noqa: E402
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks"
+
+
+def pytest_report_header() -> list[str]:
+    return [f"started for the tests: {line}" for line in LOCAL_SERVICES.started]
+
+
+def pytest_unconfigure() -> None:
+    LOCAL_SERVICES.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from moderation.config import DEFAULT_CPU_MODEL, Settings, get_settings
 from moderation.demo.samples import SAMPLES
 from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
+from moderation.local_services import LocalServices
 
 if TYPE_CHECKING:
     from moderation.screening.models import Upload
@@ -30,6 +31,20 @@ DEMO_BANK = "demo-known-bad"
 
 def run_demo() -> None:
     base = Settings()
+    # Where nothing is configured and nothing answers at the default address, a PostgreSQL
+    # and a Redis of the project's own, started for the demo and stopped after it.
+    with LocalServices(
+        base.database_url,
+        base.redis_url,
+        database_configured="database_url" in base.model_fields_set,
+        redis_configured="redis_url" in base.model_fields_set,
+    ) as services:
+        for started in services.started:
+            click.echo(f"started {started} for the demo; stopped when it ends")
+        _run(base)
+
+
+def _run(base: Settings) -> None:
     model, is_tiny = _choose_model(base)
     database_url = _demo_database_url(base.database_url)
     redis_url = base.redis_url.rsplit("/", 1)[0] + "/1"
