@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -33,10 +34,26 @@ class _Request(Generic[In, Out]):
     future: Future[Out] = field(default_factory=Future)
 
 
+class BatchTimeout(TimeoutError):
+    """A caller waited longer than it allowed for its batch's results."""
+
+
 @dataclass
 class BatchStats:
     batches: int = 0
     items: int = 0
+    # Seconds spent inside `run`, and from the first batch's start to the last one's end:
+    # their ratio is how busy the stage (the model, for the embedding batcher) was.
+    busy_s: float = 0.0
+    first_started: float | None = None
+    last_finished: float | None = None
+
+    @property
+    def utilisation(self) -> float:
+        if self.first_started is None or self.last_finished is None:
+            return 0.0
+        span = self.last_finished - self.first_started
+        return self.busy_s / span if span > 0 else 1.0
 
     @property
     def mean_batch(self) -> float:
@@ -71,15 +88,26 @@ class Batcher(Generic[In, Out]):
         for thread in self._threads:
             thread.start()
 
-    def submit(self, items: Sequence[In]) -> list[Out]:
+    def submit(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
         """Run some items (one caller's, such as the frames of one upload) and wait for
-        their results; raises what the batch that ran them raised."""
+        their results; raises what the batch that ran them raised, or `BatchTimeout` if
+        they are not all back within `timeout_s` (None: wait for ever)."""
         if not any(thread.is_alive() for thread in self._threads):
             raise RuntimeError(f"{self.name} has stopped")
         requests: list[_Request[In, Out]] = [_Request(item) for item in items]
         for request in requests:
             self._queue.put(request)
-        return [request.future.result() for request in requests]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = []
+        for request in requests:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                results.append(request.future.result(timeout=remaining))
+            except FutureTimeout:
+                raise BatchTimeout(
+                    f"{self.name}: no result within {timeout_s:g} s ({self.waiting} items waiting)"
+                ) from None
+        return results
 
     @property
     def waiting(self) -> int:
@@ -94,6 +122,7 @@ class Batcher(Generic[In, Out]):
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
+            started = time.perf_counter()
             try:
                 results = self._run_batch([request.item for request in batch])
                 if len(results) != len(batch):
@@ -103,9 +132,14 @@ class Batcher(Generic[In, Out]):
                 for request in batch:
                     request.future.set_exception(exc)
                 continue
+            finished = time.perf_counter()
             with self._stats_lock:
                 self.stats.batches += 1
                 self.stats.items += len(batch)
+                self.stats.busy_s += finished - started
+                if self.stats.first_started is None:
+                    self.stats.first_started = started
+                self.stats.last_finished = finished
             for request, result in zip(batch, results, strict=True):
                 request.future.set_result(result)
 

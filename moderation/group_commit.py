@@ -57,9 +57,11 @@ class GroupCommit(Generic[Item, Result]):
             self._write, name=name, max_batch=max_group
         )
 
-    def __call__(self, item: Item) -> Result:
-        """Write one item, waiting until it is committed; raises what writing it raised."""
-        (outcome,) = self._batcher.submit([item])
+    def __call__(self, item: Item, timeout_s: float | None = None) -> Result:
+        """Write one item, waiting until it is committed; raises what writing it raised, or
+        `BatchTimeout` after `timeout_s`. A write that timed out may still commit later:
+        `write_many` must make a repeat harmless."""
+        (outcome,) = self._batcher.submit([item], timeout_s)
         if isinstance(outcome, _Failed):
             raise outcome.error
         return outcome

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moderation.batching import Batcher
+from moderation.batching import Batcher, BatchTimeout
 from moderation.embedding.clip import ClipEmbedder
 from tests.images import textured
 
@@ -124,3 +124,43 @@ def test_every_request_of_a_failed_batch_fails(run: Callable[[list[int]], Sequen
     batcher.close()
     with pytest.raises(RuntimeError, match="broken has stopped"):
         batcher.submit([5])
+
+
+def test_every_caller_sharing_a_failed_batch_is_told() -> None:
+    """Each thread is a caller of its own; a batcher that told only the first caller of a
+    failed batch would leave the others to time out here instead."""
+    batch_sizes: list[int] = []
+
+    def fail(items: list[int]) -> list[int]:
+        batch_sizes.append(len(items))
+        raise ZeroDivisionError("the model failed")
+
+    batcher = Batcher(fail, name="broken", max_batch=8, max_wait_s=0.5)
+    outcomes: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        try:
+            batcher.submit([i], timeout_s=5)
+        except (ZeroDivisionError, BatchTimeout) as error:
+            outcomes[i] = type(error).__name__
+
+    _in_threads(4, one)
+    batcher.close()
+    assert batch_sizes == [4]  # one batch, four callers
+    assert outcomes == dict.fromkeys(range(4), "ZeroDivisionError")
+
+
+def test_a_caller_waits_no_longer_than_its_timeout() -> None:
+    release = threading.Event()
+
+    def stall(items: list[int]) -> list[int]:
+        release.wait(timeout=10)
+        return items
+
+    batcher = Batcher(stall, name="stalled", max_batch=1)
+    started = time.monotonic()
+    with pytest.raises(BatchTimeout, match=r"stalled: no result within 0\.3 s"):
+        batcher.submit([1], timeout_s=0.3)
+    assert time.monotonic() - started < 2
+    release.set()
+    batcher.close()
