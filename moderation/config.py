@@ -26,13 +26,16 @@ class Settings(BaseSettings):
     # for the device the worker ends up on (see `resolved_model`).
     model: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Images per forward pass; unset means 64 on CUDA and 8 on CPU.
+    # Images per forward pass; unset means 128 on CUDA and 8 on CPU.
     batch_size: int | None = Field(default=None, ge=1)
     # Forward passes run at once, each on its own thread. On CPU, one single-threaded stream
     # per core beats one stream spread over all cores (measured on ViT-B/32, 2 cores: 14.4
     # against 12.0 images/s) and suffers far less when decoding competes for the cores.
     # Unset means 1 on CUDA and one per core, at most 4, on CPU.
     inference_streams: int | None = Field(default=None, ge=1)
+    # torch.compile the image tower (for a few batch shapes, at worker start). Unset: on
+    # CUDA, where it was measured faster (see `ClipEmbedder.compile`), and off on CPU.
+    compile_model: bool | None = None
     # How long the batcher waits for more images before running a partial batch.
     batch_wait_ms: float = Field(default=10.0, ge=0)
 
@@ -74,6 +77,16 @@ class Settings(BaseSettings):
     # Worker and delivery.
     queue: str = "screening"
     worker_concurrency: int | None = Field(default=None, ge=1)
+    # Processes that fetch, decode, hash and preprocess (one image at a time each, one BLAS
+    # thread each), handing crops to the worker's model through shared memory. 0: in the
+    # task threads, as before (see `resolved_intake_processes` for the default).
+    intake_processes: int | None = Field(default=None, ge=0)
+    # The longest one upload's intake may take (fetch and decode) before its process is
+    # killed and replaced and the upload retried. Above fetch_timeout_s plus a large decode.
+    intake_timeout_s: float = Field(default=120.0, gt=0)
+    # The longest a task waits on any other stage (a claim or result commit, a forward pass,
+    # a bank search) before giving up with a retried fault: a stall never becomes a hang.
+    stage_timeout_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_backoff_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)
@@ -109,7 +122,12 @@ class Settings(BaseSettings):
     def resolved_batch_size(self) -> int:
         if self.batch_size:
             return self.batch_size
-        return 64 if self.resolved_device() == "cuda" else 8
+        return 128 if self.resolved_device() == "cuda" else 8
+
+    def resolved_compile(self) -> bool:
+        if self.compile_model is not None:
+            return self.compile_model
+        return self.resolved_device() == "cuda"
 
     def resolved_streams(self) -> int:
         if self.inference_streams:
@@ -119,6 +137,17 @@ class Settings(BaseSettings):
     def resolved_torch_threads(self) -> int:
         """Intra-op threads per stream on CPU: the cores shared out between the streams."""
         return max(1, _cpu_count() // self.resolved_streams())
+
+    def resolved_intake_processes(self) -> int:
+        """Intake processes: on CUDA every core but two (the feeder thread's interpreter and
+        the database writers, Celery, PostgreSQL); on CPU the model needs cores too, so half.
+        Measured on two cores (README, Performance)."""
+        if self.intake_processes is not None:
+            return self.intake_processes
+        cores = _cpu_count()
+        if self.resolved_device() == "cuda":
+            return max(1, cores - 2)
+        return max(1, cores // 2)
 
     def resolved_concurrency(self) -> int:
         # Enough tasks in flight to fill every stream's next batch while the current ones run.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -250,3 +250,64 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
                 .group_by(table.upload_id)
             ).all()
             assert dict(rows) == dict.fromkeys(ids, per_upload), table.__tablename__
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text()
+        except OSError:
+            continue
+        if int(fields[fields.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _intake_processes(worker: WorkerProcess) -> list[int]:
+    """The worker's intake processes: the children of its multiprocessing forkserver."""
+    pids = []
+    for child in _children(worker.process.pid):
+        if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            pids += _children(child)
+    return pids
+
+
+def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
+    slow_server: str, tmp_path: Path
+) -> None:
+    """An intake process dies mid-fetch (the OOM killer, a decoder crash): its upload is
+    retried, a replacement process takes its place, and every upload ends screened once."""
+    ids = _submit("intake-loss", slow_server, 12)
+    queue = f"{QUEUE}-intake-loss"
+    env = {
+        **TEST_ENV,
+        "MODERATION_QUEUE": queue,
+        "MODERATION_WORKER_CONCURRENCY": "4",
+        "MODERATION_INTAKE_PROCESSES": "2",
+    }
+    with WorkerProcess(tmp_path / "worker.log", env) as worker:
+        worker.wait_ready()
+        before = _intake_processes(worker)
+        assert len(before) == 2
+        publish_screening(ids, queue=queue)
+        _wait_for(lambda: _count(UploadStatus.PROCESSING, ids) >= 2)
+        time.sleep(0.5)  # mid-fetch: the slow server answers after 1.5 s
+        os.kill(before[0], signal.SIGKILL)
+        final = wait_until_final(ids, timeout_s=60)
+        after = _intake_processes(worker)
+        log = worker.log()
+
+    assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
+    assert _hits_per_upload(ids) == dict.fromkeys(ids, 1)
+    assert f"intake process {before[0]} died" in log
+    assert sorted(u.attempts for u in final)[-1] == 2  # the victim's upload, once more
+    assert len(after) == 2
+    assert before[0] not in after
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -261,18 +261,21 @@ def worker(concurrency: int | None, loglevel: str) -> None:
     # Before any thread exists: arenas made by then would stay (see images/memory.py).
     configure_allocator()
     settings = get_settings()
-    # Load the model and bank index before taking any message, so failures show at start.
-    screener = get_screener()
+    concurrency = concurrency or settings.resolved_concurrency()
+    # Load the model and bank index and start the intake processes before taking any
+    # message, so failures show at start.
+    screener = get_screener(slots=concurrency)
     click.echo(
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
-        f"queue {settings.queue}"
+        f"{settings.resolved_intake_processes()} intake process(es), "
+        f"{concurrency} task threads, queue {settings.queue}"
     )
     app.worker_main(
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={concurrency or settings.resolved_concurrency()}",
+            f"--concurrency={concurrency}",
             f"--queues={settings.queue}",
             f"--loglevel={loglevel}",
             "--hostname=screening@%h",

@@ -1,35 +1,56 @@
-"""Screening one upload: claim, fetch, decode, hash, embed, match, record.
+"""Screening one upload: claim, intake, embed, search, match, record.
 
-A `Screener` is built once per worker process and shared by all its task threads. Claims
-and results are written by group commit (many uploads per transaction, see
-`moderation.group_commit`), and no connection is held while the image is fetched, decoded
-or embedded.
+Follow one upload from its message to its commit:
+
+    Celery worker process (one per machine, or per GPU)
+    │
+    ├─ Celery consumer thread ── message "screen upload 42" ──▶ a task thread (of `concurrency`)
+    │
+    ├─ task thread: Screener.run(42)
+    │    1. claim   ─▶ claim-writer thread      one transaction claims many uploads
+    │    2. intake  ─▶ intake process (pipe)    fetch, SHA-256, decode, PDQ, CLIP crop;
+    │                  the crop is written into a shared-memory slot held by this task
+    │    3. embed   ─▶ embedding stream thread  one forward pass over many uploads' crops
+    │                  (slot released: the crop was copied into the batch)
+    │    4. search  ─▶ clip-search thread       one bank search for many vectors
+    │    5. match      (this thread)            SHA-256 and PDQ against the bank
+    │    6. record  ─▶ result-writer thread     one transaction records many uploads
+    │    then Celery acknowledges the message (acks_late): only after step 6 committed
+    │
+    └─ intake processes (`intake_processes`, one BLAS thread each), started by a forkserver;
+       one job at a time each, so a process that dies or hangs costs only its own upload
+
+A task thread waits at every arrow; each wait has a limit (`stage_timeout_s`, and
+`intake_timeout_s` for intake) past which it gives up with a retried `StageTimeout`
+(a log line names the stage), so a stall never becomes a hang. A write that timed out
+may still commit: every write is idempotent (status guard, `ON CONFLICT DO NOTHING`).
+No database connection is held while an image is fetched, decoded or embedded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from moderation.banks.matcher import BankMatcher, ClipHit, MatchSettings
-from moderation.batching import Batcher
+from moderation.banks.matcher import BankMatcher, ClipHit, Match, MatchSettings
+from moderation.batching import Batcher, BatchTimeout
 from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
+from moderation.embedding.feeder import Feeder
 from moderation.embedding.service import get_or_create_model
 from moderation.group_commit import GroupCommit
-from moderation.images.budget import MemoryBudget
-from moderation.images.decode import DecodeLimits
-from moderation.images.errors import BadInput, ContentMismatch, IntakeError, TransientFault
-from moderation.images.fetch import fetch
-from moderation.images.hashing import sha256
-from moderation.images.signals import extract_signals
-from moderation.images.uri_policy import UriPolicy
+from moderation.images.errors import BadInput, IntakeError, TransientFault
+from moderation.images.signals import ImageSignals
 from moderation.screening import service
+from moderation.screening.intake import Intake, IntakeTimes, build_intake
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +63,35 @@ class InternalFault(TransientFault):
     code = "internal_error"
 
 
+class StageTimeout(TransientFault):
+    """A stage did not answer within its limit: a stalled stage, retried."""
+
+    code = "stage_timeout"
+
+
+@dataclass
+class StageTimes:
+    """Wall seconds task threads spent in each stage, summed over uploads (the benchmark
+    reads them from the worker's log to say where an upload's time goes)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    uploads: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def count_upload(self) -> None:
+        with self._lock:
+            self.uploads += 1
+
+    def per_upload_ms(self) -> dict[str, float]:
+        with self._lock:
+            count = max(1, self.uploads)
+            return {stage: round(total * 1000 / count, 2) for stage, total in self.seconds.items()}
+
+
 class Screener:
     def __init__(
         self,
@@ -50,14 +100,17 @@ class Screener:
         embedder: ClipEmbedder,
         *,
         worker_name: str | None = None,
+        slots: int | None = None,
     ) -> None:
-        """`worker_name`: this process's row in `workers`, recorded as each claim's holder."""
+        """`worker_name`: this process's row in `workers`, recorded as each claim's holder.
+        `slots`: uploads in intake or embedding at once (the task threads; default: the
+        configured concurrency)."""
         self.settings = settings
         self.embedder = embedder
+        self.worker_name = worker_name
+        self.times = StageTimes()
         self._sessions = sessions
-        self._limits = DecodeLimits.from_settings(settings)
-        self._uri_policy = UriPolicy.from_settings(settings)
-        self._decode_memory = MemoryBudget(settings.decode_memory_mb * 2**20)
+        self._timeout_s = settings.stage_timeout_s
         with sessions() as session:
             self.model_id = get_or_create_model(session, embedder.name, embedder.dim).id
         self.matcher = BankMatcher(
@@ -71,28 +124,25 @@ class Screener:
             ),
             refresh_s=settings.bank_refresh_s,
         )
-        self._claim: GroupCommit[int, service.Claim | None] = GroupCommit(
-            sessions,
-            lambda session, ids: service.claim_many(
-                session, ids, max_attempts=settings.max_attempts, worker=worker_name
-            ),
-            name="claim-writer",
+        self.intake: Intake = build_intake(
+            settings, embedder.preprocess, slots=slots or settings.resolved_concurrency()
         )
-        self._record: GroupCommit[service.Screened, bool] = GroupCommit(
-            sessions,
-            lambda session, results: service.record_screened(session, results, self.model_id),
-            name="result-writer",
+        self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
+            sessions, self._write_claims, name="claim-writer"
+        )
+        self._results: GroupCommit[service.Screened, bool] = GroupCommit(
+            sessions, self._write_results, name="result-writer"
         )
         # Many uploads' images per forward pass, and their vectors searched together.
         self.embedding: Batcher[np.ndarray, np.ndarray] = Batcher(
-            lambda pixels: list(embedder.embed(np.stack(pixels))),
+            Feeder(embedder).embed,
             name="embedding",
             max_batch=settings.resolved_batch_size(),
             max_wait_s=settings.batch_wait_ms / 1000,
             streams=settings.resolved_streams(),
         )
         self.clip_search: Batcher[np.ndarray, list[ClipHit]] = Batcher(
-            lambda vectors: self.matcher.current().search_clip(np.stack(vectors)),
+            self._search_bank,
             name="clip-search",
             max_batch=4 * settings.resolved_batch_size(),
             # A forward pass releases its images together, but their threads wake one by
@@ -100,44 +150,36 @@ class Screener:
             max_wait_s=settings.batch_wait_ms / 1000,
         )
 
-    def close(self) -> None:
-        stages = (self.embedding, self.clip_search, self._claim, self._record)
-        for stage in stages:
-            stage.close()
-        for stage in stages:
-            logger.info(
-                "%s: %d items in %d batches (mean %.1f)",
-                stage.name,
-                stage.stats.items,
-                stage.stats.batches,
-                stage.stats.mean_batch,
-            )
+    # The stages' batch functions, run on the stages' own threads.
+
+    def _write_claims(
+        self, session: Session, upload_ids: Sequence[int]
+    ) -> list[service.Claim | None]:
+        return service.claim_many(
+            session, upload_ids, max_attempts=self.settings.max_attempts, worker=self.worker_name
+        )
+
+    def _write_results(self, session: Session, results: Sequence[service.Screened]) -> list[bool]:
+        return service.record_screened(session, results, self.model_id)
+
+    def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[list[ClipHit]]:
+        return self.matcher.current().search_clip(np.stack(vectors))
+
+    # One upload, on a task thread.
 
     def run(self, upload_id: int) -> None:
         """Screen one upload end to end.
 
-        Bad input is recorded as a final failure here. Transient faults are raised for the
-        task to retry (see `defer`); database errors propagate untouched, since nothing can
-        be recorded while the database is unreachable.
+        Bad input is recorded as a final failure here. Transient faults (a stage's timeout
+        included) are raised for the task to retry (see `defer`); database errors propagate
+        untouched, since nothing can be recorded while the database is unreachable.
         """
-        claim = self._claim(upload_id)
+        claim = self.claim(upload_id)
         if claim is None:
             logger.info("upload %d is already final; nothing to do", upload_id)
             return
         try:
-            data = fetch(
-                claim.uri,
-                policy=self._uri_policy,
-                max_bytes=self.settings.max_bytes,
-                timeout_s=self.settings.fetch_timeout_s,
-            )
-            _check_declared_bytes(data, claim.declared_sha256)
-            signals = extract_signals(
-                data, self._limits, self.embedder.preprocess, self._decode_memory
-            )
-            vectors = np.stack(self.embedding.submit(signals.embedding_inputs()))
-            clip_hits = self.clip_search.submit(list(vectors))
-            matches = self.matcher.current().match_searched(signals, clip_hits)
+            signals, vectors, matches = self.screen(upload_id, claim)
         except BadInput as error:
             logger.info("upload %d refused: %s", upload_id, error)
             with self._sessions() as session:
@@ -148,10 +190,54 @@ class Screener:
         except Exception as exc:
             logger.exception("screening upload %d failed unexpectedly", upload_id)
             raise InternalFault(f"{type(exc).__name__}: {exc}") from exc
-        if self._record(service.Screened(upload_id, signals, vectors, matches)):
+        if self.record(service.Screened(upload_id, signals, vectors, matches)):
             logger.info("upload %d screened: %d hit(s)", upload_id, len(matches))
         else:
             logger.info("upload %d was screened by another delivery meanwhile", upload_id)
+        self.times.count_upload()
+
+    def claim(self, upload_id: int) -> service.Claim | None:
+        with self._stage("claim", upload_id):
+            return self._claims(upload_id, self._timeout_s)
+
+    def screen(
+        self, upload_id: int, claim: service.Claim
+    ) -> tuple[ImageSignals, np.ndarray, list[Match]]:
+        """Intake, embed, search and match a claimed upload; writes nothing."""
+        started = time.perf_counter()
+        with self.intake.screened(claim.uri, claim.declared_sha256) as (signals, times):
+            self._add_intake_times(times, time.perf_counter() - started)
+            vectors = self.embed(upload_id, signals)
+        with self._stage("search", upload_id):
+            clip_hits = self.clip_search.submit(list(vectors), self._timeout_s)
+        with self._stage("match", upload_id):
+            matches = self.matcher.current().match_searched(signals, clip_hits)
+        return signals, vectors, matches
+
+    def embed(self, upload_id: int, signals: ImageSignals) -> np.ndarray:
+        with self._stage("embed", upload_id):
+            return np.stack(self.embedding.submit(signals.embedding_inputs(), self._timeout_s))
+
+    def record(self, screened: service.Screened) -> bool:
+        with self._stage("record", screened.upload_id):
+            return self._results(screened, self._timeout_s)
+
+    @contextmanager
+    def _stage(self, stage: str, upload_id: int) -> Iterator[None]:
+        """Time a stage, and turn its timeout into a retried fault with a log line."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BatchTimeout as timeout:
+            logger.error("upload %d: stage %s stalled: %s", upload_id, stage, timeout)
+            raise StageTimeout(f"{stage} gave no answer within {self._timeout_s:g} s") from None
+        finally:
+            self.times.add(stage, time.perf_counter() - started)
+
+    def _add_intake_times(self, times: IntakeTimes, waited: float) -> None:
+        self.times.add("intake", waited)
+        self.times.add("intake.fetch", times.fetch)
+        self.times.add("intake.decode_hash_preprocess", times.decode_hash_preprocess)
 
     def defer(self, upload_id: int, fault: TransientFault) -> float | None:
         """Record a transient fault: seconds until the retry, or None if it is now final."""
@@ -172,12 +258,20 @@ class Screener:
         logger.info("upload %d: %s; retry %d in %.1f s", upload_id, fault, attempts, delay)
         return delay
 
-
-def _check_declared_bytes(data: bytes, declared_sha256: bytes | None) -> None:
-    """Refuse bytes other than those submitted (the file was replaced after submission)
-    before paying for their decode."""
-    if declared_sha256 is not None and sha256(data) != declared_sha256:
-        raise ContentMismatch(
-            f"the bytes at the URI are not the ones submitted: SHA-256 {sha256(data).hex()}, "
-            f"declared {declared_sha256.hex()}"
-        )
+    def close(self) -> None:
+        """Finish what the stages hold, stop the intake processes, and log the stages'
+        batching and where an upload's time went."""
+        stages = (self.embedding, self.clip_search, self._claims, self._results)
+        for stage in stages:
+            stage.close()
+        self.intake.close()
+        for stage in stages:
+            logger.info(
+                "%s: %d items in %d batches (mean %.1f), busy %.0f%%",
+                stage.name,
+                stage.stats.items,
+                stage.stats.batches,
+                stage.stats.mean_batch,
+                100 * stage.stats.utilisation,
+            )
+        logger.info("stage ms per upload: %s", self.times.per_upload_ms())

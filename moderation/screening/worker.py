@@ -24,7 +24,9 @@ _sweeper: Sweeper | None = None
 _lock = threading.Lock()
 
 
-def get_screener() -> Screener:
+def get_screener(slots: int | None = None) -> Screener:
+    """The process's screener, built on first use; `slots`: the task threads it serves
+    (default: the configured concurrency)."""
     global _screener, _heartbeat
     with _lock:
         if _screener is None:
@@ -38,6 +40,7 @@ def get_screener() -> Screener:
                 session_scope,
                 ClipEmbedder.for_worker(settings),
                 worker_name=_heartbeat.name,
+                slots=slots,
             )
         return _screener
 

@@ -1,0 +1,251 @@
+"""The screener in this process, with a stub model: fast feedback on the pipeline's stages
+(claim, intake in processes or in the thread, embed, search, record, timeouts, a dead
+intake process) without a worker subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import select
+
+from moderation.banks import service as banks
+from moderation.config import Settings, get_settings
+from moderation.db import session_scope
+from moderation.embedding.clip import Preprocessing
+from moderation.embedding.models import Embedding
+from moderation.embedding.service import vector_from_bytes
+from moderation.images.errors import UriRefused
+from moderation.images.hashing import sha256
+from moderation.screening import service
+from moderation.screening.intake import IntakePool, IntakeProcessLost, IntakeStalled
+from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.screening.pipeline import Screener, StageTimeout
+from tests.images import encode, textured, write
+from tests.servers import http_server
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+class StubEmbedder:
+    """The model's interface without a model: each crop's vector is its mean colour
+    (so equal crops get equal vectors), normalised. `gate` holds forward passes back."""
+
+    name = "stub-embedder"
+    dim = 3
+    device = torch.device("cpu")
+
+    def __init__(self, preprocess: Preprocessing) -> None:
+        self.preprocess = preprocess
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        self.gate.wait()
+        self.batches.append(len(crops))
+        means = crops.reshape(len(crops), -1, 3).mean(axis=1) + 1.0
+        vectors: np.ndarray = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(
+            np.float32
+        )
+        return vectors
+
+
+def _settings(**overrides: object) -> Settings:
+    return get_settings().model_copy(update=overrides)
+
+
+@pytest.fixture
+def preprocess(tiny_model: Path) -> Preprocessing:
+    return Preprocessing.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(params=[1, 0], ids=["intake-processes", "intake-in-thread"])
+def screener(request: pytest.FixtureRequest, preprocess: Preprocessing) -> Iterator[Screener]:
+    settings = _settings(intake_processes=request.param, stage_timeout_s=5.0)
+    built = Screener(settings, session_scope, StubEmbedder(preprocess), slots=4)  # type: ignore[arg-type]
+    yield built
+    built.close()
+
+
+def _submit(*uris: str) -> list[int]:
+    with session_scope() as session:
+        return [service.submit(session, uri)[0].id for uri in uris]
+
+
+def _upload(upload_id: int) -> Upload:
+    with session_scope() as session:
+        upload = session.get_one(Upload, upload_id)
+        session.expunge(upload)
+        return upload
+
+
+def _in_threads(screener: Screener, upload_ids: Sequence[int]) -> None:
+    threads = [threading.Thread(target=screener.run, args=(i,)) for i in upload_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+
+def test_uploads_are_screened_and_recorded_with_their_vectors(
+    screener: Screener, tmp_path: Path
+) -> None:
+    images = [textured(seed) for seed in range(6)]
+    paths = [write(tmp_path / f"{i}.jpg", encode(image)) for i, image in enumerate(images)]
+    banked = paths[0].read_bytes()
+    with session_scope() as session:
+        bank = banks.create_bank(session, "known-bad")
+        banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(banked))], added_by="t")
+    upload_ids = _submit(*(p.as_uri() for p in paths))
+
+    _in_threads(screener, upload_ids)
+
+    uploads = [_upload(i) for i in upload_ids]
+    assert [u.status for u in uploads] == [UploadStatus.SCREENED] * 6
+    assert [(u.width, u.height, u.frames_hashed) for u in uploads] == [(640, 480, 1)] * 6
+    with session_scope() as session:
+        hits = session.scalars(select(Hit.upload_id)).all()
+        stored = {
+            e.upload_id: vector_from_bytes(e.vector) for e in session.scalars(select(Embedding))
+        }
+    assert hits == [upload_ids[0]]
+    # The crop that reached the model is the one the reference preprocessing makes: its
+    # vector (the crop's mean colour) is the one stored.
+    for upload_id, path in zip(upload_ids, paths, strict=True):
+        crop = screener.embedder.preprocess(Image.open(path).convert("RGB"))
+        expected = StubEmbedder(screener.embedder.preprocess).embed(crop[np.newaxis])[0]
+        np.testing.assert_allclose(stored[upload_id], expected, atol=1e-6)
+    assert sum(screener.embedder.batches) == 6  # type: ignore[attr-defined]
+
+
+def test_bad_input_fails_the_upload_with_its_code(screener: Screener, tmp_path: Path) -> None:
+    truncated = encode(textured(3))[:2000]
+    (upload_id,) = _submit(write(tmp_path / "cut.jpg", truncated).as_uri())
+
+    screener.run(upload_id)
+
+    upload = _upload(upload_id)
+    assert (upload.status, upload.error_code) == (UploadStatus.FAILED, "truncated_image")
+
+
+def test_a_stalled_forward_pass_is_a_retried_stage_timeout(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    embedder = StubEmbedder(preprocess)
+    embedder.gate.clear()  # the model never answers
+    settings = _settings(intake_processes=0, stage_timeout_s=0.5)
+    screener = Screener(settings, session_scope, embedder, slots=2)  # type: ignore[arg-type]
+    (upload_id,) = _submit(write(tmp_path / "a.jpg", encode(textured(4))).as_uri())
+    try:
+        started = time.monotonic()
+        with pytest.raises(StageTimeout, match=r"embed gave no answer within 0\.5 s") as fault:
+            screener.run(upload_id)
+        assert time.monotonic() - started < 5
+        assert screener.defer(upload_id, fault.value) is not None
+        upload = _upload(upload_id)
+        assert (upload.status, upload.error_code) == (UploadStatus.QUEUED, "stage_timeout")
+    finally:
+        embedder.gate.set()
+        screener.close()
+
+
+class _SlowImage(BaseHTTPRequestHandler):
+    image = encode(textured(7))
+    delay_s = 3.0
+
+    def do_GET(self) -> None:
+        time.sleep(self.delay_s)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.image)))
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    with http_server(_SlowImage) as url:
+        yield url
+
+
+def _pool(preprocess: Preprocessing, **overrides: object) -> IntakePool:
+    return IntakePool(
+        _settings(**overrides),
+        processes=1,
+        slots=2,
+        crop_shape=(preprocess.crop_height, preprocess.crop_width, 3),
+        timeout_s=float(overrides.get("intake_timeout_s", 30.0)),  # type: ignore[arg-type]
+    )
+
+
+def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_replaced(
+    preprocess: Preprocessing, slow_server: str
+) -> None:
+    pool = _pool(preprocess)
+    try:
+        (victim,) = pool.pids
+        killer = threading.Timer(1.0, os.kill, args=(victim, signal.SIGKILL))
+        killer.start()
+        with (
+            pytest.raises(IntakeProcessLost),
+            pool.screened(f"{slow_server}/a.jpg", None),
+        ):
+            pass
+        killer.join()
+        assert pool.replaced == 1
+        (replacement,) = pool.pids
+        assert replacement != victim
+        # The replacement screens the next upload, its crop in the shared slot.
+        with pool.screened(f"{slow_server}/b.jpg", None) as (signals, _):
+            (crop,) = signals.embedding_inputs()
+            assert crop.shape == (preprocess.crop_height, preprocess.crop_width, 3)
+            assert signals.sha256 == sha256(_SlowImage.image)
+    finally:
+        pool.close()
+
+
+def test_an_intake_process_that_does_not_answer_in_time_is_killed_and_replaced(
+    preprocess: Preprocessing, slow_server: str
+) -> None:
+    # The fetch would wait longer than intake allows.
+    pool = _pool(preprocess, intake_timeout_s=1.0, fetch_timeout_s=20.0)
+    try:
+        (stalled,) = pool.pids
+        started = time.monotonic()
+        with pytest.raises(IntakeStalled), pool.screened(f"{slow_server}/a.jpg", None):
+            pass
+        assert time.monotonic() - started < 2.5
+        assert pool.replaced == 1
+        assert pool.pids != [stalled]
+        with pytest.raises(ProcessLookupError):
+            os.kill(stalled, 0)
+    finally:
+        pool.close()
+
+
+def test_typed_errors_cross_back_from_an_intake_process(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    pool = _pool(preprocess)
+    try:
+        refused = "file:///etc/shadow"
+        with pytest.raises(UriRefused) as error, pool.screened(refused, None):
+            pass
+        assert error.value.code == "uri_refused"
+        # A refusal costs no process.
+        assert pool.replaced == 0
+    finally:
+        pool.close()
