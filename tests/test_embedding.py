@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
-from moderation.embedding.clip import ClipEmbedder, Preprocessing, processor_class
+from moderation.embedding.clip import ClipEmbedder, Preprocessing, batch_shapes, processor_class
 from tests.images import textured
 
 
@@ -72,3 +72,25 @@ def test_tiny_model_is_a_complete_checkpoint(tiny_model: Path) -> None:
 def test_tiny_model_separates_different_images(embedder: ClipEmbedder) -> None:
     a, b = embedder.embed_images([textured(10), textured(11)])
     assert 1 - float(a @ b) > 0.1
+
+
+def test_batch_shapes_cover_every_size_up_to_the_batch() -> None:
+    assert batch_shapes(8) == [8]
+    assert batch_shapes(128) == [8, 16, 32, 64, 128]
+    assert batch_shapes(100) == [8, 16, 32, 64, 100]
+
+
+def test_a_compiled_model_pads_partial_batches_and_returns_only_their_vectors(
+    tiny_model: Path,
+) -> None:
+    """Through torch.compile (the eager backend: the same graph capture, no C compiler
+    needed), for batch sizes between the compiled shapes."""
+    plain = ClipEmbedder(str(tiny_model), "cpu")
+    compiled = ClipEmbedder(str(tiny_model), "cpu")
+    compiled.compile([8, 16], backend="eager", mode=None)
+    crops = np.stack([plain.preprocess(textured(seed)) for seed in range(11)])
+    for count in (1, 8, 11):
+        expected = plain.embed(crops[:count])
+        ours = compiled.embed(crops[:count])
+        assert ours.shape == expected.shape
+        np.testing.assert_allclose(ours, expected, atol=1e-5)

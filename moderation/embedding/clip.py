@@ -10,6 +10,8 @@ normalisation run on the whole batch, on the model's device, just before the for
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,26 @@ class Preprocessing:
         return (pixels - mean) / std
 
 
+def batch_shapes(max_batch: int) -> list[int]:
+    """The batch sizes a compiled model is built for: powers of two from 8, and the largest.
+    A partial batch is padded to the next, so at most twice the work for a few shapes
+    instead of a recompilation for every size the batcher happens to form."""
+    shapes = {max_batch}
+    size = 8
+    while size < max_batch:
+        shapes.add(size)
+        size *= 2
+    return sorted(shapes)
+
+
+def _padded(batch: torch.Tensor, shapes: Sequence[int]) -> torch.Tensor:
+    size = next((shape for shape in shapes if shape >= len(batch)), None)
+    if size is None or size == len(batch):
+        return batch
+    padding = batch.new_zeros((size - len(batch), *batch.shape[1:]))
+    return torch.cat([batch, padding])
+
+
 def processor_class() -> Any:
     try:  # transformers 5: the PIL backend, which needs no torchvision
         from transformers import CLIPImageProcessorPil
@@ -132,16 +154,46 @@ class ClipEmbedder:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = projection_dim(model.config)
         self.preprocess = Preprocessing.from_pretrained(name)
+        # Set by `compile`: the compiled image tower and the batch sizes it was built for.
+        self._compiled: Any = None
+        self._shapes: list[int] = []
 
     @classmethod
     def for_worker(cls, settings: Settings) -> ClipEmbedder:
         """The configured model as a worker runs it (and the benchmark's baseline with it):
-        on CPU, each inference stream gets its share of the cores."""
-        return cls(
+        on CPU, each inference stream gets its share of the cores; compiled where that is
+        configured (by default on CUDA)."""
+        embedder = cls(
             settings.resolved_model(),
             settings.resolved_device(),
             cpu_threads=settings.resolved_torch_threads(),
         )
+        if settings.resolved_compile():
+            embedder.compile(batch_shapes(settings.resolved_batch_size()))
+        return embedder
+
+    def compile(
+        self,
+        shapes: Sequence[int],
+        *,
+        backend: str = "inductor",
+        mode: str | None = "max-autotune-no-cudagraphs",
+    ) -> float:
+        """Compile the image tower for batches of these sizes (a smaller batch is padded to
+        the next), each compiled now rather than under the first uploads; the seconds it
+        took. Measured on an H100, ViT-L/14-336 fp16, batch 128: 1,163 images/s compiled
+        against 933 eager (`../shared/gpu/README.md`)."""
+        started = time.perf_counter()
+        self._compiled = torch.compile(
+            self.model.get_image_features, backend=backend, mode=mode, dynamic=False
+        )
+        self._shapes = sorted(set(shapes))
+        height, width = self.preprocess.crop_height, self.preprocess.crop_width
+        for size in self._shapes:
+            self.embed(np.zeros((size, height, width, 3), dtype=np.uint8))
+        seconds = time.perf_counter() - started
+        logger.info("compiled CLIP for batches of %s in %.1f s", self._shapes, seconds)
+        return seconds
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Crops from `preprocess`, uint8 (n, H, W, 3), to L2-normalised float32 (n, dim)."""
@@ -156,10 +208,14 @@ class ClipEmbedder:
         """Model-ready pixel values (n, 3, H, W) to L2-normalised float32 (n, dim)."""
         with torch.inference_mode():
             batch = pixel_values.to(self.device, dtype=self.dtype)
-            output = self.model.get_image_features(pixel_values=batch)
+            count = len(batch)
+            if self._compiled is not None:
+                output = self._compiled(pixel_values=_padded(batch, self._shapes))
+            else:
+                output = self.model.get_image_features(pixel_values=batch)
             # transformers 5 returns a model output whose pooler_output is the projection.
             features = output if isinstance(output, torch.Tensor) else output.pooler_output
-            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            features = torch.nn.functional.normalize(features[:count].float(), dim=-1)
             result: np.ndarray = features.cpu().numpy()
             return result
 
