@@ -24,6 +24,7 @@ from moderation.db import session_scope
 from moderation.embedding.clip import Preprocessing
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_from_bytes
+from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
 from moderation.screening import service
@@ -247,5 +248,42 @@ def test_typed_errors_cross_back_from_an_intake_process(
         assert error.value.code == "uri_refused"
         # A refusal costs no process.
         assert pool.replaced == 0
+    finally:
+        pool.close()
+
+
+def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    large = Image.linear_gradient("L").resize((5000, 4000)).convert("RGB")
+    path = write(tmp_path / "large.png", encode(large, "PNG", compress_level=1))
+    pool = _pool(preprocess, decode_memory_mb=1024)
+    try:
+        outcome: list[BaseException] = []
+
+        def screen() -> None:
+            try:
+                with pool.screened(path.as_uri(), None):
+                    pass
+            except BaseException as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=screen)
+        thread.start()
+        # 20 megapixels: more than a process may decode without asking the worker.
+        deadline = time.monotonic() + 30
+        while pool.decode_memory.used_bytes == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert pool.decode_memory.used_bytes == 20_000_000 * PEAK_BYTES_PER_PIXEL
+        (decoding,) = pool.pids
+        os.kill(decoding, signal.SIGKILL)
+        thread.join(timeout=30)
+        assert [type(error) for error in outcome] == [IntakeProcessLost]
+        assert pool.decode_memory.used_bytes == 0
+        # And a large image decodes in the replacement, reserving and releasing again.
+        with pool.screened(path.as_uri(), None) as (signals, _):
+            assert (signals.width, signals.height) == (5000, 4000)
+        assert pool.decode_memory.used_bytes == 0
     finally:
         pool.close()

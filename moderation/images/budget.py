@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 from moderation.images.memory import release_free_memory
 
@@ -26,6 +27,12 @@ PEAK_BYTES_PER_PIXEL = 12
 # allocator's free memory when it ends; malloc_trim takes milliseconds, against a second
 # or more to decode and hash such a frame. None: never.
 RELEASE_AFTER_BYTES = 256 * 2**20
+
+
+class Budget(Protocol):
+    def reserve(self, nbytes: int) -> AbstractContextManager[None]:
+        """Hold `nbytes` of the budget while the block runs."""
+        ...
 
 
 class MemoryBudget:

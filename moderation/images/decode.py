@@ -34,7 +34,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from moderation.config import Settings
-from moderation.images.budget import PEAK_BYTES_PER_PIXEL, MemoryBudget
+from moderation.images.budget import PEAK_BYTES_PER_PIXEL, Budget
 from moderation.images.errors import (
     BadDimensions,
     BadInput,
@@ -115,7 +115,7 @@ def decode(
     data: bytes,
     limits: DecodeLimits,
     *,
-    budget: MemoryBudget | None = None,
+    budget: Budget | None = None,
     visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[Image.Image]: ...
 @overload
@@ -124,7 +124,7 @@ def decode(
     limits: DecodeLimits,
     visit: Callable[[Image.Image, bool], T],
     *,
-    budget: MemoryBudget | None = None,
+    budget: Budget | None = None,
     visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[T]: ...
 
@@ -134,7 +134,7 @@ def decode(
     limits: DecodeLimits,
     visit: Callable[[Image.Image, bool], Any] = _copy_frame,
     *,
-    budget: MemoryBudget | None = None,
+    budget: Budget | None = None,
     visit_as_stored: Callable[[Image.Image], Any] | None = None,
 ) -> DecodedImage[Any]:
     """Decode safely and call `visit(frame, sampled)` on each visited frame. Raises `BadInput`.

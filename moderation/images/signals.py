@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from moderation.images.budget import MemoryBudget
+from moderation.images.budget import Budget
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.hashing import PdqHash, pdq, sha256
 
@@ -60,7 +60,7 @@ def extract_signals(
     data: bytes,
     limits: DecodeLimits,
     preprocess: Callable[[Image.Image], np.ndarray],
-    budget: MemoryBudget | None = None,
+    budget: Budget | None = None,
 ) -> ImageSignals:
     """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
     the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`."""

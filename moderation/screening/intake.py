@@ -15,6 +15,11 @@ SHA-256, slot number) down that process's pipe, and gets back the signals withou
 the first sampled frame's crop is in the slot, and only the rare further frames of an
 animation come back pickled. The slot stays the task's until its upload is recorded.
 
+One decode budget (`decode_memory_mb`) bounds all the processes together: a process
+decodes a small image within an allowance of its own, and asks the worker, over its pipe,
+to reserve anything larger from the rest; the worker drops a reservation when the
+process answers or dies, so a killed process never keeps memory reserved.
+
 Each intake process serves one job at a time over its own pipe, so a failure is always
 attributed to one upload: if the process dies (SIGKILL, the OOM killer, a crash in a
 decoder) the pipe reports end-of-file, the pool starts a replacement, and that upload
@@ -30,6 +35,7 @@ its BLAS and OpenMP threads.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import multiprocessing
 import os
@@ -37,7 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -48,11 +54,12 @@ import numpy as np
 
 from moderation.config import Settings
 from moderation.embedding.clip import Preprocessing
-from moderation.images.budget import MemoryBudget
+from moderation.images.budget import RELEASE_AFTER_BYTES, Budget, MemoryBudget
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import ContentMismatch, IntakeError, TransientFault
 from moderation.images.fetch import fetch
 from moderation.images.hashing import sha256
+from moderation.images.memory import configure_allocator, release_free_memory
 from moderation.images.signals import ImageSignals, extract_signals
 from moderation.images.uri_policy import UriPolicy
 
@@ -102,16 +109,65 @@ class IntakeResult:
     times: IntakeTimes
 
 
+# Decodes whose estimated peak is below this (about 5 megapixels) need not ask the worker
+# for memory: a round trip per image would cost the worker's interpreter more than the
+# decode costs an intake process.
+SMALL_DECODE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class _Reserve:
+    nbytes: int
+
+
+class _Message(enum.Enum):
+    GRANTED = "granted"
+    RELEASE = "release"
+
+
+_GRANTED, _RELEASE = _Message.GRANTED, _Message.RELEASE
+
+
+class _NoAnswer(Exception):
+    pass
+
+
+class _DecodeMemoryFromWorker:
+    """An intake process's decode budget: its own allowance, and beyond it a reservation
+    held by the worker for it, so that one budget bounds all processes together. (A
+    budget of its own per process could not: one process decodes one image at a time,
+    and every process could hold a 50-megapixel frame at once.)"""
+
+    def __init__(self, connection: Connection, allowance_bytes: int) -> None:
+        self._connection = connection
+        self._allowance_bytes = allowance_bytes
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        if nbytes <= self._allowance_bytes:
+            yield
+            return
+        self._connection.send(_Reserve(nbytes))
+        if self._connection.recv() is not _GRANTED:  # the worker is stopping
+            raise SystemExit(0)
+        try:
+            yield
+        finally:
+            self._connection.send(_RELEASE)
+            if nbytes >= RELEASE_AFTER_BYTES:  # freed pixels go back to the system
+                release_free_memory()
+
+
 class IntakeContext:
     """What intake needs, built once per process (or once per worker when intake runs in
     the task threads)."""
 
-    def __init__(self, settings: Settings, preprocess: Preprocessing, budget_bytes: int):
+    def __init__(self, settings: Settings, preprocess: Preprocessing, budget: Budget):
         self.settings = settings
         self.preprocess = preprocess
         self.limits = DecodeLimits.from_settings(settings)
         self.uri_policy = UriPolicy.from_settings(settings)
-        self.decode_memory = MemoryBudget(budget_bytes)
+        self.decode_memory = budget
 
 
 def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSignals, IntakeTimes]:
@@ -157,7 +213,8 @@ class Intake(Protocol):
 
 class InThreadIntake:
     def __init__(self, settings: Settings, preprocess: Preprocessing) -> None:
-        self._context = IntakeContext(settings, preprocess, settings.decode_memory_mb * 2**20)
+        budget = MemoryBudget(settings.decode_memory_mb * 2**20)
+        self._context = IntakeContext(settings, preprocess, budget)
 
     @contextmanager
     def screened(
@@ -249,8 +306,14 @@ class IntakePool:
         self.replaced = 0
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([__name__])
-        # Each process gets its share of the decode budget, and decodes one image at once.
-        self._budget_bytes = max(1, settings.decode_memory_mb * 2**20 // processes)
+        # The decode budget holds over all the processes (see `_DecodeMemoryFromWorker`):
+        # each decodes within an allowance of its own without asking, and reserves anything
+        # larger from the rest, which the worker holds.
+        total = settings.decode_memory_mb * 2**20
+        self._allowance_bytes = min(SMALL_DECODE_BYTES, total // (2 * processes))
+        self.decode_memory = MemoryBudget(
+            total - processes * self._allowance_bytes, release_after_bytes=None
+        )
         self._idle: queue.Queue[_Member] = queue.Queue()
         self._members: list[_Member] = []
         self._lock = threading.Lock()
@@ -280,17 +343,16 @@ class IntakePool:
                 f"no intake process free within {self.timeout_s:g} s ({self.processes} processes)"
             ) from None
         try:
-            member.connection.send(job)
-            if not member.connection.poll(self.timeout_s):
-                logger.error(
-                    "intake process %s gave no answer for %s within %g s; killing it",
-                    member.process.pid,
-                    job.uri,
-                    self.timeout_s,
-                )
-                self._replace(member)
-                raise IntakeStalled(f"intake gave no answer within {self.timeout_s:g} s")
-            outcome = member.connection.recv()
+            outcome = self._exchange(member, job)
+        except _NoAnswer:
+            logger.error(
+                "intake process %s gave no answer for %s within %g s; killing it",
+                member.process.pid,
+                job.uri,
+                self.timeout_s,
+            )
+            self._replace(member)
+            raise IntakeStalled(f"intake gave no answer within {self.timeout_s:g} s") from None
         except (EOFError, OSError):
             logger.error(
                 "intake process %s died screening %s (exit code %s); starting another",
@@ -303,8 +365,27 @@ class IntakePool:
         self._idle.put(member)
         if isinstance(outcome, BaseException):
             raise outcome
-        result: IntakeResult = outcome
-        return result
+        assert isinstance(outcome, IntakeResult), outcome
+        return outcome
+
+    def _exchange(self, member: _Member, job: IntakeJob) -> object:
+        """Send a job, serve the process's requests for decode memory, and return its
+        answer. Its reservations end with its answer or its death, whichever comes first,
+        so a killed process never keeps any. Each message must come within `timeout_s`
+        (time spent waiting here for memory that others hold does not count)."""
+        with ExitStack() as reservation:
+            member.connection.send(job)
+            while True:
+                if not member.connection.poll(self.timeout_s):
+                    raise _NoAnswer
+                message = member.connection.recv()
+                if isinstance(message, _Reserve):
+                    reservation.enter_context(self.decode_memory.reserve(message.nbytes))
+                    member.connection.send(_GRANTED)
+                elif message is _RELEASE:
+                    reservation.close()
+                else:
+                    return message
 
     @contextmanager
     def screened(
@@ -337,7 +418,7 @@ class IntakePool:
         process = self._context.Process(
             target=serve,
             args=(theirs, self.settings, self.slots.memory.name, self.slots.crop_shape),
-            kwargs={"budget_bytes": self._budget_bytes},
+            kwargs={"allowance_bytes": self._allowance_bytes},
             name="intake",
             daemon=True,
         )
@@ -388,13 +469,11 @@ def serve(
     memory_name: str,
     crop_shape: tuple[int, int, int],
     *,
-    budget_bytes: int,
+    allowance_bytes: int,
 ) -> None:
     """An intake process's loop: one job at a time from its pipe until told to stop or the
     worker is gone."""
     import torch
-
-    from moderation.images.memory import configure_allocator
 
     configure_allocator()
     torch.set_num_threads(1)  # PDQ's products; the pool is the parallelism
@@ -403,7 +482,9 @@ def serve(
     # that is harmless, while unregistering here would make the worker's unlink fail there.
     memory = SharedMemory(name=memory_name)
     context = IntakeContext(
-        settings, Preprocessing.from_pretrained(settings.resolved_model()), budget_bytes
+        settings,
+        Preprocessing.from_pretrained(settings.resolved_model()),
+        _DecodeMemoryFromWorker(connection, allowance_bytes),
     )
     while True:
         try:
