@@ -18,13 +18,13 @@ from sqlalchemy import (
     Integer,
     Row,
     String,
-    column,
+    Update,
+    bindparam,
     func,
     select,
     update,
-    values,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
@@ -253,6 +253,46 @@ class Screened:
     matches: Sequence[Match]
 
 
+def _mark_screened_statement() -> Update:
+    """Mark many uploads screened, with their dimensions, in one statement whose rows
+    arrive as one array per column, unnested by PostgreSQL: the statement is the same for
+    every group, so SQLAlchemy compiles it once (a VALUES list of literal rows was compiled
+    again for every group: a tenth of a worker's Python time, measured with py-spy)."""
+    rows = (
+        func.unnest(
+            bindparam("ids", type_=ARRAY(BigInteger)),
+            bindparam("formats", type_=ARRAY(String)),
+            bindparam("widths", type_=ARRAY(Integer)),
+            bindparam("heights", type_=ARRAY(Integer)),
+            bindparam("frame_counts", type_=ARRAY(Integer)),
+            bindparam("frames_hashed", type_=ARRAY(Integer)),
+        )
+        .table_valued("id", "media_format", "width", "height", "frame_count", "frames_hashed")
+        .render_derived(name="screened")
+    )
+    # Not a final upload: the update takes the row locks first, so a concurrent duplicate
+    # waits here, then finds its upload final and writes nothing.
+    return (
+        update(Upload)
+        .where(Upload.id == rows.c.id, Upload.status.not_in(FINAL_STATUSES))
+        .values(
+            status=UploadStatus.SCREENED,
+            error_code=None,
+            error_message=None,
+            media_format=rows.c.media_format,
+            width=rows.c.width,
+            height=rows.c.height,
+            frame_count=rows.c.frame_count,
+            frames_hashed=rows.c.frames_hashed,
+            finished_at=func.now(),
+        )
+        .returning(Upload.id)
+    )
+
+
+_MARK_SCREENED = _mark_screened_statement()
+
+
 def record_screened(session: Session, results: Sequence[Screened], model_id: int) -> list[bool]:
     """Store signals, embeddings and hits and mark the uploads screened, in one transaction.
 
@@ -263,46 +303,19 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
     first_of_each: dict[int, Screened] = {}
     for result in results:
         first_of_each.setdefault(result.upload_id, result)
-    screened_rows = values(
-        column("id", BigInteger),
-        column("media_format", String),
-        column("width", Integer),
-        column("height", Integer),
-        column("frame_count", Integer),
-        column("frames_hashed", Integer),
-        name="screened",
-    ).data(
-        [
-            (
-                r.upload_id,
-                r.signals.format,
-                r.signals.width,
-                r.signals.height,
-                r.signals.frame_count,
-                len(r.signals.frames),
-            )
-            for r in first_of_each.values()
-        ]
-    )
-    # The update takes the row locks first: a concurrent duplicate waits here, then finds
-    # its upload final and writes nothing.
+    first = list(first_of_each.values())
     connection = session.connection()
     written_ids = set(
         connection.scalars(
-            update(Upload)
-            .where(Upload.id == screened_rows.c.id, Upload.status.not_in(FINAL_STATUSES))
-            .values(
-                status=UploadStatus.SCREENED,
-                error_code=None,
-                error_message=None,
-                media_format=screened_rows.c.media_format,
-                width=screened_rows.c.width,
-                height=screened_rows.c.height,
-                frame_count=screened_rows.c.frame_count,
-                frames_hashed=screened_rows.c.frames_hashed,
-                finished_at=func.now(),
-            )
-            .returning(Upload.id)
+            _MARK_SCREENED,
+            {
+                "ids": [r.upload_id for r in first],
+                "formats": [r.signals.format for r in first],
+                "widths": [r.signals.width for r in first],
+                "heights": [r.signals.height for r in first],
+                "frame_counts": [r.signals.frame_count for r in first],
+                "frames_hashed": [len(r.signals.frames) for r in first],
+            },
         )
     )
     unwritten = first_of_each.keys() - written_ids
