@@ -66,6 +66,14 @@ class GroupCommit(Generic[Item, Result]):
             raise outcome.error
         return outcome
 
+    def many(
+        self, items: Sequence[Item], timeout_s: float | None = None
+    ) -> list[Result | Exception]:
+        """Write several items (committed together where they fit in one group), waiting
+        until all are committed; each one's result, or the error that writing it raised."""
+        outcomes = self._batcher.submit(items, timeout_s)
+        return [o.error if isinstance(o, _Failed) else o for o in outcomes]
+
     @property
     def name(self) -> str:
         return self._batcher.name

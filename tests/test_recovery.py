@@ -24,11 +24,16 @@ from moderation.screening.tasks import publish_screening
 
 STUCK_AFTER = timedelta(minutes=10)
 DEAD_AFTER = timedelta(seconds=30)
+HUNG_AFTER = timedelta(minutes=30)
 
 
 def _stuck(session: Session, oldest_waiting: int | None = None) -> list[int]:
     return find_stuck(
-        session, stuck_after=STUCK_AFTER, dead_after=DEAD_AFTER, oldest_waiting=oldest_waiting
+        session,
+        stuck_after=STUCK_AFTER,
+        dead_after=DEAD_AFTER,
+        hung_after=HUNG_AFTER,
+        oldest_waiting=oldest_waiting,
     )
 
 
@@ -99,8 +104,8 @@ def test_a_live_workers_uploads_are_not_sent_again_until_silent_past_the_timeout
     session: Session,
 ) -> None:
     alive = _worker(session, "busy", silent_for=timedelta(0))
-    slow = _claimed(session, "slow", alive, ago=STUCK_AFTER - timedelta(seconds=1))
-    lost = _claimed(session, "lost", alive, ago=STUCK_AFTER + timedelta(seconds=1))
+    slow = _claimed(session, "slow", alive, ago=HUNG_AFTER - timedelta(seconds=1))
+    lost = _claimed(session, "lost", alive, ago=HUNG_AFTER + timedelta(seconds=1))
     # The fallback: a live holder that has shown no progress on an upload for the whole
     # timeout has lost it (a hung thread, a message cancelled by a broker restart).
     assert _stuck(session) == [lost.id]
@@ -123,16 +128,18 @@ def test_uploads_taken_by_a_worker_and_never_claimed_are_sent_again(session: Ses
     taken_at = session.scalar(select(func.now() - timedelta(minutes=1)))
     assert taken_at is not None
     taken = dict.fromkeys([abandoned.id, sent_again_since.id, claimed.id], taken_at)
-    assert find_stuck(session, stuck_after=STUCK_AFTER, dead_after=DEAD_AFTER, taken=taken) == [
-        abandoned.id
-    ]
+    stuck = find_stuck(
+        session, stuck_after=STUCK_AFTER, dead_after=DEAD_AFTER, hung_after=HUNG_AFTER, taken=taken
+    )
+    assert stuck == [abandoned.id]
 
 
 def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redis.Redis) -> None:
     """Read from kombu's own `unacked` records: only this queue's, only those taken long
-    enough ago, and not retries waiting for their countdown."""
+    enough ago, and not retries waiting for their countdown; every upload of a message."""
     queue = f"taken-{uuid.uuid4().hex}"
-    publish_screening([51, 52, 53, 54], queue=queue)
+    for upload_ids in ([51, 55], [52], [53], [54]):
+        publish_screening(upload_ids, queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
     messages[2]["headers"]["eta"] = "2026-01-01T00:00:00+00:00"
@@ -151,8 +158,9 @@ def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redi
     finally:
         redis_client.hdel("unacked", *entries)
         redis_client.zrem("unacked_index", *entries)
-    assert list(taken) == [51]
+    assert list(taken) == [51, 55]
     assert abs(taken[51].timestamp() - (now - 60)) < 1
+    assert taken[55] == taken[51]
 
 
 def test_uploads_silent_past_the_timeout_are_sent_again(session: Session) -> None:
@@ -207,10 +215,11 @@ def test_one_sweeper_at_a_time(session: Session) -> None:
 def test_the_message_next_in_line_names_its_upload(redis_client: redis.Redis) -> None:
     queue = f"peek-{uuid.uuid4().hex}"
     assert oldest_waiting_upload(queue) is None
-    publish_screening([41, 42, 43], queue=queue)
+    publish_screening([41], queue=queue)
+    publish_screening([42, 43], queue=queue)
     assert oldest_waiting_upload(queue) == 41
     redis_client.rpop(queue)
-    assert oldest_waiting_upload(queue) == 42
+    assert oldest_waiting_upload(queue) == 42  # the first of its message
     redis_client.rpush(queue, b"not a celery message")
     assert oldest_waiting_upload(queue) is None
     redis_client.delete(queue)
@@ -251,3 +260,15 @@ def test_worker_names_are_unique_per_process_start() -> None:
     host, pid, suffix = name.rsplit(":", 2)
     assert (host, int(pid), len(suffix)) == (socket.gethostname(), os.getpid(), 8)
     assert recovery.new_worker_name() != name
+
+
+def test_uploads_sent_together_travel_sixteen_to_a_message(redis_client: redis.Redis) -> None:
+    queue = f"chunks-{uuid.uuid4().hex}"
+    publish_screening(list(range(1, 41)), queue=queue)
+    messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
+    redis_client.delete(queue)
+    assert [recovery._uploads_of(m) for m in messages] == [
+        list(range(1, 17)),
+        list(range(17, 33)),
+        list(range(33, 41)),
+    ]

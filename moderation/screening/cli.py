@@ -250,7 +250,11 @@ def uploads(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--concurrency", type=int, help="Task threads (default: twice the batch size).")
+@click.option(
+    "--concurrency",
+    type=int,
+    help="Uploads screened at once (default: twice the batch size times the streams).",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int | None, loglevel: str) -> None:
     """Run a screening worker: one process, one model, many task threads."""
@@ -269,13 +273,18 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} task threads, queue {settings.queue}"
+        f"{concurrency} uploads at once, queue {settings.queue}"
     )
     app.worker_main(
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={concurrency}",
+            # Messages in flight. Most carry 16 uploads (see `UPLOADS_PER_MESSAGE`), claimed
+            # together and screened as the screener's threads come free; half as many
+            # messages as those threads keeps them busy without claiming far more than
+            # they can screen soon, and still fills a batch per stream with messages of
+            # one upload each.
+            f"--concurrency={max(1, concurrency // 2)}",
             f"--queues={settings.queue}",
             f"--loglevel={loglevel}",
             "--hostname=screening@%h",

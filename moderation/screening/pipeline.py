@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -127,6 +128,10 @@ class Screener:
         self.intake: Intake = build_intake(
             settings, embedder.preprocess, slots=slots or settings.resolved_concurrency()
         )
+        # Uploads being screened at once (each waits on a stage most of the time).
+        self._threads = ThreadPoolExecutor(
+            slots or settings.resolved_concurrency(), thread_name_prefix="screening"
+        )
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
         )
@@ -167,14 +172,56 @@ class Screener:
 
     # One upload, on a task thread.
 
+    def run_many(self, upload_ids: Sequence[int]) -> dict[int, float]:
+        """Screen a message's uploads: claim them together, then screen each on a thread
+        of the screener's own. Returns the retries due, as seconds until each by upload.
+        Raises a database error once every upload has had its chance (the task retries
+        the message then: uploads already final are skipped)."""
+        unique = list(dict.fromkeys(upload_ids))
+        with self._stage("claim", unique[0]):
+            claims = self._claims.many(unique, self._timeout_s)
+        outcomes = {
+            upload_id: self._threads.submit(self._settle, upload_id, claim)
+            for upload_id, claim in zip(unique, claims, strict=True)
+        }
+        retries: dict[int, float] = {}
+        database_error: DBAPIError | None = None
+        for upload_id, outcome in outcomes.items():
+            try:
+                delay = outcome.result()
+            except DBAPIError as error:
+                database_error = database_error or error
+                continue
+            if delay is not None:
+                retries[upload_id] = delay
+        if database_error is not None:
+            raise database_error
+        return retries
+
+    def _settle(self, upload_id: int, claim: service.Claim | Exception | None) -> float | None:
+        """Screen one claimed upload; seconds until its retry if a transient fault needs
+        one, else None."""
+        try:
+            if isinstance(claim, Exception):
+                raise claim
+            self.process(upload_id, claim)
+        except service.UploadNotFound:
+            logger.error("upload %d does not exist; dropping it", upload_id)
+        except TransientFault as fault:
+            return self.defer(upload_id, fault)
+        return None
+
     def run(self, upload_id: int) -> None:
-        """Screen one upload end to end.
+        """Screen one upload end to end, on the calling thread (see `process`)."""
+        self.process(upload_id, self.claim(upload_id))
+
+    def process(self, upload_id: int, claim: service.Claim | None) -> None:
+        """Screen a claimed upload (None: nothing left to do) and record the outcome.
 
         Bad input is recorded as a final failure here. Transient faults (a stage's timeout
         included) are raised for the task to retry (see `defer`); database errors propagate
         untouched, since nothing can be recorded while the database is unreachable.
         """
-        claim = self.claim(upload_id)
         if claim is None:
             logger.info("upload %d is already final; nothing to do", upload_id)
             return
@@ -261,6 +308,7 @@ class Screener:
     def close(self) -> None:
         """Finish what the stages hold, stop the intake processes, and log the stages'
         batching and where an upload's time went."""
+        self._threads.shutdown(wait=True)
         stages = (self.embedding, self.clip_search, self._claims, self._results)
         for stage in stages:
             stage.close()

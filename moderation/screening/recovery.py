@@ -8,8 +8,11 @@ a time (an advisory lock) every `sweep_interval_s` in every worker:
   unknown): sent again at once. A SIGKILLed worker's uploads are screened elsewhere within
   about `worker_dead_after_s + sweep_interval_s`, not after Redis's visibility timeout,
   which must stay longer than the longest legitimate task and so cannot be short.
-- `processing` with no sign of life for `stuck_after_s`, whoever holds it: the fallback
-  (a claim by no registered worker, a holder that is alive but lost the upload).
+- `processing` with no sign of life for `hung_after_s`, whoever holds it: the fallback
+  (a claim by no registered worker, a holder that is alive but lost the upload). Longer
+  than any upload legitimately takes, queued inside its worker included: a worker claims
+  a message's uploads together, then screens them as its threads come free, and every
+  wait in screening has its own limit.
 - `queued`, whose message a worker took `worker_dead_after_s` ago (it is in Redis's
   `unacked` set) and never claimed: a live worker claims within moments of taking a
   message, so that worker died between the two (a SIGKILL lands there easily: at any
@@ -49,7 +52,7 @@ from sqlalchemy import ColumnElement, and_, create_engine, delete, exists, func,
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from moderation.celery_app import SCREEN_UPLOAD, app
+from moderation.celery_app import app, send_screening
 from moderation.config import Settings, get_settings
 from moderation.db import session_scope
 from moderation.screening.models import Upload, UploadStatus, Worker
@@ -158,6 +161,7 @@ def find_stuck(
     *,
     stuck_after: timedelta,
     dead_after: timedelta,
+    hung_after: timedelta,
     oldest_waiting: int | None = None,
     taken: Mapping[int, datetime] | None = None,
     limit: int = 1000,
@@ -208,7 +212,7 @@ def find_stuck(
         .where(
             or_(
                 and_(processing, Upload.held_by.is_not(None), ~holder_alive, up_long_enough),
-                and_(processing, last_activity < now - _seconds(stuck_after)),
+                and_(processing, last_activity < now - _seconds(hung_after)),
                 and_(queued, Upload.id.in_(abandoned)),
                 and_(queued, last_activity < queued_cutoff),
             )
@@ -252,19 +256,22 @@ def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, dat
             message, _exchange, routing_key = json.loads(payload)
             if routing_key != queue or message.get("headers", {}).get("eta"):
                 continue
-            upload_id = _upload_of(message)
+            upload_ids = _uploads_of(message)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             continue  # not a screening message
-        taken[upload_id] = datetime.fromtimestamp(taken_at, UTC)
+        for upload_id in upload_ids:
+            taken[upload_id] = datetime.fromtimestamp(taken_at, UTC)
     return taken
 
 
-def _upload_of(message: dict[str, Any]) -> int:
+def _uploads_of(message: dict[str, Any]) -> list[int]:
+    """The uploads a screening message names: one (`screen_upload`) or many."""
     body = message["body"]
     if message.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     args, _kwargs, _embed = json.loads(body)
-    return int(args[0])
+    named = args[0]
+    return [int(upload_id) for upload_id in named] if isinstance(named, list) else [int(named)]
 
 
 def oldest_waiting_upload(queue: str) -> int | None:
@@ -276,7 +283,8 @@ def oldest_waiting_upload(queue: str) -> int | None:
     if raw is None:
         return None
     try:
-        return _upload_of(json.loads(raw))
+        # The uploads of one message were sent together: the first stands for them all.
+        return _uploads_of(json.loads(raw))[0]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         logger.warning("the message next in line on %s is not a screening message", queue)
         return None
@@ -297,6 +305,7 @@ def sweep_once(queue: str | None = None) -> list[int]:
         stuck = find_stuck(
             session,
             stuck_after=timedelta(seconds=settings.stuck_after_s),
+            hung_after=timedelta(seconds=settings.hung_after_s),
             dead_after=dead_after,
             oldest_waiting=oldest_waiting,
             taken=taken,
@@ -305,20 +314,12 @@ def sweep_once(queue: str | None = None) -> list[int]:
     if stuck:
         logger.warning("re-sending %d lost upload(s): %s", len(stuck), stuck[:20])
         try:
-            _publish(stuck, queue)
+            send_screening(stuck, queue)
         except Exception:
             # Already marked as re-sent: they are found again once `stuck_after_s` passes.
             logger.error("could not publish %d re-sent upload(s)", len(stuck))
             raise
     return stuck
-
-
-def _publish(upload_ids: list[int], queue: str) -> None:
-    # By task name: importing `tasks` here would close an import cycle through the worker,
-    # which imports this module and is imported by the task.
-    with app.producer_or_acquire() as producer:
-        for upload_id in upload_ids:
-            app.send_task(SCREEN_UPLOAD, args=(upload_id,), queue=queue, producer=producer)
 
 
 class Sweeper:
