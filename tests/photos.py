@@ -78,7 +78,7 @@ def _as_taken(scene: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)  # landscape and portrait: 48 MB each at phone size
 def _detail(width: int, height: int) -> np.ndarray:
     """The gravel texture less its 8x box-blurred self (its fine detail), tiled to size."""
     gravel = source("gravel").convert("L")
