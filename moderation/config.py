@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=10_000, ge=1)
     # Decoded pixels a worker holds at once, over all its task threads (estimated peaks).
     decode_memory_mb: int = Field(default=2048, gt=0)
+    # Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), the most
+    # that keeps the shorter side at least this long (and never below the embedding model's
+    # input side). At 512 a 12-megapixel photo decodes at 1/4 (1008x756). Measured on
+    # phone-sized JPEGs (bench/decode_scale.py): decoding, PDQ and CLIP preprocessing take
+    # about 52 ms on one core instead of 127; PDQ moves at most 6 bits from the
+    # full-resolution hash on photos, 12 on smooth synthetic scenes (336, 1/8: 14 and 14;
+    # 1024, 1/2: 4 and 6; Meta's own file hasher, which resizes to 512x512 first: 18). Of
+    # 60 near-duplicate pairs none stopped matching (336: one did), and no unrelated pair
+    # came within 100 bits. Limits still judge the size the file declares.
+    decode_min_side: int = Field(default=512, ge=1)
+    # Decode every image at full resolution: PDQ hashes equal to the reference's (pdqhash on
+    # the whole image), at the full cost.
+    full_resolution_decode: bool = False
 
     # Worker and delivery.
     queue: str = "screening"

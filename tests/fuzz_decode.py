@@ -55,6 +55,9 @@ FUZZ_LIMITS = DecodeLimits(
     max_animation_pixels=16_000_000,
     max_hashed_frames=8,
     max_animation_frames=500,
+    # Small, so that the corpus's JPEGs (640x480 and less) also decode at reduced scale,
+    # the path large uploads take (MODERATION_DECODE_MIN_SIDE).
+    decode_min_side=64,
 )
 WALL_SECONDS = 5.0
 # Above the largest frame's estimate: the interpreter's own growth, zlib and libjpeg

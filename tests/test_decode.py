@@ -107,8 +107,11 @@ def test_long_animations_are_sampled_within_the_decode_budget() -> None:
     assert (decoded.frame_count, decoded.frame_count_exact) == (8, False)
 
 
-def test_frames_are_decoded_at_full_resolution_for_pdq() -> None:
-    decoded = decode(encode(textured(5, (4000, 3000))), LIMITS)
+def test_frames_are_decoded_at_full_resolution_when_asked() -> None:
+    """For PDQ hashes equal to the reference's; by default a JPEG this large is decoded at
+    reduced scale (tests/test_reduced_decode.py)."""
+    limits = DecodeLimits.from_settings(Settings(full_resolution_decode=True))
+    decoded = decode(encode(textured(5, (4000, 3000))), limits)
     assert (decoded.width, decoded.height) == (4000, 3000)
     assert decoded.frames[0][1].size == (4000, 3000)
 

@@ -13,9 +13,12 @@ and up to `max_frames` of those, spread evenly, are marked sampled (for the cost
 signals, such as the embedding). A 200,000-frame GIF of one-pixel frames once cost
 200,000 PDQ rows and 26 s; it now reads 10,000 frames and visits 64.
 
-Frames stay at full resolution because PDQ needs them so: measured on real photos, any
-downscaling before PDQ (bicubic, box or JPEG DCT scaling) moves the hash by 4 to 20 bits
-of the 31 allowed, where a JPEG re-encode moves it by 0 to 2.
+A large JPEG is decoded at reduced scale (see `_reduce_jpeg`): a 12-megapixel phone photo
+at 1/4 costs a fraction of the decoding, hashing and preprocessing, and PDQ, which blurs
+a side of 4032 pixels with boxes 32 wide before it samples 64 points, moves by a few bits.
+`decode_min_side` of None decodes everything at full resolution, for PDQ hashes equal to
+the reference's. Limits always judge the size the file declares, and `width` and
+`height` report it.
 
 No error message carries the file's content: decoder exception texts go through
 `describe_exception` first.
@@ -27,7 +30,7 @@ import io
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
@@ -69,6 +72,9 @@ class DecodeLimits:
     max_animation_pixels: int
     max_hashed_frames: int
     max_animation_frames: int
+    # A JPEG is decoded at the smallest of 1/8, 1/4, 1/2 and full scale that keeps its
+    # shorter side at least this long; None: always at full resolution.
+    decode_min_side: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodeLimits:
@@ -81,7 +87,15 @@ class DecodeLimits:
             max_animation_pixels=settings.max_animation_pixels,
             max_hashed_frames=settings.max_hashed_frames,
             max_animation_frames=settings.max_animation_frames,
+            decode_min_side=None if settings.full_resolution_decode else settings.decode_min_side,
         )
+
+    def decoding_at_least(self, side: int) -> DecodeLimits:
+        """These limits, with any reduced decoding keeping at least `side` pixels on the
+        shorter side (an embedding model's input must not be upscaled)."""
+        if self.decode_min_side is None or self.decode_min_side >= side:
+            return self
+        return replace(self, decode_min_side=side)
 
 
 T = TypeVar("T")
@@ -104,6 +118,8 @@ class DecodedImage(Generic[T]):
     # What `visit_as_stored` made of frame 0 as the file stores it, when EXIF orientation
     # turned it upright; None otherwise.
     as_stored: Any = None
+    # The frames were decoded at 1/scale of `width` x `height` (a large JPEG: 2, 4 or 8).
+    scale: int = 1
 
 
 def _copy_frame(frame: Image.Image, sampled: bool) -> Image.Image:
@@ -151,15 +167,19 @@ def decode(
             f"the file is {len(data) / 2**20:.1f} MiB; the limit is "
             f"{limits.max_bytes / 2**20:.1f} MiB (MODERATION_MAX_BYTES)"
         )
-    if data.startswith(b"\xff\xd8\xff"):
-        _check_jpeg_complete(data)
+    jpeg_scans = _check_jpeg_complete(data) if data.startswith(b"\xff\xd8\xff") else None
     image = _open(data)
     try:
         width, height = image.size
         _check_dimensions(width, height, limits)
+        scale = _reduce_jpeg(image, limits.decode_min_side)
         # Frames are decoded one at a time, so the peak is one frame's; no frame may be
         # larger than the first (see `_check_frame`).
-        peak = width * height * PEAK_BYTES_PER_PIXEL
+        peak = image.width * image.height * PEAK_BYTES_PER_PIXEL
+        if scale > 1 and jpeg_scans != 1:
+            # libjpeg holds every DCT coefficient of a progressive (multi-scan) JPEG at the
+            # declared size, whatever the output scale. Full-scale estimates cover it.
+            peak += width * height * _JPEG_COEFFICIENT_BYTES_PER_PIXEL
         with budget.reserve(peak) if budget else nullcontext():
             try:
                 visited = _visit_frames(image, limits, visit, visit_as_stored)
@@ -176,6 +196,7 @@ def decode(
             frames=visited.frames,
             sampled=visited.sampled,
             as_stored=visited.as_stored,
+            scale=scale,
         )
     finally:
         image.close()
@@ -244,6 +265,29 @@ def _open(data: bytes) -> Image.Image:
         raise DecompressionBomb(describe_exception(exc)) from None
     except Exception as exc:  # a malformed header can raise almost anything
         raise CorruptImage(f"the image header is unreadable: {describe_exception(exc)}") from None
+
+
+def _reduce_jpeg(image: Image.Image, min_side: int | None) -> int:
+    """Have libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale straight from its DCT
+    coefficients (Pillow's `draft`), the smallest that keeps the shorter side at least
+    `min_side`. Returns the scale's denominator: 1 for anything else.
+
+    Only plain JPEGs: `draft` does nothing for other formats, and a multi-picture JPEG
+    (MPO) re-reads each picture's header when it seeks, so its pictures would decode at
+    different scales. (Ultra HDR phone photos, whose second picture is a gain map, open
+    as plain JPEGs.) Measured at 4032x3024 (bench/decode_scale.py, phone-like JPEGs of
+    about 3.2 MB): decoding, PDQ and CLIP preprocessing take about 125 ms on one core at
+    full scale and 50 at 1/4, where PDQ moves by 6 bits at most on photos; entropy
+    decoding, which no scale shortens, is most of what remains.
+    """
+    if min_side is None or image.format != "JPEG":
+        return 1
+    width = image.width
+    drafted = image.draft(None, (min_side, min_side))
+    if drafted is None:  # not a single-tile JPEG: decoded as it is
+        return 1
+    _, box = drafted  # the declared size divided by the scale
+    return round(width / box[2])
 
 
 def _check_dimensions(width: int, height: int, limits: DecodeLimits) -> None:
@@ -381,20 +425,27 @@ _JPEG_SOF_ARITHMETIC = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # Inside scan data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; any
 # other byte after it ends the scan (0xFF itself is fill before a marker).
 _JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# What libjpeg holds for a multi-scan (progressive) JPEG whatever the output scale: every
+# DCT coefficient, 2 bytes each, 64 per 8x8 block of each component. Measured on
+# 12-megapixel progressive JPEGs decoded at 1/4: 36 MB over the output with 4:2:0 chroma (3
+# bytes a pixel), 70 MB without subsampling (6). Four components unsubsampled (CMYK): 8.
+_JPEG_COEFFICIENT_BYTES_PER_PIXEL = 8
 
 
-def _check_jpeg_complete(data: bytes) -> None:
-    """Raise `TruncatedImage` when a JPEG's data ends early. A structure that does not
-    parse is left for the decoder to refuse as corrupt."""
+def _check_jpeg_complete(data: bytes) -> int | None:
+    """Raise `TruncatedImage` when a JPEG's data ends early, else return how many scans it
+    has. A structure that does not parse is left for the decoder to refuse as corrupt (and
+    its scans are unknown: None)."""
     size = len(data)
     position = 2  # after SOI
     scan_bytes = 0
+    scans = 0
     frame: tuple[int, int, bool] | None = None  # width, height, arithmetic-coded
     while True:
         if position >= size:
             raise TruncatedImage("the JPEG data ends before its end-of-image marker")
         if data[position] != 0xFF:
-            return  # not a marker where one must be: corrupt, not truncated
+            return None  # not a marker where one must be: corrupt, not truncated
         while position < size and data[position] == 0xFF:
             position += 1
         if position >= size:
@@ -409,7 +460,7 @@ def _check_jpeg_complete(data: bytes) -> None:
             raise TruncatedImage("the JPEG data ends inside a marker segment")
         length = int.from_bytes(data[position : position + 2], "big")
         if length < 2:
-            return
+            return None
         if position + length > size:
             raise TruncatedImage("the JPEG data ends inside a marker segment")
         if marker in _JPEG_SOF and length >= 7:
@@ -418,13 +469,14 @@ def _check_jpeg_complete(data: bytes) -> None:
             frame = (width, height, marker in _JPEG_SOF_ARITHMETIC)
         position += length
         if marker == _JPEG_SOS:
+            scans += 1
             end = _JPEG_SCAN_END.search(data, position)
             if end is None:
                 raise TruncatedImage("the JPEG data ends inside its image data")
             scan_bytes += end.start() - position
             position = end.start()
     if frame is None or frame[2]:
-        return
+        return scans
     width, height, _ = frame
     blocks = -(-width // 8) * -(-height // 8)
     if scan_bytes * 8 < blocks:
@@ -432,3 +484,4 @@ def _check_jpeg_complete(data: bytes) -> None:
             f"the JPEG declares {width}x{height} but holds {scan_bytes} bytes of image "
             f"data, fewer than the {-(-blocks // 8)} that size needs: the data ends early"
         )
+    return scans

@@ -63,10 +63,13 @@ def extract_signals(
     budget: Budget | None = None,
 ) -> ImageSignals:
     """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
-    the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`."""
+    the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`.
+
+    A large JPEG is decoded at reduced scale (`limits.decode_min_side`), never smaller
+    than the embedding model's input (`preprocess.shortest_edge`, where it has one)."""
     decoded = decode(
         data,
-        limits,
+        limits.decoding_at_least(getattr(preprocess, "shortest_edge", 0)),
         lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None),
         budget=budget,
         visit_as_stored=pdq,
