@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
-from moderation.banks.matcher import BATCHED_SEARCH_FROM, BankMatcher, MatchSettings, load_index
+from moderation.banks.matcher import BankMatcher, MatchSettings, _VectorRows, load_index
+from moderation.banks.models import BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
@@ -225,11 +226,11 @@ def test_matching_in_many_threads_starts_no_faiss_threads(
 def test_a_batch_of_queries_finds_what_each_finds_alone(
     session: Session, model: EmbeddingModel
 ) -> None:
-    """Many uploads' vectors are searched in one call, through Faiss's BLAS path; the
-    radius boundary must hold there exactly as for a single query."""
+    """Many uploads' vectors are searched in one call, one product per block of the bank;
+    the radius boundary must hold there exactly as for a single query."""
     bank = banks.create_bank(session, "batched")
     rng = np.random.default_rng(5)
-    queries = rng.standard_normal((2 * BATCHED_SEARCH_FROM, DIM)).astype(np.float32)
+    queries = rng.standard_normal((8, DIM)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     distances = (0.04, 0.05, 0.0501, 0.06)
     entries = banks.add_entries(
@@ -254,3 +255,29 @@ def test_a_batch_of_queries_finds_what_each_finds_alone(
             h.bank_entry_id: round(h.distance, 5) for h in together if h.bank_entry_id in own
         } == {entry_id: d for entry_id, d in own.items() if d <= 0.05}
     assert index.search_clip(queries[:0]) == []
+
+
+def test_an_embedding_of_another_size_is_refused_by_name(
+    session: Session, model: EmbeddingModel
+) -> None:
+    bank = banks.create_bank(session, "malformed")
+    (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
+    session.add(BankEntryEmbedding(bank_entry_id=entry.id, model_id=model.id, vector=b"\0" * 12))
+    session.flush()
+    with pytest.raises(ValueError, match=rf"bank entry {entry.id} has a 3-d embedding"):
+        load_index(session, model.id, DIM, SETTINGS)
+
+
+def test_bank_rows_grow_past_the_count_they_were_sized_for() -> None:
+    """Entries committed between counting and streaming the bank are kept, not dropped."""
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((40, DIM)).astype(np.float32)
+    rows = _VectorRows(3, DIM)
+    for i, vector in enumerate(vectors):
+        rows.append(i + 100, i % 2, 0.01 * i, vector.tobytes())
+    entry_ids, bank_ids, stored, radii = rows.arrays()
+    assert entry_ids.tolist() == list(range(100, 140))
+    assert bank_ids.tolist() == [i % 2 for i in range(40)]
+    assert radii.tolist() == [0.01 * i for i in range(40)]
+    assert np.array_equal(stored, vectors)
+    assert stored.flags.c_contiguous

@@ -70,6 +70,7 @@ class Screener:
                 pdq_min_quality=settings.pdq_min_quality,
             ),
             refresh_s=settings.bank_refresh_s,
+            device=settings.resolved_device(),
         )
         self._claim: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions,
