@@ -9,13 +9,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
 from moderation.banks.matcher import BankMatcher, MatchSettings, _VectorRows, load_index
-from moderation.banks.models import BankEntryEmbedding
+from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
-from moderation.embedding.service import get_or_create_model
+from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
 from tests.vectors import at_cosine_distance
@@ -281,3 +282,43 @@ def test_bank_rows_grow_past_the_count_they_were_sized_for() -> None:
     assert radii.tolist() == [0.01 * i for i in range(40)]
     assert np.array_equal(stored, vectors)
     assert stored.flags.c_contiguous
+
+
+def test_entries_copied_in_bulk_are_stored_and_matched_like_added_ones(
+    session: Session, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(banks, "_ROWS_PER_COPY", 10)  # 45 entries in five COPYs
+    bank = banks.create_bank(session, "bulk")
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((45, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[7] = at_cosine_distance(ANCHOR, 0.05)
+    hashes = rng.integers(0, 256, (45, 32), dtype=np.uint8)
+    hashes[3] = np.frombuffer(_flip(31), np.uint8)
+    before = session.scalar(select(func.count(BankEntry.id))) or 0
+    assert (
+        banks.copy_entries(session, bank, model=model, vectors=vectors, pdq=hashes, added_by="bulk")
+        == 45
+    )
+    stored = session.execute(
+        select(BankEntry.pdq, BankEntry.pdq_quality, BankEntry.added_by, BankEntryEmbedding.vector)
+        .join(BankEntryEmbedding)
+        .where(BankEntry.bank_id == bank.id, BankEntryEmbedding.model_id == model.id)
+        .order_by(BankEntry.id)
+    ).all()
+    assert session.scalar(select(func.count(BankEntry.id))) == before + 45
+    assert [row.pdq for row in stored] == [h.tobytes() for h in hashes]
+    assert [row.vector for row in stored] == [vector_to_bytes(v) for v in vectors]
+    assert {(row.pdq_quality, row.added_by) for row in stored} == {(None, "bulk")}
+    found = _matches(session, model, _signals(pdq_bits=_flip(0)), ANCHOR[np.newaxis])
+    ids = session.scalars(
+        select(BankEntry.id).where(BankEntry.bank_id == bank.id).order_by(BankEntry.id)
+    ).all()
+    assert found == {(ids[7], SignalType.CLIP, 0.05), (ids[3], SignalType.PDQ, 31.0)}
+    # Without hashes, the entries hold only their embeddings.
+    other = banks.create_bank(session, "bulk-vectors-only")
+    banks.copy_entries(session, other, model=model, vectors=vectors[:5], added_by="bulk")
+    assert (
+        session.scalars(select(BankEntry.pdq).where(BankEntry.bank_id == other.id)).all()
+        == [None] * 5
+    )
