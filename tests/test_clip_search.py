@@ -133,3 +133,34 @@ def test_an_empty_bank_and_an_empty_batch() -> None:
     one = _clip_bank(np.eye(DIM, dtype=np.float32)[:1])
     assert one.search(np.zeros((0, DIM), np.float32)) == []
     assert one.search(np.eye(DIM, dtype=np.float32)[:1]) == [[ClipHit(10_000, 7, 0.0)]]
+
+
+def test_a_cuda_bank_makes_cublas_sum_float16_products_in_float32() -> None:
+    """The margin assumes float32 sums; torch lets cuBLAS reduce float16 partial sums in
+    float16 unless told otherwise (the flags are process-wide and exist without a GPU)."""
+    matmul = torch.backends.cuda.matmul
+    before = (
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+    try:
+        matmul.allow_fp16_reduced_precision_reduction = True
+        matmul.allow_bf16_reduced_precision_reduction = True
+        clip_search._exact_sums_on_cuda(torch.float16)
+        assert not matmul.allow_fp16_reduced_precision_reduction
+        assert not matmul.allow_fp16_accumulation
+        clip_search._exact_sums_on_cuda(torch.bfloat16)
+        assert not matmul.allow_bf16_reduced_precision_reduction
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction = before[0]
+        matmul.allow_bf16_reduced_precision_reduction = before[1]
+
+
+def test_lowered_float32_precision_widens_the_margin_to_bfloat16s() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert clip_search._rounding_of(torch.float32) == clip_search.ROUNDING[torch.bfloat16]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert clip_search._rounding_of(torch.float32) == clip_search.ROUNDING[torch.float32]

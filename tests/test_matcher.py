@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation import pg_copy
 from moderation.banks import service as banks
 from moderation.banks.matcher import BankMatcher, MatchSettings, _VectorRows, load_index
 from moderation.banks.models import BankEntry, BankEntryEmbedding
@@ -272,13 +273,19 @@ def test_an_embedding_of_another_size_is_refused_by_name(
 def test_bank_rows_grow_past_the_count_they_were_sized_for() -> None:
     """Entries committed between counting and streaming the bank are kept, not dropped."""
     rng = np.random.default_rng(2)
-    vectors = rng.standard_normal((40, DIM)).astype(np.float32)
+    fields = [("entry_id", ">i8"), ("bank_id", ">i8"), ("vector", ("<f4", DIM)), ("radius", ">f8")]
     rows = _VectorRows(3, DIM)
-    for i, vector in enumerate(vectors):
-        rows.append(i + 100, i % 2, 0.01 * i, vector.tobytes())
+    vectors = rng.standard_normal((40, DIM)).astype(np.float32)
+    for start in range(0, 40, 7):  # 3 rows of room, then blocks of 7: grown several times
+        block = pg_copy.new_rows(fields, len(vectors[start : start + 7]))
+        block["entry_id"] = np.arange(start, start + len(block)) + 100
+        block["bank_id"] = block["entry_id"] % 2
+        block["vector"] = vectors[start : start + 7]
+        block["radius"] = 0.01 * (block["entry_id"] - 100)
+        rows.append(block)
     entry_ids, bank_ids, stored, radii = rows.arrays()
     assert entry_ids.tolist() == list(range(100, 140))
-    assert bank_ids.tolist() == [i % 2 for i in range(40)]
+    assert bank_ids.tolist() == [i % 2 for i in range(100, 140)]
     assert radii.tolist() == [0.01 * i for i in range(40)]
     assert np.array_equal(stored, vectors)
     assert stored.flags.c_contiguous

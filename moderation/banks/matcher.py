@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 # ClipHit is part of this module's interface (`search_clip`).
+from moderation import pg_copy
 from moderation.banks.clip_search import ClipBank
 from moderation.banks.clip_search import ClipHit as ClipHit
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
@@ -78,19 +79,19 @@ class BankIndex:
         settings: MatchSettings,
         entry_bank: dict[int, int],
         sha256: dict[bytes, list[int]],
-        pdq: list[tuple[int, bytes]],
+        pdq_ids: np.ndarray,
+        pdq_bits: np.ndarray,
         clip: ClipBank,
     ) -> None:
+        """`pdq_bits`: one row of PDQ_BYTES (uint8) per entry of `pdq_ids`."""
         self.checkpoint = checkpoint
         self.settings = settings
         self._entry_bank = entry_bank
         self._sha256 = sha256
-        self._pdq_ids = np.array([entry_id for entry_id, _ in pdq], dtype=np.int64)
+        self._pdq_ids = pdq_ids
         self._pdq = faiss.IndexBinaryFlat(PDQ_BYTES * 8)
-        if pdq:
-            self._pdq.add(
-                np.frombuffer(b"".join(bits for _, bits in pdq), np.uint8).reshape(-1, PDQ_BYTES)
-            )
+        if len(pdq_ids):
+            self._pdq.add(np.ascontiguousarray(pdq_bits, np.uint8).reshape(-1, PDQ_BYTES))
         self.clip = clip
 
     @property
@@ -189,60 +190,94 @@ def load_index(
     `device`: where CLIP vectors are scored (see `ClipBank`)."""
     # Read the checkpoint first: a change that lands mid-build is then seen on the next check.
     checkpoint = bank_checkpoint(session, model_id)
-    entries = session.execute(
+    entry_bank, sha256, pdq_ids, pdq_bits = _load_hashes(session, settings.pdq_min_quality)
+    clip = _load_clip(session, model_id, dim, settings.default_radius, device)
+    return BankIndex(checkpoint, settings, entry_bank, sha256, pdq_ids, pdq_bits, clip)
+
+
+# Both loads read by binary COPY (see `moderation.pg_copy`), into arrays. Measured on a
+# 2-core machine at 1,000,000 768-d entries: see `bench/matching.py --load`.
+
+
+def _load_hashes(
+    session: Session, pdq_min_quality: int
+) -> tuple[dict[int, int], dict[bytes, list[int]], np.ndarray, np.ndarray]:
+    """Entry -> bank, SHA-256 -> entries, and the PDQ hashes good enough to match on."""
+    no_hash = func.decode(func.repeat("00", 32), "hex")  # NULLs have no place in fixed rows
+    query = (
         select(
-            BankEntry.id, BankEntry.bank_id, BankEntry.sha256, BankEntry.pdq, BankEntry.pdq_quality
+            BankEntry.id,
+            BankEntry.bank_id,
+            BankEntry.sha256.is_not(None),
+            func.coalesce(BankEntry.sha256, no_hash),
+            BankEntry.pdq.is_not(None)
+            & (BankEntry.pdq_quality.is_(None) | (BankEntry.pdq_quality >= pdq_min_quality)),
+            func.coalesce(BankEntry.pdq, no_hash),
         )
         .join(Bank)
         .where(Bank.enabled)
-        .execution_options(yield_per=_ROWS_PER_FETCH)
     )
+    fields = [
+        ("id", ">i8"),
+        ("bank_id", ">i8"),
+        ("has_sha256", "?"),
+        ("sha256", "V32"),
+        ("has_pdq", "?"),
+        ("pdq", (np.uint8, PDQ_BYTES)),
+    ]
     entry_bank: dict[int, int] = {}
     sha256: dict[bytes, list[int]] = {}
-    pdq: list[tuple[int, bytes]] = []
-    for entry_id, bank_id, sha, pdq_bits, quality in entries:
-        entry_bank[entry_id] = bank_id
-        if sha is not None:
-            sha256.setdefault(sha, []).append(entry_id)
-        if pdq_bits is not None and (quality is None or quality >= settings.pdq_min_quality):
-            pdq.append((entry_id, pdq_bits))
-    clip = _load_clip(session, model_id, dim, settings.default_radius, device)
-    return BankIndex(checkpoint, settings, entry_bank, sha256, pdq, clip)
+    pdq_ids: list[np.ndarray] = [np.empty(0, np.int64)]
+    pdq_bits: list[np.ndarray] = [np.empty((0, PDQ_BYTES), np.uint8)]
 
+    def add(rows: np.ndarray) -> None:
+        entry_bank.update(zip(rows["id"].tolist(), rows["bank_id"].tolist(), strict=True))
+        for row in rows[rows["has_sha256"]]:
+            sha256.setdefault(row["sha256"].tobytes(), []).append(int(row["id"]))
+        pdq_ids.append(rows["id"][rows["has_pdq"]].astype(np.int64))
+        pdq_bits.append(rows["pdq"][rows["has_pdq"]])
 
-# Rows per round trip when streaming a bank (a server-side cursor): 10,000 768-d vectors
-# are 30 MB, so the stream never holds more than that beside the bank's own array.
-_ROWS_PER_FETCH = 10_000
+    pg_copy.copy_out(session, query, fields, add)
+    return entry_bank, sha256, np.concatenate(pdq_ids), np.concatenate(pdq_bits)
 
 
 def _load_clip(
     session: Session, model_id: int, dim: int, default_radius: float, device: str
 ) -> ClipBank:
     """The embeddings of enabled banks' entries, streamed into one preallocated float32
-    array: the bank is held once, never as a list of rows and then a copy of it. At
-    1,000,000 x 768 (3 GB), measured on a 2-core machine: see `bench/matching.py --load`."""
-    vectors_of_enabled = (
-        select(
-            BankEntryEmbedding.bank_entry_id,
-            BankEntry.bank_id,
-            BankEntryEmbedding.vector,
-            Bank.radius,
-        )
+    array: the bank is held once, never as a list of rows and then a copy of it."""
+    of_enabled = (
+        select(BankEntryEmbedding.bank_entry_id)
         .join(BankEntry, BankEntry.id == BankEntryEmbedding.bank_entry_id)
         .join(Bank, Bank.id == BankEntry.bank_id)
         .where(Bank.enabled, BankEntryEmbedding.model_id == model_id)
     )
+    # The stream takes rows of one width; name an entry whose embedding is not (the
+    # length of a stored value is read without reading the value).
+    malformed = session.execute(
+        of_enabled.add_columns(func.octet_length(BankEntryEmbedding.vector))
+        .where(func.octet_length(BankEntryEmbedding.vector) != 4 * dim)
+        .limit(1)
+    ).first()
+    if malformed is not None:
+        entry_id, length = malformed
+        raise ValueError(
+            f"bank entry {entry_id} has a {length // 4}-d embedding for model {model_id}, "
+            f"which is {dim}-d"
+        )
     # Entries committed between the count and the stream are appended by growing the arrays.
-    capacity = session.scalar(select(func.count()).select_from(vectors_of_enabled.subquery()))
+    capacity = session.scalar(select(func.count()).select_from(of_enabled.subquery()))
     loaded = _VectorRows(capacity or 0, dim)
-    rows = session.execute(vectors_of_enabled.execution_options(yield_per=_ROWS_PER_FETCH))
-    for entry_id, bank_id, vector, radius in rows:
-        if len(vector) != 4 * dim:
-            raise ValueError(
-                f"bank entry {entry_id} has a {len(vector) // 4}-d embedding for model "
-                f"{model_id}, which is {dim}-d"
-            )
-        loaded.append(entry_id, bank_id, default_radius if radius is None else radius, vector)
+    pg_copy.copy_out(
+        session,
+        of_enabled.add_columns(
+            BankEntry.bank_id,
+            BankEntryEmbedding.vector,
+            func.coalesce(Bank.radius, default_radius),
+        ),
+        [("entry_id", ">i8"), ("bank_id", ">i8"), ("vector", ("<f4", dim)), ("radius", ">f8")],
+        loaded.append,
+    )
     return ClipBank(*loaded.arrays(), device=device)
 
 
@@ -256,18 +291,20 @@ class _VectorRows:
         self.radii = np.empty(capacity, np.float64)
         self.vectors = np.empty((capacity, dim), np.float32)
 
-    def append(self, entry_id: int, bank_id: int, radius: float, vector: bytes) -> None:
-        if self.count == len(self.vectors):
-            grown = max(16, self.count + self.count // 4)
+    def append(self, rows: np.ndarray) -> None:
+        """Rows with fields entry_id, bank_id, radius and vector."""
+        end = self.count + len(rows)
+        if end > len(self.vectors):
+            grown = max(end, self.count + self.count // 4)
             self.entry_ids = np.resize(self.entry_ids, grown)
             self.bank_ids = np.resize(self.bank_ids, grown)
             self.radii = np.resize(self.radii, grown)
             self.vectors = np.resize(self.vectors, (grown, self.vectors.shape[1]))
-        self.entry_ids[self.count] = entry_id
-        self.bank_ids[self.count] = bank_id
-        self.radii[self.count] = radius
-        self.vectors[self.count] = np.frombuffer(vector, "<f4")
-        self.count += 1
+        self.entry_ids[self.count : end] = rows["entry_id"]
+        self.bank_ids[self.count : end] = rows["bank_id"]
+        self.radii[self.count : end] = rows["radius"]
+        self.vectors[self.count : end] = rows["vector"]
+        self.count = end
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Entry ids, bank ids, vectors and radii of the rows appended (views, not copies)."""

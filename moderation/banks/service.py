@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,6 +9,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation import pg_copy
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
@@ -116,8 +116,6 @@ def add_entries(
 
 # Rows per COPY: 20,000 768-d embeddings are 60 MB of COPY data.
 _ROWS_PER_COPY = 20_000
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 
 def copy_entries(
@@ -139,89 +137,40 @@ def copy_entries(
         )
     if pdq is not None and pdq.shape != (len(vectors), 32):
         raise ValueError(f"PDQ hashes have shape {pdq.shape}; expected ({len(vectors)}, 32)")
-    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    for start in range(0, len(vectors), _ROWS_PER_COPY):
-        chunk = vectors[start : start + _ROWS_PER_COPY]
-        ids = np.array(
-            session.scalars(
-                select(func.nextval(func.pg_get_serial_sequence("bank_entries", "id"))).select_from(
-                    func.generate_series(1, len(chunk))
-                )
-            ).all(),
-            np.int64,
-        )
-        hashes = None if pdq is None else pdq[start : start + _ROWS_PER_COPY]
-        cursor.copy_expert(
-            "COPY bank_entries (id, bank_id, pdq, added_by) FROM STDIN (FORMAT binary)",
-            io.BytesIO(_copy_data(_entry_rows(ids, bank.id, hashes, added_by))),
-        )
-        cursor.copy_expert(
-            "COPY bank_entry_embeddings (bank_entry_id, model_id, vector)"
-            " FROM STDIN (FORMAT binary)",
-            io.BytesIO(_copy_data(_embedding_rows(ids, model.id, chunk))),
-        )
-    return len(vectors)
-
-
-def _copy_data(rows: np.ndarray) -> bytes:
-    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
-
-
-def _entry_rows(ids: np.ndarray, bank_id: int, pdq: np.ndarray | None, added_by: str) -> np.ndarray:
-    """Rows of PostgreSQL's binary COPY format: a field count, then each field's length
-    (-1 for NULL) and big-endian value."""
     by = added_by.encode()
-    pdq_field = [("pdq", "V32")] if pdq is not None else []
-    rows = np.zeros(
-        len(ids),
-        [
-            ("fields", ">i2"),
-            ("id_length", ">i4"),
-            ("id", ">i8"),
-            ("bank_length", ">i4"),
-            ("bank_id", ">i8"),
-            ("pdq_length", ">i4"),
-            *pdq_field,
-            ("by_length", ">i4"),
-            ("added_by", f"V{len(by)}"),
-        ],
-    )
-    rows["fields"] = 4
-    rows["id_length"] = rows["bank_length"] = 8
-    rows["id"] = ids
-    rows["bank_id"] = bank_id
-    if pdq is not None:
-        rows["pdq_length"] = 32
-        rows["pdq"] = np.ascontiguousarray(pdq, np.uint8).view("V32").reshape(-1)
-    else:
-        rows["pdq_length"] = -1
-    rows["by_length"] = len(by)
-    rows["added_by"] = np.void(by)
-    return rows
-
-
-def _embedding_rows(ids: np.ndarray, model_id: int, vectors: np.ndarray) -> np.ndarray:
-    width = 4 * vectors.shape[1]
-    rows = np.zeros(
-        len(ids),
-        [
-            ("fields", ">i2"),
-            ("entry_length", ">i4"),
-            ("bank_entry_id", ">i8"),
-            ("model_length", ">i4"),
-            ("model_id", ">i8"),
-            ("vector_length", ">i4"),
-            ("vector", f"V{width}"),
-        ],
-    )
-    rows["fields"] = 3
-    rows["entry_length"] = rows["model_length"] = 8
-    rows["bank_entry_id"] = ids
-    rows["model_id"] = model_id
-    rows["vector_length"] = width
+    entry_fields = [
+        ("id", ">i8"),
+        ("bank_id", ">i8"),
+        ("added_by", f"V{len(by)}"),
+        *([("pdq", "V32")] if pdq is not None else []),
+    ]
     # Stored as `vector_to_bytes` stores them: little-endian float32.
-    rows["vector"] = np.ascontiguousarray(vectors, "<f4").view(f"V{width}").reshape(-1)
-    return rows
+    embedding_fields = [
+        ("bank_entry_id", ">i8"),
+        ("model_id", ">i8"),
+        ("vector", f"V{4 * model.dim}"),
+    ]
+    for start in range(0, len(vectors), _ROWS_PER_COPY):
+        chunk = np.ascontiguousarray(vectors[start : start + _ROWS_PER_COPY], "<f4")
+        ids = session.scalars(
+            select(func.nextval(func.pg_get_serial_sequence("bank_entries", "id"))).select_from(
+                func.generate_series(1, len(chunk))
+            )
+        ).all()
+        entries = pg_copy.new_rows(entry_fields, len(chunk))
+        entries["id"] = ids
+        entries["bank_id"] = bank.id
+        entries["added_by"] = np.void(by)
+        if pdq is not None:
+            hashes = np.ascontiguousarray(pdq[start : start + _ROWS_PER_COPY], np.uint8)
+            entries["pdq"] = hashes.view("V32").reshape(-1)
+        pg_copy.copy_in(session, "bank_entries", entries)
+        embeddings = pg_copy.new_rows(embedding_fields, len(chunk))
+        embeddings["bank_entry_id"] = ids
+        embeddings["model_id"] = model.id
+        embeddings["vector"] = chunk.view(f"V{4 * model.dim}").reshape(-1)
+        pg_copy.copy_in(session, "bank_entry_embeddings", embeddings)
+    return len(vectors)
 
 
 def entry_from_image(
