@@ -63,7 +63,8 @@ def copy_out(
 ) -> None:
     """Run `query` and hand its rows to `on_rows`, at most `rows_per_call` at a time, as
     records of `fields`: every column must be non-NULL and of its field's width
-    (ValueError otherwise)."""
+    (ValueError otherwise). The records are a view of a buffer that is then reused:
+    `on_rows` copies what it keeps and holds no reference to them."""
     sql = query.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True})
     sink = _RowSink(fields, on_rows, rows_per_call)
     _cursor(session).copy_expert(f"COPY ({sql}) TO STDOUT (FORMAT binary)", sink)
@@ -109,10 +110,11 @@ class _RowSink:
             self._ended = True
         if whole:
             size = whole * self._dtype.itemsize
-            rows = np.frombuffer(self._buffer, self._dtype, count=whole).copy()
-            del self._buffer[:size]
+            rows = np.frombuffer(self._buffer, self._dtype, count=whole)
             self._check(rows)
             self._on_rows(rows)
+            del rows  # a view of the buffer, which cannot shrink while one exists
+            del self._buffer[:size]
         if self._ended:
             del self._buffer[-2:]
 

@@ -252,21 +252,27 @@ def _load_clip(
         .join(Bank, Bank.id == BankEntry.bank_id)
         .where(Bank.enabled, BankEntryEmbedding.model_id == model_id)
     )
-    # The stream takes rows of one width; name an entry whose embedding is not (the
-    # length of a stored value is read without reading the value).
-    malformed = session.execute(
-        of_enabled.add_columns(func.octet_length(BankEntryEmbedding.vector))
-        .where(func.octet_length(BankEntryEmbedding.vector) != 4 * dim)
-        .limit(1)
-    ).first()
+    # The stream takes rows of one width (the length of a stored value is read without
+    # reading the value). Entries committed between this count and the stream are
+    # appended by growing the arrays.
+    other_width = func.octet_length(BankEntryEmbedding.vector) != 4 * dim
+    capacity, malformed = session.execute(
+        select(func.count(), func.min(BankEntryEmbedding.bank_entry_id).filter(other_width))
+        .join(BankEntry, BankEntry.id == BankEntryEmbedding.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .where(Bank.enabled, BankEntryEmbedding.model_id == model_id)
+    ).one()
     if malformed is not None:
-        entry_id, length = malformed
-        raise ValueError(
-            f"bank entry {entry_id} has a {length // 4}-d embedding for model {model_id}, "
-            f"which is {dim}-d"
+        length = session.scalar(
+            select(func.octet_length(BankEntryEmbedding.vector)).where(
+                BankEntryEmbedding.bank_entry_id == malformed,
+                BankEntryEmbedding.model_id == model_id,
+            )
         )
-    # Entries committed between the count and the stream are appended by growing the arrays.
-    capacity = session.scalar(select(func.count()).select_from(of_enabled.subquery()))
+        raise ValueError(
+            f"bank entry {malformed} has a {(length or 0) // 4}-d embedding for model "
+            f"{model_id}, which is {dim}-d"
+        )
     loaded = _VectorRows(capacity or 0, dim)
     pg_copy.copy_out(
         session,
