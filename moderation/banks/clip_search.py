@@ -12,14 +12,17 @@ A search runs in two steps:
 So the hits do not depend on the device, the BLAS or the block sizes: a CPU worker and a
 GPU worker find the same entries at the same distances.
 
-Why a matrix product and not Faiss: `bench/matching.py` on a 2-core worker (one thread,
-as the worker runs torch there), 768-d bank of 1,000,000, ms per query for batches of 1 /
-8 / 64 queries: Faiss `IndexFlatIP.range_search` 413 / 92 / 56, NumPy blocked GEMM 193 /
-95 / 27, torch blocked GEMM 196 / 84 / 19; at 100,000: 39 / 8.8 / 5.7, 18 / 8.3 / 2.2,
-18 / 7.9 / 1.8. Faiss scans query by query below its BLAS threshold and splits its BLAS
-path into small blocks; one product per large block of the bank reads the bank once per
-batch. torch equals NumPy for one query and is faster for batches, and the same code
-runs the GPU's float16 bank.
+Why a matrix product and not Faiss: `bench/matching.py --full` on a 2-core machine shared
+with other jobs, one thread (as a 2-core worker runs torch), a 768-d bank of 1,000,000, ms
+per query for batches of 1 / 8 / 64 queries: Faiss `IndexFlatIP.range_search` 458 / 108 /
+79, NumPy blocked GEMM 145 / 89 / 18, torch blocked GEMM 228 / 110 / 20, this module 220 /
+108 / 19; at 100,000: 59 / 15 / 7.0, 24 / 14 / 4.2, 27 / 11 / 2.3, 23 / 16 / 2.4. Faiss
+scans query by query below its BLAS threshold and its BLAS path works in small blocks.
+NumPy and torch are within the noise of each other for 1 and 8 queries (interleaved at
+1M: 234 against 263 ms for one, 97 against 110 for 8) and torch is faster for 64 (19
+against 24); a worker searches up to four forward passes' vectors at once, and torch runs
+the same code on a GPU-resident float16 bank. The exact check costs little beside the
+product (the module against plain torch above).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ logger = logging.getLogger(__name__)
 FLOAT_SLACK = 1e-6
 
 # Scores computed per block (queries x bank rows). CPU: 2^20 float32 scores (4 MB) per
-# product; measured at 1M x 768, one thread, batch 64: 2^18 to 2^20 are equal (17-19 ms a
-# query), 2^22 is 1.5-2 times slower, 2^24 still slower (the scores outgrow the caches).
+# product; measured at 1M x 768, batch 64, one thread: 2^18 and 2^20 equal (17-19 ms a
+# query), 2^22 and 2^24 1.5-2 times slower (the scores outgrow the caches); two threads:
+# 2^20 best of 2^16, 2^18 and 2^20 (small products pay for waking the threads).
 # CUDA: 2^26 (128 MB of float16) so that a batch of 64 covers a million rows in one
 # product and one synchronisation; not measured here (no GPU), see bench/matching.py.
 _BLOCK_SCORES = {"cpu": 1 << 20, "cuda": 1 << 26}

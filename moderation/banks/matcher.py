@@ -26,10 +26,9 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-# ClipHit is part of this module's interface (`search_clip`).
 from moderation import pg_copy
 from moderation.banks.clip_search import ClipBank
-from moderation.banks.clip_search import ClipHit as ClipHit
+from moderation.banks.clip_search import ClipHit as ClipHit  # in `search_clip`'s signature
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.images.hashing import PDQ_BYTES
 from moderation.images.signals import ImageSignals, SignalType
