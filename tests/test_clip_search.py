@@ -83,6 +83,10 @@ def test_every_precision_finds_exactly_the_entries_within_the_radius(
             sorted(d for d in planted if d <= radius + 1e-9), abs=1e-6
         )
         assert all(hit.bank_id == 7 for hit in found)
+        # Python numbers, which the database driver writes as numbers.
+        assert {(type(h.bank_entry_id), type(h.bank_id), type(h.distance)) for h in found} == {
+            (int, int, float)
+        }
         for hit in found:
             exact = 1.0 - float(query.astype(np.float64) @ bank[hit.bank_entry_id - 10_000])
             assert hit.distance == pytest.approx(exact, abs=1e-12)

@@ -244,8 +244,11 @@ class ClipBank:
             for query, row, found in zip(
                 asked[within], rows[within], distance[within], strict=True
             ):
+                # Python numbers: psycopg2 would write a NumPy float as "np.float64(...)".
                 hits[query].append(
-                    ClipHit(int(self.entry_ids[row]), int(self.bank_ids[row]), max(0.0, found))
+                    ClipHit(
+                        int(self.entry_ids[row]), int(self.bank_ids[row]), max(0.0, float(found))
+                    )
                 )
         return hits
 
