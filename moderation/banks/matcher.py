@@ -199,7 +199,7 @@ def load_index(
 # with other jobs, 768-d: 100,000 entries in 2.1 s, peak RSS 405 MB above the process's
 # (the vectors are 293 MB), where building lists of rows, stacking them and adding them
 # to Faiss took 5.6 s and 975 MB; 1,000,000 in 20-31 s, peak 3.2 GB above (2.9 GB of
-# vectors). PostgreSQL producing the rows is most of that time.
+# vectors): PostgreSQL producing the rows about 8 s of it, filling the array 5, its norms 2.
 
 
 def _load_hashes(
