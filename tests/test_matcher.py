@@ -9,12 +9,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation import pg_copy
 from moderation.banks import service as banks
-from moderation.banks.matcher import BATCHED_SEARCH_FROM, BankMatcher, MatchSettings, load_index
+from moderation.banks.matcher import BankMatcher, MatchSettings, _VectorRows, load_index
+from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
-from moderation.embedding.service import get_or_create_model
+from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
 from tests.vectors import at_cosine_distance
@@ -225,11 +228,11 @@ def test_matching_in_many_threads_starts_no_faiss_threads(
 def test_a_batch_of_queries_finds_what_each_finds_alone(
     session: Session, model: EmbeddingModel
 ) -> None:
-    """Many uploads' vectors are searched in one call, through Faiss's BLAS path; the
-    radius boundary must hold there exactly as for a single query."""
+    """Many uploads' vectors are searched in one call, one product per block of the bank;
+    the radius boundary must hold there exactly as for a single query."""
     bank = banks.create_bank(session, "batched")
     rng = np.random.default_rng(5)
-    queries = rng.standard_normal((2 * BATCHED_SEARCH_FROM, DIM)).astype(np.float32)
+    queries = rng.standard_normal((8, DIM)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     distances = (0.04, 0.05, 0.0501, 0.06)
     entries = banks.add_entries(
@@ -254,3 +257,75 @@ def test_a_batch_of_queries_finds_what_each_finds_alone(
             h.bank_entry_id: round(h.distance, 5) for h in together if h.bank_entry_id in own
         } == {entry_id: d for entry_id, d in own.items() if d <= 0.05}
     assert index.search_clip(queries[:0]) == []
+
+
+def test_an_embedding_of_another_size_is_refused_by_name(
+    session: Session, model: EmbeddingModel
+) -> None:
+    bank = banks.create_bank(session, "malformed")
+    (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
+    session.add(BankEntryEmbedding(bank_entry_id=entry.id, model_id=model.id, vector=b"\0" * 12))
+    session.flush()
+    with pytest.raises(ValueError, match=rf"bank entry {entry.id} has a 3-d embedding"):
+        load_index(session, model.id, DIM, SETTINGS)
+
+
+def test_bank_rows_grow_past_the_count_they_were_sized_for() -> None:
+    """Entries committed between counting and streaming the bank are kept, not dropped."""
+    rng = np.random.default_rng(2)
+    fields = [("entry_id", ">i8"), ("bank_id", ">i8"), ("vector", ("<f4", DIM)), ("radius", ">f8")]
+    rows = _VectorRows(3, DIM)
+    vectors = rng.standard_normal((40, DIM)).astype(np.float32)
+    for start in range(0, 40, 7):  # 3 rows of room, then blocks of 7: grown several times
+        block = pg_copy.new_rows(fields, len(vectors[start : start + 7]))
+        block["entry_id"] = np.arange(start, start + len(block)) + 100
+        block["bank_id"] = block["entry_id"] % 2
+        block["vector"] = vectors[start : start + 7]
+        block["radius"] = 0.01 * (block["entry_id"] - 100)
+        rows.append(block)
+    entry_ids, bank_ids, stored, radii = rows.arrays()
+    assert entry_ids.tolist() == list(range(100, 140))
+    assert bank_ids.tolist() == [i % 2 for i in range(100, 140)]
+    assert radii.tolist() == [0.01 * i for i in range(40)]
+    assert np.array_equal(stored, vectors)
+    assert stored.flags.c_contiguous
+
+
+def test_entries_copied_in_bulk_are_stored_and_matched_like_added_ones(
+    session: Session, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(banks, "_ROWS_PER_COPY", 10)  # 45 entries in five COPYs
+    bank = banks.create_bank(session, "bulk")
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((45, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[7] = at_cosine_distance(ANCHOR, 0.05)
+    hashes = rng.integers(0, 256, (45, 32), dtype=np.uint8)
+    hashes[3] = np.frombuffer(_flip(31), np.uint8)
+    before = session.scalar(select(func.count(BankEntry.id))) or 0
+    assert (
+        banks.copy_entries(session, bank, model=model, vectors=vectors, pdq=hashes, added_by="bulk")
+        == 45
+    )
+    stored = session.execute(
+        select(BankEntry.pdq, BankEntry.pdq_quality, BankEntry.added_by, BankEntryEmbedding.vector)
+        .join(BankEntryEmbedding)
+        .where(BankEntry.bank_id == bank.id, BankEntryEmbedding.model_id == model.id)
+        .order_by(BankEntry.id)
+    ).all()
+    assert session.scalar(select(func.count(BankEntry.id))) == before + 45
+    assert [row.pdq for row in stored] == [h.tobytes() for h in hashes]
+    assert [row.vector for row in stored] == [vector_to_bytes(v) for v in vectors]
+    assert {(row.pdq_quality, row.added_by) for row in stored} == {(None, "bulk")}
+    found = _matches(session, model, _signals(pdq_bits=_flip(0)), ANCHOR[np.newaxis])
+    ids = session.scalars(
+        select(BankEntry.id).where(BankEntry.bank_id == bank.id).order_by(BankEntry.id)
+    ).all()
+    assert found == {(ids[7], SignalType.CLIP, 0.05), (ids[3], SignalType.PDQ, 31.0)}
+    # Without hashes, the entries hold only their embeddings.
+    other = banks.create_bank(session, "bulk-vectors-only")
+    banks.copy_entries(session, other, model=model, vectors=vectors[:5], added_by="bulk")
+    assert (
+        session.scalars(select(BankEntry.pdq).where(BankEntry.bank_id == other.id)).all()
+        == [None] * 5
+    )

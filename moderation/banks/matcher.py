@@ -6,14 +6,14 @@ checkpoint changes, so running workers pick up bank changes without a restart.
 
 - SHA-256: a dictionary lookup.
 - PDQ: Faiss `IndexBinaryFlat` range search, Hamming distance <= the threshold.
-- CLIP: Faiss `IndexFlatIP` range search. Vectors are unit length, so cosine distance is
-  1 - inner product; the search uses the widest radius of any bank and each hit is then
-  held to its own bank's radius. Flat indexes are exact: moderation needs full recall.
+- CLIP: a `ClipBank`. Vectors are unit length, so cosine distance is 1 - inner product.
+  Candidates come from a matrix product on the worker's device, kept with a proven margin
+  below the widest radius of any bank; every candidate is then checked exactly and held
+  to its own bank's radius. Moderation needs full recall: nothing is approximate.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -26,23 +26,14 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation import pg_copy
+from moderation.banks.clip_search import ClipBank
+from moderation.banks.clip_search import ClipHit as ClipHit  # in `search_clip`'s signature
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
-from moderation.embedding.service import vector_from_bytes
 from moderation.images.hashing import PDQ_BYTES
 from moderation.images.signals import ImageSignals, SignalType
 
 logger = logging.getLogger(__name__)
-
-# Float32 resolves cosine distances to about 1e-7: a vector placed exactly on the radius
-# may compute a hair outside it. The radius is held to within this tolerance.
-_FLOAT_SLACK = 1e-6
-# Faiss scans a flat index query by query below this many queries per call, and with one
-# matrix product (BLAS) per block of the bank from it on: one pass over the bank's memory
-# for the whole batch. Measured on a 2-core worker, 512-d: from 8 queries BLAS costs 0.29
-# ms a query against 0.78 scanning a 10k bank, 4.6 against 15 for 100k; for 1 query it
-# costs 2.5 times more. Faiss's default is 20. The setting is process-wide.
-BATCHED_SEARCH_FROM = 4
-faiss.cvar.distance_compute_blas_threshold = BATCHED_SEARCH_FROM
 
 
 @dataclass(frozen=True)
@@ -52,13 +43,6 @@ class Match:
     signal: SignalType
     distance: float
     frame_index: int
-
-
-@dataclass(frozen=True)
-class ClipHit:
-    bank_entry_id: int
-    bank_id: int
-    distance: float
 
 
 @dataclass(frozen=True)
@@ -94,33 +78,27 @@ class BankIndex:
         settings: MatchSettings,
         entry_bank: dict[int, int],
         sha256: dict[bytes, list[int]],
-        pdq: list[tuple[int, bytes]],
-        clip: list[tuple[int, np.ndarray, float]],
-        dim: int,
+        pdq_ids: np.ndarray,
+        pdq_bits: np.ndarray,
+        clip: ClipBank,
     ) -> None:
+        """`pdq_bits`: one row of PDQ_BYTES (uint8) per entry of `pdq_ids`."""
         self.checkpoint = checkpoint
         self.settings = settings
         self._entry_bank = entry_bank
         self._sha256 = sha256
-        self._pdq_ids = np.array([entry_id for entry_id, _ in pdq], dtype=np.int64)
+        self._pdq_ids = pdq_ids
         self._pdq = faiss.IndexBinaryFlat(PDQ_BYTES * 8)
-        if pdq:
-            self._pdq.add(
-                np.frombuffer(b"".join(bits for _, bits in pdq), np.uint8).reshape(-1, PDQ_BYTES)
-            )
-        self._clip_ids = np.array([entry_id for entry_id, _, _ in clip], dtype=np.int64)
-        self._clip_radius = np.array([radius for _, _, radius in clip], dtype=np.float64)
-        self._clip = faiss.IndexFlatIP(dim)
-        if clip:
-            self._clip.add(np.stack([vector for _, vector, _ in clip]).astype(np.float32))
-        self._widest_radius = float(self._clip_radius.max()) if clip else 0.0
+        if len(pdq_ids):
+            self._pdq.add(np.ascontiguousarray(pdq_bits, np.uint8).reshape(-1, PDQ_BYTES))
+        self.clip = clip
 
     @property
     def size(self) -> dict[str, int]:
         return {
             "sha256": sum(len(ids) for ids in self._sha256.values()),
             "pdq": int(self._pdq.ntotal),
-            "clip": int(self._clip.ntotal),
+            "clip": len(self.clip),
         }
 
     def match(self, signals: ImageSignals, vectors: np.ndarray) -> list[Match]:
@@ -130,26 +108,9 @@ class BankIndex:
 
     def search_clip(self, vectors: np.ndarray) -> list[list[ClipHit]]:
         """The CLIP hits of each vector, which may come from many uploads. A search costs
-        about one pass over the bank's vectors per call, not per vector (see
-        `BATCHED_SEARCH_FROM`), so a worker searches for a whole batch at once."""
-        if not len(vectors):
-            return []
-        if not self._clip.ntotal:
-            return [[] for _ in vectors]
-        _single_threaded_faiss()
-        threshold = 1.0 - self._widest_radius - _FLOAT_SLACK
-        limits, similarities, rows = self._clip.range_search(
-            np.ascontiguousarray(vectors, np.float32), threshold
-        )
-        hits: list[list[ClipHit]] = []
-        for start, stop in itertools.pairwise(limits):
-            hits.append([])
-            for row, similarity in zip(rows[start:stop], similarities[start:stop], strict=True):
-                distance = max(0.0, 1.0 - float(similarity))
-                if distance <= self._clip_radius[row] + _FLOAT_SLACK:
-                    entry_id = int(self._clip_ids[row])
-                    hits[-1].append(ClipHit(entry_id, self._entry_bank[entry_id], distance))
-        return hits
+        about one pass over the bank's vectors per call, not per vector, so a worker
+        searches for a whole batch at once (see `moderation.banks.clip_search`)."""
+        return self.clip.search(vectors)
 
     def match_searched(
         self, signals: ImageSignals, clip_hits: Sequence[Sequence[ClipHit]]
@@ -221,37 +182,143 @@ def _closest_per_entry(matches: list[Match]) -> list[Match]:
     return list(best.values())
 
 
-def load_index(session: Session, model_id: int, dim: int, settings: MatchSettings) -> BankIndex:
-    """Build a snapshot of every entry of every enabled bank. Reads; writes nothing."""
+def load_index(
+    session: Session, model_id: int, dim: int, settings: MatchSettings, device: str = "cpu"
+) -> BankIndex:
+    """Build a snapshot of every entry of every enabled bank. Reads; writes nothing.
+    `device`: where CLIP vectors are scored (see `ClipBank`)."""
     # Read the checkpoint first: a change that lands mid-build is then seen on the next check.
     checkpoint = bank_checkpoint(session, model_id)
-    entries = session.execute(
+    entry_bank, sha256, pdq_ids, pdq_bits = _load_hashes(session, settings.pdq_min_quality)
+    clip = _load_clip(session, model_id, dim, settings.default_radius, device)
+    return BankIndex(checkpoint, settings, entry_bank, sha256, pdq_ids, pdq_bits, clip)
+
+
+# Both loads read by binary COPY (see `moderation.pg_copy`) into arrays, the vectors into
+# one preallocated float32 array. `bench/matching.py --load` on a 2-core machine shared
+# with other jobs, 768-d: 100,000 entries in 2.1 s, peak RSS 405 MB above the process's
+# (the vectors are 293 MB), where building lists of rows, stacking them and adding them
+# to Faiss took 5.6 s and 975 MB; 1,000,000 in 20-31 s, peak 3.2 GB above (2.9 GB of
+# vectors): PostgreSQL producing the rows about 8 s of it, filling the array 5, its norms 2.
+
+
+def _load_hashes(
+    session: Session, pdq_min_quality: int
+) -> tuple[dict[int, int], dict[bytes, list[int]], np.ndarray, np.ndarray]:
+    """Entry -> bank, SHA-256 -> entries, and the PDQ hashes good enough to match on."""
+    no_hash = func.decode(func.repeat("00", 32), "hex")  # NULLs have no place in fixed rows
+    query = (
         select(
-            BankEntry.id, BankEntry.bank_id, BankEntry.sha256, BankEntry.pdq, BankEntry.pdq_quality
+            BankEntry.id,
+            BankEntry.bank_id,
+            BankEntry.sha256.is_not(None),
+            func.coalesce(BankEntry.sha256, no_hash),
+            BankEntry.pdq.is_not(None)
+            & (BankEntry.pdq_quality.is_(None) | (BankEntry.pdq_quality >= pdq_min_quality)),
+            func.coalesce(BankEntry.pdq, no_hash),
         )
         .join(Bank)
         .where(Bank.enabled)
     )
+    fields = [
+        ("id", ">i8"),
+        ("bank_id", ">i8"),
+        ("has_sha256", "?"),
+        ("sha256", "V32"),
+        ("has_pdq", "?"),
+        ("pdq", (np.uint8, PDQ_BYTES)),
+    ]
     entry_bank: dict[int, int] = {}
     sha256: dict[bytes, list[int]] = {}
-    pdq: list[tuple[int, bytes]] = []
-    for entry_id, bank_id, sha, pdq_bits, quality in entries:
-        entry_bank[entry_id] = bank_id
-        if sha is not None:
-            sha256.setdefault(sha, []).append(entry_id)
-        if pdq_bits is not None and (quality is None or quality >= settings.pdq_min_quality):
-            pdq.append((entry_id, pdq_bits))
-    vectors = session.execute(
-        select(BankEntryEmbedding.bank_entry_id, BankEntryEmbedding.vector, Bank.radius)
+    pdq_ids: list[np.ndarray] = [np.empty(0, np.int64)]
+    pdq_bits: list[np.ndarray] = [np.empty((0, PDQ_BYTES), np.uint8)]
+
+    def add(rows: np.ndarray) -> None:
+        entry_bank.update(zip(rows["id"].tolist(), rows["bank_id"].tolist(), strict=True))
+        for row in rows[rows["has_sha256"]]:
+            sha256.setdefault(row["sha256"].tobytes(), []).append(int(row["id"]))
+        pdq_ids.append(rows["id"][rows["has_pdq"]].astype(np.int64))
+        pdq_bits.append(rows["pdq"][rows["has_pdq"]])
+
+    pg_copy.copy_out(session, query, fields, add)
+    return entry_bank, sha256, np.concatenate(pdq_ids), np.concatenate(pdq_bits)
+
+
+def _load_clip(
+    session: Session, model_id: int, dim: int, default_radius: float, device: str
+) -> ClipBank:
+    """The embeddings of enabled banks' entries, streamed into one preallocated float32
+    array: the bank is held once, never as a list of rows and then a copy of it."""
+    of_enabled = (
+        select(BankEntryEmbedding.bank_entry_id)
         .join(BankEntry, BankEntry.id == BankEntryEmbedding.bank_entry_id)
         .join(Bank, Bank.id == BankEntry.bank_id)
         .where(Bank.enabled, BankEntryEmbedding.model_id == model_id)
     )
-    clip = [
-        (entry_id, vector_from_bytes(vector), settings.default_radius if radius is None else radius)
-        for entry_id, vector, radius in vectors
-    ]
-    return BankIndex(checkpoint, settings, entry_bank, sha256, pdq, clip, dim)
+    # The stream takes rows of one width (the length of a stored value is read without
+    # reading the value). Entries committed between this count and the stream are
+    # appended by growing the arrays.
+    other_width = func.octet_length(BankEntryEmbedding.vector) != 4 * dim
+    capacity, malformed = session.execute(
+        select(func.count(), func.min(BankEntryEmbedding.bank_entry_id).filter(other_width))
+        .join(BankEntry, BankEntry.id == BankEntryEmbedding.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .where(Bank.enabled, BankEntryEmbedding.model_id == model_id)
+    ).one()
+    if malformed is not None:
+        length = session.scalar(
+            select(func.octet_length(BankEntryEmbedding.vector)).where(
+                BankEntryEmbedding.bank_entry_id == malformed,
+                BankEntryEmbedding.model_id == model_id,
+            )
+        )
+        raise ValueError(
+            f"bank entry {malformed} has a {(length or 0) // 4}-d embedding for model "
+            f"{model_id}, which is {dim}-d"
+        )
+    loaded = _VectorRows(capacity or 0, dim)
+    pg_copy.copy_out(
+        session,
+        of_enabled.add_columns(
+            BankEntry.bank_id,
+            BankEntryEmbedding.vector,
+            func.coalesce(Bank.radius, default_radius),
+        ),
+        [("entry_id", ">i8"), ("bank_id", ">i8"), ("vector", ("<f4", dim)), ("radius", ">f8")],
+        loaded.append,
+    )
+    return ClipBank(*loaded.arrays(), device=device)
+
+
+class _VectorRows:
+    """Bank rows appended one at a time into preallocated arrays, grown if need be."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.count = 0
+        self.entry_ids = np.empty(capacity, np.int64)
+        self.bank_ids = np.empty(capacity, np.int64)
+        self.radii = np.empty(capacity, np.float64)
+        self.vectors = np.empty((capacity, dim), np.float32)
+
+    def append(self, rows: np.ndarray) -> None:
+        """Rows with fields entry_id, bank_id, radius and vector."""
+        end = self.count + len(rows)
+        if end > len(self.vectors):
+            grown = max(end, self.count + self.count // 4)
+            self.entry_ids = np.resize(self.entry_ids, grown)
+            self.bank_ids = np.resize(self.bank_ids, grown)
+            self.radii = np.resize(self.radii, grown)
+            self.vectors = np.resize(self.vectors, (grown, self.vectors.shape[1]))
+        self.entry_ids[self.count : end] = rows["entry_id"]
+        self.bank_ids[self.count : end] = rows["bank_id"]
+        self.radii[self.count : end] = rows["radius"]
+        self.vectors[self.count : end] = rows["vector"]
+        self.count = end
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Entry ids, bank ids, vectors and radii of the rows appended (views, not copies)."""
+        n = self.count
+        return self.entry_ids[:n], self.bank_ids[:n], self.vectors[:n], self.radii[:n]
 
 
 class BankMatcher:
@@ -271,16 +338,19 @@ class BankMatcher:
         dim: int,
         settings: MatchSettings,
         refresh_s: float,
+        device: str = "cpu",
     ) -> None:
+        """`device`: where CLIP vectors are scored, the worker's (`Settings.resolved_device`)."""
         self._sessions = sessions
         self._model_id = model_id
         self._dim = dim
         self._settings = settings
         self._refresh_s = refresh_s
+        self._device = device
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
         with sessions() as session:
-            self._index = load_index(session, model_id, dim, settings)
+            self._index = load_index(session, model_id, dim, settings, device)
 
     def current(self) -> BankIndex:
         if self._is_stale():
@@ -298,7 +368,9 @@ class BankMatcher:
         with self._sessions() as session:
             if bank_checkpoint(session, self._model_id) != self._index.checkpoint:
                 started = time.monotonic()
-                self._index = load_index(session, self._model_id, self._dim, self._settings)
+                self._index = load_index(
+                    session, self._model_id, self._dim, self._settings, self._device
+                )
                 logger.info(
                     "bank index rebuilt in %.3f s: %s", time.monotonic() - started, self._index.size
                 )

@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation import pg_copy
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
@@ -111,6 +112,65 @@ def add_entries(
     session.add_all(rows)
     session.flush()
     return rows
+
+
+# Rows per COPY: 20,000 768-d embeddings are 60 MB of COPY data.
+_ROWS_PER_COPY = 20_000
+
+
+def copy_entries(
+    session: Session,
+    bank: Bank,
+    *,
+    model: EmbeddingModel,
+    vectors: np.ndarray,
+    pdq: np.ndarray | None = None,
+    added_by: str,
+) -> int:
+    """Add one entry per row of `vectors` (L2-normalised, from `model`), with the PDQ hash
+    of the same row of `pdq` (n x 32 bytes, quality unknown) if given, by binary COPY:
+    a bank of a million entries in minutes, where `add_entries` builds an object per row.
+    Returns the number of entries added."""
+    if vectors.ndim != 2 or vectors.shape[1] != model.dim:
+        raise ValueError(
+            f"embeddings have shape {vectors.shape}; model {model.name!r} is {model.dim}-d"
+        )
+    if pdq is not None and pdq.shape != (len(vectors), 32):
+        raise ValueError(f"PDQ hashes have shape {pdq.shape}; expected ({len(vectors)}, 32)")
+    by = added_by.encode()
+    entry_fields = [
+        ("id", ">i8"),
+        ("bank_id", ">i8"),
+        ("added_by", f"V{len(by)}"),
+        *([("pdq", "V32")] if pdq is not None else []),
+    ]
+    # Stored as `vector_to_bytes` stores them: little-endian float32.
+    embedding_fields = [
+        ("bank_entry_id", ">i8"),
+        ("model_id", ">i8"),
+        ("vector", f"V{4 * model.dim}"),
+    ]
+    for start in range(0, len(vectors), _ROWS_PER_COPY):
+        chunk = np.ascontiguousarray(vectors[start : start + _ROWS_PER_COPY], "<f4")
+        ids = session.scalars(
+            select(func.nextval(func.pg_get_serial_sequence("bank_entries", "id"))).select_from(
+                func.generate_series(1, len(chunk))
+            )
+        ).all()
+        entries = pg_copy.new_rows(entry_fields, len(chunk))
+        entries["id"] = ids
+        entries["bank_id"] = bank.id
+        entries["added_by"] = np.void(by)
+        if pdq is not None:
+            hashes = np.ascontiguousarray(pdq[start : start + _ROWS_PER_COPY], np.uint8)
+            entries["pdq"] = hashes.view("V32").reshape(-1)
+        pg_copy.copy_in(session, "bank_entries", entries)
+        embeddings = pg_copy.new_rows(embedding_fields, len(chunk))
+        embeddings["bank_entry_id"] = ids
+        embeddings["model_id"] = model.id
+        embeddings["vector"] = chunk.view(f"V{4 * model.dim}").reshape(-1)
+        pg_copy.copy_in(session, "bank_entry_embeddings", embeddings)
+    return len(vectors)
 
 
 def entry_from_image(

@@ -124,6 +124,7 @@ class Screener:
                 pdq_min_quality=settings.pdq_min_quality,
             ),
             refresh_s=settings.bank_refresh_s,
+            device=settings.resolved_device(),
         )
         self.intake: Intake = build_intake(
             settings, embedder.preprocess, slots=slots or settings.resolved_concurrency()

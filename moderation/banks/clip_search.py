@@ -1,0 +1,276 @@
+"""Exact CLIP range search over a bank of up to millions of unit vectors.
+
+A search runs in two steps:
+
+1. Candidates: one matrix product per block of bank rows on the worker's device (float32
+   on CPU; a GPU-resident float16 copy of the bank on CUDA), keeping every row whose
+   score is at least the threshold minus `candidate_margin`, a proven bound on how far
+   that product can be from the exact inner product.
+2. Exact check: the inner product of each candidate, in float64 from the float32
+   vectors on the host, held to its own bank's radius.
+
+So the hits do not depend on the device, the BLAS or the block sizes: a CPU worker and a
+GPU worker find the same entries at the same distances.
+
+Why a matrix product and not Faiss: `bench/matching.py --full` on a 2-core machine shared
+with other jobs, one thread (as a 2-core worker runs torch), a 768-d bank of 1,000,000, ms
+per query for batches of 1 / 8 / 64 queries: Faiss `IndexFlatIP.range_search` 458 / 108 /
+79, NumPy blocked GEMM 145 / 89 / 18, torch blocked GEMM 228 / 110 / 20, this module 220 /
+108 / 19; at 100,000: 59 / 15 / 7.0, 24 / 14 / 4.2, 27 / 11 / 2.3, 23 / 16 / 2.4. Faiss
+scans query by query below its BLAS threshold and its BLAS path works in small blocks.
+NumPy and torch are within the noise of each other for 1 and 8 queries (interleaved at
+1M: 234 against 263 ms for one, 97 against 110 for 8) and torch is faster for 64 (19
+against 24); a worker searches up to four forward passes' vectors at once, and torch runs
+the same code on a GPU-resident float16 bank. The exact check costs little beside the
+product (the module against plain torch above).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Float32 resolves cosine distances to about 1e-7: a vector placed exactly on the radius
+# may compute a hair outside it. The radius is held to within this tolerance.
+FLOAT_SLACK = 1e-6
+
+# Scores computed per block (queries x bank rows). CPU: 2^20 float32 scores (4 MB) per
+# product; measured at 1M x 768, batch 64, one thread: 2^18 and 2^20 equal (17-19 ms a
+# query), 2^22 and 2^24 1.5-2 times slower (the scores outgrow the caches); two threads:
+# 2^20 best of 2^16, 2^18 and 2^20 (small products pay for waking the threads).
+# CUDA: 2^26 (128 MB of float16) so that a batch of 64 covers a million rows in one
+# product and one synchronisation; not measured here (no GPU), see bench/matching.py.
+_BLOCK_SCORES = {"cpu": 1 << 20, "cuda": 1 << 26}
+# Candidates checked exactly per step: bounds the float64 copies of their vectors (48 MB).
+_EXACT_CHUNK = 8192
+# Rows per step when the bank is measured or copied to the device: 8,192 768-d rows are
+# 50 MB as float64, small beside the bank (a million rows as one float64 array are 6 GB).
+_ROWS_PER_STEP = 8192
+
+
+@dataclass(frozen=True)
+class ClipHit:
+    bank_entry_id: int
+    bank_id: int
+    distance: float
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How a matrix product in some precision can differ from the exact inner product."""
+
+    unit_in: float  # relative error of rounding a float32 input to the product's inputs
+    tiny_in: float  # absolute error of that rounding below the smallest normal number
+    unit_out: float  # relative error of rounding the float32 accumulator to the output
+    tiny_out: float
+
+
+_FP16 = 2.0**-11  # unit roundoff: 11 significant bits
+_BF16 = 2.0**-8  # 8 significant bits
+_FP32 = 2.0**-24
+_FP64 = 2.0**-53
+ROUNDING = {
+    torch.float32: Rounding(0.0, 0.0, 0.0, 0.0),
+    # Half the subnormal spacing: float16's is 2^-24, bfloat16's 2^-133.
+    torch.float16: Rounding(_FP16, 2.0**-25, _FP16, 2.0**-25),
+    torch.bfloat16: Rounding(_BF16, 2.0**-134, _BF16, 2.0**-134),
+}
+
+
+def _gamma(n: int, unit: float) -> float:
+    """Higham's gamma_n: the relative bound of n rounding errors in a row."""
+    return n * unit / (1 - n * unit)
+
+
+def candidate_margin(dim: int, rounding: Rounding, query_norm: float, bank_norm: float) -> float:
+    """How far below the exact inner product of x (norm <= query_norm) and y (norm <=
+    bank_norm) a product of them may come out, computed with inputs rounded to a narrower
+    type (`rounding`), products summed in float32 in any order, and the sum rounded to
+    the output type; plus the float64 check's own error and the rounding of the
+    threshold to float32 when scores are compared with it.
+
+    Derivation (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), with u and
+    eta the input rounding's relative and subnormal errors, |x^_i - x_i| <= u|x_i| + eta:
+      |x^_i y^_i - x_i y_i| <= (u|x_i| + eta)|y^_i| + |x_i|(u|y_i| + eta), so over i
+      |x^.y^ - x.y| <= (2u + u^2)|x||y| + eta(1+u)(|x|_1 + |y|_1) + d eta^2,
+      with |x|_1 <= sqrt(d)|x| (Cauchy-Schwarz, as for |x.y| <= |x||y| above).
+    A product of two float16 (or bfloat16) numbers is exact in float32, so the float32
+    sum adds at most gamma_d(2^-24) sum|x^_i y^_i| <= gamma_d |x^||y^| = gamma_d B, with
+    B = ((1+u)|x| + eta sqrt(d)) ((1+u)|y| + eta sqrt(d)); for float32 inputs gamma_d
+    covers the d products' roundings too. Rounding the sum to a float16 output adds
+    u_out (1 + gamma_d) B + eta_out. For unit vectors at 768-d: float16 1.5e-3 (so the
+    candidates of radius 0.05 are the rows within 0.0515), bfloat16 1.2e-2, float32 4.6e-5.
+
+    This holds only if the sum really is float32: cuBLAS may otherwise reduce float16
+    partial sums in float16, which `ClipBank` forbids on CUDA (see `_exact_sums_on_cuda`).
+    """
+    u, eta = rounding.unit_in, rounding.tiny_in
+    root_d = math.sqrt(dim)
+    norms = query_norm * bank_norm
+    inputs = (2 * u + u * u) * norms + eta * (1 + u) * root_d * (query_norm + bank_norm)
+    inputs += dim * eta * eta
+    rounded = ((1 + u) * query_norm + eta * root_d) * ((1 + u) * bank_norm + eta * root_d)
+    summed = _gamma(dim, _FP32) * rounded
+    output = rounding.unit_out * (1 + _gamma(dim, _FP32)) * rounded + rounding.tiny_out
+    exact_check = _gamma(dim, _FP64) * norms
+    threshold_as_float32 = _FP32
+    return inputs + summed + output + exact_check + threshold_as_float32
+
+
+def _rounding_of(dtype: torch.dtype) -> Rounding:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        # "high" and "medium" let float32 products run with TF32 or bfloat16 inputs; take
+        # the coarser, so the margin holds whatever the process chose for its model.
+        return ROUNDING[torch.bfloat16]
+    return ROUNDING[dtype]
+
+
+def _exact_sums_on_cuda(dtype: torch.dtype) -> None:
+    """Make cuBLAS sum float16/bfloat16 products in float32, which `candidate_margin`
+    assumes. Process-wide; it narrows cuBLAS's choice of split-K kernels for the model's
+    float16 products too, which then also reduce in float32 (torch's own default for them
+    is to allow float16 reductions, a speed-for-precision trade the model can make and a
+    range search cannot)."""
+    matmul = torch.backends.cuda.matmul
+    if dtype == torch.float16 and (
+        matmul.allow_fp16_reduced_precision_reduction or matmul.allow_fp16_accumulation
+    ):
+        logger.info("float16 products now reduce in float32, as exact bank matching needs")
+        matmul.allow_fp16_reduced_precision_reduction = False
+        matmul.allow_fp16_accumulation = False
+    if dtype == torch.bfloat16 and matmul.allow_bf16_reduced_precision_reduction:
+        logger.info("bfloat16 products now reduce in float32, as exact bank matching needs")
+        matmul.allow_bf16_reduced_precision_reduction = False
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float16 on CUDA: half the memory and bandwidth of float32, and a margin of 1.5e-3
+    instead of bfloat16's 1.2e-2 (8 times fewer rows to check exactly near the radius)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class ClipBank:
+    """The CLIP vectors of a bank snapshot, one row per bank entry, searched exactly.
+
+    `vectors` (float32, C-contiguous) stay on the host for the exact check; the device
+    scores a view of them (CPU, float32) or its own copy in `dtype` (any other case, e.g.
+    a float16 bank resident on the GPU).
+    """
+
+    def __init__(
+        self,
+        entry_ids: np.ndarray,
+        bank_ids: np.ndarray,
+        vectors: np.ndarray,
+        radii: np.ndarray,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        block_scores: int | None = None,
+    ) -> None:
+        """`dtype`: of the scored copy (default: `default_dtype`); `block_scores`: scores per
+        product (default: `_BLOCK_SCORES` of the device)."""
+        if vectors.dtype != np.float32 or not vectors.flags.c_contiguous or vectors.ndim != 2:
+            raise ValueError("bank vectors must be a C-contiguous float32 matrix")
+        if not len(entry_ids) == len(bank_ids) == len(radii) == len(vectors):
+            raise ValueError("one entry id, bank id and radius per bank vector")
+        self.entry_ids = entry_ids
+        self.bank_ids = bank_ids
+        self.vectors = vectors
+        self.radii = np.asarray(radii, np.float64)
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(device)
+        self.widest_radius = float(self.radii.max()) if len(self.radii) else 0.0
+        self._bank_norm = _max_norm(vectors)
+        if self.device.type == "cuda":
+            _exact_sums_on_cuda(self.dtype)
+        self._scored = _on_device(vectors, self.device, self.dtype)
+        self._block_scores = block_scores or _BLOCK_SCORES.get(self.device.type, 1 << 20)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def search(self, queries: np.ndarray) -> list[list[ClipHit]]:
+        """The hits of each query (unit float32 rows): every entry within its bank's radius."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        if not len(queries) or not len(self):
+            return [[] for _ in queries]
+        query_norm = float(np.linalg.norm(queries.astype(np.float64), axis=1).max())
+        margin = candidate_margin(
+            queries.shape[1], _rounding_of(self.dtype), query_norm, self._bank_norm
+        )
+        floor = 1.0 - self.widest_radius - FLOAT_SLACK - margin
+        query_rows, bank_rows = self._candidates(queries, floor)
+        return self._exact(queries, query_rows, bank_rows)
+
+    def _candidates(self, queries: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """(query, bank row) pairs whose product is >= floor, in query then row order."""
+        block = max(1, self._block_scores // len(queries))
+        found_queries: list[torch.Tensor] = []
+        found_rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            on_device = torch.from_numpy(queries).to(self.device, self.dtype)
+            for start in range(0, len(self), block):
+                scores = torch.matmul(on_device, self._scored[start : start + block].T)
+                # Compared in float32 (exact from float16): a float16 threshold would round.
+                asked, rows = torch.nonzero(scores.float() >= floor, as_tuple=True)
+                found_queries.append(asked)
+                found_rows.append(rows + start)
+            query_rows = torch.cat(found_queries).cpu().numpy()
+            bank_rows = torch.cat(found_rows).cpu().numpy()
+        order = np.lexsort((bank_rows, query_rows))
+        return query_rows[order], bank_rows[order]
+
+    def _exact(
+        self, queries: np.ndarray, query_rows: np.ndarray, bank_rows: np.ndarray
+    ) -> list[list[ClipHit]]:
+        hits: list[list[ClipHit]] = [[] for _ in queries]
+        for start in range(0, len(bank_rows), _EXACT_CHUNK):
+            rows = bank_rows[start : start + _EXACT_CHUNK]
+            asked = query_rows[start : start + _EXACT_CHUNK]
+            similarity = np.einsum(
+                "ij,ij->i",
+                queries[asked].astype(np.float64),
+                self.vectors[rows].astype(np.float64),
+            )
+            distance = 1.0 - similarity
+            within = distance <= self.radii[rows] + FLOAT_SLACK
+            for query, row, found in zip(
+                asked[within], rows[within], distance[within], strict=True
+            ):
+                # Python numbers: psycopg2 would write a NumPy float as "np.float64(...)".
+                hits[query].append(
+                    ClipHit(
+                        int(self.entry_ids[row]), int(self.bank_ids[row]), max(0.0, float(found))
+                    )
+                )
+        return hits
+
+
+def _max_norm(vectors: np.ndarray) -> float:
+    """The largest row norm, a block at a time (no float64 copy of the whole bank)."""
+    largest = 0.0
+    for start in range(0, len(vectors), _ROWS_PER_STEP):
+        block = vectors[start : start + _ROWS_PER_STEP].astype(np.float64)
+        largest = max(largest, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
+    return largest
+
+
+def _on_device(vectors: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """What the device scores: the host's float32 vectors themselves on CPU, otherwise a
+    copy converted a block at a time (never a second full float32 copy)."""
+    host = torch.from_numpy(vectors)
+    if device.type == "cpu" and dtype == torch.float32:
+        return host
+    scored = torch.empty(host.shape, dtype=dtype, device=device)
+    for start in range(0, len(host), _ROWS_PER_STEP):
+        scored[start : start + _ROWS_PER_STEP] = host[start : start + _ROWS_PER_STEP].to(
+            device, dtype
+        )
+    return scored
