@@ -27,6 +27,7 @@ from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
+from moderation.screening.recovery import uploads_of_message
 from tests.images import encode, textured, write
 
 SHA256_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -379,7 +380,8 @@ def test_submit_of_a_directory_queues_the_images_inside(
         assert isinstance(row["upload_id"], int)
         assert (row["status"], row["error"]) == ("queued", None)
     assert len({s["upload_id"] for s in submitted}) == 3
-    assert redis_client.llen(queue) == 3  # one message per upload, waiting for a worker
+    # Their messages wait for a worker: uploads sent together share messages.
+    assert sorted(_queued_uploads(redis_client, queue)) == sorted(s["upload_id"] for s in submitted)
 
 
 @pytest.mark.usefixtures("clean_db")
@@ -392,7 +394,14 @@ def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
     ids = [row["upload_id"] for row in submitted]
     assert len(set(ids)) == count  # one upload per argument, even of the same file
     assert ids == sorted(ids)
-    assert redis_client.llen(queue) == count
+    assert _queued_uploads(redis_client, queue) == ids
+    assert redis_client.llen(queue) < count
+
+
+def _queued_uploads(redis_client: redis.Redis, queue: str) -> list[int]:
+    """The uploads named by the messages waiting on the queue, oldest first."""
+    messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
+    return [upload_id for message in messages for upload_id in uploads_of_message(message)]
 
 
 @pytest.mark.usefixtures("clean_db")

@@ -267,7 +267,7 @@ def test_uploads_sent_together_travel_sixteen_to_a_message(redis_client: redis.R
     publish_screening(list(range(1, 41)), queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
-    assert [recovery._uploads_of(m) for m in messages] == [
+    assert [recovery.uploads_of_message(m) for m in messages] == [
         list(range(1, 17)),
         list(range(17, 33)),
         list(range(33, 41)),

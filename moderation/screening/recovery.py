@@ -256,7 +256,7 @@ def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, dat
             message, _exchange, routing_key = json.loads(payload)
             if routing_key != queue or message.get("headers", {}).get("eta"):
                 continue
-            upload_ids = _uploads_of(message)
+            upload_ids = uploads_of_message(message)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             continue  # not a screening message
         for upload_id in upload_ids:
@@ -264,7 +264,7 @@ def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, dat
     return taken
 
 
-def _uploads_of(message: dict[str, Any]) -> list[int]:
+def uploads_of_message(message: dict[str, Any]) -> list[int]:
     """The uploads a screening message names: one (`screen_upload`) or many."""
     body = message["body"]
     if message.get("properties", {}).get("body_encoding") == "base64":
@@ -284,7 +284,7 @@ def oldest_waiting_upload(queue: str) -> int | None:
         return None
     try:
         # The uploads of one message were sent together: the first stands for them all.
-        return _uploads_of(json.loads(raw))[0]
+        return uploads_of_message(json.loads(raw))[0]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         logger.warning("the message next in line on %s is not a screening message", queue)
         return None
