@@ -121,10 +121,11 @@ def add(
     if as_json:
         emit_json(added)
     else:
-        click.echo(
-            f"added {len(added)} entr{'y' if len(added) == 1 else 'ies'} to {name}: "
-            f"ids {', '.join(str(a['id']) for a in added)}"
-        )
+        ids = ", ".join(str(a["id"]) for a in added)
+        if len(added) == 1:
+            click.echo(f"added 1 entry to {name}: id {ids}")
+        else:
+            click.echo(f"added {len(added)} entries to {name}: ids {ids}")
 
 
 def _model_entries(
