@@ -41,7 +41,7 @@ def cli(*args: str) -> Any:
     """Run a command that must succeed; its JSON parsed when asked for with --json."""
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output) if "--json" in args else result.output
+    return json.loads(result.stdout) if "--json" in args else result.output
 
 
 def fails(*args: str, exit_code: int = 1) -> str:
