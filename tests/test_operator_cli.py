@@ -271,9 +271,11 @@ def test_sniffing_knows_exactly_the_formats_decoded() -> None:
 
 
 @pytest.fixture
-def queue(redis_client: redis.Redis) -> Iterator[str]:
-    name = get_settings().queue
-    redis_client.delete(name)
+def queue(configure: Configure, redis_client: redis.Redis) -> Iterator[str]:
+    """A queue of this test's own: the end-to-end tests' worker, if started, consumes the
+    configured one, and messages here must stay where the test can count them."""
+    name = f"operator-cli-{uuid.uuid4().hex[:8]}"
+    configure(queue=name)
     yield name
     redis_client.delete(name)
 

@@ -46,14 +46,26 @@ def create(name: str, radius: float | None, as_json: bool) -> None:
 @bank.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(as_json: bool) -> None:
-    """List banks with their entry counts."""
+    """List banks with their entry counts, and their CLIP entries per model: a worker
+    matches only the entries embedded by its own model."""
     with session_scope() as session:
         banks = service.list_banks(session)
     if as_json:
         emit_json(banks)
     else:
-        rows = [vars(b) for b in banks]
-        emit_table(rows, ["id", "name", "radius", "enabled", "entries"], empty="no banks")
+        rows = [
+            {
+                **vars(b),
+                "clip_entries_by_model": ", ".join(f"{m}: {n}" for m, n in b.clip_entries.items())
+                or None,
+            }
+            for b in banks
+        ]
+        emit_table(
+            rows,
+            ["id", "name", "radius", "enabled", "entries", "clip_entries_by_model"],
+            empty="no banks",
+        )
 
 
 @bank.command("add")
