@@ -10,12 +10,13 @@ from __future__ import annotations
 import kombu.exceptions
 import redis.exceptions
 from click import ClickException
+from pydantic import ValidationError
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from moderation.banks.service import BankNotFound
-from moderation.config import get_settings
+from moderation.config import Settings, get_settings
 
 # psycopg2's SQLSTATEs for a table and a column that do not exist: a schema behind the code.
 _UNDEFINED_TABLE = "42P01"
@@ -45,9 +46,11 @@ def redacted(url: str) -> str:
 
 def explain(error: BaseException) -> ClickException | None:
     """The one line an operator needs for `error`, or None if it is not one of ours."""
-    settings = get_settings()
+    if isinstance(error, ValidationError) and error.title == Settings.__name__:
+        return ClickException(f"bad settings: {settings_problems(error)}")
     if isinstance(error, BankNotFound):
         return ClickException(str(error))
+    settings = get_settings()
     if isinstance(error, DBAPIError):
         return _database(error, settings.database_url)
     if isinstance(
@@ -105,6 +108,16 @@ def _migration_state(url: str) -> str | None:
     if current == head:
         return None
     return f"is at migration {current}, not the latest ({head})"
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Each invalid setting by its environment variable, with what is wrong; never the value
+    (it may be a secret)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    return "; ".join(
+        f"{prefix}{'_'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
+        for problem in error.errors(include_input=False, include_url=False)
+    )
 
 
 def _first_line(error: BaseException) -> str:

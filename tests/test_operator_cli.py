@@ -9,6 +9,7 @@ process, since the Celery app keeps the broker it was made with.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import socket
@@ -35,8 +36,9 @@ from moderation.images.decode import ALLOWED_FORMATS
 from moderation.images.signals import SignalType
 from moderation.images.sniff import NOT_AN_IMAGE, SNIFFED_FORMATS, image_format, why_not_an_image
 from moderation.screening import service as screening
+from moderation.screening.cli import Progress
 from moderation.screening.models import Hit, Upload, UploadStatus
-from moderation.screening.waiting import tally, why_stalled
+from moderation.screening.waiting import Tally, tally, why_stalled
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
 
@@ -408,3 +410,55 @@ def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
     cause = why_stalled(settings, stalled)
     assert cause.startswith(f"1 upload(s) are queued but queue {settings.queue} has no message")
     assert "`moderation sweep`" in cause
+
+
+def test_bad_settings_are_one_line_naming_the_variables(configure: Configure) -> None:
+    configure(batch_size="many", match_radius="5", database_url="postgresql://u:hunter2@h/db")
+    line = one_line_error(run("hits"), 1)
+    assert line == (
+        "Error: bad settings: MODERATION_BATCH_SIZE: Input should be a valid integer, unable "
+        "to parse string as an integer; MODERATION_MATCH_RADIUS: Input should be less than "
+        "or equal to 2"
+    )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tallies = [Tally(total=3, queued=3), Tally(total=3, screened=1, processing=2),
+               Tally(total=3, screened=2, failed=1)]  # fmt: skip
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress(3, quiet=False)
+    for t in tallies:
+        bar.update(t)
+    bar.close()
+    drawn = terminal.getvalue()
+    assert "2 screened, 1 failed" in drawn
+    assert "3/3" in drawn
+    assert "finished:" not in drawn  # no lines on a terminal
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    lines = Progress(3, quiet=False)
+    for t in tallies:
+        lines.update(t)
+    lines.close()
+    # The first state at once, then at most every few seconds, and the last one always.
+    assert pipe.getvalue().splitlines() == [
+        "0 of 3 finished: 0 screened, 0 failed, 0 processing, 3 queued",
+        "3 of 3 finished: 2 screened, 1 failed, 0 processing, 0 queued",
+    ]
+
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    silent = Progress(3, quiet=True)
+    for t in tallies:
+        silent.update(t)
+    silent.close()
+    assert quiet.getvalue() == ""
