@@ -253,6 +253,18 @@ def test_hits_are_newest_first_and_say_when_they_are_cut(many_hits: list[int]) -
     assert run("hits", "--limit", "0").exit_code == 2
 
 
+def test_uploads_say_when_they_are_cut_too(many_hits: list[int]) -> None:
+    result = run("uploads", "--status", "queued", "--json")
+    listed = json.loads(result.stdout)
+    assert len(listed) == 100
+    assert listed[0]["upload_id"] > listed[-1]["upload_id"]
+    assert result.stderr.strip() == (
+        "showing 100 of 105 uploads, newest first: --limit N or --all for more"
+    )
+    assert len(json.loads(run("uploads", "--all", "--json").stdout)) == 105
+    assert run("uploads", "--status", "failed").stdout.strip() == "no uploads"
+
+
 def test_hits_say_nothing_more_when_nothing_was_cut(many_hits: list[int]) -> None:
     result = run("hits", "--limit", "105")
     assert "showing" not in result.output

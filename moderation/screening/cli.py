@@ -371,61 +371,63 @@ def resubmit(
     _show_uploads(list(upload_ids), wait, timeout, as_json, stall_after)
 
 
+def _say_if_cut(shown: int, total: int, what: str, as_json: bool) -> None:
+    """Listings never cut silently. On stderr beside JSON, which stays a plain list."""
+    if total > shown:
+        click.echo(
+            f"showing {shown:,} of {total:,} {what}, newest first: --limit N or --all for more",
+            err=as_json,
+        )
+
+
+_limit_options = [
+    click.option(
+        "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Newest N."
+    ),
+    click.option("--all", "show_all", is_flag=True, help="All of them, however many."),
+]
+
+
+def limit_options(command: Any) -> Any:
+    for option in reversed(_limit_options):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.option("--upload", "upload_id", type=int, help="Only this upload's hits.")
-@click.option(
-    "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Newest N."
-)
-@click.option("--all", "show_all", is_flag=True, help="Every hit, however many.")
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> None:
-    """Show hits against the banks, newest first. Says so when there are more."""
+    """Show hits against the banks, newest first, with the model of each CLIP hit."""
     with session_scope() as session:
         found = service.list_hits(session, upload_id=upload_id, limit=None if show_all else limit)
-        total = (
-            len(found)
-            if len(found) < limit or show_all
-            else service.count_hits(session, upload_id=upload_id)
-        )
+        cut = not show_all and len(found) == limit
+        total = service.count_hits(session, upload_id=upload_id) if cut else len(found)
     if as_json:
         emit_json(found)
     else:
-        emit_table(
-            [vars(h) for h in found],
-            [
-                "upload_id",
-                "bank",
-                "bank_entry_id",
-                "signal",
-                "distance",
-                "frame_index",
-                "model",
-                "uri",
-            ],
-            empty="no hits",
-        )
-    if total > len(found):
-        # On stderr beside JSON, which stays a plain list.
-        click.echo(
-            f"showing {len(found):,} of {total:,} hits, newest first: --limit N or --all for more",
-            err=as_json,
-        )
+        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index"]
+        emit_table([vars(h) for h in found], [*columns, "model", "uri"], empty="no hits")
+    _say_if_cut(len(found), total, "hits", as_json)
 
 
 @click.command()
 @click.option(
     "--status", type=click.Choice([s.value for s in UploadStatus]), help="Only this status."
 )
-@click.option("--limit", default=100, show_default=True)
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def uploads(status: str | None, limit: int, as_json: bool) -> None:
-    """Show recent uploads with their status and any error."""
+def uploads(status: str | None, limit: int, show_all: bool, as_json: bool) -> None:
+    """Show recent uploads, newest first, with their status and any error."""
+    wanted = UploadStatus(status) if status else None
     with session_scope() as session:
-        found = service.list_uploads(
-            session, status=UploadStatus(status) if status else None, limit=limit
-        )
+        found = service.list_uploads(session, status=wanted, limit=None if show_all else limit)
+        cut = not show_all and len(found) == limit
+        total = service.count_uploads(session, status=wanted) if cut else len(found)
     rows = [{**upload_json(u), "attempts": u.attempts} for u in found]
     _emit_uploads(rows, ["upload_id", "status", "attempts", "uri", "error"], as_json, "no uploads")
+    _say_if_cut(len(found), total, "uploads", as_json)
 
 
 @click.command()

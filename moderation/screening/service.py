@@ -420,17 +420,6 @@ def _finish_failed(upload: Upload, code: str, message: str) -> None:
     upload.finished_at = func.now()
 
 
-def count_unfinished(session: Session, upload_ids: Sequence[int]) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Upload)
-            .where(Upload.id.in_(upload_ids), Upload.status.not_in(FINAL_STATUSES))
-        )
-        or 0
-    )
-
-
 def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
     rows = session.scalars(select(Upload).where(Upload.id.in_(upload_ids))).all()
     by_id = {row.id: row for row in rows}
@@ -438,12 +427,20 @@ def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
 
 
 def list_uploads(
-    session: Session, *, status: UploadStatus | None = None, limit: int = 100
+    session: Session, *, status: UploadStatus | None = None, limit: int | None = 100
 ) -> list[Upload]:
+    """Uploads, newest first; at most `limit` of them."""
     query = select(Upload).order_by(Upload.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Upload.status == status)
     return list(session.scalars(query))
+
+
+def count_uploads(session: Session, *, status: UploadStatus | None = None) -> int:
+    query = select(func.count()).select_from(Upload)
+    if status is not None:
+        query = query.where(Upload.status == status)
+    return session.scalar(query) or 0
 
 
 def list_hits(
