@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from moderation.banks.service import BankNotFound
 from moderation.config import Settings, get_settings
+from moderation.metrics import MetricsPortInUse
 
 # psycopg2's SQLSTATEs for a table and a column that do not exist: a schema behind the code.
 _UNDEFINED_TABLE = "42P01"
@@ -48,7 +49,7 @@ def explain(error: BaseException) -> ClickException | None:
     """The one line an operator needs for `error`, or None if it is not one of ours."""
     if isinstance(error, ValidationError) and error.title == Settings.__name__:
         return ClickException(f"bad settings: {settings_problems(error)}")
-    if isinstance(error, BankNotFound):
+    if isinstance(error, BankNotFound | MetricsPortInUse):
         return ClickException(str(error))
     settings = get_settings()
     if isinstance(error, DBAPIError):

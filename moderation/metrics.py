@@ -57,11 +57,23 @@ def report_unmatchable_clip_entries(model: str) -> dict[str, int]:
     return unmatchable
 
 
+class MetricsPortInUse(RuntimeError):
+    def __init__(self, port: int, reason: str) -> None:
+        super().__init__(
+            f"cannot serve metrics on port {port} ({reason}); give each worker on a host its "
+            "own MODERATION_WORKER_METRICS_PORT, or leave it unset"
+        )
+
+
 def serve(port: int) -> None:
-    """Serve /metrics on `port`, once per process."""
+    """Serve /metrics on `port`, once per process. A port that cannot be had stops the
+    worker at start, as any other misconfiguration does, rather than leave it unwatched."""
     with _lock:
         if port in _served:
             return
-        start_http_server(port, registry=REGISTRY)
+        try:
+            start_http_server(port, registry=REGISTRY)
+        except OSError as error:
+            raise MetricsPortInUse(port, error.strerror or str(error)) from None
         _served.add(port)
     logger.info("metrics on http://0.0.0.0:%d/metrics", port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import httpx
 import numpy as np
@@ -17,10 +18,11 @@ from sqlalchemy.orm import Session
 from moderation.banks import service as banks
 from moderation.banks.models import Bank, BankEntryEmbedding
 from moderation.cli import main
+from moderation.cli_errors import explain
 from moderation.db import session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
-from moderation.metrics import report_unmatchable_clip_entries
+from moderation.metrics import MetricsPortInUse, report_unmatchable_clip_entries, serve
 from tests.conftest import WORKER_METRICS_PORT
 
 DIM = 4
@@ -146,3 +148,19 @@ def test_the_worker_process_serves_its_metrics() -> None:
     response = httpx.get(f"http://127.0.0.1:{WORKER_METRICS_PORT}/metrics", timeout=10)
     assert response.status_code == 200
     assert "# TYPE moderation_unmatchable_clip_entries gauge" in response.text
+
+
+def test_a_metrics_port_in_use_is_one_line_at_worker_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsPortInUse) as refused:
+            serve(port)
+    assert str(refused.value) == (
+        f"cannot serve metrics on port {port} (Address already in use); give each worker on "
+        "a host its own MODERATION_WORKER_METRICS_PORT, or leave it unset"
+    )
+    explained = explain(refused.value)
+    assert explained is not None
+    assert explained.message == str(refused.value)
