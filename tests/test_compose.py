@@ -9,8 +9,12 @@ that exist).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,9 @@ from sqlalchemy.engine import make_url
 
 from moderation.cli import main
 from moderation.config import Settings
+from moderation.demo.samples import SAMPLES
+from moderation.screening.worker_process import WorkerProcess
+from tests.conftest import TEST_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -247,3 +254,34 @@ def test_the_worker_is_healthy_only_when_it_answers_over_the_broker() -> None:
     assert "screening@$$(python -c 'import socket; print(socket.gethostname())')" in test
     assert "--hostname=screening@%h" in (ROOT / "moderation/screening/cli.py").read_text()
     assert SERVICES["worker"]["healthcheck"]["start_period"]
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean_db")
+def test_the_compose_commands_run_against_a_real_worker(
+    worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """The worker's healthcheck and the demo job's script, run on this host as compose would
+    run them in the containers ($$ read as $), against the tests' worker and database."""
+    samples = tmp_path / "samples"
+    shutil.copytree(SAMPLES, samples)  # where the tests' worker may read
+    env = {
+        **os.environ,
+        **TEST_ENV,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    health = SERVICES["worker"]["healthcheck"]["test"][1].replace("$$", "$")
+    checked = subprocess.run(["sh", "-c", health], env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "pong" in checked.stdout
+
+    shell, flags, script = SERVICES["demo"]["command"]
+    script = script.replace("$$", "$").replace("/app/moderation/demo/samples", str(samples))
+    demo = subprocess.run(
+        [shell, flags, script], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "added 2 entries to known-bad" in demo.stdout
+    # The two broken samples fail, as expected, and the job goes on to the hits.
+    assert "Error: 2 of 9 upload(s) failed" in demo.stderr
+    assert "sha256" in demo.stdout.split("BANK_ENTRY_ID")[-1]
