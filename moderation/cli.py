@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
 from moderation.banks.cli import bank
+from moderation.cli_errors import explain, redacted
+from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
 
+logger = logging.getLogger(__name__)
 
-@click.group()
+
+class Commands(click.Group):
+    """The command group, which tells infrastructure errors (PostgreSQL or Redis down, a
+    database not migrated, an unknown bank) as one line with the fix, for every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            explained = explain(error)
+            if explained is None:
+                raise
+            # The whole story with --verbose.
+            logger.info("%s", explained.message, exc_info=error)
+            raise explained from None
+
+
+@click.group(
+    cls=Commands,
+    epilog="Exit status: 0 success; 1 a command failed or an upload failed; 2 usage error; "
+    "3 `--wait` timed out; 4 PostgreSQL or Redis unreachable, or the database not migrated.",
+)
+@click.version_option(package_name="moderation", prog_name="moderation")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(verbose: bool) -> None:
     """Screen images against banks of known-bad content."""
@@ -31,8 +59,9 @@ def upgrade() -> None:
     """Create the database if needed and apply every migration."""
     from moderation import schema
 
-    schema.upgrade()
-    click.echo("database is at the latest migration")
+    url = get_settings().database_url
+    revision = schema.upgrade(url)
+    click.echo(f"database {redacted(url)} is at the latest migration ({revision})")
 
 
 @db.command()

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     # and the uploads it held are sent again at once instead of after `stuck_after_s`.
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
     worker_dead_after_s: float = Field(default=30.0, gt=0)
+    # Where a worker serves its Prometheus metrics (/metrics on every address); unset: not.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
     @classmethod

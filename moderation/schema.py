@@ -8,6 +8,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from moderation.config import get_settings
@@ -25,10 +26,15 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
-def upgrade(url: str | None = None) -> None:
+def upgrade(url: str | None = None) -> str:
+    """Create the database if needed and apply every migration; the revision it is at."""
     url = url or get_settings().database_url
     ensure_database(url)
-    command.upgrade(alembic_config(url), "head")
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 def drift(url: str | None = None) -> list[object]:

@@ -7,6 +7,7 @@ anything from `moderation` is imported.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,16 @@ from moderation import schema  # noqa: E402
 from moderation.db import get_engine  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip  # noqa: E402
 from moderation.screening.worker_process import WorkerProcess  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+WORKER_METRICS_PORT = _free_port()
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks"
@@ -122,6 +133,8 @@ def clean_db(database: str) -> None:
 
 @pytest.fixture(scope="session")
 def worker(database: str, tiny_model: Path, redis_client: redis.Redis) -> Iterator[WorkerProcess]:
-    """A real `moderation worker` process, shared by the end-to-end tests."""
-    with WorkerProcess(_RUN_DIR / "worker.log", TEST_ENV) as process:
+    """A real `moderation worker` process, shared by the end-to-end tests. It serves its
+    metrics on a free port, `WORKER_METRICS_PORT`."""
+    env = {**TEST_ENV, "MODERATION_WORKER_METRICS_PORT": str(WORKER_METRICS_PORT)}
+    with WorkerProcess(_RUN_DIR / "worker.log", env) as process:
         yield process.wait_ready()

@@ -1,12 +1,13 @@
 """The `moderation` command line, run in-process through Click's test runner.
 
 Commands commit their own transactions, so tests that write use `clean_db`, not `session`.
-No worker runs here: `submit` leaves its messages in the test queue, which is emptied after.
+`submit` leaves its messages on a queue of the test's own, which no worker consumes.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def cli(*args: str) -> Any:
     """Run a command that must succeed; its JSON parsed when asked for with --json."""
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output) if "--json" in args else result.output
+    return json.loads(result.stdout) if "--json" in args else result.output
 
 
 def fails(*args: str, exit_code: int = 1) -> str:
@@ -66,12 +67,16 @@ def projection_dim(tiny_model: Path) -> int:
 
 
 @pytest.fixture
-def queue(redis_client: redis.Redis) -> Iterator[str]:
-    """The test queue, empty before and after: no worker here takes the messages."""
-    name = get_settings().queue
-    redis_client.delete(name)
+def queue(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> Iterator[str]:
+    """A queue of the test's own, which no worker consumes (the end-to-end tests' worker,
+    once started, consumes the configured one): messages stay where the test counts them."""
+    name = f"cli-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MODERATION_QUEUE", name)
+    get_settings.cache_clear()
     yield name
     redis_client.delete(name)
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 # bank create

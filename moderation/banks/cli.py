@@ -46,14 +46,26 @@ def create(name: str, radius: float | None, as_json: bool) -> None:
 @bank.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(as_json: bool) -> None:
-    """List banks with their entry counts."""
+    """List banks with their entry counts, and their CLIP entries per model: a worker
+    matches only the entries embedded by its own model."""
     with session_scope() as session:
         banks = service.list_banks(session)
     if as_json:
         emit_json(banks)
     else:
-        rows = [vars(b) for b in banks]
-        emit_table(rows, ["id", "name", "radius", "enabled", "entries"], empty="no banks")
+        rows = [
+            {
+                **vars(b),
+                "clip_entries_by_model": ", ".join(f"{m}: {n}" for m, n in b.clip_entries.items())
+                or None,
+            }
+            for b in banks
+        ]
+        emit_table(
+            rows,
+            ["id", "name", "radius", "enabled", "entries", "clip_entries_by_model"],
+            empty="no banks",
+        )
 
 
 @bank.command("add")
@@ -121,10 +133,11 @@ def add(
     if as_json:
         emit_json(added)
     else:
-        click.echo(
-            f"added {len(added)} entr{'y' if len(added) == 1 else 'ies'} to {name}: "
-            f"ids {', '.join(str(a['id']) for a in added)}"
-        )
+        ids = ", ".join(str(a["id"]) for a in added)
+        if len(added) == 1:
+            click.echo(f"added 1 entry to {name}: id {ids}")
+        else:
+            click.echo(f"added {len(added)} entries to {name}: ids {ids}")
 
 
 def _model_entries(

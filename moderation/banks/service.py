@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import exists, false, func, select
 from sqlalchemy.orm import Session
 
 from moderation import pg_copy
@@ -49,6 +49,8 @@ class BankSummary:
     radius: float | None
     enabled: bool
     entries: int
+    # Entries with a CLIP embedding, per model: a worker matches only its own model's.
+    clip_entries: dict[str, int]
 
 
 def create_bank(session: Session, name: str, radius: float | None = None) -> Bank:
@@ -76,10 +78,58 @@ def list_banks(session: Session) -> list[BankSummary]:
         .group_by(Bank.id)
         .order_by(Bank.name)
     )
+    clip = clip_entries_by_model(session)
     return [
-        BankSummary(id=bank.id, name=bank.name, radius=bank.radius, enabled=bank.enabled, entries=n)
+        BankSummary(
+            id=bank.id,
+            name=bank.name,
+            radius=bank.radius,
+            enabled=bank.enabled,
+            entries=n,
+            clip_entries=clip.get(bank.id, {}),
+        )
         for bank, n in rows
     ]
+
+
+def clip_entries_by_model(session: Session) -> dict[int, dict[str, int]]:
+    """Per bank id, its entries with a CLIP embedding under each model, by model name."""
+    rows = session.execute(
+        select(BankEntry.bank_id, EmbeddingModel.name, func.count())
+        .join(BankEntryEmbedding, BankEntryEmbedding.bank_entry_id == BankEntry.id)
+        .join(EmbeddingModel, EmbeddingModel.id == BankEntryEmbedding.model_id)
+        .group_by(BankEntry.bank_id, EmbeddingModel.name)
+        .order_by(EmbeddingModel.name)
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for bank_id, model, n in rows:
+        counts.setdefault(bank_id, {})[model] = n
+    return counts
+
+
+def unmatchable_clip_entries(session: Session, model: str) -> dict[str, int]:
+    """Per enabled bank, by name, the entries with CLIP embeddings under other models only:
+    a worker running `model` cannot match them on CLIP (their hashes still match). Banks
+    with none are left out; an empty result means `model` sees every CLIP entry."""
+    model_id = session.scalar(select(EmbeddingModel.id).where(EmbeddingModel.name == model))
+    embedded = exists().where(BankEntryEmbedding.bank_entry_id == BankEntry.id)
+    under_model = (
+        exists().where(
+            BankEntryEmbedding.bank_entry_id == BankEntry.id,
+            BankEntryEmbedding.model_id == model_id,
+        )
+        if model_id is not None
+        else false()
+    )
+    rows = session.execute(
+        select(Bank.name, func.count(BankEntry.id))
+        .join(BankEntry, BankEntry.bank_id == Bank.id)
+        # Disabled banks are not matched at all (see `matcher`).
+        .where(Bank.enabled, embedded, ~under_model)
+        .group_by(Bank.name)
+        .order_by(Bank.name)
+    )
+    return {name: n for name, n in rows}
 
 
 def add_entries(

@@ -83,7 +83,9 @@ def _run(base: Settings) -> None:
         with WorkerProcess(log) as worker:
             click.echo("starting a worker ...")
             worker.wait_ready()
-            uris = expand((str(SAMPLES / "uploads"),))
+            # Each file named: the broken ones too, which a directory submit would leave
+            # out by their content, to show the worker's refusals.
+            uris = expand(tuple(str(p) for p in sorted((SAMPLES / "uploads").iterdir()))).uris
             click.echo(f"submitting {len(uris)} uploads from {SAMPLES / 'uploads'}\n")
             uploads = wait_until_final(submit_uris(uris), timeout_s=300)
     _report(uploads)

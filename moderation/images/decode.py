@@ -54,7 +54,7 @@ from moderation.images.errors import (
 # (Multi-picture JPEGs, MPO, open through the JPEG opener.)
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # Container signatures of formats we recognise but cannot decode, for a helpful refusal.
-_KNOWN_UNSUPPORTED = {
+KNOWN_UNSUPPORTED = {
     b"ftypheic": "HEIC is not enabled; install pillow-heif",
     b"ftypheix": "HEIC is not enabled; install pillow-heif",
     b"ftypmif1": "HEIF is not enabled; install pillow-heif",
@@ -255,7 +255,7 @@ def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        for signature, reason in _KNOWN_UNSUPPORTED.items():
+        for signature, reason in KNOWN_UNSUPPORTED.items():
             if signature in data[:32]:
                 raise UnsupportedFormat(reason) from None
         raise UnsupportedFormat(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,30 +16,74 @@ from moderation.audit.service import cli_actor
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
-from moderation.images.errors import IntakeError
+from moderation.images.errors import IntakeError, NotFound
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import sha256
+from moderation.images.sniff import HEAD_BYTES, why_not_an_image
 from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
+from moderation.screening.waiting import Tally, wait_for, why_stalled
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+# Skipped files listed one by one, before a count of the rest.
+SKIPPED_SHOWN = 20
+# Without a terminal, a progress line at most this often.
+PROGRESS_LINE_EVERY_S = 5.0
 
 
-def expand(paths_or_uris: tuple[str, ...]) -> list[str]:
-    """URIs as given; directories expand to the image files inside them, recursively."""
-    uris: list[str] = []
+@dataclass
+class Expansion:
+    """What a submission names: the URIs to submit, and the files of directories left out."""
+
+    uris: list[str] = field(default_factory=list)
+    # (path, why) for each file of a directory that was not submitted.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def expand(paths_or_uris: tuple[str, ...]) -> Expansion:
+    """URIs and files as given; directories expand to the images inside them, recursively,
+    chosen by their first bytes (the worker still decodes and checks everything)."""
+    expansion = Expansion()
     for item in paths_or_uris:
         path = Path(item)
         if "://" not in item and path.is_dir():
-            uris += [
-                to_uri(str(p))
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            ]
+            _expand_directory(path, expansion)
         else:
-            uris.append(to_uri(item))
-    return uris
+            expansion.uris.append(to_uri(item))
+    return expansion
+
+
+def _expand_directory(directory: Path, expansion: Expansion) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_dir():
+            continue
+        if any(part.startswith(".") for part in path.relative_to(directory).parts):
+            expansion.skipped.append((str(path), "hidden"))
+            continue
+        if not path.is_file():  # never opened: reading a FIFO blocks
+            expansion.skipped.append((str(path), "not a regular file"))
+            continue
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(HEAD_BYTES)
+        except OSError as error:
+            expansion.skipped.append((str(path), f"unreadable: {error.strerror}"))
+            continue
+        reason = why_not_an_image(head)
+        if reason is None:
+            expansion.uris.append(to_uri(str(path)))
+        else:
+            expansion.skipped.append((str(path), reason))
+
+
+def report_skipped(skipped: list[tuple[str, str]]) -> None:
+    if not skipped:
+        return
+    click.echo(f"skipped {len(skipped)} file(s) in the directories given:", err=True)
+    for path, reason in skipped[:SKIPPED_SHOWN]:
+        click.echo(f"  {path}: {reason}", err=True)
+    if len(skipped) > SKIPPED_SHOWN:
+        click.echo(f"  and {len(skipped) - SKIPPED_SHOWN} more", err=True)
 
 
 def upload_json(upload: Upload) -> dict[str, Any]:
@@ -79,6 +126,19 @@ def accept_uris(uris: list[str], policy: UriPolicy | None = None) -> list[str]:
     return [policy.check(uri) for uri in uris]
 
 
+def refuse_missing_files(uris: list[str], policy: UriPolicy | None = None) -> None:
+    """`NotFound` for the first allowed local file that does not exist, said at once rather
+    than by a failed upload later; `UriRefused` for a file the policy refuses, in the same
+    words whether it exists or not."""
+    policy = policy or UriPolicy.from_settings(get_settings())
+    for uri in uris:
+        if uri.startswith("file:"):
+            path, _ = policy.allowed_file(uri)
+            if not os.path.isfile(path):
+                problem = "is not a regular file" if os.path.exists(path) else "does not exist"
+                raise NotFound(f"{path} {problem}; nothing was submitted")
+
+
 def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
     """SHA-256 of a local file's bytes now, so that the upload names these bytes: the worker
     refuses others, and the external id cannot be reused for another image."""
@@ -103,32 +163,71 @@ def submit_uris(
     from moderation.screening.tasks import publish_screening
 
     uris = accept_uris(uris)
+    # The queue configured now (not when the Celery app was made), as `--wait` watches it.
+    queue = get_settings().queue
     if external_id is not None or declared_sha256 is not None:
         if len(uris) != 1:
             raise ValueError("an external id or declared bytes name exactly one upload")
         with session_scope() as session:
             upload, created = service.submit(session, uris[0], external_id, declared_sha256)
         if created:
-            publish_screening([upload.id])
+            publish_screening([upload.id], queue)
         return [upload.id]
     upload_ids: list[int] = []
     for start in range(0, len(uris), SUBMIT_CHUNK):
         with session_scope() as session:
             chunk = service.submit_many(session, uris[start : start + SUBMIT_CHUNK])
-        publish_screening(chunk)
+        publish_screening(chunk, queue)
         upload_ids += chunk
     return upload_ids
 
 
 def wait_until_final(upload_ids: list[int], timeout_s: float) -> list[Upload]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with session_scope() as session:
-            if not service.count_unfinished(session, upload_ids):
-                break
-        time.sleep(0.2)
+    wait_for(upload_ids, timeout_s=timeout_s, settings=get_settings())
     with session_scope() as session:
         return service.get_uploads(session, upload_ids)
+
+
+class Progress:
+    """`--wait`'s progress on stderr: a bar on a terminal, a line every few seconds
+    otherwise, none with --json; and, with or without, why nothing moves when it does not."""
+
+    def __init__(self, total: int, *, quiet: bool) -> None:
+        self._quiet = quiet
+        self._line_at: float | None = None
+        self._bar: Any = None
+        if not quiet and sys.stderr.isatty():
+            self._bar = click.progressbar(
+                length=total, label="screening", file=sys.stderr, show_pos=True
+            ).__enter__()
+
+    def update(self, tally: Tally) -> None:
+        if self._quiet:
+            return
+        if self._bar is not None:
+            self._bar.label = f"{tally.screened} screened, {tally.failed} failed"
+            self._bar.update(tally.finished - self._bar.pos)
+            return
+        now = time.monotonic()
+        done = tally.finished == tally.total
+        if self._line_at is None or now - self._line_at >= PROGRESS_LINE_EVERY_S or done:
+            click.echo(tally.summary(), err=True)
+            self._line_at = now
+
+    def stalled(self, cause: str) -> None:
+        click.echo(("\n" if self._bar is not None else "") + f"waiting: {cause}", err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+class SomeFailed(click.ClickException):
+    exit_code = 1
+
+
+class TimedOut(click.ClickException):
+    exit_code = 3
 
 
 def _parse_sha256(value: str | None) -> bytes | None:
@@ -143,16 +242,57 @@ def _parse_sha256(value: str | None) -> bytes | None:
     return digest
 
 
-def _show_uploads(upload_ids: list[int], wait: bool, timeout: float, as_json: bool) -> None:
+def _show_uploads(
+    upload_ids: list[int], wait: bool, timeout: float, as_json: bool, stall_after: float
+) -> None:
+    final: Tally | None = None
     if wait:
-        uploads = wait_until_final(upload_ids, timeout)
-    else:
-        with session_scope() as session:
-            uploads = service.get_uploads(session, upload_ids)
+        settings = get_settings()
+        progress = Progress(len(set(upload_ids)), quiet=as_json)
+        try:
+            final = wait_for(
+                upload_ids,
+                timeout_s=timeout,
+                on_progress=progress.update,
+                on_stall=progress.stalled,
+                stall_after_s=stall_after,
+                settings=settings,
+            )
+        finally:
+            progress.close()
+    with session_scope() as session:
+        uploads = service.get_uploads(session, upload_ids)
     rows = [upload_json(u) for u in uploads]
     _emit_uploads(rows, ["upload_id", "status", "uri", "error"], as_json, "nothing submitted")
-    if wait and any(u.status not in service.FINAL_STATUSES for u in uploads):
-        raise click.ClickException(f"not every upload finished within {timeout:g} s")
+    if final is None:
+        return
+    if final.finished < final.total:
+        raise TimedOut(
+            f"{final.total - final.finished} of {final.total} upload(s) not finished after "
+            f"{timeout:g} s; {why_stalled(settings, final)}"
+        )
+    if final.failed:
+        raise SomeFailed(
+            f"{final.failed} of {final.total} upload(s) failed (the error column says why)"
+        )
+
+
+_wait_options = [
+    click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed."),
+    click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits."),
+    click.option(
+        "--stall-after",
+        default=30.0,
+        show_default=True,
+        help="Say why, when --wait sees nothing move for this many seconds.",
+    ),
+]
+
+
+def wait_options(command: Any) -> Any:
+    for option in reversed(_wait_options):
+        command = option(command)
+    return command
 
 
 @click.command()
@@ -164,8 +304,7 @@ def _show_uploads(upload_ids: list[int], wait: bool, timeout: float, as_json: bo
     help="SHA-256 of the image's bytes; the worker refuses other bytes. Local files with "
     "--external-id are hashed at submission when this is not given.",
 )
-@click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@wait_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
 def submit(
     paths_or_uris: tuple[str, ...],
@@ -173,35 +312,52 @@ def submit(
     sha256_hex: str | None,
     wait: bool,
     timeout: float,
+    stall_after: float,
     as_json: bool,
 ) -> None:
     """Queue images for screening: paths, directories, file:// or http(s):// URIs.
 
-    Only URIs that MODERATION_ALLOWED_URI_PREFIXES allows are accepted.
+    Only URIs that MODERATION_ALLOWED_URI_PREFIXES allows are accepted, and local files
+    must exist. Directories are searched recursively for images by their content (not
+    their names); what is left out is listed on stderr.
+
+    \b
+    Exit status with --wait: 0 all screened; 1 some failed; 2 usage error;
+    3 timed out (not all finished); 4 PostgreSQL or Redis unreachable.
     """
     declared = _parse_sha256(sha256_hex)
-    uris = expand(paths_or_uris)
+    expansion = expand(paths_or_uris)
+    report_skipped(expansion.skipped)
+    uris = expansion.uris
     if not uris:
         raise click.UsageError("no images found in the given paths")
     if (external_id or declared) and len(uris) > 1:
         raise click.UsageError("--external-id and --sha256 name one upload; give one image")
     try:
+        # Before anything is recorded; the worker checks again when it fetches.
+        refuse_missing_files(uris)
         if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
             declared = declared_bytes(uris[0])
         upload_ids = submit_uris(uris, external_id, declared)
     except (IntakeError, service.ExternalIdConflict) as error:
         # A refusal says which rule refused, never whether a refused file exists.
         raise click.ClickException(str(error)) from None
-    _show_uploads(upload_ids, wait, timeout, as_json)
+    _show_uploads(upload_ids, wait, timeout, as_json, stall_after)
 
 
 @click.command()
 @click.argument("upload_ids", nargs=-1, required=True, type=int)
-@click.option("--wait", is_flag=True, help="Wait until every upload is screened or failed.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@wait_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
-def resubmit(upload_ids: tuple[int, ...], wait: bool, timeout: float, as_json: bool) -> None:
-    """Screen failed uploads again from scratch. Recorded in the audit log."""
+def resubmit(
+    upload_ids: tuple[int, ...], wait: bool, timeout: float, stall_after: float, as_json: bool
+) -> None:
+    """Screen failed uploads again from scratch. Recorded in the audit log.
+
+    \b
+    Exit status with --wait: 0 all screened; 1 some failed; 2 usage error;
+    3 timed out (not all finished); 4 PostgreSQL or Redis unreachable.
+    """
     from moderation.screening.tasks import publish_screening
 
     actor = cli_actor()
@@ -211,42 +367,67 @@ def resubmit(upload_ids: tuple[int, ...], wait: bool, timeout: float, as_json: b
                 service.resubmit(session, upload_id, actor=actor)
     except (service.UploadNotFound, service.NotResubmittable) as error:
         raise click.ClickException(f"{error}; nothing was resubmitted") from None
-    publish_screening(list(upload_ids))
-    _show_uploads(list(upload_ids), wait, timeout, as_json)
+    publish_screening(list(upload_ids), get_settings().queue)
+    _show_uploads(list(upload_ids), wait, timeout, as_json, stall_after)
+
+
+def _say_if_cut(shown: int, total: int, what: str, as_json: bool) -> None:
+    """Listings never cut silently. On stderr beside JSON, which stays a plain list."""
+    if total > shown:
+        click.echo(
+            f"showing {shown:,} of {total:,} {what}, newest first: --limit N or --all for more",
+            err=as_json,
+        )
+
+
+_limit_options = [
+    click.option(
+        "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Newest N."
+    ),
+    click.option("--all", "show_all", is_flag=True, help="All of them, however many."),
+]
+
+
+def limit_options(command: Any) -> Any:
+    for option in reversed(_limit_options):
+        command = option(command)
+    return command
 
 
 @click.command()
 @click.option("--upload", "upload_id", type=int, help="Only this upload's hits.")
-@click.option("--limit", default=1000, show_default=True)
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def hits(upload_id: int | None, limit: int, as_json: bool) -> None:
-    """Show hits against the banks, oldest first."""
+def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> None:
+    """Show hits against the banks, newest first, with the model of each CLIP hit."""
     with session_scope() as session:
-        found = service.list_hits(session, upload_id=upload_id, limit=limit)
+        found = service.list_hits(session, upload_id=upload_id, limit=None if show_all else limit)
+        cut = not show_all and len(found) == limit
+        total = service.count_hits(session, upload_id=upload_id) if cut else len(found)
     if as_json:
         emit_json(found)
     else:
-        emit_table(
-            [vars(h) for h in found],
-            ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index", "uri"],
-            empty="no hits",
-        )
+        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index"]
+        emit_table([vars(h) for h in found], [*columns, "model", "uri"], empty="no hits")
+    _say_if_cut(len(found), total, "hits", as_json)
 
 
 @click.command()
 @click.option(
     "--status", type=click.Choice([s.value for s in UploadStatus]), help="Only this status."
 )
-@click.option("--limit", default=100, show_default=True)
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def uploads(status: str | None, limit: int, as_json: bool) -> None:
-    """Show recent uploads with their status and any error."""
+def uploads(status: str | None, limit: int, show_all: bool, as_json: bool) -> None:
+    """Show recent uploads, newest first, with their status and any error."""
+    wanted = UploadStatus(status) if status else None
     with session_scope() as session:
-        found = service.list_uploads(
-            session, status=UploadStatus(status) if status else None, limit=limit
-        )
+        found = service.list_uploads(session, status=wanted, limit=None if show_all else limit)
+        cut = not show_all and len(found) == limit
+        total = service.count_uploads(session, status=wanted) if cut else len(found)
     rows = [{**upload_json(u), "attempts": u.attempts} for u in found]
     _emit_uploads(rows, ["upload_id", "status", "attempts", "uri", "error"], as_json, "no uploads")
+    _say_if_cut(len(found), total, "uploads", as_json)
 
 
 @click.command()

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry
-from moderation.embedding.models import Embedding
+from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus
@@ -81,6 +81,8 @@ class HitView:
     signal: str
     distance: float
     frame_index: int
+    # The model whose embeddings matched, for CLIP hits.
+    model: str | None
     created_at: datetime
 
 
@@ -431,17 +433,6 @@ def _finish_failed(upload: Upload, code: str, message: str) -> None:
     upload.finished_at = func.now()
 
 
-def count_unfinished(session: Session, upload_ids: Sequence[int]) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Upload)
-            .where(Upload.id.in_(upload_ids), Upload.status.not_in(FINAL_STATUSES))
-        )
-        or 0
-    )
-
-
 def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
     rows = session.scalars(select(Upload).where(Upload.id.in_(upload_ids))).all()
     by_id = {row.id: row for row in rows}
@@ -449,23 +440,33 @@ def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
 
 
 def list_uploads(
-    session: Session, *, status: UploadStatus | None = None, limit: int = 100
+    session: Session, *, status: UploadStatus | None = None, limit: int | None = 100
 ) -> list[Upload]:
+    """Uploads, newest first; at most `limit` of them."""
     query = select(Upload).order_by(Upload.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Upload.status == status)
     return list(session.scalars(query))
 
 
+def count_uploads(session: Session, *, status: UploadStatus | None = None) -> int:
+    query = select(func.count()).select_from(Upload)
+    if status is not None:
+        query = query.where(Upload.status == status)
+    return session.scalar(query) or 0
+
+
 def list_hits(
-    session: Session, *, upload_id: int | None = None, limit: int = 1000
+    session: Session, *, upload_id: int | None = None, limit: int | None = None
 ) -> list[HitView]:
+    """Hits, newest first; at most `limit` of them."""
     query = (
-        select(Hit, Upload.uri, Bank.name)
+        select(Hit, Upload.uri, Bank.name, EmbeddingModel.name)
         .join(Upload, Upload.id == Hit.upload_id)
         .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
         .join(Bank, Bank.id == BankEntry.bank_id)
-        .order_by(Hit.id)
+        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
+        .order_by(Hit.id.desc())
         .limit(limit)
     )
     if upload_id is not None:
@@ -473,8 +474,15 @@ def list_hits(
     return [_hit_view(row) for row in session.execute(query)]
 
 
-def _hit_view(row: Row[Hit, str, str]) -> HitView:
-    hit, uri, bank = row
+def count_hits(session: Session, *, upload_id: int | None = None) -> int:
+    query = select(func.count()).select_from(Hit)
+    if upload_id is not None:
+        query = query.where(Hit.upload_id == upload_id)
+    return session.scalar(query) or 0
+
+
+def _hit_view(row: Row[Hit, str, str, str | None]) -> HitView:
+    hit, uri, bank, model = row
     return HitView(
         hit_id=hit.id,
         upload_id=hit.upload_id,
@@ -484,5 +492,6 @@ def _hit_view(row: Row[Hit, str, str]) -> HitView:
         signal=hit.signal.value,
         distance=hit.distance,
         frame_index=hit.frame_index,
+        model=model,
         created_at=hit.created_at,
     )

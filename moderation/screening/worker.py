@@ -13,6 +13,7 @@ from celery.signals import worker_ready, worker_shutdown
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
+from moderation.metrics import on_worker_start
 from moderation.screening.pipeline import Screener
 from moderation.screening.recovery import Heartbeat, Sweeper
 
@@ -42,6 +43,7 @@ def get_screener(slots: int | None = None) -> Screener:
                 worker_name=_heartbeat.name,
                 slots=slots,
             )
+            on_worker_start(settings, _screener.embedder.name)
         return _screener
 
 

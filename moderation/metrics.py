@@ -1,0 +1,79 @@
+"""The worker's Prometheus metrics, served on MODERATION_WORKER_METRICS_PORT when it is set.
+
+Served from the worker process itself (a thread of prometheus_client's), so they describe
+the process that screens: its model, and the bank entries that model cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import REGISTRY, Gauge, start_http_server
+
+from moderation.banks.service import unmatchable_clip_entries
+from moderation.config import Settings
+from moderation.db import session_scope
+
+logger = logging.getLogger(__name__)
+
+UNMATCHABLE_CLIP_ENTRIES = Gauge(
+    "moderation_unmatchable_clip_entries",
+    "CLIP bank entries embedded only by other models than this worker's, so never matched "
+    "on CLIP by it (their hashes still are), per bank; counted at worker start",
+    ["bank", "model"],
+)
+
+_served: set[int] = set()
+_lock = threading.Lock()
+
+
+def on_worker_start(settings: Settings, model: str) -> None:
+    """What a worker reports once its model is loaded: a warning for each bank whose CLIP
+    entries its model cannot match, the same as a gauge, and the metrics served."""
+    try:
+        report_unmatchable_clip_entries(model)
+    except Exception:
+        # Never a reason not to screen: hashes and the other entries still match.
+        logger.exception("could not count the CLIP entries model %s cannot match", model)
+    if settings.worker_metrics_port is not None:
+        serve(settings.worker_metrics_port)
+
+
+def report_unmatchable_clip_entries(model: str) -> dict[str, int]:
+    with session_scope() as session:
+        unmatchable = unmatchable_clip_entries(session, model)
+    UNMATCHABLE_CLIP_ENTRIES.clear()
+    for bank, count in unmatchable.items():
+        UNMATCHABLE_CLIP_ENTRIES.labels(bank=bank, model=model).set(count)
+        logger.warning(
+            "bank %s has %d CLIP entr%s embedded only by other models than %s: this worker "
+            "cannot match them on CLIP (hashes still match); see `moderation bank list`",
+            bank,
+            count,
+            "y" if count == 1 else "ies",
+            model,
+        )
+    return unmatchable
+
+
+class MetricsPortInUse(RuntimeError):
+    def __init__(self, port: int, reason: str) -> None:
+        super().__init__(
+            f"cannot serve metrics on port {port} ({reason}); give each worker on a host its "
+            "own MODERATION_WORKER_METRICS_PORT, or leave it unset"
+        )
+
+
+def serve(port: int) -> None:
+    """Serve /metrics on `port`, once per process. A port that cannot be had stops the
+    worker at start, as any other misconfiguration does, rather than leave it unwatched."""
+    with _lock:
+        if port in _served:
+            return
+        try:
+            start_http_server(port, registry=REGISTRY)
+        except OSError as error:
+            raise MetricsPortInUse(port, error.strerror or str(error)) from None
+        _served.add(port)
+    logger.info("metrics on http://0.0.0.0:%d/metrics", port)

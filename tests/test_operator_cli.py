@@ -1,0 +1,476 @@
+"""The command line tells the truth: what it cut, what it skipped, why nothing moves, and
+infrastructure errors as one line with the fix, each with its exit status.
+
+Run in-process through Click's runner, with settings changed per test where a test needs
+another database, broker or queue; the Redis-down case runs the real command in a child
+process, since the Celery app keeps the broker it was made with.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy.engine import make_url
+
+from moderation import db
+from moderation.banks import service as banks
+from moderation.banks.models import BankEntry
+from moderation.cli import main
+from moderation.config import get_settings
+from moderation.db import get_engine, session_scope
+from moderation.embedding.service import get_or_create_model
+from moderation.images.decode import ALLOWED_FORMATS
+from moderation.images.signals import SignalType
+from moderation.images.sniff import NOT_AN_IMAGE, SNIFFED_FORMATS, image_format, why_not_an_image
+from moderation.screening import service as screening
+from moderation.screening.cli import Progress
+from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.screening.waiting import Tally, tally, why_stalled
+from tests.conftest import TEST_ENV
+from tests.images import encode, textured, write
+
+Configure = Callable[..., None]
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result: Result, exit_code: int) -> str:
+    """The error of a command that must fail with `exit_code`: one line, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    return line
+
+
+def _forget_settings() -> None:
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    db._session_factory.cache_clear()
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
+    """Set MODERATION_* variables for this test only."""
+
+    def apply(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(f"MODERATION_{name.upper()}", value)
+        _forget_settings()
+
+    yield apply
+    monkeypatch.undo()
+    _forget_settings()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def database_url(name: str, password: str | None = None) -> str:
+    url = make_url(TEST_ENV["MODERATION_DATABASE_URL"]).set(database=name, password=password)
+    return url.render_as_string(hide_password=False)
+
+
+# --version, db upgrade, bank add
+
+
+def test_version_is_the_installed_one() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert (
+        result.output.strip() == f"moderation, version {importlib.metadata.version('moderation')}"
+    )
+
+
+def test_db_upgrade_names_the_database_without_its_password(configure: Configure) -> None:
+    name = make_url(TEST_ENV["MODERATION_DATABASE_URL"]).database
+    assert name is not None
+    # The test server trusts local connections, so any password is accepted and ignored.
+    configure(database_url=database_url(name, password="s3cret-pw"))
+    result = run("db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "database postgresql+psycopg2://postgres:***@" in result.output
+    assert f"/{name} is at the latest migration (" in result.output
+    assert "s3cret-pw" not in result.output
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_bank_add_of_one_entry_says_its_id() -> None:
+    assert run("bank", "create", "known-bad").exit_code == 0
+    result = run("bank", "add", "known-bad", "--sha256", "ab" * 32)
+    with session_scope() as session:
+        (entry_id,) = session.scalars(select(BankEntry.id)).all()
+    assert result.output.strip() == f"added 1 entry to known-bad: id {entry_id}"
+
+
+# Infrastructure errors: one line with the fix, exit status 4.
+
+
+def test_a_database_that_does_not_exist_says_to_run_db_upgrade(configure: Configure) -> None:
+    name = f"moderation_absent_{uuid.uuid4().hex[:8]}"
+    configure(database_url=database_url(name))
+    line = one_line_error(run("hits"), 4)
+    assert f"database '{name}' does not exist" in line
+    assert line.endswith("run `moderation db upgrade`")
+
+
+@pytest.fixture(scope="module")
+def empty_database() -> Iterator[str]:
+    name = f"moderation_empty_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(database_url("postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.parametrize("command", [["hits"], ["bank", "list"], ["uploads"]])
+def test_a_database_not_migrated_says_to_run_db_upgrade(
+    configure: Configure, empty_database: str, command: list[str]
+) -> None:
+    configure(database_url=database_url(empty_database))
+    line = one_line_error(run(*command), 4)
+    assert f"database '{empty_database}'" in line
+    assert "has no schema: run `moderation db upgrade`" in line
+
+
+def test_postgres_unreachable_names_the_url_and_the_sweeper(configure: Configure) -> None:
+    port = closed_port()
+    configure(database_url=f"postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/moderation")
+    line = one_line_error(run("bank", "list"), 4)
+    assert (
+        f"cannot reach PostgreSQL at postgresql+psycopg2://postgres:***@127.0.0.1:{port}/" in line
+    )
+    assert "Connection refused" in line
+    assert "sweeper re-sends them" in line
+    assert ":pw@" not in line
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_redis_unreachable_says_the_uploads_stay_queued_for_the_sweeper(tmp_path: Path) -> None:
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    port = closed_port()
+    env = {**os.environ, **TEST_ENV, "MODERATION_REDIS_URL": f"redis://:pw@127.0.0.1:{port}/0"}
+    process = subprocess.run(
+        [sys.executable, "-m", "moderation", "submit", str(image)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert process.returncode == 4, process.stderr
+    assert "Traceback" not in process.stderr
+    (line,) = process.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot reach Redis at redis://:***@127.0.0.1:{port}/0")
+    assert "stay queued in PostgreSQL" in line
+    assert "sweeper re-sends them once Redis is back" in line
+    # As it says: the upload was recorded, and waits for its message.
+    with session_scope() as session:
+        (upload,) = session.scalars(select(Upload)).all()
+    assert (upload.uri, upload.status) == (image.resolve().as_uri(), UploadStatus.QUEUED)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_an_unknown_bank_is_one_line() -> None:
+    line = one_line_error(run("bank", "add", "nowhere", "--pdq", "ab" * 32), 1)
+    assert line == "Error: no bank named 'nowhere'; create it with `moderation bank create nowhere`"
+
+
+# hits
+
+
+@pytest.fixture
+def many_hits(clean_db: None) -> list[int]:
+    """105 hits, the newest one a CLIP hit under a named model; their ids, oldest first."""
+    with session_scope() as session:
+        bank = banks.create_bank(session, "known-bad")
+        (entry,) = banks.add_entries(
+            session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="test"
+        )
+        model = get_or_create_model(session, "clip-for-hits", 8)
+        upload_ids = screening.submit_many(
+            session, [f"https://example.com/{i}.jpg" for i in range(105)]
+        )
+        rows = [
+            {
+                "upload_id": upload_id,
+                "bank_entry_id": entry.id,
+                "signal": SignalType.SHA256 if i < 104 else SignalType.CLIP,
+                "distance": 0.0 if i < 104 else 0.01,
+                "frame_index": 0,
+                "model_id": None if i < 104 else model.id,
+            }
+            for i, upload_id in enumerate(upload_ids)
+        ]
+        return list(session.scalars(insert(Hit).returning(Hit.id), rows))
+
+
+def test_hits_are_newest_first_and_say_when_they_are_cut(many_hits: list[int]) -> None:
+    result = run("hits", "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert [h["hit_id"] for h in shown] == many_hits[::-1][:100]
+    assert result.stderr.strip() == (
+        "showing 100 of 105 hits, newest first: --limit N or --all for more"
+    )
+    # The CLIP hit names its model; the others have none.
+    assert shown[0]["signal"] == "clip"
+    assert shown[0]["model"] == "clip-for-hits"
+    assert {h["model"] for h in shown[1:]} == {None}
+
+    table = run("hits", "--limit", "3")
+    lines = table.stdout.splitlines()
+    assert "MODEL" in lines[0]
+    assert "clip-for-hits" in lines[1]
+    assert lines[-1] == "showing 3 of 105 hits, newest first: --limit N or --all for more"
+    assert len(lines) == 1 + 3 + 1
+
+    everything = run("hits", "--all", "--json")
+    assert [h["hit_id"] for h in json.loads(everything.stdout)] == many_hits[::-1]
+    assert everything.stderr == ""
+    assert run("hits", "--limit", "0").exit_code == 2
+
+
+def test_uploads_say_when_they_are_cut_too(many_hits: list[int]) -> None:
+    result = run("uploads", "--status", "queued", "--json")
+    listed = json.loads(result.stdout)
+    assert len(listed) == 100
+    assert listed[0]["upload_id"] > listed[-1]["upload_id"]
+    assert result.stderr.strip() == (
+        "showing 100 of 105 uploads, newest first: --limit N or --all for more"
+    )
+    assert len(json.loads(run("uploads", "--all", "--json").stdout)) == 105
+    assert run("uploads", "--status", "failed").stdout.strip() == "no uploads"
+
+
+def test_hits_say_nothing_more_when_nothing_was_cut(many_hits: list[int]) -> None:
+    result = run("hits", "--limit", "105")
+    assert "showing" not in result.output
+    assert len(result.stdout.splitlines()) == 1 + 105
+
+
+# submit: directories by content, missing files
+
+
+def test_sniffing_knows_exactly_the_formats_decoded() -> None:
+    assert set(ALLOWED_FORMATS) == SNIFFED_FORMATS
+    image = textured(1)
+    for fmt in ALLOWED_FORMATS:
+        assert image_format(encode(image, fmt)[:16]) == fmt
+    assert why_not_an_image(b"") == "empty"
+    assert why_not_an_image(b"hello, world\n") == NOT_AN_IMAGE
+    assert "HEIC is not enabled" in (why_not_an_image(b"\0\0\0\x18ftypheic\0\0") or "")
+
+
+@pytest.fixture
+def queue(configure: Configure, redis_client: redis.Redis) -> Iterator[str]:
+    """A queue of this test's own: the end-to-end tests' worker, if started, consumes the
+    configured one, and messages here must stay where the test can count them."""
+    name = f"operator-cli-{uuid.uuid4().hex[:8]}"
+    configure(queue=name)
+    yield name
+    redis_client.delete(name)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_directory_is_submitted_by_content_and_what_was_skipped_is_said(
+    tmp_path: Path, queue: str, redis_client: redis.Redis
+) -> None:
+    folder = tmp_path / "inbox"
+    images = [
+        write(folder / "photo-without-extension", encode(textured(1))),
+        write(folder / "really-a-png.txt", encode(textured(2), "PNG")),
+        write(folder / "deep" / "c.gif", encode(textured(3), "GIF")),
+    ]
+    write(folder / "text-named.jpg", b"this is text, not a JPEG\n")
+    write(folder / "empty.png", b"")
+    write(folder / "phone.heic", b"\0\0\0\x18ftypheic" + b"\0" * 32)
+    write(folder / ".hidden.jpg", encode(textured(4)))
+    write(folder / ".thumbnails" / "t.jpg", encode(textured(5)))
+    os.mkfifo(folder / "pipe.jpg")
+
+    result = run("submit", str(folder), "--json")
+
+    assert result.exit_code == 0, result.output
+    submitted = json.loads(result.stdout)
+    assert sorted(s["uri"] for s in submitted) == sorted(p.resolve().as_uri() for p in images)
+    assert redis_client.llen(queue) == 3
+    skipped = result.stderr.splitlines()
+    assert skipped[0] == "skipped 6 file(s) in the directories given:"
+    assert sorted(skipped[1:]) == sorted(
+        [
+            f"  {folder / '.hidden.jpg'}: hidden",
+            f"  {folder / '.thumbnails' / 't.jpg'}: hidden",
+            f"  {folder / 'empty.png'}: empty",
+            f"  {folder / 'phone.heic'}: HEIC is not enabled; install pillow-heif",
+            f"  {folder / 'pipe.jpg'}: not a regular file",
+            f"  {folder / 'text-named.jpg'}: {NOT_AN_IMAGE}",
+        ]
+    )
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_file_named_on_the_command_line_is_submitted_whatever_it_holds(
+    tmp_path: Path, queue: str
+) -> None:
+    text_file = write(tmp_path / "notes.jpg", b"not an image\n")
+    result = run("submit", str(text_file), "--json")
+    assert result.exit_code == 0, result.output
+    # The worker refuses it with its own code; named explicitly, it is not second-guessed.
+    assert [s["uri"] for s in json.loads(result.stdout)] == [text_file.resolve().as_uri()]
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_a_missing_local_file_is_refused_at_once(
+    tmp_path: Path, queue: str, redis_client: redis.Redis, as_uri: bool
+) -> None:
+    present = write(tmp_path / "a.jpg", encode(textured(1)))
+    missing = tmp_path / "missing.jpg"
+    line = one_line_error(
+        run("submit", str(present), missing.as_uri() if as_uri else str(missing)), 1
+    )
+    assert line == f"Error: not_found: {missing.resolve()} does not exist; nothing was submitted"
+    with session_scope() as session:
+        assert session.scalars(select(Upload)).all() == []
+    assert redis_client.llen(queue) == 0
+
+
+# submit --wait
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("as_json", [False, True])
+def test_wait_with_no_worker_on_the_queue_says_so_and_times_out(
+    tmp_path: Path, configure: Configure, redis_client: redis.Redis, as_json: bool
+) -> None:
+    queue = f"nobody-listens-{uuid.uuid4().hex[:8]}"
+    configure(queue=queue)
+    image = write(tmp_path / "a.jpg", encode(textured(1)))
+    try:
+        result = run(
+            "submit", str(image), "--wait", "--timeout", "1.5", "--stall-after", "0.3",
+            *(["--json"] if as_json else []),
+        )  # fmt: skip
+    finally:
+        redis_client.delete(queue)
+    line = one_line_error(result, 3)
+    cause = f"no worker is consuming queue {queue}: start one with `moderation worker`"
+    assert line.startswith("Error: 1 of 1 upload(s) not finished after 1.5 s; ")
+    assert cause in line
+    # Said while waiting too, not only at the end.
+    assert f"waiting: {cause}" in result.stderr
+    progress = "0 of 1 finished: 0 screened, 0 failed, 0 processing, 1 queued"
+    if as_json:
+        assert progress not in result.stderr
+        (row,) = json.loads(result.stdout)
+        assert row["status"] == "queued"
+    else:
+        assert progress in result.stderr
+        assert "queued" in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean_db", "worker")
+def test_wait_exits_0_when_all_are_screened_and_1_when_any_failed(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.jpg", encode(textured(1)))
+    broken = write(tmp_path / "broken.jpg", b"not an image at all\n")
+
+    screened = run("submit", str(good), "--wait", "--timeout", "60", "--json")
+    assert screened.exit_code == 0, screened.output
+    assert screened.stderr == ""  # no progress with --json
+    assert [row["status"] for row in json.loads(screened.stdout)] == ["screened"]
+
+    mixed = run("submit", str(good), str(broken), "--wait", "--timeout", "60")
+    line = one_line_error(mixed, 1)
+    assert line == "Error: 1 of 2 upload(s) failed (the error column says why)"
+    assert "unsupported_format" in mixed.stdout
+    assert "2 of 2 finished: 1 screened, 1 failed, 0 processing, 0 queued" in mixed.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean_db", "worker")
+def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
+    with session_scope() as session:
+        upload_ids = screening.submit_many(session, ["https://example.com/never-sent.jpg"])
+    settings = get_settings()
+    with session_scope() as session:
+        stalled = tally(session, upload_ids)
+    assert (stalled.total, stalled.queued) == (1, 1)
+    cause = why_stalled(settings, stalled)
+    assert cause.startswith(f"1 upload(s) are queued but queue {settings.queue} has no message")
+    assert "`moderation sweep`" in cause
+
+
+def test_bad_settings_are_one_line_naming_the_variables(configure: Configure) -> None:
+    configure(batch_size="many", match_radius="5", database_url="postgresql://u:hunter2@h/db")
+    line = one_line_error(run("hits"), 1)
+    assert line == (
+        "Error: bad settings: MODERATION_BATCH_SIZE: Input should be a valid integer, unable "
+        "to parse string as an integer; MODERATION_MATCH_RADIUS: Input should be less than "
+        "or equal to 2"
+    )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tallies = [Tally(total=3, queued=3), Tally(total=3, screened=1, processing=2),
+               Tally(total=3, screened=2, failed=1)]  # fmt: skip
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress(3, quiet=False)
+    for t in tallies:
+        bar.update(t)
+    bar.close()
+    drawn = terminal.getvalue()
+    assert "2 screened, 1 failed" in drawn
+    assert "3/3" in drawn
+    assert "finished:" not in drawn  # no lines on a terminal
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    lines = Progress(3, quiet=False)
+    for t in tallies:
+        lines.update(t)
+    lines.close()
+    # The first state at once, then at most every few seconds, and the last one always.
+    assert pipe.getvalue().splitlines() == [
+        "0 of 3 finished: 0 screened, 0 failed, 0 processing, 3 queued",
+        "3 of 3 finished: 2 screened, 1 failed, 0 processing, 0 queued",
+    ]
+
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    silent = Progress(3, quiet=True)
+    for t in tallies:
+        silent.update(t)
+    silent.close()
+    assert quiet.getvalue() == ""
