@@ -28,8 +28,8 @@ from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
-from moderation.screening.recovery import uploads_of_message
 from tests.images import encode, textured, write
+from tests.queues import queued_uploads
 
 SHA256_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 PDQ_HEX = "f8f8f0cee0f4a84f06370a22038f63f0b36e2ed596621e1d33e6b39c4e9c9b22"
@@ -386,7 +386,7 @@ def test_submit_of_a_directory_queues_the_images_inside(
         assert (row["status"], row["error"]) == ("queued", None)
     assert len({s["upload_id"] for s in submitted}) == 3
     # Their messages wait for a worker: uploads sent together share messages.
-    assert sorted(_queued_uploads(redis_client, queue)) == sorted(s["upload_id"] for s in submitted)
+    assert sorted(queued_uploads(redis_client, queue)) == sorted(s["upload_id"] for s in submitted)
 
 
 @pytest.mark.usefixtures("clean_db")
@@ -399,14 +399,8 @@ def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
     ids = [row["upload_id"] for row in submitted]
     assert len(set(ids)) == count  # one upload per argument, even of the same file
     assert ids == sorted(ids)
-    assert _queued_uploads(redis_client, queue) == ids
+    assert queued_uploads(redis_client, queue) == ids
     assert redis_client.llen(queue) < count
-
-
-def _queued_uploads(redis_client: redis.Redis, queue: str) -> list[int]:
-    """The uploads named by the messages waiting on the queue, oldest first."""
-    messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
-    return [upload_id for message in messages for upload_id in uploads_of_message(message)]
 
 
 @pytest.mark.usefixtures("clean_db")

@@ -41,6 +41,7 @@ from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.screening.waiting import Tally, tally, why_stalled
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
+from tests.queues import queued_uploads
 
 Configure = Callable[..., None]
 
@@ -316,7 +317,7 @@ def test_a_directory_is_submitted_by_content_and_what_was_skipped_is_said(
     assert result.exit_code == 0, result.output
     submitted = json.loads(result.stdout)
     assert sorted(s["uri"] for s in submitted) == sorted(p.resolve().as_uri() for p in images)
-    assert redis_client.llen(queue) == 3
+    assert sorted(queued_uploads(redis_client, queue)) == sorted(s["upload_id"] for s in submitted)
     skipped = result.stderr.splitlines()
     assert skipped[0] == "skipped 6 file(s) in the directories given:"
     assert sorted(skipped[1:]) == sorted(
