@@ -218,10 +218,16 @@ def run_load(
 
 
 def peak_rss(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    """A worker's peak RSS with its intake processes: each process's own peak, added up
+    (an upper bound on their peak together)."""
+    from moderation.screening.worker_process import process_tree
+
+    total_kb = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total_kb += int(line.split()[1])
+    return round(total_kb / 1024, 1)
 
 
 def report(

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def image_handler(image: bytes, delay_s: float = 0.0) -> type[BaseHTTPRequestHandler]:
+    """A handler that serves `image` at every path, after a pause: uploads stay in flight
+    (for a worker to die holding them), and a backlog builds."""
+
+    class ImageHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    return ImageHandler
 
 
 @contextmanager

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ from moderation.screening.models import Hit, Upload, UploadStatus, Worker
 from moderation.screening.worker_process import WorkerProcess
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
-from tests.servers import http_server
+from tests.servers import http_server, image_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -46,23 +45,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _slow_image(delay_s: float) -> type[BaseHTTPRequestHandler]:
-    class SlowImage(BaseHTTPRequestHandler):
-        """Serves the image after a pause: uploads stay in flight, and a backlog builds."""
-
-        def do_GET(self) -> None:
-            time.sleep(delay_s)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(IMAGE)))
-            self.end_headers()
-            self.wfile.write(IMAGE)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    return SlowImage
 
 
 def _submit(engine: Engine, bank_name: str, base_url: str, count: int) -> list[int]:
@@ -186,7 +168,7 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
     }
     app = create_app(Settings(redis_url=redis_url))
     with (
-        http_server(_slow_image(0.5)) as base_url,
+        http_server(image_handler(IMAGE, 0.5)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,
     ):
         ids = _submit(engine, "pg-down", base_url, 32)
@@ -301,7 +283,7 @@ def test_redis_restarted_empty_loses_nothing_and_resends_each_upload_once(
     }
     app = create_app(Settings(redis_url=own_redis.url))
     with (
-        http_server(_slow_image(0.25)) as base_url,
+        http_server(image_handler(IMAGE, 0.25)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,
     ):
         ids = _submit(engine, "redis-restart", base_url, 120)

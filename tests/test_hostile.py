@@ -23,7 +23,7 @@ from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.screening.tasks import publish_screening
-from moderation.screening.worker_process import WorkerProcess
+from moderation.screening.worker_process import WorkerProcess, process_tree
 from tests.conftest import TEST_ENV
 from tests.hostile import Case, Listener, forbidden_targets, make_corpus
 from tests.images import encode, textured, write
@@ -117,31 +117,12 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _process_tree(pid: int) -> list[int]:
-    """The process and all its descendants (the worker's intake processes and their
-    forkserver)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text()
-        except OSError:
-            continue
-        parent = int(fields[fields.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    tree, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        tree.append(current)
-        pending += children.get(current, [])
-    return tree
-
-
 class _TreeRss:
     """Samples the RSS of a process and its descendants, added up, every 10 ms; `peak_mb`
     is the largest sum seen: memory held at the same time, by all of them together."""
 
     def __init__(self, pid: int) -> None:
-        self._pids = _process_tree(pid)
+        self._pids = process_tree(pid)
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample)
@@ -181,7 +162,7 @@ def test_a_burst_of_large_images_stays_within_the_decode_budget(tmp_path: Path) 
     with WorkerProcess(tmp_path / "burst.log", env) as worker:
         worker.wait_ready()
         _screen_on(env["MODERATION_QUEUE"], [small.as_uri()])  # warm: model and code paths
-        processes = _process_tree(worker.process.pid)
+        processes = process_tree(worker.process.pid)
         assert len(processes) >= 8  # the worker, the forkserver, 6 intake processes
         before = sum(_rss_mb(pid) for pid in processes)
         with _TreeRss(worker.process.pid) as rss:

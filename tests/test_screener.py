@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from moderation.screening.intake import IntakePool, IntakeProcessLost, IntakeSta
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.screening.pipeline import Screener, StageTimeout
 from tests.images import encode, textured, write
-from tests.servers import http_server
+from tests.servers import http_server, image_handler
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -161,24 +160,13 @@ def test_a_stalled_forward_pass_is_a_retried_stage_timeout(
         screener.close()
 
 
-class _SlowImage(BaseHTTPRequestHandler):
-    image = encode(textured(7))
-    delay_s = 3.0
-
-    def do_GET(self) -> None:
-        time.sleep(self.delay_s)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.image)))
-        self.end_headers()
-        self.wfile.write(self.image)
-
-    def log_message(self, *_: object) -> None:
-        pass
+SLOW_IMAGE = encode(textured(7))
 
 
 @pytest.fixture
 def slow_server() -> Iterator[str]:
-    with http_server(_SlowImage) as url:
+    """Serves an image after 3 s: intake is mid-fetch for that long."""
+    with http_server(image_handler(SLOW_IMAGE, 3.0)) as url:
         yield url
 
 
@@ -213,7 +201,7 @@ def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_repla
         with pool.screened(f"{slow_server}/b.jpg", None) as (signals, _):
             (crop,) = signals.embedding_inputs()
             assert crop.shape == (preprocess.crop_height, preprocess.crop_width, 3)
-            assert signals.sha256 == sha256(_SlowImage.image)
+            assert signals.sha256 == sha256(SLOW_IMAGE)
     finally:
         pool.close()
 

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,10 @@ from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus, Worker
 from moderation.screening.tasks import publish_screening
-from moderation.screening.worker_process import WorkerProcess
+from moderation.screening.worker_process import WorkerProcess, children_by_parent
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
-from tests.servers import http_server
+from tests.servers import http_server, image_handler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
 
@@ -34,23 +33,10 @@ IMAGE = encode(textured(900))
 QUEUE = f"screening-loss-{os.getpid()}"
 
 
-class _SlowImage(BaseHTTPRequestHandler):
-    """Serves the image after a pause, so that uploads are in flight when the worker dies."""
-
-    def do_GET(self) -> None:
-        time.sleep(1.5)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(IMAGE)))
-        self.end_headers()
-        self.wfile.write(IMAGE)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 @pytest.fixture
 def slow_server() -> Iterator[str]:
-    with http_server(_SlowImage) as url:
+    """Serves the image after 1.5 s, so that uploads are in flight when a process dies."""
+    with http_server(image_handler(IMAGE, 1.5)) as url:
         yield url
 
 
@@ -252,24 +238,13 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
             assert dict(rows) == dict.fromkeys(ids, per_upload), table.__tablename__
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text()
-        except OSError:
-            continue
-        if int(fields[fields.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _intake_processes(worker: WorkerProcess) -> list[int]:
     """The worker's intake processes: the children of its multiprocessing forkserver."""
+    children = children_by_parent()
     pids = []
-    for child in _children(worker.process.pid):
+    for child in children.get(worker.process.pid, []):
         if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
-            pids += _children(child)
+            pids += children.get(child, [])
     return pids
 
 

@@ -11,6 +11,31 @@ from pathlib import Path
 from types import TracebackType
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children (Linux /proc), read once."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text()
+        except OSError:  # it has exited
+            continue
+        parent = int(fields[fields.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants: a worker with its forkserver and intake
+    processes."""
+    children = children_by_parent()
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending += children.get(current, [])
+    return tree
+
+
 class WorkerProcess:
     def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
