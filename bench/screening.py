@@ -8,7 +8,11 @@ before the first submit to the last upload's screening transaction. Model only: 
 images, preprocessed beforehand, through the same model in batches of the same size, with
 nothing else running. The model is a full-size CLIP architecture with random weights
 (speed does not depend on the weights), loaded through MODERATION_MODEL like any
-checkpoint. The figures are printed and written as JSON.
+checkpoint. Intake only: the same images, fetch to preprocessed crop, through the worker's
+intake processes and nothing else (the ceiling the rest of the pipeline is held to when
+the model costs little, as with `--arch tiny`). The worker's log gives each stage's wait
+per upload and each batched stage's busy share. The figures are printed and written as
+JSON.
 
 On a machine whose cores the model shares with everything else (a CPU worker), the JSON
 also says where the CPU went during the pipeline run, per image: the worker, PostgreSQL,
