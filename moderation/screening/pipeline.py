@@ -179,6 +179,8 @@ class Screener:
         Raises a database error once every upload has had its chance (the task retries
         the message then: uploads already final are skipped)."""
         unique = list(dict.fromkeys(upload_ids))
+        if not unique:
+            return {}
         with self._stage("claim", unique[0]):
             claims = self._claims.many(unique, self._timeout_s)
         outcomes = {
