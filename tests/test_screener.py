@@ -275,3 +275,25 @@ def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
         assert pool.decode_memory.used_bytes == 0
     finally:
         pool.close()
+
+
+def test_a_stalled_claim_sends_the_messages_uploads_again(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    """Another transaction holds the rows' locks, so the claim cannot commit in time: the
+    uploads come back as retries due (the task sends each again), not as a lost message."""
+    settings = _settings(intake_processes=0, stage_timeout_s=0.5)
+    screener = Screener(settings, session_scope, StubEmbedder(preprocess), slots=2)  # type: ignore[arg-type]
+    upload_ids = _submit(
+        *(write(tmp_path / f"{i}.jpg", encode(textured(i))).as_uri() for i in range(2))
+    )
+    try:
+        with session_scope() as blocker:
+            blocker.execute(select(Upload).where(Upload.id.in_(upload_ids)).with_for_update())
+            retries = screener.run_many(upload_ids)
+        assert retries == dict.fromkeys(upload_ids, settings.retry_backoff_s)
+        # Once the locks are gone, the same message's uploads are screened.
+        assert screener.run_many(upload_ids) == {}
+        assert [_upload(i).status for i in upload_ids] == [UploadStatus.SCREENED] * 2
+    finally:
+        screener.close()

@@ -181,8 +181,13 @@ class Screener:
         unique = list(dict.fromkeys(upload_ids))
         if not unique:
             return {}
-        with self._stage("claim", unique[0]):
-            claims = self._claims.many(unique, self._timeout_s)
+        try:
+            with self._stage("claim", unique[0]):
+                claims = self._claims.many(unique, self._timeout_s)
+        except StageTimeout:
+            # The claims may still commit (claiming again is harmless): each upload is
+            # sent again after the first backoff, rather than the message failing.
+            return dict.fromkeys(unique, self.settings.retry_backoff_s)
         outcomes = {
             upload_id: self._threads.submit(self._settle, upload_id, claim)
             for upload_id, claim in zip(unique, claims, strict=True)
