@@ -126,13 +126,11 @@ class Screener:
             refresh_s=settings.bank_refresh_s,
             device=settings.resolved_device(),
         )
-        self.intake: Intake = build_intake(
-            settings, embedder.preprocess, slots=slots or settings.resolved_concurrency()
-        )
-        # Uploads being screened at once (each waits on a stage most of the time).
-        self._threads = ThreadPoolExecutor(
-            slots or settings.resolved_concurrency(), thread_name_prefix="screening"
-        )
+        # Uploads being screened at once (each waits on a stage most of the time), each
+        # with a crop slot of its own while it is in intake or embedding.
+        at_once = slots or settings.resolved_concurrency()
+        self.intake: Intake = build_intake(settings, embedder.preprocess, slots=at_once)
+        self._threads = ThreadPoolExecutor(at_once, thread_name_prefix="screening")
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
         )
