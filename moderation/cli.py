@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from moderation.api.cli import api
+from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
@@ -85,5 +87,5 @@ def demo() -> None:
     run_demo()
 
 
-for command in (bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
+for command in (api, apikey, bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
     main.add_command(command)

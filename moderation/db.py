@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import BigInteger, DateTime, Engine, MetaData, create_engine, func, text
+from sqlalchemy import BigInteger, DateTime, Engine, Enum, MetaData, create_engine, func, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -38,6 +39,18 @@ class CreatedAtMixin:
 class UpdatedAtMixin:
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+def enum_column(cls: type[enum.StrEnum], name: str) -> Enum:
+    # A VARCHAR with a CHECK constraint: adding a value later is a plain migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
     )
 
 

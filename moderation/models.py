@@ -1,12 +1,14 @@
 """Every ORM model, imported in one place so the metadata is complete (Alembic, tests)."""
 
 from moderation.audit.models import AuditEvent
+from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
 
 __all__ = [
+    "ApiKey",
     "AuditEvent",
     "Bank",
     "BankEntry",

@@ -50,3 +50,26 @@ def events_for(session: Session, subject_type: str, subject_id: object) -> list[
         .order_by(AuditEvent.id)
     )
     return list(session.scalars(query))
+
+
+def page(
+    session: Session,
+    *,
+    action: str | None = None,
+    subject_type: str | None = None,
+    subject_id: str | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
+) -> list[AuditEvent]:
+    """Events newest first, older than `before_id` when given (keyset pagination: stable
+    while new events arrive)."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if action is not None:
+        query = query.where(AuditEvent.action == action)
+    if subject_type is not None:
+        query = query.where(AuditEvent.subject_type == subject_type)
+    if subject_id is not None:
+        query = query.where(AuditEvent.subject_id == subject_id)
+    if before_id is not None:
+        query = query.where(AuditEvent.id < before_id)
+    return list(session.scalars(query))

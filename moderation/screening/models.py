@@ -7,9 +7,9 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
-    Enum,
     Float,
     ForeignKey,
     Index,
@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin
+from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin, enum_column
 from moderation.images.signals import SignalType
 
 
@@ -33,16 +33,14 @@ class UploadStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
-    # A VARCHAR with a CHECK constraint: adding a value later is a plain migration.
-    return Enum(
-        cls,
-        name=name,
-        native_enum=False,
-        create_constraint=True,
-        length=16,
-        values_callable=lambda members: [member.value for member in members],
-    )
+class ReviewStatus(enum.StrEnum):
+    """Where a hit stands in the review queue. A decision moves every hit of its upload."""
+
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    DISMISSED = "dismissed"
+    # Sent to a senior reviewer; still waiting for a final decision.
+    ESCALATED = "escalated"
 
 
 class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
@@ -60,7 +58,7 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     # The SHA-256 the submitter declared for the bytes; the worker refuses other bytes.
     declared_sha256: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[UploadStatus] = mapped_column(
-        _enum(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
+        enum_column(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
     )
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -93,7 +91,7 @@ class Signal(IdMixin, Base):
     )
 
     upload_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("uploads.id", ondelete="CASCADE"))
-    signal: Mapped[SignalType] = mapped_column(_enum(SignalType, "signal_type"))
+    signal: Mapped[SignalType] = mapped_column(enum_column(SignalType, "signal_type"))
     frame_index: Mapped[int] = mapped_column(Integer, default=0)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     # PDQ's own quality score, 0-100; NULL for SHA-256.
@@ -104,13 +102,17 @@ class Hit(IdMixin, Base):
     """An upload matched a bank entry on one signal. One row per (upload, entry, signal)."""
 
     __tablename__ = "hits"
-    __table_args__ = (UniqueConstraint("upload_id", "bank_entry_id", "signal"),)
+    __table_args__ = (
+        UniqueConstraint("upload_id", "bank_entry_id", "signal"),
+        # The review queue: newest first within a status.
+        Index("ix_hits_review_status_created_at_id", "review_status", "created_at", "id"),
+    )
 
     upload_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("uploads.id", ondelete="CASCADE"))
     bank_entry_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("bank_entries.id", ondelete="CASCADE"), index=True
     )
-    signal: Mapped[SignalType] = mapped_column(_enum(SignalType, "signal_type"))
+    signal: Mapped[SignalType] = mapped_column(enum_column(SignalType, "signal_type"))
     # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256; the best over all frames.
     distance: Mapped[float] = mapped_column(Float)
     frame_index: Mapped[int] = mapped_column(Integer, default=0)
@@ -119,6 +121,18 @@ class Hit(IdMixin, Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )
+    # Found by a retro-hunt (a bank entry added after the upload was screened), not at screening.
+    retroactive: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+
+    review_status: Mapped[ReviewStatus] = mapped_column(
+        enum_column(ReviewStatus, "review_status"),
+        default=ReviewStatus.PENDING,
+        server_default=ReviewStatus.PENDING.value,
+    )
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The reviewer's name (an API key's name, or `cli:<user>`).
+    reviewed_by: Mapped[str | None] = mapped_column(String(200))
+    review_note: Mapped[str | None] = mapped_column(Text)
 
 
 class Worker(Base):

@@ -1,0 +1,114 @@
+"""Who may call what: the one dependency that checks every route.
+
+Each route names the roles it admits in its OpenAPI operation (`openapi_extra=allow(...)`),
+so the spec documents access and the check cannot drift from it. `authorize` runs before
+every route of the application: it resolves the caller from `Authorization: Bearer <key>`
+(or the web pages' session cookie, through `credential_sources`), answers 401 without a
+valid key and 403 when the key's role is not admitted. A route that names no roles is
+refused to everyone, so a route added without a decision fails closed; `public()` marks
+the few that need no key (health checks, the login page).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session
+
+from moderation.auth.models import Role
+from moderation.auth.service import Principal, authenticate
+from moderation.db import session_scope
+
+ROLES_KEY = "x-roles"
+PUBLIC_KEY = "x-public"
+
+
+def allow(*roles: Role) -> dict[str, Any]:
+    """`openapi_extra` for a route that these roles may call; admins may call every route."""
+    return {ROLES_KEY: sorted({role.value for role in (*roles, Role.ADMIN)})}
+
+
+def public() -> dict[str, Any]:
+    """`openapi_extra` for a route anyone may call, without a key."""
+    return {PUBLIC_KEY: True}
+
+
+def db_session() -> Iterator[Session]:
+    """A session per request, committed when the handler returns without raising. Handlers
+    that must act after the commit (publishing messages) commit themselves first."""
+    with session_scope() as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(db_session)]
+
+# Functions that find a key in a request other than in the Authorization header (the web
+# pages' session cookie). Each returns the key or None.
+CredentialSource = Callable[[Request], str | None]
+credential_sources: list[CredentialSource] = []
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def _credential(request: Request) -> str | None:
+    for source in (_bearer, *credential_sources):
+        found = source(request)
+        if found:
+            return found
+    return None
+
+
+def route_roles(route: APIRoute) -> frozenset[Role] | None:
+    """The roles a route admits; None for a public route."""
+    extra = route.openapi_extra or {}
+    if extra.get(PUBLIC_KEY):
+        return None
+    return frozenset(Role(value) for value in extra.get(ROLES_KEY, ()))
+
+
+def authorize(request: Request) -> Principal | None:
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "no access rule for this route")
+    admitted = route_roles(route)
+    if admitted is None:
+        return None
+    secret = _credential(request)
+    principal = None
+    if secret is not None:
+        with session_scope() as session:
+            principal = authenticate(session, secret)
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid API key is required: send `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if principal.role not in admitted:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"role {principal.role.value} may not do this; "
+            f"allowed: {', '.join(sorted(role.value for role in admitted))}",
+        )
+    request.state.principal = principal
+    return principal
+
+
+def current_principal(request: Request) -> Principal:
+    """The authenticated caller, for handlers that record who acted."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # a public route asked for a caller: a programming error
+        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "route has no caller")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(current_principal)]

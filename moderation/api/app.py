@@ -1,0 +1,27 @@
+"""The HTTP application: every domain's router, behind one access check (`api.access`).
+
+`moderation api` serves it with uvicorn. Handlers are plain `def`s: FastAPI runs them on
+its thread pool, where the synchronous SQLAlchemy sessions belong.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from fastapi import Depends, FastAPI
+
+from moderation.api.access import authorize
+from moderation.api.health import router as health_router
+from moderation.audit.api import router as audit_router
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="moderation",
+        version=version("moderation"),
+        description="Screen images against banks of known-bad content; review the hits.",
+        dependencies=[Depends(authorize)],
+    )
+    for router in (health_router, audit_router):
+        app.include_router(router)
+    return app

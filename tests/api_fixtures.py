@@ -1,0 +1,35 @@
+"""Fixtures for HTTP API tests: the application in-process, and committed keys per role."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from moderation.api.app import create_app
+from moderation.auth import service as auth
+from moderation.auth.models import Role
+from moderation.db import session_scope
+
+
+@pytest.fixture
+def api(clean_db: None) -> Iterator[TestClient]:
+    """The application, called in-process over real PostgreSQL (keys and data committed)."""
+    with TestClient(create_app()) as client:
+        yield client
+
+
+@pytest.fixture
+def keys(clean_db: None) -> dict[Role, str]:
+    """One key per role, committed."""
+    made = {}
+    with session_scope() as session:
+        for role in Role:
+            _, secret = auth.create_key(session, role=role, name=f"test {role}", actor="test")
+            made[role] = secret
+    return made
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
