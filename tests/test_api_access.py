@@ -18,7 +18,7 @@ __all__ = ["api", "keys"]
 
 def test_every_route_names_who_may_call_it() -> None:
     undecided = [
-        f"{sorted(route.methods)} {route.path}"
+        f"{sorted(route.methods or ())} {route.path}"
         for route in create_app().routes
         if isinstance(route, APIRoute) and route_roles(route) is not None and not route_roles(route)
     ]
