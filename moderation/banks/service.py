@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import exists, false, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from moderation import pg_copy
+from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import extract_signals
+from moderation.screening.models import Hit, ReviewStatus
 
 if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
@@ -241,3 +243,170 @@ def entry_from_image(
         model=model,
         source_ref=source_ref,
     )
+
+
+# Changes made through the API and the CLI, each audited in its own transaction. `create_bank`
+# and `add_entries` stay plain (many callers, and retro-hunts hook `add_entries`); the
+# surfaces record those two with `audit_created` and `audit_added`.
+
+
+class EntryNotFound(LookupError):
+    def __init__(self, bank: str, entry_id: int) -> None:
+        super().__init__(
+            f"bank {bank!r} has no entry {entry_id}; `GET /v1/banks/{bank}/entries` lists them"
+        )
+
+
+class EntryHasDecidedHits(ValueError):
+    """Removing an entry removes its hits (they cascade); confirmed or escalated hits are a
+    reviewer's decision on record, so an entry that has any is kept."""
+
+    def __init__(self, entry_id: int, count: int) -> None:
+        super().__init__(
+            f"entry {entry_id} has {count} confirmed or escalated hit(s), which removing it "
+            "would delete; disable the bank instead, or dismiss those hits first"
+        )
+
+
+def bank_state(bank: Bank) -> dict[str, Any]:
+    return {"name": bank.name, "radius": bank.radius, "enabled": bank.enabled}
+
+
+def entry_state(entry: BankEntry) -> dict[str, Any]:
+    return {
+        "bank_entry_id": entry.id,
+        "sha256": entry.sha256.hex() if entry.sha256 else None,
+        "pdq": entry.pdq.hex() if entry.pdq else None,
+        "pdq_quality": entry.pdq_quality,
+        "models": sorted(e.model_id for e in entry.embeddings),
+        "source_ref": entry.source_ref,
+        "added_by": entry.added_by,
+    }
+
+
+def audit_created(session: Session, bank: Bank, *, actor: str) -> None:
+    audit.record(
+        session,
+        actor=actor,
+        action="bank.create",
+        subject_type="bank",
+        subject_id=bank.id,
+        after=bank_state(bank),
+    )
+
+
+def audit_added(
+    session: Session, bank: Bank, rows: list[BankEntry], *, actor: str, how: str
+) -> None:
+    """One event per call, listing the new entry ids (an import may add thousands)."""
+    audit.record(
+        session,
+        actor=actor,
+        action="bank.entries.add",
+        subject_type="bank",
+        subject_id=bank.id,
+        after={"bank": bank.name, "how": how, "count": len(rows), "ids": [r.id for r in rows]},
+    )
+
+
+_UNSET: Any = object()
+
+
+def update_bank(
+    session: Session,
+    bank: Bank,
+    *,
+    actor: str,
+    enabled: bool | None = None,
+    radius: float | None = _UNSET,
+) -> Bank:
+    """Enable or disable a bank, or change its CLIP radius (None: the global radius)."""
+    before = bank_state(bank)
+    if enabled is not None:
+        bank.enabled = enabled
+    if radius is not _UNSET:
+        if radius is not None and not 0 <= radius <= 2:
+            raise ValueError(f"radius is a cosine distance between 0 and 2, got {radius}")
+        bank.radius = radius
+    after = bank_state(bank)
+    if after != before:
+        session.flush()
+        audit.record(
+            session,
+            actor=actor,
+            action="bank.update",
+            subject_type="bank",
+            subject_id=bank.id,
+            before=before,
+            after=after,
+        )
+    return bank
+
+
+def pdq_in_bank(session: Session, bank: Bank, hashes: list[bytes]) -> set[bytes]:
+    """Those of `hashes` the bank already has as an entry's PDQ."""
+    found: set[bytes] = set()
+    unique = list(set(hashes))
+    for start in range(0, len(unique), 10_000):
+        found.update(
+            session.scalars(
+                select(BankEntry.pdq).where(
+                    BankEntry.bank_id == bank.id, BankEntry.pdq.in_(unique[start : start + 10_000])
+                )
+            )
+        )
+    return found
+
+
+def list_entries(
+    session: Session, bank: Bank, *, after_id: int | None = None, limit: int = 100
+) -> list[BankEntry]:
+    """Entries in id order, after `after_id` when given (keyset pagination)."""
+    query = (
+        select(BankEntry)
+        .where(BankEntry.bank_id == bank.id)
+        .options(selectinload(BankEntry.embeddings))
+        .order_by(BankEntry.id)
+        .limit(limit)
+    )
+    if after_id is not None:
+        query = query.where(BankEntry.id > after_id)
+    return list(session.scalars(query))
+
+
+def remove_entry(session: Session, bank: Bank, entry_id: int, *, actor: str) -> dict[str, Any]:
+    """Delete an entry and its undecided hits; what it was, as audited."""
+    entry = session.scalar(
+        select(BankEntry)
+        .where(BankEntry.id == entry_id, BankEntry.bank_id == bank.id)
+        .with_for_update()
+    )
+    if entry is None:
+        raise EntryNotFound(bank.name, entry_id)
+    decided = session.scalar(
+        select(func.count())
+        .select_from(Hit)
+        .where(
+            Hit.bank_entry_id == entry_id,
+            Hit.review_status.in_((ReviewStatus.CONFIRMED, ReviewStatus.ESCALATED)),
+        )
+    )
+    if decided:
+        raise EntryHasDecidedHits(entry_id, decided)
+    hits = session.scalar(
+        select(func.count()).select_from(Hit).where(Hit.bank_entry_id == entry_id)
+    )
+    before = {**entry_state(entry), "bank": bank.name, "hits": hits or 0}
+    session.delete(entry)
+    # Workers notice removals by the bank's `updated_at` (the entry's own row is gone).
+    bank.updated_at = func.now()
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="bank.entries.remove",
+        subject_type="bank",
+        subject_id=bank.id,
+        before=before,
+    )
+    return before

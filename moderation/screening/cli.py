@@ -23,6 +23,8 @@ from moderation.images.sniff import HEAD_BYTES, why_not_an_image
 from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
+from moderation.screening.service import NewUpload
+from moderation.screening.submission import UrisRefused, accept, check_uris
 from moderation.screening.waiting import Tally, wait_for, why_stalled
 
 # Skipped files listed one by one, before a count of the rest.
@@ -118,14 +120,6 @@ def _emit_uploads(
 SUBMIT_CHUNK = 100
 
 
-def accept_uris(uris: list[str], policy: UriPolicy | None = None) -> list[str]:
-    """The URIs in canonical form, if the fetch policy allows every one of them; else
-    `UriRefused` for the first it refuses, and nothing is accepted. Workers check again
-    when they fetch (a host's addresses can change in between)."""
-    policy = policy or UriPolicy.from_settings(get_settings())
-    return [policy.check(uri) for uri in uris]
-
-
 def refuse_missing_files(uris: list[str], policy: UriPolicy | None = None) -> None:
     """`NotFound` for the first allowed local file that does not exist, said at once rather
     than by a failed upload later; `UriRefused` for a file the policy refuses, in the same
@@ -155,30 +149,21 @@ def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
 def submit_uris(
     uris: list[str], external_id: str | None = None, declared_sha256: bytes | None = None
 ) -> list[int]:
-    """Record uploads, commit, then publish: a message is never sent for an uncommitted row.
+    """Record uploads, commit, then publish (`submission.accept`, as `POST /v1/uploads`),
+    `SUBMIT_CHUNK` to a transaction.
 
-    Raises `UriRefused` if the fetch policy refuses any URI (nothing is recorded then), and
+    Raises `UrisRefused` if the fetch policy refuses any URI (nothing is recorded then), and
     `service.ExternalIdConflict` if the external id names another event.
     """
-    from moderation.screening.tasks import publish_screening
-
-    uris = accept_uris(uris)
-    # The queue configured now (not when the Celery app was made), as `--wait` watches it.
-    queue = get_settings().queue
-    if external_id is not None or declared_sha256 is not None:
-        if len(uris) != 1:
-            raise ValueError("an external id or declared bytes name exactly one upload")
-        with session_scope() as session:
-            upload, created = service.submit(session, uris[0], external_id, declared_sha256)
-        if created:
-            publish_screening([upload.id], queue)
-        return [upload.id]
+    if (external_id is not None or declared_sha256 is not None) and len(uris) != 1:
+        raise ValueError("an external id or declared bytes name exactly one upload")
+    uploads = [NewUpload(uri, external_id, declared_sha256) for uri in uris]
+    # All checked before any chunk is recorded: a refusal leaves nothing half-submitted.
+    uploads = check_uris(uploads, UriPolicy.from_settings(get_settings()))
     upload_ids: list[int] = []
-    for start in range(0, len(uris), SUBMIT_CHUNK):
-        with session_scope() as session:
-            chunk = service.submit_many(session, uris[start : start + SUBMIT_CHUNK])
-        publish_screening(chunk, queue)
-        upload_ids += chunk
+    for start in range(0, len(uploads), SUBMIT_CHUNK):
+        accepted = accept(uploads[start : start + SUBMIT_CHUNK])
+        upload_ids += [a.upload_id for a in accepted]
     return upload_ids
 
 
@@ -339,7 +324,7 @@ def submit(
         if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
             declared = declared_bytes(uris[0])
         upload_ids = submit_uris(uris, external_id, declared)
-    except (IntakeError, service.ExternalIdConflict) as error:
+    except (IntakeError, UrisRefused, service.ExternalIdConflict) as error:
         # A refusal says which rule refused, never whether a refused file exists.
         raise click.ClickException(str(error)) from None
     _show_uploads(upload_ids, wait, timeout, as_json, stall_after)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin, enum_column
@@ -57,6 +59,11 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     uri: Mapped[str] = mapped_column(Text)
     # The SHA-256 the submitter declared for the bytes; the worker refuses other bytes.
     declared_sha256: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The producer's own fields for the event (its user, its surface), stored as given.
+    # `metadata` is the column; the attribute cannot be, SQLAlchemy's models own that name.
+    event_metadata: Mapped[dict[str, Any] | None] = mapped_column(
+        "metadata", JSONB(none_as_null=True)
+    )
     status: Mapped[UploadStatus] = mapped_column(
         enum_column(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
     )

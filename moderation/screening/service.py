@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import (
@@ -86,40 +86,116 @@ class HitView:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class NewUpload:
+    """One upload event as a producer sends it."""
+
+    uri: str
+    # The producer's own id for the event; submitting it again returns the same upload.
+    external_id: str | None = None
+    # The SHA-256 the producer declares for the bytes; the worker refuses other bytes.
+    declared_sha256: bytes | None = None
+    # The producer's own fields, stored with the upload and returned as given.
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    upload_id: int
+    # False when the external id named an upload already recorded (nothing new to screen).
+    created: bool
+
+
+def submit_uploads(session: Session, uploads: Sequence[NewUpload]) -> list[Submitted]:
+    """Record upload events as queued, one INSERT for the events with an external id and
+    one for those without; their ids, in order.
+
+    An external id seen before (in an earlier call or earlier in `uploads`) returns that
+    upload instead, if it is the same event: the same URI and, where both sides know them,
+    the same bytes. Otherwise raises `ExternalIdConflict` and the caller rolls back.
+
+    The caller publishes the screening messages after committing, for the created ones only.
+    """
+    results: list[Submitted | None] = [None] * len(uploads)
+    named = [(i, u) for i, u in enumerate(uploads) if u.external_id is not None]
+    anonymous = [(i, u) for i, u in enumerate(uploads) if u.external_id is None]
+    if anonymous:
+        anonymous_statement = (
+            insert(Upload)
+            .values(status=UploadStatus.QUEUED, enqueued_at=func.now())
+            .returning(Upload.id, sort_by_parameter_order=True)
+        )
+        ids = session.connection().scalars(anonymous_statement, [_row(u) for _, u in anonymous])
+        for (i, _), upload_id in zip(anonymous, ids, strict=True):
+            results[i] = Submitted(upload_id, True)
+    if named:
+        # One multi-row statement: a row whose external id exists (or repeats within these
+        # rows) is skipped by ON CONFLICT, and comes back through the lookup below.
+        statement = (
+            insert(Upload)
+            .values(
+                [
+                    {**_row(u), "status": UploadStatus.QUEUED, "enqueued_at": func.now()}
+                    for _, u in named
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=[Upload.external_id])
+            .returning(Upload.id, Upload.external_id)
+        )
+        created = {external_id: id_ for id_, external_id in session.execute(statement)}
+        seen: set[str] = set()
+        repeated: list[tuple[int, NewUpload]] = []
+        for i, upload in named:
+            assert upload.external_id is not None
+            if upload.external_id in created and upload.external_id not in seen:
+                results[i] = Submitted(created[upload.external_id], True)
+            else:
+                repeated.append((i, upload))
+            seen.add(upload.external_id)
+        if repeated:
+            existing = {
+                row.external_id: row
+                for row in session.scalars(
+                    select(Upload).where(
+                        Upload.external_id.in_({u.external_id for _, u in repeated})
+                    )
+                )
+            }
+            for i, upload in repeated:
+                assert upload.external_id is not None
+                row = existing[upload.external_id]
+                _check_same_event(session, row, upload)
+                results[i] = Submitted(row.id, False)
+    return [result for result in results if result is not None]
+
+
+def _row(upload: NewUpload) -> dict[str, Any]:
+    return {
+        "uri": upload.uri,
+        "external_id": upload.external_id,
+        "declared_sha256": upload.declared_sha256,
+        "event_metadata": upload.metadata,
+    }
+
+
+def _check_same_event(session: Session, existing: Upload, upload: NewUpload) -> None:
+    assert upload.external_id is not None
+    if existing.uri != upload.uri:
+        raise ExternalIdConflict(upload.external_id, existing, f"submitted as {existing.uri}")
+    known_sha256 = existing.declared_sha256 or _screened_sha256(session, existing.id)
+    if upload.declared_sha256 is not None and known_sha256 not in (None, upload.declared_sha256):
+        raise ExternalIdConflict(upload.external_id, existing, "whose bytes differ from these")
+
+
 def submit(
     session: Session,
     uri: str,
     external_id: str | None = None,
     declared_sha256: bytes | None = None,
 ) -> tuple[Upload, bool]:
-    """Record an upload as queued. An external id seen before returns that upload instead,
-    if it is the same event: the same URI and, where both sides know them, the same bytes.
-    Otherwise raises `ExternalIdConflict`.
-
-    The caller publishes the screening message after committing, and only if created.
-    """
-    upload_id = session.scalar(
-        insert(Upload)
-        .values(
-            uri=uri,
-            external_id=external_id,
-            declared_sha256=declared_sha256,
-            status=UploadStatus.QUEUED,
-            enqueued_at=func.now(),
-        )
-        .on_conflict_do_nothing(index_elements=[Upload.external_id])
-        .returning(Upload.id)
-    )
-    if upload_id is not None:
-        return session.get_one(Upload, upload_id), True
-    assert external_id is not None  # only the external id can conflict
-    existing = session.scalars(select(Upload).where(Upload.external_id == external_id)).one()
-    if existing.uri != uri:
-        raise ExternalIdConflict(external_id, existing, f"submitted as {existing.uri}")
-    known_sha256 = existing.declared_sha256 or _screened_sha256(session, existing.id)
-    if declared_sha256 is not None and known_sha256 not in (None, declared_sha256):
-        raise ExternalIdConflict(external_id, existing, "whose bytes differ from these")
-    return existing, False
+    """`submit_uploads` for one upload: the upload and whether it was created."""
+    (submitted,) = submit_uploads(session, [NewUpload(uri, external_id, declared_sha256)])
+    return session.get_one(Upload, submitted.upload_id), submitted.created
 
 
 def _screened_sha256(session: Session, upload_id: int) -> bytes | None:
@@ -169,18 +245,8 @@ def resubmit(session: Session, upload_id: int, *, actor: str) -> Upload:
 
 
 def submit_many(session: Session, uris: Sequence[str]) -> list[int]:
-    """Record uploads without external ids as queued, in one statement; their ids, in order.
-
-    As with `submit`, the caller publishes the screening messages after committing.
-    """
-    if not uris:
-        return []
-    statement = (
-        insert(Upload)
-        .values(status=UploadStatus.QUEUED, enqueued_at=func.now())
-        .returning(Upload.id, sort_by_parameter_order=True)
-    )
-    return list(session.connection().scalars(statement, [{"uri": uri} for uri in uris]))
+    """Record uploads without external ids as queued, in one statement; their ids, in order."""
+    return [s.upload_id for s in submit_uploads(session, [NewUpload(uri) for uri in uris])]
 
 
 def claim(
@@ -437,6 +503,32 @@ def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:
     rows = session.scalars(select(Upload).where(Upload.id.in_(upload_ids))).all()
     by_id = {row.id: row for row in rows}
     return [by_id[i] for i in upload_ids if i in by_id]
+
+
+def upload_by_external_id(session: Session, external_id: str) -> Upload | None:
+    return session.scalar(select(Upload).where(Upload.external_id == external_id))
+
+
+def upload_signals(session: Session, upload_id: int) -> list[Signal]:
+    query = (
+        select(Signal)
+        .where(Signal.upload_id == upload_id)
+        .order_by(Signal.signal, Signal.frame_index)
+    )
+    return list(session.scalars(query))
+
+
+def upload_hits(session: Session, upload_id: int) -> list[tuple[Hit, str, str | None]]:
+    """An upload's hits with their bank's name and, for CLIP hits, the model's."""
+    query = (
+        select(Hit, Bank.name, EmbeddingModel.name)
+        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
+        .where(Hit.upload_id == upload_id)
+        .order_by(Hit.id)
+    )
+    return [(hit, bank, model) for hit, bank, model in session.execute(query)]
 
 
 def list_uploads(

@@ -1,0 +1,282 @@
+"""Uploads over HTTP: `POST /v1/uploads` for producers, and what became of an upload.
+
+Submission goes through `submission.accept`, the path `moderation submit` takes: URIs
+checked against the fetch policy before anything is recorded, a row committed before its
+message is published, idempotent on the external id.
+
+A batch is all or nothing: one refused URI or one conflicting external id refuses the
+whole batch (422 or 409, naming every refused item by its index), and nothing of it is
+recorded. A producer drops or fixes those items and sends the batch again; the items'
+external ids make the retry safe.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moderation.api.access import DbSession, allow
+from moderation.auth.models import Role
+from moderation.screening import service
+from moderation.screening.models import Upload
+from moderation.screening.service import NewUpload
+from moderation.screening.submission import UrisRefused, accept
+
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+
+# Events per request. A batch is one transaction; a producer with more sends more requests.
+MAX_BATCH = 1000
+# Ids are PostgreSQL bigints: a larger one is no upload, not a server error.
+MAX_ID = 2**63 - 1
+# The stored metadata of one event, as JSON.
+MAX_METADATA_BYTES = 16_384
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refused here rather than failing the insert.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class UploadIn(BaseModel):
+    """One upload event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(min_length=1, max_length=8192, description="Where the worker fetches it.")
+    external_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description="Your id for the event: sending it again returns the same upload.",
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern="^[0-9a-fA-F]{64}$",
+        description="The SHA-256 of the bytes, if known: the worker refuses other bytes.",
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Your own fields, stored with the upload and returned as given."
+    )
+
+    _uri_no_nul = field_validator("uri")(_no_nul)
+
+    @field_validator("external_id")
+    @classmethod
+    def _external_id(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        try:
+            encoded = json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("must be plain JSON (no NaN or Infinity)") from None
+        # JSONB refuses \u0000 anywhere in a document.
+        if "\\u0000" in encoded:
+            raise ValueError("must not contain NUL characters")
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+        return value
+
+    def to_new_upload(self) -> NewUpload:
+        return NewUpload(
+            uri=self.uri,
+            external_id=self.external_id,
+            declared_sha256=bytes.fromhex(self.sha256) if self.sha256 else None,
+            metadata=self.metadata,
+        )
+
+
+class UploadBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uploads: list[UploadIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class UploadAccepted(BaseModel):
+    upload_id: int
+    external_id: str | None
+    # False when the external id named an upload already recorded: nothing new is queued.
+    created: bool
+
+
+class UploadBatchAccepted(BaseModel):
+    uploads: list[UploadAccepted]
+
+
+class UploadError(BaseModel):
+    code: str
+    message: str
+
+
+class SignalOut(BaseModel):
+    signal: str
+    frame_index: int
+    # Hex digest: SHA-256 of the bytes, or the PDQ hash of one frame.
+    value: str
+    # PDQ's quality, 0-100; null for SHA-256.
+    quality: int | None
+
+
+class HitOut(BaseModel):
+    hit_id: int
+    bank: str
+    bank_entry_id: int
+    signal: str
+    # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256.
+    distance: float
+    frame_index: int
+    model: str | None
+    retroactive: bool
+    review_status: str
+    created_at: datetime
+
+
+class UploadOut(BaseModel):
+    upload_id: int
+    external_id: str | None
+    uri: str
+    status: str
+    error: UploadError | None
+    metadata: dict[str, Any] | None
+    media_format: str | None
+    width: int | None
+    height: int | None
+    frame_count: int | None
+    frames_hashed: int | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+    signals: list[SignalOut]
+    hits: list[HitOut]
+
+
+class UploadList(BaseModel):
+    uploads: list[UploadOut]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra=allow(Role.SUBMITTER),
+    responses={
+        409: {"description": "An external id already names another event; nothing recorded."},
+        422: {"description": "A URI is refused by the fetch policy; nothing recorded."},
+    },
+)
+def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
+    """Queue one upload event, or a batch of them (`{"uploads": [...]}`) all or none.
+
+    202 once the uploads are recorded and their screening messages sent; poll
+    `GET /v1/uploads/{id}` for the verdict.
+    """
+    events = body.uploads if isinstance(body, UploadBatchIn) else [body]
+    try:
+        accepted = accept([event.to_new_upload() for event in events])
+    except UrisRefused as error:
+        raise HTTPException(
+            422,
+            {
+                "code": "uri_refused",
+                "message": str(error),
+                "refused": [
+                    {
+                        "index": item.index,
+                        "uri": item.uri,
+                        "code": item.error.code,
+                        "rule": item.error.message,
+                    }
+                    for item in error.refused
+                ],
+            },
+        ) from None
+    except service.ExternalIdConflict as error:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
+        ) from None
+    out = [
+        UploadAccepted(upload_id=a.upload_id, external_id=e.external_id, created=a.created)
+        for a, e in zip(accepted, events, strict=True)
+    ]
+    return UploadBatchAccepted(uploads=out) if isinstance(body, UploadBatchIn) else out[0]
+
+
+READERS = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
+
+
+@router.get("/{upload_id}", openapi_extra=READERS)
+def get_upload(session: DbSession, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> UploadOut:
+    """An upload's status, error, signals and hits."""
+    upload = session.get(Upload, upload_id)
+    if upload is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
+    return _upload_out(session, upload)
+
+
+@router.get("", openapi_extra=READERS)
+def find_uploads(
+    session: DbSession, external_id: Annotated[str, Query(min_length=1, max_length=512)]
+) -> UploadList:
+    """The upload an external id names (a list of at most one)."""
+    if "\x00" in external_id:
+        return UploadList(uploads=[])
+    upload = service.upload_by_external_id(session, external_id)
+    return UploadList(uploads=[] if upload is None else [_upload_out(session, upload)])
+
+
+def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
+    error = (
+        UploadError(code=upload.error_code, message=upload.error_message or "")
+        if upload.error_code
+        else None
+    )
+    return UploadOut(
+        upload_id=upload.id,
+        external_id=upload.external_id,
+        uri=upload.uri,
+        status=upload.status.value,
+        error=error,
+        metadata=upload.event_metadata,
+        media_format=upload.media_format,
+        width=upload.width,
+        height=upload.height,
+        frame_count=upload.frame_count,
+        frames_hashed=upload.frames_hashed,
+        attempts=upload.attempts,
+        created_at=upload.created_at,
+        finished_at=upload.finished_at,
+        signals=[
+            SignalOut(
+                signal=s.signal.value,
+                frame_index=s.frame_index,
+                value=s.value.hex(),
+                quality=s.quality,
+            )
+            for s in service.upload_signals(session, upload.id)
+        ],
+        hits=[
+            HitOut(
+                hit_id=hit.id,
+                bank=bank,
+                bank_entry_id=hit.bank_entry_id,
+                signal=hit.signal.value,
+                distance=hit.distance,
+                frame_index=hit.frame_index,
+                model=model,
+                retroactive=hit.retroactive,
+                review_status=hit.review_status.value,
+                created_at=hit.created_at,
+            )
+            for hit, bank, model in service.upload_hits(session, upload.id)
+        ],
+    )

@@ -1,0 +1,79 @@
+"""Accepting uploads: the one path from a producer's events to queued, announced uploads.
+
+`moderation submit` and `POST /v1/uploads` both come through `accept`:
+
+1. every URI is checked against the fetch policy (`images.uri_policy`) before anything is
+   recorded; one refused URI refuses the whole call, and nothing is fetched;
+2. the events are recorded as queued uploads in one transaction (`service.submit_uploads`:
+   idempotent on the external id), which commits;
+3. only then are screening messages published, for the uploads this call created.
+
+PostgreSQL is the source of truth and Redis the transport: if publishing fails after the
+commit, the uploads stay queued and the sweeper sends them (`screening.recovery`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from moderation.config import get_settings
+from moderation.db import session_scope
+from moderation.images.errors import IntakeError
+from moderation.images.uri_policy import UriPolicy
+from moderation.screening import service
+from moderation.screening.service import NewUpload, Submitted
+
+
+@dataclass(frozen=True)
+class RefusedUri:
+    # The event's position in the call.
+    index: int
+    uri: str
+    error: IntakeError
+
+
+class UrisRefused(ValueError):
+    """Some URIs are outside what the service may fetch; nothing was recorded."""
+
+    def __init__(self, refused: list[RefusedUri], total: int) -> None:
+        first = refused[0]
+        more = f" ({len(refused)} of {total} URIs refused; the first is shown)" if total > 1 else ""
+        super().__init__(f"{first.error}{more}; nothing was submitted")
+        self.refused = refused
+
+
+def check_uris(uploads: Sequence[NewUpload], policy: UriPolicy) -> list[NewUpload]:
+    """The events with their URIs in canonical form, or `UrisRefused` naming every refused
+    one. Workers check again when they fetch (a host's addresses can change in between)."""
+    checked: list[NewUpload] = []
+    refused: list[RefusedUri] = []
+    for index, upload in enumerate(uploads):
+        try:
+            checked.append(replace(upload, uri=policy.check(upload.uri)))
+        except IntakeError as error:
+            refused.append(RefusedUri(index, upload.uri, error))
+    if refused:
+        raise UrisRefused(refused, len(uploads))
+    return checked
+
+
+def accept(
+    uploads: Sequence[NewUpload], *, policy: UriPolicy | None = None, queue: str | None = None
+) -> list[Submitted]:
+    """Check, record and announce upload events, all or none; their uploads, in order.
+
+    Raises `UrisRefused` (nothing recorded) and `service.ExternalIdConflict` (nothing
+    recorded: the transaction rolls back).
+    """
+    from moderation.screening.tasks import publish_screening
+
+    settings = get_settings()
+    checked = check_uris(uploads, policy or UriPolicy.from_settings(settings))
+    with session_scope() as session:
+        submitted = service.submit_uploads(session, checked)
+    created = [s.upload_id for s in submitted if s.created]
+    if created:
+        # The queue configured now (not when the Celery app was made), as `--wait` watches.
+        publish_screening(created, queue or settings.queue)
+    return submitted
