@@ -197,7 +197,7 @@ def test_a_refused_uri_is_422_naming_the_rule_and_nothing_is_fetched(
 
 def test_malformed_events_are_422(api: TestClient, keys: dict[Role, str]) -> None:
     submitter = bearer(keys[Role.SUBMITTER])
-    for body in (
+    bodies: list[dict[str, Any]] = [
         {},
         {"uri": ""},
         {"uri": "https://example.com/a.jpg", "unknown": 1},
@@ -205,7 +205,8 @@ def test_malformed_events_are_422(api: TestClient, keys: dict[Role, str]) -> Non
         {"uri": "https://example.com/a\x00.jpg"},
         {"uri": "https://example.com/a.jpg", "metadata": {"a": "\x00"}},
         {"uploads": []},
-    ):
+    ]
+    for body in bodies:
         assert api.post("/v1/uploads", json=body, headers=submitter).status_code == 422, body
     assert _upload_count() == 0
 

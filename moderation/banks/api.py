@@ -276,9 +276,7 @@ def add_image_entry(
                 None if source_ref is None else source_ref.replace("\x00", ""),
             )
     except IntakeError as error:
-        raise HTTPException(
-            422, {"code": error.code, "message": error.message}
-        ) from None
+        raise HTTPException(422, {"code": error.code, "message": error.message}) from None
     rows = service.add_entries(session, bank, [entry], added_by=caller.actor)
     service.audit_added(session, bank, rows, actor=caller.actor, how="image")
     return EntriesAdded(entries=[EntryOut.of(r) for r in rows])
