@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from moderation.audit.service import cli_actor
 from moderation.banks import service
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
@@ -34,6 +35,7 @@ def create(name: str, radius: float | None, as_json: bool) -> None:
     try:
         with session_scope() as session:
             created = service.create_bank(session, name, radius)
+            service.audit_created(session, created, actor=cli_actor())
             row = {"id": created.id, "name": created.name, "radius": created.radius}
     except (service.BankExists, ValueError) as error:
         raise click.ClickException(str(error)) from None
@@ -113,9 +115,9 @@ def add(
         if images or embedding_file:
             entries += _model_entries(images, embedding_file, source_ref)
         with session_scope() as session:
-            rows = service.add_entries(
-                session, service.get_bank(session, name), entries, added_by=added_by
-            )
+            target = service.get_bank(session, name)
+            rows = service.add_entries(session, target, entries, added_by=added_by)
+            service.audit_added(session, target, rows, actor=cli_actor(), how="cli")
             added = [
                 {
                     "id": r.id,
@@ -138,6 +140,33 @@ def add(
             click.echo(f"added 1 entry to {name}: id {ids}")
         else:
             click.echo(f"added {len(added)} entries to {name}: ids {ids}")
+
+
+@bank.command("remove")
+@click.argument("name")
+@click.argument("entry_ids", nargs=-1, required=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: what was removed.")
+def remove(name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
+    """Remove entries ENTRY_IDS from bank NAME, with their hits no reviewer confirmed or
+    escalated (an entry that has such hits is kept). Recorded in the audit log; all or
+    none."""
+    try:
+        with session_scope() as session:
+            target = service.get_bank(session, name)
+            removed = [
+                service.remove_entry(session, target, entry_id, actor=cli_actor())
+                for entry_id in entry_ids
+            ]
+    except (service.EntryNotFound, service.EntryHasDecidedHits, service.BankNotFound) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        emit_json(removed)
+    else:
+        for entry in removed:
+            click.echo(
+                f"removed entry {entry['bank_entry_id']} from {name} "
+                f"(and {entry['hits']} undecided hit(s))"
+            )
 
 
 def _model_entries(
