@@ -71,7 +71,8 @@ def test_banks_are_created_listed_and_changed_with_audit(
     )
     assert api.post("/v1/banks", json={"name": "csam-known"}, headers=admin).status_code == 409
     (event,) = _audit("bank.create")
-    assert event.actor.startswith("key:") and event.after == {
+    assert event.actor.startswith("key:")
+    assert event.after == {
         "name": "csam-known",
         "radius": None,
         "enabled": True,
@@ -153,7 +154,8 @@ def test_entries_by_signal_are_added_listed_and_removed(
     assert removed.status_code == 200
     assert removed.json()["pdq"] == PDQ_A
     (event,) = _audit("bank.entries.remove")
-    assert event.before is not None and event.before["pdq"] == PDQ_A
+    assert event.before is not None
+    assert event.before["pdq"] == PDQ_A
     again = api.delete(f"/v1/banks/csam-known/entries/{added[1]['id']}", headers=admin)
     assert again.status_code == 404
     assert api.get("/v1/banks/csam-known", headers=reader).json()["entries"] == 2
@@ -205,7 +207,8 @@ def test_an_image_becomes_an_entry_and_its_bytes_are_not_kept(
     assert response.status_code == 201, response.text
     (entry,) = response.json()["entries"]
     assert entry["sha256"] == sha256(data).hex()
-    assert entry["pdq"] is not None and entry["pdq_quality"] is not None
+    assert entry["pdq"] is not None
+    assert entry["pdq_quality"] is not None
     assert len(entry["embedding_models"]) == 1
     assert entry["source_ref"] == "vault://case-18/bad.jpg"
     broken = api.post(
@@ -256,7 +259,8 @@ def test_a_pdq_list_is_imported_and_each_bad_line_reported(
         stored = {(e.pdq.hex(), e.pdq_quality) for e in session.scalars(select(BankEntry)) if e.pdq}
     assert stored == {(PDQ_A, None), (PDQ_B, None), (PDQ_C, 100)}
     (event,) = _audit("bank.entries.add")
-    assert event.after is not None and event.after["count"] == 3
+    assert event.after is not None
+    assert event.after["count"] == 3
     assert event.after["how"] == "import export.txt"
 
     # Imported again: nothing new.
@@ -280,7 +284,8 @@ def test_a_threatexchange_csv_export_is_read_by_its_header() -> None:
     assert [r.line for r in parsed.rejected] == [4, 5]
     assert "not PDQ" in parsed.rejected[0].reason
     quality = parse_pdq_list(f"hash,quality\n{PDQ_A},101\n")
-    assert quality.rejected[0].line == 2 and "0 to 100" in quality.rejected[0].reason
+    assert quality.rejected[0].line == 2
+    assert "0 to 100" in quality.rejected[0].reason
 
 
 def test_bank_remove_on_the_command_line(api: TestClient, keys: dict[Role, str]) -> None:
