@@ -131,12 +131,13 @@ def test_entries_by_signal_are_added_listed_and_removed(
     assert event.after is not None
     assert event.after["ids"] == [a["id"] for a in added]
 
-    for wrong in (
+    wrongs: list[dict[str, Any]] = [
         {"entries": [{}]},
         {"entries": [{"embedding": [1.0] * (dim + 1)}]},
         {"entries": [{"embedding": [0.0] * dim}]},
         {"entries": [{"pdq": "xyz"}]},
-    ):
+    ]
+    for wrong in wrongs:
         answer = api.post("/v1/banks/csam-known/entries", json=wrong, headers=admin)
         assert answer.status_code == 422, wrong
 
