@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 
 from moderation.api.access import authorize
 from moderation.api.health import router as health_router
+from moderation.api.metrics import router as metrics_router
 from moderation.audit.api import router as audit_router
 from moderation.banks.api import router as banks_router
 from moderation.screening.api import router as uploads_router
@@ -24,6 +25,12 @@ def create_app() -> FastAPI:
         description="Screen images against banks of known-bad content; review the hits.",
         dependencies=[Depends(authorize)],
     )
-    for router in (health_router, audit_router, uploads_router, banks_router):
+    for router in (
+        health_router,
+        metrics_router,
+        audit_router,
+        uploads_router,
+        banks_router,
+    ):
         app.include_router(router)
     return app

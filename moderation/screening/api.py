@@ -20,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moderation.api.access import DbSession, allow
+from moderation.api.metrics import UPLOAD_BATCH_SIZE
 from moderation.auth.models import Role
 from moderation.screening import service
 from moderation.screening.models import Upload
@@ -204,6 +205,7 @@ def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBat
             status.HTTP_409_CONFLICT,
             {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
         ) from None
+    UPLOAD_BATCH_SIZE.observe(len(events))
     out = [
         UploadAccepted(upload_id=a.upload_id, external_id=e.external_id, created=a.created)
         for a, e in zip(accepted, events, strict=True)

@@ -136,7 +136,8 @@ class Hit(IdMixin, Base):
         default=ReviewStatus.PENDING,
         server_default=ReviewStatus.PENDING.value,
     )
-    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Indexed for /metrics, which counts the last hour's decisions at every scrape.
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     # The reviewer's name (an API key's name, or `cli:<user>`).
     reviewed_by: Mapped[str | None] = mapped_column(String(200))
     review_note: Mapped[str | None] = mapped_column(Text)

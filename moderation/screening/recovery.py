@@ -85,6 +85,13 @@ def beat(session: Session, name: str) -> None:
     )
 
 
+def live_workers(session: Session, dead_after_s: float) -> int:
+    """Workers that are running: a heartbeat within `dead_after_s`, and no clean stop."""
+    cutoff = func.now() - _seconds(timedelta(seconds=dead_after_s))
+    query = select(func.count()).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)
+    return session.scalar(query) or 0
+
+
 def mark_stopped(session: Session, name: str) -> None:
     session.execute(update(Worker).where(Worker.name == name).values(stopped_at=func.now()))
 

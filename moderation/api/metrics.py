@@ -1,0 +1,223 @@
+"""`/metrics`: Prometheus metrics of the service as a whole, read at scrape time.
+
+PostgreSQL holds the truth (uploads, hits, decisions), so the API reads it when scraped
+rather than counting in one process of many. Each scrape is a handful of bounded queries,
+each on an index: uploads waiting or in progress (the backlog), and what finished,
+failed, hit or was decided within the last `WINDOW` (by `updated_at`, `created_at` and
+`reviewed_at`), never a count over whole tables; plus the length of the broker queue in
+Redis. Counts over the window are gauges: `rate()` does not apply, read them as they are.
+
+Submission batch sizes are observed in this process as requests arrive (a histogram per
+API process; with `--workers` above 1 each scrape sees the process that answered it).
+Names share the `moderation_` prefix with the worker's own metrics (`moderation.metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Float, cast, func, select, text
+from sqlalchemy.orm import Session
+
+from moderation.api.access import public
+from moderation.api.health import CHECK_TIMEOUT_S, redis_client
+from moderation.config import get_settings
+from moderation.db import session_scope
+from moderation.screening.models import Hit, ReviewStatus, Upload, UploadStatus
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+WINDOW = timedelta(hours=1)
+# Seconds from acceptance to verdict: most uploads take well under a second on a worker
+# that keeps up; the long tail is retries with backoff.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+REGISTRY = CollectorRegistry()
+
+UPLOAD_BATCH_SIZE = Histogram(
+    "moderation_upload_batch_size",
+    "Uploads per POST /v1/uploads request accepted by this API process",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+    registry=REGISTRY,
+)
+
+
+def _window() -> object:
+    return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, WINDOW.total_seconds())
+
+
+class ServiceCollector(Collector):
+    """Reads PostgreSQL and Redis at each scrape. A source that is down is reported as
+    `moderation_metrics_source_up 0` and its metrics left out, never a failed scrape."""
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "moderation_metrics_source_up",
+            "Whether this scrape could read the source (1) or not (0)",
+            labels=["source"],
+        )
+        try:
+            with session_scope() as session:
+                session.execute(
+                    text(f"SET LOCAL statement_timeout = {int(CHECK_TIMEOUT_S * 1000)}")
+                )
+                families = list(_database_metrics(session))
+            yield from families
+            up.add_metric(["postgresql"], 1)
+        except Exception:
+            logger.warning("metrics: PostgreSQL could not be read", exc_info=True)
+            up.add_metric(["postgresql"], 0)
+        try:
+            yield _queue_depth()
+            up.add_metric(["redis"], 1)
+        except Exception:
+            logger.warning("metrics: Redis could not be read", exc_info=True)
+            up.add_metric(["redis"], 0)
+        yield up
+
+
+def _database_metrics(session: Session) -> Iterable[Metric]:
+    since = _window()
+    window = f"{WINDOW.total_seconds():g} s"
+
+    backlog = GaugeMetricFamily(
+        "moderation_uploads_in_progress",
+        "Uploads queued or being screened now",
+        labels=["status"],
+    )
+    counts = {
+        key: n
+        for key, n in session.execute(
+            select(Upload.status, func.count())
+            .where(Upload.status.in_((UploadStatus.QUEUED, UploadStatus.PROCESSING)))
+            .group_by(Upload.status)
+        )
+    }
+    for status in (UploadStatus.QUEUED, UploadStatus.PROCESSING):
+        backlog.add_metric([status.value], counts.get(status, 0))
+    yield backlog
+
+    finished = GaugeMetricFamily(
+        "moderation_uploads_finished_recently",
+        f"Uploads screened or failed within the last {window}",
+        labels=["status"],
+    )
+    counts = {
+        key: n
+        for key, n in session.execute(
+            select(Upload.status, func.count())
+            .where(
+                Upload.status.in_((UploadStatus.SCREENED, UploadStatus.FAILED)),
+                Upload.updated_at >= since,
+            )
+            .group_by(Upload.status)
+        )
+    }
+    for status in (UploadStatus.SCREENED, UploadStatus.FAILED):
+        finished.add_metric([status.value], counts.get(status, 0))
+    yield finished
+
+    failures = GaugeMetricFamily(
+        "moderation_upload_failures_recently",
+        f"Uploads failed within the last {window}, by error code",
+        labels=["code"],
+    )
+    for code, n in session.execute(
+        select(Upload.error_code, func.count())
+        .where(Upload.status == UploadStatus.FAILED, Upload.updated_at >= since)
+        .group_by(Upload.error_code)
+    ):
+        failures.add_metric([code or "unknown"], n)
+    yield failures
+
+    yield _latency(session, since, window)
+
+    hits = GaugeMetricFamily(
+        "moderation_hits_recently",
+        f"Hits found within the last {window}, by signal",
+        labels=["signal"],
+    )
+    for signal, n in session.execute(
+        select(Hit.signal, func.count()).where(Hit.created_at >= since).group_by(Hit.signal)
+    ):
+        hits.add_metric([signal.value], n)
+    yield hits
+
+    pending = GaugeMetricFamily(
+        "moderation_hits_pending_review", "Hits waiting for a reviewer's decision now"
+    )
+    pending.add_metric(
+        [],
+        session.scalar(select(func.count()).where(Hit.review_status == ReviewStatus.PENDING)) or 0,
+    )
+    yield pending
+
+    decisions = GaugeMetricFamily(
+        "moderation_review_decisions_recently",
+        f"Hits decided within the last {window}, by outcome",
+        labels=["outcome"],
+    )
+    decided = {
+        key: n
+        for key, n in session.execute(
+            select(Hit.review_status, func.count())
+            .where(Hit.reviewed_at >= since, Hit.review_status != ReviewStatus.PENDING)
+            .group_by(Hit.review_status)
+        )
+    }
+    for outcome in (ReviewStatus.CONFIRMED, ReviewStatus.DISMISSED, ReviewStatus.ESCALATED):
+        decisions.add_metric([outcome.value], decided.get(outcome, 0))
+    yield decisions
+
+
+def _latency(session: Session, since: object, window: str) -> Metric:
+    """From acceptance (`created_at`) to verdict, of the uploads screened in the window:
+    one pass that counts each bucket in SQL, so no row leaves the database."""
+    seconds = cast(func.extract("epoch", Upload.finished_at - Upload.created_at), Float)
+    columns = [func.count().filter(seconds <= bound) for bound in LATENCY_BUCKETS]
+    row = session.execute(
+        select(*columns, func.count(), func.coalesce(func.sum(seconds), 0.0)).where(
+            Upload.status == UploadStatus.SCREENED,
+            Upload.updated_at >= since,
+            Upload.finished_at.is_not(None),
+        )
+    ).one()
+    *cumulative, total, total_seconds = row
+    buckets = [(str(bound), n) for bound, n in zip(LATENCY_BUCKETS, cumulative, strict=True)]
+    buckets.append(("+Inf", total))
+    return GaugeHistogramMetricFamily(
+        "moderation_screening_latency_seconds",
+        f"Seconds from an upload's acceptance to its verdict, for uploads screened within "
+        f"the last {window}",
+        buckets=buckets,
+        gsum_value=float(total_seconds),
+    )
+
+
+def _queue_depth() -> Metric:
+    settings = get_settings()
+    depth = GaugeMetricFamily(
+        "moderation_queue_messages",
+        "Screening messages waiting on the broker queue (each names up to 16 uploads)",
+        labels=["queue"],
+    )
+    depth.add_metric([settings.queue], redis_client(settings.redis_url).llen(settings.queue))
+    return depth
+
+
+REGISTRY.register(ServiceCollector())
+
+
+@router.get("/metrics", openapi_extra=public(), response_class=Response)
+def metrics() -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
