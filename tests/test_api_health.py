@@ -10,7 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import delete, func, update
+from sqlalchemy import func, update
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
@@ -20,20 +20,10 @@ from moderation.images.signals import SignalType
 from moderation.screening import service as screening
 from moderation.screening.models import Hit, ReviewStatus, Upload, UploadStatus, Worker
 from tests.api_fixtures import api, bearer, keys
+from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write
 
-__all__ = ["api", "keys"]
-
-
-@pytest.fixture
-def live_worker() -> Iterator[str]:
-    """A worker row with a fresh heartbeat, as `moderation worker` keeps one."""
-    name = f"readyz-test-{uuid.uuid4().hex[:8]}"
-    with session_scope() as session:
-        session.add(Worker(name=name, hostname="test", pid=1))
-    yield name
-    with session_scope() as session:
-        session.execute(delete(Worker).where(Worker.name == name))
+__all__ = ["api", "keys", "live_worker"]
 
 
 def test_ready_with_postgresql_redis_and_a_live_worker(api: TestClient, live_worker: str) -> None:
