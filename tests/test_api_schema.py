@@ -9,6 +9,8 @@ odd JSON), not against everything property-based testing could find with more ti
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
@@ -33,5 +35,5 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
     suppress_health_check=list(HealthCheck),
 )
 @pytest.mark.usefixtures("live_worker")  # else /readyz answers its documented 503
-def test_no_request_is_a_server_error(case: schemathesis.Case, keys: dict[Role, str]) -> None:
+def test_no_request_is_a_server_error(case: schemathesis.Case[Any], keys: dict[Role, str]) -> None:
     case.call_and_validate(headers=bearer(keys[Role.ADMIN]), checks=[not_a_server_error])
