@@ -1,0 +1,263 @@
+"""Uploads accepted per second by `POST /v1/uploads`, against a plain INSERT of the same rows.
+
+    python bench/api.py                      # batches of 1 and of 100, one client
+    python bench/api.py --clients 4          # four clients at once, for both sides
+    python bench/api.py --requests 2000
+
+The API runs as production runs it: `moderation api` (uvicorn) in a subprocess, over a
+database of its own (MODERATION_BENCH_DATABASE_URL, default moderation_bench_api, created
+and migrated) and a Redis queue of its own that no worker consumes (deleted afterwards).
+Each request carries uploads with an external id, an https URI on a literal public address
+(checked by the fetch policy without DNS) and a little metadata, with a submitter's key.
+
+The baseline, in the same run: the same rows by a plain multi-row `INSERT INTO uploads`
+(psycopg2, one statement and one commit per batch, the same number of clients), which is
+what accepting an upload cannot be faster than. The API does that insert too, plus
+authentication, the URI checks, the idempotency lookup, publishing the messages to Redis
+after commit, and HTTP and JSON.
+
+Reported per batch size: uploads accepted per second, the ratio API / plain insert
+(target for batches of 100: >= 0.5), and per-request p50 and p99 latency. Printed, and
+written to bench/results/api.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+import psycopg2.extras
+import redis
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_api"
+BENCH_REDIS = "redis://127.0.0.1:6379/0"
+BATCHES = (1, 100)
+# Requests before timing, per batch size: connections warm, statements prepared.
+WARMUP = 20
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=1, help="Concurrent clients.")
+    parser.add_argument(
+        "--requests", type=int, default=600, help="Timed requests for batches of 1."
+    )
+    parser.add_argument(
+        "--uploads", type=int, default=20_000, help="Timed uploads for batches of 100."
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/api.json")
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def prepare_database(url: str) -> None:
+    from moderation import schema
+
+    schema.upgrade(url)
+
+
+def submitter_key(url: str) -> str:
+    from moderation.auth import service as auth
+    from moderation.auth.models import Role
+    from moderation.db import session_scope
+
+    with session_scope(url) as session:
+        _, secret = auth.create_key(session, role=Role.SUBMITTER, name="bench", actor="bench")
+    return secret
+
+
+class Uploads:
+    """Upload events unique to this run, handed out in batches."""
+
+    def __init__(self) -> None:
+        self._run = uuid.uuid4().hex[:12]
+        self._next = 0
+
+    def batch(self, size: int) -> list[dict[str, Any]]:
+        start, self._next = self._next, self._next + size
+        return [
+            {
+                "uri": f"https://93.184.215.14/bench/{self._run}/{i}.jpg",
+                "external_id": f"bench-{self._run}-{i}",
+                "metadata": {"user": i % 1000, "surface": "bench"},
+            }
+            for i in range(start, start + size)
+        ]
+
+
+def timed(
+    send: Callable[[list[dict[str, Any]]], None],
+    uploads: Uploads,
+    batch: int,
+    requests: int,
+    clients: int,
+) -> dict[str, Any]:
+    """Send `requests` batches from `clients` threads; throughput and latency."""
+    for _ in range(WARMUP):
+        send(uploads.batch(batch))
+    batches = [uploads.batch(batch) for _ in range(requests)]
+    latencies: list[float] = []
+
+    def one(rows: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        send(rows)
+        latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, batches))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "batch": batch,
+        "requests": requests,
+        "uploads_per_s": round(requests * batch / elapsed, 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
+    }
+
+
+def api_sender(base_url: str, key: str, clients: int) -> Callable[[list[dict[str, Any]]], None]:
+    client = httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {key}"},
+        limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients),
+        timeout=60,
+    )
+
+    def send(rows: list[dict[str, Any]]) -> None:
+        body = rows[0] if len(rows) == 1 else {"uploads": rows}
+        response = client.post("/v1/uploads", json=body)
+        if response.status_code != 202:
+            raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+
+    return send
+
+
+def insert_sender(url: str) -> Callable[[list[dict[str, Any]]], None]:
+    """The baseline: one multi-row INSERT and one commit per batch, a connection per thread."""
+    target = make_url(url)
+    dsn = target.set(drivername="postgresql").render_as_string(hide_password=False)
+    import threading
+
+    local = threading.local()
+
+    def send(rows: list[dict[str, Any]]) -> None:
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = psycopg2.connect(dsn)
+        with connection.cursor() as cursor:
+            psycopg2.extras.execute_values(
+                cursor,
+                "INSERT INTO uploads (uri, external_id, status, enqueued_at, metadata, attempts)"
+                " VALUES %s",
+                [(r["uri"], r["external_id"], "queued", json.dumps(r["metadata"])) for r in rows],
+                template="(%s, %s, %s, now(), %s::jsonb, 0)",
+                page_size=len(rows),
+            )
+        connection.commit()
+
+    return send
+
+
+def start_api(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moderation", "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode() if process.stderr else "api died")
+    process.kill()
+    raise RuntimeError("the API did not answer /healthz within 60 s")
+
+
+def main() -> None:
+    args = parse_args()
+    database = os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE)
+    redis_url = os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS)
+    queue = f"bench-api-{uuid.uuid4().hex[:8]}"
+    prepare_database(database)
+    key = submitter_key(database)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODERATION_DATABASE_URL": database,
+        "MODERATION_REDIS_URL": redis_url,
+        "MODERATION_QUEUE": queue,
+        "MODERATION_ALLOWED_URI_PREFIXES": "https://",
+    }
+    api = start_api(port, env)
+    uploads = Uploads()
+    results: dict[str, Any] = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "clients": args.clients,
+        "batches": [],
+    }
+    try:
+        send_api = api_sender(f"http://127.0.0.1:{port}", key, args.clients)
+        send_insert = insert_sender(database)
+        for batch in BATCHES:
+            requests = args.requests if batch == 1 else max(1, args.uploads // batch)
+            plain = timed(send_insert, uploads, batch, requests, args.clients)
+            through_api = timed(send_api, uploads, batch, requests, args.clients)
+            ratio = through_api["uploads_per_s"] / plain["uploads_per_s"]
+            results["batches"].append(
+                {
+                    "batch": batch,
+                    "api": through_api,
+                    "plain_insert": plain,
+                    "ratio": round(ratio, 3),
+                }
+            )
+            print(
+                f"batch {batch:>3}: API {through_api['uploads_per_s']:>8.1f} uploads/s "
+                f"(p50 {through_api['p50_ms']:.1f} ms, p99 {through_api['p99_ms']:.1f} ms)   "
+                f"plain INSERT {plain['uploads_per_s']:>8.1f} rows/s "
+                f"(p50 {plain['p50_ms']:.1f} ms, p99 {plain['p99_ms']:.1f} ms)   "
+                f"ratio {ratio:.2f}"
+            )
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+        redis.Redis.from_url(redis_url).delete(queue)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
