@@ -3,6 +3,7 @@
     python bench/api.py                      # batches of 1 and of 100, one client
     python bench/api.py --clients 4          # four clients at once, for both sides
     python bench/api.py --requests 2000
+    python bench/api.py --clients 8 --api-workers 4   # a fleet of producers, more cores
 
 The API runs as production runs it: `moderation api` (uvicorn) in a subprocess, over a
 database of its own (MODERATION_BENCH_DATABASE_URL, default moderation_bench_api, created
@@ -31,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,10 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg2
-import psycopg2.extras
 import redis
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_api"
@@ -57,6 +56,9 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, default=1, help="Concurrent clients.")
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="Server processes (`moderation api --workers`)."
+    )
     parser.add_argument(
         "--requests", type=int, default=600, help="Timed requests for batches of 1."
     )
@@ -160,33 +162,35 @@ def api_sender(base_url: str, key: str, clients: int) -> Callable[[list[dict[str
 
 def insert_sender(url: str) -> Callable[[list[dict[str, Any]]], None]:
     """The baseline: one multi-row INSERT and one commit per batch, a connection per thread."""
-    target = make_url(url)
-    dsn = target.set(drivername="postgresql").render_as_string(hide_password=False)
-    import threading
+    from sqlalchemy import create_engine
 
+    engine = create_engine(url, pool_size=32)
     local = threading.local()
 
     def send(rows: list[dict[str, Any]]) -> None:
         connection = getattr(local, "connection", None)
         if connection is None:
-            connection = local.connection = psycopg2.connect(dsn)
-        with connection.cursor() as cursor:
-            psycopg2.extras.execute_values(
-                cursor,
-                "INSERT INTO uploads (uri, external_id, status, enqueued_at, metadata, attempts)"
-                " VALUES %s",
-                [(r["uri"], r["external_id"], "queued", json.dumps(r["metadata"])) for r in rows],
-                template="(%s, %s, %s, now(), %s::jsonb, 0)",
-                page_size=len(rows),
-            )
+            connection = local.connection = engine.raw_connection()
+        values = ", ".join(["(%s, %s, 'queued', now(), %s::jsonb, 0)"] * len(rows))
+        parameters = [
+            value for r in rows for value in (r["uri"], r["external_id"], json.dumps(r["metadata"]))
+        ]
+        cursor = connection.cursor()
+        cursor.execute(
+            "INSERT INTO uploads (uri, external_id, status, enqueued_at, metadata, attempts) "
+            f"VALUES {values}",
+            parameters,
+        )
+        cursor.close()
         connection.commit()
 
     return send
 
 
-def start_api(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_api(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "moderation", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "moderation", *command],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -219,12 +223,13 @@ def main() -> None:
         "MODERATION_QUEUE": queue,
         "MODERATION_ALLOWED_URI_PREFIXES": "https://",
     }
-    api = start_api(port, env)
+    api = start_api(port, args.api_workers, env)
     uploads = Uploads()
     results: dict[str, Any] = {
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "clients": args.clients,
+        "api_workers": args.api_workers,
         "batches": [],
     }
     try:
