@@ -13,8 +13,10 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,9 @@ def test_every_service_has_an_image_or_a_build() -> None:
 
 
 def test_the_expected_services_are_there() -> None:
-    assert {"postgres", "redis", "migrate", "worker", "demo"} <= SERVICES.keys()
+    assert {"postgres", "redis", "migrate", "worker", "api", "demo"} <= SERVICES.keys()
     assert set(ONE_SHOT) == {"migrate", "demo"}
-    assert set(BUILT) == {"migrate", "worker", "demo"}
+    assert set(BUILT) == {"migrate", "worker", "api", "demo"}
 
 
 @pytest.mark.parametrize("name", BUILT)
@@ -245,6 +247,44 @@ def test_services_run_only_commands_the_cli_has(name: str) -> None:
             assert sub is not None, f"{name}: no command `moderation {' '.join([*path, word])}`"
             group, path = sub, [*path, word]
         assert path, words
+
+
+def test_the_api_listens_on_every_address_after_the_migration() -> None:
+    api = SERVICES["api"]
+    assert api["command"] == ["moderation", "api", "--host", "0.0.0.0"]
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+
+
+def test_the_api_healthcheck_passes_against_a_running_api(tmp_path: Path) -> None:
+    """The healthcheck as compose runs it, against `moderation api` started as the service
+    starts it (on a free port here, where 8000 may be taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [*SERVICES["api"]["command"], "--port", str(port)]
+    env = {**os.environ, **TEST_ENV}
+    log = (tmp_path / "api.log").open("wb")
+    api = subprocess.Popen(
+        [sys.executable, "-m", *command], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    check = [part.replace("8000", str(port)) for part in SERVICES["api"]["healthcheck"]["test"][1:]]
+    check[0] = sys.executable if check[0] == "python" else check[0]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            checked = subprocess.run(check, capture_output=True, text=True)
+            if checked.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert checked.returncode == 0, (tmp_path / "api.log").read_text()
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+        log.close()
+    # Nothing answers any more: the check fails.
+    assert subprocess.run(check, capture_output=True).returncode != 0
 
 
 def test_the_worker_is_healthy_only_when_it_answers_over_the_broker() -> None:
