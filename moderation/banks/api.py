@@ -263,8 +263,17 @@ def add_image_entry(
             413,
             f"the image is larger than MODERATION_MAX_BYTES ({settings.max_bytes} bytes)",
         )
-    with _EMBED_LOCK:
-        embedder = _embedder()
+    try:
+        with _EMBED_LOCK:
+            embedder = _embedder()
+    except OSError as error:
+        # Not the caller's fault, and likely to last: say which model and why.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the embedding model {settings.resolved_model()!r} could not be loaded "
+            f"({type(error).__name__}); set MODERATION_MODEL to a checkpoint this host has, "
+            "or add entries by hash (POST .../entries)",
+        ) from None
     model = get_or_create_model(session, embedder.name, embedder.dim)
     try:
         with _EMBED_LOCK:
