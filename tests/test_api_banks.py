@@ -341,3 +341,15 @@ def test_who_may_read_and_change_banks(
             assert status == 200, (role, status)
         else:
             assert status == 403, (role, status)
+
+
+def test_bank_create_and_add_on_the_command_line_are_audited(clean_db: None) -> None:
+    runner = CliRunner()
+    assert runner.invoke(main, ["bank", "create", "csam-known"]).exit_code == 0
+    added = runner.invoke(main, ["bank", "add", "csam-known", "--sha256", SHA_A])
+    assert added.exit_code == 0, added.output
+    (created,) = _audit("bank.create")
+    (entries,) = _audit("bank.entries.add")
+    assert created.actor.startswith("cli:")
+    assert entries.after is not None
+    assert (entries.after["how"], entries.after["count"]) == ("cli", 1)
