@@ -3,12 +3,17 @@ Redis, and through a real worker at the end."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -22,6 +27,7 @@ from moderation.images.hashing import sha256
 from moderation.screening.models import Upload
 from moderation.screening.worker_process import WorkerProcess
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
 from tests.queues import queued_uploads
 from tests.servers import tcp_listener
@@ -262,3 +268,59 @@ def test_an_upload_through_the_api_is_screened_and_its_hits_shown(
     assert hits["sha256"]["bank"] == "api-e2e"
     assert hits["sha256"]["distance"] == 0
     assert hits["sha256"]["review_status"] == "pending"
+
+
+def test_with_redis_down_the_upload_is_recorded_and_the_answer_says_so(
+    keys: dict[Role, str], tmp_path: Path
+) -> None:
+    """The API as production runs it, with its broker unreachable: the row commits first,
+    so the upload is kept for the sweeper, and the producer is told (503, not a 500)."""
+    port = _free_port()
+    env = {**os.environ, **TEST_ENV, "MODERATION_REDIS_URL": "redis://127.0.0.1:1/0"}
+    log = (tmp_path / "api.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moderation", "api", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{base}/healthz")
+        response = httpx.post(
+            f"{base}/v1/uploads",
+            json={"uri": _image(tmp_path, 50), "external_id": "redis-down"},
+            headers=bearer(keys[Role.SUBMITTER]),
+            timeout=30,
+        )
+        ready = httpx.get(f"{base}/readyz", timeout=30)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"]["code"] == "broker_unavailable"
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"].startswith("unreachable")
+    with session_scope() as session:
+        (upload,) = session.scalars(select(Upload)).all()
+    assert (upload.external_id, upload.status.value) == ("redis-down", "queued")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _wait_for(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)

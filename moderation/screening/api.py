@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moderation.api.access import DbSession, allow
@@ -172,6 +173,7 @@ class UploadList(BaseModel):
     responses={
         409: {"description": "An external id already names another event; nothing recorded."},
         422: {"description": "A URI is refused by the fetch policy; nothing recorded."},
+        503: {"description": "Recorded, but the broker is unreachable: sent later."},
     },
 )
 def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
@@ -204,6 +206,17 @@ def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBat
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
+        ) from None
+    except KombuOperationalError as error:
+        # After the commit: the uploads are recorded, only their messages are not sent.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            {
+                "code": "broker_unavailable",
+                "message": f"the uploads are recorded but Redis could not be reached ({error}); "
+                "workers' sweepers send them once it is back (after MODERATION_STUCK_AFTER_S). "
+                "Sending the same events again with their external ids is safe.",
+            },
         ) from None
     UPLOAD_BATCH_SIZE.observe(len(events))
     out = [
