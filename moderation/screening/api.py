@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.exceptions import RedisError
 
 from moderation.api.access import DbSession, allow
 from moderation.api.metrics import UPLOAD_BATCH_SIZE
@@ -207,8 +208,9 @@ def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBat
             status.HTTP_409_CONFLICT,
             {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
         ) from None
-    except KombuOperationalError as error:
-        # After the commit: the uploads are recorded, only their messages are not sent.
+    except (KombuOperationalError, RedisError) as error:
+        # After the commit: the uploads are recorded, only their messages are not sent (a
+        # batch of messages fails on its one round trip with Redis's own error).
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             {
