@@ -126,6 +126,7 @@ def test_entries_by_signal_are_added_listed_and_removed(
     added = response.json()["entries"]
     assert added[0]["sha256"] == SHA_A
     assert (added[1]["pdq"], added[1]["pdq_quality"]) == (PDQ_A, 90)
+    assert b"vault://case-17" not in response.content
     assert len(added[2]["embedding_models"]) == 1
     (event,) = _audit("bank.entries.add")
     assert event.after is not None
@@ -211,7 +212,12 @@ def test_an_image_becomes_an_entry_and_its_bytes_are_not_kept(
     assert entry["pdq"] is not None
     assert entry["pdq_quality"] is not None
     assert len(entry["embedding_models"]) == 1
-    assert entry["source_ref"] == "vault://case-18/bad.jpg"
+    # Where the source lives is kept for re-embedding, and never served.
+    assert entry["has_source_ref"] is True
+    assert b"vault://case-18" not in response.content
+    with session_scope() as session:
+        stored = session.get_one(BankEntry, entry["id"])
+        assert stored.source_ref == "vault://case-18/bad.jpg"
     broken = api.post(
         "/v1/banks/csam-known/entries/image",
         files={"image": ("bad.jpg", data[:300], "image/jpeg")},

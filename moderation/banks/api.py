@@ -107,7 +107,9 @@ class EntryOut(BaseModel):
     pdq_quality: int | None
     # Model ids this entry has an embedding for.
     embedding_models: list[int]
-    source_ref: str | None
+    # Whether the entry names where its source lives. The reference itself is never
+    # served: it points into restricted storage, which only re-embedding jobs read.
+    has_source_ref: bool
     added_by: str
     created_at: datetime
 
@@ -119,7 +121,7 @@ class EntryOut(BaseModel):
             pdq=entry.pdq.hex() if entry.pdq else None,
             pdq_quality=entry.pdq_quality,
             embedding_models=sorted(e.model_id for e in entry.embeddings),
-            source_ref=entry.source_ref,
+            has_source_ref=entry.source_ref is not None,
             added_by=entry.added_by,
             created_at=entry.created_at,
         )

@@ -279,7 +279,8 @@ def entry_state(entry: BankEntry) -> dict[str, Any]:
         "pdq": entry.pdq.hex() if entry.pdq else None,
         "pdq_quality": entry.pdq_quality,
         "models": sorted(e.model_id for e in entry.embeddings),
-        "source_ref": entry.source_ref,
+        # Where the source lives is restricted: the audit log says only that there was one.
+        "has_source_ref": entry.source_ref is not None,
         "added_by": entry.added_by,
     }
 
