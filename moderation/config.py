@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -120,6 +121,36 @@ class Settings(BaseSettings):
     worker_dead_after_s: float = Field(default=30.0, gt=0)
     # Where a worker serves its Prometheus metrics (/metrics on every address); unset: not.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # The analyst's similarity index (`moderation/search`). Provisional numbers, to be set
+    # from bench/search.py: exact (IndexFlatIP) below `search_exact_max` vectors, HNSW in
+    # memory up to `search_hnsw_max`, IVF above (PQ-compressed when `search_ivf_pq_m` > 0).
+    # Its search breadth (efSearch, nprobe) is the smallest that meets `search_recall_target`
+    # (recall@`search_recall_k` against exact search on held-out queries).
+    index_dir: Path = Path("var/index")
+    search_exact_max: int = Field(default=100_000, ge=0)
+    search_hnsw_max: int = Field(default=2_000_000, ge=0)
+    search_hnsw_m: int = Field(default=32, ge=4)
+    search_hnsw_ef_construction: int = Field(default=200, ge=8)
+    # IVF lists: unset means 4 * sqrt(n); trained on at most this many sampled vectors.
+    search_ivf_nlist: int | None = Field(default=None, ge=1)
+    search_ivf_pq_m: int = Field(default=0, ge=0)
+    search_train_sample: int = Field(default=200_000, ge=1000)
+    search_recall_target: float = Field(default=0.95, gt=0, le=1)
+    search_recall_k: int = Field(default=10, ge=1)
+    search_tuning_queries: int = Field(default=200, ge=10)
+    # Frames taken from the index before the exact rerank; filters that reject most of
+    # them widen this, and below `search_exact_scan_max` matching rows the filtered rows
+    # are scanned exactly instead.
+    search_candidates: int = Field(default=100, ge=1)
+    search_exact_scan_max: int = Field(default=20_000, ge=0)
+    # Long-lived processes (the API) read new embeddings this often; the CLI once per call.
+    search_tail_interval_s: float = Field(default=1.0, gt=0)
+    # The checkpoint passes an embedding id only once every transaction that could still
+    # commit a lower id has ended (see `search/follow.py`), and at least this long after.
+    search_commit_lag_s: float = Field(default=1.0, ge=0)
+    # A process that has added this many rows since the last snapshot writes a new one.
+    search_snapshot_every: int = Field(default=10_000, ge=1)
 
     @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
+from moderation.search.models import IndexEvaluation
 
 __all__ = [
     "ApiKey",
@@ -17,6 +18,7 @@ __all__ = [
     "Embedding",
     "EmbeddingModel",
     "Hit",
+    "IndexEvaluation",
     "Signal",
     "Upload",
     "Worker",

@@ -1,0 +1,267 @@
+"""Which Faiss index serves a corpus of a given size, built and tuned to a recall target.
+
+Pure functions over arrays: no database here. Vectors are L2-normalised float32, so inner
+product is cosine similarity and every index uses METRIC_INNER_PRODUCT.
+
+- exact (IndexFlatIP) below `exact_max` vectors: recall 1.0, and fast enough there;
+- HNSW (IndexHNSWFlat) up to `hnsw_max`: in memory, no training, efSearch tuned;
+- IVF above, flat or PQ-compressed lists, its coarse quantiser trained on a sample, with
+  nprobe tuned.
+
+"Tuned" means the smallest efSearch or nprobe whose recall@k, measured against exact search
+on held-out queries (stored vectors left out of the training sample), meets the target.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from moderation.config import Settings
+
+logger = logging.getLogger(__name__)
+
+# Vectors added to an index per call, so a progress bar moves and memory stays flat.
+ADD_CHUNK = 20_000
+# Faiss' own advice: at least 39 training points per IVF list.
+_TRAIN_POINTS_PER_LIST = 39
+# Scores within this of the k-th exact score count as found: two stored copies of one image
+# score the same, and either one is a correct answer.
+TIE_TOLERANCE = 1e-5
+
+
+class IndexKind(enum.StrEnum):
+    FLAT = "flat"
+    HNSW = "hnsw"
+    IVF_FLAT = "ivf_flat"
+    IVF_PQ = "ivf_pq"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The size thresholds and build parameters (settings `search_*`)."""
+
+    exact_max: int
+    hnsw_max: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    ivf_nlist: int | None
+    ivf_pq_m: int
+    train_sample: int
+    recall_target: float
+    recall_k: int
+    tuning_queries: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexPlan:
+        return cls(
+            exact_max=settings.search_exact_max,
+            hnsw_max=settings.search_hnsw_max,
+            hnsw_m=settings.search_hnsw_m,
+            hnsw_ef_construction=settings.search_hnsw_ef_construction,
+            ivf_nlist=settings.search_ivf_nlist,
+            ivf_pq_m=settings.search_ivf_pq_m,
+            train_sample=settings.search_train_sample,
+            recall_target=settings.search_recall_target,
+            recall_k=settings.search_recall_k,
+            tuning_queries=settings.search_tuning_queries,
+        )
+
+    def kind_for(self, size: int) -> IndexKind:
+        if size < self.exact_max:
+            return IndexKind.FLAT
+        if size < self.hnsw_max:
+            return IndexKind.HNSW
+        return IndexKind.IVF_PQ if self.ivf_pq_m > 0 else IndexKind.IVF_FLAT
+
+    def nlist_for(self, size: int) -> int:
+        wanted = self.ivf_nlist or int(4 * math.sqrt(size))
+        # Never more lists than the training sample can fill.
+        return max(1, min(wanted, min(size, self.train_sample) // _TRAIN_POINTS_PER_LIST))
+
+
+@dataclass
+class BuiltIndex:
+    index: faiss.Index
+    kind: IndexKind
+    # What `apply_parameters` needs to restore the search breadth after loading, and what
+    # an evaluation records: M, efConstruction, efSearch, nlist, nprobe, pq_m, tuned recall.
+    parameters: dict[str, Any]
+
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    pass
+
+
+def build_index(
+    vectors: np.ndarray,
+    plan: IndexPlan,
+    *,
+    seed: int = 0,
+    progress: Progress = _no_progress,
+) -> BuiltIndex:
+    """An index over `vectors` (n, d) of the kind their count calls for; label i is row i.
+    `progress` is called with the number of vectors added by each step."""
+    size, dim = vectors.shape
+    kind = plan.kind_for(size)
+    rng = np.random.default_rng(seed)
+    held_out = rng.choice(size, size=min(plan.tuning_queries, size), replace=False)
+    parameters: dict[str, Any] = {}
+    index: faiss.Index
+    if kind is IndexKind.FLAT:
+        index = faiss.IndexFlatIP(dim)
+    elif kind is IndexKind.HNSW:
+        index = faiss.IndexHNSWFlat(dim, plan.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = plan.hnsw_ef_construction
+        parameters |= {"M": plan.hnsw_m, "efConstruction": plan.hnsw_ef_construction}
+    else:
+        nlist = plan.nlist_for(size)
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind is IndexKind.IVF_PQ:
+            index = faiss.IndexIVFPQ(
+                quantizer, dim, nlist, plan.ivf_pq_m, 8, faiss.METRIC_INNER_PRODUCT
+            )
+            parameters["pq_m"] = plan.ivf_pq_m
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        parameters["nlist"] = nlist
+        # Trained without the held-out queries, so tuning does not measure on its training set.
+        pool = np.setdiff1d(np.arange(size), held_out)
+        train = rng.choice(pool, size=min(plan.train_sample, len(pool)), replace=False)
+        index.train(np.ascontiguousarray(vectors[np.sort(train)]))
+    for start in range(0, size, ADD_CHUNK):
+        chunk = vectors[start : start + ADD_CHUNK]
+        index.add(np.ascontiguousarray(chunk))
+        progress(len(chunk))
+    built = BuiltIndex(index, kind, parameters)
+    if kind is not IndexKind.FLAT:
+        tune_breadth(built, vectors, held_out, target=plan.recall_target, k=plan.recall_k)
+    return built
+
+
+def breadth_parameter(kind: IndexKind) -> str | None:
+    """The search-time knob that trades speed for recall, by kind."""
+    if kind is IndexKind.HNSW:
+        return "efSearch"
+    if kind in (IndexKind.IVF_FLAT, IndexKind.IVF_PQ):
+        return "nprobe"
+    return None
+
+
+def apply_parameters(built: BuiltIndex) -> None:
+    """Set the tuned breadth on a (loaded) index."""
+    name = breadth_parameter(built.kind)
+    if name is not None and name in built.parameters:
+        faiss.ParameterSpace().set_index_parameter(built.index, name, int(built.parameters[name]))
+
+
+def _breadth_values(built: BuiltIndex, k: int) -> list[int]:
+    if built.kind is IndexKind.HNSW:
+        values = [max(k, 16)]
+        while values[-1] < 4096:
+            values.append(values[-1] * 2)
+        return values
+    nlist = int(built.parameters["nlist"])
+    values = [1]
+    while values[-1] < nlist:
+        values.append(min(nlist, values[-1] * 2))
+    return values
+
+
+def tune_breadth(
+    built: BuiltIndex, vectors: np.ndarray, held_out: np.ndarray, *, target: float, k: int
+) -> float:
+    """Set the smallest efSearch or nprobe whose recall@k on the held-out queries meets
+    `target` (doubling, then bisecting between the last miss and the first hit); if none
+    does, the largest tried. Records the value and its recall in `built.parameters`."""
+    name = breadth_parameter(built.kind)
+    assert name is not None
+    queries = np.ascontiguousarray(vectors[held_out])
+    k = min(k, len(vectors))
+    exact_scores = exact_top_k(queries, vectors, k)[0]
+    space = faiss.ParameterSpace()
+
+    def recall_with(value: int) -> float:
+        space.set_index_parameter(built.index, name, value)
+        _, labels = built.index.search(queries, k)
+        return recall_of(labels, queries, vectors, exact_scores)
+
+    values = _breadth_values(built, k)
+    measured: dict[int, float] = {}
+    chosen = values[-1]
+    low = 0
+    for value in values:
+        measured[value] = recall_with(value)
+        if measured[value] >= target:
+            chosen = value
+            break
+        low = value
+    # Bisect between the last value that missed and the first that met the target.
+    while chosen - low > 1 and measured.get(chosen, 0.0) >= target:
+        middle = (low + chosen) // 2
+        measured[middle] = recall_with(middle)
+        if measured[middle] >= target:
+            chosen = middle
+        else:
+            low = middle
+    space.set_index_parameter(built.index, name, chosen)
+    recall = measured[chosen]
+    built.parameters |= {name: chosen, "tuned_recall": round(recall, 4), "tuned_k": k}
+    if recall < target:
+        logger.warning(
+            "%s reaches recall@%d %.3f at most (%s=%d), below the target %.2f; "
+            "raise search_ivf_pq_m or use IVF-Flat",
+            built.kind,
+            k,
+            recall,
+            name,
+            chosen,
+            target,
+        )
+    return recall
+
+
+def exact_top_k(
+    queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: (scores, row indices), each (q, k), best first."""
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(vectors), chunk):
+        scores = queries @ vectors[start : start + chunk].T
+        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_rows = np.concatenate([best_rows, rows], axis=1)
+        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(merged_scores, order, axis=1)
+        best_rows = np.take_along_axis(merged_rows, order, axis=1)
+    return best_scores, best_rows
+
+
+def recall_of(
+    labels: np.ndarray, queries: np.ndarray, vectors: np.ndarray, exact_scores: np.ndarray
+) -> float:
+    """Mean recall@k of approximate results `labels` (q, k; -1 for none), where a result
+    counts when its exact score reaches the k-th exact score (ties are equally right)."""
+    found = labels >= 0
+    scores = np.full(labels.shape, -np.inf, dtype=np.float32)
+    rows, slots = np.nonzero(found)
+    scores[rows, slots] = np.einsum("ij,ij->i", queries[rows], vectors[labels[rows, slots]])
+    return recall_from_scores(scores, exact_scores)
+
+
+def recall_from_scores(approximate_scores: np.ndarray, exact_scores: np.ndarray) -> float:
+    """Recall from the exact scores of the approximate results (q, k; -inf for none)."""
+    threshold = exact_scores[:, -1:] - TIE_TOLERANCE
+    hits = np.minimum((approximate_scores >= threshold).sum(axis=1), exact_scores.shape[1])
+    return float(hits.mean() / exact_scores.shape[1])
