@@ -14,6 +14,7 @@ from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
+from moderation.search.cli import index, search
 
 logger = logging.getLogger(__name__)
 
@@ -87,5 +88,19 @@ def demo() -> None:
     run_demo()
 
 
-for command in (api, apikey, bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
+for command in (
+    api,
+    apikey,
+    bank,
+    embed,
+    model,
+    submit,
+    resubmit,
+    hits,
+    uploads,
+    worker,
+    sweep,
+    search,
+    index,
+):
     main.add_command(command)

@@ -235,7 +235,8 @@ class ClipEmbedder:
         tokenizer = self._load_tokenizer()
         # The text tower's position table bounds the tokens; some tokenizers say more.
         longest = min(
-            int(tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+            int(tokenizer.model_max_length),
+            int(self.model.config.text_config.max_position_embeddings),
         )
         tokens = tokenizer(
             list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt"

@@ -31,16 +31,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, Row, select, text
 
 from moderation.embedding.models import Embedding
-from moderation.search.indexes import BuiltIndex, IndexKind, apply_parameters
+from moderation.search.indexes import BuiltIndex, IndexKind, apply_parameters, breadth_parameter
 from moderation.search.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _fetch(
                 Embedding.id
             )
         )
-        batches = (
+        batches: Iterator[list[Row[int, int, bytes]]] = (
             [row for row in partition if row[0] in wanted]
             for partition in result.partitions(_FETCH_CHUNK)
         )
@@ -261,25 +261,26 @@ class FollowedIndex:
             if self.size == 0:
                 empty = np.full((len(queries), 0), -1, dtype=np.int64)
                 return np.zeros(empty.shape, dtype=np.float32), empty, empty
-            scores, labels = self.built.index.search(
-                queries, breadth, params=self._widened(widen)
-            )
+            name = breadth_parameter(self.kind)
+            if widen > 1 and name is not None:
+                # Under the lock, so no other search sees the wider setting.
+                tuned = int(self.built.parameters[name])
+                widened = tuned * widen
+                if name == "nprobe":
+                    widened = min(widened, int(self.built.parameters["nlist"]))
+                space = faiss.ParameterSpace()
+                space.set_index_parameter(self.built.index, name, widened)
+                try:
+                    scores, labels = self.built.index.search(queries, breadth)
+                finally:
+                    space.set_index_parameter(self.built.index, name, tuned)
+            else:
+                scores, labels = self.built.index.search(queries, breadth)
             found = labels >= 0
             safe = np.where(found, labels, 0)
             embedding_ids = np.where(found, self.embedding_ids[safe], -1)
             upload_ids = np.where(found, self.upload_ids[safe], -1)
         return scores, embedding_ids, upload_ids
-
-    def _widened(self, widen: int) -> Any:
-        if widen <= 1:
-            return None
-        parameters = self.built.parameters
-        if self.kind is IndexKind.HNSW:
-            return faiss.SearchParametersHNSW(efSearch=int(parameters["efSearch"]) * widen)
-        if self.kind in (IndexKind.IVF_FLAT, IndexKind.IVF_PQ):
-            nprobe = min(int(parameters["nlist"]), int(parameters["nprobe"]) * widen)
-            return faiss.SearchParametersIVF(nprobe=nprobe)
-        return None
 
     def snapshot(self) -> Snapshot:
         """The index as it stands, for `write_snapshot`; call under `locked()`."""

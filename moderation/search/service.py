@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVarTuple
 
 import numpy as np
 from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.models import Bank, BankEntry
-from moderation.embedding.models import Embedding
+from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.search.follow import FollowedIndex
@@ -28,6 +29,7 @@ from moderation.search.indexes import exact_top_k, recall_from_scores
 from moderation.search.models import IndexEvaluation
 from moderation.search.rerank import Candidate, ExactReranker, Reranker, SearchQuery
 
+_Columns = TypeVarTuple("_Columns")
 # Widening stops after the frames taken, or the breadth multiplier, reach this many times
 # their default; an exact scan of the filtered rows finishes the job.
 _MAX_WIDENING = 64
@@ -119,7 +121,7 @@ def search(
     index: FollowedIndex,
     query: SearchQuery,
     k: int,
-    filters: Filters = Filters(),  # noqa: B008 - frozen, so one shared default is safe
+    filters: Filters = Filters(),
     *,
     candidates: int = 100,
     exact_scan_max: int = 20_000,
@@ -149,7 +151,7 @@ def search(
             return _results(session, ranked[:k])
 
 
-def _filtered(statement: Select[tuple[int]], filters: Filters) -> Select[tuple[int]]:
+def _filtered(statement: Select[*_Columns], filters: Filters) -> Select[*_Columns]:
     if not filters.active:
         return statement
     return statement.join(Upload, Upload.id == Embedding.upload_id).where(*filters.clauses())
@@ -160,19 +162,17 @@ def _count_filtered(session: Session, model_id: int, filters: Filters) -> int:
     return int(session.scalar(_filtered(statement, filters)) or 0)
 
 
-def _candidates(session: Session, embedding_ids: Sequence[int], filters: Filters) -> list[Candidate]:
+def _candidates(
+    session: Session, embedding_ids: Sequence[int], filters: Filters
+) -> list[Candidate]:
     if not embedding_ids:
         return []
     statement = select(
         Embedding.id, Embedding.upload_id, Embedding.frame_index, Embedding.vector
     ).where(Embedding.id.in_(embedding_ids))
-    if filters.active:
-        statement = statement.join(Upload, Upload.id == Embedding.upload_id).where(
-            *filters.clauses()
-        )
     return [
         Candidate(id_, upload_id, frame, vector_from_bytes(vector), 0.0)
-        for id_, upload_id, frame, vector in session.execute(statement)
+        for id_, upload_id, frame, vector in session.execute(_filtered(statement, filters))
     ]
 
 
@@ -197,13 +197,12 @@ def _exact_scan(
 ) -> list[Candidate]:
     """Every stored frame that passes the filters, scored exactly; the best frames of the
     top `breadth` uploads go to the reranker."""
-    statement = select(
-        Embedding.id, Embedding.upload_id, Embedding.frame_index, Embedding.vector
-    ).where(Embedding.model_id == model_id)
-    if filters.active:
-        statement = statement.join(Upload, Upload.id == Embedding.upload_id).where(
-            *filters.clauses()
-        )
+    statement = _filtered(
+        select(Embedding.id, Embedding.upload_id, Embedding.frame_index, Embedding.vector).where(
+            Embedding.model_id == model_id
+        ),
+        filters,
+    )
     best: dict[int, Candidate] = {}
     vector = query.vector.astype(np.float32)
     rows = session.execute(statement.execution_options(yield_per=_SCAN_CHUNK))
@@ -258,7 +257,12 @@ def _results(session: Session, ranked: Sequence[Candidate]) -> list[SearchResult
 
 
 def evaluate(
-    session: Session, index: FollowedIndex, *, queries: int = 200, k: int = 10, seed: int | None = None
+    session: Session,
+    index: FollowedIndex,
+    *,
+    queries: int = 200,
+    k: int = 10,
+    seed: int | None = None,
 ) -> IndexEvaluation:
     """Recall@k of the index against exact search over the same rows, with a sample of its
     stored vectors as queries; recorded as an `IndexEvaluation` (flushed, not committed).
@@ -278,7 +282,9 @@ def evaluate(
     )
     query_vectors = np.stack([vector_from_bytes(stored[i]) for i in sampled if i in stored])
     _, approximate, _ = index.search(query_vectors, k)
-    exact_scores, approximate_scores = _exact_pass(session, index, held, query_vectors, approximate, k)
+    exact_scores, approximate_scores = _exact_pass(
+        session, index, held, query_vectors, approximate, k
+    )
     evaluation = IndexEvaluation(
         model_id=index.model_id,
         index_kind=index.kind.value,
@@ -344,12 +350,8 @@ def evaluation_history(session: Session, model_id: int | None = None) -> list[In
 
 def latest_evaluations(session: Session) -> list[tuple[str, IndexEvaluation]]:
     """The newest evaluation of each model, with the model's name."""
-    from moderation.embedding.models import EmbeddingModel
-
     newest = (
-        select(func.max(IndexEvaluation.id))
-        .group_by(IndexEvaluation.model_id)
-        .scalar_subquery()
+        select(func.max(IndexEvaluation.id)).group_by(IndexEvaluation.model_id).scalar_subquery()
     )
     rows = session.execute(
         select(EmbeddingModel.name, IndexEvaluation)

@@ -59,9 +59,7 @@ def model_named(session: Session, name: str) -> EmbeddingModel:
 
 
 def count_embeddings(session: Session, model_id: int) -> int:
-    return int(
-        session.scalar(select(func.count()).where(Embedding.model_id == model_id)) or 0
-    )
+    return int(session.scalar(select(func.count()).where(Embedding.model_id == model_id)) or 0)
 
 
 def build(
@@ -113,8 +111,9 @@ def open_index(engine: Engine, model: EmbeddingModel, config: IndexSettings) -> 
     if snapshot is not None and (snapshot.model_name, snapshot.dim) == (model.name, model.dim):
         index = FollowedIndex.from_snapshot(snapshot, commit_lag_s=config.commit_lag_s)
     else:
-        logger.warning("no index snapshot for model %s under %s: building", model.name,
-                       config.directory)
+        logger.warning(
+            "no index snapshot for model %s under %s: building", model.name, config.directory
+        )
         index = build(engine, model, config)
         save(index, config)
     index.tail(engine)
