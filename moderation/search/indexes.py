@@ -9,7 +9,10 @@ product is cosine similarity and every index uses METRIC_INNER_PRODUCT.
   nprobe tuned.
 
 "Tuned" means the smallest efSearch or nprobe whose recall@k, measured against exact search
-on held-out queries (stored vectors left out of the training sample), meets the target.
+on held-out queries, meets the target. The queries are stored vectors held out of the
+training sample and out of the index until tuning is done, so they are as new to it as a
+real query: measured with stored vectors already inside, IVF-Flat on clustered data reached
+0.95 at an nprobe where new queries got 0.80, and HNSW 0.95 where they got 0.91.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -94,6 +97,9 @@ class BuiltIndex:
     # What `apply_parameters` needs to restore the search breadth after loading, and what
     # an evaluation records: M, efConstruction, efSearch, nlist, nprobe, pq_m, tuned recall.
     parameters: dict[str, Any]
+    # The row of the built-from array behind each label (label i is row order[i]); after
+    # loading from a snapshot, the label arrays are already in label order.
+    order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 Progress = Callable[[int], None]
@@ -110,43 +116,53 @@ def build_index(
     seed: int = 0,
     progress: Progress = _no_progress,
 ) -> BuiltIndex:
-    """An index over `vectors` (n, d) of the kind their count calls for; label i is row i.
-    `progress` is called with the number of vectors added by each step."""
+    """An index over `vectors` (n, d) of the kind their count calls for. Label i is row
+    `order[i]`: the held-out tuning queries are added last, after tuning, so that they
+    are new to the index while it is measured. `progress` gets the vectors added per step."""
     size, dim = vectors.shape
     kind = plan.kind_for(size)
     rng = np.random.default_rng(seed)
-    held_out = rng.choice(size, size=min(plan.tuning_queries, size), replace=False)
     parameters: dict[str, Any] = {}
     index: faiss.Index
     if kind is IndexKind.FLAT:
         index = faiss.IndexFlatIP(dim)
-    elif kind is IndexKind.HNSW:
+        _add(index, vectors, np.arange(size), progress)
+        return BuiltIndex(index, kind, parameters, np.arange(size))
+    held_out = np.sort(rng.choice(size, size=min(plan.tuning_queries, size // 10), replace=False))
+    rest = np.setdiff1d(np.arange(size), held_out)
+    if kind is IndexKind.HNSW:
         index = faiss.IndexHNSWFlat(dim, plan.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = plan.hnsw_ef_construction
         parameters |= {"M": plan.hnsw_m, "efConstruction": plan.hnsw_ef_construction}
     else:
-        nlist = plan.nlist_for(size)
+        nlist = plan.nlist_for(len(rest))
+        train = rng.choice(rest, size=min(plan.train_sample, len(rest)), replace=False)
         quantizer = faiss.IndexFlatIP(dim)
         if kind is IndexKind.IVF_PQ:
+            # 8-bit codes (256 centroids per sub-vector) need thousands of training points;
+            # a small sample gets fewer bits rather than a failed build.
+            bits = max(1, min(8, int(math.log2(len(train) / _TRAIN_POINTS_PER_LIST))))
             index = faiss.IndexIVFPQ(
-                quantizer, dim, nlist, plan.ivf_pq_m, 8, faiss.METRIC_INNER_PRODUCT
+                quantizer, dim, nlist, plan.ivf_pq_m, bits, faiss.METRIC_INNER_PRODUCT
             )
-            parameters["pq_m"] = plan.ivf_pq_m
+            parameters |= {"pq_m": plan.ivf_pq_m, "pq_bits": bits}
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         parameters["nlist"] = nlist
-        # Trained without the held-out queries, so tuning does not measure on its training set.
-        pool = np.setdiff1d(np.arange(size), held_out)
-        train = rng.choice(pool, size=min(plan.train_sample, len(pool)), replace=False)
         index.train(np.ascontiguousarray(vectors[np.sort(train)]))
-    for start in range(0, size, ADD_CHUNK):
-        chunk = vectors[start : start + ADD_CHUNK]
-        index.add(np.ascontiguousarray(chunk))
-        progress(len(chunk))
-    built = BuiltIndex(index, kind, parameters)
-    if kind is not IndexKind.FLAT:
-        tune_breadth(built, vectors, held_out, target=plan.recall_target, k=plan.recall_k)
+    _add(index, vectors, rest, progress)
+    built = BuiltIndex(index, kind, parameters, np.concatenate([rest, held_out]))
+    if len(held_out):
+        tune_breadth(built, vectors, rest, held_out, target=plan.recall_target, k=plan.recall_k)
+    _add(index, vectors, held_out, progress)
     return built
+
+
+def _add(index: faiss.Index, vectors: np.ndarray, rows: np.ndarray, progress: Progress) -> None:
+    for start in range(0, len(rows), ADD_CHUNK):
+        chunk = rows[start : start + ADD_CHUNK]
+        index.add(np.ascontiguousarray(vectors[chunk]))
+        progress(len(chunk))
 
 
 def breadth_parameter(kind: IndexKind) -> str | None:
@@ -179,22 +195,30 @@ def _breadth_values(built: BuiltIndex, k: int) -> list[int]:
 
 
 def tune_breadth(
-    built: BuiltIndex, vectors: np.ndarray, held_out: np.ndarray, *, target: float, k: int
+    built: BuiltIndex,
+    vectors: np.ndarray,
+    indexed: np.ndarray,
+    queries_at: np.ndarray,
+    *,
+    target: float,
+    k: int,
 ) -> float:
-    """Set the smallest efSearch or nprobe whose recall@k on the held-out queries meets
-    `target` (doubling, then bisecting between the last miss and the first hit); if none
-    does, the largest tried. Records the value and its recall in `built.parameters`."""
+    """Set the smallest efSearch or nprobe whose recall@k meets `target` for the query rows
+    `queries_at`, against exact search over the rows `indexed` (label i is `indexed[i]`):
+    doubling, then bisecting between the last miss and the first hit; if none meets it,
+    the largest tried. Records the value and its recall in `built.parameters`."""
     name = breadth_parameter(built.kind)
     assert name is not None
-    queries = np.ascontiguousarray(vectors[held_out])
-    k = min(k, len(vectors))
-    exact_scores = exact_top_k(queries, vectors, k)[0]
+    queries = np.ascontiguousarray(vectors[queries_at])
+    k = min(k, len(indexed))
+    exact_scores, _ = exact_top_k(queries, vectors, k, rows=indexed)
     space = faiss.ParameterSpace()
 
     def recall_with(value: int) -> float:
         space.set_index_parameter(built.index, name, value)
         _, labels = built.index.search(queries, k)
-        return recall_of(labels, queries, vectors, exact_scores)
+        rows = np.where(labels >= 0, indexed[np.maximum(labels, 0)], -1)
+        return recall_of(rows, queries, vectors, exact_scores)
 
     values = _breadth_values(built, k)
     measured: dict[int, float] = {}
@@ -232,16 +256,25 @@ def tune_breadth(
 
 
 def exact_top_k(
-    queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 100_000
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    rows: np.ndarray | None = None,
+    chunk: int = 100_000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: (scores, row indices), each (q, k), best first."""
+    """Exact top-k by inner product among `rows` of `vectors` (default all): (scores, row
+    indices), each (q, k), best first."""
+    if rows is None:
+        rows = np.arange(len(vectors))
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for start in range(0, len(vectors), chunk):
-        scores = queries @ vectors[start : start + chunk].T
-        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
+    for start in range(0, len(rows), chunk):
+        chunk_rows = rows[start : start + chunk]
+        scores = queries @ vectors[chunk_rows].T
+        chunk_rows = np.broadcast_to(chunk_rows, scores.shape)
         merged_scores = np.concatenate([best_scores, scores], axis=1)
-        merged_rows = np.concatenate([best_rows, rows], axis=1)
+        merged_rows = np.concatenate([best_rows, chunk_rows], axis=1)
         order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(merged_scores, order, axis=1)
         best_rows = np.take_along_axis(merged_rows, order, axis=1)

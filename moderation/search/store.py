@@ -80,8 +80,9 @@ def build(
         model_name=model.name,
         dim=model.dim,
         built=built,
-        embedding_ids=read.embedding_ids,
-        upload_ids=read.upload_ids,
+        # Label i is row order[i] of what was read (tuning queries are added last).
+        embedding_ids=read.embedding_ids[built.order],
+        upload_ids=read.upload_ids[built.order],
         # Nothing is settled yet: the checkpoint moves at a later tail (see `follow.py`).
         checkpoint=0,
         commit_lag_s=config.commit_lag_s,
