@@ -25,7 +25,7 @@ from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.search.follow import FollowedIndex
-from moderation.search.indexes import exact_top_k, recall_from_scores
+from moderation.search.indexes import recall_from_scores
 from moderation.search.models import IndexEvaluation
 from moderation.search.rerank import Candidate, ExactReranker, Reranker, SearchQuery
 
@@ -266,24 +266,36 @@ def evaluate(
 ) -> IndexEvaluation:
     """Recall@k of the index against exact search over the same rows, with a sample of its
     stored vectors as queries; recorded as an `IndexEvaluation` (flushed, not committed).
-    A result counts when its exact score reaches the k-th exact score, so equal copies are
-    interchangeable (see `indexes.recall_from_scores`)."""
+
+    Each query leaves its own row out of both result lists: a stored vector finds itself,
+    which says nothing about how the index answers a new query (and would flatter IVF,
+    whose lists always hold their own members). A result counts when its exact score
+    reaches the k-th exact score, so equal copies are interchangeable
+    (`indexes.recall_from_scores`)."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     held = index.embedding_ids.copy()
-    if len(held) == 0:
-        raise ValueError(f"the index of model {index.model_name!r} is empty: nothing to evaluate")
-    k = min(k, len(held))
+    if len(held) < 2:
+        raise ValueError(
+            f"the index of model {index.model_name!r} has {len(held)} vectors: too few to evaluate"
+        )
+    k = min(k, len(held) - 1)
     sampled = np.sort(rng.choice(held, size=min(queries, len(held)), replace=False))
-    stored = dict(
-        session.execute(
+    stored = {
+        id_: vector
+        for id_, vector in session.execute(
             select(Embedding.id, Embedding.vector).where(Embedding.id.in_(sampled.tolist()))
-        ).tuples()
-    )
-    query_vectors = np.stack([vector_from_bytes(stored[i]) for i in sampled if i in stored])
-    _, approximate, _ = index.search(query_vectors, k)
+        )
+    }
+    query_ids = np.array([i for i in sampled if i in stored], dtype=np.int64)
+    query_vectors = np.stack([vector_from_bytes(stored[i]) for i in query_ids])
+    _, found, _ = index.search(query_vectors, k + 1)
+    approximate = np.full((len(query_ids), k), -1, dtype=np.int64)
+    for row, (own, results) in enumerate(zip(query_ids, found, strict=True)):
+        others = results[results != own][:k]
+        approximate[row, : len(others)] = others
     exact_scores, approximate_scores = _exact_pass(
-        session, index, held, query_vectors, approximate, k
+        session, index, held, query_ids, query_vectors, approximate, k
     )
     evaluation = IndexEvaluation(
         model_id=index.model_id,
@@ -304,12 +316,14 @@ def _exact_pass(
     session: Session,
     index: FollowedIndex,
     held: np.ndarray,
+    query_ids: np.ndarray,
     queries: np.ndarray,
     approximate: np.ndarray,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One streamed pass over the rows the index holds: the exact top-k scores of every
-    query, and the exact scores of the approximate results (-inf where there was none)."""
+    query (its own row left out), and the exact scores of the approximate results (-inf
+    where there was none)."""
     held_sorted = np.sort(held)
     exact = np.full((len(queries), k), -np.inf, dtype=np.float32)
     approximate_scores = np.full(approximate.shape, -np.inf, dtype=np.float32)
@@ -328,9 +342,11 @@ def _exact_pass(
         ids, vectors = ids[inside], vectors[inside]
         if not len(ids):
             continue
-        chunk_scores, _ = exact_top_k(queries, vectors, min(k, len(ids)))
-        merged = np.concatenate([exact, chunk_scores], axis=1)
-        exact = -np.sort(-merged, axis=1)[:, :k]
+        scores = queries @ vectors.T
+        scores[ids[np.newaxis, :] == query_ids[:, np.newaxis]] = -np.inf
+        merged = np.concatenate([exact, scores], axis=1)
+        top = -np.partition(-merged, k - 1, axis=1)[:, :k]
+        exact = -np.sort(-top, axis=1)
         # The approximate results that lie in this chunk get their exact scores.
         positions = np.clip(np.searchsorted(ids, approximate), 0, len(ids) - 1)
         present = ids[positions] == approximate
@@ -358,4 +374,4 @@ def latest_evaluations(session: Session) -> list[tuple[str, IndexEvaluation]]:
         .join(EmbeddingModel, EmbeddingModel.id == IndexEvaluation.model_id)
         .where(IndexEvaluation.id.in_(newest))
     )
-    return [(name, evaluation) for name, evaluation in rows.tuples()]
+    return [(name, evaluation) for name, evaluation in rows]
