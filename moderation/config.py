@@ -126,8 +126,9 @@ class Settings(BaseSettings):
     # from bench/search.py: exact (IndexFlatIP) below `search_exact_max` vectors, HNSW in
     # memory up to `search_hnsw_max`, IVF above (PQ-compressed when `search_ivf_pq_m` > 0).
     # Its search breadth (efSearch, nprobe) is the smallest that meets `search_recall_target`
-    # (recall@`search_recall_k` against exact search on held-out queries).
-    index_dir: Path = Path("var/index")
+    # (recall@`search_recall_k` against exact search on held-out queries). Snapshots of the
+    # index live in `index_dir`, one file per model (relative paths: to the working directory).
+    index_dir: Path = Path(".moderation/index")
     search_exact_max: int = Field(default=100_000, ge=0)
     search_hnsw_max: int = Field(default=2_000_000, ge=0)
     search_hnsw_m: int = Field(default=32, ge=4)

@@ -31,12 +31,6 @@ def _errors() -> tuple[type[Exception], ...]:
     return (NoEmbeddings, UploadNotEmbedded, SnapshotUnreadable, IntakeError, ValueError)
 
 
-# How long `index rebuild` waits for the checkpoint to pass the rows it read (see
-# `follow.py`) before saving; a snapshot saved earlier is still correct, it only makes the
-# next start re-read the ids above its checkpoint.
-_SETTLE_S = 10.0
-
-
 def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
@@ -124,7 +118,14 @@ def _bar(length: int, label: str) -> Iterator[Any]:
 def rebuild(as_json: bool) -> None:
     """Build the configured model's index from the embeddings table, from scratch, and
     save it as the snapshot searches start from."""
-    from moderation.search.store import IndexSettings, build, count_embeddings, model_named, save
+    from moderation.search.store import (
+        IndexSettings,
+        build,
+        count_embeddings,
+        model_named,
+        save,
+        settle,
+    )
 
     settings = get_settings()
     config = IndexSettings.from_settings(settings)
@@ -138,12 +139,7 @@ def rebuild(as_json: bool) -> None:
             built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
     except _errors() as error:
         raise click.ClickException(str(error)) from None
-    # Let the checkpoint pass the rows just read, so the next start re-reads nothing.
-    settle_until = time.monotonic() + _SETTLE_S
-    target = built.pending[0].allocated if built.pending else 0
-    while built.checkpoint < target and time.monotonic() < settle_until:
-        time.sleep(0.25)
-        built.tail(engine)
+    settle(built, engine)
     path = save(built, config)
     summary = {
         "model": built.model_name,

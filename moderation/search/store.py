@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def save(index: FollowedIndex, config: IndexSettings) -> Path:
     return path
 
 
+def settle(index: FollowedIndex, engine: Engine, timeout_s: float = 10.0) -> bool:
+    """Tail until the checkpoint passes the rows of the first read (see `follow.py`), so a
+    snapshot saved now lets the next start re-read nothing; True if it did in time. A
+    snapshot saved before is still correct: the next start only re-reads more ids."""
+    target = index.pending[0].allocated if index.pending else 0
+    deadline = time.monotonic() + timeout_s
+    while index.checkpoint < target and time.monotonic() < deadline:
+        time.sleep(min(0.25, index.commit_lag_s + 0.05))
+        index.tail(engine)
+    return index.checkpoint >= target
+
+
 def open_index(engine: Engine, model: EmbeddingModel, config: IndexSettings) -> FollowedIndex:
     """The model's index from its snapshot plus the rows since (built and saved first if
     there is no usable snapshot)."""
@@ -116,6 +129,7 @@ def open_index(engine: Engine, model: EmbeddingModel, config: IndexSettings) -> 
             "no index snapshot for model %s under %s: building", model.name, config.directory
         )
         index = build(engine, model, config)
+        settle(index, engine)
         save(index, config)
     index.tail(engine)
     return index
