@@ -108,8 +108,10 @@ def index() -> None:
 
 @contextmanager
 def _bar(length: int, label: str) -> Iterator[Any]:
-    # On a terminal, a bar; elsewhere click prints the label once.
-    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+    # A bar on a terminal; nothing elsewhere (logs and pipes get the summary line).
+    with click.progressbar(
+        length=length, label=label, file=sys.stderr, hidden=not sys.stderr.isatty()
+    ) as bar:
         yield bar
 
 
