@@ -17,7 +17,9 @@ would skip 41 forever. So:
   allocated an id up to A has an xid below X (screening writes the upload row before its
   embeddings, so its transaction has an xid before it takes an id). A later tail whose
   snapshot's xmin is at least X sees every such transaction ended, so every row up to A is
-  visible to it or never will be: the checkpoint may become A. `search_commit_lag_s`
+  visible to it or never will be: the checkpoint may become A. (This needs the id
+  sequence's CACHE of 1, PostgreSQL's default for a serial column: with a larger cache a
+  session could use, later, ids it took before A was read.) `search_commit_lag_s`
   is a second guard for the one case the xid rule cannot see: a single INSERT that takes
   its id an instant before the transaction gets its xid.
 

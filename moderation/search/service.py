@@ -130,7 +130,7 @@ def search(
     """The k uploads most similar to the query that pass the filters, best first."""
     reranker = reranker or ExactReranker()
     breadth = max(candidates, k)
-    if filters.active and _count_filtered(session, index.model_id, filters) <= exact_scan_max:
+    if filters.active and _few_pass(session, index.model_id, filters, exact_scan_max):
         ranked = _exact_scan(session, index.model_id, query, filters, breadth, reranker)
         return _results(session, ranked[:k])
     frames, widen = breadth, 1
@@ -157,9 +157,14 @@ def _filtered(statement: Select[*_Columns], filters: Filters) -> Select[*_Column
     return statement.join(Upload, Upload.id == Embedding.upload_id).where(*filters.clauses())
 
 
-def _count_filtered(session: Session, model_id: int, filters: Filters) -> int:
-    statement = select(func.count(Embedding.id)).where(Embedding.model_id == model_id)
-    return int(session.scalar(_filtered(statement, filters)) or 0)
+def _few_pass(session: Session, model_id: int, filters: Filters, limit: int) -> bool:
+    """Whether at most `limit` stored frames pass the filters (counting no further)."""
+    passing = (
+        _filtered(select(Embedding.id).where(Embedding.model_id == model_id), filters)
+        .limit(limit + 1)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(passing)) or 0) <= limit
 
 
 def _candidates(
