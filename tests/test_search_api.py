@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 
+from moderation.api.app import create_app
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import embed_first_frame
 from moderation.images.decode import DecodeLimits
+from moderation.search.snapshot import read_snapshot
 from tests.api_fixtures import api, bearer, keys
 from tests.search_fixtures import add_hit, add_upload, index_dir, tiny_model, unit
 
@@ -128,3 +130,26 @@ def test_an_upload_screened_while_the_api_runs_is_found_within_seconds(
         assert time.monotonic() - screened_at < 10, "not searchable within 10 s"
         time.sleep(0.1)
     assert body["index_size"] == 21
+
+
+def test_stopping_the_api_saves_what_it_added(
+    index_dir: Path, keys: dict[Role, str], clean_db: None
+) -> None:
+    """A restart then re-reads nothing that the stopped process had already indexed."""
+    ids = _corpus(15)
+    analyst = bearer(keys[Role.ANALYST])
+    with TestClient(create_app()) as client:
+        assert client.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).is_success
+        with session_scope() as session:
+            new = add_upload(session, tiny_model(session), list(unit(np.random.default_rng(5))))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            body = client.get("/v1/search", params={"upload_id": new, "k": 1}, headers=analyst)
+            if body.json()["results"][0]["upload_id"] == new:
+                break
+            time.sleep(0.1)
+    with session_scope() as session:
+        model_id = tiny_model(session).id
+    snapshot = read_snapshot(index_dir, model_id)
+    assert snapshot is not None
+    assert sorted(snapshot.upload_ids.tolist()) == sorted([*ids, new])

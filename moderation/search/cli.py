@@ -171,6 +171,7 @@ def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
     queries, and record it (with the corpus size and index parameters)."""
     from moderation.search import service
     from moderation.search.runtime import SearchRuntime
+    from moderation.search.store import IndexSettings, outgrown_by
 
     settings = get_settings()
     runtime = SearchRuntime(settings, get_engine(), follow=False)
@@ -195,6 +196,8 @@ def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
         ["id", "created_at", "model_id", "index_kind", "corpus_size", "k", "recall"],
         empty="no evaluations",
     )
+    if note := outgrown_by(followed, IndexSettings.from_settings(settings).plan):
+        click.echo(note, err=True)
 
 
 def _evaluation_row(evaluation: Any) -> dict[str, Any]:

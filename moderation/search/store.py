@@ -135,6 +135,19 @@ def open_index(engine: Engine, model: EmbeddingModel, config: IndexSettings) -> 
     return index
 
 
+def outgrown_by(index: FollowedIndex, plan: IndexPlan) -> str | None:
+    """A note when the corpus has grown past the kind of index it was built as."""
+    wanted = plan.kind_for(index.size)
+    if wanted is index.kind:
+        return None
+    return (
+        f"the index of {index.model_name} holds {index.size} vectors, for which the settings "
+        f"call for {wanted.value}, but it was built as {index.kind.value}: run "
+        "`moderation index rebuild` (searches stay correct meanwhile; `moderation index "
+        "eval` shows its recall)"
+    )
+
+
 def save_if_due(index: FollowedIndex, config: IndexSettings) -> bool:
     if index.unsaved >= config.snapshot_every:
         save(index, config)
@@ -163,12 +176,16 @@ class Follower:
         return self
 
     def _run(self) -> None:
+        outgrown = False
         while not self._stop.wait(self.interval_s):
             try:
                 added = self.index.tail(self.engine)
                 if added:
                     logger.info("index of %s: %d new vectors", self.index.model_name, added)
                 save_if_due(self.index, self.config)
+                if not outgrown and (message := outgrown_by(self.index, self.config.plan)):
+                    outgrown = True
+                    logger.warning("%s", message)
             except Exception:
                 logger.exception("tailing the index of %s failed; retrying", self.index.model_name)
 
