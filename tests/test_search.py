@@ -366,3 +366,28 @@ def test_eval_of_an_approximate_index_records_its_parameters(
     assert 0.5 < evaluation.recall <= 1.0
     assert {"nlist", "nprobe", "tuned_recall"} <= evaluation.parameters.keys()
     assert evaluation.corpus_size == 300
+
+
+def test_a_build_streams_large_reads_and_keeps_labels_aligned(
+    clean_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads above the fetch chunk stream the table instead of naming ids; every label
+    still points at its own row (tuning queries are added last, out of id order)."""
+    from moderation.search import follow
+
+    monkeypatch.setattr(follow, "_FETCH_CHUNK", 25)
+    ids = _random_corpus(150)
+    with session_scope() as session:
+        model = tiny_model(session)
+        vectors = {
+            upload: np.frombuffer(vector, "<f4")
+            for upload, vector in session.execute(
+                select(Embedding.upload_id, Embedding.vector).where(Embedding.upload_id.in_(ids))
+            )
+        }
+    index = build(get_engine(), model, index_settings(tmp_path))
+    assert index.kind is IndexKind.HNSW
+    assert sorted(index.upload_ids.tolist()) == sorted(ids)
+    for upload in ids[::10]:
+        _, _, found = index.search(vectors[upload], 1)
+        assert found[0][0] == upload
