@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from transformers import AutoTokenizer
 
 from moderation.cli import main
 from moderation.config import get_settings
@@ -293,6 +295,17 @@ def test_a_text_query_goes_through_the_text_tower(clean_db: None, index_dir: Pat
     assert texts.shape == (2, DIM)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, rtol=1e-5)
     assert float(texts[0] @ texts[1]) < 0.999  # different words, different vectors
+    # The same vectors as CLIP's own joint forward pass gives for these texts: the text
+    # tower and its projection into the space the image embeddings live in.
+    tokens = AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR))(
+        ["red sports car", "a cat on a sofa"], padding=True, return_tensors="pt"
+    )
+    side = embedder.preprocess.crop_height
+    with torch.inference_mode():
+        joint = embedder.model(
+            **tokens, pixel_values=torch.zeros((1, 3, side, side)), return_dict=True
+        )
+    np.testing.assert_allclose(texts, joint.text_embeds.numpy(), atol=1e-5)
     _random_corpus(50)
     with session_scope() as session:
         model = tiny_model(session)

@@ -238,9 +238,12 @@ class ClipEmbedder:
             int(tokenizer.model_max_length),
             int(self.model.config.text_config.max_position_embeddings),
         )
-        tokens = tokenizer(
-            list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt"
-        )
+        # A fast tokenizer sets padding and truncation on its shared Rust state per call, and
+        # refuses ("Already borrowed") to be called from two threads at once.
+        with self._tokenizer_lock:
+            tokens = tokenizer(
+                list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt"
+            )
         with torch.inference_mode():
             output = self.model.get_text_features(
                 input_ids=tokens["input_ids"].to(self.device),
