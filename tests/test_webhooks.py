@@ -317,3 +317,56 @@ def test_screening_hits_are_announced_when_configured(
     kinds = session.scalars(select(WebhookEvent.event_type).order_by(WebhookEvent.id))
     assert list(kinds) == [EventType.HIT, EventType.DISMISSED]
     assert session.scalar(select(func.count()).select_from(WebhookAttempt)) == 0
+
+
+def test_the_compose_healthcheck_follows_a_real_sender(receiver: Receiver, tmp_path: Path) -> None:
+    from tests.test_compose import SERVICES
+
+    service = SERVICES["webhooks"]
+    alive = tmp_path / "webhooks.alive"
+    command = [str(alive) if word == "/tmp/webhooks.alive" else word for word in service["command"]]
+    health = (
+        service["healthcheck"]["test"][1]
+        .replace("$$", "$")
+        .replace("/tmp/webhooks.alive", str(alive))
+    )
+
+    def healthy() -> bool:
+        return subprocess.run(["sh", "-c", health], capture_output=True).returncode == 0
+
+    assert not healthy()
+    with (tmp_path / "sender.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *command], env={**os.environ, **TEST_ENV}, stdout=log, stderr=log
+        )
+    try:
+        _until(healthy)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+
+
+def test_decide_and_list_from_the_command_line(receiver: Receiver) -> None:
+    with session_scope() as session:
+        bank = make_bank(session, "b")
+        upload = make_upload(session)
+        first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
+        first_id, second_id = first.id, second.id
+    runner = CliRunner()
+    decided = runner.invoke(main, ["decide", str(second_id), "--confirm", "--note", "known"])
+    assert decided.exit_code == 0, decided.output
+    assert f"hit(s) {first_id}, {second_id} confirmed" in decided.output
+    again = runner.invoke(main, ["decide", str(first_id), "--confirm"])
+    assert "already confirmed" in again.output
+    refused = runner.invoke(main, ["decide", str(first_id), "--dismiss"])
+    assert refused.exit_code == 1
+    assert "already confirmed by cli:" in refused.output
+    assert runner.invoke(main, ["decide", str(first_id)]).exit_code == 2
+    listed = runner.invoke(main, ["webhooks", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "upload.confirmed" in listed.output
+    assert "1 pending, 0 delivered, 0 failed" in listed.output
+    sent = runner.invoke(main, ["webhooks", "send", "--once"])
+    assert sent.exit_code == 0, sent.output
+    assert "tried 1 event(s)" in sent.output
+    assert len(receiver.effects) == 1

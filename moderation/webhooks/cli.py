@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -25,7 +26,12 @@ def webhooks() -> None:
 
 @webhooks.command()
 @click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
-def send(once: bool) -> None:
+@click.option(
+    "--heartbeat-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Touch this file after every step that reached the database (for healthchecks).",
+)
+def send(once: bool, heartbeat_file: Path | None) -> None:
     """Deliver outbox events to MODERATION_WEBHOOK_URL until stopped (SIGTERM or Ctrl-C
     finish the delivery in hand). Run as many as you like."""
     try:
@@ -47,7 +53,7 @@ def send(once: bool) -> None:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         click.echo(f"webhook sender {sender.name}: delivering to {sender.url}")
-        sender.run(stop)
+        sender.run(stop, heartbeat_file)
     finally:
         sender.close()
 

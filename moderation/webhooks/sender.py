@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 
@@ -143,14 +144,19 @@ class Sender:
             )
         return True
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, heartbeat: Path | None = None) -> None:
         """Deliver until `stop` is set, finishing the delivery in hand. A database error is
-        logged and retried after the poll interval: the outbox keeps every event."""
+        logged and retried after the poll interval: the outbox keeps every event. The
+        heartbeat file, if given, is touched after every step that reached the database
+        (a container's healthcheck reads its age)."""
         while not stop.is_set():
             try:
                 busy = self.deliver_one()
             except Exception:
                 logger.exception("webhook sender: retrying after an error")
-                busy = False
+                stop.wait(self.settings.webhook_poll_s)
+                continue
+            if heartbeat is not None:
+                heartbeat.touch()
             if not busy:
                 stop.wait(self.settings.webhook_poll_s)
