@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
 from moderation.db import session_scope
+from moderation.review import service
 from tests.api_fixtures import api, bearer, keys
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 
@@ -77,11 +80,18 @@ def test_bad_queries_are_422_and_unknown_hits_404(api: TestClient, keys: dict[Ro
     naive = {"since": "2026-01-01T00:00:00"}
     assert api.get("/v1/hits", params=naive, headers=reviewer).status_code == 422
     assert api.get(f"/v1/hits/{2**63}", headers=reviewer).status_code == 422
+    # PostgreSQL text holds no NUL: a bad request, not a driver error.
+    assert api.get("/v1/hits", params={"bank": "a\x00b"}, headers=reviewer).status_code == 422
+    huge = service.encode_cursor(datetime.now(UTC), 2**63)
+    assert api.get("/v1/hits", params={"cursor": huge}, headers=reviewer).status_code == 422
     assert api.get("/v1/hits/999999", headers=reviewer).status_code == 404
     response = api.post("/v1/hits/999999/decision", json={"outcome": "confirm"}, headers=reviewer)
     assert response.status_code == 404
     response = api.post("/v1/hits/1/decision", json={"outcome": "maybe"}, headers=reviewer)
     assert response.status_code == 422
+    (hit_id,) = _hits(1)
+    nul = {"outcome": "confirm", "note": "a\x00b"}
+    assert api.post(f"/v1/hits/{hit_id}/decision", json=nul, headers=reviewer).status_code == 422
 
 
 def test_a_decision_over_http(api: TestClient, keys: dict[Role, str]) -> None:

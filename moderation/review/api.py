@@ -20,6 +20,8 @@ router = APIRouter(prefix="/v1/hits", tags=["review"])
 
 # Ids are PostgreSQL bigints: a larger number is no hit, not a database error.
 HitId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# PostgreSQL text cannot hold NUL: refused as a bad request, not failed in the driver.
+NO_NUL = r"^[^\x00]*$"
 
 READERS = allow(Role.REVIEWER, Role.ANALYST)
 
@@ -63,7 +65,7 @@ class HitPage(BaseModel):
 
 class DecisionIn(BaseModel):
     outcome: Outcome
-    note: str | None = Field(default=None, max_length=4000)
+    note: str | None = Field(default=None, max_length=4000, pattern=NO_NUL)
 
 
 class DecisionOut(BaseModel):
@@ -85,7 +87,7 @@ def list_hits(
         ReviewStatus | None, Query(alias="status", description="default: pending")
     ] = ReviewStatus.PENDING,
     any_status: Annotated[bool, Query(description="all statuses; overrides status")] = False,
-    bank: str | None = None,
+    bank: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     signal: SignalType | None = None,
     since: AwareDatetime | None = None,
     until: AwareDatetime | None = None,

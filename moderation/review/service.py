@@ -76,10 +76,10 @@ class AlreadyDecided(ValueError):
     """The hit has a final decision other than the one asked for."""
 
     def __init__(self, hit: Hit) -> None:
-        assert hit.review_status is not None
+        when = f" at {hit.reviewed_at:%Y-%m-%d %H:%M:%S %Z}" if hit.reviewed_at else ""
         super().__init__(
-            f"hit {hit.id} was already {hit.review_status.value} by {hit.reviewed_by} at "
-            f"{hit.reviewed_at:%Y-%m-%d %H:%M:%S %Z}; a final decision is not changed"
+            f"hit {hit.id} was already {hit.review_status.value} by "
+            f"{hit.reviewed_by or 'an unknown reviewer'}{when}; a final decision is not changed"
         )
         self.hit_id = hit.id
         self.status = hit.review_status
@@ -213,10 +213,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, hit_id = json.loads(raw)
         when = datetime.fromisoformat(created_at)
-        if when.tzinfo is None or not isinstance(hit_id, int):
+        if when.tzinfo is None or not isinstance(hit_id, int) or not 0 < hit_id < 2**63:
             raise InvalidCursor
         return when, hit_id
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as error:
+    except (binascii.Error, ValueError, TypeError, OverflowError) as error:
         raise InvalidCursor from error
 
 
