@@ -137,8 +137,8 @@ class Settings(BaseSettings):
     # A claimed event is hidden from other senders this long; a sender that dies mid-delivery
     # releases its events when the lease runs out. Longer than the timeout.
     webhook_lease_s: float = Field(default=60.0, gt=0)
-    # An event still undelivered this long after it was written is failed (visible in
-    # `moderation webhooks list --status failed`, sent again with `webhooks redeliver`).
+    # An event still undelivered this long after it was written (or redelivered) is failed
+    # (`moderation webhooks list --status failed`; `webhooks redeliver` revives it).
     webhook_give_up_after_s: float = Field(default=3 * 24 * 3600.0, gt=0)
     # How often an idle sender looks for due events.
     webhook_poll_s: float = Field(default=1.0, gt=0)

@@ -78,6 +78,11 @@ class WebhookEvent(IdMixin, Base):
     next_attempt_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # Since when the event has been waiting: its creation, or its last `redeliver`. It is
+    # failed `webhook_give_up_after_s` after this.
+    pending_since: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
     # The current claim; a sender records a failure only while its claim still holds.
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

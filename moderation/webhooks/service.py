@@ -214,7 +214,7 @@ def record_attempt(
         return
     error = outcome.error or f"HTTP {outcome.status_code}"
     delay = retry_delay_s(event.attempt, settings)
-    give_up_at = WebhookEvent.created_at + func.make_interval(
+    give_up_at = WebhookEvent.pending_since + func.make_interval(
         0, 0, 0, 0, 0, 0, settings.webhook_give_up_after_s
     )
     # Only while this claim holds: a sender whose lease ran out while it waited must not
@@ -246,6 +246,7 @@ def redeliver(session: Session, event_id: int) -> WebhookEvent:
         raise EventNotFound(event_id)
     event.status = DeliveryStatus.PENDING
     event.next_attempt_at = func.now()
+    event.pending_since = func.now()
     event.lease_token = None
     session.flush()
     session.refresh(event)
