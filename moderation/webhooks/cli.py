@@ -31,19 +31,26 @@ def webhooks() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Touch this file after every step that reached the database (for healthchecks).",
 )
-def send(once: bool, heartbeat_file: Path | None) -> None:
+@click.option(
+    "--batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Events claimed and posted at once.",
+)
+def send(once: bool, heartbeat_file: Path | None, batch: int) -> None:
     """Deliver outbox events to MODERATION_WEBHOOK_URL until stopped (SIGTERM or Ctrl-C
     finish the delivery in hand). Run as many as you like."""
     try:
-        sender = Sender(get_settings())
+        sender = Sender(get_settings(), batch=batch)
     except WebhookNotConfigured as error:
         raise click.ClickException(str(error)) from None
     try:
         if once:
-            delivered = 0
-            while sender.deliver_one():
-                delivered += 1
-            click.echo(f"tried {delivered} event(s)")
+            tried = 0
+            while claimed := sender.deliver_batch():
+                tried += claimed
+            click.echo(f"tried {tried} event(s)")
             return
         stop = threading.Event()
 

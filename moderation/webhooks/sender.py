@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -91,9 +92,17 @@ def post(client: httpx.Client, url: str, secret: bytes, event: ClaimedEvent) -> 
 
 
 class Sender:
-    """One sending loop. `run` until `stop` is set; `deliver_one` for a single step."""
+    """One sending loop. `run` until `stop` is set; `deliver_batch` for a single step.
 
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    Each step claims up to `batch` due events and posts them at once, one thread each, and
+    records each outcome as it comes (so a sender killed mid-step has recorded all but the
+    posts still in flight). Measured on two loaded cores against a receiver on 127.0.0.1
+    (bench/webhooks.py): one event per step, 53 events/s, a tenth of a plain loop of POSTs;
+    16 per step, 100 events/s against 335 plain POSTs/s, the rest being one commit per
+    recorded attempt.
+    """
+
+    def __init__(self, settings: Settings, name: str | None = None, batch: int = 16) -> None:
         if not settings.webhook_url:
             raise WebhookNotConfigured(
                 "MODERATION_WEBHOOK_URL is not set: there is nowhere to send events"
@@ -114,49 +123,57 @@ class Sender:
         self.url = settings.webhook_url
         self.secret = settings.webhook_secret.get_secret_value().encode()
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.batch = batch
         self.client = httpx.Client(
             timeout=httpx.Timeout(settings.webhook_timeout_s),
             follow_redirects=False,
             # The receiver is named by the operator; proxies from the environment are not.
             trust_env=False,
+            limits=httpx.Limits(max_connections=batch),
         )
+        self.pool = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="webhook-post")
 
     def close(self) -> None:
+        self.pool.shutdown()
         self.client.close()
 
-    def deliver_one(self) -> bool:
-        """Claim a due event and try it once; False when none was due."""
+    def deliver_batch(self) -> int:
+        """Claim due events and try each once; how many were claimed (0: none was due)."""
         with session_scope() as session:
-            claimed = service.claim_due(session, lease_s=self.settings.webhook_lease_s)
-        if not claimed:
-            return False
-        (event,) = claimed
-        outcome = post(self.client, self.url, self.secret, event)
-        with session_scope() as session:
-            service.record_attempt(
-                session, event, outcome, sender=self.name, settings=self.settings
+            claimed = service.claim_due(
+                session, lease_s=self.settings.webhook_lease_s, limit=self.batch
             )
-        if outcome.delivered:
-            logger.info("delivered event %d (attempt %d)", event.id, event.attempt)
-        else:
-            logger.warning(
-                "event %d, attempt %d failed: %s", event.id, event.attempt, outcome.error
-            )
-        return True
+        posts = {
+            self.pool.submit(post, self.client, self.url, self.secret, event): event
+            for event in claimed
+        }
+        for done in as_completed(posts):
+            event, outcome = posts[done], done.result()
+            with session_scope() as session:
+                service.record_attempt(
+                    session, event, outcome, sender=self.name, settings=self.settings
+                )
+            if outcome.delivered:
+                logger.info("delivered event %d (attempt %d)", event.id, event.attempt)
+            else:
+                logger.warning(
+                    "event %d, attempt %d failed: %s", event.id, event.attempt, outcome.error
+                )
+        return len(claimed)
 
     def run(self, stop: threading.Event, heartbeat: Path | None = None) -> None:
-        """Deliver until `stop` is set, finishing the delivery in hand. A database error is
+        """Deliver until `stop` is set, finishing the step in hand. A database error is
         logged and retried after the poll interval: the outbox keeps every event. The
         heartbeat file, if given, is touched after every step that reached the database
         (a container's healthcheck reads its age)."""
         while not stop.is_set():
             try:
-                busy = self.deliver_one()
+                claimed = self.deliver_batch()
             except Exception:
                 logger.exception("webhook sender: retrying after an error")
                 stop.wait(self.settings.webhook_poll_s)
                 continue
             if heartbeat is not None:
                 heartbeat.touch()
-            if not busy:
+            if not claimed:
                 stop.wait(self.settings.webhook_poll_s)
