@@ -219,7 +219,7 @@ def test_repeating_a_decision_changes_nothing_and_contradicting_it_is_refused(
 ) -> None:
     bank = make_bank(session, "b")
     hit = make_hit(session, make_upload(session), make_entry(session, bank))
-    service.decide(session, hit.id, Outcome.DISMISS, None, "key:1:alice")
+    service.decide(session, hit.id, "dismiss", None, "key:1:alice")
     audited = session.scalar(select(func.count()).select_from(AuditEvent))
     again = service.decide(session, hit.id, Outcome.DISMISS, "again", "key:2:bob")
     assert not again.changed

@@ -271,10 +271,11 @@ class Decision:
 
 
 def decide(
-    session: Session, hit_id: int, outcome: Outcome, note: str | None, actor: str
+    session: Session, hit_id: int, outcome: Outcome | str, note: str | None, actor: str
 ) -> Decision:
     """Decide a hit and its upload's other open hits; audit it; on a confirmation, write
     the webhook event. Raises `HitNotFound` or `AlreadyDecided`."""
+    outcome = Outcome(outcome)  # a plain "confirm" from a form is welcome too
     upload_id = session.scalar(select(Hit.upload_id).where(Hit.id == hit_id))
     if upload_id is None:
         raise HitNotFound(hit_id)
