@@ -290,7 +290,9 @@ def decide(
             .execution_options(populate_existing=True)
         )
     )
-    named = next(hit for hit in hits if hit.id == hit_id)
+    named = next((hit for hit in hits if hit.id == hit_id), None)
+    if named is None:  # deleted with its upload while we waited
+        raise HitNotFound(hit_id)
     target = STATUS_AFTER[outcome]
     if named.review_status is target:
         return Decision(upload_id, hit_id, outcome, False, {}, upload_hits(session, upload_id))
