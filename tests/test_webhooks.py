@@ -373,3 +373,42 @@ def test_decide_and_list_from_the_command_line(receiver: Receiver) -> None:
     assert sent.exit_code == 0, sent.output
     assert "tried 1 event(s)" in sent.output
     assert len(receiver.effects) == 1
+
+
+def test_retry_delays_double_up_to_the_cap() -> None:
+    settings = Settings(webhook_retry_base_s=5, webhook_retry_max_s=600)
+    for attempt, full in [(1, 5), (2, 10), (3, 20), (7, 320), (8, 600), (30, 600), (200, 600)]:
+        for _ in range(20):
+            assert full / 2 <= service.retry_delay_s(attempt, settings) <= full
+
+
+def test_events_wait_while_the_receiver_is_down(receiver: Receiver) -> None:
+    """Refused connections are attempts like any other; nothing is lost or given up, and
+    the backlog goes out once the receiver answers."""
+    _confirmed_uploads(3)
+    down = Settings(**{**get_settings().model_dump(), "webhook_url": "http://127.0.0.1:9/"})
+    sender = Sender(down)
+    try:
+        deadline = time.monotonic() + 30
+        while _attempt_count() < 9:  # three failed attempts each
+            assert time.monotonic() < deadline
+            if not sender.deliver_batch():
+                time.sleep(0.02)
+    finally:
+        sender.close()
+    assert _statuses() == Counter({DeliveryStatus.PENDING: 3})
+    with session_scope() as session:
+        errors = set(session.scalars(select(WebhookAttempt.error)))
+        assert all(error and "ConnectError" in error for error in errors)
+    sender = Sender(get_settings())
+    try:
+        _deliver_until_idle(sender)
+    finally:
+        sender.close()
+    assert len(receiver.effects) == 3
+    assert len(receiver.requests) == 3
+
+
+def _attempt_count() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(WebhookAttempt)) or 0
