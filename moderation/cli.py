@@ -13,8 +13,10 @@ from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.review.cli import decide
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
 from moderation.search.cli import index, search
+from moderation.webhooks.cli import webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -102,5 +104,7 @@ for command in (
     sweep,
     search,
     index,
+    decide,
+    webhooks,
 ):
     main.add_command(command)

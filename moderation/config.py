@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The production checkpoint on a GPU, and the smaller one that is still usable on a CPU.
@@ -152,6 +152,27 @@ class Settings(BaseSettings):
     search_commit_lag_s: float = Field(default=1.0, ge=0)
     # A process that has added this many rows since the last snapshot writes a new one.
     search_snapshot_every: int = Field(default=10_000, ge=1)
+    # Verdict webhooks (README, "Webhooks"). Events are written to the outbox only while a
+    # URL is set; the sender (`moderation webhooks send`) signs each with the secret.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    # Also send an event when screening finds hits (and when a reviewer dismisses them),
+    # not only when a reviewer confirms them.
+    webhook_on_screening_hit: bool = False
+    # One POST, connect to last byte; a receiver slower than this is retried.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Retry delays double from the base up to the cap: a receiver down for an hour is tried
+    # about a dozen times and gets its backlog within one cap of coming back.
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=600.0, gt=0)
+    # A claimed event is hidden from other senders this long; a sender that dies mid-delivery
+    # releases its events when the lease runs out. Longer than the timeout.
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    # An event still undelivered this long after it was written (or redelivered) is failed
+    # (`moderation webhooks list --status failed`; `webhooks redeliver` revives it).
+    webhook_give_up_after_s: float = Field(default=3 * 24 * 3600.0, gt=0)
+    # How often an idle sender looks for due events.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
 
     @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from moderation.api.access import authorize
 from moderation.api.health import router as health_router
 from moderation.audit.api import router as audit_router
+from moderation.review.api import router as review_router
 from moderation.search.api import router as search_router
 
 
@@ -23,6 +24,11 @@ def create_app() -> FastAPI:
         description="Screen images against banks of known-bad content; review the hits.",
         dependencies=[Depends(authorize)],
     )
-    for router in (health_router, audit_router, search_router):
+    for router in (
+        health_router,
+        audit_router,
+        review_router,
+        search_router,
+    ):
         app.include_router(router)
     return app
