@@ -6,6 +6,7 @@ from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
+from moderation.web.models import WebSession
 
 __all__ = [
     "ApiKey",
@@ -19,5 +20,6 @@ __all__ = [
     "Hit",
     "Signal",
     "Upload",
+    "WebSession",
     "Worker",
 ]

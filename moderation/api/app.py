@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from moderation.api.access import authorize
 from moderation.api.health import router as health_router
 from moderation.audit.api import router as audit_router
+from moderation.web.pages import install as install_pages
 
 
 def create_app() -> FastAPI:
@@ -24,4 +25,5 @@ def create_app() -> FastAPI:
     )
     for router in (health_router, audit_router):
         app.include_router(router)
+    install_pages(app)
     return app
