@@ -172,7 +172,7 @@ def upload_thumbnail(upload_id: int, reveal: Annotated[bool, Query()] = False) -
         image = thumbnail(uri, get_settings(), reveal=reveal)
     except IntakeError as exc:
         code = (
-            status.HTTP_422_UNPROCESSABLE_ENTITY
+            status.HTTP_422_UNPROCESSABLE_CONTENT
             if isinstance(exc, BadInput)
             else status.HTTP_502_BAD_GATEWAY
         )

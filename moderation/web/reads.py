@@ -137,16 +137,17 @@ def bank_page(session: Session, bank_id: int, settings: Settings) -> BankPage | 
             BankEntry.bank_id == bank_id
         )
     ).one()
-    by_model = dict(
-        session.execute(
+    by_model: dict[str, int] = {
+        name: count
+        for name, count in session.execute(
             select(EmbeddingModel.name, func.count())
             .join(BankEntryEmbedding, BankEntryEmbedding.model_id == EmbeddingModel.id)
             .join(BankEntry, BankEntry.id == BankEntryEmbedding.bank_entry_id)
             .where(BankEntry.bank_id == bank_id)
             .group_by(EmbeddingModel.name)
             .order_by(EmbeddingModel.name)
-        ).tuples()
-    )
+        )
+    }
     hits_pending = session.scalar(
         select(func.count())
         .select_from(Hit)
