@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 
 from moderation.api.access import route_roles
 from moderation.api.app import create_app
+from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
@@ -24,7 +25,8 @@ from moderation.web import service as web
 from moderation.web.models import WebSession
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
-from tests.web_fixtures import SAME_ORIGIN, Seeded, app_routes, log_in, seed_hit, site
+from tests.routes import app_routes
+from tests.web_fixtures import SAME_ORIGIN, Seeded, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
 
@@ -101,6 +103,11 @@ def test_logout_ends_the_session(site: TestClient, keys: dict[Role, str]) -> Non
     # The old token, replayed, opens nothing.
     site.cookies.set(COOKIE_NAME, token)
     assert site.get("/review/banks").status_code == 303
+    with session_scope() as session:
+        (stored,) = session.scalars(select(WebSession))
+        assert stored.revoked_at is not None
+        actions = [event.action for event in events_for(session, "web_session", stored.id)]
+    assert actions == ["web.login", "web.logout"]
 
 
 def test_a_revoked_keys_session_stops_working(site: TestClient, keys: dict[Role, str]) -> None:

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moderation.api.access import DbSession, allow, credential_sources, public
+from moderation.api.access import Caller, DbSession, allow, credential_sources, public
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
@@ -137,11 +137,13 @@ def login(
 
 
 @router.post("/logout", openapi_extra=EVERYONE)
-def logout(request: Request, session: DbSession, csrf: Annotated[str, Form()] = "") -> Response:
+def logout(
+    request: Request, session: DbSession, caller: Caller, csrf: Annotated[str, Form()] = ""
+) -> Response:
     check_form_token(request, csrf)
     token = request.cookies.get(service.COOKIE_NAME)
     if token:
-        service.log_out(session, token)
+        service.log_out(session, token, actor=caller.actor)
     response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
     response.delete_cookie(
         service.COOKIE_NAME, path="/", secure=True, httponly=True, samesite="strict"

@@ -25,30 +25,35 @@ class Evidence:
 
     hit_id: int
     upload_id: int
-    signal: SignalType
+    signal: str
     distance: float
     # The largest distance that matches: PDQ bits, CLIP cosine distance (the bank's radius
     # or the global one), 0 for SHA-256.
     threshold: float
+    threshold_source: str
     bank_id: int
-    bank_name: str
-    entry_id: int
+    bank: str
+    bank_entry_id: int
     frame_index: int
     model: str | None
     retroactive: bool
-    review_status: ReviewStatus
+    review_status: str
     reviewed_by: str | None
     reviewed_at: datetime | None
     review_note: str | None
     created_at: datetime
 
 
-def threshold(signal: SignalType, bank_radius: float | None, settings: Settings) -> float:
+def threshold(
+    signal: SignalType, bank_radius: float | None, settings: Settings
+) -> tuple[float, str]:
     if signal is SignalType.PDQ:
-        return float(settings.pdq_threshold)
+        return float(settings.pdq_threshold), "pdq"
     if signal is SignalType.CLIP:
-        return bank_radius if bank_radius is not None else settings.match_radius
-    return 0.0
+        if bank_radius is not None:
+            return bank_radius, "bank"
+        return settings.match_radius, "global"
+    return 0.0, "exact"
 
 
 def evidence_for(session: Session, upload_ids: list[int], settings: Settings) -> list[Evidence]:
@@ -65,16 +70,17 @@ def evidence_for(session: Session, upload_ids: list[int], settings: Settings) ->
         Evidence(
             hit_id=hit.id,
             upload_id=hit.upload_id,
-            signal=hit.signal,
+            signal=hit.signal.value,
             distance=hit.distance,
-            threshold=threshold(hit.signal, radius, settings),
+            threshold=threshold(hit.signal, radius, settings)[0],
+            threshold_source=threshold(hit.signal, radius, settings)[1],
             bank_id=bank_id,
-            bank_name=bank_name,
-            entry_id=hit.bank_entry_id,
+            bank=bank_name,
+            bank_entry_id=hit.bank_entry_id,
             frame_index=hit.frame_index,
             model=model,
             retroactive=hit.retroactive,
-            review_status=hit.review_status,
+            review_status=hit.review_status.value,
             reviewed_by=hit.reviewed_by,
             reviewed_at=hit.reviewed_at,
             review_note=hit.review_note,

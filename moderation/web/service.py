@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
@@ -24,6 +24,8 @@ from moderation.web.models import WebSession
 COOKIE_NAME = "moderation_session"
 # Session tokens carry this prefix so that the cookie source never confuses one with a key.
 TOKEN_PREFIX = "mws_"
+# Expired sessions are deleted this long after they expire (kept a while for inquiries).
+PRUNE_AFTER = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,11 @@ def log_in(session: Session, secret: str, *, lifetime: timedelta) -> Login | Non
     principal = auth.authenticate(session, secret)
     if principal is None:
         return None
+    now = datetime.now(UTC)
+    # Sessions long dead are of no use to anyone: each login clears them away.
+    session.execute(delete(WebSession).where(WebSession.expires_at < now - PRUNE_AFTER))
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    expires_at = datetime.now(UTC) + lifetime
+    expires_at = now + lifetime
     row = WebSession(token_hash=_hash(token), api_key_id=principal.key_id, expires_at=expires_at)
     session.add(row)
     session.flush()
@@ -78,15 +83,20 @@ def authenticate(session: Session, token: str) -> auth.Principal | None:
     return auth.Principal(key_id=key.id, name=key.name, role=key.role)
 
 
-def log_out(session: Session, token: str) -> bool:
+def log_out(session: Session, token: str, *, actor: str) -> bool:
     """End the session the token names; False if it was not live."""
-    ended = session.execute(
+    ended = session.scalar(
         update(WebSession)
         .where(WebSession.token_hash == _hash(token), WebSession.revoked_at.is_(None))
         .values(revoked_at=datetime.now(UTC))
         .returning(WebSession.id)
-    ).first()
-    return ended is not None
+    )
+    if ended is None:
+        return False
+    audit.record(
+        session, actor=actor, action="web.logout", subject_type="web_session", subject_id=ended
+    )
+    return True
 
 
 def csrf_token(token: str) -> str:

@@ -1,0 +1,185 @@
+"""The review page in a real browser: Debian's Chromium driven by Playwright, against the
+application served by `moderation api` (uvicorn) over PostgreSQL, with hits found by a real
+worker. A reviewer logs in, reveals a blurred thumbnail, confirms a hit with the keyboard
+and sees it leave the queue."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import select
+
+from moderation.auth import service as auth
+from moderation.auth.models import Role
+from moderation.banks.models import Bank, BankEntry
+from moderation.db import session_scope
+from moderation.screening.cli import submit_uris, wait_until_final
+from moderation.screening.models import Hit, ReviewStatus, UploadStatus
+from tests.web_fixtures import detailed_image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium as the system installs it: nothing downloaded, nothing phoned home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.usefixtures("clean_db", "worker"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="no chromium: .ci/setup installs Debian's"
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    """`moderation api` in a process of its own, on a free port of 127.0.0.1."""
+    port = _free_port()
+    log = (tmp_path / "api.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moderation", "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"moderation api exited: {(tmp_path / 'api.log').read_text()}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"moderation api did not start: {(tmp_path / 'api.log').read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        launched.close()
+
+
+def _screened_hits(tmp_path: Path, count: int) -> list[int]:
+    """Uploads of `count` images, each banked by its SHA-256, screened by the real worker;
+    their ids, oldest first."""
+    images = [detailed_image(tmp_path / f"upload-{i}.jpg", seed=i + 10) for i in range(count)]
+    with session_scope() as session:
+        bank = Bank(name="known-bad")
+        session.add(bank)
+        session.flush()
+        for image in images:
+            digest = hashlib.sha256(image.read_bytes()).digest()
+            session.add(BankEntry(bank_id=bank.id, sha256=digest, added_by="test"))
+    ids = submit_uris([image.as_uri() for image in images])
+    uploads = wait_until_final(ids, timeout_s=60)
+    assert [upload.status for upload in uploads] == [UploadStatus.SCREENED] * count
+    return ids
+
+
+def _detail(png: bytes) -> float:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def _wait_loaded(page: Page, selector: str) -> None:
+    loaded = "s => { const i = document.querySelector(s); return i?.complete && i.naturalWidth }"
+    page.wait_for_function(loaded, arg=selector)
+
+
+def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    older, newer = _screened_hits(tmp_path, 2)
+    with session_scope() as session:
+        key, secret = auth.create_key(session, role=Role.REVIEWER, name="ada", actor="test")
+        actor = f"key:{key.id}:ada"
+
+    context = browser.new_context()
+    page = context.new_page()
+    # Not logged in: the queue sends the browser to the login form, which comes back.
+    page.goto(f"{server}/review")
+    expect(page).to_have_url(re.compile(r"/login\?next=/review$"))
+    page.fill("#api_key", secret)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server}/review")
+    (cookie,) = context.cookies()
+    assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (True, True, "Strict")
+    assert secret not in cookie["value"]
+
+    expect(page.locator("#pending-count")).to_have_text("2")
+    page.wait_for_selector("body[data-shortcuts=ready]")
+    # Newest first, and the first card is the one the keys act on.
+    first = page.locator("article.hit").first
+    expect(first).to_have_id(f"upload-{newer}")
+    expect(first).to_have_class(re.compile(r"\bselected\b"))
+    thumb = f"#upload-{newer} figure.thumb img"
+    _wait_loaded(page, thumb)
+    assert "reveal" not in (page.get_attribute(thumb, "src") or "")
+    blurred = page.locator(thumb).screenshot()
+
+    page.keyboard.press("r")
+    expect(page.locator(thumb)).to_have_attribute("src", re.compile(r"reveal=1$"))
+    _wait_loaded(page, thumb)
+    page.wait_for_timeout(100)  # the new image painted
+    revealed = page.locator(thumb).screenshot()
+    assert _detail(revealed) > 5 * _detail(blurred)
+
+    page.keyboard.press("c")
+    expect(page.locator(f"#upload-{newer}")).to_have_count(0)
+    expect(page.locator("#pending-count")).to_have_text("1")
+    expect(page.locator(f"#upload-{older}")).to_have_count(1)
+    with session_scope() as session:
+        statuses = {
+            upload: status
+            for upload, status in session.execute(select(Hit.upload_id, Hit.review_status))
+        }
+        reviewers = set(session.scalars(select(Hit.reviewed_by).where(Hit.upload_id == newer)))
+    assert statuses == {newer: ReviewStatus.CONFIRMED, older: ReviewStatus.PENDING}
+    assert reviewers == {actor}
+    context.close()
