@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The production checkpoint on a GPU, and the smaller one that is still usable on a CPU.
@@ -120,6 +120,28 @@ class Settings(BaseSettings):
     worker_dead_after_s: float = Field(default=30.0, gt=0)
     # Where a worker serves its Prometheus metrics (/metrics on every address); unset: not.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # Verdict webhooks (README, "Webhooks"). Events are written to the outbox only while a
+    # URL is set; the sender (`moderation webhooks send`) signs each with the secret.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    # Also send an event when screening finds hits (and when a reviewer dismisses them),
+    # not only when a reviewer confirms them.
+    webhook_on_screening_hit: bool = False
+    # One POST, connect to last byte; a receiver slower than this is retried.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Retry delays double from the base up to the cap: a receiver down for an hour is tried
+    # about a dozen times and gets its backlog within one cap of coming back.
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=600.0, gt=0)
+    # A claimed event is hidden from other senders this long; a sender that dies mid-delivery
+    # releases its events when the lease runs out. Longer than the timeout.
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    # An event still undelivered this long after it was written is failed (visible in
+    # `moderation webhooks list --status failed`, sent again with `webhooks redeliver`).
+    webhook_give_up_after_s: float = Field(default=3 * 24 * 3600.0, gt=0)
+    # How often an idle sender looks for due events.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
 
     # Web pages: how long a login lasts before the reviewer pastes their key again.
     web_session_hours: float = Field(default=12.0, gt=0)

@@ -7,6 +7,7 @@ from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
 from moderation.web.models import WebSession
+from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
 __all__ = [
     "ApiKey",
@@ -21,5 +22,7 @@ __all__ = [
     "Signal",
     "Upload",
     "WebSession",
+    "WebhookAttempt",
+    "WebhookEvent",
     "Worker",
 ]

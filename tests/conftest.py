@@ -77,7 +77,7 @@ WORKER_METRICS_PORT = _free_port()
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = (
     "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks, "
-    "web_sessions, api_keys"
+    "web_sessions, api_keys, webhook_events, webhook_attempts"
 )
 
 

@@ -1,7 +1,7 @@
 """web sessions
 
 Revision ID: 0008
-Revises: 0003
+Revises: 0007
 Create Date: 2026-11-29 21:30:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 
 revision: str = '0008'
-down_revision: str | None = '0003'
+down_revision: str | None = '0007'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from moderation.api.access import authorize
 from moderation.api.health import router as health_router
 from moderation.audit.api import router as audit_router
+from moderation.review.api import router as review_router
 from moderation.web.pages import install as install_pages
 
 
@@ -23,7 +24,7 @@ def create_app() -> FastAPI:
         description="Screen images against banks of known-bad content; review the hits.",
         dependencies=[Depends(authorize)],
     )
-    for router in (health_router, audit_router):
+    for router in (health_router, audit_router, review_router):
         app.include_router(router)
     install_pages(app)
     return app
