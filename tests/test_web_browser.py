@@ -30,6 +30,7 @@ from moderation.banks.models import Bank, BankEntry
 from moderation.db import session_scope
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Hit, ReviewStatus, UploadStatus
+from moderation.webhooks.models import EventType, WebhookEvent
 from tests.web_fixtures import detailed_image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,6 +60,13 @@ def _free_port() -> int:
     return port
 
 
+# Where the API's decisions announce verdicts (the outbox's events name this URL's receiver).
+WEBHOOK_ENV = {
+    "MODERATION_WEBHOOK_URL": "http://127.0.0.1:9/verdicts",
+    "MODERATION_WEBHOOK_SECRET": "browser-test-secret",
+}
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
     """`moderation api` in a process of its own, on a free port of 127.0.0.1."""
@@ -66,7 +74,7 @@ def server(tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "api.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "moderation", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=os.environ.copy(),
+        env={**os.environ, **WEBHOOK_ENV},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -135,7 +143,7 @@ def _wait_loaded(page: Page, selector: str) -> None:
 def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     server: str, browser: Browser, tmp_path: Path
 ) -> None:
-    older, newer = _screened_hits(tmp_path, 2)
+    uploads = _screened_hits(tmp_path, 2)
     with session_scope() as session:
         key, secret = auth.create_key(session, role=Role.REVIEWER, name="ada", actor="test")
         actor = f"key:{key.id}:ada"
@@ -154,11 +162,12 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
 
     expect(page.locator("#pending-count")).to_have_text("2")
     page.wait_for_selector("body[data-shortcuts=ready]")
-    # Newest first, and the first card is the one the keys act on.
+    # The first card (the newest hit) is the one the keys act on.
     first = page.locator("article.hit").first
-    expect(first).to_have_id(f"upload-{newer}")
     expect(first).to_have_class(re.compile(r"\bselected\b"))
-    thumb = f"#upload-{newer} figure.thumb img"
+    chosen = int(first.get_attribute("data-upload") or 0)
+    (other,) = set(uploads) - {chosen}
+    thumb = f"#upload-{chosen} figure.thumb img"
     _wait_loaded(page, thumb)
     assert "reveal" not in (page.get_attribute(thumb, "src") or "")
     blurred = page.locator(thumb).screenshot()
@@ -171,15 +180,21 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     assert _detail(revealed) > 5 * _detail(blurred)
 
     page.keyboard.press("c")
-    expect(page.locator(f"#upload-{newer}")).to_have_count(0)
+    expect(page.locator(f"#upload-{chosen}")).to_have_count(0)
     expect(page.locator("#pending-count")).to_have_text("1")
-    expect(page.locator(f"#upload-{older}")).to_have_count(1)
+    expect(page.locator(f"#upload-{other}")).to_have_count(1)
     with session_scope() as session:
         statuses = {
             upload: status
             for upload, status in session.execute(select(Hit.upload_id, Hit.review_status))
         }
-        reviewers = set(session.scalars(select(Hit.reviewed_by).where(Hit.upload_id == newer)))
-    assert statuses == {newer: ReviewStatus.CONFIRMED, older: ReviewStatus.PENDING}
+        reviewers = set(session.scalars(select(Hit.reviewed_by).where(Hit.upload_id == chosen)))
+    assert statuses == {chosen: ReviewStatus.CONFIRMED, other: ReviewStatus.PENDING}
     assert reviewers == {actor}
+    # The verdict is in the webhook outbox, committed with the decision.
+    with session_scope() as session:
+        events = [
+            (event.event_type, event.upload_id) for event in session.scalars(select(WebhookEvent))
+        ]
+    assert events == [(EventType.CONFIRMED, chosen)]
     context.close()

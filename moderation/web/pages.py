@@ -8,12 +8,13 @@ refused for want of a login redirects to the login form rather than answering JS
 
 from __future__ import annotations
 
-from datetime import timedelta
-from pathlib import Path
+import pathlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request, status
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Query, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
@@ -26,7 +27,10 @@ from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.errors import BadInput, IntakeError
-from moderation.screening.models import Upload
+from moderation.images.signals import SignalType
+from moderation.review import service as review
+from moderation.review.service import HitEvidence, Outcome, QueueFilter
+from moderation.screening.models import ReviewStatus, Upload
 from moderation.web import reads, service
 from moderation.web.security import (
     COOKIE_SOURCE,
@@ -37,7 +41,7 @@ from moderation.web.security import (
 from moderation.web.thumbnails import thumbnail
 
 PAGES_TAG = "pages"
-HERE = Path(__file__).parent
+HERE = pathlib.Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(tags=[PAGES_TAG], include_in_schema=False)
 
@@ -53,6 +57,8 @@ PAGE_HEADERS = {
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
 }
+# Ids are PostgreSQL bigints: a larger number is no row, not a database error.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 REVIEWERS = allow(Role.REVIEWER)
 READERS = allow(Role.REVIEWER, Role.ANALYST)
 EVERYONE = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
@@ -152,15 +158,15 @@ def logout(
 
 
 @router.get("/review/uploads/{upload_id}", openapi_extra=READERS)
-def upload_page(request: Request, session: DbSession, upload_id: int) -> HTMLResponse:
-    page = reads.upload_page(session, upload_id, get_settings())
+def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLResponse:
+    page = reads.upload_page(session, upload_id)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
     return render(request, "upload.html", {"page": page})
 
 
 @router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
-def upload_thumbnail(upload_id: int, reveal: Annotated[bool, Query()] = False) -> Response:
+def upload_thumbnail(upload_id: RowId, reveal: Annotated[bool, Query()] = False) -> Response:
     """The upload's first frame, small; blurred unless `reveal`. Made from the upload's URI
     on every request (never stored), under the worker's URI policy and decoder limits."""
     # The session ends before the fetch: a slow image server must not hold a connection.
@@ -188,11 +194,148 @@ def banks_page(request: Request, session: DbSession) -> HTMLResponse:
 
 
 @router.get("/review/banks/{bank_id}", openapi_extra=READERS)
-def bank_page(request: Request, session: DbSession, bank_id: int) -> HTMLResponse:
+def bank_page(request: Request, session: DbSession, bank_id: RowId) -> HTMLResponse:
     page = reads.bank_page(session, bank_id, get_settings())
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bank with id {bank_id}")
     return render(request, "bank.html", {"page": page, "recent_limit": reads.RECENT_ENTRIES})
+
+
+# The queue's status filter: a review status, or every status.
+QUEUE_STATUSES = (*(status.value for status in ReviewStatus), "any")
+FOUND = {"": None, "screening": False, "retroactive": True}
+
+
+def _utc(value: str, name: str) -> datetime | None:
+    """A `datetime-local` field's value, read as UTC."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name}: {value!r} is not a date and time"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _query_url(path: str, params: dict[str, str]) -> str:
+    kept = {name: value for name, value in params.items() if value}
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
+@dataclass(frozen=True)
+class UploadCard:
+    """The hits of one upload on a queue page: one decision covers them all."""
+
+    upload_id: int
+    external_id: str | None
+    hits: list[HitEvidence]
+
+    @property
+    def decidable(self) -> bool:
+        return any(hit.review_status in OPEN for hit in self.hits)
+
+
+OPEN = {status.value for status in review.OPEN_STATUSES}
+
+
+def _cards(hits: list[HitEvidence]) -> list[UploadCard]:
+    grouped: dict[int, list[HitEvidence]] = {}
+    for hit in hits:
+        grouped.setdefault(hit.upload_id, []).append(hit)
+    return [
+        UploadCard(upload_id, group[0].external_id, group) for upload_id, group in grouped.items()
+    ]
+
+
+@router.get("/review", openapi_extra=REVIEWERS)
+def queue_page(
+    request: Request,
+    session: DbSession,
+    status_: Annotated[str, Query(alias="status")] = ReviewStatus.PENDING.value,
+    bank: str = "",
+    signal: str = "",
+    found: str = "",
+    since: str = "",
+    until: str = "",
+    cursor: Annotated[str, Query(max_length=200)] = "",
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> HTMLResponse:
+    """The review queue, newest first: the pending count, filters, a page of hits grouped
+    by upload with their evidence, and a link to the next page (by cursor)."""
+    if status_ not in QUEUE_STATUSES or signal not in ("", *SignalType) or found not in FOUND:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"status must be one of {', '.join(QUEUE_STATUSES)}; signal one of "
+            f"{', '.join(SignalType)}; found one of screening, retroactive",
+        )
+    filters = QueueFilter(
+        status=None if status_ == "any" else ReviewStatus(status_),
+        bank=bank or None,
+        signal=SignalType(signal) if signal else None,
+        since=_utc(since, "since"),
+        until=_utc(until, "until"),
+        retroactive=FOUND[found],
+    )
+    try:
+        page = review.queue(session, filters, cursor=cursor or None, limit=limit)
+    except review.InvalidCursor as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+    form = {
+        "status": status_,
+        "bank": bank,
+        "signal": signal,
+        "found": found,
+        "since": since,
+        "until": until,
+        "limit": str(limit),
+    }
+    params = {**form, "limit": "" if limit == 50 else str(limit)}
+    return render(
+        request,
+        "queue.html",
+        {
+            "form": form,
+            "filtered": filters != QueueFilter(),
+            "statuses": QUEUE_STATUSES,
+            "signals": [signal.value for signal in SignalType],
+            "banks": reads.bank_list(session),
+            "uploads": _cards(page.hits),
+            "shown": len(page.hits),
+            "pending": review.count(session),
+            "matching": review.count(session, filters),
+            "cursor": cursor,
+            "here": _query_url("/review", {**params, "cursor": cursor}),
+            "first_page": _query_url("/review", params),
+            "next_page": page.next_cursor
+            and _query_url("/review", {**params, "cursor": page.next_cursor}),
+        },
+    )
+
+
+@router.post("/review/hits/{hit_id}/decision", openapi_extra=REVIEWERS)
+def decide(
+    request: Request,
+    session: DbSession,
+    caller: Caller,
+    hit_id: RowId,
+    outcome: Annotated[Outcome, Form()],
+    note: Annotated[str, Form(max_length=4000)] = "",
+    back: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    """Decide a hit, and with it every open hit of its upload; back to the queue."""
+    check_form_token(request, csrf)
+    try:
+        review.decide(session, hit_id, outcome, note.strip() or None, caller.actor)
+    except review.HitNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
+    except review.AlreadyDecided as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    # Committed before the redirect: the queue the browser asks for next must not show it.
+    session.commit()
+    return RedirectResponse(_local_path(back) or "/review", status.HTTP_303_SEE_OTHER)
 
 
 def _is_page(request: Request) -> bool:

@@ -1,5 +1,6 @@
-"""What the upload and bank pages show, read in one place. Banks are shown by their
-signals only: nothing here reads a bank entry's `source_ref`."""
+"""What the upload and bank pages show, read in one place (the hits' evidence is the review
+queue's own). Banks are shown by their signals only: nothing here reads a bank entry's
+`source_ref`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.config import Settings
 from moderation.embedding.models import EmbeddingModel
-from moderation.images.signals import SignalType
+from moderation.review import service as review
+from moderation.review.service import HitEvidence
 from moderation.screening.models import Hit, ReviewStatus, Signal, Upload
 
 # Newest entries listed on a bank's page; the page says how many there are in all.
@@ -20,84 +22,13 @@ RECENT_ENTRIES = 50
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """Why an upload matched: one hit, measured against the threshold it had to meet."""
-
-    hit_id: int
-    upload_id: int
-    signal: str
-    distance: float
-    # The largest distance that matches: PDQ bits, CLIP cosine distance (the bank's radius
-    # or the global one), 0 for SHA-256.
-    threshold: float
-    threshold_source: str
-    bank_id: int
-    bank: str
-    bank_entry_id: int
-    frame_index: int
-    model: str | None
-    retroactive: bool
-    review_status: str
-    reviewed_by: str | None
-    reviewed_at: datetime | None
-    review_note: str | None
-    created_at: datetime
-
-
-def threshold(
-    signal: SignalType, bank_radius: float | None, settings: Settings
-) -> tuple[float, str]:
-    if signal is SignalType.PDQ:
-        return float(settings.pdq_threshold), "pdq"
-    if signal is SignalType.CLIP:
-        if bank_radius is not None:
-            return bank_radius, "bank"
-        return settings.match_radius, "global"
-    return 0.0, "exact"
-
-
-def evidence_for(session: Session, upload_ids: list[int], settings: Settings) -> list[Evidence]:
-    """Every hit of these uploads with its evidence, newest first."""
-    rows = session.execute(
-        select(Hit, Bank.id, Bank.name, Bank.radius, EmbeddingModel.name)
-        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
-        .join(Bank, Bank.id == BankEntry.bank_id)
-        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
-        .where(Hit.upload_id.in_(upload_ids))
-        .order_by(Hit.created_at.desc(), Hit.id.desc())
-    )
-    return [
-        Evidence(
-            hit_id=hit.id,
-            upload_id=hit.upload_id,
-            signal=hit.signal.value,
-            distance=hit.distance,
-            threshold=threshold(hit.signal, radius, settings)[0],
-            threshold_source=threshold(hit.signal, radius, settings)[1],
-            bank_id=bank_id,
-            bank=bank_name,
-            bank_entry_id=hit.bank_entry_id,
-            frame_index=hit.frame_index,
-            model=model,
-            retroactive=hit.retroactive,
-            review_status=hit.review_status.value,
-            reviewed_by=hit.reviewed_by,
-            reviewed_at=hit.reviewed_at,
-            review_note=hit.review_note,
-            created_at=hit.created_at,
-        )
-        for hit, bank_id, bank_name, radius, model in rows
-    ]
-
-
-@dataclass(frozen=True)
 class UploadPage:
     upload: Upload
     signals: list[Signal]
-    hits: list[Evidence]
+    hits: list[HitEvidence]
 
 
-def upload_page(session: Session, upload_id: int, settings: Settings) -> UploadPage | None:
+def upload_page(session: Session, upload_id: int) -> UploadPage | None:
     upload = session.get(Upload, upload_id)
     if upload is None:
         return None
@@ -106,7 +37,7 @@ def upload_page(session: Session, upload_id: int, settings: Settings) -> UploadP
         .where(Signal.upload_id == upload_id)
         .order_by(Signal.signal, Signal.frame_index)
     )
-    return UploadPage(upload, list(signals), evidence_for(session, [upload_id], settings))
+    return UploadPage(upload, list(signals), review.upload_hits(session, upload_id))
 
 
 @dataclass(frozen=True)
