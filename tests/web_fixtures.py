@@ -62,9 +62,10 @@ class Seeded:
     source_bytes: bytes
 
 
-def seed_hit(directory: Path, *, bank_name: str = "known-bad") -> Seeded:
+def seed_hit(directory: Path, *, bank_name: str = "known-bad", seed: int = 1) -> Seeded:
     """A screened upload of a real image file with a PDQ hit on a bank entry, committed."""
-    image = detailed_image(directory / "upload.jpg")
+    directory.mkdir(parents=True, exist_ok=True)
+    image = detailed_image(directory / "upload.jpg", seed=seed)
     source = directory / "restricted-source.bin"
     source_bytes = b"RESTRICTED-BANK-SOURCE-" + hashlib.sha256(str(directory).encode()).digest()
     source.write_bytes(source_bytes)
