@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from moderation.audit.models import AuditEvent
 from moderation.config import get_settings
@@ -23,6 +22,11 @@ from moderation.webhooks.models import EventType, WebhookEvent
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _empty(clean_db: None) -> None:
+    """Start from no banks and no hits, whatever earlier tests committed."""
 
 
 @pytest.fixture
@@ -266,6 +270,7 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
     def contradict() -> None:
         try:
             with session_scope() as other:
+                outcome["pid"] = _backend_pid(other)
                 service.decide(other, second_id, Outcome.DISMISS, None, "key:2:bob")
             outcome["bob"] = "decided"
         except AlreadyDecided as error:
@@ -275,7 +280,7 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
         service.decide(session, first_id, Outcome.CONFIRM, None, "key:1:alice")
         bob = threading.Thread(target=contradict)
         bob.start()
-        _wait_for_a_lock_wait()
+        _wait_for_a_lock_wait(outcome)
         assert "bob" not in outcome
     bob.join(timeout=30)
     assert isinstance(outcome["bob"], AlreadyDecided)
@@ -285,23 +290,26 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
     assert statuses == {ReviewStatus.CONFIRMED}
 
 
-def _wait_for_a_lock_wait() -> None:
-    """Until some session of this test database waits for a lock another one holds."""
+def _backend_pid(session: Session) -> int:
+    """The session's PostgreSQL backend, without a query (which would change the timing)."""
+    dbapi = session.connection().connection.dbapi_connection
+    pid: int = dbapi.info.backend_pid  # type: ignore[union-attr]
+    return pid
+
+
+def _wait_for_a_lock_wait(outcome: dict[str, object]) -> None:
+    """Until the second decider's connection waits for a lock."""
     deadline = time.monotonic() + 30
-    # Its own engine, outside the pool the sessions share.
-    engine = create_engine(get_engine().url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            while time.monotonic() < deadline:
-                waiting = conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                        "WHERE NOT l.granted AND d.datname = current_database()"
-                    )
+    with get_engine().connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = (
+                "pid" in outcome
+                and conn.execute(
+                    text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted"),
+                    {"pid": outcome["pid"]},
                 ).scalar()
-                if waiting:
-                    return
-                time.sleep(0.02)
-    finally:
-        engine.dispose()
+            )
+            if waiting:
+                return
+            time.sleep(0.02)
     raise AssertionError("the second decision never waited for the first")

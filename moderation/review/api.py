@@ -107,7 +107,7 @@ def list_hits(
     try:
         page = service.queue(session, filters, cursor=cursor, limit=limit)
     except service.InvalidCursor as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from error
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
     pending = service.count(session, replace(filters, status=ReviewStatus.PENDING))
     return HitPage(
         hits=[HitOut.of(hit) for hit in page.hits], next_cursor=page.next_cursor, pending=pending
