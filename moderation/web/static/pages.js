@@ -11,7 +11,7 @@ function reveal(container) {
   img.classList.remove("blurred");
   img.classList.add("revealed");
   img.alt = img.alt.replace(", blurred", "");
-  link.remove();
+  link.parentElement.textContent = "revealed";
 }
 
 function cards() {
