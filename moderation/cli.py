@@ -13,7 +13,9 @@ from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.review.cli import decide
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
+from moderation.webhooks.cli import webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -88,4 +90,6 @@ def demo() -> None:
 
 
 for command in (api, apikey, bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
+    main.add_command(command)
+for command in (decide, webhooks):
     main.add_command(command)

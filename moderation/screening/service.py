@@ -33,6 +33,8 @@ from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.webhooks import service as webhooks
+from moderation.webhooks.models import EventType
 
 if TYPE_CHECKING:
     from moderation.banks.matcher import Match
@@ -328,6 +330,10 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
     written = [r for r in first_of_each.values() if r.upload_id in written_ids]
     if written:
         _insert_screening_rows(connection, written, model_id)
+        if webhooks.screening_hits_enabled():
+            # One statement for the group, in its transaction: the events commit with the hits.
+            found = [r.upload_id for r in written if r.matches]
+            webhooks.enqueue(session, EventType.HIT, found)
     reported: set[int] = set()
     outcome = []
     for result in results:  # a duplicate within the group is reported as not written
