@@ -1,12 +1,14 @@
 """The review page in a real browser: Debian's Chromium driven by Playwright, against the
 application served by `moderation api` (uvicorn) over PostgreSQL, with hits found by a real
 worker. A reviewer logs in, reveals a blurred thumbnail, confirms a hit with the keyboard
-and sees it leave the queue."""
+and sees it leave the queue; `moderation webhooks send` delivers the verdict to a receiver."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,8 +33,8 @@ from moderation.banks.models import Bank, BankEntry
 from moderation.db import session_scope
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Hit, ReviewStatus, UploadStatus
-from moderation.webhooks.models import EventType, WebhookEvent
 from tests.web_fixtures import detailed_image
+from tests.webhook_receiver import Receiver, running_receiver
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium as the system installs it: nothing downloaded, nothing phoned home.
@@ -60,39 +63,36 @@ def _free_port() -> int:
     return port
 
 
-# Where the API's decisions announce verdicts (the outbox's events name this URL's receiver).
-WEBHOOK_ENV = {
-    "MODERATION_WEBHOOK_URL": "http://127.0.0.1:9/verdicts",
-    "MODERATION_WEBHOOK_SECRET": "browser-test-secret",
-}
+SECRET = "browser-test-secret"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    """`moderation api` in a process of its own, on a free port of 127.0.0.1."""
-    port = _free_port()
-    log = (tmp_path / "api.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moderation", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, **WEBHOOK_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+def receiver() -> Iterator[Receiver]:
+    """The upload service's webhook endpoint: a real HTTP server on 127.0.0.1."""
+    with running_receiver(Receiver()) as running:
+        yield running
+
+
+@pytest.fixture
+def webhook_env(receiver: Receiver) -> dict[str, str]:
+    """Settings for the API (whose decisions write events for this URL) and the sender."""
+    return {
+        **os.environ,
+        "MODERATION_WEBHOOK_URL": receiver.url,
+        "MODERATION_WEBHOOK_SECRET": SECRET,
+        "MODERATION_WEBHOOK_POLL_S": "0.1",
+    }
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m moderation ARGS` in a process of its own, stopped (SIGTERM) at the end."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moderation", *args], env=env, stdout=output, stderr=output
+        )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"moderation api exited: {(tmp_path / 'api.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"moderation api did not start: {(tmp_path / 'api.log').read_text()}")
-            time.sleep(0.2)
-        yield base
+        yield process
     finally:
         process.terminate()
         try:
@@ -100,7 +100,35 @@ def server(tmp_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
+
+
+@pytest.fixture
+def server(webhook_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`moderation api` on a free port of 127.0.0.1; its base URL."""
+    port = _free_port()
+    log = tmp_path / "api.log"
+    args = ["api", "--host", "127.0.0.1", "--port", str(port)]
+    with _process(args, webhook_env, log) as process:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moderation api did not start: {log.read_text()}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base
+
+
+@pytest.fixture
+def sender(webhook_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    """`moderation webhooks send`, delivering the outbox to the receiver; its log."""
+    log = tmp_path / "sender.log"
+    with _process(["webhooks", "send"], webhook_env, log):
+        yield log
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +168,15 @@ def _wait_loaded(page: Page, selector: str) -> None:
     page.wait_for_function(loaded, arg=selector)
 
 
+def _verify(body: bytes, timestamp: str, signature: str) -> bool:
+    """The README's signature check, as a receiver would write it."""
+    mac = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    fresh = abs(time.time() - int(timestamp)) <= 300
+    return fresh and hmac.compare_digest("v1=" + mac.hexdigest(), signature)
+
+
 def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
-    server: str, browser: Browser, tmp_path: Path
+    server: str, sender: Path, receiver: Receiver, browser: Browser, tmp_path: Path
 ) -> None:
     uploads = _screened_hits(tmp_path, 2)
     with session_scope() as session:
@@ -191,10 +226,18 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
         reviewers = set(session.scalars(select(Hit.reviewed_by).where(Hit.upload_id == chosen)))
     assert statuses == {chosen: ReviewStatus.CONFIRMED, other: ReviewStatus.PENDING}
     assert reviewers == {actor}
-    # The verdict is in the webhook outbox, committed with the decision.
-    with session_scope() as session:
-        events = [
-            (event.event_type, event.upload_id) for event in session.scalars(select(WebhookEvent))
-        ]
-    assert events == [(EventType.CONFIRMED, chosen)]
+    # The verdict reaches the upload service: one signed event, about this upload only.
+    deadline = time.monotonic() + 30
+    while not receiver.effects and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(receiver.effects) == 1, sender.read_text()
+    (request,) = receiver.requests
+    headers = request.headers
+    assert _verify(
+        request.body, headers["x-moderation-timestamp"], headers["x-moderation-signature"]
+    )
+    event = json.loads(request.body)
+    assert event["type"] == "upload.confirmed"
+    assert event["data"]["upload"]["id"] == chosen
+    assert {hit["review_status"] for hit in event["data"]["hits"]} == {"confirmed"}
     context.close()
