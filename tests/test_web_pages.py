@@ -5,6 +5,7 @@ upload and bank pages."""
 from __future__ import annotations
 
 import io
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from moderation.web.models import WebSession
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
 from tests.routes import app_routes
-from tests.web_fixtures import SAME_ORIGIN, Seeded, log_in, seed_hit, site
+from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
 
@@ -263,33 +264,25 @@ def test_the_bank_page_shows_settings_counts_and_hashes_only(
     assert "restricted-source" not in text
 
 
-def _seeded_ids(seeded: Seeded) -> dict[str, int]:
-    return {
-        "upload_id": seeded.upload_id,
-        "hit_id": seeded.hit_id,
-        "bank_id": seeded.bank_id,
-        "entry_id": seeded.entry_id,
-        "id": seeded.entry_id,
-    }
-
-
 def test_no_route_serves_bank_content(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     """Every GET route of the application, pages and API, called by an admin with every id
-    the data has: neither a bank entry's source reference nor its source's bytes come back."""
+    and name the data has in every path parameter: neither a bank entry's source reference
+    nor its source's bytes ever come back."""
     seeded = seed_hit(tmp_path)
-    ids = sorted(set(_seeded_ids(seeded).values()))
+    ids = {seeded.upload_id, seeded.hit_id, seeded.bank_id, seeded.entry_id}
+    values: list[object] = [*sorted(ids), "known-bad"]
     admin = bearer(keys[Role.ADMIN])
-    called = 0
     app = site.app
     assert isinstance(app, FastAPI)
+    called = found = 0
     for template, route in app_routes(app):
         if "GET" not in (route.methods or ()):
             continue
         names = list(route.param_convertors)
-        for value in ids if names else [0]:
-            path = template.format(**dict.fromkeys(names, value))
+        for combination in itertools.product(values, repeat=len(names)):
+            path = template.format(**dict(zip(names, combination, strict=True)))
             for params in ({}, {"reveal": "1"}):
                 response = site.get(path, params=params, headers=admin)
                 assert response.status_code < 500, (path, response.text)
@@ -297,4 +290,6 @@ def test_no_route_serves_bank_content(
                 assert b"restricted-source" not in response.content, path
                 assert seeded.source_bytes not in response.content, path
                 called += 1
+                found += response.status_code == 200
     assert called >= 10
+    assert found >= 8  # the ids and names reached real rows
