@@ -163,9 +163,9 @@ def _detail(png: bytes) -> float:
     return float(np.abs(np.diff(pixels, axis=1)).mean())
 
 
-def _wait_loaded(page: Page, selector: str) -> None:
-    loaded = "s => { const i = document.querySelector(s); return i?.complete && i.naturalWidth }"
-    page.wait_for_function(loaded, arg=selector)
+def _wait_decoded(page: Page, selector: str) -> None:
+    """Until the image's current source is loaded and decoded (`decode()` fails if not)."""
+    page.evaluate("s => document.querySelector(s).decode()", selector)
 
 
 def _verify(body: bytes, timestamp: str, signature: str) -> bool:
@@ -203,14 +203,13 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     chosen = int(first.get_attribute("data-upload") or 0)
     (other,) = set(uploads) - {chosen}
     thumb = f"#upload-{chosen} figure.thumb img"
-    _wait_loaded(page, thumb)
+    _wait_decoded(page, thumb)
     assert "reveal" not in (page.get_attribute(thumb, "src") or "")
     blurred = page.locator(thumb).screenshot()
 
     page.keyboard.press("r")
     expect(page.locator(thumb)).to_have_attribute("src", re.compile(r"reveal=1$"))
-    _wait_loaded(page, thumb)
-    page.wait_for_timeout(100)  # the new image painted
+    _wait_decoded(page, thumb)
     revealed = page.locator(thumb).screenshot()
     assert _detail(revealed) > 5 * _detail(blurred)
 
