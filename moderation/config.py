@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     # How often an idle sender looks for due events.
     webhook_poll_s: float = Field(default=1.0, gt=0)
 
+    # Web pages: how long a login lasts before the reviewer pastes their key again.
+    web_session_hours: float = Field(default=12.0, gt=0)
+    # Side of the review queue's thumbnails, made from each upload on every view.
+    thumbnail_side: int = Field(default=320, ge=32, le=2048)
+
     @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

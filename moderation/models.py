@@ -7,6 +7,7 @@ from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
 from moderation.search.models import IndexEvaluation
+from moderation.web.models import WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "IndexEvaluation",
     "Signal",
     "Upload",
+    "WebSession",
     "WebhookAttempt",
     "WebhookEvent",
     "Worker",

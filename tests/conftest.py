@@ -84,6 +84,7 @@ _DATA_TABLES = ", ".join(
         "bank_entry_embeddings",
         "bank_entries",
         "banks",
+        "web_sessions",
         "api_keys",
         "index_evaluations",
         "webhook_events",

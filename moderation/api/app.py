@@ -15,6 +15,7 @@ from moderation.api.health import router as health_router
 from moderation.audit.api import router as audit_router
 from moderation.review.api import router as review_router
 from moderation.search.api import router as search_router
+from moderation.web.pages import install as install_pages
 
 
 def create_app() -> FastAPI:
@@ -31,4 +32,5 @@ def create_app() -> FastAPI:
         search_router,
     ):
         app.include_router(router)
+    install_pages(app)
     return app
