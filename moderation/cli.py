@@ -13,7 +13,10 @@ from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.review.cli import decide
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
+from moderation.search.cli import index, search
+from moderation.webhooks.cli import webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -87,5 +90,21 @@ def demo() -> None:
     run_demo()
 
 
-for command in (api, apikey, bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
+for command in (
+    api,
+    apikey,
+    bank,
+    embed,
+    model,
+    submit,
+    resubmit,
+    hits,
+    uploads,
+    worker,
+    sweep,
+    search,
+    index,
+    decide,
+    webhooks,
+):
     main.add_command(command)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The production checkpoint on a GPU, and the smaller one that is still usable on a CPU.
@@ -120,6 +121,63 @@ class Settings(BaseSettings):
     worker_dead_after_s: float = Field(default=30.0, gt=0)
     # Where a worker serves its Prometheus metrics (/metrics on every address); unset: not.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # The analyst's similarity index (`moderation/search`). Provisional numbers, to be set
+    # from bench/search.py: exact (IndexFlatIP) below `search_exact_max` vectors, HNSW in
+    # memory up to `search_hnsw_max`, IVF above (PQ-compressed when `search_ivf_pq_m` > 0).
+    # Its search breadth (efSearch, nprobe) is the smallest that meets `search_recall_target`
+    # (recall@`search_recall_k` against exact search on held-out queries). Snapshots of the
+    # index live in `index_dir`, one file per model (relative paths: to the working directory).
+    index_dir: Path = Path(".moderation/index")
+    search_exact_max: int = Field(default=100_000, ge=0)
+    search_hnsw_max: int = Field(default=2_000_000, ge=0)
+    search_hnsw_m: int = Field(default=32, ge=4)
+    search_hnsw_ef_construction: int = Field(default=200, ge=8)
+    # IVF lists: unset means 4 * sqrt(n); trained on at most this many sampled vectors.
+    search_ivf_nlist: int | None = Field(default=None, ge=1)
+    search_ivf_pq_m: int = Field(default=0, ge=0)
+    search_train_sample: int = Field(default=200_000, ge=1000)
+    search_recall_target: float = Field(default=0.95, gt=0, le=1)
+    search_recall_k: int = Field(default=10, ge=1)
+    search_tuning_queries: int = Field(default=200, ge=10)
+    # Frames taken from the index before the exact rerank; filters that reject most of
+    # them widen this, and below `search_exact_scan_max` matching rows the filtered rows
+    # are scanned exactly instead.
+    search_candidates: int = Field(default=100, ge=1)
+    search_exact_scan_max: int = Field(default=20_000, ge=0)
+    # Long-lived processes (the API) read new embeddings this often; the CLI once per call.
+    search_tail_interval_s: float = Field(default=1.0, gt=0)
+    # The checkpoint passes an embedding id only once every transaction that could still
+    # commit a lower id has ended (see `search/follow.py`), and at least this long after.
+    search_commit_lag_s: float = Field(default=1.0, ge=0)
+    # A process that has added this many rows since the last snapshot writes a new one.
+    search_snapshot_every: int = Field(default=10_000, ge=1)
+    # Verdict webhooks (README, "Webhooks"). Events are written to the outbox only while a
+    # URL is set; the sender (`moderation webhooks send`) signs each with the secret.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    # Also send an event when screening finds hits (and when a reviewer dismisses them),
+    # not only when a reviewer confirms them.
+    webhook_on_screening_hit: bool = False
+    # One POST, connect to last byte; a receiver slower than this is retried.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Retry delays double from the base up to the cap: a receiver down for an hour is tried
+    # about a dozen times and gets its backlog within one cap of coming back.
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=600.0, gt=0)
+    # A claimed event is hidden from other senders this long; a sender that dies mid-delivery
+    # releases its events when the lease runs out. Longer than the timeout.
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    # An event still undelivered this long after it was written (or redelivered) is failed
+    # (`moderation webhooks list --status failed`; `webhooks redeliver` revives it).
+    webhook_give_up_after_s: float = Field(default=3 * 24 * 3600.0, gt=0)
+    # How often an idle sender looks for due events.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
+
+    # Web pages: how long a login lasts before the reviewer pastes their key again.
+    web_session_hours: float = Field(default=12.0, gt=0)
+    # Side of the review queue's thumbnails, made from each upload on every view.
+    thumbnail_side: int = Field(default=320, ge=32, le=2048)
 
     @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
     @classmethod

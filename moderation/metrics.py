@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from moderation.banks.service import unmatchable_clip_entries
 from moderation.config import Settings
@@ -23,6 +27,47 @@ UNMATCHABLE_CLIP_ENTRIES = Gauge(
     "on CLIP by it (their hashes still are), per bank; counted at worker start",
     ["bank", "model"],
 )
+
+
+class IndexRecall(Collector):
+    """The latest `moderation index eval` of each model's search index, read from the
+    database at each scrape: recall falling as the corpus grows shows on a dashboard."""
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        recall = GaugeMetricFamily(
+            "moderation_index_recall",
+            "recall@k of the similarity index against exact search, as last measured by "
+            "`moderation index eval`",
+            labels=["model", "index_kind", "k"],
+        )
+        size = GaugeMetricFamily(
+            "moderation_index_evaluated_vectors",
+            "vectors in the similarity index when its recall was last measured",
+            labels=["model"],
+        )
+        return recall, size
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        # Imported here: the command line imports this module, and needs no Faiss to start.
+        from moderation.search.service import latest_evaluations
+
+        recall, size = self._families()
+        try:
+            with session_scope() as session:
+                for model, evaluation in latest_evaluations(session):
+                    labels = [model, evaluation.index_kind, str(evaluation.k)]
+                    recall.add_metric(labels, evaluation.recall)
+                    size.add_metric([model], evaluation.corpus_size)
+        except SQLAlchemyError as error:
+            logger.warning("cannot read the index evaluations for metrics: %s", error)
+        yield recall
+        yield size
+
+
+REGISTRY.register(IndexRecall())
 
 _served: set[int] = set()
 _lock = threading.Lock()

@@ -6,6 +6,9 @@ from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.screening.models import Hit, Signal, Upload, Worker
+from moderation.search.models import IndexEvaluation
+from moderation.web.models import WebSession
+from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
 __all__ = [
     "ApiKey",
@@ -17,7 +20,11 @@ __all__ = [
     "Embedding",
     "EmbeddingModel",
     "Hit",
+    "IndexEvaluation",
     "Signal",
     "Upload",
+    "WebSession",
+    "WebhookAttempt",
+    "WebhookEvent",
     "Worker",
 ]

@@ -75,8 +75,21 @@ def _free_port() -> int:
 WORKER_METRICS_PORT = _free_port()
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
-_DATA_TABLES = (
-    "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks, api_keys"
+_DATA_TABLES = ", ".join(
+    [
+        "hits",
+        "signals",
+        "embeddings",
+        "uploads",
+        "bank_entry_embeddings",
+        "bank_entries",
+        "banks",
+        "web_sessions",
+        "api_keys",
+        "index_evaluations",
+        "webhook_events",
+        "webhook_attempts",
+    ]
 )
 
 

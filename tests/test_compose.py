@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 # Variables the compose file may take from the environment, each with a default.
-DOCUMENTED_VARIABLES = {"TORCH_INDEX_URL", "MODERATION_MODEL", "MODERATION_DEVICE"}
+DOCUMENTED_VARIABLES = {
+    "TORCH_INDEX_URL",
+    "MODERATION_MODEL",
+    "MODERATION_DEVICE",
+    "MODERATION_WEBHOOK_URL",
+    "MODERATION_WEBHOOK_SECRET",
+}
 
 
 def load_compose() -> dict[str, Any]:
@@ -78,7 +84,7 @@ def test_every_service_has_an_image_or_a_build() -> None:
 def test_the_expected_services_are_there() -> None:
     assert {"postgres", "redis", "migrate", "worker", "api", "demo"} <= SERVICES.keys()
     assert set(ONE_SHOT) == {"migrate", "demo"}
-    assert set(BUILT) == {"migrate", "worker", "api", "demo"}
+    assert set(BUILT) == {"migrate", "worker", "api", "demo", "webhooks"}
 
 
 @pytest.mark.parametrize("name", BUILT)

@@ -12,6 +12,7 @@ the few that need no key (health checks, the login page).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
@@ -45,10 +46,16 @@ def db_session() -> Iterator[Session]:
 
 DbSession = Annotated[Session, Depends(db_session)]
 
-# Functions that find a key in a request other than in the Authorization header (the web
-# pages' session cookie). Each returns the key or None.
-CredentialSource = Callable[[Request], str | None]
-credential_sources: list[CredentialSource] = []
+
+@dataclass(frozen=True)
+class CredentialSource:
+    """A place where a request may carry a credential, and how that credential is checked."""
+
+    # The credential in the request, or None when it carries none of this kind. May raise an
+    # HTTPException to refuse the request outright (the cookie's cross-site check).
+    find: Callable[[Request], str | None]
+    # The principal the credential stands for; None when it is unknown, revoked or expired.
+    authenticate: Callable[[Session, str], Principal | None]
 
 
 def _bearer(request: Request) -> str | None:
@@ -59,11 +66,17 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def _credential(request: Request) -> str | None:
-    for source in (_bearer, *credential_sources):
-        found = source(request)
+BEARER = CredentialSource(find=_bearer, authenticate=authenticate)
+# Sources after the Authorization header, in order (the web pages' session cookie). The
+# first source that finds a credential decides: an invalid one is a 401, not a fall-through.
+credential_sources: list[CredentialSource] = []
+
+
+def _credential(request: Request) -> tuple[CredentialSource, str] | None:
+    for source in (BEARER, *credential_sources):
+        found = source.find(request)
         if found:
-            return found
+            return source, found
     return None
 
 
@@ -82,11 +95,12 @@ def authorize(request: Request) -> Principal | None:
     admitted = route_roles(route)
     if admitted is None:
         return None
-    secret = _credential(request)
+    credential = _credential(request)
     principal = None
-    if secret is not None:
+    if credential is not None:
+        source, secret = credential
         with session_scope() as session:
-            principal = authenticate(session, secret)
+            principal = source.authenticate(session, secret)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -100,6 +114,8 @@ def authorize(request: Request) -> Principal | None:
             f"allowed: {', '.join(sorted(role.value for role in admitted))}",
         )
     request.state.principal = principal
+    # Forms check an anti-forgery token only where the browser sent the credential by itself.
+    request.state.credential_source = source  # set whenever principal is
     return principal
 
 

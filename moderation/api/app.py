@@ -15,7 +15,10 @@ from moderation.api.health import router as health_router
 from moderation.api.metrics import router as metrics_router
 from moderation.audit.api import router as audit_router
 from moderation.banks.api import router as banks_router
+from moderation.review.api import router as review_router
 from moderation.screening.api import router as uploads_router
+from moderation.search.api import router as search_router
+from moderation.web.pages import install as install_pages
 
 
 def create_app() -> FastAPI:
@@ -31,6 +34,9 @@ def create_app() -> FastAPI:
         audit_router,
         uploads_router,
         banks_router,
+        review_router,
+        search_router,
     ):
         app.include_router(router)
+    install_pages(app)
     return app

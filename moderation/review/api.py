@@ -1,0 +1,148 @@
+"""The review queue over HTTP: reviewers read and decide hits; analysts may read them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import AwareDatetime, BaseModel, Field
+
+from moderation.api.access import Caller, DbSession, allow
+from moderation.auth.models import Role
+from moderation.images.signals import SignalType
+from moderation.review import service
+from moderation.review.service import HitEvidence, Outcome, QueueFilter
+from moderation.screening.models import ReviewStatus
+
+router = APIRouter(prefix="/v1/hits", tags=["review"])
+
+# Ids are PostgreSQL bigints: a larger number is no hit, not a database error.
+HitId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# PostgreSQL text cannot hold NUL: refused as a bad request, not failed in the driver.
+NO_NUL = r"^[^\x00]*$"
+
+READERS = allow(Role.REVIEWER, Role.ANALYST)
+
+
+class HitOut(BaseModel):
+    id: int
+    upload_id: int
+    upload_uri: str
+    external_id: str | None
+    bank_id: int
+    bank: str
+    bank_entry_id: int
+    signal: str
+    # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256.
+    distance: float
+    threshold: float
+    threshold_source: str = Field(description="bank, global, pdq or exact")
+    frame_index: int
+    model: str | None
+    retroactive: bool
+    created_at: datetime
+    review_status: str
+    reviewed_at: datetime | None
+    reviewed_by: str | None
+    review_note: str | None
+
+    @classmethod
+    def of(cls, hit: HitEvidence) -> HitOut:
+        fields = vars(hit).copy()
+        fields["id"] = fields.pop("hit_id")
+        return cls(**fields)
+
+
+class HitPage(BaseModel):
+    hits: list[HitOut]
+    # Pass as `cursor` for the next (older) page; null when this page is the last.
+    next_cursor: str | None
+    # Hits matching the filters (status aside) that are pending.
+    pending: int
+
+
+class DecisionIn(BaseModel):
+    outcome: Outcome
+    note: str | None = Field(default=None, max_length=4000, pattern=NO_NUL)
+
+
+class DecisionOut(BaseModel):
+    upload_id: int
+    hit_id: int
+    outcome: Outcome
+    # False when the hit was already decided so (a repeated request): nothing changed.
+    changed: bool
+    # The hits this decision moved.
+    decided_hit_ids: list[int]
+    # Every hit of the upload, after the decision.
+    hits: list[HitOut]
+
+
+@router.get("", openapi_extra=READERS)
+def list_hits(
+    session: DbSession,
+    status_: Annotated[
+        ReviewStatus | None, Query(alias="status", description="default: pending")
+    ] = ReviewStatus.PENDING,
+    any_status: Annotated[bool, Query(description="all statuses; overrides status")] = False,
+    bank: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    signal: SignalType | None = None,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
+    retroactive: bool | None = None,
+    upload_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> HitPage:
+    """The review queue: hits newest first, filtered; page through with `cursor`."""
+    filters = QueueFilter(
+        status=None if any_status else status_,
+        bank=bank,
+        signal=signal,
+        since=since,
+        until=until,
+        retroactive=retroactive,
+        upload_id=upload_id,
+    )
+    try:
+        page = service.queue(session, filters, cursor=cursor, limit=limit)
+    except service.InvalidCursor as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+    pending = service.count(session, replace(filters, status=ReviewStatus.PENDING))
+    return HitPage(
+        hits=[HitOut.of(hit) for hit in page.hits], next_cursor=page.next_cursor, pending=pending
+    )
+
+
+@router.get("/{hit_id}", openapi_extra=READERS)
+def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
+    try:
+        return HitOut.of(service.get_hit(session, hit_id))
+    except service.HitNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
+
+
+@router.post(
+    "/{hit_id}/decision",
+    openapi_extra=allow(Role.REVIEWER),
+    responses={404: {"description": "no such hit"}, 409: {"description": "decided otherwise"}},
+)
+def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) -> DecisionOut:
+    """Confirm, dismiss or escalate a hit, and with it every open hit of its upload.
+    Repeating a decision changes nothing; contradicting a final one is a 409."""
+    try:
+        decision = service.decide(session, hit_id, body.outcome, body.note, caller.actor)
+    except service.HitNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
+    except service.AlreadyDecided as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    return DecisionOut(
+        upload_id=decision.upload_id,
+        hit_id=decision.hit_id,
+        outcome=decision.outcome,
+        changed=decision.changed,
+        decided_hit_ids=sorted(decision.decided),
+        hits=[HitOut.of(hit) for hit in decision.hits],
+    )

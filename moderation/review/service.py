@@ -1,0 +1,347 @@
+"""The review queue and decisions.
+
+The queue: hits newest first, filtered, paged by a keyset cursor over (created_at, id), so
+a page never shifts while hits arrive or are decided: a traversal returns each hit that
+existed when it started exactly once, and never a hit twice. Hits that arrive during a
+traversal are newer than its cursor and show on the next one, from the top. (A hit's
+`created_at` is its transaction's start; a hit from a transaction that began before the
+cursor's position but committed after a page was read would sort behind that page. Hits
+are written by short screening transactions, and a pending hit stays in the queue, so it
+shows on the next pass at the latest.)
+
+A decision is on an upload: confirming, dismissing or escalating one hit decides every
+open hit (pending or escalated) of its upload together. Hits already confirmed or
+dismissed keep their decision: a decision never overturns another reviewer's final one.
+Deciding a hit already decided the same way changes nothing (a repeated click, a retried
+request); deciding it otherwise is `AlreadyDecided` (HTTP 409), with who decided it. Two
+reviewers deciding at once are ordered by row locks on the upload's hits: the second waits,
+then sees the first's decision.
+
+Each decision that changes anything writes one audit row (who, what, when, the hits'
+statuses before and after) and, for a confirmation, a webhook event, in its transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVarTuple
+
+from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy.orm import Session
+
+from moderation.audit import service as audit
+from moderation.banks.models import Bank, BankEntry
+from moderation.config import Settings, get_settings
+from moderation.embedding.models import EmbeddingModel
+from moderation.images.signals import SignalType
+from moderation.screening.models import Hit, ReviewStatus, Upload
+from moderation.webhooks import service as webhooks
+from moderation.webhooks.models import EventType
+
+
+class Outcome(enum.StrEnum):
+    CONFIRM = "confirm"
+    DISMISS = "dismiss"
+    ESCALATE = "escalate"
+
+
+STATUS_AFTER = {
+    Outcome.CONFIRM: ReviewStatus.CONFIRMED,
+    Outcome.DISMISS: ReviewStatus.DISMISSED,
+    Outcome.ESCALATE: ReviewStatus.ESCALATED,
+}
+Columns = TypeVarTuple("Columns")
+
+# Hits a decision may still change.
+OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.ESCALATED)
+
+
+class HitNotFound(LookupError):
+    def __init__(self, hit_id: int) -> None:
+        super().__init__(f"no hit with id {hit_id}")
+
+
+class InvalidCursor(ValueError):
+    def __init__(self) -> None:
+        super().__init__("the cursor is not one this service returned; start again without it")
+
+
+class AlreadyDecided(ValueError):
+    """The hit has a final decision other than the one asked for."""
+
+    def __init__(self, hit: Hit) -> None:
+        when = f" at {hit.reviewed_at:%Y-%m-%d %H:%M:%S %Z}" if hit.reviewed_at else ""
+        super().__init__(
+            f"hit {hit.id} was already {hit.review_status.value} by "
+            f"{hit.reviewed_by or 'an unknown reviewer'}{when}; a final decision is not changed"
+        )
+        self.hit_id = hit.id
+        self.status = hit.review_status
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    # None: any status.
+    status: ReviewStatus | None = ReviewStatus.PENDING
+    bank: str | None = None
+    signal: SignalType | None = None
+    # created_at in [since, until)
+    since: datetime | None = None
+    until: datetime | None = None
+    retroactive: bool | None = None
+    upload_id: int | None = None
+
+
+@dataclass(frozen=True)
+class HitEvidence:
+    """A hit and why it fired: the signal, its distance against the threshold, where."""
+
+    hit_id: int
+    upload_id: int
+    upload_uri: str
+    external_id: str | None
+    bank_id: int
+    bank: str
+    bank_entry_id: int
+    signal: str
+    distance: float
+    # The threshold in force now for this signal and bank: the bank's radius or the global
+    # one for CLIP (cosine distance), the PDQ threshold (bits), 0 for SHA-256. Hits record
+    # their distance, not the threshold of the day they were found.
+    threshold: float
+    # Where the threshold comes from: bank, global, pdq or exact.
+    threshold_source: str
+    frame_index: int
+    model: str | None
+    retroactive: bool
+    created_at: datetime
+    review_status: str
+    reviewed_at: datetime | None
+    reviewed_by: str | None
+    review_note: str | None
+
+
+@dataclass(frozen=True)
+class QueuePage:
+    hits: list[HitEvidence]
+    # Pass back for the next (older) page; None when this page is the last.
+    next_cursor: str | None
+
+
+def _evidence_query() -> Select[Hit, Upload, Bank, str | None]:
+    return (
+        select(Hit, Upload, Bank, EmbeddingModel.name)
+        .join(Upload, Upload.id == Hit.upload_id)
+        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
+    )
+
+
+def _threshold(hit: Hit, bank: Bank, settings: Settings) -> tuple[float, str]:
+    if hit.signal is SignalType.CLIP:
+        if bank.radius is not None:
+            return bank.radius, "bank"
+        return settings.match_radius, "global"
+    if hit.signal is SignalType.PDQ:
+        return float(settings.pdq_threshold), "pdq"
+    return 0.0, "exact"
+
+
+def _evidence(hit: Hit, upload: Upload, bank: Bank, model: str | None) -> HitEvidence:
+    threshold, source = _threshold(hit, bank, get_settings())
+    return HitEvidence(
+        hit_id=hit.id,
+        upload_id=hit.upload_id,
+        upload_uri=upload.uri,
+        external_id=upload.external_id,
+        bank_id=bank.id,
+        bank=bank.name,
+        bank_entry_id=hit.bank_entry_id,
+        signal=hit.signal.value,
+        distance=hit.distance,
+        threshold=threshold,
+        threshold_source=source,
+        frame_index=hit.frame_index,
+        model=model,
+        retroactive=hit.retroactive,
+        created_at=hit.created_at,
+        review_status=hit.review_status.value,
+        reviewed_at=hit.reviewed_at,
+        reviewed_by=hit.reviewed_by,
+        review_note=hit.review_note,
+    )
+
+
+def _filtered(query: Select[*Columns], filters: QueueFilter) -> Select[*Columns]:
+    if filters.status is not None:
+        query = query.where(Hit.review_status == filters.status)
+    if filters.bank is not None:
+        query = query.where(
+            Hit.bank_entry_id.in_(
+                select(BankEntry.id)
+                .join(Bank, Bank.id == BankEntry.bank_id)
+                .where(Bank.name == filters.bank)
+            )
+        )
+    if filters.signal is not None:
+        query = query.where(Hit.signal == filters.signal)
+    if filters.since is not None:
+        query = query.where(Hit.created_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(Hit.created_at < filters.until)
+    if filters.retroactive is not None:
+        query = query.where(Hit.retroactive.is_(filters.retroactive))
+    if filters.upload_id is not None:
+        query = query.where(Hit.upload_id == filters.upload_id)
+    return query
+
+
+def encode_cursor(created_at: datetime, hit_id: int) -> str:
+    raw = json.dumps([created_at.isoformat(), hit_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, hit_id = json.loads(raw)
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None or not isinstance(hit_id, int) or not 0 < hit_id < 2**63:
+            raise InvalidCursor
+        return when, hit_id
+    except (binascii.Error, ValueError, TypeError, OverflowError) as error:
+        raise InvalidCursor from error
+
+
+def queue(
+    session: Session,
+    filters: QueueFilter = QueueFilter(),
+    *,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> QueuePage:
+    """A page of hits, newest first, after `cursor` (from the previous page) if given."""
+    query = _filtered(_evidence_query(), filters).order_by(Hit.created_at.desc(), Hit.id.desc())
+    if cursor is not None:
+        query = query.where(tuple_(Hit.created_at, Hit.id) < tuple_(*decode_cursor(cursor)))
+    rows = session.execute(query.limit(limit + 1)).all()
+    hits = [_evidence(*row) for row in rows[:limit]]
+    more = len(rows) > limit
+    next_cursor = encode_cursor(hits[-1].created_at, hits[-1].hit_id) if more else None
+    return QueuePage(hits, next_cursor)
+
+
+def count(session: Session, filters: QueueFilter = QueueFilter()) -> int:
+    """Hits matching the filters; with the default filter, the pending ones."""
+    query = _filtered(select(func.count()).select_from(Hit), filters)
+    return session.scalar(query) or 0
+
+
+def get_hit(session: Session, hit_id: int) -> HitEvidence:
+    row = session.execute(_evidence_query().where(Hit.id == hit_id)).one_or_none()
+    if row is None:
+        raise HitNotFound(hit_id)
+    return _evidence(*row)
+
+
+def upload_hits(session: Session, upload_id: int) -> list[HitEvidence]:
+    """Every hit of an upload, whatever its status, in the order they were found."""
+    query = _evidence_query().where(Hit.upload_id == upload_id).order_by(Hit.id)
+    return [_evidence(*row) for row in session.execute(query)]
+
+
+@dataclass(frozen=True)
+class Decision:
+    upload_id: int
+    hit_id: int
+    outcome: Outcome
+    # False when the hit was already decided so: nothing was written.
+    changed: bool
+    # The hits this decision moved, with their status before.
+    decided: dict[int, ReviewStatus]
+    # Every hit of the upload, after the decision.
+    hits: list[HitEvidence]
+
+
+def decide(
+    session: Session, hit_id: int, outcome: Outcome | str, note: str | None, actor: str
+) -> Decision:
+    """Decide a hit and its upload's other open hits; audit it; on a confirmation, write
+    the webhook event. Raises `HitNotFound` or `AlreadyDecided`."""
+    outcome = Outcome(outcome)  # a plain "confirm" from a form is welcome too
+    upload_id = session.scalar(select(Hit.upload_id).where(Hit.id == hit_id))
+    if upload_id is None:
+        raise HitNotFound(hit_id)
+    # Every hit of the upload, locked in id order (the same order for every decider, so two
+    # decisions on one upload queue instead of deadlocking), read afresh after the wait.
+    hits = list(
+        session.scalars(
+            select(Hit)
+            .where(Hit.upload_id == upload_id)
+            .order_by(Hit.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    )
+    named = next((hit for hit in hits if hit.id == hit_id), None)
+    if named is None:  # deleted with its upload while we waited
+        raise HitNotFound(hit_id)
+    target = STATUS_AFTER[outcome]
+    if named.review_status is target:
+        return Decision(upload_id, hit_id, outcome, False, {}, upload_hits(session, upload_id))
+    if named.review_status not in OPEN_STATUSES:
+        raise AlreadyDecided(named)
+    decided_at = session.scalar(select(func.now()))
+    decided = {}
+    for hit in hits:
+        if hit.review_status in OPEN_STATUSES and hit.review_status is not target:
+            decided[hit.id] = hit.review_status
+            hit.review_status = target
+            hit.reviewed_at = decided_at
+            hit.reviewed_by = actor
+            hit.review_note = note
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="review.decide",
+        subject_type="upload",
+        subject_id=upload_id,
+        before={"hits": {str(id_): status.value for id_, status in decided.items()}},
+        after={
+            "hit_id": hit_id,
+            "outcome": outcome.value,
+            "note": note,
+            "hits": {str(id_): target.value for id_ in decided},
+        },
+    )
+    _announce(session, upload_id, outcome, list(decided), decided_at)
+    return Decision(upload_id, hit_id, outcome, True, decided, upload_hits(session, upload_id))
+
+
+def _announce(
+    session: Session,
+    upload_id: int,
+    outcome: Outcome,
+    hit_ids: Sequence[int],
+    decided_at: datetime | None,
+) -> None:
+    settings = get_settings()
+    if outcome is Outcome.CONFIRM and webhooks.enabled(settings):
+        event = EventType.CONFIRMED
+    elif outcome is Outcome.DISMISS and webhooks.screening_hits_enabled(settings):
+        event = EventType.DISMISSED
+    else:
+        return
+    decision = {
+        "outcome": outcome.value,
+        "decided_at": decided_at.isoformat() if decided_at else None,
+    }
+    webhooks.enqueue(session, event, [upload_id], hit_ids=hit_ids, decision=decision)

@@ -1,0 +1,170 @@
+"""Similarity search for analysts: by text or upload id (GET), by example image (POST).
+
+The application holds one `SearchRuntime`: the index is opened on the first search and
+followed by a background thread from then on (an upload is searchable a second or two
+after its screening commits); the thread stops, saving what it added, when the
+application shuts down.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile, status
+from pydantic import BaseModel, Field
+
+from moderation.api.access import allow
+from moderation.auth.models import Role
+from moderation.config import get_settings
+from moderation.db import get_engine
+from moderation.images.errors import IntakeError
+from moderation.screening.models import UploadStatus
+from moderation.search.rerank import SearchQuery
+from moderation.search.runtime import SearchRuntime
+from moderation.search.service import Filters, SearchResult, UploadNotEmbedded
+from moderation.search.store import NoEmbeddings
+
+_runtime_lock = threading.Lock()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    runtime: SearchRuntime | None = getattr(app.state, "search_runtime", None)
+    if runtime is not None:
+        runtime.close()
+        app.state.search_runtime = None
+
+
+router = APIRouter(prefix="/v1/search", tags=["search"], lifespan=_lifespan)
+
+
+def _runtime(request: Request) -> SearchRuntime:
+    state = request.app.state
+    with _runtime_lock:
+        if getattr(state, "search_runtime", None) is None:
+            state.search_runtime = SearchRuntime(get_settings(), get_engine(), follow=True)
+        runtime: SearchRuntime = state.search_runtime
+    return runtime
+
+
+class HitOut(BaseModel):
+    bank: str
+    signal: str
+    distance: float
+    review_status: str
+    retroactive: bool
+
+
+class SearchResultOut(BaseModel):
+    upload_id: int
+    uri: str
+    score: float
+    frame_index: int
+    status: str
+    screened_at: datetime | None
+    error_code: str | None
+    hits: list[HitOut]
+
+    @classmethod
+    def of(cls, result: SearchResult) -> SearchResultOut:
+        return cls(
+            upload_id=result.upload_id,
+            uri=result.uri,
+            score=result.score,
+            frame_index=result.frame_index,
+            status=result.status,
+            screened_at=result.screened_at,
+            error_code=result.error_code,
+            hits=[HitOut(**vars(hit)) for hit in result.hits],
+        )
+
+
+class SearchResponse(BaseModel):
+    model: str
+    index_kind: str
+    index_size: int
+    results: list[SearchResultOut]
+
+
+class FilterParams(BaseModel):
+    k: int = Field(default=10, ge=1, le=1000)
+    screened_from: datetime | None = None
+    screened_until: datetime | None = None
+    status: UploadStatus | None = None
+    has_hit: bool | None = None
+    bank: str | None = None
+    error_code: str | None = None
+
+    def filters(self) -> Filters:
+        return Filters(
+            screened_from=self.screened_from,
+            screened_until=self.screened_until,
+            status=self.status,
+            has_hit=self.has_hit,
+            bank=self.bank,
+            error_code=self.error_code,
+        )
+
+
+# Declared once, shared by both routes: the filters arrive as query parameters.
+Filtering = Annotated[FilterParams, Query()]
+
+
+def _run(
+    runtime: SearchRuntime, make_query: Callable[[], SearchQuery], params: FilterParams
+) -> SearchResponse:
+    try:
+        query = make_query()
+        results = runtime.search(query, params.k, params.filters())
+    except (NoEmbeddings, UploadNotEmbedded) as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    except (IntakeError, ValueError) as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+    index = runtime.index()
+    return SearchResponse(
+        model=index.model_name,
+        index_kind=index.kind.value,
+        index_size=index.size,
+        results=[SearchResultOut.of(r) for r in results],
+    )
+
+
+@router.get("", openapi_extra=allow(Role.ANALYST))
+def search_by_text_or_upload(
+    request: Request,
+    params: Filtering,
+    text: str | None = None,
+    upload_id: int | None = None,
+) -> SearchResponse:
+    """The k screened uploads most like `text` (through the model's text tower) or like
+    upload `upload_id` (its stored embedding): exactly one of them."""
+    if (text is None) == (upload_id is None):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "give exactly one of `text` or `upload_id`"
+        )
+    runtime = _runtime(request)
+    if text is not None:
+        return _run(runtime, lambda: runtime.text_query(text), params)
+    assert upload_id is not None
+    return _run(runtime, lambda: runtime.upload_query(upload_id), params)
+
+
+@router.post("/image", openapi_extra=allow(Role.ANALYST))
+def search_by_image(
+    request: Request, params: Filtering, image: Annotated[UploadFile, File()]
+) -> SearchResponse:
+    """The k screened uploads most like an example image, sent as multipart `image`; it is
+    decoded and embedded exactly as screening does, and refused as screening would."""
+    limit = get_settings().max_bytes
+    data = image.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, f"the image is over {limit} bytes (max_bytes)"
+        )
+    runtime = _runtime(request)
+    return _run(runtime, lambda: runtime.image_query(data), params)

@@ -1,0 +1,215 @@
+"""`moderation search` and `moderation index rebuild|eval`.
+
+Faiss, the index and the model are imported inside the commands: the command line as a
+whole should start fast, and most commands never search.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from moderation.config import get_settings
+from moderation.console import emit_json, emit_table
+from moderation.db import get_engine, session_scope
+from moderation.images.errors import IntakeError
+from moderation.screening.models import UploadStatus
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """What a search command tells as one line: a person can act on each."""
+    from moderation.search.service import UploadNotEmbedded
+    from moderation.search.snapshot import SnapshotUnreadable
+    from moderation.search.store import NoEmbeddings
+
+    return (NoEmbeddings, UploadNotEmbedded, SnapshotUnreadable, IntakeError, ValueError)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@click.command("search")
+@click.option("--text", help="Search by description, through the model's text tower.")
+@click.option("--image", help="Search by example: an image path or URI.")
+@click.option("--upload", "upload_id", type=int, help="Search by example: an upload's id.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--from", "screened_from", type=click.DateTime(), help="Screened at or after (UTC).")
+@click.option("--until", "screened_until", type=click.DateTime(), help="Screened before (UTC).")
+@click.option("--status", type=click.Choice([s.value for s in UploadStatus]))
+@click.option("--has-hit/--no-hit", "has_hit", default=None, help="Only uploads with/without hits.")
+@click.option("--bank", help="Only uploads with a hit on this bank.")
+@click.option("--error-code", help="Only uploads that failed with this code.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def search(
+    text: str | None,
+    image: str | None,
+    upload_id: int | None,
+    k: int,
+    screened_from: datetime | None,
+    screened_until: datetime | None,
+    status: str | None,
+    has_hit: bool | None,
+    bank: str | None,
+    error_code: str | None,
+    as_json: bool,
+) -> None:
+    """The K screened uploads most like a text, an image or an upload (one of them)."""
+    from moderation.search import service
+    from moderation.search.runtime import SearchRuntime
+
+    if sum(option is not None for option in (text, image, upload_id)) != 1:
+        raise click.UsageError("give exactly one of --text, --image or --upload")
+    filters = service.Filters(
+        screened_from=_utc(screened_from),
+        screened_until=_utc(screened_until),
+        status=UploadStatus(status) if status else None,
+        has_hit=has_hit,
+        bank=bank,
+        error_code=error_code,
+    )
+    runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
+    try:
+        if text is not None:
+            query = runtime.text_query(text)
+        elif image is not None:
+            query = runtime.fetched_image_query(image, operator_file=True)
+        else:
+            assert upload_id is not None
+            query = runtime.upload_query(upload_id)
+        results = runtime.search(query, k, filters)
+    except _errors() as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        emit_json(results)
+        return
+    rows = [
+        {
+            **vars(r),
+            "hits": ", ".join(f"{h.bank}/{h.signal}" for h in r.hits) or None,
+        }
+        for r in results
+    ]
+    emit_table(
+        rows, ["upload_id", "score", "status", "screened_at", "hits", "uri"], empty="no results"
+    )
+
+
+@click.group()
+def index() -> None:
+    """The similarity index behind `moderation search`."""
+
+
+@contextmanager
+def _bar(length: int, label: str) -> Iterator[Any]:
+    # A bar on a terminal; nothing elsewhere (logs and pipes get the summary line).
+    with click.progressbar(
+        length=length, label=label, file=sys.stderr, hidden=not sys.stderr.isatty()
+    ) as bar:
+        yield bar
+
+
+@index.command("rebuild")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rebuild(as_json: bool) -> None:
+    """Build the configured model's index from the embeddings table, from scratch, and
+    save it as the snapshot searches start from."""
+    from moderation.search.store import (
+        IndexSettings,
+        build,
+        count_embeddings,
+        model_named,
+        save,
+        settle,
+    )
+
+    settings = get_settings()
+    config = IndexSettings.from_settings(settings)
+    engine = get_engine()
+    started = time.perf_counter()
+    try:
+        with session_scope() as session:
+            model = model_named(session, settings.resolved_model())
+            total = count_embeddings(session, model.id)
+        with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
+            built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
+    except _errors() as error:
+        raise click.ClickException(str(error)) from None
+    settle(built, engine)
+    path = save(built, config)
+    summary = {
+        "model": built.model_name,
+        "vectors": built.size,
+        "kind": built.kind.value,
+        "parameters": built.parameters,
+        "checkpoint": built.checkpoint,
+        "snapshot": str(path),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(
+            f"indexed {summary['vectors']} vectors of {summary['model']} as {summary['kind']} "
+            f"{summary['parameters']} in {summary['seconds']} s; saved {path}"
+        )
+
+
+@index.command("eval")
+@click.option("--queries", default=200, show_default=True, type=click.IntRange(1))
+@click.option("-k", "k", default=None, type=click.IntRange(1), help="Default: search_recall_k.")
+@click.option("--seed", type=int, help="Sample the same queries again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the history of evaluations as JSON.")
+def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
+    """Measure recall@k of the serving index against exact search, with stored vectors as
+    queries, and record it (with the corpus size and index parameters)."""
+    from moderation.search import service
+    from moderation.search.runtime import SearchRuntime
+    from moderation.search.store import IndexSettings, outgrown_by
+
+    settings = get_settings()
+    runtime = SearchRuntime(settings, get_engine(), follow=False)
+    try:
+        followed = runtime.index()
+        with session_scope() as session:
+            evaluation = service.evaluate(
+                session, followed, queries=queries, k=k or settings.search_recall_k, seed=seed
+            )
+            history = [_evaluation_row(e) for e in service.evaluation_history(session)]
+    except _errors() as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        emit_json(history)
+        return
+    click.echo(
+        f"recall@{evaluation.k} {evaluation.recall:.4f} over {evaluation.queries} queries: "
+        f"{evaluation.index_kind} {evaluation.parameters}, {evaluation.corpus_size} vectors"
+    )
+    emit_table(
+        history,
+        ["id", "created_at", "model_id", "index_kind", "corpus_size", "k", "recall"],
+        empty="no evaluations",
+    )
+    if note := outgrown_by(followed, IndexSettings.from_settings(settings).plan):
+        click.echo(note, err=True)
+
+
+def _evaluation_row(evaluation: Any) -> dict[str, Any]:
+    return {
+        "id": evaluation.id,
+        "created_at": evaluation.created_at,
+        "model_id": evaluation.model_id,
+        "index_kind": evaluation.index_kind,
+        "parameters": evaluation.parameters,
+        "corpus_size": evaluation.corpus_size,
+        "k": evaluation.k,
+        "queries": evaluation.queries,
+        "recall": evaluation.recall,
+        "seconds": evaluation.seconds,
+    }

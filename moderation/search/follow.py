@@ -1,0 +1,302 @@
+"""An in-memory index that follows the `embeddings` table of one model.
+
+The table is the source of truth; the index holds, per Faiss label, the embedding and
+upload id of the row it came from. `tail` reads the rows added since the checkpoint and
+adds them.
+
+The checkpoint is not simply the largest id seen. Ids come from a sequence when a row is
+inserted, but rows become visible when their transaction commits, and transactions commit
+in any order: id 41 may become visible a second after id 42. Reading `id > 42` next time
+would skip 41 forever. So:
+
+- every row above the checkpoint that the index holds is known by id (the label arrays),
+  and each tail reads the ids above the checkpoint and adds only those it lacks;
+- the checkpoint moves to a value only when no transaction that could still commit a row
+  at or below it is running. Each tail reads the sequence's last value A, then opens a
+  REPEATABLE READ transaction and records its snapshot's xmax X: every transaction that had
+  allocated an id up to A has an xid below X (screening writes the upload row before its
+  embeddings, so its transaction has an xid before it takes an id). A later tail whose
+  snapshot's xmin is at least X sees every such transaction ended, so every row up to A is
+  visible to it or never will be: the checkpoint may become A. (This needs the id
+  sequence's CACHE of 1, PostgreSQL's default for a serial column: with a larger cache a
+  session could use, later, ids it took before A was read.) `search_commit_lag_s`
+  is a second guard for the one case the xid rule cannot see: a single INSERT that takes
+  its id an instant before the transaction gets its xid.
+
+A long transaction anywhere on the server holds xmin back; the checkpoint then waits and
+the tail re-reads the ids above it (ids only, not vectors) until it ends. Nothing is
+missed, and a restart re-reads only what lies above the persisted checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlalchemy import Connection, Engine, Row, select, text
+
+from moderation.embedding.models import Embedding
+from moderation.search.indexes import BuiltIndex, IndexKind, apply_parameters, breadth_parameter
+from moderation.search.snapshot import Snapshot
+
+logger = logging.getLogger(__name__)
+
+_SEQUENCE_VALUE = text(
+    "SELECT pg_sequence_last_value(pg_get_serial_sequence('embeddings', 'id')::regclass)"
+)
+_SNAPSHOT_BOUNDS = text(
+    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
+    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+)
+# Vectors fetched per query by id.
+_FETCH_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """A checkpoint the index may take once every transaction running at `xmax` ended."""
+
+    allocated: int  # the sequence's last value, read before the snapshot
+    xmax: int  # that snapshot's xmax
+    read_at: float  # time.monotonic() just after the sequence was read
+
+
+@dataclass
+class TailRead:
+    """The rows one read found above the checkpoint that the index did not hold."""
+
+    embedding_ids: np.ndarray
+    upload_ids: np.ndarray
+    vectors: np.ndarray
+    xmin: int  # the read's snapshot's xmin
+    started_at: float  # time.monotonic() just before the snapshot
+    horizon: Horizon
+
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    pass
+
+
+def read_since(
+    engine: Engine,
+    model_id: int,
+    dim: int,
+    checkpoint: int,
+    known: np.ndarray,
+    progress: Progress = _no_progress,
+) -> TailRead:
+    """Rows of the model with an id above `checkpoint` and not in `known`, read in one
+    REPEATABLE READ snapshot together with that snapshot's bounds."""
+    with engine.connect() as conn:
+        # Read outside the snapshot, and before it: sequences are not transactional.
+        allocated = int(conn.execute(_SEQUENCE_VALUE).scalar() or 0)
+        read_at = time.monotonic()
+        conn.rollback()
+        started_at = time.monotonic()
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            xmin, xmax = conn.execute(_SNAPSHOT_BOUNDS).one()
+            ids = np.fromiter(
+                conn.scalars(
+                    select(Embedding.id)
+                    .where(Embedding.model_id == model_id, Embedding.id > checkpoint)
+                    .order_by(Embedding.id)
+                ),
+                dtype=np.int64,
+            )
+            new = ids[~np.isin(ids, known)] if len(known) else ids
+            upload_ids, vectors = _fetch(conn, model_id, dim, checkpoint, new, progress)
+    return TailRead(
+        embedding_ids=new,
+        upload_ids=upload_ids,
+        vectors=vectors,
+        xmin=int(xmin),
+        started_at=started_at,
+        horizon=Horizon(allocated=allocated, xmax=int(xmax), read_at=read_at),
+    )
+
+
+def _fetch(
+    conn: Connection,
+    model_id: int,
+    dim: int,
+    checkpoint: int,
+    ids: np.ndarray,
+    progress: Progress,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Upload ids and vectors of rows `ids` (ascending), in that order."""
+    upload_ids = np.empty(len(ids), dtype=np.int64)
+    vectors = np.empty((len(ids), dim), dtype=np.float32)
+    columns = select(Embedding.id, Embedding.upload_id, Embedding.vector)
+    if len(ids) > _FETCH_CHUNK:
+        # Most of a range (a build): one streamed scan, skipping the rows already held.
+        wanted = set(ids.tolist())
+        result = conn.execution_options(stream_results=True, yield_per=_FETCH_CHUNK).execute(
+            columns.where(Embedding.model_id == model_id, Embedding.id > checkpoint).order_by(
+                Embedding.id
+            )
+        )
+        batches: Iterator[list[Row[int, int, bytes]]] = (
+            [row for row in partition if row[0] in wanted]
+            for partition in result.partitions(_FETCH_CHUNK)
+        )
+    else:
+        batches = iter(
+            [
+                list(
+                    conn.execute(
+                        columns.where(Embedding.id.in_(ids.tolist())).order_by(Embedding.id)
+                    )
+                )
+            ]
+        )
+    position = 0
+    for batch in batches:
+        for embedding_id, upload_id, vector in batch:
+            if position >= len(ids) or embedding_id != ids[position]:
+                raise RuntimeError(f"embedding {embedding_id} changed while it was read")
+            upload_ids[position] = upload_id
+            vectors[position] = np.frombuffer(vector, dtype="<f4")
+            position += 1
+        progress(len(batch))
+    if position != len(ids):  # rows are never deleted within one snapshot
+        raise RuntimeError(f"read {position} of {len(ids)} embeddings")
+    return upload_ids, vectors
+
+
+@dataclass
+class FollowedIndex:
+    """One model's index, its label arrays and checkpoint. Thread-safe: searches and
+    tails take one lock (a tail adds a few rows; a search takes milliseconds)."""
+
+    model_id: int
+    model_name: str
+    dim: int
+    built: BuiltIndex
+    embedding_ids: np.ndarray
+    upload_ids: np.ndarray
+    checkpoint: int
+    commit_lag_s: float
+    pending: list[Horizon] = field(default_factory=list)
+    # Rows added since this index was last written to disk (or built).
+    unsaved: int = 0
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, *, commit_lag_s: float) -> FollowedIndex:
+        built = BuiltIndex(snapshot.index, snapshot.kind, snapshot.parameters)
+        apply_parameters(built)
+        return cls(
+            model_id=snapshot.model_id,
+            model_name=snapshot.model_name,
+            dim=snapshot.dim,
+            built=built,
+            embedding_ids=snapshot.embedding_ids,
+            upload_ids=snapshot.upload_ids,
+            checkpoint=snapshot.checkpoint,
+            commit_lag_s=commit_lag_s,
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.embedding_ids)
+
+    @property
+    def kind(self) -> IndexKind:
+        return self.built.kind
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self.built.parameters)
+
+    def known_above_checkpoint(self) -> np.ndarray:
+        with self._lock:
+            ids = self.embedding_ids
+            return ids[ids > self.checkpoint]
+
+    def tail(self, engine: Engine) -> int:
+        """Add the rows committed since the last tail; the number added."""
+        read = read_since(
+            engine, self.model_id, self.dim, self.checkpoint, self.known_above_checkpoint()
+        )
+        return self.absorb(read)
+
+    def absorb(self, read: TailRead) -> int:
+        """Add a read's rows and move the checkpoint as far as is safe (see the module)."""
+        with self._lock:
+            known = self.embedding_ids[self.embedding_ids > self.checkpoint]
+            fresh = ~np.isin(read.embedding_ids, known)  # a concurrent tail added some
+            if fresh.any():
+                self.built.index.add(np.ascontiguousarray(read.vectors[fresh]))
+                self.embedding_ids = np.concatenate([self.embedding_ids, read.embedding_ids[fresh]])
+                self.upload_ids = np.concatenate([self.upload_ids, read.upload_ids[fresh]])
+                self.unsaved += int(fresh.sum())
+            ready = [
+                h
+                for h in self.pending
+                if read.xmin >= h.xmax and read.started_at - h.read_at >= self.commit_lag_s
+            ]
+            if ready:
+                self.checkpoint = max(self.checkpoint, *(h.allocated for h in ready))
+                self.pending = [h for h in self.pending if h not in ready]
+            self.pending.append(read.horizon)
+            return int(fresh.sum())
+
+    def search(
+        self, queries: np.ndarray, breadth: int, *, widen: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The `breadth` nearest frames to each query: scores, embedding ids and upload ids,
+        each (q, breadth), with -1 ids where the index had fewer. `widen` multiplies the
+        tuned efSearch or nprobe, for filters that reject most of the nearest frames."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        with self._lock:
+            breadth = max(1, min(breadth, self.size))
+            if self.size == 0:
+                empty = np.full((len(queries), 0), -1, dtype=np.int64)
+                return np.zeros(empty.shape, dtype=np.float32), empty, empty
+            name = breadth_parameter(self.kind)
+            if widen > 1 and name is not None:
+                # Under the lock, so no other search sees the wider setting.
+                tuned = int(self.built.parameters[name])
+                widened = tuned * widen
+                if name == "nprobe":
+                    widened = min(widened, int(self.built.parameters["nlist"]))
+                space = faiss.ParameterSpace()
+                space.set_index_parameter(self.built.index, name, widened)
+                try:
+                    scores, labels = self.built.index.search(queries, breadth)
+                finally:
+                    space.set_index_parameter(self.built.index, name, tuned)
+            else:
+                scores, labels = self.built.index.search(queries, breadth)
+            found = labels >= 0
+            safe = np.where(found, labels, 0)
+            embedding_ids = np.where(found, self.embedding_ids[safe], -1)
+            upload_ids = np.where(found, self.upload_ids[safe], -1)
+        return scores, embedding_ids, upload_ids
+
+    def snapshot(self) -> Snapshot:
+        """The index as it stands, for `write_snapshot`; call under `locked()`."""
+        return Snapshot(
+            model_id=self.model_id,
+            model_name=self.model_name,
+            dim=self.dim,
+            kind=self.kind,
+            parameters=self.parameters,
+            checkpoint=self.checkpoint,
+            index=self.built.index,
+            embedding_ids=self.embedding_ids,
+            upload_ids=self.upload_ids,
+        )
+
+    def locked(self) -> threading.RLock:
+        return self._lock

@@ -1,0 +1,369 @@
+"""The web pages: login, the review queue, an upload's page, the banks' pages, thumbnails.
+
+Every page is a route of the one application, so the one access check (`api.access`)
+decides who may see it, by the roles its operation names, exactly as for the JSON API. A
+browser authenticates with the session cookie set at login (`web.security`). A page
+refused for want of a login redirects to the login form rather than answering JSON.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Query, Request, status
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moderation.api.access import Caller, DbSession, allow, credential_sources, public
+from moderation.auth.models import Role
+from moderation.config import get_settings
+from moderation.db import session_scope
+from moderation.images.errors import BadInput, IntakeError
+from moderation.images.signals import SignalType
+from moderation.review import service as review
+from moderation.review.service import HitEvidence, Outcome, QueueFilter
+from moderation.screening.models import ReviewStatus, Upload
+from moderation.web import reads, service
+from moderation.web.security import (
+    COOKIE_SOURCE,
+    check_form_token,
+    form_token,
+    require_same_origin,
+)
+from moderation.web.thumbnails import thumbnail
+
+PAGES_TAG = "pages"
+HERE = pathlib.Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(tags=[PAGES_TAG], include_in_schema=False)
+
+# Pages show what reviewers must not leave behind in shared caches or browser history.
+PAGE_HEADERS = {
+    "Cache-Control": "private, no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    # Scripts and styles from this site's files only (no inline script): an injected
+    # string can render but never run. Images from here only.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+# Ids are PostgreSQL bigints: a larger number is no row, not a database error.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+REVIEWERS = allow(Role.REVIEWER)
+READERS = allow(Role.REVIEWER, Role.ANALYST)
+EVERYONE = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
+
+
+def render(
+    request: Request, template: str, context: dict[str, Any], status_code: int = 200
+) -> HTMLResponse:
+    principal = getattr(request.state, "principal", None)
+    response = templates.TemplateResponse(
+        request,
+        template,
+        {"principal": principal, "csrf": form_token(request), **context},
+        status_code=status_code,
+    )
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
+def _home(role: Role) -> str:
+    return "/review/banks" if role is Role.ANALYST else "/review"
+
+
+def _local_path(target: str | None) -> str | None:
+    """`target` if it is a path on this site (so the login form cannot send people away)."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return None
+
+
+@router.get("/", openapi_extra=public())
+def index() -> RedirectResponse:
+    return RedirectResponse("/review", status.HTTP_303_SEE_OTHER)
+
+
+@router.get("/login", openapi_extra=public())
+def login_form(request: Request, next: str | None = None) -> HTMLResponse:
+    return render(request, "login.html", {"next": _local_path(next) or ""})
+
+
+@router.post("/login", openapi_extra=public())
+def login(
+    request: Request,
+    session: DbSession,
+    api_key: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "",
+) -> Response:
+    # No session yet, so no form token: the Origin check stops another site from logging a
+    # reviewer in under a key of its own.
+    require_same_origin(request)
+    settings = get_settings()
+    login = service.log_in(
+        session, api_key.strip(), lifetime=timedelta(hours=settings.web_session_hours)
+    )
+    if login is None or login.principal.role is Role.SUBMITTER:
+        error = (
+            "That key is not valid, or it was revoked."
+            if login is None
+            else "Submitter keys send uploads; they have no pages. Use a reviewer, "
+            "analyst or admin key."
+        )
+        session.rollback()
+        return render(
+            request,
+            "login.html",
+            {"next": _local_path(next) or "", "error": error},
+            status.HTTP_401_UNAUTHORIZED,
+        )
+    response = RedirectResponse(
+        _local_path(next) or _home(login.principal.role), status.HTTP_303_SEE_OTHER
+    )
+    response.set_cookie(
+        service.COOKIE_NAME,
+        login.token,
+        max_age=int(settings.web_session_hours * 3600),
+        path="/",
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+@router.post("/logout", openapi_extra=EVERYONE)
+def logout(
+    request: Request, session: DbSession, caller: Caller, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    check_form_token(request, csrf)
+    token = request.cookies.get(service.COOKIE_NAME)
+    if token:
+        service.log_out(session, token, actor=caller.actor)
+    response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
+    response.delete_cookie(
+        service.COOKIE_NAME, path="/", secure=True, httponly=True, samesite="strict"
+    )
+    return response
+
+
+@router.get("/review/uploads/{upload_id}", openapi_extra=READERS)
+def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLResponse:
+    page = reads.upload_page(session, upload_id)
+    if page is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
+    return render(request, "upload.html", {"page": page})
+
+
+@router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
+def upload_thumbnail(upload_id: RowId, reveal: Annotated[bool, Query()] = False) -> Response:
+    """The upload's first frame, small; blurred unless `reveal`. Made from the upload's URI
+    on every request (never stored), under the worker's URI policy and decoder limits."""
+    # The session ends before the fetch: a slow image server must not hold a connection.
+    with session_scope() as session:
+        upload = session.get(Upload, upload_id)
+        uri = upload.uri if upload is not None else None
+    if uri is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
+    no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+    try:
+        image = thumbnail(uri, get_settings(), reveal=reveal)
+    except IntakeError as exc:
+        code = (
+            status.HTTP_422_UNPROCESSABLE_CONTENT
+            if isinstance(exc, BadInput)
+            else status.HTTP_502_BAD_GATEWAY
+        )
+        return Response(str(exc), code, media_type="text/plain", headers=no_store)
+    return Response(image, media_type="image/jpeg", headers=no_store)
+
+
+@router.get("/review/banks", openapi_extra=READERS)
+def banks_page(request: Request, session: DbSession) -> HTMLResponse:
+    return render(request, "banks.html", {"banks": reads.bank_list(session)})
+
+
+@router.get("/review/banks/{bank_id}", openapi_extra=READERS)
+def bank_page(request: Request, session: DbSession, bank_id: RowId) -> HTMLResponse:
+    page = reads.bank_page(session, bank_id, get_settings())
+    if page is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bank with id {bank_id}")
+    return render(request, "bank.html", {"page": page, "recent_limit": reads.RECENT_ENTRIES})
+
+
+# The queue's status filter: a review status, or every status.
+QUEUE_STATUSES = (*(status.value for status in ReviewStatus), "any")
+FOUND = {"": None, "screening": False, "retroactive": True}
+
+
+def _utc(value: str, name: str) -> datetime | None:
+    """A `datetime-local` field's value, read as UTC."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name}: {value!r} is not a date and time"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _query_url(path: str, params: dict[str, str]) -> str:
+    kept = {name: value for name, value in params.items() if value}
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
+@dataclass(frozen=True)
+class UploadCard:
+    """The hits of one upload on a queue page: one decision covers them all."""
+
+    upload_id: int
+    external_id: str | None
+    hits: list[HitEvidence]
+
+    @property
+    def decidable(self) -> bool:
+        return any(hit.review_status in OPEN for hit in self.hits)
+
+
+OPEN = {status.value for status in review.OPEN_STATUSES}
+
+
+def _cards(hits: list[HitEvidence]) -> list[UploadCard]:
+    grouped: dict[int, list[HitEvidence]] = {}
+    for hit in hits:
+        grouped.setdefault(hit.upload_id, []).append(hit)
+    return [
+        UploadCard(upload_id, group[0].external_id, group) for upload_id, group in grouped.items()
+    ]
+
+
+@router.get("/review", openapi_extra=REVIEWERS)
+def queue_page(
+    request: Request,
+    session: DbSession,
+    status_: Annotated[str, Query(alias="status")] = ReviewStatus.PENDING.value,
+    bank: str = "",
+    signal: str = "",
+    found: str = "",
+    since: str = "",
+    until: str = "",
+    cursor: Annotated[str, Query(max_length=200)] = "",
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> HTMLResponse:
+    """The review queue, newest first: the pending count, filters, a page of hits grouped
+    by upload with their evidence, and a link to the next page (by cursor)."""
+    if status_ not in QUEUE_STATUSES or signal not in ("", *SignalType) or found not in FOUND:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"status must be one of {', '.join(QUEUE_STATUSES)}; signal one of "
+            f"{', '.join(SignalType)}; found one of screening, retroactive",
+        )
+    filters = QueueFilter(
+        status=None if status_ == "any" else ReviewStatus(status_),
+        bank=bank or None,
+        signal=SignalType(signal) if signal else None,
+        since=_utc(since, "since"),
+        until=_utc(until, "until"),
+        retroactive=FOUND[found],
+    )
+    try:
+        page = review.queue(session, filters, cursor=cursor or None, limit=limit)
+    except review.InvalidCursor as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+    form = {
+        "status": status_,
+        "bank": bank,
+        "signal": signal,
+        "found": found,
+        "since": since,
+        "until": until,
+        "limit": str(limit),
+    }
+    params = {**form, "limit": "" if limit == 50 else str(limit)}
+    return render(
+        request,
+        "queue.html",
+        {
+            "form": form,
+            "filtered": filters != QueueFilter(),
+            "statuses": QUEUE_STATUSES,
+            "signals": [signal.value for signal in SignalType],
+            "banks": reads.bank_list(session),
+            "uploads": _cards(page.hits),
+            "shown": len(page.hits),
+            "pending": review.count(session),
+            "matching": review.count(session, filters),
+            "cursor": cursor,
+            "here": _query_url("/review", {**params, "cursor": cursor}),
+            "first_page": _query_url("/review", params),
+            "next_page": page.next_cursor
+            and _query_url("/review", {**params, "cursor": page.next_cursor}),
+        },
+    )
+
+
+@router.post("/review/hits/{hit_id}/decision", openapi_extra=REVIEWERS)
+def decide(
+    request: Request,
+    session: DbSession,
+    caller: Caller,
+    hit_id: RowId,
+    outcome: Annotated[Outcome, Form()],
+    note: Annotated[str, Form(max_length=4000)] = "",
+    back: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    """Decide a hit, and with it every open hit of its upload; back to the queue."""
+    check_form_token(request, csrf)
+    try:
+        review.decide(session, hit_id, outcome, note.strip() or None, caller.actor)
+    except review.HitNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
+    except review.AlreadyDecided as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    # Committed before the redirect: the queue the browser asks for next must not show it.
+    session.commit()
+    return RedirectResponse(_local_path(back) or "/review", status.HTTP_303_SEE_OTHER)
+
+
+def _is_page(request: Request) -> bool:
+    route = request.scope.get("route")
+    return isinstance(route, APIRoute) and PAGES_TAG in route.tags
+
+
+async def _page_errors(request: Request, exc: Exception) -> Response:
+    """Pages answer a person: a missing login goes to the login form, other refusals are
+    pages. The JSON API's answers are left as they are."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not _is_page(request):
+        return await http_exception_handler(request, exc)
+    if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            target = "/review"
+        return RedirectResponse(f"/login?next={quote(target)}", status.HTTP_303_SEE_OTHER)
+    return render(
+        request, "error.html", {"status": exc.status_code, "detail": exc.detail}, exc.status_code
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Add the pages to the application: routes, static files, the cookie as a credential,
+    and the login redirect."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    if COOKIE_SOURCE not in credential_sources:
+        credential_sources.append(COOKIE_SOURCE)
+    app.add_exception_handler(StarletteHTTPException, _page_errors)

@@ -1,0 +1,242 @@
+"""The review page in a real browser: Debian's Chromium driven by Playwright, against the
+application served by `moderation api` (uvicorn) over PostgreSQL, with hits found by a real
+worker. A reviewer logs in, reveals a blurred thumbnail, confirms a hit with the keyboard
+and sees it leave the queue; `moderation webhooks send` delivers the verdict to a receiver."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import select
+
+from moderation.auth import service as auth
+from moderation.auth.models import Role
+from moderation.banks.models import Bank, BankEntry
+from moderation.db import session_scope
+from moderation.screening.cli import submit_uris, wait_until_final
+from moderation.screening.models import Hit, ReviewStatus, UploadStatus
+from tests.web_fixtures import detailed_image
+from tests.webhook_receiver import Receiver, running_receiver
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium as the system installs it: nothing downloaded, nothing phoned home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.usefixtures("clean_db", "worker"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="no chromium: .ci/setup installs Debian's"
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+SECRET = "browser-test-secret"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """The upload service's webhook endpoint: a real HTTP server on 127.0.0.1."""
+    with running_receiver(Receiver()) as running:
+        yield running
+
+
+@pytest.fixture
+def webhook_env(receiver: Receiver) -> dict[str, str]:
+    """Settings for the API (whose decisions write events for this URL) and the sender."""
+    return {
+        **os.environ,
+        "MODERATION_WEBHOOK_URL": receiver.url,
+        "MODERATION_WEBHOOK_SECRET": SECRET,
+        "MODERATION_WEBHOOK_POLL_S": "0.1",
+    }
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m moderation ARGS` in a process of its own, stopped (SIGTERM) at the end."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moderation", *args], env=env, stdout=output, stderr=output
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def server(webhook_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`moderation api` on a free port of 127.0.0.1; its base URL."""
+    port = _free_port()
+    log = tmp_path / "api.log"
+    args = ["api", "--host", "127.0.0.1", "--port", str(port)]
+    with _process(args, webhook_env, log) as process:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moderation api did not start: {log.read_text()}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base
+
+
+@pytest.fixture
+def sender(webhook_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    """`moderation webhooks send`, delivering the outbox to the receiver; its log."""
+    log = tmp_path / "sender.log"
+    with _process(["webhooks", "send"], webhook_env, log):
+        yield log
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        launched.close()
+
+
+def _screened_hits(tmp_path: Path, count: int) -> list[int]:
+    """Uploads of `count` images, each banked by its SHA-256, screened by the real worker;
+    their ids, oldest first."""
+    images = [detailed_image(tmp_path / f"upload-{i}.jpg", seed=i + 10) for i in range(count)]
+    with session_scope() as session:
+        bank = Bank(name="known-bad")
+        session.add(bank)
+        session.flush()
+        for image in images:
+            digest = hashlib.sha256(image.read_bytes()).digest()
+            session.add(BankEntry(bank_id=bank.id, sha256=digest, added_by="test"))
+    ids = submit_uris([image.as_uri() for image in images])
+    uploads = wait_until_final(ids, timeout_s=60)
+    assert [upload.status for upload in uploads] == [UploadStatus.SCREENED] * count
+    return ids
+
+
+def _detail(png: bytes) -> float:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def _wait_decoded(page: Page, selector: str) -> None:
+    """Until the image's current source is loaded and decoded (`decode()` fails if not)."""
+    page.evaluate("s => document.querySelector(s).decode()", selector)
+
+
+def _verify(body: bytes, timestamp: str, signature: str) -> bool:
+    """The README's signature check, as a receiver would write it."""
+    mac = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    fresh = abs(time.time() - int(timestamp)) <= 300
+    return fresh and hmac.compare_digest("v1=" + mac.hexdigest(), signature)
+
+
+def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
+    server: str, sender: Path, receiver: Receiver, browser: Browser, tmp_path: Path
+) -> None:
+    uploads = _screened_hits(tmp_path, 2)
+    with session_scope() as session:
+        key, secret = auth.create_key(session, role=Role.REVIEWER, name="ada", actor="test")
+        actor = f"key:{key.id}:ada"
+
+    context = browser.new_context()
+    page = context.new_page()
+    # Not logged in: the queue sends the browser to the login form, which comes back.
+    page.goto(f"{server}/review")
+    expect(page).to_have_url(re.compile(r"/login\?next=/review$"))
+    page.fill("#api_key", secret)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server}/review")
+    (cookie,) = context.cookies()
+    assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (True, True, "Strict")
+    assert secret not in cookie["value"]
+
+    expect(page.locator("#pending-count")).to_have_text("2")
+    page.wait_for_selector("body[data-shortcuts=ready]")
+    # The first card (the newest hit) is the one the keys act on.
+    first = page.locator("article.hit").first
+    expect(first).to_have_class(re.compile(r"\bselected\b"))
+    chosen = int(first.get_attribute("data-upload") or 0)
+    (other,) = set(uploads) - {chosen}
+    thumb = f"#upload-{chosen} figure.thumb img"
+    _wait_decoded(page, thumb)
+    assert "reveal" not in (page.get_attribute(thumb, "src") or "")
+    blurred = page.locator(thumb).screenshot()
+
+    page.keyboard.press("r")
+    expect(page.locator(thumb)).to_have_attribute("src", re.compile(r"reveal=1$"))
+    _wait_decoded(page, thumb)
+    revealed = page.locator(thumb).screenshot()
+    assert _detail(revealed) > 5 * _detail(blurred)
+
+    page.keyboard.press("c")
+    expect(page.locator(f"#upload-{chosen}")).to_have_count(0)
+    expect(page.locator("#pending-count")).to_have_text("1")
+    expect(page.locator(f"#upload-{other}")).to_have_count(1)
+    with session_scope() as session:
+        statuses = {
+            upload: status
+            for upload, status in session.execute(select(Hit.upload_id, Hit.review_status))
+        }
+        reviewers = set(session.scalars(select(Hit.reviewed_by).where(Hit.upload_id == chosen)))
+    assert statuses == {chosen: ReviewStatus.CONFIRMED, other: ReviewStatus.PENDING}
+    assert reviewers == {actor}
+    # The verdict reaches the upload service: one signed event, about this upload only.
+    deadline = time.monotonic() + 30
+    while not receiver.effects and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(receiver.effects) == 1, sender.read_text()
+    (request,) = receiver.requests
+    headers = request.headers
+    assert _verify(
+        request.body, headers["x-moderation-timestamp"], headers["x-moderation-signature"]
+    )
+    event = json.loads(request.body)
+    assert event["type"] == "upload.confirmed"
+    assert event["data"]["upload"]["id"] == chosen
+    assert {hit["review_status"] for hit in event["data"]["hits"]} == {"confirmed"}
+    context.close()
