@@ -285,7 +285,9 @@ def test_no_route_serves_bank_content(
             path = template.format(**dict(zip(names, combination, strict=True)))
             for params in ({}, {"reveal": "1"}):
                 response = site.get(path, params=params, headers=admin)
-                assert response.status_code < 500, (path, response.text)
+                # /readyz answers a documented 503 while no worker runs.
+                server_error = response.status_code >= 500 and path != "/readyz"
+                assert not server_error, (path, response.text)
                 assert seeded.source_ref.encode() not in response.content, path
                 assert b"restricted-source" not in response.content, path
                 assert seeded.source_bytes not in response.content, path
