@@ -7,9 +7,10 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from moderation.api.access import Caller, DbSession, allow
+from moderation.api.types import UtcDatetime
 from moderation.auth.models import Role
 from moderation.images.signals import SignalType
 from moderation.review import service
@@ -89,8 +90,8 @@ def list_hits(
     any_status: Annotated[bool, Query(description="all statuses; overrides status")] = False,
     bank: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     signal: SignalType | None = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: UtcDatetime | None = None,
+    until: UtcDatetime | None = None,
     retroactive: bool | None = None,
     upload_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,

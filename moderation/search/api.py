@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, Upl
 from pydantic import BaseModel, Field
 
 from moderation.api.access import allow
+from moderation.api.types import UtcDatetime
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import get_engine
@@ -93,8 +94,8 @@ class SearchResponse(BaseModel):
 
 class FilterParams(BaseModel):
     k: int = Field(default=10, ge=1, le=1000)
-    screened_from: datetime | None = None
-    screened_until: datetime | None = None
+    screened_from: UtcDatetime | None = None
+    screened_until: UtcDatetime | None = None
     status: UploadStatus | None = None
     has_hit: bool | None = None
     bank: str | None = None
