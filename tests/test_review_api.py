@@ -137,6 +137,5 @@ def test_times_with_offsets_postgresql_refuses_are_taken_in_utc(
     # ISO 8601 allows offsets up to ±23:59; PostgreSQL refuses beyond ±15:59 (found by
     # schemathesis as a server error).
     headers = bearer(keys[Role.REVIEWER])
-    for since in ("3412-08-30T18:56:36-18:36", "2026-01-01T00:00:00"):
-        response = api.get("/v1/hits", params={"since": since}, headers=headers)
-        assert response.status_code == 200, response.text
+    response = api.get("/v1/hits", params={"since": "3412-08-30T18:56:36-18:36"}, headers=headers)
+    assert response.status_code == 200, response.text
