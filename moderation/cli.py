@@ -13,6 +13,7 @@ from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.retrohunt.cli import retrohunt
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
 
 logger = logging.getLogger(__name__)
@@ -87,5 +88,18 @@ def demo() -> None:
     run_demo()
 
 
-for command in (api, apikey, bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
+for command in (
+    api,
+    apikey,
+    bank,
+    embed,
+    model,
+    retrohunt,
+    submit,
+    resubmit,
+    hits,
+    uploads,
+    worker,
+    sweep,
+):
     main.add_command(command)

@@ -93,6 +93,14 @@ class Settings(BaseSettings):
 
     # Worker and delivery.
     queue: str = "screening"
+    # Retro-hunt jobs (see `retrohunt.service`): their queue, which workers also consume;
+    # how long a message searches before the next one; how long a job waits after its
+    # first step, beyond `bank_refresh_s`, before searching again the uploads screened
+    # meanwhile; and how overdue an unfinished job is before the sweeper sends it again.
+    retrohunt_queue: str = "retrohunt"
+    retrohunt_step_s: float = Field(default=2.0, gt=0)
+    retrohunt_settle_s: float = Field(default=30.0, ge=0)
+    retrohunt_stalled_after_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int | None = Field(default=None, ge=1)
     # Processes that fetch, decode, hash and preprocess (one image at a time each, one BLAS
     # thread each), handing crops to the worker's model through shared memory. 0: in the

@@ -5,6 +5,7 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.retrohunt.models import RetrohuntJob
 from moderation.screening.models import Hit, Signal, Upload, Worker
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Embedding",
     "EmbeddingModel",
     "Hit",
+    "RetrohuntJob",
     "Signal",
     "Upload",
     "Worker",

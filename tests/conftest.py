@@ -76,7 +76,8 @@ WORKER_METRICS_PORT = _free_port()
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = (
-    "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks, api_keys"
+    "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks, api_keys, "
+    "retrohunt_jobs"
 )
 
 

@@ -408,7 +408,9 @@ def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> No
         emit_json(found)
     else:
         columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index"]
-        emit_table([vars(h) for h in found], [*columns, "model", "uri"], empty="no hits")
+        emit_table(
+            [vars(h) for h in found], [*columns, "model", "retroactive", "uri"], empty="no hits"
+        )
     _say_if_cut(len(found), total, "hits", as_json)
 
 
@@ -454,7 +456,7 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queue {settings.queue}"
+        f"{concurrency} uploads at once, queues {settings.queue} and {settings.retrohunt_queue}"
     )
     app.worker_main(
         [
@@ -466,7 +468,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
             # they can screen soon, and still fills a batch per stream with messages of
             # one upload each.
             f"--concurrency={max(1, concurrency // 2)}",
-            f"--queues={settings.queue}",
+            # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
+            f"--queues={settings.queue},{settings.retrohunt_queue}",
             f"--loglevel={loglevel}",
             "--hostname=screening@%h",
             "--without-gossip",

@@ -345,3 +345,9 @@ class Sweeper:
                 sweep_once()
             except Exception:
                 logger.exception("sweep failed; trying again in %g s", self._interval_s)
+            try:
+                from moderation.retrohunt.tasks import resend_overdue
+
+                resend_overdue()
+            except Exception:
+                logger.exception("retro-hunt sweep failed; trying again in %g s", self._interval_s)
