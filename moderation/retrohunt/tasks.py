@@ -1,16 +1,21 @@
 """Celery tasks of retro-hunt. Thin: one step of a job per message, then the next step's
 message after the step's commit.
 
-Hunts run in the screening worker, on its own queue (`retrohunt_queue`), one step at a
-time per process: a step holds one task thread and, since its products and Faiss run on
-the calling thread, about one core, for `retrohunt_step_s` at most, so screening keeps
-the rest of the worker while a hunt runs. Steps of other jobs wait for the running one.
+Hunts run in the screening worker, from their own queue (`retrohunt_queue`), one step at
+a time per process, on one thread of their own at a lower CPU priority (nice +10), while
+the task thread that took the message waits for it without using the CPU. Faiss runs on
+that thread; the CLIP products run on the CPU with the worker's torch threads (one per
+inference stream on a CPU worker), never on the GPU the model uses. A step lasts about
+`retrohunt_step_s`. Steps of other jobs wait for the running one, each holding a task
+thread while it waits. What a hunt costs screening is measured by `bench/retrohunt.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import Task
 from sqlalchemy.exc import DBAPIError
@@ -22,8 +27,23 @@ from moderation.retrohunt import service
 
 logger = logging.getLogger(__name__)
 
-# One hunt step at a time per worker process, whatever its task threads.
-_one_at_a_time = threading.Lock()
+# How much lower than screening's the hunting thread's CPU priority is (Linux nice).
+_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """On Linux a thread is scheduled as a task of its own: nice this one only, once (a
+    thread may lower its own priority but not raise it again)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICENESS)
+    except (AttributeError, OSError) as error:  # not Linux, or not allowed
+        logger.info("retro-hunt runs at the worker's priority: %s", error)
+
+
+# One hunt step at a time per worker process, on this thread, whatever the task threads.
+_hunter = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="retrohunt", initializer=_lower_priority
+)
 _targets = service.TargetCache()
 
 
@@ -39,22 +59,24 @@ _targets = service.TargetCache()
     max_retries=10,
 )
 def retrohunt_step(self: Task, job_id: int, step: int) -> None:
-    settings = get_settings()
-    with _one_at_a_time:
-        try:
-            with session_scope() as session:
-                following = service.run_step(session, job_id, step, settings, _targets)
-        except DBAPIError:
-            _targets.forget(job_id)
-            raise
-        except Exception as error:
-            logger.exception("retro-hunt job %d failed at step %d", job_id, step)
-            _targets.forget(job_id)
-            with session_scope() as session:
-                service.record_failure(session, job_id, f"{type(error).__name__}: {error}")
-            return
+    following = _hunter.submit(_run_step, job_id, step).result()
     if following is not None:
         publish_step(following)
+
+
+def _run_step(job_id: int, step: int) -> service.NextStep | None:
+    try:
+        with session_scope() as session:
+            return service.run_step(session, job_id, step, get_settings(), _targets)
+    except DBAPIError:
+        _targets.forget(job_id)
+        raise
+    except Exception as error:
+        logger.exception("retro-hunt job %d failed at step %d", job_id, step)
+        _targets.forget(job_id)
+        with session_scope() as session:
+            service.record_failure(session, job_id, f"{type(error).__name__}: {error}")
+        return None
 
 
 def publish_step(step: service.NextStep) -> None:
