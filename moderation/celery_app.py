@@ -12,7 +12,7 @@ from moderation.config import Settings, get_settings
 # importing the task module (which imports the worker). One upload per message, or many.
 SCREEN_UPLOAD = "moderation.screen_upload"
 SCREEN_UPLOADS = "moderation.screen_uploads"
-# One step of a retro-hunt job, on its own queue (`Settings.retrohunt_queue`).
+# One step of a retro-hunt job, on its own queue (`Settings.resolved_retrohunt_queue`).
 RETROHUNT_STEP = "moderation.retrohunt_step"
 # Uploads per message when many are sent at once. Celery costs about 0.75 ms of the
 # worker's interpreter per message (receive, dispatch, acknowledge: a third of a worker's

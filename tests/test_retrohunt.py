@@ -418,6 +418,25 @@ def cli(*args: str) -> Any:
     return json.loads(result.stdout) if "--json" in args else result.output
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_bank_add_reports_its_job_and_waits_for_it_within_a_timeout() -> None:
+    cli("bank", "create", "waited")
+    result = CliRunner().invoke(
+        main, ["bank", "add", "waited", "--sha256", "ab" * 32, "--wait", "--timeout", "1"]
+    )
+    # A hunt settles for `retrohunt_settle_s` (30 s here), so it cannot finish in 1 s.
+    assert result.exit_code == 3, result.output
+    assert "retro-hunt job " in result.stdout
+    assert "timed out waiting for the retro-hunt" in result.stderr
+    (job,) = cli("retrohunt", "list", "--json")
+    started = cli("retrohunt", "start", "waited", "--json")
+    assert (started["bank"], started["entries"], started["status"]) == ("waited", 1, "queued")
+    assert started["id"] != job["id"]
+    missing = CliRunner().invoke(main, ["retrohunt", "show", str(started["id"] + 1000)])
+    assert missing.exit_code == 1
+    assert "no retro-hunt job with id" in missing.output
+
+
 @pytest.mark.e2e
 @pytest.mark.usefixtures("clean_db", "worker")
 def test_a_worker_hunts_an_entry_added_after_the_upload_was_screened(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def publish_step(step: service.NextStep) -> None:
     app.send_task(
         RETROHUNT_STEP,
         args=(step.job_id, step.step),
-        queue=get_settings().retrohunt_queue,
+        queue=get_settings().resolved_retrohunt_queue(),
         countdown=step.countdown_s or None,
     )
 

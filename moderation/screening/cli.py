@@ -456,7 +456,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queues {settings.queue} and {settings.retrohunt_queue}"
+        f"{concurrency} uploads at once, queues {settings.queue} and "
+        f"{settings.resolved_retrohunt_queue()}"
     )
     app.worker_main(
         [
@@ -469,7 +470,7 @@ def worker(concurrency: int | None, loglevel: str) -> None:
             # one upload each.
             f"--concurrency={max(1, concurrency // 2)}",
             # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
-            f"--queues={settings.queue},{settings.retrohunt_queue}",
+            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()}",
             f"--loglevel={loglevel}",
             "--hostname=screening@%h",
             "--without-gossip",
