@@ -2,8 +2,9 @@
 message after the step's commit.
 
 Hunts run in the screening worker, from their own queue (`retrohunt_queue`), one step at
-a time per process, on one thread of their own at a lower CPU priority (nice +10), while
-the task thread that took the message waits for it without using the CPU. Faiss runs on
+a time per process, on one thread of their own at a lower CPU priority (nice +10 over
+the worker's), while the task thread that took the message waits for it without using
+the CPU. Faiss runs on
 that thread; the CLIP products run on the CPU with the worker's torch threads (one per
 inference stream on a CPU worker), never on the GPU the model uses. A step lasts about
 `retrohunt_step_s`. Steps of other jobs wait for the running one, each holding a task
@@ -35,7 +36,10 @@ def _lower_priority() -> None:
     """On Linux a thread is scheduled as a task of its own: nice this one only, once (a
     thread may lower its own priority but not raise it again)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICENESS)
+        thread = threading.get_native_id()
+        # setpriority sets a nice value, not an increment: add to the worker's own.
+        niceness = min(19, os.getpriority(os.PRIO_PROCESS, thread) + _NICENESS)
+        os.setpriority(os.PRIO_PROCESS, thread, niceness)
     except (AttributeError, OSError) as error:  # not Linux, or not allowed
         logger.info("retro-hunt runs at the worker's priority: %s", error)
 
