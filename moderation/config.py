@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # how overdue an unfinished job is before the sweeper sends it again.
     retrohunt_queue: str | None = None
     retrohunt_step_s: float = Field(default=2.0, gt=0)
+    # The share of the time a worker's hunt computes; it rests the remainder.
+    retrohunt_duty: float = Field(default=0.5, gt=0, le=1)
     retrohunt_settle_s: float = Field(default=30.0, ge=0)
     retrohunt_stalled_after_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int | None = Field(default=None, ge=1)

@@ -4,11 +4,12 @@ message after the step's commit.
 Hunts run in the screening worker, from their own queue (`retrohunt_queue`), one step at
 a time per process, on one thread of their own at a lower CPU priority (nice +10 over
 the worker's), while the task thread that took the message waits for it without using
-the CPU. Faiss runs on
-that thread; the CLIP products run on the CPU with the worker's torch threads (one per
-inference stream on a CPU worker), never on the GPU the model uses. A step lasts about
-`retrohunt_step_s`. Steps of other jobs wait for the running one, each holding a task
-thread while it waits. What a hunt costs screening is measured by `bench/retrohunt.py`.
+the CPU. Faiss runs on that thread; the CLIP products run on the CPU with the worker's
+torch threads (one per inference stream on a CPU worker), never on the GPU the model
+uses. A step lasts about `retrohunt_step_s` and is followed by a rest, so that the hunt
+computes at most `retrohunt_duty` of the time. Steps of other jobs wait for the running
+one, each holding a task thread while it waits. What a hunt costs screening is measured
+by `bench/retrohunt.py` (README, Performance).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Task
@@ -69,9 +71,17 @@ def retrohunt_step(self: Task, job_id: int, step: int) -> None:
 
 
 def _run_step(job_id: int, step: int) -> service.NextStep | None:
+    settings = get_settings()
+    started = time.monotonic()
     try:
         with session_scope() as session:
-            return service.run_step(session, job_id, step, get_settings(), _targets)
+            following = service.run_step(session, job_id, step, settings, _targets)
+        # Rest in proportion, so the hunt computes at most `retrohunt_duty` of the time:
+        # niced, it still takes cores' caches and, on two vCPUs that share a physical
+        # core, the core itself (see the README, Performance).
+        worked = time.monotonic() - started
+        time.sleep(worked * (1 - settings.retrohunt_duty) / settings.retrohunt_duty)
+        return following
     except DBAPIError:
         _targets.forget(job_id)
         raise
