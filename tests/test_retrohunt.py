@@ -89,7 +89,6 @@ def run_to_end(session: Session, job_id: int, **options: Any) -> RetrohuntJob:
     cache = retrohunt.TargetCache()
     step: retrohunt.NextStep | None = retrohunt.NextStep(job_id, 0)
     while step is not None:
-        assert step.countdown_s == 0
         step = retrohunt.run_step(session, job_id, step.step, SETTINGS, cache, **options)
     return session.get_one(RetrohuntJob, job_id, populate_existing=True)
 
@@ -278,25 +277,29 @@ def test_an_upload_screened_while_the_entry_was_added_is_caught_up(
     job_id = only_job(session)
     settling = Settings(bank_refresh_s=5, retrohunt_settle_s=30)
     cache = retrohunt.TargetCache()
-    wait = retrohunt.run_step(session, job_id, 0, settling, cache)
+    # Scanned up to the newest upload, then waits for every worker to see the entry, with
+    # no message in flight: the sweeper sends the job when its wait is over.
+    assert retrohunt.run_step(session, job_id, 0, settling, cache) is None
     job = session.get_one(RetrohuntJob, job_id)
-    # Scanned up to the newest upload, then waits for every worker to see the entry.
     assert job.status is JobStatus.SETTLING
-    assert wait is not None
-    assert wait.countdown_s == pytest.approx(35, abs=1)
     assert job.scanned_through_upload_id == job.horizon_upload_id
+    waits = session.scalars(select(func.extract("epoch", job.next_run_at - func.now()))).one()
+    assert float(waits) == pytest.approx(35, abs=1)
+    assert retrohunt.find_due(session, stalled_after_s=120) == []
 
     missed = screened_upload(session, model, pdq=[(_flip(0), 100)])  # matched by no one
     assert job.horizon_upload_id is not None
     assert missed > job.horizon_upload_id
-    # A message that comes early (redelivered, re-sent) only waits again.
-    early = retrohunt.run_step(session, job_id, wait.step, settling, cache)
-    assert early is not None
-    assert early.countdown_s > 0
-    # The wait is over.
-    job.settle_until = func.now() - timedelta(seconds=1)
+    # A message that comes early (redelivered) finds the job still settling.
+    assert retrohunt.run_step(session, job_id, 1, settling, cache) is None
+    assert session.get_one(RetrohuntJob, job_id).status is JobStatus.SETTLING
+    # The wait is over: the sweeper sends it, once.
+    job.settle_until = job.next_run_at = func.now() - timedelta(seconds=1)
     session.flush()
-    assert retrohunt.run_step(session, job_id, early.step, settling, cache) is None
+    (due,) = retrohunt.find_due(session, stalled_after_s=120)
+    assert retrohunt.find_due(session, stalled_after_s=120) == []
+    assert session.get_one(RetrohuntJob, job_id).status is JobStatus.CATCHING_UP
+    assert retrohunt.run_step(session, job_id, due.step, settling, cache) is None
 
     job = session.get_one(RetrohuntJob, job_id, populate_existing=True)
     assert job.status is JobStatus.DONE
@@ -336,12 +339,12 @@ def test_a_job_whose_message_was_lost_is_sent_again_once(
     bank = banks.create_bank(session, "lost")
     banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x44" * 32)], added_by="test")
     job = session.get_one(RetrohuntJob, only_job(session))
-    assert retrohunt.find_overdue(session, stalled_after_s=120) == []
+    assert retrohunt.find_due(session, stalled_after_s=120) == []
     job.next_run_at = func.now() - timedelta(minutes=5)
     session.flush()
-    assert retrohunt.find_overdue(session, stalled_after_s=120) == [retrohunt.NextStep(job.id, 0)]
+    assert retrohunt.find_due(session, stalled_after_s=120) == [retrohunt.NextStep(job.id, 0)]
     # Marked as sent: the next sweep leaves it alone.
-    assert retrohunt.find_overdue(session, stalled_after_s=120) == []
+    assert retrohunt.find_due(session, stalled_after_s=120) == []
 
 
 def test_an_import_of_100000_hashes_hunts_in_the_background_with_progress(
@@ -457,7 +460,7 @@ def test_a_worker_hunts_an_entry_added_after_the_upload_was_screened(tmp_path: P
             break
         time.sleep(0.2)
     # The worker's settings wait `retrohunt_settle_s` before the final pass.
-    assert job["status"] in ("settling", "done"), job
+    assert job["status"] in ("settling", "catching_up", "done"), job
     assert job["uploads_scanned"] == job["uploads_total"] >= 1
     hits = cli("hits", "--upload", str(upload.id), "--json")
     assert {(h["signal"], h["retroactive"], h["bank_entry_id"]) for h in hits} == {

@@ -25,7 +25,7 @@ def upgrade() -> None:
     sa.Column('last_entry_id', sa.BigInteger(), nullable=False),
     sa.Column('entries', sa.Integer(), nullable=False),
     sa.Column('created_by', sa.String(length=200), nullable=False),
-    sa.Column('status', sa.Enum('queued', 'scanning', 'settling', 'done', 'skipped', 'failed', name='retrohunt_status', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('status', sa.Enum('queued', 'scanning', 'settling', 'catching_up', 'done', 'skipped', 'failed', name='retrohunt_status', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('step', sa.Integer(), server_default='0', nullable=False),
     sa.Column('next_run_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('horizon_upload_id', sa.BigInteger(), nullable=True),

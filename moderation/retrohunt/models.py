@@ -15,8 +15,10 @@ class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     # Past uploads, in id order up to the newest at the first step, a block at a time.
     SCANNING = "scanning"
-    # Waiting for uploads screened around the time the entries were added (see `service`).
+    # Waiting until every worker matches with the new entries (see `service`).
     SETTLING = "settling"
+    # Searching again the uploads screened around the time the entries were added.
+    CATCHING_UP = "catching_up"
     DONE = "done"
     # The bank was disabled before the job ran: disabled banks are not hunted.
     SKIPPED = "skipped"

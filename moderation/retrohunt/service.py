@@ -4,8 +4,9 @@ for them, exactly, and what is found is recorded as hits marked `retroactive`.
 The lifecycle of a job, each arrow one transaction:
 
     entries added ─▶ queued ─▶ scanning (a block of uploads at a time, checkpointed)
-                              ─▶ settling (waits until `settle_until`)
-                              ─▶ catch-up pass ─▶ done
+                              ─▶ settling (no message: the sweeper sends the job once
+                                 `settle_until` has passed)
+                              ─▶ catching_up (the final pass) ─▶ done
 
 - **Created with the entries.** `banks.service.add_entries` and `copy_entries` call
   `record_entries_added` in their own transaction, so entries are never committed
@@ -69,7 +70,6 @@ class JobNotFound(LookupError):
 class NextStep:
     job_id: int
     step: int
-    countdown_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,8 @@ def run_step(
 ) -> NextStep | None:
     """Run step `step` of a job: search blocks of uploads for `budget_s` (default
     `retrohunt_step_s`), then return the step to send next, or None when the job is
-    finished or the step was already taken. The caller commits, then sends it."""
+    finished, settling (see `find_due`) or the step was already taken. The caller
+    commits, then sends it."""
     job = session.get(RetrohuntJob, job_id, with_for_update=True, populate_existing=True)
     if job is None or job.step != step or job.status in FINAL_JOB_STATUSES:
         return None
@@ -213,8 +214,11 @@ def run_step(
         # The database's clock, which set `settle_until`, not this machine's.
         now = session.scalars(select(func.now())).one()
         if job.settle_until is not None and job.settle_until > now:
+            # No message waits meanwhile: the sweeper sends the job once it is due.
             job.next_run_at = job.settle_until
-            return NextStep(job.id, job.step, (job.settle_until - now).total_seconds())
+            return None
+        job.status = JobStatus.CATCHING_UP
+    if job.status is JobStatus.CATCHING_UP:
         _catch_up(session, job, found, deadline, block_uploads, settings.retrohunt_settle_s)
     if job.status is JobStatus.DONE:
         targets.forget(job.id)
@@ -374,23 +378,28 @@ class TargetCache:
 # Recovery.
 
 
-def find_overdue(session: Session, *, stalled_after_s: float, limit: int = 100) -> list[NextStep]:
-    """Unfinished jobs whose next step is overdue by `stalled_after_s`: their message or
-    their worker was lost. Marks them due now (so the next sweep leaves them alone for as
-    long) and returns the steps to send, after the caller commits. Jobs whose step is
-    running hold their row lock and are skipped."""
+def find_due(session: Session, *, stalled_after_s: float, limit: int = 100) -> list[NextStep]:
+    """Jobs to send now: those settling whose wait is over, and unfinished ones whose next
+    step is overdue by `stalled_after_s` (their message or their worker was lost). Marks
+    them sent now (so the next sweep leaves them alone for `stalled_after_s`) and returns
+    the steps to send, after the caller commits. Jobs whose step is running hold their row
+    lock and are skipped."""
+    now = func.now()
     jobs = session.scalars(
         select(RetrohuntJob)
         .where(
             RetrohuntJob.status.not_in(FINAL_JOB_STATUSES),
-            RetrohuntJob.next_run_at < func.now() - _seconds(stalled_after_s),
+            (RetrohuntJob.next_run_at < now - _seconds(stalled_after_s))
+            | ((RetrohuntJob.status == JobStatus.SETTLING) & (RetrohuntJob.next_run_at <= now)),
         )
         .order_by(RetrohuntJob.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     for job in jobs:
-        job.next_run_at = func.now()
+        if job.status is JobStatus.SETTLING:
+            job.status = JobStatus.CATCHING_UP
+        job.next_run_at = now
     return [NextStep(job.id, job.step) for job in jobs]
 
 

@@ -99,19 +99,16 @@ def publish_step(step: service.NextStep) -> None:
         RETROHUNT_STEP,
         args=(step.job_id, step.step),
         queue=get_settings().resolved_retrohunt_queue(),
-        countdown=step.countdown_s or None,
     )
 
 
-def resend_overdue() -> list[service.NextStep]:
-    """Send again the jobs whose message or worker was lost (see `service.find_overdue`);
-    run by each worker's sweeper."""
+def send_due() -> list[service.NextStep]:
+    """Send the jobs whose wait is over, and again those whose message or worker was lost
+    (see `service.find_due`); run by each worker's sweeper."""
     with session_scope() as session:
-        overdue = service.find_overdue(
-            session, stalled_after_s=get_settings().retrohunt_stalled_after_s
-        )
-    if overdue:
-        logger.warning("re-sending %d overdue retro-hunt job(s): %s", len(overdue), overdue[:20])
-    for step in overdue:
+        due = service.find_due(session, stalled_after_s=get_settings().retrohunt_stalled_after_s)
+    if due:
+        logger.info("sending %d due retro-hunt job(s): %s", len(due), due[:20])
+    for step in due:
         publish_step(step)
-    return overdue
+    return due

@@ -346,8 +346,8 @@ class Sweeper:
             except Exception:
                 logger.exception("sweep failed; trying again in %g s", self._interval_s)
             try:
-                from moderation.retrohunt.tasks import resend_overdue
+                from moderation.retrohunt.tasks import send_due
 
-                resend_overdue()
+                send_due()
             except Exception:
                 logger.exception("retro-hunt sweep failed; trying again in %g s", self._interval_s)
