@@ -482,11 +482,16 @@ def worker(concurrency: int | None, loglevel: str) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
-    """Re-send uploads whose message or worker was lost (workers also do this periodically)."""
+    """Re-send uploads whose message or worker was lost, and retro-hunt jobs that are due
+    (workers also do this periodically)."""
+    from moderation.retrohunt.tasks import send_due
     from moderation.screening.recovery import sweep_once
 
     stuck = sweep_once()
+    hunts = [step.job_id for step in send_due()]
     if as_json:
-        emit_json({"requeued": stuck})
+        emit_json({"requeued": stuck, "retrohunt_jobs_sent": hunts})
     else:
         click.echo(f"re-enqueued {len(stuck)} upload(s)")
+        if hunts:
+            click.echo(f"sent {len(hunts)} due retro-hunt job(s): {hunts}")
