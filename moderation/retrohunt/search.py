@@ -76,7 +76,9 @@ class Targets:
         )
         self._in_job = in_job
         self._has_sha256 = bool(
-            session.scalar(select(BankEntry.id).where(in_job, BankEntry.sha256.is_not(None)))
+            session.scalar(
+                select(BankEntry.id).where(in_job, BankEntry.sha256.is_not(None)).limit(1)
+            )
         )
         pdq_rows: list[tuple[int, bytes]] = session.execute(  # type: ignore[assignment]
             select(BankEntry.id, BankEntry.pdq).where(
