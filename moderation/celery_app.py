@@ -14,6 +14,8 @@ from moderation.config import Settings, get_settings
 # importing the task module (which imports the worker). One upload per message, or many.
 SCREEN_UPLOAD = "moderation.screen_upload"
 SCREEN_UPLOADS = "moderation.screen_uploads"
+# One step of a retro-hunt job, on its own queue (`Settings.resolved_retrohunt_queue`).
+RETROHUNT_STEP = "moderation.retrohunt_step"
 # Uploads per message when many are sent at once. Celery costs about 0.75 ms of the
 # worker's interpreter per message (receive, dispatch, acknowledge: a third of a worker's
 # Python time at one upload per message, measured with py-spy), which a GPU worker
@@ -23,7 +25,11 @@ UPLOADS_PER_MESSAGE = 16
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("moderation", broker=settings.redis_url, include=["moderation.screening.tasks"])
+    app = Celery(
+        "moderation",
+        broker=settings.redis_url,
+        include=["moderation.screening.tasks", "moderation.retrohunt.tasks"],
+    )
     app.conf.update(
         # Acknowledge only after the upload's transaction has committed; a message taken by a
         # worker that dies is delivered again.

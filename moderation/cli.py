@@ -13,6 +13,7 @@ from moderation.banks.cli import bank
 from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.retrohunt.cli import retrohunt
 from moderation.review.cli import decide
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
 from moderation.search.cli import index, search
@@ -96,6 +97,7 @@ for command in (
     bank,
     embed,
     model,
+    retrohunt,
     submit,
     resubmit,
     hits,

@@ -94,6 +94,18 @@ class Settings(BaseSettings):
 
     # Worker and delivery.
     queue: str = "screening"
+    # Retro-hunt jobs (see `retrohunt.service`): their queue, which workers also consume
+    # (unset: the screening queue's name and "-retrohunt", so that workers of separate
+    # deployments or test runs sharing a Redis never take each other's jobs); how long a
+    # message searches before the next one; how long a job waits after its first step,
+    # beyond `bank_refresh_s`, before searching again the uploads screened meanwhile; and
+    # how overdue an unfinished job is before the sweeper sends it again.
+    retrohunt_queue: str | None = None
+    retrohunt_step_s: float = Field(default=2.0, gt=0)
+    # The share of the time a worker's hunt computes; it rests the remainder.
+    retrohunt_duty: float = Field(default=0.5, gt=0, le=1)
+    retrohunt_settle_s: float = Field(default=30.0, ge=0)
+    retrohunt_stalled_after_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int | None = Field(default=None, ge=1)
     # Processes that fetch, decode, hash and preprocess (one image at a time each, one BLAS
     # thread each), handing crops to the worker's model through shared memory. 0: in the
@@ -227,6 +239,9 @@ class Settings(BaseSettings):
         if self.resolved_device() == "cuda":
             return max(1, cores - 2)
         return max(1, cores // 2)
+
+    def resolved_retrohunt_queue(self) -> str:
+        return self.retrohunt_queue or f"{self.queue}-retrohunt"
 
     def resolved_concurrency(self) -> int:
         # Enough tasks in flight to fill every stream's next batch while the current ones run.

@@ -5,6 +5,7 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.retrohunt.models import RetrohuntJob
 from moderation.screening.models import Hit, Signal, Upload, Worker
 from moderation.search.models import IndexEvaluation
 from moderation.web.models import WebSession
@@ -21,6 +22,7 @@ __all__ = [
     "EmbeddingModel",
     "Hit",
     "IndexEvaluation",
+    "RetrohuntJob",
     "Signal",
     "Upload",
     "WebSession",

@@ -75,8 +75,11 @@ def _free_port() -> int:
 WORKER_METRICS_PORT = _free_port()
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
+# retrohunt_jobs first: a worker's hunt step locks its job row before any other table, so
+# TRUNCATE waits for it holding nothing, instead of deadlocking with it.
 _DATA_TABLES = ", ".join(
     [
+        "retrohunt_jobs",
         "hits",
         "signals",
         "embeddings",

@@ -120,7 +120,9 @@ def test_bank_add_of_one_entry_says_its_id() -> None:
     result = run("bank", "add", "known-bad", "--sha256", "ab" * 32)
     with session_scope() as session:
         (entry_id,) = session.scalars(select(BankEntry.id)).all()
-    assert result.output.strip() == f"added 1 entry to known-bad: id {entry_id}"
+    added, hunting = result.output.strip().splitlines()
+    assert added == f"added 1 entry to known-bad: id {entry_id}"
+    assert hunting.startswith("retro-hunt job ")
 
 
 # Infrastructure errors: one line with the fix, exit status 4.

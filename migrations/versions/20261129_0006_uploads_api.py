@@ -1,7 +1,7 @@
 """upload metadata, hits reviewed_at index
 
 Revision ID: 0006
-Revises: 0008
+Revises: 0005
 Create Date: 2026-11-29 21:15:00.000000
 """
 
@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql
 
 
 revision: str = '0006'
-down_revision: str | None = '0008'
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -16,6 +16,7 @@ from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import embed_first_frame, vector_to_bytes
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
+from moderation.retrohunt import service as retrohunt
 from moderation.screening.models import Hit, ReviewStatus
 
 if TYPE_CHECKING:
@@ -162,6 +163,16 @@ def add_entries(
         rows.append(row)
     session.add_all(rows)
     session.flush()
+    if rows:
+        # In this transaction: the entries are never committed without their hunt.
+        retrohunt.record_entries_added(
+            session,
+            bank,
+            min(row.id for row in rows),
+            max(row.id for row in rows),
+            len(rows),
+            created_by=added_by,
+        )
     return rows
 
 
@@ -181,7 +192,8 @@ def copy_entries(
     """Add one entry per row of `vectors` (L2-normalised, from `model`), with the PDQ hash
     of the same row of `pdq` (n x 32 bytes, quality unknown) if given, by binary COPY:
     a bank of a million entries in minutes, where `add_entries` builds an object per row.
-    Returns the number of entries added."""
+    Returns the number of entries added. Like `add_entries`, makes the retro-hunt job that
+    searches past uploads for them, in the same transaction."""
     if vectors.ndim != 2 or vectors.shape[1] != model.dim:
         raise ValueError(
             f"embeddings have shape {vectors.shape}; model {model.name!r} is {model.dim}-d"
@@ -201,6 +213,8 @@ def copy_entries(
         ("model_id", ">i8"),
         ("vector", f"V{4 * model.dim}"),
     ]
+    first_id: int | None = None
+    last_id: int | None = None
     for start in range(0, len(vectors), _ROWS_PER_COPY):
         chunk = np.ascontiguousarray(vectors[start : start + _ROWS_PER_COPY], "<f4")
         ids = session.scalars(
@@ -221,6 +235,12 @@ def copy_entries(
         embeddings["model_id"] = model.id
         embeddings["vector"] = chunk.view(f"V{4 * model.dim}").reshape(-1)
         pg_copy.copy_in(session, "bank_entry_embeddings", embeddings)
+        first_id = min(ids) if first_id is None else min(first_id, min(ids))
+        last_id = max(ids) if last_id is None else max(last_id, max(ids))
+    if first_id is not None and last_id is not None:
+        retrohunt.record_entries_added(
+            session, bank, first_id, last_id, len(vectors), created_by=added_by
+        )
     return len(vectors)
 
 

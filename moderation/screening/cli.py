@@ -393,7 +393,9 @@ def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> No
         emit_json(found)
     else:
         columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index"]
-        emit_table([vars(h) for h in found], [*columns, "model", "uri"], empty="no hits")
+        emit_table(
+            [vars(h) for h in found], [*columns, "model", "retroactive", "uri"], empty="no hits"
+        )
     _say_if_cut(len(found), total, "hits", as_json)
 
 
@@ -439,7 +441,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queue {settings.queue}"
+        f"{concurrency} uploads at once, queues {settings.queue} and "
+        f"{settings.resolved_retrohunt_queue()}"
     )
     app.worker_main(
         [
@@ -451,7 +454,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
             # they can screen soon, and still fills a batch per stream with messages of
             # one upload each.
             f"--concurrency={max(1, concurrency // 2)}",
-            f"--queues={settings.queue}",
+            # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
+            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()}",
             f"--loglevel={loglevel}",
             "--hostname=screening@%h",
             "--without-gossip",
@@ -463,11 +467,16 @@ def worker(concurrency: int | None, loglevel: str) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
-    """Re-send uploads whose message or worker was lost (workers also do this periodically)."""
+    """Re-send uploads whose message or worker was lost, and retro-hunt jobs that are due
+    (workers also do this periodically)."""
+    from moderation.retrohunt.tasks import send_due
     from moderation.screening.recovery import sweep_once
 
     stuck = sweep_once()
+    hunts = [step.job_id for step in send_due()]
     if as_json:
-        emit_json({"requeued": stuck})
+        emit_json({"requeued": stuck, "retrohunt_jobs_sent": hunts})
     else:
         click.echo(f"re-enqueued {len(stuck)} upload(s)")
+        if hunts:
+            click.echo(f"sent {len(hunts)} due retro-hunt job(s): {hunts}")

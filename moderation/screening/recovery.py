@@ -352,3 +352,9 @@ class Sweeper:
                 sweep_once()
             except Exception:
                 logger.exception("sweep failed; trying again in %g s", self._interval_s)
+            try:
+                from moderation.retrohunt.tasks import send_due
+
+                send_due()
+            except Exception:
+                logger.exception("retro-hunt sweep failed; trying again in %g s", self._interval_s)

@@ -92,6 +92,8 @@ class HitView:
     # The model whose embeddings matched, for CLIP hits.
     model: str | None
     created_at: datetime
+    # Found by a retro-hunt after the upload was screened (see `moderation.retrohunt`).
+    retroactive: bool
 
 
 @dataclass(frozen=True)
@@ -646,4 +648,5 @@ def _hit_view(row: Row[Hit, str, str, str | None]) -> HitView:
         frame_index=hit.frame_index,
         model=model,
         created_at=hit.created_at,
+        retroactive=hit.retroactive,
     )
