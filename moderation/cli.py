@@ -12,6 +12,7 @@ from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
+from moderation.search.map_cli import index_map
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +88,12 @@ def demo() -> None:
 
 for command in (bank, embed, model, submit, resubmit, hits, uploads, worker, sweep):
     main.add_command(command)
+
+
+# Until the `index` group of the search service lands: it takes `index_map` as its `map`.
+@main.group()
+def index() -> None:
+    """The general similarity index."""
+
+
+index.add_command(index_map)
