@@ -3,6 +3,7 @@
     python bench/search.py --sizes 20000 --queries 200          # quick: a minute
     nice -n 10 python bench/search.py                           # 100k and 1M, 768-d: ~45 min
     python bench/search.py --sizes 100000 --only flat hnsw      # some index types only
+    python bench/search.py --merge a.json b.json --out all.json # one table and plot of runs
 
 Data: synthetic CLIP-like embeddings (`ClusteredSphere`): a mixture of Gaussians on the
 unit sphere whose noise has a power-law spectrum, so that the corpus has clusters, a low
@@ -153,6 +154,12 @@ def parse_args() -> argparse.Namespace:
         "--timed-budget-s", type=float, default=20.0, help="Timing limit per setting."
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/search.json"))
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="Measure nothing: merge these runs' JSON (one size each) into --out, and plot.",
+    )
     return parser.parse_args()
 
 
@@ -161,6 +168,9 @@ def main() -> None:
     # OpenBLAS reads its thread count once, when NumPy is first imported: numpy is imported
     # above, so set it for a fresh process with OPENBLAS_NUM_THREADS if it matters; it only
     # drives the batched ground truth and k-means here, not the timed searches.
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     import faiss
 
     kinds = args.only or ["flat", "hnsw", "ivf-flat", "ivf-pq"]
@@ -189,6 +199,21 @@ def main() -> None:
         run_size(size, args, kinds, results)
     print(f"written to {args.out} and {plot(results, args.out)}")
     print_recommendation(results)
+
+
+def merge(runs: list[Path], out: Path) -> None:
+    """One JSON and one plot from runs made separately (e.g. 1M alone, under its own nice)."""
+    merged: dict[str, Any] = {}
+    for run in runs:
+        results = json.loads(run.read_text())
+        if merged and results["dim"] != merged["dim"]:
+            raise SystemExit(f"{run} is {results['dim']}-d, the others {merged['dim']}-d")
+        rows = merged.get("rows", []) + results["rows"]
+        data = {**merged.get("data", {}), **results["data"]}
+        merged = {**results, "rows": rows, "data": data, "merged_from": [str(r) for r in runs]}
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"written to {out} and {plot(merged, out)}")
+    print_recommendation(merged)
 
 
 def run_size(
@@ -523,11 +548,14 @@ def print_recommendation(results: dict[str, Any]) -> None:
                 if row["size"] == size and row["kind"] == kind and meets_target(row)
             ]
             best = max(meeting, key=lambda row: row["qps"], default=None)
+            partial = ""
+            if best and best.get("built_vectors", size) < size:
+                partial = f" [graph of the first {best['built_vectors']} vectors only]"
             print(
                 f"  {kind:<8} "
                 + (
                     f"{best['setting']} rerank={best['rerank']}: {best['qps']:.0f} qps, "
-                    f"p99 {best['p99_ms']:.2f} ms (CPU time {best['p99_cpu_ms']:.2f} ms)"
+                    f"p99 {best['p99_ms']:.2f} ms (CPU time {best['p99_cpu_ms']:.2f} ms){partial}"
                     if best
                     else "none"
                 )
