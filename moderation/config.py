@@ -134,17 +134,22 @@ class Settings(BaseSettings):
     # Where a worker serves its Prometheus metrics (/metrics on every address); unset: not.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
-    # The analyst's similarity index (`moderation/search`). Provisional numbers, to be set
-    # from bench/search.py: exact (IndexFlatIP) below `search_exact_max` vectors, HNSW in
-    # memory up to `search_hnsw_max`, IVF above (PQ-compressed when `search_ivf_pq_m` > 0).
+    # The analyst's similarity index (`moderation/search`): exact (IndexFlatIP) below
+    # `search_exact_max` vectors, HNSW in memory up to `search_hnsw_max`, IVF above
+    # (PQ-compressed when `search_ivf_pq_m` > 0). Measured by bench/search.py on 768-d
+    # clustered vectors, one core per query (p99 CPU time): exact takes 4-5 ms at 25k
+    # vectors and 15-22 at 100k; HNSW (M 32, efConstruction 100) reaches recall@10 0.97 at
+    # efSearch 128 in 1.8 ms at 1M vectors, but holds 3.2 GB per million and took 19 min
+    # to build on two cores; IVF-Flat (nprobe 8) 0.975 in 2 ms, IVF-PQ with 100 candidates
+    # rescored 0.957 in 1.2 ms at 112 MB of codes. Scale the sizes by 768/d.
     # Its search breadth (efSearch, nprobe) is the smallest that meets `search_recall_target`
     # (recall@`search_recall_k` against exact search on held-out queries). Snapshots of the
     # index live in `index_dir`, one file per model (relative paths: to the working directory).
     index_dir: Path = Path(".moderation/index")
-    search_exact_max: int = Field(default=100_000, ge=0)
-    search_hnsw_max: int = Field(default=2_000_000, ge=0)
+    search_exact_max: int = Field(default=25_000, ge=0)
+    search_hnsw_max: int = Field(default=1_000_000, ge=0)
     search_hnsw_m: int = Field(default=32, ge=4)
-    search_hnsw_ef_construction: int = Field(default=200, ge=8)
+    search_hnsw_ef_construction: int = Field(default=100, ge=8)
     # IVF lists: unset means 4 * sqrt(n); trained on at most this many sampled vectors.
     search_ivf_nlist: int | None = Field(default=None, ge=1)
     search_ivf_pq_m: int = Field(default=0, ge=0)

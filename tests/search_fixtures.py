@@ -34,6 +34,8 @@ PLAN = IndexPlan(
     train_sample=10_000,
     recall_target=0.95,
     recall_k=10,
+    # Tuned on the raw top 10 (no rescoring), so the tests measure the index itself.
+    candidates=10,
     tuning_queries=50,
 )
 

@@ -20,6 +20,7 @@ from moderation.console import emit_json, emit_table
 from moderation.db import get_engine, session_scope
 from moderation.images.errors import IntakeError
 from moderation.screening.models import UploadStatus
+from moderation.search.map_cli import index_map
 
 
 def _errors() -> tuple[type[Exception], ...]:
@@ -106,6 +107,9 @@ def index() -> None:
     """The similarity index behind `moderation search`."""
 
 
+index.add_command(index_map)
+
+
 @contextmanager
 def _bar(length: int, label: str) -> Iterator[Any]:
     # A bar on a terminal; nothing elsewhere (logs and pipes get the summary line).
@@ -179,7 +183,12 @@ def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
         followed = runtime.index()
         with session_scope() as session:
             evaluation = service.evaluate(
-                session, followed, queries=queries, k=k or settings.search_recall_k, seed=seed
+                session,
+                followed,
+                queries=queries,
+                k=k or settings.search_recall_k,
+                candidates=settings.search_candidates,
+                seed=seed,
             )
             history = [_evaluation_row(e) for e in service.evaluation_history(session)]
     except _errors() as error:
