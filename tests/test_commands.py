@@ -10,9 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BENCH_REDIS_URL, TEST_DATABASE_URL
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
+
+# The benchmark's own database and Redis db, rather than its defaults (`moderation_bench`,
+# db 14): the Redis db after the test processes' own (conftest), since the benchmark
+# empties it, and a database named after this process's.
+BENCH_ENV = {
+    "MODERATION_BENCH_DATABASE_URL": f"{TEST_DATABASE_URL}_bench",
+    "MODERATION_BENCH_REDIS_URL": BENCH_REDIS_URL,
+}
 
 
 def _user_env(home: Path) -> dict[str, str]:
@@ -57,7 +67,7 @@ def test_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
             str(out),
         ],
         cwd=REPO,
-        env=_user_env(tmp_path),
+        env={**_user_env(tmp_path), **BENCH_ENV},
         capture_output=True,
         text=True,
         timeout=600,
