@@ -30,12 +30,14 @@ BASE_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:
 # unset in a plain `pytest`) each have a database and a Redis db of their own: one's
 # TRUNCATE or FLUSHDB never reaches another's tests, and no Celery worker restores another
 # process's unacknowledged messages. Process N takes Redis db N below the given one (15, 14
-# by default); the benchmark's test takes the next one down (13), as it empties its db.
+# by default); the benchmark's test takes the next one down (`bench_redis_url`).
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 def _redis_db_below(url: str, below: int) -> str:
+    if below == 0:
+        return url
     prefix, _, db = url.rpartition("/")
     if not db.isdigit() or int(db) < below:
         raise RuntimeError(
@@ -55,7 +57,7 @@ TEST_DATABASE_URL = (
     _database_suffixed(BASE_DATABASE_URL, f"_{XDIST_WORKER}") if XDIST_WORKER else BASE_DATABASE_URL
 )
 TEST_REDIS_URL = _redis_db_below(BASE_REDIS_URL, int(XDIST_WORKER.removeprefix("gw") or 0))
-BENCH_REDIS_URL = _redis_db_below(BASE_REDIS_URL, XDIST_WORKERS)
+
 TEST_ENV = {
     "MODERATION_DATABASE_URL": TEST_DATABASE_URL,
     "MODERATION_REDIS_URL": TEST_REDIS_URL,
@@ -104,6 +106,13 @@ def _free_port() -> int:
 
 
 WORKER_METRICS_PORT = _free_port()
+
+
+def bench_redis_url() -> str:
+    """For the benchmark, which empties its Redis db: the one below the test processes'
+    (14 in one process, 13 in two, by default)."""
+    return _redis_db_below(BASE_REDIS_URL, XDIST_WORKERS)
+
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 _DATA_TABLES = "hits, signals, embeddings, uploads, bank_entry_embeddings, bank_entries, banks"

@@ -10,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BENCH_REDIS_URL, TEST_DATABASE_URL
+from tests.conftest import TEST_DATABASE_URL, bench_redis_url
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
-
-# The benchmark's own database and Redis db, rather than its defaults (`moderation_bench`,
-# db 14): the Redis db after the test processes' own (conftest), since the benchmark
-# empties it, and a database named after this process's.
-BENCH_ENV = {
-    "MODERATION_BENCH_DATABASE_URL": f"{TEST_DATABASE_URL}_bench",
-    "MODERATION_BENCH_REDIS_URL": BENCH_REDIS_URL,
-}
 
 
 def _user_env(home: Path) -> dict[str, str]:
@@ -67,7 +59,14 @@ def test_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
             str(out),
         ],
         cwd=REPO,
-        env={**_user_env(tmp_path), **BENCH_ENV},
+        # Its own database and Redis db rather than its defaults (`moderation_bench`, db 14):
+        # named after this process's, and the db below the test processes' (conftest), as
+        # the benchmark empties it.
+        env={
+            **_user_env(tmp_path),
+            "MODERATION_BENCH_DATABASE_URL": f"{TEST_DATABASE_URL}_bench",
+            "MODERATION_BENCH_REDIS_URL": bench_redis_url(),
+        },
         capture_output=True,
         text=True,
         timeout=600,
