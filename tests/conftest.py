@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 _RUN_DIR = Path(tempfile.mkdtemp(prefix="moderation-tests-"))
 TINY_MODEL_DIR = _RUN_DIR / "tiny-clip"
@@ -21,10 +22,42 @@ TEST_FILES_DIR = Path(tempfile.gettempdir()).resolve()
 # Test HTTP servers listen on 127.0.0.1, which production never fetches from; 127.0.0.2
 # stays forbidden, for the tests that prove refused addresses are never connected to.
 TEST_FETCH_NETWORK = "127.0.0.1/32"
-TEST_DATABASE_URL = os.environ.get(
+BASE_DATABASE_URL = os.environ.get(
     "MODERATION_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_test"
 )
-TEST_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+BASE_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# pytest-xdist's processes (`.ci/test` runs two; PYTEST_XDIST_WORKER is "gw0", "gw1", ...,
+# unset in a plain `pytest`) each have a database and a Redis db of their own: one's
+# TRUNCATE or FLUSHDB never reaches another's tests, and no Celery worker restores another
+# process's unacknowledged messages. Process N takes Redis db N below the given one (15, 14
+# by default); the benchmark's test takes the next one down (`bench_redis_url`).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def _redis_db_below(url: str, below: int) -> str:
+    if below == 0:
+        return url
+    prefix, _, db = url.rpartition("/")
+    if not db.isdigit() or int(db) < below:
+        raise RuntimeError(
+            f"MODERATION_TEST_REDIS_URL {url}: {XDIST_WORKERS} test process(es) need Redis dbs "
+            f"down to {below} below its own; give a db number of at least {below}, or run "
+            "fewer processes (pytest -n)"
+        )
+    return f"{prefix}/{int(db) - below}"
+
+
+def _database_suffixed(url: str, suffix: str) -> str:
+    parsed = make_url(url)
+    return parsed.set(database=f"{parsed.database}{suffix}").render_as_string(hide_password=False)
+
+
+TEST_DATABASE_URL = (
+    _database_suffixed(BASE_DATABASE_URL, f"_{XDIST_WORKER}") if XDIST_WORKER else BASE_DATABASE_URL
+)
+TEST_REDIS_URL = _redis_db_below(BASE_REDIS_URL, int(XDIST_WORKER.removeprefix("gw") or 0))
+
 TEST_ENV = {
     "MODERATION_DATABASE_URL": TEST_DATABASE_URL,
     "MODERATION_REDIS_URL": TEST_REDIS_URL,
@@ -48,8 +81,8 @@ from moderation.local_services import LocalServices  # noqa: E402
 # Where nothing answers at the default addresses (and no test URL is given), the tests
 # start a PostgreSQL and a Redis of the project's own, stopped when the session ends.
 LOCAL_SERVICES = LocalServices(
-    TEST_DATABASE_URL,
-    TEST_REDIS_URL,
+    BASE_DATABASE_URL,
+    BASE_REDIS_URL,
     database_configured="MODERATION_TEST_DATABASE_URL" in os.environ,
     redis_configured="MODERATION_TEST_REDIS_URL" in os.environ,
 )
@@ -73,6 +106,13 @@ def _free_port() -> int:
 
 
 WORKER_METRICS_PORT = _free_port()
+
+
+def bench_redis_url() -> str:
+    """For the benchmark, which empties its Redis db: the one below the test processes'
+    (14 in one process, 13 in two, by default)."""
+    return _redis_db_below(BASE_REDIS_URL, XDIST_WORKERS)
+
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
 # retrohunt_jobs first: a worker's hunt step locks its job row before any other table, so

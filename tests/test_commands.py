@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_DATABASE_URL, bench_redis_url
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +59,14 @@ def test_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
             str(out),
         ],
         cwd=REPO,
-        env=_user_env(tmp_path),
+        # Its own database and Redis db rather than its defaults (`moderation_bench`, db 14):
+        # named after this process's, and the db below the test processes' (conftest), as
+        # the benchmark empties it.
+        env={
+            **_user_env(tmp_path),
+            "MODERATION_BENCH_DATABASE_URL": f"{TEST_DATABASE_URL}_bench",
+            "MODERATION_BENCH_REDIS_URL": bench_redis_url(),
+        },
         capture_output=True,
         text=True,
         timeout=600,

@@ -159,6 +159,8 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         "MODERATION_DATABASE_URL": url,
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": "8",
+        # Four fetches at once from the slow server (the default on two cores is one).
+        "MODERATION_INTAKE_PROCESSES": "4",
         "MODERATION_WORKER_HEARTBEAT_S": "0.5",
         "MODERATION_WORKER_DEAD_AFTER_S": "2",
         "MODERATION_SWEEP_INTERVAL_S": "0.5",

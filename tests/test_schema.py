@@ -18,10 +18,14 @@ def test_migrated_database_matches_the_models(database: str) -> None:
 
 
 def test_migrations_downgrade_and_upgrade_cleanly(database: str) -> None:
-    url = database.rsplit("/", 1)[0] + "/moderation_test_migrations"
-    admin = create_engine(database.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    # Named after the test database, so that parallel runs (xdist, other checkouts) each
+    # have their own.
+    server, name = database.rsplit("/", 1)
+    scratch = f"{name}_migrations"
+    url = f"{server}/{scratch}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS moderation_test_migrations WITH (FORCE)"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
     try:
         schema.upgrade(url)
         command.downgrade(schema.alembic_config(url), "base")
@@ -32,7 +36,7 @@ def test_migrations_downgrade_and_upgrade_cleanly(database: str) -> None:
         assert schema.drift(url) == []
     finally:
         with admin.connect() as conn:
-            conn.execute(text("DROP DATABASE IF EXISTS moderation_test_migrations WITH (FORCE)"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
         admin.dispose()
 
 

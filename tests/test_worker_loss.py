@@ -31,6 +31,9 @@ IMAGE = encode(textured(900))
 # Each test its own queue: a killed worker's unacknowledged messages stay in Redis, and
 # another test's worker must not be handed them.
 QUEUE = f"screening-loss-{os.getpid()}"
+# Fetches wait on the slow server, not on a core: four intake processes fetch four at once.
+# The default on two cores is one, fetching one at a time (24 uploads took 36 s of 1.5 s).
+INTAKE_PROCESSES = "4"
 
 
 @pytest.fixture
@@ -97,6 +100,7 @@ def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
         **TEST_ENV,
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": "8",
+        "MODERATION_INTAKE_PROCESSES": INTAKE_PROCESSES,
         "MODERATION_STUCK_AFTER_S": "3600",
         "MODERATION_WORKER_DEAD_AFTER_S": "3600",
         "MODERATION_SWEEP_INTERVAL_S": "0.5",
@@ -135,6 +139,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
         **TEST_ENV,
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": "8",
+        "MODERATION_INTAKE_PROCESSES": INTAKE_PROCESSES,
         # Only the dead-holder rule can rescue the uploads within the test.
         "MODERATION_STUCK_AFTER_S": "3600",
         "MODERATION_WORKER_HEARTBEAT_S": "0.5",
@@ -211,6 +216,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
         "MODERATION_DATABASE_URL": f"{TEST_ENV['MODERATION_DATABASE_URL']}?application_name={name}",
         "MODERATION_QUEUE": f"{QUEUE}-dropped",
         "MODERATION_WORKER_CONCURRENCY": "8",
+        "MODERATION_INTAKE_PROCESSES": INTAKE_PROCESSES,
     }
     publish_screening(ids, queue=env["MODERATION_QUEUE"])
 
