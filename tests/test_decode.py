@@ -4,6 +4,7 @@ import io
 import itertools
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,20 @@ def test_decoder_texts_lose_their_quoted_bytes() -> None:
 )
 def test_exception_texts_are_made_safe_to_store(exception: Exception, expected: str) -> None:
     assert describe_exception(exception) == expected
+
+
+@pytest.mark.parametrize(
+    "name", ["gif-frame-170-grows-canvas.gif", "gif-frame-grows-canvas-bad-palette.gif"]
+)
+def test_a_gif_frame_that_would_grow_the_canvas_is_refused_before_pillow_seeks_to_it(
+    name: str,
+) -> None:
+    """Found by .ci/fuzz: 1x1 screens with a later frame drawn at 170 megapixels (the
+    first: frame 170 at 13107x13311). Pillow allocated the grown canvas (666 MiB) inside
+    `seek`, before the frame could be checked."""
+    from tests.fuzz_decode import check
+
+    data = (Path(__file__).parent / "data" / "fuzz" / name).read_bytes()
+    with pytest.raises(errors.DecompressionBomb, match=r"\d+x\d+ is 1\d\d megapixels"):
+        decode(data, LIMITS)
+    check(data)  # within the fuzz target's time and memory allowance

@@ -48,6 +48,7 @@ from moderation.images.errors import (
     TruncatedImage,
     UnsupportedFormat,
 )
+from moderation.images.gif_frames import grown_canvases
 
 # Formats we decode. Pillow can open more (EPS, PSD, ICO, ...), some through external
 # programs; an allowlist keeps the attack surface to well-trodden decoders.
@@ -172,6 +173,8 @@ def decode(
     try:
         width, height = image.size
         _check_dimensions(width, height, limits)
+        if image.format == "GIF":
+            _check_gif_frames(data, image.size, limits)
         scale = _reduce_jpeg(image, limits.decode_min_side)
         # Frames are decoded one at a time, so the peak is one frame's; no frame may be
         # larger than the first (see `_check_frame`).
@@ -311,12 +314,12 @@ def _check_dimensions(width: int, height: int, limits: DecodeLimits) -> None:
 
 
 def _check_frame(
-    image: Image.Image, index: int, first: tuple[int, int], limits: DecodeLimits
+    size: tuple[int, int], index: int, first: tuple[int, int], limits: DecodeLimits
 ) -> None:
     """A later frame (a TIFF page, a GIF frame drawn past the canvas, which Pillow grows
     the canvas for) is held to the limits, and to the first frame's area: the decode
     budget is reserved for that."""
-    width, height = image.size
+    width, height = size
     _check_dimensions(width, height, limits)
     if width * height > first[0] * first[1]:
         raise BadDimensions(
@@ -334,10 +337,7 @@ def _count_frames(image: Image.Image, limits: DecodeLimits) -> tuple[int, bool]:
     in all (reaching frame N means decoding every frame before it).
     """
     first = image.size
-    limit = min(
-        limits.max_animation_frames,
-        max(1, limits.max_animation_pixels // (first[0] * first[1])),
-    )
+    limit = _frames_to_read(first, limits)
     count = 1
     while count < limit:
         try:
@@ -345,11 +345,26 @@ def _count_frames(image: Image.Image, limits: DecodeLimits) -> tuple[int, bool]:
                 image.seek(count)
         except EOFError:
             return count, True
-        _check_frame(image, count, first, limits)
+        _check_frame(image.size, count, first, limits)
         count += 1
     if limit > 1 or getattr(image, "is_animated", False):
         return count, False
     return count, True
+
+
+def _frames_to_read(first: tuple[int, int], limits: DecodeLimits) -> int:
+    return min(
+        limits.max_animation_frames,
+        max(1, limits.max_animation_pixels // (first[0] * first[1])),
+    )
+
+
+def _check_gif_frames(data: bytes, first: tuple[int, int], limits: DecodeLimits) -> None:
+    """The frames `_count_frames` will seek to, checked before Pillow seeks: it allocates a
+    GIF's grown canvas during the seek itself (see `gif_frames`)."""
+    for index, canvas in grown_canvases(data, _frames_to_read(first, limits)):
+        if index:
+            _check_frame(canvas, index, first, limits)
 
 
 def _spread(count: int, wanted: int) -> list[int]:
