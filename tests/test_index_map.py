@@ -3,6 +3,7 @@ by bank hit, read from the real PostgreSQL."""
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
 from moderation.db import session_scope
@@ -30,6 +33,10 @@ from moderation.search.projection import (
     render_map,
     sample_corpus,
 )
+from tests.api_fixtures import bearer, keys
+from tests.web_fixtures import log_in, site
+
+__all__ = ["keys", "site"]
 
 MODEL = "map-test-model"
 DIM = 64
@@ -200,3 +207,37 @@ def test_map_command_for_a_model_without_embeddings_fails_cleanly(
     assert result.exit_code == 1
     assert "no embeddings for model 'absent'" in result.output
     assert not (tmp_path / "m.png").exists()
+
+
+def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
+    site: TestClient, keys: dict[Role, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moderation.config import get_settings
+
+    monkeypatch.setenv("MODERATION_MODEL", MODEL)
+    get_settings.cache_clear()
+    try:
+        bad, ordinary = two_clusters(30, seed=5)
+        with session_scope() as session:
+            store(session, bad, bank_entry(session, "page-bank"))
+            store(session, ordinary, None)
+        for role in (Role.ANALYST, Role.REVIEWER):
+            site.cookies.clear()
+            log_in(site, keys[role])
+            page = site.get("/search/map")
+            assert page.status_code == 200
+            assert 'src="/search/map.png"' in page.text
+            picture = site.get("/search/map.png")
+            assert picture.status_code == 200
+            assert picture.headers["cache-control"] == "private, no-store"
+            image = Image.open(io.BytesIO(picture.content))
+            assert image.size == (1200, 900)
+        site.cookies.clear()
+        log_in(site, keys[Role.ANALYST])
+        # A submitter may not see it, and nobody without a login.
+        site.cookies.clear()
+        assert site.get("/search/map.png", headers=bearer(keys[Role.SUBMITTER])).status_code == 403
+        assert site.get("/search/map.png").status_code in (303, 401)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -67,9 +68,10 @@ def project(vectors: npt.NDArray[np.float32]) -> Projection:
 
 
 def render_map(
-    vectors: npt.NDArray[np.float32], labels: list[str], out: Path, title: str = ""
+    vectors: npt.NDArray[np.float32], labels: list[str], out: Path | BinaryIO, title: str = ""
 ) -> Projection:
-    """Project the vectors and draw them, one colour per label, to a PNG at `out`.
+    """Project the vectors and draw them, one colour per label, to a PNG at `out` (a path,
+    or a binary stream: the review app's map page serves it without a file).
 
     Uploads without a hit are drawn first, small and grey, so that every hit stays visible
     on top of them; each bank (or combination of banks) gets its own colour, in the
@@ -115,8 +117,9 @@ def render_map(
     axis.set_title(title or f"{len(vectors)} embeddings, PCA")
     axis.grid(True, alpha=0.25)
     axis.legend(loc="best", fontsize=9, markerscale=1.5, title="bank hit")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=DPI)
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=DPI, format="png")
     plt.close(figure)
     return projection
 

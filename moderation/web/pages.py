@@ -8,6 +8,7 @@ refused for want of a login redirects to the login form rather than answering JS
 
 from __future__ import annotations
 
+import io
 import pathlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -199,6 +200,41 @@ def bank_page(request: Request, session: DbSession, bank_id: RowId) -> HTMLRespo
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bank with id {bank_id}")
     return render(request, "bank.html", {"page": page, "recent_limit": reads.RECENT_ENTRIES})
+
+
+# The embedding-space map: uploads drawn per request (a PCA of 2,000 takes well under a second).
+MAP_SAMPLE = 2_000
+ANALYSTS = allow(Role.ANALYST, Role.REVIEWER)
+
+
+@router.get("/search/map", openapi_extra=ANALYSTS)
+def map_page(request: Request) -> HTMLResponse:
+    """The embedding-space picture for analysts (`moderation index map` on the command line)."""
+    model = get_settings().resolved_model()
+    return render(request, "map.html", {"model": model, "sample": MAP_SAMPLE})
+
+
+@router.get("/search/map.png", openapi_extra=ANALYSTS)
+def map_image() -> Response:
+    """A PCA of a sample of the configured model's embeddings, coloured by bank hit, drawn
+    now from the table; no upload's content is read."""
+    from moderation.search.projection import NothingToMap, render_map, sample_corpus
+
+    model = get_settings().resolved_model()
+    no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+    picture = io.BytesIO()
+    try:
+        with session_scope() as session:
+            corpus = sample_corpus(session, model, MAP_SAMPLE)
+        render_map(
+            corpus.vectors,
+            corpus.labels,
+            picture,
+            title=f"{model}: {len(corpus.labels)} of {corpus.corpus_size} uploads, PCA",
+        )
+    except NothingToMap as exc:
+        return Response(str(exc), status.HTTP_404_NOT_FOUND, media_type="text/plain")
+    return Response(picture.getvalue(), media_type="image/png", headers=no_store)
 
 
 # The queue's status filter: a review status, or every status.
