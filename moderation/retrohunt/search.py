@@ -20,19 +20,23 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from moderation import pg_copy
-from moderation.banks.clip_search import ClipBank
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.images.hashing import PDQ_BYTES
 from moderation.images.signals import SignalType
 from moderation.screening.models import Signal
+
+if TYPE_CHECKING:
+    # Faiss and torch (behind ClipBank) are imported where a hunt runs, not with the
+    # banks service every command imports: `moderation --version` took 2.6 s with them.
+    from moderation.banks.clip_search import ClipBank
 
 # Which uploads a search covers: a condition on an `upload_id` column.
 UploadFilter = Callable[[InstrumentedAttribute[int]], ColumnElement[bool]]
@@ -88,6 +92,8 @@ class Targets:
                 | (BankEntry.pdq_quality >= settings.pdq_min_quality),
             )
         ).all()
+        import faiss
+
         self._pdq_ids = np.array([row[0] for row in pdq_rows], np.int64)
         self._pdq = faiss.IndexBinaryFlat(PDQ_BYTES * 8)
         if pdq_rows:
@@ -157,6 +163,8 @@ class Targets:
         if not rows:
             return []
         queries = np.frombuffer(b"".join(row[2] for row in rows), np.uint8).reshape(-1, PDQ_BYTES)
+        import faiss
+
         # Keep Faiss to this thread (see `matcher._single_threaded_faiss`); Faiss keeps
         # distances strictly below the radius it is given.
         faiss.omp_set_num_threads(1)
@@ -199,6 +207,8 @@ def _entry_vectors(
         [("entry_id", ">i8"), ("vector", ("<f4", dim))],
         add,
     )
+    from moderation.banks.clip_search import ClipBank
+
     entry_ids = np.concatenate([np.empty(0, np.int64), *ids])
     matrix = np.ascontiguousarray(np.concatenate([np.empty((0, dim), np.float32), *vectors]))
     return ClipBank(
