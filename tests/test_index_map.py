@@ -56,9 +56,14 @@ def two_clusters(per_cluster: int, seed: int = 0) -> tuple[npt.NDArray[np.float3
     return tuple(clusters)
 
 
-def store(session: Session, vectors: npt.NDArray[np.float32], bank_entry: BankEntry | None) -> None:
+def store(
+    session: Session,
+    vectors: npt.NDArray[np.float32],
+    bank_entry: BankEntry | None,
+    model_name: str = MODEL,
+) -> None:
     """Screened uploads with their embeddings, each with a CLIP hit on `bank_entry` if given."""
-    model = get_or_create_model(session, MODEL, DIM)
+    model = get_or_create_model(session, model_name, DIM)
     for vector in vectors:
         upload = Upload(uri="file:///tmp/map-test.jpg", status=UploadStatus.SCREENED)
         session.add(upload)
@@ -214,13 +219,15 @@ def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
 ) -> None:
     from moderation.config import get_settings
 
-    monkeypatch.setenv("MODERATION_MODEL", MODEL)
+    # Committed, so under a model of its own: the other tests here count one model's uploads.
+    page_model = "map-page-test-model"
+    monkeypatch.setenv("MODERATION_MODEL", page_model)
     get_settings.cache_clear()
     try:
         bad, ordinary = two_clusters(30, seed=5)
         with session_scope() as session:
-            store(session, bad, bank_entry(session, "page-bank"))
-            store(session, ordinary, None)
+            store(session, bad, bank_entry(session, "page-bank"), page_model)
+            store(session, ordinary, None, page_model)
         for role in (Role.ANALYST, Role.REVIEWER):
             site.cookies.clear()
             log_in(site, keys[role])
