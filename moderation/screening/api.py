@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from moderation.api.access import DbSession, allow
 from moderation.api.metrics import UPLOAD_BATCH_SIZE
 from moderation.auth.models import Role
+from moderation.review import service as review
 from moderation.screening import service
 from moderation.screening.models import Upload
 from moderation.screening.service import NewUpload
@@ -283,17 +284,17 @@ def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
         ],
         hits=[
             HitOut(
-                hit_id=hit.id,
-                bank=bank,
+                hit_id=hit.hit_id,
+                bank=hit.bank,
                 bank_entry_id=hit.bank_entry_id,
-                signal=hit.signal.value,
+                signal=hit.signal,
                 distance=hit.distance,
                 frame_index=hit.frame_index,
-                model=model,
+                model=hit.model,
                 retroactive=hit.retroactive,
-                review_status=hit.review_status.value,
+                review_status=hit.review_status,
                 created_at=hit.created_at,
             )
-            for hit, bank, model in service.upload_hits(session, upload.id)
+            for hit in review.upload_hits(session, upload.id)
         ],
     )

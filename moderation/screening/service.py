@@ -580,19 +580,6 @@ def upload_signals(session: Session, upload_id: int) -> list[Signal]:
     return list(session.scalars(query))
 
 
-def upload_hits(session: Session, upload_id: int) -> list[tuple[Hit, str, str | None]]:
-    """An upload's hits with their bank's name and, for CLIP hits, the model's."""
-    query = (
-        select(Hit, Bank.name, EmbeddingModel.name)
-        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
-        .join(Bank, Bank.id == BankEntry.bank_id)
-        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
-        .where(Hit.upload_id == upload_id)
-        .order_by(Hit.id)
-    )
-    return [(hit, bank, model) for hit, bank, model in session.execute(query)]
-
-
 def list_uploads(
     session: Session, *, status: UploadStatus | None = None, limit: int | None = 100
 ) -> list[Upload]:

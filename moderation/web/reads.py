@@ -15,6 +15,7 @@ from moderation.config import Settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.review import service as review
 from moderation.review.service import HitEvidence
+from moderation.screening import service as screening
 from moderation.screening.models import Hit, ReviewStatus, Signal, Upload
 
 # Newest entries listed on a bank's page; the page says how many there are in all.
@@ -32,12 +33,8 @@ def upload_page(session: Session, upload_id: int) -> UploadPage | None:
     upload = session.get(Upload, upload_id)
     if upload is None:
         return None
-    signals = session.scalars(
-        select(Signal)
-        .where(Signal.upload_id == upload_id)
-        .order_by(Signal.signal, Signal.frame_index)
-    )
-    return UploadPage(upload, list(signals), review.upload_hits(session, upload_id))
+    signals = screening.upload_signals(session, upload_id)
+    return UploadPage(upload, signals, review.upload_hits(session, upload_id))
 
 
 @dataclass(frozen=True)
