@@ -11,14 +11,6 @@ import click
 @click.option("--workers", default=1, show_default=True, type=int, help="Server processes.")
 def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) with uvicorn."""
-    import uvicorn
+    from moderation.api.serve import serve
 
-    uvicorn.run(
-        "moderation.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        # Behind a proxy that terminates TLS, trust its X-Forwarded-* headers.
-        proxy_headers=True,
-    )
+    serve(host, port, workers)
