@@ -304,3 +304,47 @@ def test_temporary_directory_really_exists_for_these_tests() -> None:
         for prefix in env_policy().allowed_prefixes
         if prefix.startswith("file://")
     )
+
+
+def test_checking_a_batch_answers_each_uri_in_order_and_resolves_each_host_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `POST /v1/uploads` relies on: one refused URI is named by its position, and a
+    hundred URIs on one CDN cost one DNS lookup, not a hundred."""
+    from moderation.images import uri_policy
+
+    lookups: list[str] = []
+    real_resolve = uri_policy._resolve
+
+    def counted(host: str, timeout_s: float) -> list[uri_policy.IPAddress]:
+        lookups.append(host)
+        return real_resolve(host, timeout_s)
+
+    monkeypatch.setattr(uri_policy, "_resolve", counted)
+    policy = UriPolicy(("https://", f"{tmp_path.as_uri()}/"))
+    image = tmp_path / "a.jpg"
+    uris = [
+        "https://93.184.215.14/a.jpg",
+        *(f"https://localhost/{i}.jpg" for i in range(50)),
+        "https://93.184.215.14/b.jpg#fragment",
+        "/etc/passwd",
+        str(image),
+        "gopher://example.com/",
+    ]
+    verdicts = policy.check_all(uris)
+    assert lookups == ["localhost"]
+    assert verdicts[0] == "https://93.184.215.14/a.jpg"
+    assert all(isinstance(v, errors.UriRefused) for v in verdicts[1:51])
+    assert "non-public address (loopback)" in str(verdicts[1])
+    assert verdicts[51] == "https://93.184.215.14/b.jpg"
+    assert isinstance(verdicts[52], errors.UriRefused)
+    assert verdicts[52].message == FILE_REFUSED
+    assert verdicts[53] == image.as_uri()
+    assert isinstance(verdicts[54], errors.UnsupportedUri)
+    # One at a time, the same answers.
+    for uri, verdict in zip(uris, verdicts, strict=True):
+        if isinstance(verdict, str):
+            assert policy.check(uri) == verdict
+        else:
+            with pytest.raises(type(verdict)):
+                policy.check(uri)

@@ -14,18 +14,29 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import httpx
 
 from moderation.config import Settings
-from moderation.images.errors import FetchTimeout, FetchUnavailable, UnsupportedUri, UriRefused
+from moderation.images.errors import (
+    FetchTimeout,
+    FetchUnavailable,
+    IntakeError,
+    UnsupportedUri,
+    UriRefused,
+)
+from moderation.images.http_location import (
+    HttpLocation,
+    IPAddress,
+    address_literal,
+    parse_http,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 FILE_REFUSED = (
@@ -116,26 +127,51 @@ class UriPolicy:
         For http(s) the host is resolved too (within `resolve_timeout_s`), so a name that
         points inside the network is refused before anything is queued.
         """
-        canonical, url = self._check_location(uri_or_path)
-        if url is not None:
-            self.resolve(url.raw_host.decode("ascii"), timeout_s=resolve_timeout_s)
+        canonical, host = self._check_location(uri_or_path)
+        if host is not None:
+            self.resolve(host, timeout_s=resolve_timeout_s)
         return canonical
+
+    def check_all(
+        self, uris_or_paths: Sequence[str], *, resolve_timeout_s: float = 5.0
+    ) -> list[str | IntakeError]:
+        """`check` for many URIs, each one's canonical form or refusal, in order. Each host
+        name is resolved once, however many URIs name it: a batch of uploads mostly comes
+        from one or two CDNs."""
+        located: list[tuple[str, str | None] | IntakeError] = []
+        for uri in uris_or_paths:
+            try:
+                located.append(self._check_location(uri))
+            except IntakeError as error:
+                located.append(error)
+        refusals: dict[str, IntakeError | None] = {}
+        for item in located:
+            if isinstance(item, tuple) and item[1] is not None and item[1] not in refusals:
+                try:
+                    self.resolve(item[1], timeout_s=resolve_timeout_s)
+                    refusals[item[1]] = None
+                except IntakeError as error:
+                    refusals[item[1]] = error
+        return [
+            item if isinstance(item, IntakeError) else refusals.get(item[1] or "") or item[0]
+            for item in located
+        ]
 
     def check_location(self, uri_or_path: str) -> str:
         """Everything but DNS: scheme, prefix, and for files the resolved real path."""
         return self._check_location(uri_or_path)[0]
 
-    def _check_location(self, uri_or_path: str) -> tuple[str, httpx.URL | None]:
-        """The canonical URI, and for http(s) its parsed URL (parsed once: `POST /v1/uploads`
-        checks a hundred URIs per request, and parsing is most of a check's time)."""
+    def _check_location(self, uri_or_path: str) -> tuple[str, str | None]:
+        """The canonical URI, and the host name still to resolve (None for files and for
+        address literals, already judged here)."""
         if _is_path(uri_or_path):
             return _file_uri(self.allowed_file(uri_or_path)[0]), None
         scheme = urlsplit(uri_or_path).scheme.lower()
         if scheme == "file":
             return _file_uri(self.allowed_file(uri_or_path)[0]), None
         if scheme in ("http", "https"):
-            url = self._check_http(uri_or_path)
-            return str(url), url
+            location = self._check_http(uri_or_path)
+            return location.canonical, location.raw_host if location.address is None else None
         raise UnsupportedUri(
             f"URI scheme {scheme!r} is not supported; use a path, file:// or http(s)://"
         )
@@ -165,35 +201,22 @@ class UriPolicy:
         return addresses
 
     def check_address(self, address: IPAddress) -> None:
-        judged = _embedded_ipv4(address) or address
-        if address in METADATA_ADDRESSES or judged in METADATA_ADDRESSES:
-            raise UriRefused("the host resolves to a cloud metadata address, never fetched")
-        if any(judged in net or address in net for net in self.allowed_networks):
-            return
-        kind = non_public_kind(judged)
-        if kind is not None:
-            raise UriRefused(
-                f"the host resolves to a non-public address ({kind}); set "
-                "MODERATION_FETCH_ALLOWED_NETWORKS to fetch from it"
-            )
+        refusal = _address_refusal(address, self.allowed_networks)
+        if refusal is not None:
+            raise UriRefused(refusal)
 
-    def _check_http(self, uri: str) -> httpx.URL:
-        try:
-            url = httpx.URL(uri)
-        except httpx.InvalidURL:
-            raise UriRefused("the URI is not a valid http(s) URL") from None
-        if url.userinfo:
+    def _check_http(self, uri: str) -> HttpLocation:
+        location = parse_http(uri)
+        if location.has_userinfo:
             # `https://cdn.example.com@evil.org/` reads as one host and connects to another.
             raise UriRefused("URIs with user information (user@host) are not accepted")
-        if not url.host:
+        if not location.host:
             raise UriRefused("the URI has no host")
-        if not any(_matches(url, prefix) for prefix in self._url_prefixes):
+        if not any(_matches(location, prefix) for prefix in self._url_prefixes):
             raise UriRefused(PREFIX_REFUSED)
-        literal = _ip_literal(url.host)
-        if literal is not None:
-            self.check_address(literal)
-        # Re-parsing costs as much as parsing: only where there is a fragment to drop.
-        return url.copy_with(fragment=None) if "#" in uri else url
+        if location.address is not None:
+            self.check_address(location.address)
+        return location
 
     def _file_directories(self) -> list[str]:
         # Resolved at each check: a directory may be mounted or relinked after start-up.
@@ -204,14 +227,32 @@ class UriPolicy:
         ]
 
     @cached_property
-    def _url_prefixes(self) -> list[httpx.URL]:
+    def _url_prefixes(self) -> list[HttpLocation]:
         # Parsed once per policy (the field is frozen): URL prefixes never change, unlike
         # the directories behind `file://` prefixes.
         return [
-            httpx.URL(prefix)
+            parse_http(prefix)
             for prefix in self.allowed_prefixes
             if urlsplit(prefix).scheme.lower() in ("http", "https")
         ]
+
+
+@lru_cache(maxsize=4096)
+def _address_refusal(address: IPAddress, allowed_networks: tuple[IPNetwork, ...]) -> str | None:
+    """Why `address` may not be fetched, or None. Cached: the properties behind it cost
+    microseconds each, and a batch of uploads names the same few hosts again and again."""
+    judged = _embedded_ipv4(address) or address
+    if address in METADATA_ADDRESSES or judged in METADATA_ADDRESSES:
+        return "the host resolves to a cloud metadata address, never fetched"
+    if any(judged in net or address in net for net in allowed_networks):
+        return None
+    kind = non_public_kind(judged)
+    if kind is not None:
+        return (
+            f"the host resolves to a non-public address ({kind}); set "
+            "MODERATION_FETCH_ALLOWED_NETWORKS to fetch from it"
+        )
+    return None
 
 
 def non_public_kind(address: IPAddress) -> str | None:
@@ -262,16 +303,16 @@ def _file_uri(real_path: str) -> str:
     return Path(real_path).as_uri()
 
 
-def _matches(url: httpx.URL, prefix: httpx.URL) -> bool:
+def _matches(url: HttpLocation, prefix: HttpLocation) -> bool:
     """Compared by parsed parts, not as strings: `https://cdn.example.com.evil.org/` does not
     start with `https://cdn.example.com/` here."""
     if url.scheme != prefix.scheme:
         return False
     if not prefix.host:
         return True
-    if _host_key(url) != _host_key(prefix) or _port(url) != _port(prefix):
+    if url.host_key != prefix.host_key or url.effective_port != prefix.effective_port:
         return False
-    path, prefix_path = _raw_path(url), _raw_path(prefix)
+    path, prefix_path = url.path, prefix.path
     if prefix_path == "/":
         return True
     # Under a path prefix, refuse what a server might decode into another directory:
@@ -282,25 +323,6 @@ def _matches(url: httpx.URL, prefix: httpx.URL) -> bool:
     if any(segment in (".", "..") for segment in unquote(path).split("/")):
         return False
     return path.startswith(prefix_path)
-
-
-def _raw_path(url: httpx.URL) -> str:
-    return url.raw_path.split(b"?", 1)[0].decode("ascii") or "/"
-
-
-def _host_key(url: httpx.URL) -> str:
-    return url.host.lower().rstrip(".")
-
-
-def _port(url: httpx.URL) -> int:
-    return url.port or (443 if url.scheme == "https" else 80)
-
-
-def _ip_literal(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
 
 
 def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
@@ -319,7 +341,7 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 def _resolve(host: str, timeout_s: float) -> list[IPAddress]:
     """Resolve within `timeout_s`: getaddrinfo takes no timeout, so it runs on a thread
     of its own, left to finish alone if the resolver hangs."""
-    literal = _ip_literal(host)
+    literal = address_literal(host)
     if literal is not None:
         return [literal]
     answer: list[str] = []

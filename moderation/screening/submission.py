@@ -46,16 +46,19 @@ class UrisRefused(ValueError):
 def check_uris(uploads: Sequence[NewUpload], policy: UriPolicy) -> list[NewUpload]:
     """The events with their URIs in canonical form, or `UrisRefused` naming every refused
     one. Workers check again when they fetch (a host's addresses can change in between)."""
-    checked: list[NewUpload] = []
-    refused: list[RefusedUri] = []
-    for index, upload in enumerate(uploads):
-        try:
-            checked.append(replace(upload, uri=policy.check(upload.uri)))
-        except IntakeError as error:
-            refused.append(RefusedUri(index, upload.uri, error))
+    verdicts = policy.check_all([upload.uri for upload in uploads])
+    refused = [
+        RefusedUri(index, upload.uri, verdict)
+        for index, (upload, verdict) in enumerate(zip(uploads, verdicts, strict=True))
+        if isinstance(verdict, IntakeError)
+    ]
     if refused:
         raise UrisRefused(refused, len(uploads))
-    return checked
+    return [
+        upload if upload.uri == verdict else replace(upload, uri=verdict)
+        for upload, verdict in zip(uploads, verdicts, strict=True)
+        if isinstance(verdict, str)
+    ]
 
 
 def accept(
