@@ -14,6 +14,7 @@ import pytest
 
 from moderation.config import Settings, get_settings
 from moderation.images import errors
+from moderation.images.http_location import IPAddress
 from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED, UriPolicy
 
 
@@ -316,7 +317,7 @@ def test_checking_a_batch_answers_each_uri_in_order_and_resolves_each_host_once(
     lookups: list[str] = []
     real_resolve = uri_policy._resolve
 
-    def counted(host: str, timeout_s: float) -> list[uri_policy.IPAddress]:
+    def counted(host: str, timeout_s: float) -> list[IPAddress]:
         lookups.append(host)
         return real_resolve(host, timeout_s)
 
