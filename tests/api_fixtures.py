@@ -33,3 +33,11 @@ def keys(clean_db: None) -> dict[Role, str]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def announced(api: TestClient) -> None:
+    """Wait until the application has sent the screening messages of what it accepted:
+    `POST /v1/uploads` answers once the rows commit and sends them from a thread."""
+    announcer = getattr(api.app.state, "announcer", None)  # type: ignore[attr-defined]
+    if announcer is not None:
+        assert announcer.flush(10), "screening messages still unsent after 10 s"

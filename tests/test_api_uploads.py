@@ -26,10 +26,11 @@ from moderation.db import session_scope
 from moderation.images.hashing import sha256
 from moderation.screening.models import Upload
 from moderation.screening.worker_process import WorkerProcess
-from tests.api_fixtures import api, bearer, keys
+from tests.api_fixtures import announced, api, bearer, keys
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
 from tests.queues import queued_uploads
+from tests.redis_server import RedisServer
 from tests.servers import tcp_listener
 
 __all__ = ["api", "keys"]
@@ -73,6 +74,7 @@ def test_one_event_is_a_row_and_then_a_message(
     accepted = response.json()
     assert accepted["external_id"] == "evt-1"
     assert accepted["created"] is True
+    announced(api)
     assert queued_uploads(redis_client, queue) == [accepted["upload_id"]]
 
     shown = api.get(
@@ -100,6 +102,7 @@ def test_the_same_external_id_twice_is_the_same_upload_and_one_message(
     assert again == {**first, "created": False}
     assert [u["upload_id"] for u in in_a_batch["uploads"]] == [first["upload_id"]] * 2
     assert _upload_count() == 1
+    announced(api)
     assert queued_uploads(redis_client, queue) == [first["upload_id"]]
     found = api.get(
         "/v1/uploads", params={"external_id": "evt-2"}, headers=bearer(keys[Role.ANALYST])
@@ -158,6 +161,7 @@ def test_a_batch_keeps_its_order(
     with session_scope() as session:
         rows = {u.id: u.uri for u in session.scalars(select(Upload))}
     assert [rows[a["upload_id"]] for a in accepted] == uris
+    announced(api)
     assert sorted(queued_uploads(redis_client, queue)) == sorted(a["upload_id"] for a in accepted)
 
 
@@ -198,6 +202,7 @@ def test_a_refused_uri_is_422_naming_the_rule_and_nothing_is_fetched(
         time.sleep(0.2)  # time for a stray fetch to connect, were there one
         assert listener.connections == 0
     assert _upload_count() == 0
+    announced(api)
     assert redis_client.llen(queue) == 0
 
 
@@ -270,13 +275,16 @@ def test_an_upload_through_the_api_is_screened_and_its_hits_shown(
     assert hits["sha256"]["review_status"] == "pending"
 
 
-def test_with_redis_down_the_upload_is_recorded_and_the_answer_says_so(
+def test_with_redis_down_the_upload_is_accepted_and_announced_once_it_is_back(
     keys: dict[Role, str], tmp_path: Path
 ) -> None:
-    """The API as production runs it, with its broker unreachable: the row commits first,
-    so the upload is kept for the sweeper, and the producer is told (503, not a 500)."""
+    """The API as production runs it, its broker down: the row commits, the producer gets
+    its 202 (the upload is safe; delivering it is the service's job), and the process sends
+    the message once Redis answers, without waiting for a sweeper."""
+    broker = RedisServer(_free_port(), tmp_path)
+    queue = f"api-redis-down-{uuid.uuid4().hex[:8]}"
     port = _free_port()
-    env = {**os.environ, **TEST_ENV, "MODERATION_REDIS_URL": "redis://127.0.0.1:1/0"}
+    env = {**os.environ, **TEST_ENV, "MODERATION_REDIS_URL": broker.url, "MODERATION_QUEUE": queue}
     log = (tmp_path / "api.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "moderation", "api", "--port", str(port)],
@@ -294,17 +302,25 @@ def test_with_redis_down_the_upload_is_recorded_and_the_answer_says_so(
             timeout=30,
         )
         ready = httpx.get(f"{base}/readyz", timeout=30)
+        assert response.status_code == 202, response.text
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"].startswith("unreachable")
+        with session_scope() as session:
+            (upload,) = session.scalars(select(Upload)).all()
+        assert (upload.external_id, upload.status.value) == ("redis-down", "queued")
+        assert upload.id == response.json()["upload_id"]
+
+        broker.start()
+        client = redis.Redis(port=broker.port)
+        deadline = time.monotonic() + 30  # retries back off 0.5, 1, 2, 4, 8 s
+        while not queued_uploads(client, queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert queued_uploads(client, queue) == [upload.id]
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-    assert response.status_code == 503, response.text
-    assert response.json()["detail"]["code"] == "broker_unavailable"
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["redis"].startswith("unreachable")
-    with session_scope() as session:
-        (upload,) = session.scalars(select(Upload)).all()
-    assert (upload.external_id, upload.status.value) == ("redis-down", "queued")
+        broker.kill()
 
 
 def _free_port() -> int:

@@ -9,7 +9,6 @@ import glob
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -34,6 +32,7 @@ from moderation.screening.models import Hit, Upload, UploadStatus, Worker
 from moderation.screening.worker_process import WorkerProcess
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
+from tests.redis_server import RedisServer
 from tests.servers import http_server, image_handler
 
 pytestmark = pytest.mark.e2e
@@ -205,46 +204,6 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
 
 
 # Redis restarted empty.
-
-
-@dataclass
-class RedisServer:
-    """A redis-server of its own: no persistence, like the production broker."""
-
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
 
 
 @pytest.fixture

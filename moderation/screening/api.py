@@ -13,24 +13,51 @@ external ids make the retry safe.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
-from kombu.exceptions import OperationalError as KombuOperationalError
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from redis.exceptions import RedisError
 
 from moderation.api.access import DbSession, allow
 from moderation.api.metrics import UPLOAD_BATCH_SIZE
 from moderation.auth.models import Role
+from moderation.celery_app import send_screening
 from moderation.review import service as review
 from moderation.screening import service
+from moderation.screening.announcer import Announcer
 from moderation.screening.models import Upload
 from moderation.screening.service import NewUpload
 from moderation.screening.submission import UrisRefused, accept
 
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+_announcer_lock = threading.Lock()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    announcer: Announcer | None = getattr(app.state, "announcer", None)
+    if announcer is not None:
+        # Uvicorn has finished the requests in flight: send what they recorded.
+        announcer.close()
+        app.state.announcer = None
+
+
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=_lifespan)
+
+
+def _announcer(request: Request) -> Announcer:
+    """This process's announcer, started with its first upload."""
+    state = request.app.state
+    with _announcer_lock:
+        if getattr(state, "announcer", None) is None:
+            state.announcer = Announcer(send_screening)
+        announcer: Announcer = state.announcer
+    return announcer
+
 
 # Events per request. A batch is one transaction; a producer with more sends more requests.
 MAX_BATCH = 1000
@@ -175,18 +202,22 @@ class UploadList(BaseModel):
     responses={
         409: {"description": "An external id already names another event; nothing recorded."},
         422: {"description": "A URI is refused by the fetch policy; nothing recorded."},
-        503: {"description": "Recorded, but the broker is unreachable: sent later."},
     },
 )
-def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
+def submit_uploads(
+    request: Request, body: UploadIn | UploadBatchIn
+) -> UploadAccepted | UploadBatchAccepted:
     """Queue one upload event, or a batch of them (`{"uploads": [...]}`) all or none.
 
-    202 once the uploads are recorded and their screening messages sent; poll
+    202 once the uploads are recorded; their screening messages follow within
+    milliseconds (or, while the broker is unreachable, once it is back). Poll
     `GET /v1/uploads/{id}` for the verdict.
     """
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
     try:
-        accepted = accept([event.to_new_upload() for event in events])
+        accepted = accept(
+            [event.to_new_upload() for event in events], announce=_announcer(request).announce
+        )
     except UrisRefused as error:
         raise HTTPException(
             422,
@@ -208,18 +239,6 @@ def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBat
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
-        ) from None
-    except (KombuOperationalError, RedisError) as error:
-        # After the commit: the uploads are recorded, only their messages are not sent (a
-        # batch of messages fails on its one round trip with Redis's own error).
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            {
-                "code": "broker_unavailable",
-                "message": f"the uploads are recorded but Redis could not be reached ({error}); "
-                "workers' sweepers send them once it is back (after MODERATION_STUCK_AFTER_S). "
-                "Sending the same events again with their external ids is safe.",
-            },
         ) from None
     UPLOAD_BATCH_SIZE.observe(len(events))
     out = [

@@ -6,7 +6,8 @@
    recorded; one refused URI refuses the whole call, and nothing is fetched;
 2. the events are recorded as queued uploads in one transaction (`service.submit_uploads`:
    idempotent on the external id), which commits;
-3. only then are screening messages published, for the uploads this call created.
+3. only then are screening messages published, for the uploads this call created (the
+   API hands them to a thread that sends them: `screening.announcer`).
 
 PostgreSQL is the source of truth and Redis the transport: if publishing fails after the
 commit, the uploads stay queued and the sweeper sends them (`screening.recovery`).
@@ -14,7 +15,7 @@ commit, the uploads stay queued and the sweeper sends them (`screening.recovery`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from moderation.config import get_settings
@@ -62,9 +63,17 @@ def check_uris(uploads: Sequence[NewUpload], policy: UriPolicy) -> list[NewUploa
 
 
 def accept(
-    uploads: Sequence[NewUpload], *, policy: UriPolicy | None = None, queue: str | None = None
+    uploads: Sequence[NewUpload],
+    *,
+    policy: UriPolicy | None = None,
+    queue: str | None = None,
+    announce: Callable[[list[int], str], None] | None = None,
 ) -> list[Submitted]:
     """Check, record and announce upload events, all or none; their uploads, in order.
+
+    `announce(ids, queue)` sends the screening messages once the rows are committed;
+    by default they are published here, before returning (`moderation submit`). The API
+    hands them to its `Announcer` instead, and answers without waiting for Redis.
 
     Raises `UrisRefused` (nothing recorded) and `service.ExternalIdConflict` (nothing
     recorded: the transaction rolls back).
@@ -78,5 +87,5 @@ def accept(
     created = [s.upload_id for s in submitted if s.created]
     if created:
         # The queue configured now (not when the Celery app was made), as `--wait` watches.
-        publish_screening(created, queue or settings.queue)
+        (announce or publish_screening)(created, queue or settings.queue)
     return submitted
