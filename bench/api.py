@@ -14,8 +14,10 @@ Each request carries uploads with an external id, an https URI on a literal publ
 The baseline, in the same run: the same rows by a plain multi-row `INSERT INTO uploads`
 (psycopg2, one statement and one commit per batch, the same number of clients), which is
 what accepting an upload cannot be faster than. The API does that insert too, plus
-authentication, the URI checks, the idempotency lookup, publishing the messages to Redis
-after commit, and HTTP and JSON.
+authentication, the URI checks, the idempotency lookup, HTTP and JSON, and publishing the
+screening messages to Redis after commit (from a thread of the API process, which the
+request does not wait for; before the figures are written the benchmark checks that every
+upload the API accepted is named by a message on the queue).
 
 Reported per batch size: uploads accepted per second, the ratio API / plain insert
 (target for batches of 100: >= 0.5), and per-request p50 and p99 latency. Printed, and
@@ -187,6 +189,23 @@ def insert_sender(url: str) -> Callable[[list[dict[str, Any]]], None]:
     return send
 
 
+def announced(redis_url: str, queue: str, *, accepted: int, timeout_s: float = 30) -> int:
+    """How many uploads the screening messages on `queue` name, once they stop growing."""
+    from moderation.screening.recovery import uploads_of_message
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        named = {
+            upload_id
+            for raw in client.lrange(queue, 0, -1)
+            for upload_id in uploads_of_message(json.loads(raw))
+        }
+        if len(named) >= accepted or time.monotonic() > deadline:
+            return len(named)
+        time.sleep(0.2)
+
+
 def start_api(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     command = ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(
@@ -235,8 +254,10 @@ def main() -> None:
     try:
         send_api = api_sender(f"http://127.0.0.1:{port}", key, args.clients)
         send_insert = insert_sender(database)
+        uploads_through_api = 0
         for batch in BATCHES:
             requests = args.requests if batch == 1 else max(1, args.uploads // batch)
+            uploads_through_api += (WARMUP + requests) * batch
             plain = timed(send_insert, uploads, batch, requests, args.clients)
             through_api = timed(send_api, uploads, batch, requests, args.clients)
             ratio = through_api["uploads_per_s"] / plain["uploads_per_s"]
@@ -255,10 +276,14 @@ def main() -> None:
                 f"(p50 {plain['p50_ms']:.1f} ms, p99 {plain['p99_ms']:.1f} ms)   "
                 f"ratio {ratio:.2f}"
             )
+        results["announced"] = announced(redis_url, queue, accepted=uploads_through_api)
+        print(f"screening messages name {results['announced']} of {uploads_through_api} uploads")
     finally:
         api.terminate()
         api.wait(timeout=30)
         redis.Redis.from_url(redis_url).delete(queue)
+    if results["announced"] != uploads_through_api:
+        raise SystemExit("the API accepted uploads that no screening message names")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")
