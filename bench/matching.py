@@ -244,7 +244,7 @@ def clip_bank(bank: Any, device: str) -> Any:
     from moderation.banks.clip_search import ClipBank
 
     rows = np.arange(len(bank), dtype=np.int64)
-    return ClipBank(rows, rows, bank, np.full(len(bank), RADIUS), device=device)
+    return ClipBank.holding(rows, np.zeros(len(bank), np.int64), bank, {0: RADIUS}, device=device)
 
 
 def matcher_pairs(snapshot: Any, queries: Any) -> Pairs:

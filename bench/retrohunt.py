@@ -193,11 +193,11 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
 
     settings = get_settings()
     upload_vectors = _all_upload_vectors()
-    bank_vectors = ClipBank(
+    bank_vectors = ClipBank.holding(
         np.arange(len(vectors)),
         np.zeros(len(vectors), np.int64),
-        np.ascontiguousarray(vectors),
-        np.full(len(vectors), settings.match_radius),
+        np.ascontiguousarray(vectors, np.float32),
+        {0: settings.match_radius},
     )
     started = time.perf_counter()
     found = sum(

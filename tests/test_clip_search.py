@@ -45,11 +45,11 @@ def case() -> tuple[np.ndarray, np.ndarray]:
 def _clip_bank(bank: np.ndarray, radius: float = RADIUS, **kwargs: object) -> ClipBank:
     n = len(bank)
     # Entry ids distinct from row numbers, so a hit that names the row would be caught.
-    return ClipBank(
+    return ClipBank.holding(
         np.arange(n, dtype=np.int64) + 10_000,
         np.full(n, 7, np.int64),
         np.ascontiguousarray(bank),
-        np.full(n, radius),
+        {7: radius},
         **kwargs,  # type: ignore[arg-type]
     )
 
