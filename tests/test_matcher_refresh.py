@@ -16,7 +16,7 @@ import torch
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from moderation.banks import clip_search, live, rows
+from moderation.banks import changes, clip_search, live, rows
 from moderation.banks import service as banks
 from moderation.banks.index import BankIndex
 from moderation.banks.live import LiveBanks
@@ -290,6 +290,8 @@ def test_a_refreshed_index_matches_a_fresh_load_after_every_kind_of_change(
     # Small stores, so that the random changes make them grow and compact many times.
     monkeypatch.setattr(rows, "GROW_MIN", 1)
     monkeypatch.setattr(rows, "COMPACT_MIN", 3)
+    # Few rows per first read, so that checks take both ways of reading (see `_FEW`).
+    monkeypatch.setattr(changes, "_FEW", 2)
     compactions = 0
     compacted = rows.SignalRows.compacted
 
@@ -353,13 +355,17 @@ def test_a_truncated_table_is_read_again_whole(
     assert _probe(index.snapshot()) == []
 
 
+# `few`: the rows a check reads before it counts them all (see `changes._FEW`).
+@pytest.mark.parametrize("few", [1000, 3])
 def test_a_change_naming_much_of_the_index_is_applied_by_a_full_load(
     session: Session,
     models: tuple[EmbeddingModel, EmbeddingModel],
     monkeypatch: pytest.MonkeyPatch,
+    few: int,
 ) -> None:
     model, _ = models
     monkeypatch.setattr(live, "REBUILD_MIN", 4)
+    monkeypatch.setattr(changes, "_FEW", few)
     bank = banks.create_bank(session, "bulk")
     rng = np.random.default_rng(3)
     banks.add_entries(session, bank, [_random_entry(rng, model) for _ in range(8)], added_by="t")

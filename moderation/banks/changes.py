@@ -38,6 +38,11 @@ _OWN_XID = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
 # How long a full load waits for the transactions running when it starts, so that its
 # checkpoint can start at the log's end instead of its beginning (see `ChangeTail.start`).
 _START_WAIT_S = 1.0
+# Rows a check reads at first, beyond those it already applied. A small LIMIT keeps the
+# plan an index range scan even before the table has statistics (after a bulk import,
+# until autovacuum analyses it, PostgreSQL would scan and sort the whole log for a
+# LIMIT in the hundred thousands: 90-170 ms at 2,000,000 rows).
+_FEW = 1000
 
 
 @dataclass(frozen=True)
@@ -98,19 +103,26 @@ class ChangeTail:
         rows = session.execute(
             above.add_columns(BankChange.bank_id, BankChange.bank_entry_id)
             .order_by(BankChange.id)
-            .limit(len(self.known) + limit + 1)
+            .limit(len(self.known) + _FEW)
         ).all()
-        if len(rows) > len(self.known) + limit:
-            ids = np.fromiter(session.scalars(above), np.int64)
+        if len(rows) == len(self.known) + _FEW:
+            # Many: their ids first (ids only), then the rows if there are not too many.
+            ids = np.fromiter(session.scalars(above.order_by(BankChange.id)), np.int64)
             ids = ids[~np.isin(ids, self.known)]
-            return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
+            if len(ids) > limit:
+                return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
+            rows = session.execute(
+                above.add_columns(BankChange.bank_id, BankChange.bank_entry_id).where(
+                    BankChange.id <= int(ids[-1])
+                )
+            ).all()
         new = [row for row in rows if not _contains(self.known, row[0])]
+        ids = np.array(sorted(row[0] for row in new), np.int64)
+        truncated = any(bank is None and entry is None for _, bank, entry in new)
+        if truncated or len(new) > limit:
+            return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
         banks = frozenset(bank for _, bank, entry in new if bank is not None)
         entries = frozenset(entry for _, bank, entry in new if entry is not None)
-        truncated = any(bank is None and entry is None for _, bank, entry in new)
-        ids = np.array([row[0] for row in new], np.int64)
-        if truncated:
-            return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
         return Changes(ids, banks, entries, False, bounds, horizon)
 
     def absorb(self, changes: Changes) -> None:
