@@ -283,22 +283,6 @@ class ClipBank:
         self.widest_radius = float(self._radius_values.max()) if len(radii) else 0.0
         self._block_scores = block_scores or _BLOCK_SCORES.get(self.device.type, 1 << 20)
 
-    @classmethod
-    def holding(
-        cls,
-        entry_ids: np.ndarray,
-        bank_ids: np.ndarray,
-        vectors: np.ndarray,
-        radii: Mapping[int, float],
-        *,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        block_scores: int | None = None,
-    ) -> ClipBank:
-        """A bank of exactly these rows (see `ClipRows.holding`)."""
-        rows = ClipRows.holding(entry_ids, bank_ids, vectors, device=device, dtype=dtype)
-        return rows.bank(radii, block_scores=block_scores)
-
     def __len__(self) -> int:
         """The rows that count (retired ones aside)."""
         return len(self._rows)
