@@ -26,8 +26,17 @@ Printed as a table and written to bench/results/matching.json.
 `--load N`: a bank of N random 768-d entries (with PDQ hashes) in PostgreSQL
 (MODERATION_BENCH_DATABASE_URL, default database moderation_bench_matching), added by
 `copy_entries` unless already there; then, in a fresh process, the time and peak RSS of
-building the worker's snapshot (`load_index`) and the time of a refresh that finds the
-banks unchanged. Written to bench/results/matching_load.json.
+building the worker's snapshot (`BankMatcher`), and the time a running matcher takes to
+bring its snapshot up to date (median of `--repeats`, each change committed by another
+session, each checked to match or not as it should):
+
+- a check that finds nothing changed (the change log's index range scan), and the
+  queries the matcher ran for that check before the change log, in the same run;
+- after adding 1 entry (SHA-256, PDQ and embedding), removing 1 entry, changing a small
+  bank's radius, and disabling then enabling that bank;
+- a full load of the same banks (`load_index`), what every change cost before.
+
+The bank returns to N entries. Written to bench/results/matching_load.json.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load", type=int, metavar="N", help="Measure loading N entries instead.")
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="--load: where the matcher scores.")
     parser.add_argument("--out", type=Path)
     return parser.parse_args()
 
@@ -78,9 +88,10 @@ def main() -> None:
         "MODERATION_DATABASE_URL", os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE)
     )
     if args.load_child:
-        load_child()
+        load_child(args.device, args.repeats)
     elif args.load:
-        measure_load(args.load, args.out or Path("bench/results/matching_load.json"))
+        out = args.out or Path("bench/results/matching_load.json")
+        measure_load(args.load, out, args.device, args.repeats)
     else:
         measure_search(args)
 
@@ -241,10 +252,11 @@ def clip_bank(bank: Any, device: str) -> Any:
     """The matcher's `ClipBank` over the bank, entry ids = row numbers."""
     import numpy as np
 
-    from moderation.banks.clip_search import ClipBank
+    from moderation.banks.clip_search import ClipRows
 
     rows = np.arange(len(bank), dtype=np.int64)
-    return ClipBank(rows, rows, bank, np.full(len(bank), RADIUS), device=device)
+    stored = ClipRows.holding(rows, np.zeros(len(bank), np.int64), bank, device=device)
+    return stored.bank({0: RADIUS})
 
 
 def matcher_pairs(snapshot: Any, queries: Any) -> Pairs:
@@ -271,7 +283,7 @@ LOAD_DIM = 768
 LOAD_MODEL = "bench-matching-random-768"
 
 
-def measure_load(size: int, out: Path) -> None:
+def measure_load(size: int, out: Path, device: str, repeats: int) -> None:
     """Fill the bench database's bank to `size` entries, then measure loading it in a
     fresh process (so that its peak RSS is the load's, not this process's)."""
     import numpy as np
@@ -288,7 +300,9 @@ def measure_load(size: int, out: Path) -> None:
     with session_scope() as session:
         model = get_or_create_model(session, LOAD_MODEL, LOAD_DIM)
         # One bank holds what is measured: other banks of this database are disabled.
-        session.execute(update(Bank).values(enabled=Bank.name == "bench-load"))
+        session.execute(
+            update(Bank).values(enabled=Bank.name.in_(["bench-load", "bench-load-small"]))
+        )
         bank = session.scalar(select(Bank).where(Bank.name == "bench-load"))
         if bank is None:
             bank = banks.create_bank(session, "bench-load")
@@ -298,6 +312,11 @@ def measure_load(size: int, out: Path) -> None:
         missing = size - (present or 0)
         if missing < 0:
             raise SystemExit(f"the bench bank holds {present} entries, more than {size}")
+        if session.scalar(select(Bank).where(Bank.name == "bench-load-small")) is None:
+            # A small bank whose radius and state the refresh timings change.
+            small = banks.create_bank(session, "bench-load-small")
+            vectors = _unit_rows(np.random.default_rng(1), 100)
+            banks.copy_entries(session, small, model=model, vectors=vectors, added_by="bench")
         rng = np.random.default_rng(present)
         started = time.perf_counter()
         for start in range(0, missing, 100_000):
@@ -312,7 +331,10 @@ def measure_load(size: int, out: Path) -> None:
         if missing:
             inserted_s = time.perf_counter() - started
     child = subprocess.run(
-        [sys.executable, __file__, "--load-child"], check=True, capture_output=True, text=True
+        [sys.executable, __file__, "--load-child", "--device", device, "--repeats", str(repeats)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     results = {
         "entries": size,
@@ -320,14 +342,15 @@ def measure_load(size: int, out: Path) -> None:
         "inserted_s": None if inserted_s is None else round(inserted_s, 1),
         **json.loads(child.stdout.splitlines()[-1]),
         "machine": platform.platform(),
+        "load_average": os.getloadavg(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(json.dumps(results, indent=2))
     write(results, out)
 
 
-def load_child() -> None:
-    """In a fresh process: build the snapshot as a worker does and report on it."""
+def load_child(device: str, repeats: int) -> None:
+    """In a fresh process: build the snapshot as a worker does, then time its refreshes."""
     from contextlib import AbstractContextManager
 
     from sqlalchemy.orm import Session
@@ -341,36 +364,153 @@ def load_child() -> None:
 
     with session_scope() as session:
         model_id = get_or_create_model(session, LOAD_MODEL, LOAD_DIM).id
+    settings = MatchSettings(RADIUS, 31, 50)
     before = _rss_mb()
     started = time.perf_counter()
     matcher = BankMatcher(
         sessions,
         model_id=model_id,
         dim=LOAD_DIM,
-        settings=MatchSettings(RADIUS, 31, 50),
+        settings=settings,
         refresh_s=0.0,
-        device="cpu",
+        device=device,
     )
     loaded_s = time.perf_counter() - started
     peak = _rss_mb("VmHWM")
-    index = matcher.current()  # refresh_s 0: checks the checkpoint, finds it unchanged
+    index = matcher.current()  # refresh_s 0: checks the change log, finds nothing new
     started = time.perf_counter()
     kept = matcher.current() is index
     check_s = time.perf_counter() - started
+    refreshes = _time_refreshes(matcher, model_id, settings, device, repeats)
     print(
         json.dumps(
             {
+                "device": device,
                 "load_s": round(loaded_s, 1),
                 "rss_before_mb": round(before),
                 "peak_rss_mb": round(peak),
                 "rss_after_mb": round(_rss_mb()),
                 "bank_vectors_mb": round(index.clip.vectors.nbytes / 2**20),
-                "unchanged_refresh_s": round(check_s, 3),
+                "unchanged_refresh_s": round(check_s, 4),
                 "unchanged_refresh_kept_snapshot": kept,
-                "sizes": index.size,
+                **refreshes,
+                "sizes": matcher.current().size,
             }
         )
     )
+
+
+def _time_refreshes(
+    matcher: Any, model_id: int, settings: Any, device: str, repeats: int
+) -> dict[str, Any]:
+    """Each kind of change committed by another session, then the time of the next
+    `matcher.current()`; the medians of `repeats`, in ms, beside a full load's."""
+    import statistics
+
+    import numpy as np
+    from sqlalchemy import delete, select
+
+    from moderation.banks import service as banks
+    from moderation.banks.matcher import load_index
+    from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+    from moderation.db import session_scope
+    from moderation.embedding.service import vector_to_bytes
+    from moderation.images.hashing import PdqHash
+    from moderation.images.signals import FrameSignals, ImageSignals
+
+    rng = np.random.default_rng(11)
+    times: dict[str, list[float]] = {}
+
+    def timed(kind: str) -> Any:
+        started = time.perf_counter()
+        index = matcher.current()
+        times.setdefault(kind, []).append(1000 * (time.perf_counter() - started))
+        return index
+
+    def signals(sha: bytes, pdq: bytes) -> ImageSignals:
+        frame = FrameSignals(index=0, pdq=PdqHash(pdq, 100), pixels=np.zeros(1))
+        return ImageSignals(sha, "PNG", 10, 10, 1, [frame])
+
+    def matched(index: Any, sha: bytes, pdq: bytes, vector: Any) -> set[tuple[int, str]]:
+        found = index.match(signals(sha, pdq), vector[np.newaxis])
+        return {(m.bank_entry_id, m.signal.value) for m in found}
+
+    with session_scope() as session:
+        small_id = session.scalars(select(Bank.id).where(Bank.name == "bench-load-small")).one()
+        bank_id = session.scalars(select(Bank.id).where(Bank.name == "bench-load")).one()
+    for _ in range(repeats):
+        timed("unchanged_check_ms")
+        _time_old_checkpoint(times, model_id)
+        vector = _unit_rows(rng, 1)[0]
+        sha, pdq = rng.bytes(32), rng.bytes(32)
+        with session_scope() as session:
+            entry = BankEntry(bank_id=bank_id, sha256=sha, pdq=pdq, added_by="bench")
+            session.add(entry)
+            session.flush()
+            entry_id = entry.id
+            session.add(
+                BankEntryEmbedding(
+                    bank_entry_id=entry_id, model_id=model_id, vector=vector_to_bytes(vector)
+                )
+            )
+        index = timed("add_1_entry_ms")
+        assert matched(index, sha, pdq, vector) == {
+            (entry_id, "sha256"),
+            (entry_id, "pdq"),
+            (entry_id, "clip"),
+        }, "the entry just added is not matched"
+        with session_scope() as session:
+            session.execute(delete(BankEntry).where(BankEntry.id == entry_id))
+        index = timed("remove_1_entry_ms")
+        assert matched(index, sha, pdq, vector) == set(), "the entry just removed is matched"
+        with session_scope() as session:
+            bank = session.get_one(Bank, small_id)
+            banks.update_bank(session, bank, actor="bench", radius=0.04 if bank.radius else 0.06)
+        timed("radius_change_ms")
+        for enabled in (False, True):
+            with session_scope() as session:
+                banks.update_bank(
+                    session, session.get_one(Bank, small_id), actor="bench", enabled=enabled
+                )
+            timed("disable_100_ms" if not enabled else "enable_100_ms")
+    with session_scope() as session:
+        started = time.perf_counter()
+        load_index(session, model_id, LOAD_DIM, settings, device)
+        full_load_s = time.perf_counter() - started
+    medians = {kind: round(statistics.median(ms), 2) for kind, ms in times.items()}
+    return {"refresh_ms": medians, "full_load_s": round(full_load_s, 1), "repeats": repeats}
+
+
+def _time_old_checkpoint(times: dict[str, list[float]], model_id: int) -> None:
+    """The queries a check ran before the change log: counts and maxima over the bank
+    tables (the baseline of `unchanged_check_ms`)."""
+    from sqlalchemy import func, select
+
+    from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+    from moderation.db import session_scope
+
+    with session_scope() as session:
+        started = time.perf_counter()
+        session.execute(select(func.count(Bank.id), func.max(Bank.updated_at))).one()
+        session.execute(
+            select(func.count(BankEntry.id), func.max(BankEntry.id), func.max(BankEntry.updated_at))
+        ).one()
+        session.execute(
+            select(func.count(BankEntryEmbedding.id), func.max(BankEntryEmbedding.id)).where(
+                BankEntryEmbedding.model_id == model_id
+            )
+        ).one()
+        times.setdefault("old_checkpoint_queries_ms", []).append(
+            1000 * (time.perf_counter() - started)
+        )
+
+
+def _unit_rows(rng: Any, count: int) -> Any:
+    import numpy as np
+
+    rows = rng.standard_normal((count, LOAD_DIM), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
 
 
 def _rss_mb(field: str = "VmRSS") -> float:

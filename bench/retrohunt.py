@@ -188,17 +188,16 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
     pdq = _run_job(pdq_job, uploads)
 
     # The same searches, over arrays already in memory.
-    from moderation.banks.clip_search import ClipBank
+    from moderation.banks.clip_search import ClipRows
     from moderation.retrohunt.service import BLOCK_UPLOADS
 
     settings = get_settings()
     upload_vectors = _all_upload_vectors()
-    bank_vectors = ClipBank(
+    bank_vectors = ClipRows.holding(
         np.arange(len(vectors)),
         np.zeros(len(vectors), np.int64),
-        np.ascontiguousarray(vectors),
-        np.full(len(vectors), settings.match_radius),
-    )
+        np.ascontiguousarray(vectors, np.float32),
+    ).bank({0: settings.match_radius})
     started = time.perf_counter()
     found = sum(
         len(hits)

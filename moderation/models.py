@@ -2,7 +2,7 @@
 
 from moderation.audit.models import AuditEvent
 from moderation.auth.models import ApiKey
-from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.retrohunt.models import RetrohuntJob
@@ -15,6 +15,7 @@ __all__ = [
     "ApiKey",
     "AuditEvent",
     "Bank",
+    "BankChange",
     "BankEntry",
     "BankEntryEmbedding",
     "Base",

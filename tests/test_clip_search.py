@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moderation.banks import clip_search
-from moderation.banks.clip_search import FLOAT_SLACK, ClipBank, ClipHit
+from moderation.banks.clip_search import FLOAT_SLACK, ClipBank, ClipHit, ClipRows
 from tests.vectors import at_cosine_distance
 
 DIM = 768  # the production model's: the margin grows with the dimension
@@ -42,16 +42,22 @@ def case() -> tuple[np.ndarray, np.ndarray]:
     return queries, bank[rng.permutation(len(bank))]
 
 
-def _clip_bank(bank: np.ndarray, radius: float = RADIUS, **kwargs: object) -> ClipBank:
+def _clip_bank(
+    bank: np.ndarray,
+    radius: float = RADIUS,
+    *,
+    dtype: torch.dtype | None = None,
+    block_scores: int | None = None,
+) -> ClipBank:
     n = len(bank)
     # Entry ids distinct from row numbers, so a hit that names the row would be caught.
-    return ClipBank(
+    rows = ClipRows.holding(
         np.arange(n, dtype=np.int64) + 10_000,
         np.full(n, 7, np.int64),
         np.ascontiguousarray(bank),
-        np.full(n, radius),
-        **kwargs,  # type: ignore[arg-type]
+        dtype=dtype,
     )
+    return rows.bank({7: radius}, block_scores=block_scores)
 
 
 def _reference(queries: np.ndarray, bank: np.ndarray, radius: float = RADIUS) -> list[set[int]]:

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from moderation import pg_copy
 from moderation.banks import service as banks
-from moderation.banks.matcher import BankMatcher, MatchSettings, _VectorRows, load_index
+from moderation.banks.clip_search import ClipRows
+from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
 from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
@@ -271,24 +271,25 @@ def test_an_embedding_of_another_size_is_refused_by_name(
 
 
 def test_bank_rows_grow_past_the_count_they_were_sized_for() -> None:
-    """Entries committed between counting and streaming the bank are kept, not dropped."""
+    """Entries committed between counting and streaming the bank are kept, not dropped,
+    and a snapshot made before the rows grew still reads its own."""
     rng = np.random.default_rng(2)
-    fields = [("entry_id", ">i8"), ("bank_id", ">i8"), ("vector", ("<f4", DIM)), ("radius", ">f8")]
-    rows = _VectorRows(3, DIM)
+    rows = ClipRows(DIM, capacity=3)
     vectors = rng.standard_normal((40, DIM)).astype(np.float32)
+    early = None
     for start in range(0, 40, 7):  # 3 rows of room, then blocks of 7: grown several times
-        block = pg_copy.new_rows(fields, len(vectors[start : start + 7]))
-        block["entry_id"] = np.arange(start, start + len(block)) + 100
-        block["bank_id"] = block["entry_id"] % 2
-        block["vector"] = vectors[start : start + 7]
-        block["radius"] = 0.01 * (block["entry_id"] - 100)
-        rows.append(block)
-    entry_ids, bank_ids, stored, radii = rows.arrays()
-    assert entry_ids.tolist() == list(range(100, 140))
-    assert bank_ids.tolist() == [i % 2 for i in range(100, 140)]
-    assert radii.tolist() == [0.01 * i for i in range(40)]
-    assert np.array_equal(stored, vectors)
-    assert stored.flags.c_contiguous
+        ids = np.arange(start, min(start + 7, 40)) + 100
+        rows.append(ids, ids % 2, vectors[start : start + 7])
+        if early is None:
+            early = rows.view()
+    view = rows.view()
+    assert view.entry_ids.tolist() == list(range(100, 140))
+    assert view.bank_ids.tolist() == [i % 2 for i in range(100, 140)]
+    assert np.array_equal(view.payload, vectors)
+    assert view.payload.flags.c_contiguous
+    assert early is not None
+    assert early.entry_ids.tolist() == list(range(100, 107))
+    assert np.array_equal(early.payload, vectors[:7])
 
 
 def test_entries_copied_in_bulk_are_stored_and_matched_like_added_ones(

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from moderation.banks.rows import RowsView, SignalRows
 
 logger = logging.getLogger(__name__)
 
@@ -155,51 +158,139 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class ClipBank:
-    """The CLIP vectors of a bank snapshot, one row per bank entry, searched exactly.
+class ClipRows(SignalRows):
+    """The CLIP vectors of bank entries, appended (see `moderation.banks.rows`): float32
+    rows on the host for the exact check, and what the device multiplies, the host rows
+    themselves (CPU, float32) or a copy of them in `dtype` on the device, converted a block
+    at a time (never a second full float32 copy). Snapshots are `bank`s."""
 
-    `vectors` (float32, C-contiguous) stay on the host for the exact check; the device
-    scores a view of them (CPU, float32) or its own copy in `dtype` (any other case, e.g.
-    a float16 bank resident on the GPU).
+    def __init__(
+        self,
+        dim: int,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        capacity: int = 0,
+    ) -> None:
+        """`dtype`: of the scored copy (default: `default_dtype`)."""
+        super().__init__(np.float32, (dim,), capacity)
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(str(device))
+        if self.device.type == "cuda":
+            _exact_sums_on_cuda(self.dtype)
+        self.max_norm = 0.0  # of every row ever appended: an upper bound for any snapshot
+        self.scored = self._scored_copy(0)
+
+    @classmethod
+    def holding(
+        cls,
+        entry_ids: np.ndarray,
+        bank_ids: np.ndarray,
+        vectors: np.ndarray,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> ClipRows:
+        """Rows that are these arrays themselves, not copies (a benchmark's bank of a
+        million, a retro-hunt's entries); the caller must not change them afterwards."""
+        if vectors.dtype != np.float32 or not vectors.flags.c_contiguous or vectors.ndim != 2:
+            raise ValueError("bank vectors must be a C-contiguous float32 matrix")
+        if not len(entry_ids) == len(bank_ids) == len(vectors):
+            raise ValueError("one entry id and bank id per bank vector")
+        rows = cls(vectors.shape[1], device=device, dtype=dtype)
+        rows.entry_ids = np.asarray(entry_ids, np.int64)
+        rows.bank_ids = np.asarray(bank_ids, np.int64)
+        rows.payload = vectors
+        rows.scored = rows._scored_copy(0)
+        rows._written(0, len(vectors))
+        rows.count = len(vectors)
+        return rows
+
+    def bank(self, radii: Mapping[int, float], *, block_scores: int | None = None) -> ClipBank:
+        """A snapshot of the rows appended so far, less the retired ones, each held to its
+        bank's radius in `radii` (rows of banks not in it never match)."""
+        return ClipBank(
+            self.view(),
+            self.scored[: self.count],
+            self.max_norm,
+            radii,
+            dtype=self.dtype,
+            block_scores=block_scores,
+        )
+
+    def _scores_host_rows(self) -> bool:
+        return self.device.type == "cpu" and self.dtype == torch.float32
+
+    def _scored_copy(self, rows_kept: int) -> torch.Tensor:
+        """What the device scores, for the current host arrays, keeping the first
+        `rows_kept` rows of the old copy."""
+        if self._scores_host_rows():
+            return torch.from_numpy(self.payload)
+        scored = torch.empty(self.payload.shape, dtype=self.dtype, device=self.device)
+        if rows_kept:
+            scored[:rows_kept] = self.scored[:rows_kept]
+        return scored
+
+    def _written(self, start: int, end: int) -> None:
+        self.max_norm = max(self.max_norm, _max_norm(self.payload[start:end]))
+        if self._scores_host_rows():
+            return
+        host = torch.from_numpy(self.payload)
+        for step in range(start, end, _ROWS_PER_STEP):
+            stop = min(end, step + _ROWS_PER_STEP)
+            self.scored[step:stop] = host[step:stop].to(self.device, self.dtype)
+
+    def _grow(self, capacity: int) -> None:
+        super()._grow(capacity)
+        self.scored = self._scored_copy(self.count)
+
+    def _empty(self, capacity: int) -> ClipRows:
+        return ClipRows(
+            self.payload.shape[1], device=self.device, dtype=self.dtype, capacity=capacity
+        )
+
+
+class ClipBank:
+    """A snapshot of CLIP bank rows (`ClipRows.bank`), searched exactly.
+
+    `vectors` (float32 on the host, one row per entry) are held for the exact check;
+    `scored` holds the same rows for the device to multiply. A row counts only if the
+    snapshot holds it (not retired) and its bank has a radius in `radii`.
     """
 
     def __init__(
         self,
-        entry_ids: np.ndarray,
-        bank_ids: np.ndarray,
-        vectors: np.ndarray,
-        radii: np.ndarray,
+        rows: RowsView,
+        scored: torch.Tensor,
+        bank_norm: float,
+        radii: Mapping[int, float],
         *,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype,
         block_scores: int | None = None,
     ) -> None:
-        """`dtype`: of the scored copy (default: `default_dtype`); `block_scores`: scores per
+        """`bank_norm`: at least the largest norm of the rows; `block_scores`: scores per
         product (default: `_BLOCK_SCORES` of the device)."""
-        if vectors.dtype != np.float32 or not vectors.flags.c_contiguous or vectors.ndim != 2:
-            raise ValueError("bank vectors must be a C-contiguous float32 matrix")
-        if not len(entry_ids) == len(bank_ids) == len(radii) == len(vectors):
-            raise ValueError("one entry id, bank id and radius per bank vector")
-        self.entry_ids = entry_ids
-        self.bank_ids = bank_ids
-        self.vectors = vectors
-        self.radii = np.asarray(radii, np.float64)
-        self.device = torch.device(device)
-        self.dtype = dtype or default_dtype(device)
-        self.widest_radius = float(self.radii.max()) if len(self.radii) else 0.0
-        self._bank_norm = _max_norm(vectors)
-        if self.device.type == "cuda":
-            _exact_sums_on_cuda(self.dtype)
-        self._scored = _on_device(vectors, self.device, self.dtype)
+        self.entry_ids = rows.entry_ids
+        self.bank_ids = rows.bank_ids
+        self.vectors = rows.payload
+        self.device = scored.device
+        self.dtype = dtype
+        self._rows = rows
+        self._scored = scored
+        self._bank_norm = bank_norm
+        self._radius_banks = np.array(sorted(radii), np.int64)
+        self._radius_values = np.array([radii[b] for b in self._radius_banks], np.float64)
+        self.widest_radius = float(self._radius_values.max()) if len(radii) else 0.0
         self._block_scores = block_scores or _BLOCK_SCORES.get(self.device.type, 1 << 20)
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        """The rows that count (retired ones aside)."""
+        return len(self._rows)
 
     def search(self, queries: np.ndarray) -> list[list[ClipHit]]:
         """The hits of each query (unit float32 rows): every entry within its bank's radius."""
         queries = np.ascontiguousarray(queries, np.float32)
-        if not len(queries) or not len(self):
+        if not len(queries) or not len(self) or not len(self._radius_banks):
             return [[] for _ in queries]
         query_norm = float(np.linalg.norm(queries.astype(np.float64), axis=1).max())
         margin = candidate_margin(
@@ -207,7 +298,8 @@ class ClipBank:
         )
         floor = 1.0 - self.widest_radius - FLOAT_SLACK - margin
         query_rows, bank_rows = self._candidates(queries, floor)
-        return self._exact(queries, query_rows, bank_rows)
+        held = self._rows.live(bank_rows)
+        return self._exact(queries, query_rows[held], bank_rows[held])
 
     def _candidates(self, queries: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
         """(query, bank row) pairs whose product is >= floor, in query then row order."""
@@ -216,7 +308,7 @@ class ClipBank:
         found_rows: list[torch.Tensor] = []
         with torch.inference_mode():
             on_device = torch.from_numpy(queries).to(self.device, self.dtype)
-            for start in range(0, len(self), block):
+            for start in range(0, len(self.vectors), block):
                 scores = torch.matmul(on_device, self._scored[start : start + block].T)
                 # Compared in float32 (exact from float16): a float16 threshold would round.
                 asked, rows = torch.nonzero(scores.float() >= floor, as_tuple=True)
@@ -226,6 +318,12 @@ class ClipBank:
             bank_rows = torch.cat(found_rows).cpu().numpy()
         order = np.lexsort((bank_rows, query_rows))
         return query_rows[order], bank_rows[order]
+
+    def _radius_of(self, bank_ids: np.ndarray) -> np.ndarray:
+        """Each row's bank's radius; -inf (never within) for a bank without one."""
+        at = np.minimum(np.searchsorted(self._radius_banks, bank_ids), len(self._radius_banks) - 1)
+        has_radius = self._radius_banks[at] == bank_ids
+        return np.where(has_radius, self._radius_values[at], -np.inf)
 
     def _exact(
         self, queries: np.ndarray, query_rows: np.ndarray, bank_rows: np.ndarray
@@ -240,7 +338,7 @@ class ClipBank:
                 self.vectors[rows].astype(np.float64),
             )
             distance = 1.0 - similarity
-            within = distance <= self.radii[rows] + FLOAT_SLACK
+            within = distance <= self._radius_of(self.bank_ids[rows]) + FLOAT_SLACK
             for query, row, found in zip(
                 asked[within], rows[within], distance[within], strict=True
             ):
@@ -260,17 +358,3 @@ def _max_norm(vectors: np.ndarray) -> float:
         block = vectors[start : start + _ROWS_PER_STEP].astype(np.float64)
         largest = max(largest, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
     return largest
-
-
-def _on_device(vectors: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """What the device scores: the host's float32 vectors themselves on CPU, otherwise a
-    copy converted a block at a time (never a second full float32 copy)."""
-    host = torch.from_numpy(vectors)
-    if device.type == "cpu" and dtype == torch.float32:
-        return host
-    scored = torch.empty(host.shape, dtype=dtype, device=device)
-    for start in range(0, len(host), _ROWS_PER_STEP):
-        scored[start : start + _ROWS_PER_STEP] = host[start : start + _ROWS_PER_STEP].to(
-            device, dtype
-        )
-    return scored

@@ -20,7 +20,6 @@ from moderation.db import Base, CreatedAtMixin, IdMixin, UpdatedAtMixin
 
 
 class Bank(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
-    # Workers compare the newest `updated_at` of banks and entries to notice changes.
     __tablename__ = "banks"
 
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -70,3 +69,29 @@ class BankEntryEmbedding(IdMixin, CreatedAtMixin, Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
     entry: Mapped[BankEntry] = relationship(back_populates="embeddings")
+
+
+class BankChange(IdMixin, CreatedAtMixin, Base):
+    """Something matching must apply, written by triggers on the three tables above
+    (migration 0009), so that no way of changing them (the API, the CLI, an import by
+    COPY, a cascade, plain SQL) escapes the workers. A row names what to read again, not
+    what happened: a worker reads the current state of what it names.
+
+    - `bank_id`: the bank itself was created, deleted, enabled or disabled, or its radius
+      changed (a deleted bank's entries are not listed one by one).
+    - `bank_entry_id`: the entry was added, removed, or its hashes or bank changed, or one
+      of its embeddings (of `model_id`, then) was added, replaced or removed.
+    - neither: a table was truncated; everything must be read again.
+
+    Workers follow it by id (see `moderation.banks.changes`). No foreign keys: a row
+    outlives what it names.
+    """
+
+    __tablename__ = "bank_changes"
+    __table_args__ = (
+        CheckConstraint("bank_id IS NULL OR bank_entry_id IS NULL", name="one_subject"),
+    )
+
+    bank_id: Mapped[int | None] = mapped_column(BigInteger)
+    bank_entry_id: Mapped[int | None] = mapped_column(BigInteger)
+    model_id: Mapped[int | None] = mapped_column(BigInteger)

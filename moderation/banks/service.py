@@ -417,8 +417,6 @@ def remove_entry(session: Session, bank: Bank, entry_id: int, *, actor: str) -> 
     )
     before = {**entry_state(entry), "bank": bank.name, "hits": hits or 0}
     session.delete(entry)
-    # Workers notice removals by the bank's `updated_at` (the entry's own row is gone).
-    bank.updated_at = func.now()
     session.flush()
     audit.record(
         session,

@@ -187,13 +187,9 @@ def _entry_vectors(
     bank_id: int,
     radius: float,
 ) -> ClipBank:
-    ids: list[np.ndarray] = []
-    vectors: list[np.ndarray] = []
+    from moderation.banks.clip_search import ClipRows
 
-    def add(rows: np.ndarray) -> None:
-        ids.append(rows["entry_id"].astype(np.int64))
-        vectors.append(rows["vector"].astype(np.float32))
-
+    entries = ClipRows(dim, device="cpu")
     pg_copy.copy_out(
         session,
         select(BankEntryEmbedding.bank_entry_id, BankEntryEmbedding.vector)
@@ -205,19 +201,11 @@ def _entry_vectors(
         )
         .order_by(BankEntryEmbedding.bank_entry_id),
         [("entry_id", ">i8"), ("vector", ("<f4", dim))],
-        add,
+        lambda rows: entries.append(
+            rows["entry_id"], np.full(len(rows), bank_id, np.int64), rows["vector"]
+        ),
     )
-    from moderation.banks.clip_search import ClipBank
-
-    entry_ids = np.concatenate([np.empty(0, np.int64), *ids])
-    matrix = np.ascontiguousarray(np.concatenate([np.empty((0, dim), np.float32), *vectors]))
-    return ClipBank(
-        entry_ids,
-        np.full(len(entry_ids), bank_id, np.int64),
-        matrix,
-        np.full(len(entry_ids), radius, np.float64),
-        device="cpu",
-    )
+    return entries.bank({bank_id: radius})
 
 
 def _search_clip(

@@ -4,67 +4,41 @@ The table is the source of truth; the index holds, per Faiss label, the embeddin
 upload id of the row it came from. `tail` reads the rows added since the checkpoint and
 adds them.
 
-The checkpoint is not simply the largest id seen. Ids come from a sequence when a row is
-inserted, but rows become visible when their transaction commits, and transactions commit
-in any order: id 41 may become visible a second after id 42. Reading `id > 42` next time
-would skip 41 forever. So:
-
-- every row above the checkpoint that the index holds is known by id (the label arrays),
-  and each tail reads the ids above the checkpoint and adds only those it lacks;
-- the checkpoint moves to a value only when no transaction that could still commit a row
-  at or below it is running. Each tail reads the sequence's last value A, then opens a
-  REPEATABLE READ transaction and records its snapshot's xmax X: every transaction that had
-  allocated an id up to A has an xid below X (screening writes the upload row before its
-  embeddings, so its transaction has an xid before it takes an id). A later tail whose
-  snapshot's xmin is at least X sees every such transaction ended, so every row up to A is
-  visible to it or never will be: the checkpoint may become A. (This needs the id
-  sequence's CACHE of 1, PostgreSQL's default for a serial column: with a larger cache a
-  session could use, later, ids it took before A was read.) `search_commit_lag_s`
-  is a second guard for the one case the xid rule cannot see: a single INSERT that takes
-  its id an instant before the transaction gets its xid.
-
-A long transaction anywhere on the server holds xmin back; the checkpoint then waits and
-the tail re-reads the ids above it (ids only, not vectors) until it ends. Nothing is
-missed, and a restart re-reads only what lies above the persisted checkpoint.
+The checkpoint is not simply the largest id seen: rows become visible out of order.
+`moderation.commit_horizon` says how it moves; rows here are inserted by screening, which
+writes the upload row before its embeddings, so its transaction has an xid before it
+takes an id. `search_commit_lag_s` is a second guard for the one case the xid rule cannot
+see: a single INSERT that takes its id an instant before the transaction gets its xid.
+A restart re-reads only what lies above the persisted checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Connection, Engine, Row, select, text
+from sqlalchemy import Connection, Engine, Row, select
 
+from moderation.commit_horizon import (
+    Horizon,
+    SnapshotBounds,
+    sequence_value,
+    settle,
+    snapshot_bounds,
+)
 from moderation.embedding.models import Embedding
 from moderation.search.indexes import BuiltIndex, IndexKind, apply_parameters, breadth_parameter
 from moderation.search.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
-_SEQUENCE_VALUE = text(
-    "SELECT pg_sequence_last_value(pg_get_serial_sequence('embeddings', 'id')::regclass)"
-)
-_SNAPSHOT_BOUNDS = text(
-    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
-    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-)
 # Vectors fetched per query by id.
 _FETCH_CHUNK = 10_000
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """A checkpoint the index may take once every transaction running at `xmax` ended."""
-
-    allocated: int  # the sequence's last value, read before the snapshot
-    xmax: int  # that snapshot's xmax
-    read_at: float  # time.monotonic() just after the sequence was read
 
 
 @dataclass
@@ -74,8 +48,7 @@ class TailRead:
     embedding_ids: np.ndarray
     upload_ids: np.ndarray
     vectors: np.ndarray
-    xmin: int  # the read's snapshot's xmin
-    started_at: float  # time.monotonic() just before the snapshot
+    bounds: SnapshotBounds  # of the read's snapshot
     horizon: Horizon
 
 
@@ -97,14 +70,11 @@ def read_since(
     """Rows of the model with an id above `checkpoint` and not in `known`, read in one
     REPEATABLE READ snapshot together with that snapshot's bounds."""
     with engine.connect() as conn:
-        # Read outside the snapshot, and before it: sequences are not transactional.
-        allocated = int(conn.execute(_SEQUENCE_VALUE).scalar() or 0)
-        read_at = time.monotonic()
+        allocated, read_at = sequence_value(conn, "embeddings")
         conn.rollback()
-        started_at = time.monotonic()
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
-            xmin, xmax = conn.execute(_SNAPSHOT_BOUNDS).one()
+            bounds = snapshot_bounds(conn)
             ids = np.fromiter(
                 conn.scalars(
                     select(Embedding.id)
@@ -119,9 +89,8 @@ def read_since(
         embedding_ids=new,
         upload_ids=upload_ids,
         vectors=vectors,
-        xmin=int(xmin),
-        started_at=started_at,
-        horizon=Horizon(allocated=allocated, xmax=int(xmax), read_at=read_at),
+        bounds=bounds,
+        horizon=Horizon(allocated=allocated, xmax=bounds.xmax, read_at=read_at),
     )
 
 
@@ -231,7 +200,8 @@ class FollowedIndex:
         return self.absorb(read)
 
     def absorb(self, read: TailRead) -> int:
-        """Add a read's rows and move the checkpoint as far as is safe (see the module)."""
+        """Add a read's rows and move the checkpoint as far as is safe (see
+        `moderation.commit_horizon`)."""
         with self._lock:
             known = self.embedding_ids[self.embedding_ids > self.checkpoint]
             fresh = ~np.isin(read.embedding_ids, known)  # a concurrent tail added some
@@ -240,15 +210,9 @@ class FollowedIndex:
                 self.embedding_ids = np.concatenate([self.embedding_ids, read.embedding_ids[fresh]])
                 self.upload_ids = np.concatenate([self.upload_ids, read.upload_ids[fresh]])
                 self.unsaved += int(fresh.sum())
-            ready = [
-                h
-                for h in self.pending
-                if read.xmin >= h.xmax and read.started_at - h.read_at >= self.commit_lag_s
-            ]
-            if ready:
-                self.checkpoint = max(self.checkpoint, *(h.allocated for h in ready))
-                self.pending = [h for h in self.pending if h not in ready]
-            self.pending.append(read.horizon)
+            self.checkpoint, self.pending = settle(
+                self.checkpoint, self.pending, read.bounds, read.horizon, self.commit_lag_s
+            )
             return int(fresh.sum())
 
     def search(

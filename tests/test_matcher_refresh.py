@@ -1,0 +1,466 @@
+"""A running matcher applies bank changes by what changed, and ends where a fresh load is.
+
+The reference is `load_index`, read afresh after every change: an incremental refresh
+must find exactly the same matches, for every kind of change, or a kind of change is
+being missed or misapplied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from moderation.banks import changes, clip_search, live, rows
+from moderation.banks import service as banks
+from moderation.banks.index import BankIndex
+from moderation.banks.live import LiveBanks
+from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
+from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.reads import Reading
+from moderation.db import get_engine, session_scope
+from moderation.embedding.models import EmbeddingModel
+from moderation.embedding.service import get_or_create_model, vector_to_bytes
+from moderation.images.hashing import PdqHash
+from moderation.images.signals import FrameSignals, ImageSignals
+from tests.vectors import at_cosine_distance
+
+DIM = 8
+SETTINGS = MatchSettings(default_radius=0.05, pdq_threshold=31, pdq_min_quality=50)
+_RNG = np.random.default_rng(20261129)
+ANCHORS = [row / np.linalg.norm(row) for row in _RNG.standard_normal((5, DIM)).astype(np.float32)]
+SHAS = [bytes([i]) * 32 for i in range(1, 5)]
+PDQ_BASES = [_RNG.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(4)]
+RADII = [None, 0.03, 0.06, 0.09]
+
+Found = list[tuple[int, int, str, float, int]]
+
+
+def _signals(sha: bytes, pdq: bytes) -> ImageSignals:
+    return ImageSignals(
+        sha256=sha,
+        format="PNG",
+        width=10,
+        height=10,
+        frame_count=1,
+        frames=[FrameSignals(index=0, pdq=PdqHash(pdq, 100), pixels=np.zeros(1))],
+    )
+
+
+def _probe(index: BankIndex) -> Found:
+    """Every match of a set of probes that come near every anchor, hash and PDQ base."""
+    found = []
+    for i, anchor in enumerate(ANCHORS):
+        signals = _signals(SHAS[i % len(SHAS)], PDQ_BASES[i % len(PDQ_BASES)])
+        found += [
+            (m.bank_entry_id, m.bank_id, m.signal.value, m.distance, i)
+            for m in index.match(signals, anchor[np.newaxis])
+        ]
+    return sorted(found)
+
+
+def _flipped(bits: bytes, count: int, rng: np.random.Generator) -> bytes:
+    value = bytearray(bits)
+    for bit in rng.choice(256, count, replace=False):
+        value[bit // 8] ^= 1 << (bit % 8)
+    return bytes(value)
+
+
+def _random_pdq(rng: np.random.Generator) -> tuple[bytes, int | None]:
+    base = PDQ_BASES[rng.integers(len(PDQ_BASES))]
+    quality = [None, 10, 80][rng.integers(3)]  # 10: below the minimum, never matched
+    return _flipped(base, int(rng.integers(0, 40)), rng), quality
+
+
+def _random_vector(rng: np.random.Generator) -> np.ndarray:
+    anchor = ANCHORS[rng.integers(len(ANCHORS))]
+    return at_cosine_distance(anchor, float(rng.uniform(0, 0.1)), seed=int(rng.integers(1 << 30)))
+
+
+def _random_entry(rng: np.random.Generator, model: EmbeddingModel) -> banks.NewEntry:
+    sha = SHAS[rng.integers(len(SHAS))] if rng.random() < 0.5 else None
+    pdq = PdqHash(*_random_pdq(rng)) if rng.random() < 0.6 else None
+    vector = _random_vector(rng) if rng.random() < 0.7 or (sha is None and pdq is None) else None
+    return banks.NewEntry(sha256=sha, pdq=pdq, embedding=vector, model=model)
+
+
+class Changer:
+    """Random changes of every kind the matcher must follow, made as the service and
+    plain SQL make them."""
+
+    def __init__(self, session: Session, model: EmbeddingModel, other: EmbeddingModel) -> None:
+        self.session = session
+        self.model = model
+        self.other = other
+        self.rng = np.random.default_rng(7)
+        self.created = 0
+        self.kinds: list[Callable[[], None]] = [
+            self.add_entries,
+            self.add_entries,
+            self.copy_entries,
+            self.remove_entry,
+            self.remove_entry,
+            self.toggle_bank,
+            self.change_radius,
+            self.reembed,
+            self.drop_embedding,
+            self.embed_anew,
+            self.rehash,
+            self.move_entry,
+            self.create_bank,
+            self.delete_bank,
+            self.embed_under_other_model,
+        ]
+
+    def step(self) -> str:
+        kind = self.kinds[self.rng.integers(len(self.kinds))]
+        kind()
+        self.session.flush()
+        self.session.expire_all()
+        return kind.__name__
+
+    def _bank(self, enabled: bool | None = None) -> Bank | None:
+        query = select(Bank).order_by(Bank.id).execution_options(populate_existing=True)
+        if enabled is not None:
+            query = query.where(Bank.enabled.is_(enabled))
+        found = self.session.scalars(query).all()
+        return found[int(self.rng.integers(len(found)))] if found else None
+
+    def _entry(self, *, embedded: bool | None = None) -> int | None:
+        query = select(BankEntry.id).order_by(BankEntry.id)
+        has_vector = select(BankEntryEmbedding.id).where(
+            BankEntryEmbedding.bank_entry_id == BankEntry.id,
+            BankEntryEmbedding.model_id == self.model.id,
+        )
+        if embedded is not None:
+            query = query.where(has_vector.exists() if embedded else ~has_vector.exists())
+        ids = self.session.scalars(query).all()
+        return int(ids[int(self.rng.integers(len(ids)))]) if ids else None
+
+    def create_bank(self) -> None:
+        self.created += 1
+        radius = RADII[self.rng.integers(len(RADII))]
+        bank = banks.create_bank(self.session, f"random-{self.created}", radius)
+        entries = [_random_entry(self.rng, self.model) for _ in range(3)]
+        banks.add_entries(self.session, bank, entries, added_by="t")
+
+    def add_entries(self) -> None:
+        bank = self._bank()
+        if bank is None:
+            return self.create_bank()
+        count = int(self.rng.integers(1, 4))
+        entries = [_random_entry(self.rng, self.model) for _ in range(count)]
+        banks.add_entries(self.session, bank, entries, added_by="t")
+        return None
+
+    def copy_entries(self) -> None:
+        bank = self._bank()
+        if bank is None:
+            return self.create_bank()
+        count = int(self.rng.integers(1, 5))
+        vectors = np.stack([_random_vector(self.rng) for _ in range(count)])
+        pdq = np.stack([np.frombuffer(_random_pdq(self.rng)[0], np.uint8) for _ in range(count)])
+        banks.copy_entries(
+            self.session, bank, model=self.model, vectors=vectors, pdq=pdq, added_by="t"
+        )
+        return None
+
+    def remove_entry(self) -> None:
+        entry_id = self._entry()
+        if entry_id is not None:
+            bank = self.session.scalars(
+                select(Bank).join(BankEntry).where(BankEntry.id == entry_id)
+            ).one()
+            banks.remove_entry(self.session, bank, entry_id, actor="t")
+
+    def toggle_bank(self) -> None:
+        bank = self._bank()
+        if bank is not None:
+            banks.update_bank(self.session, bank, actor="t", enabled=not bank.enabled)
+
+    def change_radius(self) -> None:
+        bank = self._bank()
+        if bank is not None:
+            radius = RADII[self.rng.integers(len(RADII))]
+            banks.update_bank(self.session, bank, actor="t", radius=radius)
+
+    def reembed(self) -> None:
+        entry_id = self._entry(embedded=True)
+        if entry_id is not None:
+            self.session.execute(
+                update(BankEntryEmbedding)
+                .where(
+                    BankEntryEmbedding.bank_entry_id == entry_id,
+                    BankEntryEmbedding.model_id == self.model.id,
+                )
+                .values(vector=vector_to_bytes(_random_vector(self.rng)))
+            )
+
+    def drop_embedding(self) -> None:
+        entry_id = self._entry(embedded=True)
+        if entry_id is not None:
+            self.session.execute(
+                delete(BankEntryEmbedding).where(
+                    BankEntryEmbedding.bank_entry_id == entry_id,
+                    BankEntryEmbedding.model_id == self.model.id,
+                )
+            )
+
+    def embed_anew(self) -> None:
+        entry_id = self._entry(embedded=False)
+        if entry_id is not None:
+            self.session.execute(
+                insert(BankEntryEmbedding).values(
+                    bank_entry_id=entry_id,
+                    model_id=self.model.id,
+                    vector=vector_to_bytes(_random_vector(self.rng)),
+                )
+            )
+
+    def embed_under_other_model(self) -> None:
+        """Another model's embeddings are no change to this model's matcher."""
+        entry_id = self._entry()
+        if entry_id is not None:
+            self.session.execute(
+                delete(BankEntryEmbedding).where(
+                    BankEntryEmbedding.bank_entry_id == entry_id,
+                    BankEntryEmbedding.model_id == self.other.id,
+                )
+            )
+            self.session.execute(
+                insert(BankEntryEmbedding).values(
+                    bank_entry_id=entry_id,
+                    model_id=self.other.id,
+                    vector=vector_to_bytes(np.ones(3, np.float32)),
+                )
+            )
+
+    def rehash(self) -> None:
+        entry_id = self._entry()
+        if entry_id is not None:
+            pdq, quality = _random_pdq(self.rng)
+            sha = SHAS[self.rng.integers(len(SHAS))] if self.rng.random() < 0.5 else None
+            self.session.execute(
+                update(BankEntry)
+                .where(BankEntry.id == entry_id)
+                .values(sha256=sha, pdq=pdq, pdq_quality=quality)
+            )
+
+    def move_entry(self) -> None:
+        entry_id, bank = self._entry(), self._bank()
+        if entry_id is not None and bank is not None:
+            self.session.execute(
+                update(BankEntry).where(BankEntry.id == entry_id).values(bank_id=bank.id)
+            )
+
+    def delete_bank(self) -> None:
+        bank = self._bank()
+        if bank is not None:
+            self.session.execute(delete(Bank).where(Bank.id == bank.id))
+
+
+@pytest.fixture
+def models(session: Session) -> tuple[EmbeddingModel, EmbeddingModel]:
+    return (
+        get_or_create_model(session, "refresh-model", DIM),
+        get_or_create_model(session, "refresh-other-model", 3),
+    )
+
+
+def _reading(model: EmbeddingModel) -> Reading:
+    return Reading(model.id, DIM, SETTINGS.default_radius, SETTINGS.pdq_min_quality)
+
+
+@pytest.mark.parametrize("scored", [torch.float32, torch.float16], ids=["host", "device-copy"])
+def test_a_refreshed_index_matches_a_fresh_load_after_every_kind_of_change(
+    session: Session,
+    models: tuple[EmbeddingModel, EmbeddingModel],
+    monkeypatch: pytest.MonkeyPatch,
+    scored: torch.dtype,
+) -> None:
+    """`device-copy`: the vectors are scored from a float16 copy that appends and growth
+    must keep in step, as a GPU-resident bank is (here on the CPU)."""
+    model, other = models
+    monkeypatch.setattr(clip_search, "default_dtype", lambda device: scored)
+    # Small stores, so that the random changes make them grow and compact many times.
+    monkeypatch.setattr(rows, "GROW_MIN", 1)
+    monkeypatch.setattr(rows, "COMPACT_MIN", 3)
+    # Few rows per first read, so that checks take both ways of reading (see `_FEW`).
+    monkeypatch.setattr(changes, "_FEW", 2)
+    compactions = 0
+    compacted = rows.SignalRows.compacted
+
+    def counted(store: rows.SignalRows) -> rows.SignalRows:
+        nonlocal compactions
+        compactions += 1
+        return compacted(store)
+
+    monkeypatch.setattr(rows.SignalRows, "compacted", counted)
+    changer = Changer(session, model, other)
+    for _ in range(3):
+        changer.create_bank()
+    session.flush()
+    index = LiveBanks.load(session, _reading(model), SETTINGS)
+    assert _probe(index.snapshot()) == _probe(load_index(session, model.id, DIM, SETTINGS))
+
+    kinds_applied: set[str] = set()
+    for step in range(120):
+        before = index.snapshot()
+        before_found = _probe(before)
+        kind = changer.step()
+        refreshed = index.refresh(session)
+        expected = _probe(load_index(session, model.id, DIM, SETTINGS))
+        assert _probe(index.snapshot()) == expected, f"step {step}: {kind}"
+        if kind == "embed_under_other_model":
+            assert refreshed is None
+        if refreshed is not None:
+            assert not refreshed.loaded, f"step {step}: {kind} was applied by a full load"
+            kinds_applied.add(kind)
+        # A snapshot never changes once made, whatever the stores do after.
+        assert _probe(before) == before_found, f"step {step}: {kind} changed an old snapshot"
+    assert kinds_applied == {kind.__name__ for kind in changer.kinds} - {"embed_under_other_model"}
+    assert compactions > 0
+    assert expected, "the probes found nothing: the comparison proved little"
+
+
+def test_another_models_embeddings_are_no_change(
+    session: Session, models: tuple[EmbeddingModel, EmbeddingModel]
+) -> None:
+    model, other = models
+    bank = banks.create_bank(session, "two-models")
+    (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=SHAS[0])], added_by="t")
+    index = LiveBanks.load(session, _reading(model), SETTINGS)
+    session.add(BankEntryEmbedding(bank_entry_id=entry.id, model_id=other.id, vector=b"\0" * 12))
+    session.flush()
+    assert index.refresh(session) is None
+
+
+def test_a_truncated_table_is_read_again_whole(
+    session: Session, models: tuple[EmbeddingModel, EmbeddingModel]
+) -> None:
+    model, _ = models
+    bank = banks.create_bank(session, "truncated")
+    banks.add_entries(session, bank, [banks.NewEntry(sha256=SHAS[0])], added_by="t")
+    index = LiveBanks.load(session, _reading(model), SETTINGS)
+    assert _probe(index.snapshot())
+    session.execute(text("TRUNCATE banks CASCADE"))
+    refreshed = index.refresh(session)
+    assert refreshed is not None
+    assert refreshed.loaded
+    assert _probe(index.snapshot()) == []
+
+
+# `few`: the rows a check reads before it counts them all (see `changes._FEW`).
+@pytest.mark.parametrize("few", [1000, 3])
+def test_a_change_naming_much_of_the_index_is_applied_by_a_full_load(
+    session: Session,
+    models: tuple[EmbeddingModel, EmbeddingModel],
+    monkeypatch: pytest.MonkeyPatch,
+    few: int,
+) -> None:
+    model, _ = models
+    monkeypatch.setattr(live, "REBUILD_MIN", 4)
+    monkeypatch.setattr(changes, "_FEW", few)
+    bank = banks.create_bank(session, "bulk")
+    rng = np.random.default_rng(3)
+    banks.add_entries(session, bank, [_random_entry(rng, model) for _ in range(8)], added_by="t")
+    index = LiveBanks.load(session, _reading(model), SETTINGS)
+    banks.add_entries(session, bank, [_random_entry(rng, model) for _ in range(2)], added_by="t")
+    refreshed = index.refresh(session)
+    assert refreshed is not None
+    assert not refreshed.loaded
+    banks.add_entries(session, bank, [_random_entry(rng, model) for _ in range(9)], added_by="t")
+    refreshed = index.refresh(session)
+    assert refreshed is not None
+    assert refreshed.loaded
+    assert _probe(index.snapshot()) == _probe(load_index(session, model.id, DIM, SETTINGS))
+
+
+def test_a_refresh_that_fails_changes_nothing_and_the_next_applies_its_changes(
+    session: Session,
+    models: tuple[EmbeddingModel, EmbeddingModel],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _ = models
+    bank = banks.create_bank(session, "flaky")
+    (kept,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=SHAS[0])], added_by="t")
+    index = LiveBanks.load(session, _reading(model), SETTINGS)
+    before = _probe(index.snapshot())
+    (added,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=SHAS[1])], added_by="t")
+    banks.remove_entry(session, bank, kept.id, actor="t")
+
+    def unreachable(*args: object) -> None:
+        raise ConnectionError("the database went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(live, "read_entries", unreachable)
+        with pytest.raises(ConnectionError):
+            index.refresh(session)
+    assert _probe(index.snapshot()) == before
+    assert index.refresh(session) is not None
+    assert [entry for entry, *_ in _probe(index.snapshot())] == [added.id]
+
+
+# Out-of-order commits need transactions of their own: these tests commit, and empty the
+# bank tables before and after.
+
+
+@pytest.fixture
+def committed(database: str) -> Iterator[int]:
+    """The id of a model, committed, with empty bank tables."""
+    empty = text(
+        "TRUNCATE retrohunt_jobs, hits, bank_entry_embeddings, bank_entries, banks CASCADE"
+    )
+    with get_engine().begin() as conn:
+        conn.execute(empty)
+    with session_scope() as session:
+        model_id = get_or_create_model(session, "refresh-committed", DIM).id
+    yield model_id
+    with get_engine().begin() as conn:
+        conn.execute(empty)
+
+
+@contextmanager
+def _open_transaction() -> Iterator[Session]:
+    """A session whose transaction stays open until the block ends, then commits."""
+    with Session(get_engine()) as session, session.begin():
+        yield session
+
+
+def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(committed: int) -> None:
+    """Entry A's change row takes its id first, entry B's second; B commits, and is
+    matched, while A's transaction is still open. A must be matched once it commits,
+    however many checks passed meanwhile (a checkpoint at the highest id seen would have
+    skipped it forever)."""
+    with session_scope() as session:
+        bank_id = banks.create_bank(session, "out-of-order").id
+    matcher = BankMatcher(
+        session_scope, model_id=committed, dim=DIM, settings=SETTINGS, refresh_s=0
+    )
+
+    def found(sha: bytes) -> set[int]:
+        index = matcher.current()
+        no_vector = np.zeros((1, DIM), np.float32)
+        return {m.bank_entry_id for m in index.match(_signals(sha, PDQ_BASES[0]), no_vector)}
+
+    with _open_transaction() as slow:
+        lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
+        slow.add(lower)
+        slow.flush()  # its change row takes the lower id now
+        lower_id = lower.id
+        with session_scope() as fast:
+            higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
+            fast.add(higher)
+            fast.flush()
+            higher_id = higher.id
+        assert lower_id < higher_id
+        assert found(SHAS[1]) == {higher_id}
+        for _ in range(3):  # checks while the lower one is still open
+            assert found(SHAS[0]) == set()
+    assert found(SHAS[0]) == {lower_id}
+    assert found(SHAS[1]) == {higher_id}
