@@ -216,6 +216,19 @@ def test_thumbnails_are_blurred_until_revealed(
     page = site.get(f"/review/uploads/{seeded.upload_id}").text
     assert f'<img class="blurred" src="{path}"' in page
     assert f'href="{path}?reveal=1"' in page
+    # Who saw the content is on record: the reveal, not the blurred view.
+    with session_scope() as session:
+        reveals = events_for(session, "upload", seeded.upload_id)
+    assert [(e.action, e.actor) for e in reveals] == [
+        ("upload.reveal", f"key:{_key_id(keys[Role.REVIEWER])}:test reviewer")
+    ]
+
+
+def _key_id(secret: str) -> int:
+    with session_scope() as session:
+        principal = auth.authenticate(session, secret)
+    assert principal is not None
+    return principal.key_id
 
 
 def test_a_thumbnail_follows_the_uri_policy(

@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moderation.api.access import Caller, DbSession, allow, credential_sources, public
+from moderation.audit import service as audit
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
@@ -167,13 +168,24 @@ def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLR
 
 
 @router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
-def upload_thumbnail(upload_id: RowId, reveal: Annotated[bool, Query()] = False) -> Response:
+def upload_thumbnail(
+    caller: Caller, upload_id: RowId, reveal: Annotated[bool, Query()] = False
+) -> Response:
     """The upload's first frame, small; blurred unless `reveal`. Made from the upload's URI
-    on every request (never stored), under the worker's URI policy and decoder limits."""
+    on every request (never stored), under the worker's URI policy and decoder limits.
+    Every reveal is in the audit log: who looked at which upload's content, and when."""
     # The session ends before the fetch: a slow image server must not hold a connection.
     with session_scope() as session:
         upload = session.get(Upload, upload_id)
         uri = upload.uri if upload is not None else None
+        if upload is not None and reveal:
+            audit.record(
+                session,
+                actor=caller.actor,
+                action="upload.reveal",
+                subject_type="upload",
+                subject_id=upload.id,
+            )
     if uri is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
     no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
