@@ -13,17 +13,15 @@ external ids make the retry safe.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moderation.api.access import DbSession, allow
 from moderation.api.metrics import UPLOAD_BATCH_SIZE
+from moderation.api.resources import ProcessResource
 from moderation.auth.models import Role
 from moderation.celery_app import send_screening
 from moderation.review import service as review
@@ -33,30 +31,11 @@ from moderation.screening.models import Upload
 from moderation.screening.service import NewUpload
 from moderation.screening.submission import UrisRefused, accept
 
-_announcer_lock = threading.Lock()
+# Started with the process's first upload; closed after the requests in flight, sending
+# what they recorded.
+ANNOUNCER = ProcessResource("announcer", lambda: Announcer(send_screening))
 
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    announcer: Announcer | None = getattr(app.state, "announcer", None)
-    if announcer is not None:
-        # Uvicorn has finished the requests in flight: send what they recorded.
-        announcer.close()
-        app.state.announcer = None
-
-
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=_lifespan)
-
-
-def _announcer(request: Request) -> Announcer:
-    """This process's announcer, started with its first upload."""
-    state = request.app.state
-    with _announcer_lock:
-        if getattr(state, "announcer", None) is None:
-            state.announcer = Announcer(send_screening)
-        announcer: Announcer = state.announcer
-    return announcer
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=ANNOUNCER.lifespan())
 
 
 # Events per request. A batch is one transaction; a producer with more sends more requests.
@@ -216,7 +195,7 @@ def submit_uploads(
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
     try:
         accepted = accept(
-            [event.to_new_upload() for event in events], announce=_announcer(request).announce
+            [event.to_new_upload() for event in events], announce=ANNOUNCER.get(request).announce
         )
     except UrisRefused as error:
         raise HTTPException(

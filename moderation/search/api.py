@@ -8,16 +8,15 @@ application shuts down.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile, status
 from pydantic import BaseModel, Field
 
 from moderation.api.access import allow
+from moderation.api.resources import ProcessResource
 from moderation.api.types import UtcDatetime
 from moderation.auth.models import Role
 from moderation.config import get_settings
@@ -29,28 +28,12 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters, SearchResult, UploadNotEmbedded
 from moderation.search.store import NoEmbeddings
 
-_runtime_lock = threading.Lock()
+# Loaded with the process's first search, then following the embeddings table.
+RUNTIME = ProcessResource(
+    "search_runtime", lambda: SearchRuntime(get_settings(), get_engine(), follow=True)
+)
 
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    runtime: SearchRuntime | None = getattr(app.state, "search_runtime", None)
-    if runtime is not None:
-        runtime.close()
-        app.state.search_runtime = None
-
-
-router = APIRouter(prefix="/v1/search", tags=["search"], lifespan=_lifespan)
-
-
-def _runtime(request: Request) -> SearchRuntime:
-    state = request.app.state
-    with _runtime_lock:
-        if getattr(state, "search_runtime", None) is None:
-            state.search_runtime = SearchRuntime(get_settings(), get_engine(), follow=True)
-        runtime: SearchRuntime = state.search_runtime
-    return runtime
+router = APIRouter(prefix="/v1/search", tags=["search"], lifespan=RUNTIME.lifespan())
 
 
 class HitOut(BaseModel):
@@ -148,7 +131,7 @@ def search_by_text_or_upload(
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, "give exactly one of `text` or `upload_id`"
         )
-    runtime = _runtime(request)
+    runtime = RUNTIME.get(request)
     if text is not None:
         return _run(runtime, lambda: runtime.text_query(text), params)
     assert upload_id is not None
@@ -167,5 +150,5 @@ def search_by_image(
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE, f"the image is over {limit} bytes (max_bytes)"
         )
-    runtime = _runtime(request)
+    runtime = RUNTIME.get(request)
     return _run(runtime, lambda: runtime.image_query(data), params)
