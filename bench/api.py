@@ -19,9 +19,14 @@ screening messages to Redis after commit (from a thread of the API process, whic
 request does not wait for; before the figures are written the benchmark checks that every
 upload the API accepted is named by a message on the queue).
 
+A second reference, with one API process: the framework's floor (`bench/api_floor.py`),
+the same FastAPI and uvicorn stack, request models and insert with nothing else of ours
+(no key check, no URI policy, no messages). It tells how much of the gap to the plain
+insert is the framework's and how much is the API's own work.
+
 Reported per batch size: uploads accepted per second, the ratio API / plain insert
-(target for batches of 100: >= 0.5), and per-request p50 and p99 latency. Printed, and
-written to bench/results/api.json.
+(target for batches of 100: >= 0.5), the floor's ratio, and per-request p50 and p99
+latency. Printed, and written to bench/results/api.json.
 """
 
 from __future__ import annotations
@@ -208,12 +213,15 @@ def announced(redis_url: str, queue: str, *, accepted: int, timeout_s: float = 3
 
 def start_api(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     command = ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moderation", *command],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    return start_server([sys.executable, "-m", "moderation", *command], port, env)
+
+
+def start_floor(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return start_server([sys.executable, str(ROOT / "bench/api_floor.py"), str(port)], port, env)
+
+
+def start_server(command: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -224,7 +232,7 @@ def start_api(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[
         if process.poll() is not None:
             raise RuntimeError(process.stderr.read().decode() if process.stderr else "api died")
     process.kill()
-    raise RuntimeError("the API did not answer /healthz within 60 s")
+    raise RuntimeError(f"{command} did not answer /healthz within 60 s")
 
 
 def main() -> None:
@@ -243,6 +251,8 @@ def main() -> None:
         "MODERATION_ALLOWED_URI_PREFIXES": "https://",
     }
     api = start_api(port, args.api_workers, env)
+    floor_port = free_port()
+    floor = start_floor(floor_port, env) if args.api_workers == 1 else None
     uploads = Uploads()
     results: dict[str, Any] = {
         "host": platform.node(),
@@ -253,6 +263,7 @@ def main() -> None:
     }
     try:
         send_api = api_sender(f"http://127.0.0.1:{port}", key, args.clients)
+        send_floor = api_sender(f"http://127.0.0.1:{floor_port}", key, args.clients)
         send_insert = insert_sender(database)
         uploads_through_api = 0
         for batch in BATCHES:
@@ -261,14 +272,12 @@ def main() -> None:
             plain = timed(send_insert, uploads, batch, requests, args.clients)
             through_api = timed(send_api, uploads, batch, requests, args.clients)
             ratio = through_api["uploads_per_s"] / plain["uploads_per_s"]
-            results["batches"].append(
-                {
-                    "batch": batch,
-                    "api": through_api,
-                    "plain_insert": plain,
-                    "ratio": round(ratio, 3),
-                }
-            )
+            row: dict[str, Any] = {
+                "batch": batch,
+                "api": through_api,
+                "plain_insert": plain,
+                "ratio": round(ratio, 3),
+            }
             print(
                 f"batch {batch:>3}: API {through_api['uploads_per_s']:>8.1f} uploads/s "
                 f"(p50 {through_api['p50_ms']:.1f} ms, p99 {through_api['p99_ms']:.1f} ms)   "
@@ -276,11 +285,23 @@ def main() -> None:
                 f"(p50 {plain['p50_ms']:.1f} ms, p99 {plain['p99_ms']:.1f} ms)   "
                 f"ratio {ratio:.2f}"
             )
+            if floor is not None:
+                row["floor"] = timed(send_floor, uploads, batch, requests, args.clients)
+                row["floor_ratio"] = round(
+                    row["floor"]["uploads_per_s"] / plain["uploads_per_s"], 3
+                )
+                print(
+                    f"           floor {row['floor']['uploads_per_s']:>8.1f} uploads/s "
+                    f"(p50 {row['floor']['p50_ms']:.1f} ms)   ratio {row['floor_ratio']:.2f}"
+                )
+            results["batches"].append(row)
         results["announced"] = announced(redis_url, queue, accepted=uploads_through_api)
         print(f"screening messages name {results['announced']} of {uploads_through_api} uploads")
     finally:
-        api.terminate()
-        api.wait(timeout=30)
+        for server in (api, floor):
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
         redis.Redis.from_url(redis_url).delete(queue)
     if results["announced"] != uploads_through_api:
         raise SystemExit("the API accepted uploads that no screening message names")

@@ -1,0 +1,44 @@
+"""The framework's floor for `bench/api.py`: the same stack with nothing of ours but the insert.
+
+FastAPI and uvicorn, the request models of `POST /v1/uploads` (the same validation), and
+the same insert (`screening.service.submit_uploads`, one transaction), answered with the
+same response models; no key check, no URI policy, no screening messages. What the real
+API takes beyond this is the cost of those; what this takes beyond a plain INSERT is the
+framework's (HTTP, JSON, validation, a thread per request).
+
+    python bench/api_floor.py PORT      # serves it; bench/api.py starts it itself
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+from fastapi import FastAPI, status
+
+from moderation.db import session_scope
+from moderation.screening import service
+from moderation.screening.api import UploadAccepted, UploadBatchAccepted, UploadBatchIn, UploadIn
+
+app = FastAPI()
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.post("/v1/uploads", status_code=status.HTTP_202_ACCEPTED)
+def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
+    events = body.uploads if isinstance(body, UploadBatchIn) else [body]
+    with session_scope() as session:
+        accepted = service.submit_uploads(session, [event.to_new_upload() for event in events])
+    out = [
+        UploadAccepted(upload_id=a.upload_id, external_id=e.external_id, created=a.created)
+        for a, e in zip(accepted, events, strict=True)
+    ]
+    return UploadBatchAccepted(uploads=out) if isinstance(body, UploadBatchIn) else out[0]
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
