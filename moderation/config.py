@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     # The longest one upload's intake may take (fetch and decode) before its process is
     # killed and replaced and the upload retried. Above fetch_timeout_s plus a large decode.
     intake_timeout_s: float = Field(default=120.0, gt=0)
+    # Jobs sent down an intake process's pipe at once: the next waits there while the
+    # current one runs, so the process never idles while the worker's interpreter, busy
+    # with other threads, gets round to handing it one (measured on two cores: README,
+    # "How a worker is built"). 1: one at a time.
+    intake_jobs_per_process: int = Field(default=2, ge=1)
     # The longest a task waits on any other stage (a claim or result commit, a forward pass,
     # a bank search) before giving up with a retried fault: a stall never becomes a hang.
     stage_timeout_s: float = Field(default=300.0, gt=0)

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +204,56 @@ def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_repla
             assert signals.sha256 == sha256(SLOW_IMAGE)
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_behind(
+    preprocess: Preprocessing, slow_server: str, tmp_path: Path, fault: str
+) -> None:
+    """One process holding two jobs: the slow fetch it is working on, and behind it in its
+    pipe a file it has not started. The process is SIGKILLed, or stalls past its timeout:
+    the first job's upload gets the fault, the second is screened by the replacement."""
+    quick = write(tmp_path / "quick.jpg", encode(textured(8)))
+    timeout_s = 30.0 if fault == "killed" else 1.0
+    pool = _pool(preprocess, intake_timeout_s=timeout_s, fetch_timeout_s=20.0)
+    outcomes: dict[str, object] = {}
+
+    def screen(name: str, uri: str) -> None:
+        try:
+            with pool.screened(uri, None) as (signals, _):
+                outcomes[name] = signals.sha256
+        except Exception as error:
+            outcomes[name] = error
+
+    try:
+        (victim,) = pool.pids
+        running = threading.Thread(target=screen, args=("running", f"{slow_server}/a.jpg"))
+        running.start()
+        _wait_until(lambda: pool.in_flight == 1)
+        queued = threading.Thread(target=screen, args=("queued", quick.as_uri()))
+        queued.start()
+        _wait_until(lambda: pool.in_flight == 2)  # both in the one process's pipe
+        if fault == "killed":
+            time.sleep(0.5)  # mid-fetch
+            os.kill(victim, signal.SIGKILL)
+        for thread in (running, queued):
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+        expected = IntakeProcessLost if fault == "killed" else IntakeStalled
+        assert isinstance(outcomes["running"], expected)
+        assert outcomes["queued"] == sha256(quick.read_bytes())
+        assert pool.replaced == 1
+        assert pool.pids != [victim]
+        assert pool.in_flight == 0
+    finally:
+        pool.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_an_intake_process_that_does_not_answer_in_time_is_killed_and_replaced(
