@@ -327,6 +327,36 @@ def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
         pool.close()
 
 
+def test_a_job_that_arrives_while_its_process_waits_for_decode_memory_waits_its_turn(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    """Two large images in one process's pipe: the second arrives while the process waits
+    for the worker to grant the first one's decode memory, and is screened after it."""
+    large = Image.linear_gradient("L").resize((5000, 4000)).convert("RGB")
+    paths = [
+        write(tmp_path / f"large-{n}.png", encode(large, "PNG", compress_level=n)) for n in (1, 2)
+    ]
+    pool = _pool(preprocess, decode_memory_mb=1024)
+    sizes: list[tuple[int, int]] = []
+
+    def screen(path: Path) -> None:
+        with pool.screened(path.as_uri(), None) as (signals, _):
+            sizes.append((signals.width, signals.height))
+
+    try:
+        threads = [threading.Thread(target=screen, args=(path,)) for path in paths]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+        assert sizes == [(5000, 4000)] * 2
+        assert pool.replaced == 0
+        assert pool.decode_memory.used_bytes == 0
+    finally:
+        pool.close()
+
+
 def test_a_stalled_claim_sends_the_messages_uploads_again(
     preprocess: Preprocessing, tmp_path: Path
 ) -> None:

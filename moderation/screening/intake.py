@@ -143,14 +143,31 @@ class _NoAnswer(Exception):
     pass
 
 
+class _Inbox:
+    """An intake process's end of its pipe. The worker sends the next job while this one
+    runs, so a job (or the request to stop) can arrive while the process waits for decode
+    memory: it is kept, in order, for when the process asks for its next job."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._early: collections.deque[object] = collections.deque()
+
+    def next_job(self) -> object:
+        return self._early.popleft() if self._early else self.connection.recv()
+
+    def wait_for_grant(self) -> None:
+        while (message := self.connection.recv()) is not _GRANTED:
+            self._early.append(message)
+
+
 class _DecodeMemoryFromWorker:
     """An intake process's decode budget: its own allowance, and beyond it a reservation
     held by the worker for it, so that one budget bounds all processes together. (A
     budget of its own per process could not: one process decodes one image at a time,
     and every process could hold a 50-megapixel frame at once.)"""
 
-    def __init__(self, connection: Connection, allowance_bytes: int) -> None:
-        self._connection = connection
+    def __init__(self, inbox: _Inbox, allowance_bytes: int) -> None:
+        self._inbox = inbox
         self._allowance_bytes = allowance_bytes
 
     @contextmanager
@@ -158,13 +175,12 @@ class _DecodeMemoryFromWorker:
         if nbytes <= self._allowance_bytes:
             yield
             return
-        self._connection.send(_Reserve(nbytes))
-        if self._connection.recv() is not _GRANTED:  # the worker is stopping
-            raise SystemExit(0)
+        self._inbox.connection.send(_Reserve(nbytes))
+        self._inbox.wait_for_grant()
         try:
             yield
         finally:
-            self._connection.send(_RELEASE)
+            self._inbox.connection.send(_RELEASE)
             if nbytes >= RELEASE_AFTER_BYTES:  # freed pixels go back to the system
                 release_free_memory()
 
@@ -649,8 +665,8 @@ def serve(
     *,
     allowance_bytes: int,
 ) -> None:
-    """An intake process's loop: one job at a time from its pipe until told to stop or the
-    worker is gone."""
+    """An intake process's loop: one job at a time, in the order sent, until told to stop
+    or the worker is gone."""
     import torch
 
     configure_allocator()
@@ -659,18 +675,20 @@ def serve(
     # resource tracker, which the forkserver's children share with the worker: a set, so
     # that is harmless, while unregistering here would make the worker's unlink fail there.
     memory = SharedMemory(name=memory_name)
+    inbox = _Inbox(connection)
     context = IntakeContext(
         settings,
         Preprocessing.from_pretrained(settings.resolved_model()),
-        _DecodeMemoryFromWorker(connection, allowance_bytes),
+        _DecodeMemoryFromWorker(inbox, allowance_bytes),
     )
     while True:
         try:
-            job = connection.recv()
+            job = inbox.next_job()
         except (EOFError, OSError):  # the worker is gone
             break
         if job is None:
             break
+        assert isinstance(job, IntakeJob), job
         connection.send(_screen_job(context, job, memory, crop_shape))
     memory.close()
 
