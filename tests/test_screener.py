@@ -249,6 +249,30 @@ def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_b
         pool.close()
 
 
+def test_processes_that_keep_dying_are_replaced_at_a_paced_rate(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    """Processes that die as soon as they start are not restarted in a loop: after four
+    replacements within the window, the next waits for the first to leave it, and then
+    screens as usual."""
+    quick = write(tmp_path / "quick.jpg", encode(textured(9)))
+    pool = _pool(preprocess)
+    pool.replacement_window_s = 3.0
+    try:
+        started = time.monotonic()
+        for replacements in range(1, 6):
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGKILL)
+            _wait_until(lambda n=replacements: pool.replaced == n and len(pool.pids) == 1)
+            if replacements == 4:
+                assert time.monotonic() - started < 2.0  # the first four at once
+        assert time.monotonic() - started >= 3.0  # the fifth waited
+        with pool.screened(quick.as_uri(), None) as (signals, _):
+            assert signals.sha256 == sha256(quick.read_bytes())
+    finally:
+        pool.close()
+
+
 def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -388,6 +388,9 @@ class IntakePool:
     its silences.
     """
 
+    # Replacements are paced over this window (see `_pace_replacement`).
+    replacement_window_s = 10.0
+
     def __init__(
         self,
         settings: Settings,
@@ -419,6 +422,9 @@ class IntakePool:
         # Notified when a process can take another job. Jobs are sent while holding it.
         self._can_send = threading.Condition(self._lock)
         self._closed = False
+        self._closing = threading.Event()
+        # When recent replacements started (see `_pace_replacement`).
+        self._replacement_times: collections.deque[float] = collections.deque()
         with self._lock, _environment(_ONE_THREAD_ENV):  # read by the forkserver at start
             for _ in range(processes):
                 self._start()
@@ -475,6 +481,7 @@ class IntakePool:
             self._closed = True
             members = list(self._members)
             readers = list(self._readers)
+        self._closing.set()
         for member in members:
             with member.lock, suppress(OSError):
                 member.connection.send(None)
@@ -583,14 +590,40 @@ class IntakePool:
             with self._lock:
                 index = self._members.index(member)
                 del self._members[index], self._readers[index]
-                if not self._closed:
-                    self.replaced += 1
-                    self._start()
+                replace = not self._closed
+            if replace:
+                self._pace_replacement()
+                with self._lock:
+                    if not self._closed:
+                        self.replaced += 1
+                        self._start()
         finally:
             if held:
                 self._log_loss(member, held, fault)
             for position, sent in enumerate(held):
                 sent.answer.set_result(fault if position == 0 else _NOT_STARTED)
+
+    def _pace_replacement(self) -> None:
+        """Wait, if processes have been replaced more than twice each (at least 4 times)
+        within `replacement_window_s`: processes that die as soon as they start (a crash at
+        import, the OOM killer) are then replaced a few times a window, not in a loop that
+        takes a core. Jobs wait for a process meanwhile, each within its own timeout."""
+        limit = max(4, 2 * self.processes)
+        with self._lock:
+            now = time.monotonic()
+            recent = self._replacement_times
+            while recent and now - recent[0] > self.replacement_window_s:
+                recent.popleft()
+            wait_s = recent[-limit] + self.replacement_window_s - now if len(recent) >= limit else 0
+            recent.append(now + max(0.0, wait_s))
+        if wait_s > 0:
+            logger.warning(
+                "intake: %d processes replaced within %g s; starting the next in %.1f s",
+                limit,
+                self.replacement_window_s,
+                wait_s,
+            )
+            self._closing.wait(wait_s)
 
     def _log_loss(self, member: _Member, held: list[_Sent], fault: TransientFault) -> None:
         pid, running = member.process.pid, held[0].job.uri
