@@ -118,6 +118,7 @@ def main() -> None:
         "intake_only_images_per_s": round(intake_ips, 2),
         "ratio_to_intake_only": round(pipeline["images_per_s"] / intake_ips, 3),
         "intake_processes": settings.resolved_intake_processes(),
+        "intake_jobs_per_process": settings.intake_jobs_per_process,
         # Wall ms per upload in each stage, as task threads waited on it (worker's log),
         # and the share of the run each batched stage was busy (the model: embedding).
         "stage_ms_per_upload": pipeline["stage_ms_per_upload"],
@@ -368,7 +369,7 @@ def model_only(paths: list[Path], batch: int) -> float:
 
 def intake_only(paths: list[Path]) -> float:
     """Intake alone, fetch to preprocessed crop, as the worker runs it: the same intake
-    processes (or none: in threads), kept busy by twice as many threads."""
+    processes (or none: in threads), kept busy by twice as many threads as they take jobs."""
     from concurrent.futures import ThreadPoolExecutor
 
     from moderation.config import get_settings
@@ -377,7 +378,7 @@ def intake_only(paths: list[Path]) -> float:
 
     settings = get_settings()
     preprocess = Preprocessing.from_pretrained(settings.resolved_model())
-    threads = 2 * max(1, settings.resolved_intake_processes())
+    threads = 2 * max(1, settings.resolved_intake_processes()) * settings.intake_jobs_per_process
     intake = build_intake(settings, preprocess, slots=threads)
 
     def one(path: Path) -> None:

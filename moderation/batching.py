@@ -79,6 +79,11 @@ class Batcher(Generic[In, Out]):
         # can block past its timeout (until the next put) when another stream takes the
         # item it woke for. Seen here as a batch stuck in a stream until new work arrived.
         self._queue: queue.Queue[_Request[In, Out] | None] = queue.Queue()
+        # One stream gathers a batch at a time. Two gathering at once would share out the
+        # requests arriving meanwhile, and run two batches of half the size: each call has
+        # a cost of its own (measured: a tiny model's forward pass costs 0.85 ms per call
+        # and 0.06 per image on CPU).
+        self._gathering = threading.Lock()
         self._stats_lock = threading.Lock()
         self.stats = BatchStats()
         self._threads = [
@@ -144,6 +149,10 @@ class Batcher(Generic[In, Out]):
                 request.future.set_result(result)
 
     def _next_batch(self) -> list[_Request[In, Out]] | None:
+        with self._gathering:
+            return self._gather()
+
+    def _gather(self) -> list[_Request[In, Out]] | None:
         first = self._queue.get()
         if first is None:
             self._queue.put(None)  # for the other streams

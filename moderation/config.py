@@ -41,8 +41,13 @@ class Settings(BaseSettings):
     # torch.compile the image tower (for a few batch shapes, at worker start). Unset: on
     # CUDA, where it was measured faster (see `ClipEmbedder.compile`), and off on CPU.
     compile_model: bool | None = None
-    # How long the batcher waits for more images before running a partial batch.
-    batch_wait_ms: float = Field(default=10.0, ge=0)
+    # How long a stream waits for more images before running a partial batch. A forward
+    # pass costs the worker's interpreter a fixed amount besides its images (the tiny CLIP
+    # on CPU: 0.85 ms a call and 0.06 an image), which competes with intake for the cores:
+    # on two cores with the tiny model, 10 ms gave forward passes of 3 images and the
+    # worker 2.2 ms of CPU per upload; 25 ms gave 6.6 images and 1.6-1.85 ms, for 8 ms more
+    # per upload in this stage. A model that is the bottleneck finds full batches waiting.
+    batch_wait_ms: float = Field(default=25.0, ge=0)
 
     # Matching thresholds. Cosine distance for CLIP (a bank may override it); Hamming bits for PDQ.
     match_radius: float = Field(default=0.05, ge=0, le=2)
@@ -114,6 +119,11 @@ class Settings(BaseSettings):
     # The longest one upload's intake may take (fetch and decode) before its process is
     # killed and replaced and the upload retried. Above fetch_timeout_s plus a large decode.
     intake_timeout_s: float = Field(default=120.0, gt=0)
+    # Jobs sent down an intake process's pipe at once: the next waits there while the
+    # current one runs, so the process never idles while the worker's interpreter, busy
+    # with other threads, gets round to handing it one (measured on two cores: README,
+    # "How a worker is built"). 1: one at a time.
+    intake_jobs_per_process: int = Field(default=2, ge=1)
     # The longest a task waits on any other stage (a claim or result commit, a forward pass,
     # a bank search) before giving up with a retried fault: a stall never becomes a hang.
     stage_timeout_s: float = Field(default=300.0, gt=0)

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,80 @@ def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_repla
         pool.close()
 
 
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_behind(
+    preprocess: Preprocessing, slow_server: str, tmp_path: Path, fault: str
+) -> None:
+    """One process holding two jobs: the slow fetch it is working on, and behind it in its
+    pipe a file it has not started. The process is SIGKILLed, or stalls past its timeout:
+    the first job's upload gets the fault, the second is screened by the replacement."""
+    quick = write(tmp_path / "quick.jpg", encode(textured(8)))
+    timeout_s = 30.0 if fault == "killed" else 1.0
+    pool = _pool(preprocess, intake_timeout_s=timeout_s, fetch_timeout_s=20.0)
+    outcomes: dict[str, object] = {}
+
+    def screen(name: str, uri: str) -> None:
+        try:
+            with pool.screened(uri, None) as (signals, _):
+                outcomes[name] = signals.sha256
+        except Exception as error:
+            outcomes[name] = error
+
+    try:
+        (victim,) = pool.pids
+        running = threading.Thread(target=screen, args=("running", f"{slow_server}/a.jpg"))
+        running.start()
+        _wait_until(lambda: pool.in_flight == 1)
+        queued = threading.Thread(target=screen, args=("queued", quick.as_uri()))
+        queued.start()
+        _wait_until(lambda: pool.in_flight == 2)  # both in the one process's pipe
+        if fault == "killed":
+            time.sleep(0.5)  # mid-fetch
+            os.kill(victim, signal.SIGKILL)
+        for thread in (running, queued):
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+        expected = IntakeProcessLost if fault == "killed" else IntakeStalled
+        assert isinstance(outcomes["running"], expected)
+        assert outcomes["queued"] == sha256(quick.read_bytes())
+        assert pool.replaced == 1
+        assert pool.pids != [victim]
+        assert pool.in_flight == 0
+    finally:
+        pool.close()
+
+
+def test_processes_that_keep_dying_are_replaced_at_a_paced_rate(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    """Processes that die as soon as they start are not restarted in a loop: after four
+    replacements within the window, the next waits for the first to leave it, and then
+    screens as usual."""
+    quick = write(tmp_path / "quick.jpg", encode(textured(9)))
+    pool = _pool(preprocess)
+    pool.replacement_window_s = 3.0
+    try:
+        started = time.monotonic()
+        for replacements in range(1, 6):
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGKILL)
+            _wait_until(lambda n=replacements: pool.replaced == n and len(pool.pids) == 1)
+            if replacements == 4:
+                assert time.monotonic() - started < 2.0  # the first four at once
+        assert time.monotonic() - started >= 3.0  # the fifth waited
+        with pool.screened(quick.as_uri(), None) as (signals, _):
+            assert signals.sha256 == sha256(quick.read_bytes())
+    finally:
+        pool.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_an_intake_process_that_does_not_answer_in_time_is_killed_and_replaced(
     preprocess: Preprocessing, slow_server: str
 ) -> None:
@@ -272,6 +346,36 @@ def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
         # And a large image decodes in the replacement, reserving and releasing again.
         with pool.screened(path.as_uri(), None) as (signals, _):
             assert (signals.width, signals.height) == (5000, 4000)
+        assert pool.decode_memory.used_bytes == 0
+    finally:
+        pool.close()
+
+
+def test_a_job_that_arrives_while_its_process_waits_for_decode_memory_waits_its_turn(
+    preprocess: Preprocessing, tmp_path: Path
+) -> None:
+    """Two large images in one process's pipe: the second arrives while the process waits
+    for the worker to grant the first one's decode memory, and is screened after it."""
+    large = Image.linear_gradient("L").resize((5000, 4000)).convert("RGB")
+    paths = [
+        write(tmp_path / f"large-{n}.png", encode(large, "PNG", compress_level=n)) for n in (1, 2)
+    ]
+    pool = _pool(preprocess, decode_memory_mb=1024)
+    sizes: list[tuple[int, int]] = []
+
+    def screen(path: Path) -> None:
+        with pool.screened(path.as_uri(), None) as (signals, _):
+            sizes.append((signals.width, signals.height))
+
+    try:
+        threads = [threading.Thread(target=screen, args=(path,)) for path in paths]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+        assert sizes == [(5000, 4000)] * 2
+        assert pool.replaced == 0
         assert pool.decode_memory.used_bytes == 0
     finally:
         pool.close()

@@ -10,8 +10,8 @@ and OpenMP thread each (with more, 16 processes managed 66 images/s in all inste
 Crops do not travel through pipes: pickling a 338 KB crop back through a pool's result
 pipe held a 14-process probe to 211 images/s, against 835 with the crops kept out of it.
 The worker process owns one block of shared memory cut into slots of one crop each. A task
-thread takes a free slot and an idle intake process, sends a small job (uri, declared
-SHA-256, slot number) down that process's pipe, and gets back the signals without pixels;
+thread takes a free slot, sends a small job (uri, declared SHA-256, slot number) down the
+pipe of the process holding the fewest jobs, and gets back the signals without pixels;
 the first sampled frame's crop is in the slot, and only the rare further frames of an
 animation come back pickled. The slot stays the task's until its upload is recorded.
 
@@ -20,12 +20,18 @@ decodes a small image within an allowance of its own, and asks the worker, over 
 to reserve anything larger from the rest; the worker drops a reservation when the
 process answers or dies, so a killed process never keeps memory reserved.
 
-Each intake process serves one job at a time over its own pipe, so a failure is always
-attributed to one upload: if the process dies (SIGKILL, the OOM killer, a crash in a
-decoder) the pipe reports end-of-file, the pool starts a replacement, and that upload
-alone is retried (`IntakeProcessLost`); if it does not answer within `intake_timeout_s`,
-it is killed and replaced the same way (`IntakeStalled`). Both are transient faults: the
-upload's attempt counter still fails an image that kills its intake every time.
+Each intake process works on one job at a time and holds the next in its pipe
+(`intake_jobs_per_process`, 2): with one job each, the process sat idle 14% of the time on
+two loaded cores, waiting for the worker's interpreter, busy with its other threads, to
+hand it the next (3% with two). A reader thread per process takes its answers, in the
+order the jobs were sent, so a failure is still attributed to one upload: the oldest job
+unanswered is the one the process was working on. If the process dies (SIGKILL, the OOM
+killer, a crash in a decoder) the pipe reports end-of-file, the pool starts a
+replacement, and that upload alone is retried (`IntakeProcessLost`); if it does not answer
+within `intake_timeout_s`, it is killed and replaced the same way (`IntakeStalled`). The
+jobs queued behind it had not started: they go to another process, at no cost. Both
+faults are transient: the upload's attempt counter still fails an image that kills its
+intake every time.
 
 Processes are started by a forkserver that has imported this module, so a replacement
 starts in milliseconds, without the worker's threads, and with the environment that caps
@@ -34,6 +40,7 @@ its BLAS and OpenMP threads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import logging
@@ -43,6 +50,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -123,13 +132,32 @@ class _Reserve:
 class _Message(enum.Enum):
     GRANTED = "granted"
     RELEASE = "release"
+    # The answer to a job still queued behind one whose process died or stalled.
+    NOT_STARTED = "not started"
 
 
-_GRANTED, _RELEASE = _Message.GRANTED, _Message.RELEASE
+_GRANTED, _RELEASE, _NOT_STARTED = _Message.GRANTED, _Message.RELEASE, _Message.NOT_STARTED
 
 
 class _NoAnswer(Exception):
     pass
+
+
+class _Inbox:
+    """An intake process's end of its pipe. The worker sends the next job while this one
+    runs, so a job (or the request to stop) can arrive while the process waits for decode
+    memory: it is kept, in order, for when the process asks for its next job."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._early: collections.deque[object] = collections.deque()
+
+    def next_job(self) -> object:
+        return self._early.popleft() if self._early else self.connection.recv()
+
+    def wait_for_grant(self) -> None:
+        while (message := self.connection.recv()) is not _GRANTED:
+            self._early.append(message)
 
 
 class _DecodeMemoryFromWorker:
@@ -138,8 +166,8 @@ class _DecodeMemoryFromWorker:
     budget of its own per process could not: one process decodes one image at a time,
     and every process could hold a 50-megapixel frame at once.)"""
 
-    def __init__(self, connection: Connection, allowance_bytes: int) -> None:
-        self._connection = connection
+    def __init__(self, inbox: _Inbox, allowance_bytes: int) -> None:
+        self._inbox = inbox
         self._allowance_bytes = allowance_bytes
 
     @contextmanager
@@ -147,13 +175,12 @@ class _DecodeMemoryFromWorker:
         if nbytes <= self._allowance_bytes:
             yield
             return
-        self._connection.send(_Reserve(nbytes))
-        if self._connection.recv() is not _GRANTED:  # the worker is stopping
-            raise SystemExit(0)
+        self._inbox.connection.send(_Reserve(nbytes))
+        self._inbox.wait_for_grant()
         try:
             yield
         finally:
-            self._connection.send(_RELEASE)
+            self._inbox.connection.send(_RELEASE)
             if nbytes >= RELEASE_AFTER_BYTES:  # freed pixels go back to the system
                 release_free_memory()
 
@@ -279,16 +306,90 @@ def slot_view(memory: SharedMemory, slot: int, shape: tuple[int, int, int]) -> n
     return np.ndarray(shape, dtype=np.uint8, buffer=memory.buf, offset=slot * size)
 
 
-@dataclass
-class _Member:
-    """One intake process and the worker's end of its pipe."""
+@dataclass(eq=False)
+class _Sent:
+    """A job sent down a process's pipe, and where its answer goes: what the process
+    answered, a fault if it died or stalled on this job, or `_NOT_STARTED`."""
 
-    process: BaseProcess
-    connection: Connection
+    job: IntakeJob
+    answer: Future[object] = dataclasses.field(default_factory=Future)
+
+
+class _Member:
+    """One intake process, the worker's end of its pipe, and the jobs sent down it, oldest
+    first. The process takes them one at a time, in order: the oldest is the one it is
+    working on, and the others have not started."""
+
+    def __init__(self, process: BaseProcess, connection: Connection) -> None:
+        self.process = process
+        self.connection = connection
+        self.sent: collections.deque[_Sent] = collections.deque()
+        # When the process last showed progress on its oldest job (was sent it, was granted
+        # memory, answered the one before): its next message is due within the timeout.
+        self.heard_at = time.monotonic()
+        self.lost = False
+        # Guards the fields above and writes to the pipe (from task threads and the reader).
+        self.lock = threading.Lock()
+
+    def send(self, job: IntakeJob) -> _Sent | None:
+        """Queue a job in the process's pipe; None if the process is gone."""
+        sent = _Sent(job)
+        with self.lock:
+            if self.lost:
+                return None
+            try:
+                self.connection.send(job)
+            except OSError:  # it has just died; its reader is about to find out
+                self.lost = True
+                return None
+            if not self.sent:
+                self.heard_at = time.monotonic()
+            self.sent.append(sent)
+        return sent
+
+    def heard(self) -> None:
+        with self.lock:
+            self.heard_at = time.monotonic()
+
+    def grant(self) -> None:
+        with self.lock:
+            self.heard_at = time.monotonic()
+            self.connection.send(_GRANTED)
+
+    def answered(self) -> _Sent:
+        """The oldest job, now answered; the next one's clock starts."""
+        with self.lock:
+            if not self.sent:
+                raise RuntimeError(f"intake process {self.process.pid} answered a job never sent")
+            self.heard_at = time.monotonic()
+            return self.sent.popleft()
+
+    def silent_for(self) -> float | None:
+        """Seconds since the process last showed progress on a job; None if it holds none."""
+        with self.lock:
+            return time.monotonic() - self.heard_at if self.sent else None
+
+    def give_up(self) -> list[_Sent]:
+        """Mark the process gone; the jobs it held, the one it was working on first."""
+        with self.lock:
+            self.lost = True
+            held = list(self.sent)
+            self.sent.clear()
+            return held
 
 
 class IntakePool:
-    """`processes` intake processes; `run` screens one job in one of them, from any thread."""
+    """`processes` intake processes; `run` screens one job in one of them, from any thread.
+
+    Each process holds up to `intake_jobs_per_process` jobs in its pipe: while it works on
+    one, the next is already there, so it never waits for the worker's interpreter (busy
+    with Celery, the database writers and the model's threads) to hand it one. A reader
+    thread per process takes its answers, serves its requests for decode memory, and times
+    its silences.
+    """
+
+    # Replacements are paced over this window (see `_pace_replacement`).
+    replacement_window_s = 10.0
 
     def __init__(
         self,
@@ -301,6 +402,7 @@ class IntakePool:
     ) -> None:
         self.settings = settings
         self.processes = processes
+        self.jobs_per_process = settings.intake_jobs_per_process
         self.timeout_s = timeout_s
         self.slots = CropSlots(slots, crop_shape)
         self.replaced = 0
@@ -314,16 +416,22 @@ class IntakePool:
         self.decode_memory = MemoryBudget(
             total - processes * self._allowance_bytes, release_after_bytes=None
         )
-        self._idle: queue.Queue[_Member] = queue.Queue()
         self._members: list[_Member] = []
+        self._readers: list[threading.Thread] = []  # one per member, in the same order
         self._lock = threading.Lock()
+        # Notified when a process can take another job. Jobs are sent while holding it.
+        self._can_send = threading.Condition(self._lock)
         self._closed = False
-        with _environment(_ONE_THREAD_ENV):  # read by the forkserver when it starts
+        self._closing = threading.Event()
+        # When recent replacements started (see `_pace_replacement`).
+        self._replacement_times: collections.deque[float] = collections.deque()
+        with self._lock, _environment(_ONE_THREAD_ENV):  # read by the forkserver at start
             for _ in range(processes):
-                self._idle.put(self._start())
+                self._start()
         logger.info(
-            "intake: %d processes, %d crop slots of %d KB in shared memory",
+            "intake: %d processes of %d jobs in flight, %d crop slots of %d KB in shared memory",
             processes,
+            self.jobs_per_process,
             slots,
             self.slots.slot_bytes // 1024,
         )
@@ -333,59 +441,11 @@ class IntakePool:
         with self._lock:
             return [m.process.pid for m in self._members if m.process.pid is not None]
 
-    def run(self, job: IntakeJob) -> IntakeResult:
-        """Screen one job in an idle process, waiting at most `timeout_s` for one to be
-        free and as long again for its answer. Raises what intake raised, there."""
-        try:
-            member = self._idle.get(timeout=self.timeout_s)
-        except queue.Empty:
-            raise IntakeStalled(
-                f"no intake process free within {self.timeout_s:g} s ({self.processes} processes)"
-            ) from None
-        try:
-            outcome = self._exchange(member, job)
-        except _NoAnswer:
-            logger.error(
-                "intake process %s gave no answer for %s within %g s; killing it",
-                member.process.pid,
-                job.uri,
-                self.timeout_s,
-            )
-            self._replace(member)
-            raise IntakeStalled(f"intake gave no answer within {self.timeout_s:g} s") from None
-        except (EOFError, OSError):
-            logger.error(
-                "intake process %s died screening %s (exit code %s); starting another",
-                member.process.pid,
-                job.uri,
-                _exit_code(member.process),
-            )
-            self._replace(member)
-            raise IntakeProcessLost("the intake process died while screening this upload") from None
-        self._idle.put(member)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert isinstance(outcome, IntakeResult), outcome
-        return outcome
-
-    def _exchange(self, member: _Member, job: IntakeJob) -> object:
-        """Send a job, serve the process's requests for decode memory, and return its
-        answer. Its reservations end with its answer or its death, whichever comes first,
-        so a killed process never keeps any. Each message must come within `timeout_s`
-        (time spent waiting here for memory that others hold does not count)."""
-        with ExitStack() as reservation:
-            member.connection.send(job)
-            while True:
-                if not member.connection.poll(self.timeout_s):
-                    raise _NoAnswer
-                message = member.connection.recv()
-                if isinstance(message, _Reserve):
-                    reservation.enter_context(self.decode_memory.reserve(message.nbytes))
-                    member.connection.send(_GRANTED)
-                elif message is _RELEASE:
-                    reservation.close()
-                else:
-                    return message
+    @property
+    def in_flight(self) -> int:
+        """Jobs sent to the processes and not yet answered."""
+        with self._lock:
+            return sum(len(m.sent) for m in self._members)
 
     @contextmanager
     def screened(
@@ -397,23 +457,195 @@ class IntakePool:
             result = self.run(IntakeJob(uri, declared_sha256, slot))
             yield with_slot_pixels(result, self.slots.view(slot)), result.times
 
+    def run(self, job: IntakeJob) -> IntakeResult:
+        """Screen one job in a process, waiting at most `timeout_s` for one to take it.
+        Raises what intake raised, there; `IntakeProcessLost` or `IntakeStalled` if its
+        process died or stalled on it. A job still queued behind one whose process died or
+        stalled never started: it goes to another process, at no cost to its upload."""
+        for _ in range(_SENDS):
+            member, sent = self._send(job)
+            outcome = self._answer(member, sent)
+            if outcome is not _NOT_STARTED:
+                break
+        else:
+            raise IntakeProcessLost(f"intake processes died {_SENDS} times before this upload ran")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, IntakeResult), outcome
+        return outcome
+
     def close(self) -> None:
-        """Stop every process (each finishes its job first) and free the shared memory."""
+        """Stop every process (each finishes the jobs it holds, within `_JOIN_S`) and free
+        the shared memory."""
         with self._lock:
             self._closed = True
             members = list(self._members)
+            readers = list(self._readers)
+        self._closing.set()
         for member in members:
-            with suppress(OSError):
+            with member.lock, suppress(OSError):
                 member.connection.send(None)
-        for member in members:
-            member.process.join(timeout=10)
-            if member.process.is_alive():
+        deadline = time.monotonic() + _JOIN_S
+        for member, reader in zip(members, readers, strict=True):
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():  # still busy: killed, which ends its reader
                 member.process.kill()
-                member.process.join()
-            member.connection.close()
+                reader.join()
         self.slots.close()
 
-    def _start(self) -> _Member:
+    # A task thread's side.
+
+    def _send(self, job: IntakeJob) -> tuple[_Member, _Sent]:
+        """Send the job to the process holding the fewest (an idle one if any, so that a
+        job never queues behind a slow fetch while another process waits)."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._can_send:
+            while True:
+                open_to_more = [
+                    m for m in self._members if not m.lost and len(m.sent) < self.jobs_per_process
+                ]
+                if open_to_more:
+                    member = min(open_to_more, key=lambda m: len(m.sent))
+                    sent = member.send(job)
+                    if sent is not None:
+                        return member, sent
+                    continue  # it has just died: another
+                if not self._can_send.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise IntakeStalled(
+                        f"no intake process free within {self.timeout_s:g} s "
+                        f"({self.processes} processes)"
+                    )
+
+    def _answer(self, member: _Member, sent: _Sent) -> object:
+        """The job's answer, from its process's reader. The reader holds each of the
+        process's messages to `timeout_s`; this longer limit only guards against the reader
+        itself failing."""
+        limit_s = (self.jobs_per_process + 1) * self.timeout_s
+        try:
+            return sent.answer.result(timeout=limit_s)
+        except FutureTimeout:
+            logger.error(
+                "intake process %s: no answer for %s within %g s; killing it",
+                member.process.pid,
+                sent.job.uri,
+                limit_s,
+            )
+            member.process.kill()  # before the caller lets the job's crop slot go
+            with suppress(FutureTimeout):
+                sent.answer.result(timeout=_JOIN_S)
+            raise IntakeStalled(f"intake gave no answer within {limit_s:g} s") from None
+
+    # The reader's side: one thread per process.
+
+    def _read(self, member: _Member) -> None:
+        """Answers in the order the jobs were sent, requests for decode memory served,
+        silences timed. When the process dies or stalls, it is killed and replaced, and
+        only then are its jobs answered, so it cannot write a slot that a caller let go."""
+        fault: TransientFault
+        # The running job's reservations: they end with its answer or the process's death.
+        with ExitStack() as reservation:
+            try:
+                while True:
+                    message = self._next_message(member)
+                    if isinstance(message, _Reserve):
+                        reservation.enter_context(self.decode_memory.reserve(message.nbytes))
+                        member.grant()
+                    elif message is _RELEASE:
+                        reservation.close()
+                        member.heard()
+                    else:
+                        reservation.close()
+                        answered = member.answered()
+                        with self._can_send:
+                            self._can_send.notify()
+                        answered.answer.set_result(message)
+            except _NoAnswer:
+                fault = IntakeStalled(f"intake gave no answer within {self.timeout_s:g} s")
+            except (EOFError, OSError):
+                fault = IntakeProcessLost("the intake process died while screening this upload")
+            except BaseException:
+                logger.exception("intake process %s: its reader failed", member.process.pid)
+                fault = IntakeProcessLost("the intake process's reader failed")
+            finally:
+                member.process.kill()
+                member.process.join(timeout=_JOIN_S)
+        self._lose(member, fault)
+
+    def _next_message(self, member: _Member) -> object:
+        """Raises `_NoAnswer` once the process has been silent on a job for `timeout_s`."""
+        while True:
+            silent_s = member.silent_for()
+            if silent_s is not None and silent_s >= self.timeout_s:
+                raise _NoAnswer
+            wait_s = self.timeout_s if silent_s is None else self.timeout_s - silent_s
+            if member.connection.poll(wait_s):
+                return member.connection.recv()
+
+    def _lose(self, member: _Member, fault: TransientFault) -> None:
+        """The process is dead: replace it (unless the pool is closing) and answer its
+        jobs: the one it was working on gets the fault, those behind it never started."""
+        held = member.give_up()
+        member.connection.close()
+        try:
+            with self._lock:
+                index = self._members.index(member)
+                del self._members[index], self._readers[index]
+                replace = not self._closed
+            if replace:
+                self._pace_replacement()
+                with self._lock:
+                    if not self._closed:
+                        self.replaced += 1
+                        self._start()
+        finally:
+            if held:
+                self._log_loss(member, held, fault)
+            for position, sent in enumerate(held):
+                sent.answer.set_result(fault if position == 0 else _NOT_STARTED)
+
+    def _pace_replacement(self) -> None:
+        """Wait, if processes have been replaced more than twice each (at least 4 times)
+        within `replacement_window_s`: processes that die as soon as they start (a crash at
+        import, the OOM killer) are then replaced a few times a window, not in a loop that
+        takes a core. Jobs wait for a process meanwhile, each within its own timeout."""
+        limit = max(4, 2 * self.processes)
+        with self._lock:
+            now = time.monotonic()
+            recent = self._replacement_times
+            while recent and now - recent[0] > self.replacement_window_s:
+                recent.popleft()
+            wait_s = recent[-limit] + self.replacement_window_s - now if len(recent) >= limit else 0
+            recent.append(now + max(0.0, wait_s))
+        if wait_s > 0:
+            logger.warning(
+                "intake: %d processes replaced within %g s; starting the next in %.1f s",
+                limit,
+                self.replacement_window_s,
+                wait_s,
+            )
+            self._closing.wait(wait_s)
+
+    def _log_loss(self, member: _Member, held: list[_Sent], fault: TransientFault) -> None:
+        pid, running = member.process.pid, held[0].job.uri
+        if isinstance(fault, IntakeStalled):
+            logger.error(
+                "intake process %s gave no answer for %s within %g s; killed it, started another",
+                pid,
+                running,
+                self.timeout_s,
+            )
+        else:
+            logger.error(
+                "intake process %s died screening %s (exit code %s); started another",
+                pid,
+                running,
+                member.process.exitcode,
+            )
+        if len(held) > 1:
+            logger.info("intake: %d upload(s) queued behind it sent again", len(held) - 1)
+
+    def _start(self) -> None:
+        """Start a process and its reader; the caller holds `_lock`."""
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
             target=serve,
@@ -425,25 +657,20 @@ class IntakePool:
         process.start()
         theirs.close()
         member = _Member(process, ours)
-        with self._lock:
-            self._members.append(member)
-        return member
-
-    def _replace(self, member: _Member) -> None:
-        member.process.kill()
-        member.process.join(timeout=10)
-        member.connection.close()
-        with self._lock:
-            self._members.remove(member)
-            if self._closed:
-                return
-            self.replaced += 1
-        self._idle.put(self._start())
+        reader = threading.Thread(
+            target=self._read, args=(member,), name=f"intake-{process.pid}", daemon=True
+        )
+        self._members.append(member)
+        self._readers.append(reader)
+        reader.start()
+        self._can_send.notify(self.jobs_per_process)
 
 
-def _exit_code(process: BaseProcess) -> int | None:
-    process.join(timeout=1)
-    return process.exitcode
+# A job is sent again when the process it was queued in died before starting it; at most
+# this many sends in all.
+_SENDS = 3
+# How long a killed process is given to be reaped, and a closing one to finish its jobs.
+_JOIN_S = 10.0
 
 
 @contextmanager
@@ -471,8 +698,8 @@ def serve(
     *,
     allowance_bytes: int,
 ) -> None:
-    """An intake process's loop: one job at a time from its pipe until told to stop or the
-    worker is gone."""
+    """An intake process's loop: one job at a time, in the order sent, until told to stop
+    or the worker is gone."""
     import torch
 
     configure_allocator()
@@ -481,18 +708,20 @@ def serve(
     # resource tracker, which the forkserver's children share with the worker: a set, so
     # that is harmless, while unregistering here would make the worker's unlink fail there.
     memory = SharedMemory(name=memory_name)
+    inbox = _Inbox(connection)
     context = IntakeContext(
         settings,
         Preprocessing.from_pretrained(settings.resolved_model()),
-        _DecodeMemoryFromWorker(connection, allowance_bytes),
+        _DecodeMemoryFromWorker(inbox, allowance_bytes),
     )
     while True:
         try:
-            job = connection.recv()
+            job = inbox.next_job()
         except (EOFError, OSError):  # the worker is gone
             break
         if job is None:
             break
+        assert isinstance(job, IntakeJob), job
         connection.send(_screen_job(context, job, memory, crop_shape))
     memory.close()
 
