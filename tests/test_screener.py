@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,10 @@ def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_b
         pool.close()
 
 
+def _replaced(pool: IntakePool, count: int) -> bool:
+    return pool.replaced == count and len(pool.pids) == 1
+
+
 def test_processes_that_keep_dying_are_replaced_at_a_paced_rate(
     preprocess: Preprocessing, tmp_path: Path
 ) -> None:
@@ -263,7 +268,7 @@ def test_processes_that_keep_dying_are_replaced_at_a_paced_rate(
         for replacements in range(1, 6):
             (pid,) = pool.pids
             os.kill(pid, signal.SIGKILL)
-            _wait_until(lambda n=replacements: pool.replaced == n and len(pool.pids) == 1)
+            _wait_until(partial(_replaced, pool, replacements))
             if replacements == 4:
                 assert time.monotonic() - started < 2.0  # the first four at once
         assert time.monotonic() - started >= 3.0  # the fifth waited
