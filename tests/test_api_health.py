@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, update
@@ -22,8 +19,9 @@ from moderation.screening.models import Hit, ReviewStatus, Upload, UploadStatus,
 from tests.api_fixtures import api, bearer, keys
 from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write
+from tests.queues import queue
 
-__all__ = ["api", "keys", "live_worker"]
+__all__ = ["api", "keys", "live_worker", "queue"]
 
 
 def test_ready_with_postgresql_redis_and_a_live_worker(api: TestClient, live_worker: str) -> None:
@@ -87,18 +85,6 @@ def _scrape(api: TestClient) -> Samples:
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
-
-
-@pytest.fixture
-def queue(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> Iterator[str]:
-    """A queue of the test's own, which no worker consumes: messages stay to be counted."""
-    name = f"metrics-test-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("MODERATION_QUEUE", name)
-    get_settings.cache_clear()
-    yield name
-    redis_client.delete(name)
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def test_metrics_read_the_database_and_the_queue(

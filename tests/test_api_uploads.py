@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from sqlalchemy import func, select
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.hashing import sha256
 from moderation.screening.models import Upload
@@ -29,23 +27,11 @@ from moderation.screening.worker_process import WorkerProcess
 from tests.api_fixtures import announced, api, bearer, keys
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
-from tests.queues import queued_uploads
+from tests.queues import queue, queued_uploads
 from tests.redis_server import RedisServer
 from tests.servers import tcp_listener
 
-__all__ = ["api", "keys"]
-
-
-@pytest.fixture
-def queue(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> Iterator[str]:
-    """A queue of the test's own, which no worker consumes: messages stay to be counted."""
-    name = f"api-test-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("MODERATION_QUEUE", name)
-    get_settings.cache_clear()
-    yield name
-    redis_client.delete(name)
-    monkeypatch.undo()
-    get_settings.cache_clear()
+__all__ = ["api", "keys", "queue"]
 
 
 def _image(tmp_path: Path, seed: int) -> str:

@@ -7,8 +7,6 @@ Commands commit their own transactions, so tests that write use `clean_db`, not 
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +20,15 @@ from transformers import AutoTokenizer, CLIPModel
 from moderation.audit import service as audit
 from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.cli import main
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
 from tests.images import encode, textured, write
-from tests.queues import queued_uploads
+from tests.queues import queue, queued_uploads
+
+__all__ = ["queue"]
 
 SHA256_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 PDQ_HEX = "f8f8f0cee0f4a84f06370a22038f63f0b36e2ed596621e1d33e6b39c4e9c9b22"
@@ -64,19 +63,6 @@ def projection_dim(tiny_model: Path) -> int:
     dim = json.loads((tiny_model / "config.json").read_text())["projection_dim"]
     assert isinstance(dim, int)
     return dim
-
-
-@pytest.fixture
-def queue(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> Iterator[str]:
-    """A queue of the test's own, which no worker consumes (the end-to-end tests' worker,
-    once started, consumes the configured one): messages stay where the test counts them."""
-    name = f"cli-test-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("MODERATION_QUEUE", name)
-    get_settings.cache_clear()
-    yield name
-    redis_client.delete(name)
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 # bank create
