@@ -127,10 +127,7 @@ class UriPolicy:
         For http(s) the host is resolved too (within `resolve_timeout_s`), so a name that
         points inside the network is refused before anything is queued.
         """
-        canonical, host = self._check_location(uri_or_path)
-        if host is not None:
-            self.resolve(host, timeout_s=resolve_timeout_s)
-        return canonical
+        return self._check(uri_or_path, {}, resolve_timeout_s)
 
     def check_all(
         self, uris_or_paths: Sequence[str], *, resolve_timeout_s: float = 5.0
@@ -138,24 +135,34 @@ class UriPolicy:
         """`check` for many URIs, each one's canonical form or refusal, in order. Each host
         name is resolved once, however many URIs name it: a batch of uploads mostly comes
         from one or two CDNs."""
-        located: list[tuple[str, str | None] | IntakeError] = []
+        resolved: dict[str, IntakeError | None] = {}
+        verdicts: list[str | IntakeError] = []
         for uri in uris_or_paths:
             try:
-                located.append(self._check_location(uri))
+                verdicts.append(self._check(uri, resolved, resolve_timeout_s))
             except IntakeError as error:
-                located.append(error)
-        refusals: dict[str, IntakeError | None] = {}
-        for item in located:
-            if isinstance(item, tuple) and item[1] is not None and item[1] not in refusals:
-                try:
-                    self.resolve(item[1], timeout_s=resolve_timeout_s)
-                    refusals[item[1]] = None
-                except IntakeError as error:
-                    refusals[item[1]] = error
-        return [
-            item if isinstance(item, IntakeError) else refusals.get(item[1] or "") or item[0]
-            for item in located
-        ]
+                verdicts.append(error)
+        return verdicts
+
+    def _check(
+        self, uri_or_path: str, resolved: dict[str, IntakeError | None], timeout_s: float
+    ) -> str:
+        """`check`, with `resolved` holding each host's refusal (None: allowed) as found so
+        far by the URIs of the same call."""
+        canonical, host = self._check_location(uri_or_path)
+        if host is None:
+            return canonical
+        if host not in resolved:
+            try:
+                self.resolve(host, timeout_s=timeout_s)
+            except IntakeError as error:
+                resolved[host] = error
+                raise
+            resolved[host] = None
+        refusal = resolved[host]
+        if refusal is not None:
+            raise refusal
+        return canonical
 
     def check_location(self, uri_or_path: str) -> str:
         """Everything but DNS: scheme, prefix, and for files the resolved real path."""
