@@ -18,7 +18,13 @@ from fastapi import FastAPI, status
 
 from moderation.db import session_scope
 from moderation.screening import service
-from moderation.screening.api import UploadAccepted, UploadBatchAccepted, UploadBatchIn, UploadIn
+from moderation.screening.api import (
+    UploadAccepted,
+    UploadBatchAccepted,
+    UploadBatchIn,
+    UploadIn,
+    accepted_answer,
+)
 
 app = FastAPI()
 
@@ -33,11 +39,7 @@ def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBat
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
     with session_scope() as session:
         accepted = service.submit_uploads(session, [event.to_new_upload() for event in events])
-    out = [
-        UploadAccepted(upload_id=a.upload_id, external_id=e.external_id, created=a.created)
-        for a, e in zip(accepted, events, strict=True)
-    ]
-    return UploadBatchAccepted(uploads=out) if isinstance(body, UploadBatchIn) else out[0]
+    return accepted_answer(body, accepted)
 
 
 if __name__ == "__main__":

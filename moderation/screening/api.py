@@ -28,7 +28,7 @@ from moderation.review import service as review
 from moderation.screening import service
 from moderation.screening.announcer import Announcer
 from moderation.screening.models import Upload
-from moderation.screening.service import NewUpload
+from moderation.screening.service import NewUpload, Submitted
 from moderation.screening.submission import UrisRefused, accept
 
 # Started with the process's first upload; closed after the requests in flight, sending
@@ -220,6 +220,14 @@ def submit_uploads(
             {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
         ) from None
     UPLOAD_BATCH_SIZE.observe(len(events))
+    return accepted_answer(body, accepted)
+
+
+def accepted_answer(
+    body: UploadIn | UploadBatchIn, accepted: list[Submitted]
+) -> UploadAccepted | UploadBatchAccepted:
+    """The 202's body: one upload, or the batch's in order, as the request came."""
+    events = body.uploads if isinstance(body, UploadBatchIn) else [body]
     out = [
         UploadAccepted(upload_id=a.upload_id, external_id=e.external_id, created=a.created)
         for a, e in zip(accepted, events, strict=True)
