@@ -68,7 +68,19 @@ def send_screening(upload_ids: Sequence[int], queue: str | None = None) -> None:
     with app.producer_or_acquire() as producer, _one_round_trip(producer):
         for start in range(0, len(upload_ids), UPLOADS_PER_MESSAGE):
             chunk = list(upload_ids[start : start + UPLOADS_PER_MESSAGE])
-            app.send_task(SCREEN_UPLOADS, args=(chunk,), queue=queue, producer=producer)
+            app.send_task(
+                SCREEN_UPLOADS,
+                args=(chunk,),
+                queue=queue,
+                producer=producer,
+                # Celery's own argsrepr walks the ids through `saferepr`, and it declares the
+                # queue again for each message: together half of the time a message took to
+                # send (cProfile, 7 messages of 100 uploads). A list of ints is safe to
+                # `repr`, and the queue is declared once a call, with the first message.
+                argsrepr=repr((chunk,)),
+                kwargsrepr="{}",
+                **({} if start == 0 else {"declare": []}),
+            )
 
 
 def _one_round_trip(producer: Any) -> AbstractContextManager[Any]:
