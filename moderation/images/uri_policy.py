@@ -171,10 +171,9 @@ class UriPolicy:
     def _check_location(self, uri_or_path: str) -> tuple[str, str | None]:
         """The canonical URI, and the host name still to resolve (None for files and for
         address literals, already judged here)."""
-        if _is_path(uri_or_path):
-            return _file_uri(self.allowed_file(uri_or_path)[0]), None
+        # Split once: this runs for each URI of a batch, and `_is_path` would split again.
         scheme = urlsplit(uri_or_path).scheme.lower()
-        if scheme == "file":
+        if len(scheme) <= 1 or scheme == "file":  # a path (see `_is_path`), or a file URI
             return _file_uri(self.allowed_file(uri_or_path)[0]), None
         if scheme in ("http", "https"):
             location = self._check_http(uri_or_path)
