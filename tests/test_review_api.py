@@ -124,6 +124,20 @@ def test_a_decision_over_http(api: TestClient, keys: dict[Role, str]) -> None:
         assert event.after["note"] == "known image"
 
 
+def test_a_decision_covers_only_the_hits_the_reviewer_saw(
+    api: TestClient, keys: dict[Role, str]
+) -> None:
+    shown, also_shown, found_since = _hits(1, per_upload=3)
+    reviewer = bearer(keys[Role.REVIEWER])
+    body = {"outcome": "dismiss", "seen_hit_ids": [also_shown]}
+    answer = api.post(f"/v1/hits/{shown}/decision", json=body, headers=reviewer).json()
+    assert answer["decided_hit_ids"] == [shown, also_shown]
+    statuses = {hit["id"]: hit["review_status"] for hit in answer["hits"]}
+    assert statuses == {shown: "dismissed", also_shown: "dismissed", found_since: "pending"}
+    pending = api.get("/v1/hits", headers=reviewer).json()["hits"]
+    assert [hit["id"] for hit in pending] == [found_since]
+
+
 def _key_id(api: TestClient) -> int:
     from moderation.auth import service as auth
 

@@ -18,7 +18,7 @@ from moderation.screening.models import Hit, ReviewStatus
 from moderation.web import service as web
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
-from tests.web_fixtures import SAME_ORIGIN, Seeded, log_in, seed_hit, site
+from tests.web_fixtures import SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
 
@@ -157,3 +157,53 @@ def test_decisions_need_a_reviewer_and_the_forms_token(
     with session_scope() as session:
         statuses = set(session.scalars(select(Hit.review_status)))
     assert statuses == {ReviewStatus.PENDING}
+
+
+def _status(hit_id: int) -> ReviewStatus:
+    with session_scope() as session:
+        hit = session.get(Hit, hit_id)
+        assert hit is not None
+        return hit.review_status
+
+
+def _seen_field(html: str, upload_id: int) -> str:
+    card = html[html.index(f'id="upload-{upload_id}"') :]
+    found = re.search(r'name="seen" value="([0-9,]*)"', card)
+    assert found is not None
+    return found.group(1)
+
+
+def test_a_card_shows_every_open_hit_its_decision_covers(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    # The upload's older hit falls on the next page with one hit a page, and outside a
+    # filter by the newer hit's bank: either way its card shows it, since one decision on
+    # the card decides both.
+    seeded = seed_hit(tmp_path, bank_name="older-bank")
+    newer = add_hit(seeded.upload_id, bank_name="newer-bank")
+    log_in(site, keys[Role.REVIEWER])
+    for url in ("/review?limit=1", "/review?bank=newer-bank"):
+        html = site.get(url).text
+        assert _cards(html) == [seeded.upload_id]
+        assert "older-bank" in html, url
+        assert "newer-bank" in html, url
+        assert _seen_field(html, seeded.upload_id) == f"{seeded.hit_id},{newer}"
+    response = _decide(site, newer, "dismiss", seen=_seen_field(html, seeded.upload_id))
+    assert response.status_code == 303
+    assert _status(seeded.hit_id) is _status(newer) is ReviewStatus.DISMISSED
+
+
+def test_a_hit_found_after_the_page_was_drawn_stays_open(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    seeded = seed_hit(tmp_path)
+    log_in(site, keys[Role.REVIEWER])
+    seen = _seen_field(site.get("/review").text, seeded.upload_id)
+    # Found while the reviewer looked at the page (a retro-hunt on a new bank, say).
+    unseen = add_hit(seeded.upload_id, bank_name="added-since")
+    assert _decide(site, seeded.hit_id, "dismiss", seen=seen).status_code == 303
+    assert _status(seeded.hit_id) is ReviewStatus.DISMISSED
+    assert _status(unseen) is ReviewStatus.PENDING
+    html = site.get("/review").text
+    assert _cards(html) == [seeded.upload_id]
+    assert "added-since" in html

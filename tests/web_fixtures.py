@@ -120,3 +120,20 @@ def seed_hit(directory: Path, *, bank_name: str = "known-bad", seed: int = 1) ->
             source_ref=source.as_uri(),
             source_bytes=source_bytes,
         )
+
+
+def add_hit(upload_id: int, *, bank_name: str, signal: SignalType = SignalType.SHA256) -> int:
+    """Another hit of an upload, on an entry of a new bank (as a retro-hunt adds one): its id."""
+    with session_scope() as session:
+        bank = Bank(name=bank_name)
+        session.add(bank)
+        session.flush()
+        entry = BankEntry(
+            bank_id=bank.id, sha256=hashlib.sha256(bank_name.encode()).digest(), added_by="test"
+        )
+        session.add(entry)
+        session.flush()
+        hit = Hit(upload_id=upload_id, bank_entry_id=entry.id, signal=signal, distance=0)
+        session.add(hit)
+        session.flush()
+        return hit.id

@@ -67,6 +67,16 @@ class HitPage(BaseModel):
 class DecisionIn(BaseModel):
     outcome: Outcome
     note: str | None = Field(default=None, max_length=4000, pattern=NO_NUL)
+    seen_hit_ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] | None = Field(
+        default=None,
+        max_length=10_000,
+        description=(
+            "The upload's hits the reviewer was shown. When given, the decision covers only "
+            "those (and the hit named in the path); any other open hit of the upload, such "
+            "as one found since, stays open for review. When absent, every open hit of the "
+            "upload is decided."
+        ),
+    )
 
 
 class DecisionOut(BaseModel):
@@ -131,10 +141,13 @@ def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
     responses={404: {"description": "no such hit"}, 409: {"description": "decided otherwise"}},
 )
 def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) -> DecisionOut:
-    """Confirm, dismiss or escalate a hit, and with it every open hit of its upload.
-    Repeating a decision changes nothing; contradicting a final one is a 409."""
+    """Confirm, dismiss or escalate a hit, and with it every open hit of its upload (or,
+    given `seen_hit_ids`, those of them the reviewer saw). Repeating a decision changes
+    nothing; contradicting a final one is a 409."""
     try:
-        decision = service.decide(session, hit_id, body.outcome, body.note, caller.actor)
+        decision = service.decide(
+            session, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
+        )
     except service.HitNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
     except service.AlreadyDecided as error:

@@ -27,7 +27,7 @@ import base64
 import binascii
 import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVarTuple
@@ -257,6 +257,21 @@ def upload_hits(session: Session, upload_id: int) -> list[HitEvidence]:
     return [_evidence(*row) for row in session.execute(query)]
 
 
+def open_hits(session: Session, upload_ids: Collection[int]) -> dict[int, list[HitEvidence]]:
+    """The open hits of each of these uploads, in the order they were found: what a
+    decision on one of their hits would cover, whatever page or filter showed that hit."""
+    query = (
+        _evidence_query()
+        .where(Hit.upload_id.in_(upload_ids), Hit.review_status.in_(OPEN_STATUSES))
+        .order_by(Hit.id)
+    )
+    found: dict[int, list[HitEvidence]] = {}
+    for row in session.execute(query):
+        evidence = _evidence(*row)
+        found.setdefault(evidence.upload_id, []).append(evidence)
+    return found
+
+
 @dataclass(frozen=True)
 class Decision:
     upload_id: int
@@ -271,10 +286,21 @@ class Decision:
 
 
 def decide(
-    session: Session, hit_id: int, outcome: Outcome | str, note: str | None, actor: str
+    session: Session,
+    hit_id: int,
+    outcome: Outcome | str,
+    note: str | None,
+    actor: str,
+    *,
+    seen: Collection[int] | None = None,
 ) -> Decision:
     """Decide a hit and its upload's other open hits; audit it; on a confirmation, write
-    the webhook event. Raises `HitNotFound` or `AlreadyDecided`."""
+    the webhook event. Raises `HitNotFound` or `AlreadyDecided`.
+
+    `seen`: the hits the reviewer was shown with this one. When given, an open hit of the
+    upload not among them stays open: it was found after the page was drawn (a retro-hunt,
+    a second bank) or never shown, and nobody may dismiss evidence they have not seen.
+    """
     outcome = Outcome(outcome)  # a plain "confirm" from a form is welcome too
     upload_id = session.scalar(select(Hit.upload_id).where(Hit.id == hit_id))
     if upload_id is None:
@@ -300,7 +326,10 @@ def decide(
         raise AlreadyDecided(named)
     decided_at = session.scalar(select(func.now()))
     decided = {}
+    covered = None if seen is None else {hit_id, *seen}
     for hit in hits:
+        if covered is not None and hit.id not in covered:
+            continue
         if hit.review_status in OPEN_STATUSES and hit.review_status is not target:
             decided[hit.id] = hit.review_status
             hit.review_status = target

@@ -274,26 +274,43 @@ def _query_url(path: str, params: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class UploadCard:
-    """The hits of one upload on a queue page: one decision covers them all."""
+    """One upload on a queue page: its hits the page lists, and every other open hit of
+    it, since its decision covers them all (and only those shown: `seen`)."""
 
     upload_id: int
     external_id: str | None
     hits: list[HitEvidence]
 
     @property
-    def decidable(self) -> bool:
-        return any(hit.review_status in OPEN for hit in self.hits)
+    def open_hit_ids(self) -> list[int]:
+        return [hit.hit_id for hit in self.hits if hit.review_status in OPEN]
+
+    @property
+    def seen(self) -> str:
+        """The open hits shown, for the decision form: a hit found after the page was drawn
+        is not among them, and stays open."""
+        return ",".join(map(str, self.open_hit_ids))
 
 
 OPEN = {status.value for status in review.OPEN_STATUSES}
 
 
-def _cards(hits: list[HitEvidence]) -> list[UploadCard]:
-    grouped: dict[int, list[HitEvidence]] = {}
+def _cards(session: DbSession, hits: list[HitEvidence]) -> list[UploadCard]:
+    """The page's hits by upload, each upload with its other open hits too: one upload's
+    hits can fall on two pages, or outside the filters, and a decision covers them all."""
+    grouped: dict[int, dict[int, HitEvidence]] = {}
     for hit in hits:
-        grouped.setdefault(hit.upload_id, []).append(hit)
+        grouped.setdefault(hit.upload_id, {})[hit.hit_id] = hit
+    for upload_id, open_hits in review.open_hits(session, grouped).items():
+        for hit in open_hits:
+            grouped[upload_id].setdefault(hit.hit_id, hit)
     return [
-        UploadCard(upload_id, group[0].external_id, group) for upload_id, group in grouped.items()
+        UploadCard(
+            upload_id,
+            next(iter(group.values())).external_id,
+            sorted(group.values(), key=lambda hit: hit.hit_id),
+        )
+        for upload_id, group in grouped.items()
     ]
 
 
@@ -349,7 +366,7 @@ def queue_page(
             "statuses": QUEUE_STATUSES,
             "signals": [signal.value for signal in SignalType],
             "banks": reads.bank_list(session),
-            "uploads": _cards(page.hits),
+            "uploads": _cards(session, page.hits),
             "shown": len(page.hits),
             "pending": review.count(session),
             "matching": review.count(session, filters),
@@ -372,11 +389,20 @@ def decide(
     note: Annotated[str, Form(max_length=4000)] = "",
     back: Annotated[str, Form()] = "",
     csrf: Annotated[str, Form()] = "",
+    seen: Annotated[str, Form(max_length=200_000, pattern=r"^[0-9]*(,[0-9]+)*$")] = "",
 ) -> Response:
-    """Decide a hit, and with it every open hit of its upload; back to the queue."""
+    """Decide a hit, and with it the open hits of its upload that the page showed (`seen`,
+    comma-separated ids); back to the queue."""
     check_form_token(request, csrf)
     try:
-        review.decide(session, hit_id, outcome, note.strip() or None, caller.actor)
+        review.decide(
+            session,
+            hit_id,
+            outcome,
+            note.strip() or None,
+            caller.actor,
+            seen=[int(id_) for id_ in seen.split(",") if id_],
+        )
     except review.HitNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
     except review.AlreadyDecided as error:
