@@ -80,7 +80,7 @@ def time_group(entries: list[int], model_id: int, dim: int) -> float:
             upload_id,
             _signals(),
             np.zeros((1, dim), np.float32),
-            [Match(entry, 0, SignalType.SHA256, 0.0, 0) for entry in entries],
+            [Match(entry, 0, SignalType.SHA256, 0.0, 0, 0.0) for entry in entries],
         )
         for upload_id in ids
     ]

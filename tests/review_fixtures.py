@@ -41,6 +41,7 @@ def make_hit(
     distance: float = 0.0,
     created_at: datetime | None = None,
     retroactive: bool = False,
+    threshold: float | None = None,
 ) -> Hit:
     hit = Hit(
         upload_id=upload.id,
@@ -49,6 +50,7 @@ def make_hit(
         distance=distance,
         frame_index=0,
         retroactive=retroactive,
+        threshold=threshold,
     )
     if created_at is not None:
         hit.created_at = created_at

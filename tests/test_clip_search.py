@@ -142,7 +142,7 @@ def test_an_empty_bank_and_an_empty_batch() -> None:
     assert empty.search(np.ones((2, DIM), np.float32) / np.sqrt(DIM)) == [[], []]
     one = _clip_bank(np.eye(DIM, dtype=np.float32)[:1])
     assert one.search(np.zeros((0, DIM), np.float32)) == []
-    assert one.search(np.eye(DIM, dtype=np.float32)[:1]) == [[ClipHit(10_000, 7, 0.0)]]
+    assert one.search(np.eye(DIM, dtype=np.float32)[:1]) == [[ClipHit(10_000, 7, 0.0, RADIUS)]]
 
 
 def test_a_cuda_bank_makes_cublas_sum_float16_products_in_float32() -> None:

@@ -82,6 +82,12 @@ def test_clip_radius_is_inclusive_and_per_bank(session: Session, model: Embeddin
     found = _matches(session, model, _signals(), ANCHOR[np.newaxis])
     assert found == {(near.id, SignalType.CLIP, 0.04), (far_in_wide.id, SignalType.CLIP, 0.06)}
     assert far.id not in {entry for entry, _, _ in found}
+    # Each hit carries the radius it was held to, its own bank's.
+    index = load_index(session, model.id, DIM, SETTINGS)
+    assert {m.bank_entry_id: m.threshold for m in index.match(_signals(), ANCHOR[np.newaxis])} == {
+        near.id: SETTINGS.default_radius,
+        far_in_wide.id: 0.08,
+    }
 
 
 def test_exactly_at_the_radius_is_a_hit(session: Session, model: EmbeddingModel) -> None:
@@ -114,6 +120,9 @@ def test_pdq_threshold_is_inclusive_and_low_quality_is_ignored(
     )
     found = _matches(session, model, _signals(pdq_bits=_flip(0)), np.zeros((1, DIM), np.float32))
     assert found == {(at_31.id, SignalType.PDQ, 31.0)}
+    index = load_index(session, model.id, DIM, SETTINGS)
+    (match,) = index.match(_signals(pdq_bits=_flip(0)), np.zeros((1, DIM), np.float32))
+    assert match.threshold == SETTINGS.pdq_threshold == 31
     # A low-quality upload frame is not matched on PDQ at all.
     assert (
         _matches(

@@ -133,9 +133,11 @@ def test_clip_hits_inside_the_radius_and_exactly_on_it_but_not_beyond(
     found = hits_of(session, upload)
     assert set(found) == {(e.id, "clip") for e in (inside, on_radius, in_wide)}
     assert just_outside.id not in {entry for entry, _ in found}
-    for entry, distance in ((inside, 0.03), (on_radius, 0.05), (in_wide, 0.06)):
+    expected = ((inside, 0.03, 0.05), (on_radius, 0.05, 0.05), (in_wide, 0.06, 0.08))
+    for entry, distance, radius in expected:
         hit = found[(entry.id, "clip")]
         assert hit.distance == pytest.approx(distance, abs=1e-6)
+        assert hit.threshold == radius
         assert (hit.retroactive, hit.frame_index, hit.model_id) == (True, 1, model.id)
 
 
@@ -161,6 +163,7 @@ def test_pdq_hits_at_the_threshold_not_one_bit_beyond_and_not_below_quality(
     assert set(found) == {(at_threshold.id, "pdq")}
     hit = found[(at_threshold.id, "pdq")]
     assert (hit.distance, hit.frame_index, hit.model_id, hit.retroactive) == (31, 1, None, True)
+    assert hit.threshold == 31
     assert hits_of(session, flat) == {}
     assert {beyond.id, low_quality_entry.id}.isdisjoint(e for e, _ in found)
     assert job.status is JobStatus.DONE
@@ -180,7 +183,7 @@ def test_sha256_hits_the_same_bytes_only_and_keeps_what_screening_found(
         session,
         model,
         sha256=b"\xaa" * 32,
-        matches=[Match(known.id, bank.id, SignalType.SHA256, 0.0, 0)],
+        matches=[Match(known.id, bank.id, SignalType.SHA256, 0.0, 0, 0.0)],
     )
     old = screened_upload(session, model, sha256=b"\xbb" * 32)
     other = screened_upload(session, model, sha256=b"\xcc" * 32)

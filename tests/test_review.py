@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEvent
+from moderation.banks import service as banks
 from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.images.signals import SignalType
@@ -147,6 +148,23 @@ def test_evidence_names_the_threshold_that_applies(session: Session) -> None:
     assert service.get_hit(session, pdq.id) == evidence[pdq.id]
     with pytest.raises(service.HitNotFound):
         service.get_hit(session, 10**12)
+
+
+def test_evidence_shows_the_threshold_recorded_when_the_hit_was_found(session: Session) -> None:
+    bank = make_bank(session, "narrowed", radius=0.08)
+    upload = make_upload(session)
+    found_wide = make_hit(
+        session,
+        upload,
+        make_entry(session, bank),
+        signal=SignalType.CLIP,
+        distance=0.07,
+        threshold=0.08,
+    )
+    # The bank's radius is narrowed afterwards: the hit was still held to 0.08, not 0.03.
+    banks.update_bank(session, bank, actor="test", radius=0.03)
+    evidence = service.get_hit(session, found_wide.id)
+    assert (evidence.threshold, evidence.threshold_source) == (0.08, "recorded")
 
 
 def test_a_decision_decides_the_uploads_open_hits_together_and_is_audited(

@@ -124,7 +124,8 @@ def test_recording_twice_writes_once(session: Session) -> None:
     bank = banks.create_bank(session, "b")
     (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
     upload, _ = service.submit(session, "file:///a.jpg")
-    matches = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0)]
+    # A threshold no SHA-256 hit has, so that the test sees it is the one recorded.
+    matches = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.25)]
     vectors = np.ones((1, 4), np.float32) / 2
 
     screened = service.Screened(upload.id, _signals(), vectors, matches)
@@ -135,6 +136,7 @@ def test_recording_twice_writes_once(session: Session) -> None:
     assert service.record_screened(session, [screened], model.id) == [False]
 
     assert _count(session, Hit, upload.id) == 1
+    assert session.scalar(select(Hit.threshold).where(Hit.upload_id == upload.id)) == 0.25
     assert _count(session, Signal, upload.id) == 2  # SHA-256 and one PDQ frame
     assert _count(session, Embedding, upload.id) == 1
     _reload(session, upload)
@@ -152,7 +154,7 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
     (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
     a, b, done = (service.submit(session, f"file:///{n}.jpg")[0] for n in "abc")
     vectors = np.ones((1, 4), np.float32) / 2
-    hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0)]
+    hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.0)]
     service.record_screened(
         session, [service.Screened(done.id, _signals(), vectors, hit)], model.id
     )

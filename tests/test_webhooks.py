@@ -291,7 +291,7 @@ def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: in
         frame_count=1,
         frames=[FrameSignals(index=0, pdq=PdqHash(b"\x00" * 32, 90), pixels=np.zeros(1))],
     )
-    matches = [Match(entry, 0, SignalType.SHA256, 0.0, 0) for entry in entry_ids]
+    matches = [Match(entry, 0, SignalType.SHA256, 0.0, 0, 0.0) for entry in entry_ids]
     screening.claim(session, upload_id, max_attempts=3)
     screened = screening.Screened(upload_id, signals, np.zeros((1, 4), np.float32), matches)
     screening.record_screened(session, [screened], model_id)

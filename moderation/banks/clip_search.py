@@ -62,6 +62,8 @@ class ClipHit:
     bank_entry_id: int
     bank_id: int
     distance: float
+    # The radius of the entry's bank that the distance was held to.
+    radius: float
 
 
 @dataclass(frozen=True)
@@ -338,14 +340,18 @@ class ClipBank:
                 self.vectors[rows].astype(np.float64),
             )
             distance = 1.0 - similarity
-            within = distance <= self._radius_of(self.bank_ids[rows]) + FLOAT_SLACK
-            for query, row, found in zip(
-                asked[within], rows[within], distance[within], strict=True
+            radius = self._radius_of(self.bank_ids[rows])
+            within = distance <= radius + FLOAT_SLACK
+            for query, row, found, held_to in zip(
+                asked[within], rows[within], distance[within], radius[within], strict=True
             ):
                 # Python numbers: psycopg2 would write a NumPy float as "np.float64(...)".
                 hits[query].append(
                     ClipHit(
-                        int(self.entry_ids[row]), int(self.bank_ids[row]), max(0.0, float(found))
+                        int(self.entry_ids[row]),
+                        int(self.bank_ids[row]),
+                        max(0.0, float(found)),
+                        float(held_to),
                     )
                 )
         return hits

@@ -33,6 +33,9 @@ class Match:
     signal: SignalType
     distance: float
     frame_index: int
+    # What the distance was held to: the bank's CLIP radius, the PDQ threshold in bits, 0
+    # for SHA-256. Recorded with the hit, as evidence of the rule that fired.
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,14 @@ class BankIndex:
         found = self._match_sha256(signals.sha256)
         found += self._match_pdq(signals)
         found += [
-            Match(hit.bank_entry_id, hit.bank_id, SignalType.CLIP, hit.distance, frame.index)
+            Match(
+                hit.bank_entry_id,
+                hit.bank_id,
+                SignalType.CLIP,
+                hit.distance,
+                frame.index,
+                hit.radius,
+            )
             for frame, frame_hits in zip(signals.embedded_frames, clip_hits, strict=True)
             for hit in frame_hits
         ]
@@ -93,7 +103,7 @@ class BankIndex:
         rows = np.array(list(self._rows_of_hash.get(sha256, ())), np.int64)
         rows = rows[self._sha256.live(rows)]
         return [
-            Match(entry_id, bank_id, SignalType.SHA256, 0.0, 0)
+            Match(entry_id, bank_id, SignalType.SHA256, 0.0, 0, 0.0)
             for entry_id, bank_id in zip(
                 self._sha256.entry_ids[rows].tolist(),
                 self._sha256.bank_ids[rows].tolist(),
@@ -119,10 +129,11 @@ class BankIndex:
             queries, self._pdq.payload, self.settings.pdq_threshold
         )
         held = self._pdq.live(rows)
+        threshold = float(self.settings.pdq_threshold)
         frames = np.repeat([index for index, _ in queried], np.diff(limits).astype(np.int64))
         rows = rows[held]
         return [
-            Match(entry_id, bank_id, SignalType.PDQ, distance, frame)
+            Match(entry_id, bank_id, SignalType.PDQ, distance, frame, threshold)
             for entry_id, bank_id, distance, frame in zip(
                 self._pdq.entry_ids[rows].tolist(),
                 self._pdq.bank_ids[rows].tolist(),

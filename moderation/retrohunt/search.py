@@ -50,6 +50,8 @@ class FoundHit:
     distance: float
     frame_index: int
     model_id: int | None
+    # What the distance was held to, as screening records it (`banks.index.Match`).
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class Targets:
             .where(self._in_job, Signal.signal == SignalType.SHA256, uploads(Signal.upload_id))
         )
         return [
-            FoundHit(upload_id, entry_id, SignalType.SHA256, 0.0, 0, None)
+            FoundHit(upload_id, entry_id, SignalType.SHA256, 0.0, 0, None, 0.0)
             for upload_id, entry_id in rows
         ]
 
@@ -171,7 +173,15 @@ class Targets:
         limits, distances, found = self._pdq.range_search(queries, self.settings.pdq_threshold + 1)
         bounds = itertools.pairwise(limits)
         return [
-            FoundHit(upload_id, int(entry_id), SignalType.PDQ, float(distance), frame, None)
+            FoundHit(
+                upload_id,
+                int(entry_id),
+                SignalType.PDQ,
+                float(distance),
+                frame,
+                None,
+                float(self.settings.pdq_threshold),
+            )
             for (upload_id, frame, _), (start, stop) in zip(rows, bounds, strict=True)
             for entry_id, distance in zip(
                 self._pdq_ids[found[start:stop]], distances[start:stop], strict=True
@@ -245,6 +255,7 @@ def _search_clip(
             hit.distance,
             int(frame_indexes[row]),
             model_id,
+            hit.radius,
         )
         for row, row_hits in enumerate(bank.search(queries))
         for hit in row_hits

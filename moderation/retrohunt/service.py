@@ -332,6 +332,7 @@ def _record(session: Session, hits: list[FoundHit]) -> int:
                 "distance": hit.distance,
                 "frame_index": hit.frame_index,
                 "model_id": hit.model_id,
+                "threshold": hit.threshold,
                 "retroactive": True,
             }
             for hit in hits[start : start + _HITS_PER_INSERT]

@@ -38,8 +38,14 @@ class HitOut(BaseModel):
     signal: str
     # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256.
     distance: float
-    threshold: float
-    threshold_source: str = Field(description="bank, global, pdq or exact")
+    threshold: float = Field(
+        description="What the distance was held to when the hit was found (cosine distance "
+        "for CLIP, bits for PDQ, 0 for SHA-256)"
+    )
+    threshold_source: str = Field(
+        description="`recorded` when found; for hits found before thresholds were recorded, "
+        "where the one in force now comes from: bank, global, pdq or exact"
+    )
     frame_index: int
     model: str | None
     retroactive: bool

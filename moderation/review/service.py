@@ -111,11 +111,12 @@ class HitEvidence:
     bank_entry_id: int
     signal: str
     distance: float
-    # The threshold in force now for this signal and bank: the bank's radius or the global
-    # one for CLIP (cosine distance), the PDQ threshold (bits), 0 for SHA-256. Hits record
-    # their distance, not the threshold of the day they were found.
+    # What the distance was held to: the bank's CLIP radius (cosine distance), the PDQ
+    # threshold (bits), 0 for SHA-256; as recorded when the hit was found. For a hit found
+    # before thresholds were recorded, the one in force now for this signal and bank.
     threshold: float
-    # Where the threshold comes from: bank, global, pdq or exact.
+    # `recorded` (when found); for older hits, where today's comes from: bank, global
+    # (CLIP radius), pdq or exact.
     threshold_source: str
     frame_index: int
     model: str | None
@@ -145,6 +146,8 @@ def _evidence_query() -> Select[Hit, Upload, Bank, str | None]:
 
 
 def _threshold(hit: Hit, bank: Bank, settings: Settings) -> tuple[float, str]:
+    if hit.threshold is not None:
+        return hit.threshold, "recorded"
     if hit.signal is SignalType.CLIP:
         if bank.radius is not None:
             return bank.radius, "bank"

@@ -122,6 +122,9 @@ class Hit(IdMixin, Base):
     signal: Mapped[SignalType] = mapped_column(enum_column(SignalType, "signal_type"))
     # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256; the best over all frames.
     distance: Mapped[float] = mapped_column(Float)
+    # What the distance was held to when the hit was found: the bank's CLIP radius, the
+    # worker's PDQ threshold in bits, 0 for SHA-256. Null for hits found before it was kept.
+    threshold: Mapped[float | None] = mapped_column(Float)
     frame_index: Mapped[int] = mapped_column(Integer, default=0)
     # The model whose embeddings matched (CLIP hits only).
     model_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("embedding_models.id"))

@@ -508,6 +508,7 @@ def _insert_screening_rows(
                 "distance": m.distance,
                 "frame_index": m.frame_index,
                 "model_id": model_id if m.signal is SignalType.CLIP else None,
+                "threshold": m.threshold,
             }
             for m in result.matches
         ]
