@@ -7,6 +7,7 @@ Commands commit their own transactions, so tests that write use `clean_db`, not 
 from __future__ import annotations
 
 import json
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from moderation.cli import main
 from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
+from moderation.images.http_location import IPAddress
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
 from tests.images import encode, textured, write
@@ -387,6 +389,27 @@ def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
     assert ids == sorted(ids)
     assert queued_uploads(redis_client, queue) == ids
     assert redis_client.llen(queue) < count
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_submit_resolves_each_host_once_for_all_its_uris(
+    queue: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """URIs are checked once, all of them before any chunk is recorded; each chunk is not
+    checked (and each host resolved) a second time."""
+    from moderation.images import uri_policy
+
+    lookups: list[str] = []
+
+    def counted(host: str, timeout_s: float) -> list[IPAddress]:
+        lookups.append(host)
+        return [ip_address("93.184.215.14")]  # a public address, so the policy allows it
+
+    monkeypatch.setattr(uri_policy, "_resolve", counted)
+    uris = [f"https://cdn.example.com/{i}.jpg" for i in range(SUBMIT_CHUNK + 1)]
+    submitted = cli("submit", *uris, "--json")
+    assert lookups == ["cdn.example.com"]
+    assert queued_uploads(redis_client, queue) == [row["upload_id"] for row in submitted]
 
 
 @pytest.mark.usefixtures("clean_db")

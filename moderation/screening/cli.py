@@ -24,7 +24,7 @@ from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import NewUpload
-from moderation.screening.submission import UrisRefused, accept, check_uris
+from moderation.screening.submission import UrisRefused, check_uris, record_and_announce
 from moderation.screening.waiting import Tally, wait_for, why_stalled
 
 # Skipped files listed one by one, before a count of the rest.
@@ -149,8 +149,8 @@ def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
 def submit_uris(
     uris: list[str], external_id: str | None = None, declared_sha256: bytes | None = None
 ) -> list[int]:
-    """Record uploads, commit, then publish (`submission.accept`, as `POST /v1/uploads`),
-    `SUBMIT_CHUNK` to a transaction.
+    """Check every URI, then record uploads, commit and publish, `SUBMIT_CHUNK` to a
+    transaction (the steps of `submission.accept`, which `POST /v1/uploads` takes).
 
     Raises `UrisRefused` if the fetch policy refuses any URI (nothing is recorded then), and
     `service.ExternalIdConflict` if the external id names another event.
@@ -162,7 +162,7 @@ def submit_uris(
     uploads = check_uris(uploads, UriPolicy.from_settings(get_settings()))
     upload_ids: list[int] = []
     for start in range(0, len(uploads), SUBMIT_CHUNK):
-        accepted = accept(uploads[start : start + SUBMIT_CHUNK])
+        accepted = record_and_announce(uploads[start : start + SUBMIT_CHUNK])
         upload_ids += [a.upload_id for a in accepted]
     return upload_ids
 

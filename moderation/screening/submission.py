@@ -1,6 +1,7 @@
 """Accepting uploads: the one path from a producer's events to queued, announced uploads.
 
-`moderation submit` and `POST /v1/uploads` both come through `accept`:
+`moderation submit` and `POST /v1/uploads` both take these steps (`accept`; `submit` checks
+every URI first, then records them in chunks through `record_and_announce`):
 
 1. every URI is checked against the fetch policy (`images.uri_policy`) before anything is
    recorded; one refused URI refuses the whole call, and nothing is fetched;
@@ -78,14 +79,25 @@ def accept(
     Raises `UrisRefused` (nothing recorded) and `service.ExternalIdConflict` (nothing
     recorded: the transaction rolls back).
     """
+    checked = check_uris(uploads, policy or UriPolicy.from_settings(get_settings()))
+    return record_and_announce(checked, queue=queue, announce=announce)
+
+
+def record_and_announce(
+    checked: Sequence[NewUpload],
+    *,
+    queue: str | None = None,
+    announce: Callable[[list[int], str], None] | None = None,
+) -> list[Submitted]:
+    """Steps 2 and 3 of `accept`, for events whose URIs `check_uris` has already checked
+    (and put in canonical form): a caller that checks a large submission once, before
+    recording it in chunks, does not resolve every host twice."""
     from moderation.screening.tasks import publish_screening
 
-    settings = get_settings()
-    checked = check_uris(uploads, policy or UriPolicy.from_settings(settings))
     with session_scope() as session:
         submitted = service.submit_uploads(session, checked)
     created = [s.upload_id for s in submitted if s.created]
     if created:
         # The queue configured now (not when the Celery app was made), as `--wait` watches.
-        (announce or publish_screening)(created, queue or settings.queue)
+        (announce or publish_screening)(created, queue or get_settings().queue)
     return submitted
