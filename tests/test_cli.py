@@ -83,6 +83,15 @@ def test_bank_create_returns_the_bank() -> None:
 
 
 @pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("name", ["a/b", "x" * 201])
+def test_bank_create_refuses_a_name_the_api_could_not_address(name: str) -> None:
+    # The API names banks in paths (`/v1/banks/{name}`): a name it refuses is refused here.
+    output = fails("bank", "create", name)
+    assert "a bank name is 1 to 200 characters without '/'" in output
+    assert cli("bank", "list", "--json") == []
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_bank_create_refuses_a_name_that_exists() -> None:
     first = cli("bank", "create", "twice", "--json")
     output = fails("bank", "create", "twice", "--radius", "0.2")

@@ -42,14 +42,18 @@ MAX_IMPORT_LINES = 100_000
 MAX_IMPORT_BYTES = 16 * 1024 * 1024
 MAX_ID = 2**63 - 1
 
-BankName = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00/]+$")]
+BankName = Annotated[
+    str, Path(min_length=1, max_length=service.MAX_BANK_NAME, pattern=service.BANK_NAME_PATTERN)
+]
 EntryId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class BankIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00/]+$")
+    name: str = Field(
+        min_length=1, max_length=service.MAX_BANK_NAME, pattern=service.BANK_NAME_PATTERN
+    )
     radius: float | None = Field(
         default=None, ge=0, le=2, description="CLIP cosine distance; null: the global radius."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,23 @@ class BankSummary:
     clip_entries: dict[str, int]
 
 
+# A bank's name is a path segment of the API and of the pages (`/v1/banks/{name}`): no
+# slash, no NUL (which PostgreSQL text cannot hold), and it fits the column.
+BANK_NAME_PATTERN = r"^[^\x00/]+$"
+MAX_BANK_NAME = 200
+
+
+def check_bank_name(name: str) -> str:
+    if not re.fullmatch(BANK_NAME_PATTERN, name) or len(name) > MAX_BANK_NAME:
+        raise ValueError(
+            f"a bank name is 1 to {MAX_BANK_NAME} characters without '/' (it names the bank "
+            f"in URLs), got {name!r}"
+        )
+    return name
+
+
 def create_bank(session: Session, name: str, radius: float | None = None) -> Bank:
+    check_bank_name(name)
     if radius is not None and not 0 <= radius <= 2:
         raise ValueError(f"radius is a cosine distance between 0 and 2, got {radius}")
     if session.scalar(select(Bank.id).where(Bank.name == name)) is not None:
