@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import func, select
 
 from moderation.auth.models import Role
@@ -231,7 +232,10 @@ def test_who_may_submit_and_read(api: TestClient, keys: dict[Role, str], tmp_pat
 def test_an_upload_through_the_api_is_screened_and_its_hits_shown(
     api: TestClient, keys: dict[Role, str], tmp_path: Path, worker: WorkerProcess
 ) -> None:
-    banked = encode(textured(40))
+    # Stored sideways, as phones store photos: its signals include frame 0's PDQ as stored.
+    sideways = Image.Exif()
+    sideways[0x0112] = 6
+    banked = encode(textured(40), exif=sideways)
     image = write(tmp_path / "bad.jpg", banked)
     with session_scope() as session:
         bank = banks.create_bank(session, "api-e2e")
@@ -251,8 +255,8 @@ def test_an_upload_through_the_api_is_screened_and_its_hits_shown(
         time.sleep(0.2)
     assert shown["status"] == "screened", shown
     assert shown["error"] is None
-    signals = {s["signal"] for s in shown["signals"]}
-    assert signals == {"sha256", "pdq"}
+    signals = {(s["signal"], s["frame_index"], s["as_stored"]) for s in shown["signals"]}
+    assert signals == {("sha256", 0, False), ("pdq", 0, False), ("pdq", 0, True)}
     sha_signal = next(s for s in shown["signals"] if s["signal"] == "sha256")
     assert sha_signal["value"] == sha256(banked).hex()
     hits = {h["signal"]: h for h in shown["hits"]}

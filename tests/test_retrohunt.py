@@ -58,12 +58,12 @@ def screened_upload(
     pdq: list[tuple[bytes, int]] | None = None,
     vectors: list[np.ndarray] | None = None,
     matches: list[Match] | None = None,
+    pdq_as_stored: PdqHash | None = None,
 ) -> int:
     """An upload recorded as screening records it: its signals, one embedding per vector
     (frames 0, 1, ...), and the hits screening found (`matches`)."""
     pdq = pdq or [(_flip(200), 100)]
     vectors = vectors if vectors is not None else [np.roll(-ANCHOR, 1)]
-    pdq + [(_flip(200), 100)] * (len(vectors) - len(pdq))
     (upload_id,) = screening.submit_many(session, [f"file:///uploads/{time.time_ns()}.jpg"])
     screening.claim(session, upload_id, max_attempts=5)
     frames = [
@@ -77,7 +77,13 @@ def screened_upload(
         )
     ]
     signals = ImageSignals(
-        sha256=sha256, format="PNG", width=10, height=10, frame_count=len(frames), frames=frames
+        sha256=sha256,
+        format="JPEG",
+        width=10,
+        height=10,
+        frame_count=len(frames),
+        frames=frames,
+        pdq_as_stored=pdq_as_stored,
     )
     result = screening.Screened(upload_id, signals, np.array(vectors, np.float32), matches or [])
     assert screening.record_screened(session, [result], model.id) == [True]
@@ -168,6 +174,25 @@ def test_pdq_hits_at_the_threshold_not_one_bit_beyond_and_not_below_quality(
     assert {beyond.id, low_quality_entry.id}.isdisjoint(e for e, _ in found)
     assert job.status is JobStatus.DONE
     assert job.hits_found == 1
+
+
+def test_a_photo_stored_turned_is_hunted_on_its_hash_as_stored_too(
+    session: Session, model: EmbeddingModel
+) -> None:
+    # A phone photo stored sideways: hash lists made without applying EXIF orientation
+    # (ThreatExchange's hasher, HMA) hold the hash of the pixels as stored.
+    turned = screened_upload(
+        session, model, pdq=[(_flip(100), 90)], pdq_as_stored=PdqHash(_flip(203), 90)
+    )
+    (as_stored,) = [s for s in screening.upload_signals(session, turned) if s.frame_index < 0]
+    assert (as_stored.value, as_stored.quality) == (_flip(203), 90)
+    bank = banks.create_bank(session, "hash-list")
+    (entry,) = banks.add_entries(
+        session, bank, [banks.NewEntry(pdq=PdqHash(_flip(200), None))], added_by="import"
+    )
+    assert run_to_end(session, only_job(session)).hits_found == 1
+    hit = hits_of(session, turned)[(entry.id, "pdq")]
+    assert (hit.distance, hit.frame_index, hit.retroactive) == (3, 0, True)
 
 
 def test_sha256_hits_the_same_bytes_only_and_keeps_what_screening_found(

@@ -152,6 +152,8 @@ class Targets:
         ]
 
     def _search_pdq(self, session: Session, uploads: UploadFilter) -> list[FoundHit]:
+        # Frames as hashed, and frame 0 as stored where orientation turned it
+        # (`AS_STORED_FRAME`): screening matches both, so a hunt does.
         rows = session.execute(
             select(Signal.upload_id, Signal.frame_index, Signal.value).where(
                 Signal.signal == SignalType.PDQ,
@@ -178,7 +180,7 @@ class Targets:
                 int(entry_id),
                 SignalType.PDQ,
                 float(distance),
-                frame,
+                max(frame, 0),  # the as-stored hash is frame 0's, as screening reports it
                 None,
                 float(self.settings.pdq_threshold),
             )

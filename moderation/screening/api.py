@@ -27,7 +27,7 @@ from moderation.celery_app import send_screening
 from moderation.review import service as review
 from moderation.screening import service
 from moderation.screening.announcer import Announcer
-from moderation.screening.models import Upload
+from moderation.screening.models import AS_STORED_FRAME, Upload
 from moderation.screening.service import NewUpload, Submitted
 from moderation.screening.submission import UrisRefused, accept
 
@@ -135,6 +135,9 @@ class SignalOut(BaseModel):
     value: str
     # PDQ's quality, 0-100; null for SHA-256.
     quality: int | None
+    # A PDQ hash of frame 0 as the file stores it, before its EXIF orientation was applied
+    # (present only where that turned it): hash lists made without orientation hold it.
+    as_stored: bool = False
 
 
 class HitOut(BaseModel):
@@ -282,7 +285,8 @@ def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
         signals=[
             SignalOut(
                 signal=s.signal.value,
-                frame_index=s.frame_index,
+                frame_index=max(s.frame_index, 0),
+                as_stored=s.frame_index == AS_STORED_FRAME,
                 value=s.value.hex(),
                 quality=s.quality,
             )

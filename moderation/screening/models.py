@@ -88,8 +88,15 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+# The frame index of a PDQ signal of frame 0 as the file stores it, when EXIF orientation
+# turned it upright (`ImageSignals.pdq_as_stored`): hash lists made without applying
+# orientation hold that one, so retro-hunts must search it as screening matches it.
+AS_STORED_FRAME = -1
+
+
 class Signal(IdMixin, Base):
-    """A hash of an upload: SHA-256 of its bytes (frame 0), or PDQ of one screened frame."""
+    """A hash of an upload: SHA-256 of its bytes (frame 0), or PDQ of one screened frame
+    (or of frame 0 as stored: `AS_STORED_FRAME`)."""
 
     __tablename__ = "signals"
     __table_args__ = (

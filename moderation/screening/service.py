@@ -38,7 +38,7 @@ from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
-from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.screening.models import AS_STORED_FRAME, Hit, Signal, Upload, UploadStatus
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import EventType
 
@@ -491,6 +491,16 @@ def _insert_screening_rows(
             }
             for frame in signals.frames
         ]
+        if signals.pdq_as_stored is not None:
+            signal_rows.append(
+                {
+                    "upload_id": upload_id,
+                    "signal": SignalType.PDQ,
+                    "frame_index": AS_STORED_FRAME,
+                    "value": signals.pdq_as_stored.bits,
+                    "quality": signals.pdq_as_stored.quality,
+                }
+            )
         embedding_rows += [
             {
                 "upload_id": upload_id,
