@@ -73,7 +73,7 @@ def test_copies_of_a_banked_image_are_hit(tmp_path: Path) -> None:
         copy_hits = hits_by_signal(copy.id)
         assert "sha256" not in copy_hits  # different bytes
         assert copy_hits["pdq"]["distance"] <= 31
-        assert copy_hits["pdq"]["uri"] == copy.uri
+        assert copy_hits["pdq"]["upload_uri"] == copy.uri
     assert not {"sha256", "pdq"} & set(hits_by_signal(other.id))
     assert (same.width, same.height, same.media_format, same.frame_count) == (640, 480, "JPEG", 1)
 

@@ -152,7 +152,7 @@ def _build_bank() -> list[int]:
 def _report(rows: list[Upload]) -> None:
     from moderation.console import emit_table
     from moderation.db import session_scope
-    from moderation.screening import service
+    from moderation.review import service as review
     from moderation.screening.models import UploadStatus
 
     click.secho("uploads", bold=True)
@@ -170,10 +170,11 @@ def _report(rows: list[Upload]) -> None:
         empty="no uploads",
     )
     with session_scope() as session:
-        hits = sorted(service.list_hits(session), key=lambda h: (h.upload_id, h.signal))
+        every = review.newest(session, review.QueueFilter(status=None), None)
+        hits = sorted(every, key=lambda h: (h.upload_id, h.signal))
     click.secho("\nhits", bold=True)
     emit_table(
-        [{**vars(h), "file": Path(h.uri).name} for h in hits],
+        [{**vars(h), "file": Path(h.upload_uri).name} for h in hits],
         ["upload_id", "file", "bank_entry_id", "signal", "distance", "frame_index"],
         empty="no hits",
     )

@@ -241,6 +241,12 @@ def queue(
     return QueuePage(hits, next_cursor)
 
 
+def newest(session: Session, filters: QueueFilter, limit: int | None) -> list[HitEvidence]:
+    """Hits matching the filters, newest first: the first `limit`, or all (None)."""
+    query = _filtered(_evidence_query(), filters).order_by(Hit.created_at.desc(), Hit.id.desc())
+    return [_evidence(*row) for row in session.execute(query.limit(limit))]
+
+
 def count(session: Session, filters: QueueFilter = QueueFilter()) -> int:
     """Hits matching the filters; with the default filter, the pending ones."""
     query = _filtered(select(func.count()).select_from(Hit), filters)

@@ -21,6 +21,8 @@ from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import sha256
 from moderation.images.sniff import HEAD_BYTES, why_not_an_image
 from moderation.images.uri_policy import UriPolicy
+from moderation.review import service as review
+from moderation.review.service import QueueFilter
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import NewUpload
@@ -384,17 +386,21 @@ def limit_options(command: Any) -> Any:
 @limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> None:
-    """Show hits against the banks, newest first, with the model of each CLIP hit."""
+    """Show hits against the banks, newest first, with their evidence and review status
+    (`moderation decide` decides them)."""
+    every = QueueFilter(status=None, upload_id=upload_id)
     with session_scope() as session:
-        found = service.list_hits(session, upload_id=upload_id, limit=None if show_all else limit)
+        found = review.newest(session, every, None if show_all else limit)
         cut = not show_all and len(found) == limit
-        total = service.count_hits(session, upload_id=upload_id) if cut else len(found)
+        total = review.count(session, every) if cut else len(found)
     if as_json:
         emit_json(found)
     else:
-        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "frame_index"]
+        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "threshold"]
         emit_table(
-            [vars(h) for h in found], [*columns, "model", "retroactive", "uri"], empty="no hits"
+            [vars(h) for h in found],
+            [*columns, "frame_index", "model", "retroactive", "review_status", "upload_uri"],
+            empty="no hits",
         )
     _say_if_cut(len(found), total, "hits", as_json)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +17,6 @@ from sqlalchemy import (
     Connection,
     Integer,
     LargeBinary,
-    Row,
     String,
     Text,
     Update,
@@ -34,8 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
 from moderation.audit import service as audit
-from moderation.banks.models import Bank, BankEntry
-from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import AS_STORED_FRAME, Hit, Signal, Upload, UploadStatus
@@ -77,23 +74,6 @@ class Claim:
     uri: str
     # The bytes' SHA-256 as the submitter declared it; other bytes are refused.
     declared_sha256: bytes | None = None
-
-
-@dataclass(frozen=True)
-class HitView:
-    hit_id: int
-    upload_id: int
-    uri: str
-    bank: str
-    bank_entry_id: int
-    signal: str
-    distance: float
-    frame_index: int
-    # The model whose embeddings matched, for CLIP hits.
-    model: str | None
-    created_at: datetime
-    # Found by a retro-hunt after the upload was screened (see `moderation.retrohunt`).
-    retroactive: bool
 
 
 @dataclass(frozen=True)
@@ -606,45 +586,3 @@ def count_uploads(session: Session, *, status: UploadStatus | None = None) -> in
     if status is not None:
         query = query.where(Upload.status == status)
     return session.scalar(query) or 0
-
-
-def list_hits(
-    session: Session, *, upload_id: int | None = None, limit: int | None = None
-) -> list[HitView]:
-    """Hits, newest first; at most `limit` of them."""
-    query = (
-        select(Hit, Upload.uri, Bank.name, EmbeddingModel.name)
-        .join(Upload, Upload.id == Hit.upload_id)
-        .join(BankEntry, BankEntry.id == Hit.bank_entry_id)
-        .join(Bank, Bank.id == BankEntry.bank_id)
-        .outerjoin(EmbeddingModel, EmbeddingModel.id == Hit.model_id)
-        .order_by(Hit.id.desc())
-        .limit(limit)
-    )
-    if upload_id is not None:
-        query = query.where(Hit.upload_id == upload_id)
-    return [_hit_view(row) for row in session.execute(query)]
-
-
-def count_hits(session: Session, *, upload_id: int | None = None) -> int:
-    query = select(func.count()).select_from(Hit)
-    if upload_id is not None:
-        query = query.where(Hit.upload_id == upload_id)
-    return session.scalar(query) or 0
-
-
-def _hit_view(row: Row[Hit, str, str, str | None]) -> HitView:
-    hit, uri, bank, model = row
-    return HitView(
-        hit_id=hit.id,
-        upload_id=hit.upload_id,
-        uri=uri,
-        bank=bank,
-        bank_entry_id=hit.bank_entry_id,
-        signal=hit.signal.value,
-        distance=hit.distance,
-        frame_index=hit.frame_index,
-        model=model,
-        created_at=hit.created_at,
-        retroactive=hit.retroactive,
-    )
