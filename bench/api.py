@@ -173,6 +173,17 @@ class ApiSender:
         return json.dumps(rows[0] if len(rows) == 1 else {"uploads": rows}).encode()
 
     def send(self, body: bytes) -> None:
+        try:
+            status, answer = self._post(body)
+        except (ConnectionError, http.client.RemoteDisconnected):
+            # uvicorn closes a connection idle for 5 s (between phases); a keep-alive client
+            # opens another. Sending again is safe: the events' external ids make it so.
+            self._local.connection = None
+            status, answer = self._post(body)
+        if status != 202:
+            raise RuntimeError(f"{status}: {answer[:300]!r}")
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = http.client.HTTPConnection(
@@ -180,9 +191,7 @@ class ApiSender:
             )
         connection.request("POST", "/v1/uploads", body, self._headers)
         response = connection.getresponse()
-        answer = response.read()
-        if response.status != 202:
-            raise RuntimeError(f"{response.status}: {answer[:300]!r}")
+        return response.status, response.read()
 
 
 class InsertSender:
