@@ -28,7 +28,8 @@ from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
 from moderation.screening import service
-from moderation.screening.intake import IntakePool, IntakeProcessLost, IntakeStalled
+from moderation.screening.intake.jobs import IntakeProcessLost, IntakeStalled
+from moderation.screening.intake.pool import IntakePool
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.screening.pipeline import Screener, StageTimeout
 from tests.images import encode, textured, write

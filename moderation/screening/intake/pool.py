@@ -1,19 +1,20 @@
-"""Intake: an upload's bytes to its signals and its preprocessed crops, in other processes.
+"""The intake pool: intake in processes of its own, beside the worker.
 
 Fetch, SHA-256, decode, PDQ and the CLIP resize-and-crop are pure Python and C under the
 GIL. In the worker process, beside Celery, the database writers and the model, they kept
 one interpreter busy: one worker reached 50 uploads/s on an H100 (its model alone: 860).
-An `IntakePool` runs them in processes of their own, one image at a time each, one BLAS
-and OpenMP thread each (with more, 16 processes managed 66 images/s in all instead of
-1,187).
+An `IntakePool` runs them in processes of their own (`process.py`), one image at a time
+each, one BLAS and OpenMP thread each (with more, 16 processes managed 66 images/s in all
+instead of 1,187).
 
 Crops do not travel through pipes: pickling a 338 KB crop back through a pool's result
 pipe held a 14-process probe to 211 images/s, against 835 with the crops kept out of it.
-The worker process owns one block of shared memory cut into slots of one crop each. A task
-thread takes a free slot, sends a small job (uri, declared SHA-256, slot number) down the
-pipe of the process holding the fewest jobs, and gets back the signals without pixels;
-the first sampled frame's crop is in the slot, and only the rare further frames of an
-animation come back pickled. The slot stays the task's until its upload is recorded.
+The worker process owns one block of shared memory cut into slots of one crop each
+(`slots.py`). A task thread takes a free slot, sends a small job (uri, declared SHA-256,
+slot number) down the pipe of the process holding the fewest jobs, and gets back the
+signals without pixels; the first sampled frame's crop is in the slot, and only the rare
+further frames of an animation come back pickled. The slot stays the task's until its
+upload is recorded.
 
 One decode budget (`decode_memory_mb`) bounds all the processes together: a process
 decodes a small image within an allowance of its own, and asks the worker, over its pipe,
@@ -33,7 +34,7 @@ jobs queued behind it had not started: they go to another process, at no cost. B
 faults are transient: the upload's attempt counter still fails an image that kills its
 intake every time.
 
-Processes are started by a forkserver that has imported this module, so a replacement
+Processes are started by a forkserver that has imported `process.py`, so a replacement
 starts in milliseconds, without the worker's threads, and with the environment that caps
 its BLAS and OpenMP threads.
 """
@@ -41,36 +42,33 @@ its BLAS and OpenMP threads.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import enum
 import logging
 import multiprocessing
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
-from typing import Protocol
-
-import numpy as np
+from contextlib import ExitStack, contextmanager, suppress
 
 from moderation.config import Settings
 from moderation.embedding.clip import Preprocessing
-from moderation.images.budget import RELEASE_AFTER_BYTES, Budget, MemoryBudget
-from moderation.images.decode import DecodeLimits
-from moderation.images.errors import ContentMismatch, IntakeError, TransientFault
-from moderation.images.fetch import fetch
-from moderation.images.hashing import sha256
-from moderation.images.memory import configure_allocator, release_free_memory
-from moderation.images.signals import ImageSignals, extract_signals
-from moderation.images.uri_policy import UriPolicy
+from moderation.images.budget import MemoryBudget
+from moderation.images.errors import TransientFault
+from moderation.images.signals import ImageSignals
+from moderation.screening.intake.jobs import (
+    RELEASE,
+    IntakeJob,
+    IntakeProcessLost,
+    IntakeResult,
+    IntakeStalled,
+    IntakeTimes,
+    Reserve,
+)
+from moderation.screening.intake.members import NOT_STARTED, Member, Sent
+from moderation.screening.intake.process import serve
+from moderation.screening.intake.slots import CropSlots, with_slot_pixels
+from moderation.screening.intake.stage import Intake, InThreadIntake
 
 logger = logging.getLogger(__name__)
 
@@ -82,175 +80,14 @@ _ONE_THREAD_ENV = {
 }
 
 
-class IntakeProcessLost(TransientFault):
-    """The intake process screening this upload died; a replacement has been started."""
-
-    code = "intake_process_lost"
-
-
-class IntakeStalled(TransientFault):
-    """Intake did not answer in time: a stage waited past its timeout. Retried."""
-
-    code = "intake_stalled"
-
-
-@dataclass(frozen=True)
-class IntakeJob:
-    uri: str
-    declared_sha256: bytes | None
-    slot: int | None  # where to put the first sampled frame's crop; None: return it
-
-
-@dataclass(frozen=True)
-class IntakeTimes:
-    """Seconds one upload's intake spent in each step (for the benchmark's stage times)."""
-
-    fetch: float = 0.0
-    decode_hash_preprocess: float = 0.0
-
-
-@dataclass(frozen=True)
-class IntakeResult:
-    """An upload's signals; with a slot, the frame at `slot_frame` has its pixels there."""
-
-    signals: ImageSignals
-    slot_frame: int | None
-    times: IntakeTimes
-
-
 # Decodes whose estimated peak is below this (about 5 megapixels) need not ask the worker
 # for memory: a round trip per image would cost the worker's interpreter more than the
 # decode costs an intake process.
 SMALL_DECODE_BYTES = 64 * 2**20
 
 
-@dataclass(frozen=True)
-class _Reserve:
-    nbytes: int
-
-
-class _Message(enum.Enum):
-    GRANTED = "granted"
-    RELEASE = "release"
-    # The answer to a job still queued behind one whose process died or stalled.
-    NOT_STARTED = "not started"
-
-
-_GRANTED, _RELEASE, _NOT_STARTED = _Message.GRANTED, _Message.RELEASE, _Message.NOT_STARTED
-
-
 class _NoAnswer(Exception):
     pass
-
-
-class _Inbox:
-    """An intake process's end of its pipe. The worker sends the next job while this one
-    runs, so a job (or the request to stop) can arrive while the process waits for decode
-    memory: it is kept, in order, for when the process asks for its next job."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self._early: collections.deque[object] = collections.deque()
-
-    def next_job(self) -> object:
-        return self._early.popleft() if self._early else self.connection.recv()
-
-    def wait_for_grant(self) -> None:
-        while (message := self.connection.recv()) is not _GRANTED:
-            self._early.append(message)
-
-
-class _DecodeMemoryFromWorker:
-    """An intake process's decode budget: its own allowance, and beyond it a reservation
-    held by the worker for it, so that one budget bounds all processes together. (A
-    budget of its own per process could not: one process decodes one image at a time,
-    and every process could hold a 50-megapixel frame at once.)"""
-
-    def __init__(self, inbox: _Inbox, allowance_bytes: int) -> None:
-        self._inbox = inbox
-        self._allowance_bytes = allowance_bytes
-
-    @contextmanager
-    def reserve(self, nbytes: int) -> Iterator[None]:
-        if nbytes <= self._allowance_bytes:
-            yield
-            return
-        self._inbox.connection.send(_Reserve(nbytes))
-        self._inbox.wait_for_grant()
-        try:
-            yield
-        finally:
-            self._inbox.connection.send(_RELEASE)
-            if nbytes >= RELEASE_AFTER_BYTES:  # freed pixels go back to the system
-                release_free_memory()
-
-
-class IntakeContext:
-    """What intake needs, built once per process (or once per worker when intake runs in
-    the task threads)."""
-
-    def __init__(self, settings: Settings, preprocess: Preprocessing, budget: Budget):
-        self.settings = settings
-        self.preprocess = preprocess
-        self.limits = DecodeLimits.from_settings(settings)
-        self.uri_policy = UriPolicy.from_settings(settings)
-        self.decode_memory = budget
-
-
-def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSignals, IntakeTimes]:
-    """The intake stage: fetch, check the declared bytes, decode, hash, preprocess.
-    Raises `BadInput` or `TransientFault`."""
-    settings = context.settings
-    started = time.perf_counter()
-    data = fetch(
-        job.uri,
-        policy=context.uri_policy,
-        max_bytes=settings.max_bytes,
-        timeout_s=settings.fetch_timeout_s,
-    )
-    fetched = time.perf_counter()
-    check_declared_bytes(data, job.declared_sha256)
-    signals = extract_signals(data, context.limits, context.preprocess, context.decode_memory)
-    return signals, IntakeTimes(fetched - started, time.perf_counter() - fetched)
-
-
-def check_declared_bytes(data: bytes, declared_sha256: bytes | None) -> None:
-    """Refuse bytes other than those submitted (the file was replaced after submission)
-    before paying for their decode."""
-    if declared_sha256 is not None and sha256(data) != declared_sha256:
-        raise ContentMismatch(
-            f"the bytes at the URI are not the ones submitted: SHA-256 {sha256(data).hex()}, "
-            f"declared {declared_sha256.hex()}"
-        )
-
-
-class Intake(Protocol):
-    """Where intake runs: in processes of its own (`IntakePool`) or in the calling thread
-    (`InThreadIntake`, for `MODERATION_INTAKE_PROCESSES=0`)."""
-
-    def screened(
-        self, uri: str, declared_sha256: bytes | None
-    ) -> AbstractContextManager[tuple[ImageSignals, IntakeTimes]]:
-        """An upload's signals, its crops usable until the block ends. Raises `BadInput`
-        or `TransientFault`."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class InThreadIntake:
-    def __init__(self, settings: Settings, preprocess: Preprocessing) -> None:
-        budget = MemoryBudget(settings.decode_memory_mb * 2**20)
-        self._context = IntakeContext(settings, preprocess, budget)
-
-    @contextmanager
-    def screened(
-        self, uri: str, declared_sha256: bytes | None
-    ) -> Iterator[tuple[ImageSignals, IntakeTimes]]:
-        yield fetch_and_extract(self._context, IntakeJob(uri, declared_sha256, slot=None))
-
-    def close(self) -> None:
-        pass
 
 
 def build_intake(settings: Settings, preprocess: Preprocessing, *, slots: int) -> Intake:
@@ -265,117 +102,6 @@ def build_intake(settings: Settings, preprocess: Preprocessing, *, slots: int) -
         crop_shape=(preprocess.crop_height, preprocess.crop_width, 3),
         timeout_s=settings.intake_timeout_s,
     )
-
-
-class CropSlots:
-    """Shared memory cut into slots of one crop each, handed out to task threads."""
-
-    def __init__(self, count: int, crop_shape: tuple[int, int, int]) -> None:
-        self.count = count
-        self.crop_shape = crop_shape
-        self.slot_bytes = int(np.prod(crop_shape))
-        self.memory = SharedMemory(create=True, size=count * self.slot_bytes)
-        self._free: queue.Queue[int] = queue.Queue()
-        for slot in range(count):
-            self._free.put(slot)
-
-    @contextmanager
-    def held(self, timeout_s: float) -> Iterator[int]:
-        """A free slot for the duration; raises `IntakeStalled` if none frees in time."""
-        try:
-            slot = self._free.get(timeout=timeout_s)
-        except queue.Empty:
-            raise IntakeStalled(
-                f"no crop slot freed within {timeout_s:g} s ({self.count} slots)"
-            ) from None
-        try:
-            yield slot
-        finally:
-            self._free.put(slot)
-
-    def view(self, slot: int) -> np.ndarray:
-        return slot_view(self.memory, slot, self.crop_shape)
-
-    def close(self) -> None:
-        self.memory.close()
-        self.memory.unlink()
-
-
-def slot_view(memory: SharedMemory, slot: int, shape: tuple[int, int, int]) -> np.ndarray:
-    size = int(np.prod(shape))
-    return np.ndarray(shape, dtype=np.uint8, buffer=memory.buf, offset=slot * size)
-
-
-@dataclass(eq=False)
-class _Sent:
-    """A job sent down a process's pipe, and where its answer goes: what the process
-    answered, a fault if it died or stalled on this job, or `_NOT_STARTED`."""
-
-    job: IntakeJob
-    answer: Future[object] = dataclasses.field(default_factory=Future)
-
-
-class _Member:
-    """One intake process, the worker's end of its pipe, and the jobs sent down it, oldest
-    first. The process takes them one at a time, in order: the oldest is the one it is
-    working on, and the others have not started."""
-
-    def __init__(self, process: BaseProcess, connection: Connection) -> None:
-        self.process = process
-        self.connection = connection
-        self.sent: collections.deque[_Sent] = collections.deque()
-        # When the process last showed progress on its oldest job (was sent it, was granted
-        # memory, answered the one before): its next message is due within the timeout.
-        self.heard_at = time.monotonic()
-        self.lost = False
-        # Guards the fields above and writes to the pipe (from task threads and the reader).
-        self.lock = threading.Lock()
-
-    def send(self, job: IntakeJob) -> _Sent | None:
-        """Queue a job in the process's pipe; None if the process is gone."""
-        sent = _Sent(job)
-        with self.lock:
-            if self.lost:
-                return None
-            try:
-                self.connection.send(job)
-            except OSError:  # it has just died; its reader is about to find out
-                self.lost = True
-                return None
-            if not self.sent:
-                self.heard_at = time.monotonic()
-            self.sent.append(sent)
-        return sent
-
-    def heard(self) -> None:
-        with self.lock:
-            self.heard_at = time.monotonic()
-
-    def grant(self) -> None:
-        with self.lock:
-            self.heard_at = time.monotonic()
-            self.connection.send(_GRANTED)
-
-    def answered(self) -> _Sent:
-        """The oldest job, now answered; the next one's clock starts."""
-        with self.lock:
-            if not self.sent:
-                raise RuntimeError(f"intake process {self.process.pid} answered a job never sent")
-            self.heard_at = time.monotonic()
-            return self.sent.popleft()
-
-    def silent_for(self) -> float | None:
-        """Seconds since the process last showed progress on a job; None if it holds none."""
-        with self.lock:
-            return time.monotonic() - self.heard_at if self.sent else None
-
-    def give_up(self) -> list[_Sent]:
-        """Mark the process gone; the jobs it held, the one it was working on first."""
-        with self.lock:
-            self.lost = True
-            held = list(self.sent)
-            self.sent.clear()
-            return held
 
 
 class IntakePool:
@@ -407,7 +133,7 @@ class IntakePool:
         self.slots = CropSlots(slots, crop_shape)
         self.replaced = 0
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload([__name__])
+        self._context.set_forkserver_preload([serve.__module__])
         # The decode budget holds over all the processes (see `_DecodeMemoryFromWorker`):
         # each decodes within an allowance of its own without asking, and reserves anything
         # larger from the rest, which the worker holds.
@@ -416,7 +142,7 @@ class IntakePool:
         self.decode_memory = MemoryBudget(
             total - processes * self._allowance_bytes, release_after_bytes=None
         )
-        self._members: list[_Member] = []
+        self._members: list[Member] = []
         self._readers: list[threading.Thread] = []  # one per member, in the same order
         self._lock = threading.Lock()
         # Notified when a process can take another job. Jobs are sent while holding it.
@@ -465,7 +191,7 @@ class IntakePool:
         for _ in range(_SENDS):
             member, sent = self._send(job)
             outcome = self._answer(member, sent)
-            if outcome is not _NOT_STARTED:
+            if outcome is not NOT_STARTED:
                 break
         else:
             raise IntakeProcessLost(f"intake processes died {_SENDS} times before this upload ran")
@@ -495,7 +221,7 @@ class IntakePool:
 
     # A task thread's side.
 
-    def _send(self, job: IntakeJob) -> tuple[_Member, _Sent]:
+    def _send(self, job: IntakeJob) -> tuple[Member, Sent]:
         """Send the job to the process holding the fewest (an idle one if any, so that a
         job never queues behind a slow fetch while another process waits)."""
         deadline = time.monotonic() + self.timeout_s
@@ -516,7 +242,7 @@ class IntakePool:
                         f"({self.processes} processes)"
                     )
 
-    def _answer(self, member: _Member, sent: _Sent) -> object:
+    def _answer(self, member: Member, sent: Sent) -> object:
         """The job's answer, from its process's reader. The reader holds each of the
         process's messages to `timeout_s`; this longer limit only guards against the reader
         itself failing."""
@@ -537,7 +263,7 @@ class IntakePool:
 
     # The reader's side: one thread per process.
 
-    def _read(self, member: _Member) -> None:
+    def _read(self, member: Member) -> None:
         """Answers in the order the jobs were sent, requests for decode memory served,
         silences timed. When the process dies or stalls, it is killed and replaced, and
         only then are its jobs answered, so it cannot write a slot that a caller let go."""
@@ -547,10 +273,10 @@ class IntakePool:
             try:
                 while True:
                     message = self._next_message(member)
-                    if isinstance(message, _Reserve):
+                    if isinstance(message, Reserve):
                         reservation.enter_context(self.decode_memory.reserve(message.nbytes))
                         member.grant()
-                    elif message is _RELEASE:
+                    elif message is RELEASE:
                         reservation.close()
                         member.heard()
                     else:
@@ -571,7 +297,7 @@ class IntakePool:
                 member.process.join(timeout=_JOIN_S)
         self._lose(member, fault)
 
-    def _next_message(self, member: _Member) -> object:
+    def _next_message(self, member: Member) -> object:
         """Raises `_NoAnswer` once the process has been silent on a job for `timeout_s`."""
         while True:
             silent_s = member.silent_for()
@@ -581,7 +307,7 @@ class IntakePool:
             if member.connection.poll(wait_s):
                 return member.connection.recv()
 
-    def _lose(self, member: _Member, fault: TransientFault) -> None:
+    def _lose(self, member: Member, fault: TransientFault) -> None:
         """The process is dead: replace it (unless the pool is closing) and answer its
         jobs: the one it was working on gets the fault, those behind it never started."""
         held = member.give_up()
@@ -601,7 +327,7 @@ class IntakePool:
             if held:
                 self._log_loss(member, held, fault)
             for position, sent in enumerate(held):
-                sent.answer.set_result(fault if position == 0 else _NOT_STARTED)
+                sent.answer.set_result(fault if position == 0 else NOT_STARTED)
 
     def _pace_replacement(self) -> None:
         """Wait, if processes have been replaced more than twice each (at least 4 times)
@@ -625,7 +351,7 @@ class IntakePool:
             )
             self._closing.wait(wait_s)
 
-    def _log_loss(self, member: _Member, held: list[_Sent], fault: TransientFault) -> None:
+    def _log_loss(self, member: Member, held: list[Sent], fault: TransientFault) -> None:
         pid, running = member.process.pid, held[0].job.uri
         if isinstance(fault, IntakeStalled):
             logger.error(
@@ -656,7 +382,7 @@ class IntakePool:
         )
         process.start()
         theirs.close()
-        member = _Member(process, ours)
+        member = Member(process, ours)
         reader = threading.Thread(
             target=self._read, args=(member,), name=f"intake-{process.pid}", daemon=True
         )
@@ -685,87 +411,3 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-# The intake process.
-
-
-def serve(
-    connection: Connection,
-    settings: Settings,
-    memory_name: str,
-    crop_shape: tuple[int, int, int],
-    *,
-    allowance_bytes: int,
-) -> None:
-    """An intake process's loop: one job at a time, in the order sent, until told to stop
-    or the worker is gone."""
-    import torch
-
-    configure_allocator()
-    torch.set_num_threads(1)  # PDQ's products; the pool is the parallelism
-    # The worker owns the block and unlinks it. Attaching registers it again with the
-    # resource tracker, which the forkserver's children share with the worker: a set, so
-    # that is harmless, while unregistering here would make the worker's unlink fail there.
-    memory = SharedMemory(name=memory_name)
-    inbox = _Inbox(connection)
-    context = IntakeContext(
-        settings,
-        Preprocessing.from_pretrained(settings.resolved_model()),
-        _DecodeMemoryFromWorker(inbox, allowance_bytes),
-    )
-    while True:
-        try:
-            job = inbox.next_job()
-        except (EOFError, OSError):  # the worker is gone
-            break
-        if job is None:
-            break
-        assert isinstance(job, IntakeJob), job
-        connection.send(_screen_job(context, job, memory, crop_shape))
-    memory.close()
-
-
-def _screen_job(
-    context: IntakeContext,
-    job: IntakeJob,
-    memory: SharedMemory,
-    crop_shape: tuple[int, int, int],
-) -> IntakeResult | BaseException:
-    try:
-        signals, times = fetch_and_extract(context, job)
-    except IntakeError as error:
-        return error  # typed errors cross back as themselves (they pickle by message)
-    except Exception as exc:
-        logger.exception("intake of %s failed unexpectedly", job.uri)
-        return RuntimeError(f"intake failed: {type(exc).__name__}: {exc}")
-    if job.slot is None:
-        return IntakeResult(signals, None, times)
-    return _move_first_crop_to_slot(signals, times, memory, job.slot, crop_shape)
-
-
-def _move_first_crop_to_slot(
-    signals: ImageSignals,
-    times: IntakeTimes,
-    memory: SharedMemory,
-    slot: int,
-    crop_shape: tuple[int, int, int],
-) -> IntakeResult:
-    """Put the first sampled frame's crop in the slot and send the rest without it."""
-    frames = list(signals.frames)
-    position = next(i for i, frame in enumerate(frames) if frame.pixels is not None)
-    pixels = frames[position].pixels
-    assert pixels is not None
-    assert pixels.shape == crop_shape, (pixels.shape, crop_shape)
-    slot_view(memory, slot, crop_shape)[...] = pixels
-    frames[position] = dataclasses.replace(frames[position], pixels=None)
-    return IntakeResult(dataclasses.replace(signals, frames=frames), position, times)
-
-
-def with_slot_pixels(result: IntakeResult, pixels: np.ndarray) -> ImageSignals:
-    """The signals as intake made them, the slot's crop back in its frame."""
-    if result.slot_frame is None:
-        return result.signals
-    frames = list(result.signals.frames)
-    frames[result.slot_frame] = dataclasses.replace(frames[result.slot_frame], pixels=pixels)
-    return dataclasses.replace(result.signals, frames=frames)
