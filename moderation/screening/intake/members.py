@@ -4,6 +4,7 @@ the jobs sent down it and not yet answered."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import enum
 import threading
@@ -17,7 +18,7 @@ from moderation.screening.intake.jobs import GRANTED, IntakeJob
 
 
 class _Outcome(enum.Enum):
-    # The answer to a job still queued behind one whose process died or stalled.
+    # The answer to a job whose process died or stalled before taking it from its pipe.
     NOT_STARTED = "not started"
 
 
@@ -35,12 +36,18 @@ class Sent:
 
 class Member:
     """One intake process, the worker's end of its pipe, and the jobs sent down it, oldest
-    first. The process takes them one at a time, in order: the oldest is the one it is
-    working on, and the others have not started."""
+    first. The process takes them one at a time, in order: the others wait behind the
+    oldest, which it is working on once it has taken it (see `give_up`)."""
 
-    def __init__(self, process: BaseProcess, connection: Connection) -> None:
+    def __init__(
+        self, process: BaseProcess, connection: Connection, taken: ctypes.c_uint64
+    ) -> None:
         self.process = process
         self.connection = connection
+        # Jobs the process has taken from its pipe, counted by the process in shared
+        # memory, and jobs it has answered, counted here.
+        self.taken = taken
+        self.answers = 0
         self.sent: collections.deque[Sent] = collections.deque()
         # When the process last showed progress on its oldest job (was sent it, was granted
         # memory, answered the one before): its next message is due within the timeout.
@@ -80,6 +87,7 @@ class Member:
             if not self.sent:
                 raise RuntimeError(f"intake process {self.process.pid} answered a job never sent")
             self.heard_at = time.monotonic()
+            self.answers += 1
             return self.sent.popleft()
 
     def silent_for(self) -> float | None:
@@ -87,10 +95,19 @@ class Member:
         with self.lock:
             return time.monotonic() - self.heard_at if self.sent else None
 
-    def give_up(self) -> list[Sent]:
-        """Mark the process gone; the jobs it held, the one it was working on first."""
+    def give_up(self) -> tuple[Sent | None, list[Sent]]:
+        """Mark the process gone, once it has been killed: the job it was working on, if
+        any, and the jobs it had not taken.
+
+        It was working on the oldest job it held if it took more jobs than it answered. A
+        job sent just as an idle process died can reach its pipe and never be taken: that
+        job did not start, and must cost its upload nothing. If the process could not be
+        reaped, its count is not final, and the oldest job is taken to have started."""
         with self.lock:
             self.lost = True
             held = list(self.sent)
             self.sent.clear()
-            return held
+            reaped = self.process.exitcode is not None
+            if held and (not reaped or self.taken.value > self.answers):
+                return held[0], held[1:]
+            return None, held

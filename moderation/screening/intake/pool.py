@@ -30,7 +30,10 @@ unanswered is the one the process was working on. If the process dies (SIGKILL, 
 killer, a crash in a decoder) the pipe reports end-of-file, the pool starts a
 replacement, and that upload alone is retried (`IntakeProcessLost`); if it does not answer
 within `intake_timeout_s`, it is killed and replaced the same way (`IntakeStalled`). The
-jobs queued behind it had not started: they go to another process, at no cost. Both
+jobs it had not taken from its pipe had not started: those queued behind, and one sent
+just as an idle process died, which reaches the pipe and is never read. They go to
+another process, at no cost. The process counts the jobs it takes in shared memory, and
+the pool the answers, so the pool knows which is which without a message per job. Both
 faults are transient: the upload's attempt counter still fails an image that kills its
 intake every time.
 
@@ -42,6 +45,7 @@ its BLAS and OpenMP threads.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -186,15 +190,18 @@ class IntakePool:
     def run(self, job: IntakeJob) -> IntakeResult:
         """Screen one job in a process, waiting at most `timeout_s` for one to take it.
         Raises what intake raised, there; `IntakeProcessLost` or `IntakeStalled` if its
-        process died or stalled on it. A job still queued behind one whose process died or
-        stalled never started: it goes to another process, at no cost to its upload."""
+        process died or stalled on it. A job its process had not taken from its pipe when it
+        died or stalled never started: it goes to another process, at no cost to its
+        upload."""
         for _ in range(_SENDS):
             member, sent = self._send(job)
             outcome = self._answer(member, sent)
             if outcome is not NOT_STARTED:
                 break
         else:
-            raise IntakeProcessLost(f"intake processes died {_SENDS} times before this upload ran")
+            raise IntakeProcessLost(
+                f"intake processes were lost {_SENDS} times before this upload started"
+            )
         if isinstance(outcome, BaseException):
             raise outcome
         assert isinstance(outcome, IntakeResult), outcome
@@ -309,8 +316,9 @@ class IntakePool:
 
     def _lose(self, member: Member, fault: TransientFault) -> None:
         """The process is dead: replace it (unless the pool is closing) and answer its
-        jobs: the one it was working on gets the fault, those behind it never started."""
-        held = member.give_up()
+        jobs: the one it was working on gets the fault, those it had not taken go to another
+        process."""
+        running, not_started = member.give_up()
         member.connection.close()
         try:
             with self._lock:
@@ -324,10 +332,11 @@ class IntakePool:
                         self.replaced += 1
                         self._start()
         finally:
-            if held:
-                self._log_loss(member, held, fault)
-            for position, sent in enumerate(held):
-                sent.answer.set_result(fault if position == 0 else NOT_STARTED)
+            self._log_loss(member, running, len(not_started), fault)
+            if running is not None:
+                running.answer.set_result(fault)
+            for sent in not_started:
+                sent.answer.set_result(NOT_STARTED)
 
     def _pace_replacement(self) -> None:
         """Wait, if processes have been replaced more than twice each (at least 4 times)
@@ -351,38 +360,56 @@ class IntakePool:
             )
             self._closing.wait(wait_s)
 
-    def _log_loss(self, member: Member, held: list[Sent], fault: TransientFault) -> None:
-        pid, running = member.process.pid, held[0].job.uri
-        if isinstance(fault, IntakeStalled):
+    def _log_loss(
+        self, member: Member, running: Sent | None, not_started: int, fault: TransientFault
+    ) -> None:
+        pid, stalled = member.process.pid, isinstance(fault, IntakeStalled)
+        if running is not None and stalled:
             logger.error(
                 "intake process %s gave no answer for %s within %g s; killed it, started another",
                 pid,
-                running,
+                running.job.uri,
                 self.timeout_s,
             )
-        else:
+        elif running is not None:
             logger.error(
                 "intake process %s died screening %s (exit code %s); started another",
                 pid,
-                running,
+                running.job.uri,
                 member.process.exitcode,
             )
-        if len(held) > 1:
-            logger.info("intake: %d upload(s) queued behind it sent again", len(held) - 1)
+        elif not_started and stalled:
+            logger.error(
+                "intake process %s took no job from its pipe within %g s; killed it, "
+                "started another",
+                pid,
+                self.timeout_s,
+            )
+        elif not_started:
+            logger.error(
+                "intake process %s died before taking the job in its pipe (exit code %s); "
+                "started another",
+                pid,
+                member.process.exitcode,
+            )
+        if not_started:
+            behind = "queued behind it" if running is not None else "it had not taken"
+            logger.info("intake: %d upload(s) %s sent again", not_started, behind)
 
     def _start(self) -> None:
         """Start a process and its reader; the caller holds `_lock`."""
         ours, theirs = self._context.Pipe()
+        taken = self._context.RawValue(ctypes.c_uint64)
         process = self._context.Process(
             target=serve,
-            args=(theirs, self.settings, self.slots.memory.name, self.slots.crop_shape),
+            args=(theirs, self.settings, self.slots.memory.name, self.slots.crop_shape, taken),
             kwargs={"allowance_bytes": self._allowance_bytes},
             name="intake",
             daemon=True,
         )
         process.start()
         theirs.close()
-        member = Member(process, ours)
+        member = Member(process, ours, taken)
         reader = threading.Thread(
             target=self._read, args=(member,), name=f"intake-{process.pid}", daemon=True
         )
@@ -392,7 +419,7 @@ class IntakePool:
         self._can_send.notify(self.jobs_per_process)
 
 
-# A job is sent again when the process it was queued in died before starting it; at most
+# A job is sent again when the process it was queued in was lost before taking it; at most
 # this many sends in all.
 _SENDS = 3
 # How long a killed process is given to be reaped, and a closing one to finish its jobs.

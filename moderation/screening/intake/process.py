@@ -11,6 +11,7 @@ in the `_Inbox`. The pool's side of all this is in `pool.py`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -43,11 +44,13 @@ def serve(
     settings: Settings,
     memory_name: str,
     crop_shape: tuple[int, int, int],
+    taken: ctypes.c_uint64,
     *,
     allowance_bytes: int,
 ) -> None:
     """An intake process's loop: one job at a time, in the order sent, until told to stop
-    or the worker is gone."""
+    or the worker is gone. `taken` (in shared memory) counts the jobs taken from the pipe,
+    so that if this process dies the worker knows whether it had started the next."""
     import torch
 
     configure_allocator()
@@ -70,6 +73,7 @@ def serve(
         if job is None:
             break
         assert isinstance(job, IntakeJob), job
+        taken.value += 1
         connection.send(_screen_job(context, job, memory, crop_shape))
     memory.close()
 
