@@ -374,7 +374,7 @@ def intake_only(paths: list[Path]) -> float:
 
     from moderation.config import get_settings
     from moderation.embedding.clip import Preprocessing
-    from moderation.screening.intake import build_intake
+    from moderation.screening.intake.pool import build_intake
 
     settings = get_settings()
     preprocess = Preprocessing.from_pretrained(settings.resolved_model())

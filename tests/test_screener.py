@@ -28,7 +28,8 @@ from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
 from moderation.screening import service
-from moderation.screening.intake import IntakePool, IntakeProcessLost, IntakeStalled
+from moderation.screening.intake.jobs import IntakeProcessLost, IntakeStalled
+from moderation.screening.intake.pool import IntakePool
 from moderation.screening.models import Hit, Upload, UploadStatus
 from moderation.screening.pipeline import Screener, StageTimeout
 from tests.images import encode, textured, write
@@ -248,6 +249,54 @@ def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_b
         assert pool.in_flight == 0
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_job_sent_as_an_idle_process_is_lost_goes_to_another_process_at_no_cost(
+    preprocess: Preprocessing, tmp_path: Path, fault: str
+) -> None:
+    """A job reaches an idle process's pipe, and the process is lost before taking it:
+    the job never began, so the replacement screens it and its upload is charged nothing.
+    To hold the process in that moment, it is stopped (SIGSTOP) before the job is sent,
+    then killed once the job is in its pipe, or left stopped until the pool finds it
+    silent past its timeout and kills it."""
+    images = [write(tmp_path / f"{n}.jpg", encode(textured(10 + n))) for n in range(2)]
+    # Long enough, when stalled, for the replacement to start and screen the job in time.
+    pool = _pool(preprocess, intake_timeout_s=30.0 if fault == "killed" else 5.0)
+    outcomes: dict[str, object] = {}
+
+    def screen() -> None:
+        try:
+            with pool.screened(images[1].as_uri(), None) as (signals, _):
+                outcomes["sent"] = signals.sha256
+        except Exception as error:
+            outcomes["sent"] = error
+
+    try:
+        # One job answered first: the process has taken a job before, and now waits idle.
+        with pool.screened(images[0].as_uri(), None):
+            pass
+        (victim,) = pool.pids
+        os.kill(victim, signal.SIGSTOP)
+        _wait_until(partial(_stopped, victim))
+        thread = threading.Thread(target=screen)
+        thread.start()
+        _wait_until(lambda: pool.in_flight == 1)  # in the stopped process's pipe
+        if fault == "killed":
+            os.kill(victim, signal.SIGKILL)
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert outcomes["sent"] == sha256(images[1].read_bytes())
+        assert pool.replaced == 1
+        assert pool.pids != [victim]
+    finally:
+        pool.close()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def _replaced(pool: IntakePool, count: int) -> bool:

@@ -24,8 +24,9 @@ Follow one upload from its message to its commit:
     │
     └─ intake processes (`intake_processes`, one BLAS thread each), started by a forkserver;
        each works on one job and holds the next in its pipe, so it never waits for this
-       interpreter; one that dies or hangs costs only the upload it was working on (the
-       job queued behind it goes to another process)
+       interpreter; one that dies or hangs costs only the upload it was working on (a job
+       it had not taken from its pipe goes to another process). The pool and its reader
+       threads: `intake/pool.py`; inside a process: `intake/process.py`
 
 A thread waits at every arrow; each wait has a limit (`stage_timeout_s`, and
 `intake_timeout_s` for intake) past which it gives up with a retried fault
@@ -59,7 +60,9 @@ from moderation.group_commit import GroupCommit
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.signals import ImageSignals
 from moderation.screening import service
-from moderation.screening.intake import Intake, IntakeTimes, build_intake
+from moderation.screening.intake.jobs import IntakeTimes
+from moderation.screening.intake.pool import build_intake
+from moderation.screening.intake.stage import Intake
 
 logger = logging.getLogger(__name__)
 
