@@ -7,21 +7,30 @@ being missed or misapplied.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from moderation.banks import changes, clip_search, live, rows
 from moderation.banks import service as banks
 from moderation.banks.index import BankIndex
-from moderation.banks.live import LiveBanks
+from moderation.banks.live import LiveBanks, Refreshed
 from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
-from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.models import (
+    Bank,
+    BankChange,
+    BankChangesHorizon,
+    BankEntry,
+    BankEntryEmbedding,
+)
+from moderation.banks.pruning import Pruned, prune_changes
 from moderation.banks.reads import Reading
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
@@ -423,6 +432,8 @@ def committed(database: str) -> Iterator[int]:
     yield model_id
     with get_engine().begin() as conn:
         conn.execute(empty)
+        # Never done in production, where the horizon only rises.
+        conn.execute(update(BankChangesHorizon).values(pruned_through=0, pruned_at=None))
 
 
 @contextmanager
@@ -464,3 +475,134 @@ def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(committed: int) 
             assert found(SHAS[0]) == set()
     assert found(SHAS[0]) == {lower_id}
     assert found(SHAS[1]) == {higher_id}
+
+
+# The change log pruned (`moderation.banks.pruning`): a matcher whose checkpoint is below
+# the horizon cannot tell what it missed and must load everything.
+
+# Long enough for the transactions of a busy test server to end (see `settled_value`).
+_SETTLE_WAIT_S = 30.0
+
+
+def _last_change() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.max(BankChange.id))) or 0)
+
+
+def _prune_through(last: int, settle_wait_s: float = _SETTLE_WAIT_S) -> Pruned:
+    """Make the log rows up to `last` older than the retention, and prune."""
+    with session_scope() as session:
+        session.execute(
+            update(BankChange)
+            .where(BankChange.id <= last)
+            .values(created_at=func.now() - timedelta(days=2))
+        )
+    return prune_changes(
+        session_scope, timedelta(hours=1), batches=None, settle_wait_s=settle_wait_s
+    )
+
+
+def _committed_banks(model_id: int) -> tuple[Changer, LiveBanks]:
+    """Banks made by a `Changer` and committed, and a matcher loaded from them."""
+    with session_scope() as session:
+        model = session.get_one(EmbeddingModel, model_id)
+        other = get_or_create_model(session, "refresh-committed-other", 3)
+        changer = Changer(session, model, other)
+        for _ in range(3):
+            changer.create_bank()
+    with session_scope() as session:
+        return changer, LiveBanks.load(session, _reading(model), SETTINGS)
+
+
+def _change(changer: Changer, steps: int) -> None:
+    with session_scope() as session:
+        changer.session = session
+        for _ in range(steps):
+            changer.step()
+
+
+def _refreshed(index: LiveBanks, model_id: int) -> tuple[Refreshed | None, Found]:
+    """A refresh, and what a fresh load finds."""
+    with session_scope() as session:
+        refreshed = index.refresh(session)
+        return refreshed, _probe(load_index(session, model_id, DIM, SETTINGS))
+
+
+def test_a_matcher_below_the_pruned_horizon_loads_everything_and_ends_as_a_fresh_load(
+    committed: int,
+) -> None:
+    changer, index = _committed_banks(committed)
+    _change(changer, 30)  # not yet read by the matcher
+    last = _last_change()
+    assert _prune_through(last).through == last
+    assert index.checkpoint < last
+    before = _probe(index.snapshot())
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert refreshed.loaded
+    assert _probe(index.snapshot()) == expected
+    assert expected != before, "the pruned changes changed nothing: the test proved little"
+    # Its checkpoint is at the horizon now: the next change is applied by what it names.
+    assert index.checkpoint >= last
+    _change(changer, 1)
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert not refreshed.loaded
+    assert _probe(index.snapshot()) == expected
+
+
+def test_a_matcher_above_the_pruned_horizon_goes_on_applying_what_changed(
+    committed: int,
+) -> None:
+    changer, index = _committed_banks(committed)
+    _change(changer, 10)
+    last = _last_change()
+    deadline = time.monotonic() + _SETTLE_WAIT_S
+    while index.checkpoint < last and time.monotonic() < deadline:
+        with session_scope() as session:
+            index.refresh(session)
+        time.sleep(0.01)
+    assert _prune_through(last).through == last
+    assert index.checkpoint >= last
+    for _ in range(5):
+        _change(changer, 1)
+        refreshed, expected = _refreshed(index, committed)
+        if refreshed is not None:
+            assert not refreshed.loaded
+        assert _probe(index.snapshot()) == expected
+
+
+def test_a_prune_while_a_lower_id_is_uncommitted_does_not_skip_it(committed: int) -> None:
+    """As `test_a_lower_id_committed_after_a_higher_one_is_not_skipped`, with the log
+    pruned, every row old enough, while the lower id's transaction is open: the horizon
+    must not pass it, or the matcher would load everything (the lower entry not yet
+    committed), take the horizon as its checkpoint and never read the lower row."""
+    with session_scope() as session:
+        bank_id = banks.create_bank(session, "pruned-out-of-order").id
+    matcher = BankMatcher(
+        session_scope, model_id=committed, dim=DIM, settings=SETTINGS, refresh_s=0
+    )
+
+    def found(sha: bytes) -> set[int]:
+        index = matcher.current()
+        no_vector = np.zeros((1, DIM), np.float32)
+        return {m.bank_entry_id for m in index.match(_signals(sha, PDQ_BASES[0]), no_vector)}
+
+    with _open_transaction() as slow:
+        lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
+        slow.add(lower)
+        slow.flush()  # its change row takes the lower id now
+        lower_id = lower.id
+        with session_scope() as fast:
+            higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
+            fast.add(higher)
+            fast.flush()
+            higher_id = higher.id
+        assert found(SHAS[1]) == {higher_id}
+        _prune_through(_last_change(), settle_wait_s=0.2)
+        assert found(SHAS[0]) == set()
+        assert found(SHAS[1]) == {higher_id}
+    assert found(SHAS[0]) == {lower_id}
+    assert found(SHAS[1]) == {higher_id}
+    _prune_through(_last_change())  # and once it has committed, the log is pruned
+    assert found(SHAS[0]) == {lower_id}

@@ -77,6 +77,11 @@ class LiveBanks:
         live.refresh(session)
         return live
 
+    @property
+    def checkpoint(self) -> int:
+        """The change log id up to which every change is applied."""
+        return self._tail.checkpoint
+
     def snapshot(self) -> BankIndex:
         stores = self._stores
         return BankIndex(
