@@ -30,7 +30,7 @@ from moderation.banks.models import (
     BankEntry,
     BankEntryEmbedding,
 )
-from moderation.banks.pruning import Pruned, prune_changes
+from moderation.banks.pruning import Pruned, prune_changes, pruned_through
 from moderation.banks.reads import Reading
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
@@ -606,3 +606,34 @@ def test_a_prune_while_a_lower_id_is_uncommitted_does_not_skip_it(committed: int
     assert found(SHAS[1]) == {higher_id}
     _prune_through(_last_change())  # and once it has committed, the log is pruned
     assert found(SHAS[0]) == {lower_id}
+
+
+_READ_HORIZON = "moderation.banks.changes.pruned_through"
+
+
+def test_a_prune_between_the_reads_of_a_check_misses_nothing(
+    committed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check reads the horizon after the rows: a prune that commits between the two is
+    seen by the second, one that commits before both by both. (Read first, the horizon
+    could be passed by a prune before the rows were read, and the rows it deleted never
+    seen.) Here the prune commits just after the horizon is read."""
+    changer, index = _committed_banks(committed)
+    _change(changer, 30)
+    last = _last_change()
+    read_horizon = pruned_through
+
+    def then_pruned(session: Session) -> int:
+        horizon = read_horizon(session)
+        monkeypatch.setattr(_READ_HORIZON, read_horizon)
+        assert _prune_through(last).through == last
+        return horizon
+
+    monkeypatch.setattr(_READ_HORIZON, then_pruned)
+    before = _probe(index.snapshot())
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert _probe(index.snapshot()) == expected
+    assert expected != before, "the pruned changes changed nothing: the test proved little"
+    refreshed, expected = _refreshed(index, committed)
+    assert _probe(index.snapshot()) == expected
