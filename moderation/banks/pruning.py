@@ -19,6 +19,7 @@ writes much WAL at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from moderation.banks.models import BankChange, BankChangesHorizon
 from moderation.commit_horizon import settled_value
 from moderation.config import get_settings
 from moderation.db import session_scope
+
+logger = logging.getLogger(__name__)
 
 # Log rows deleted per transaction, and batches per sweep: a sweep (every 10 s) deletes
 # at most 100,000 rows, so the two million rows of a million-entry import go within a
@@ -84,6 +87,8 @@ def prune_changes(
             rows += deleted.rows
             through = deleted.through
         done += 1
+    if rows:
+        logger.info("pruned %d bank change log rows, through id %d", rows, through)
     return Pruned(rows, through)
 
 
