@@ -129,9 +129,12 @@ class Changer:
     def step(self) -> str:
         kind = self.kinds[self.rng.integers(len(self.kinds))]
         kind()
+        self.step_done()
+        return kind.__name__
+
+    def step_done(self) -> None:
         self.session.flush()
         self.session.expire_all()
-        return kind.__name__
 
     def _bank(self, enabled: bool | None = None) -> Bank | None:
         query = select(Bank).order_by(Bank.id).execution_options(populate_existing=True)
@@ -514,11 +517,13 @@ def _committed_banks(model_id: int) -> tuple[Changer, LiveBanks]:
         return changer, LiveBanks.load(session, _reading(model), SETTINGS)
 
 
-def _change(changer: Changer, steps: int) -> None:
+def _change(changer: Changer, *kinds: Callable[[Changer], object]) -> None:
+    """Changes of these kinds, committed together."""
     with session_scope() as session:
         changer.session = session
-        for _ in range(steps):
-            changer.step()
+        for kind in kinds:
+            kind(changer)
+            changer.step_done()
 
 
 def _refreshed(index: LiveBanks, model_id: int) -> tuple[Refreshed | None, Found]:
@@ -532,7 +537,7 @@ def test_a_matcher_below_the_pruned_horizon_loads_everything_and_ends_as_a_fresh
     committed: int,
 ) -> None:
     changer, index = _committed_banks(committed)
-    _change(changer, 30)  # not yet read by the matcher
+    _change(changer, *[Changer.step] * 30)  # not yet read by the matcher
     last = _last_change()
     assert _prune_through(last).through == last
     assert index.checkpoint < last
@@ -544,7 +549,7 @@ def test_a_matcher_below_the_pruned_horizon_loads_everything_and_ends_as_a_fresh
     assert expected != before, "the pruned changes changed nothing: the test proved little"
     # Its checkpoint is at the horizon now: the next change is applied by what it names.
     assert index.checkpoint >= last
-    _change(changer, 1)
+    _change(changer, Changer.add_entries)
     refreshed, expected = _refreshed(index, committed)
     assert refreshed is not None
     assert not refreshed.loaded
@@ -555,7 +560,7 @@ def test_a_matcher_above_the_pruned_horizon_goes_on_applying_what_changed(
     committed: int,
 ) -> None:
     changer, index = _committed_banks(committed)
-    _change(changer, 10)
+    _change(changer, *[Changer.step] * 10)
     last = _last_change()
     deadline = time.monotonic() + _SETTLE_WAIT_S
     while index.checkpoint < last and time.monotonic() < deadline:
@@ -564,12 +569,12 @@ def test_a_matcher_above_the_pruned_horizon_goes_on_applying_what_changed(
         time.sleep(0.01)
     assert _prune_through(last).through == last
     assert index.checkpoint >= last
-    for _ in range(5):
-        _change(changer, 1)
+    for kind in (Changer.add_entries, Changer.remove_entry, Changer.toggle_bank):
+        _change(changer, kind)
         refreshed, expected = _refreshed(index, committed)
-        if refreshed is not None:
-            assert not refreshed.loaded
-        assert _probe(index.snapshot()) == expected
+        assert refreshed is not None, kind.__name__
+        assert not refreshed.loaded, kind.__name__
+        assert _probe(index.snapshot()) == expected, kind.__name__
 
 
 def test_a_prune_while_a_lower_id_is_uncommitted_does_not_skip_it(committed: int) -> None:
@@ -619,7 +624,7 @@ def test_a_prune_between_the_reads_of_a_check_misses_nothing(
     could be passed by a prune before the rows were read, and the rows it deleted never
     seen.) Here the prune commits just after the horizon is read."""
     changer, index = _committed_banks(committed)
-    _change(changer, 30)
+    _change(changer, *[Changer.step] * 30)
     last = _last_change()
     read_horizon = pruned_through
 
