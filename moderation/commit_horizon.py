@@ -22,8 +22,10 @@ forever. So:
 A long transaction anywhere on the server holds xmin back; the checkpoint then waits and
 each read re-reads the ids above it (ids only) until it ends. Nothing is missed.
 
-Used by the search index (`moderation.search.follow`, the `embeddings` table) and by the
-bank matcher (`moderation.banks.changes`, the `bank_changes` log).
+Used by the search index (`moderation.search.follow`, the `embeddings` table), by the
+bank matcher (`moderation.banks.changes`, the `bank_changes` log), and by what prunes
+that log (`moderation.banks.pruning`): a row may be pruned, and a horizon recorded above
+it, only once no transaction could still commit a row below (`settled_value`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy.orm import Session
 _SEQUENCE_VALUE = text(
     "SELECT pg_sequence_last_value(pg_get_serial_sequence(:table, 'id')::regclass)"
 )
+_OWN_XID = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
 _SNAPSHOT_BOUNDS = text(
     "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
     "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
@@ -72,6 +75,24 @@ def snapshot_bounds(conn: Connection | Session) -> SnapshotBounds:
     started_at = time.monotonic()
     xmin, xmax = conn.execute(_SNAPSHOT_BOUNDS).one()
     return SnapshotBounds(int(xmin), int(xmax), started_at)
+
+
+def settled_value(session: Session, table: str, wait_s: float) -> int | None:
+    """The last value of `table`'s id sequence once every transaction that could still
+    commit a row at or below it has ended: at once, usually, since those running when it
+    is read are waited for, `wait_s` at most. None if they have not ended by then, or if
+    the session's own transaction has an xid (it will not end while it waits). Call it in
+    a READ COMMITTED session, whose each statement has a snapshot of its own."""
+    allocated, _ = sequence_value(session, table)
+    started = snapshot_bounds(session)
+    if session.scalar(_OWN_XID):
+        return None
+    deadline = time.monotonic() + wait_s
+    while snapshot_bounds(session).xmin < started.xmax:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+    return allocated
 
 
 def settle(

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     pdq_min_quality: int = Field(default=50, ge=0, le=100)
     # Running workers re-check the banks at most this often, so changes land within it.
     bank_refresh_s: float = Field(default=5.0, ge=0)
+    # Workers' sweepers delete bank change log rows older than this. A worker whose
+    # checkpoint falls further behind (a long transaction on the server held it back that
+    # long) loads the banks whole instead of missing what was deleted.
+    bank_changes_retention_s: float = Field(default=24 * 3600.0, gt=0)
 
     # Where uploads may be fetched from: URI prefixes, separated by commas. `file://` and
     # plain paths only under a listed `file:///dir/` (after resolving symlinks and `..`);

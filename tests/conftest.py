@@ -66,6 +66,9 @@ TEST_ENV = {
     "MODERATION_DEVICE": "cpu",
     # Tests add bank entries and submit at once: check the banks before every match.
     "MODERATION_BANK_REFRESH_S": "0",
+    # Tests that prune the bank change log age its rows by days and prune them with a
+    # retention of their own; a worker process's sweeper must leave them alone meanwhile.
+    "MODERATION_BANK_CHANGES_RETENTION_S": str(365 * 24 * 3600),
     "MODERATION_RETRY_BACKOFF_S": "0.2",
     "MODERATION_MAX_ATTEMPTS": "3",
     # The whole fetch: the slow test servers take 1.5 s, and two cores may be loaded.

@@ -7,21 +7,30 @@ being missed or misapplied.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from moderation.banks import changes, clip_search, live, rows
 from moderation.banks import service as banks
 from moderation.banks.index import BankIndex
-from moderation.banks.live import LiveBanks
+from moderation.banks.live import LiveBanks, Refreshed
 from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
-from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.models import (
+    Bank,
+    BankChange,
+    BankChangesHorizon,
+    BankEntry,
+    BankEntryEmbedding,
+)
+from moderation.banks.pruning import Pruned, prune_changes, pruned_through
 from moderation.banks.reads import Reading
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
@@ -120,9 +129,12 @@ class Changer:
     def step(self) -> str:
         kind = self.kinds[self.rng.integers(len(self.kinds))]
         kind()
+        self.step_done()
+        return kind.__name__
+
+    def step_done(self) -> None:
         self.session.flush()
         self.session.expire_all()
-        return kind.__name__
 
     def _bank(self, enabled: bool | None = None) -> Bank | None:
         query = select(Bank).order_by(Bank.id).execution_options(populate_existing=True)
@@ -423,6 +435,8 @@ def committed(database: str) -> Iterator[int]:
     yield model_id
     with get_engine().begin() as conn:
         conn.execute(empty)
+        # Never done in production, where the horizon only rises.
+        conn.execute(update(BankChangesHorizon).values(pruned_through=0, pruned_at=None))
 
 
 @contextmanager
@@ -464,3 +478,167 @@ def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(committed: int) 
             assert found(SHAS[0]) == set()
     assert found(SHAS[0]) == {lower_id}
     assert found(SHAS[1]) == {higher_id}
+
+
+# The change log pruned (`moderation.banks.pruning`): a matcher whose checkpoint is below
+# the horizon cannot tell what it missed and must load everything.
+
+# Long enough for the transactions of a busy test server to end (see `settled_value`).
+_SETTLE_WAIT_S = 30.0
+
+
+def _last_change() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.max(BankChange.id))) or 0)
+
+
+def _prune_through(last: int, settle_wait_s: float = _SETTLE_WAIT_S) -> Pruned:
+    """Make the log rows up to `last` older than the retention, and prune."""
+    with session_scope() as session:
+        session.execute(
+            update(BankChange)
+            .where(BankChange.id <= last)
+            .values(created_at=func.now() - timedelta(days=2))
+        )
+    return prune_changes(
+        session_scope, timedelta(hours=1), batches=None, settle_wait_s=settle_wait_s
+    )
+
+
+def _committed_banks(model_id: int) -> tuple[Changer, LiveBanks]:
+    """Banks made by a `Changer` and committed, and a matcher loaded from them."""
+    with session_scope() as session:
+        model = session.get_one(EmbeddingModel, model_id)
+        other = get_or_create_model(session, "refresh-committed-other", 3)
+        changer = Changer(session, model, other)
+        for _ in range(3):
+            changer.create_bank()
+    with session_scope() as session:
+        return changer, LiveBanks.load(session, _reading(model), SETTINGS)
+
+
+def _change(changer: Changer, *kinds: Callable[[Changer], object]) -> None:
+    """Changes of these kinds, committed together."""
+    with session_scope() as session:
+        changer.session = session
+        for kind in kinds:
+            kind(changer)
+            changer.step_done()
+
+
+def _refreshed(index: LiveBanks, model_id: int) -> tuple[Refreshed | None, Found]:
+    """A refresh, and what a fresh load finds."""
+    with session_scope() as session:
+        refreshed = index.refresh(session)
+        return refreshed, _probe(load_index(session, model_id, DIM, SETTINGS))
+
+
+def test_a_matcher_below_the_pruned_horizon_loads_everything_and_ends_as_a_fresh_load(
+    committed: int,
+) -> None:
+    changer, index = _committed_banks(committed)
+    _change(changer, *[Changer.step] * 30)  # not yet read by the matcher
+    last = _last_change()
+    assert _prune_through(last).through == last
+    assert index.checkpoint < last
+    before = _probe(index.snapshot())
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert refreshed.loaded
+    assert _probe(index.snapshot()) == expected
+    assert expected != before, "the pruned changes changed nothing: the test proved little"
+    # Its checkpoint is at the horizon now: the next change is applied by what it names.
+    assert index.checkpoint >= last
+    _change(changer, Changer.add_entries)
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert not refreshed.loaded
+    assert _probe(index.snapshot()) == expected
+
+
+def test_a_matcher_above_the_pruned_horizon_goes_on_applying_what_changed(
+    committed: int,
+) -> None:
+    changer, index = _committed_banks(committed)
+    _change(changer, *[Changer.step] * 10)
+    last = _last_change()
+    deadline = time.monotonic() + _SETTLE_WAIT_S
+    while index.checkpoint < last and time.monotonic() < deadline:
+        with session_scope() as session:
+            index.refresh(session)
+        time.sleep(0.01)
+    assert _prune_through(last).through == last
+    assert index.checkpoint >= last
+    for kind in (Changer.add_entries, Changer.remove_entry, Changer.toggle_bank):
+        _change(changer, kind)
+        refreshed, expected = _refreshed(index, committed)
+        assert refreshed is not None, kind.__name__
+        assert not refreshed.loaded, kind.__name__
+        assert _probe(index.snapshot()) == expected, kind.__name__
+
+
+def test_a_prune_while_a_lower_id_is_uncommitted_does_not_skip_it(committed: int) -> None:
+    """As `test_a_lower_id_committed_after_a_higher_one_is_not_skipped`, with the log
+    pruned, every row old enough, while the lower id's transaction is open: the horizon
+    must not pass it, or the matcher would load everything (the lower entry not yet
+    committed), take the horizon as its checkpoint and never read the lower row."""
+    with session_scope() as session:
+        bank_id = banks.create_bank(session, "pruned-out-of-order").id
+    matcher = BankMatcher(
+        session_scope, model_id=committed, dim=DIM, settings=SETTINGS, refresh_s=0
+    )
+
+    def found(sha: bytes) -> set[int]:
+        index = matcher.current()
+        no_vector = np.zeros((1, DIM), np.float32)
+        return {m.bank_entry_id for m in index.match(_signals(sha, PDQ_BASES[0]), no_vector)}
+
+    with _open_transaction() as slow:
+        lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
+        slow.add(lower)
+        slow.flush()  # its change row takes the lower id now
+        lower_id = lower.id
+        with session_scope() as fast:
+            higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
+            fast.add(higher)
+            fast.flush()
+            higher_id = higher.id
+        assert found(SHAS[1]) == {higher_id}
+        _prune_through(_last_change(), settle_wait_s=0.2)
+        assert found(SHAS[0]) == set()
+        assert found(SHAS[1]) == {higher_id}
+    assert found(SHAS[0]) == {lower_id}
+    assert found(SHAS[1]) == {higher_id}
+    _prune_through(_last_change())  # and once it has committed, the log is pruned
+    assert found(SHAS[0]) == {lower_id}
+
+
+_READ_HORIZON = "moderation.banks.changes.pruned_through"
+
+
+def test_a_prune_between_the_reads_of_a_check_misses_nothing(
+    committed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check reads the horizon after the rows: a prune that commits between the two is
+    seen by the second, one that commits before both by both. (Read first, the horizon
+    could be passed by a prune before the rows were read, and the rows it deleted never
+    seen.) Here the prune commits just after the horizon is read."""
+    changer, index = _committed_banks(committed)
+    _change(changer, *[Changer.step] * 30)
+    last = _last_change()
+    read_horizon = pruned_through
+
+    def then_pruned(session: Session) -> int:
+        horizon = read_horizon(session)
+        monkeypatch.setattr(_READ_HORIZON, read_horizon)
+        assert _prune_through(last).through == last
+        return horizon
+
+    monkeypatch.setattr(_READ_HORIZON, then_pruned)
+    before = _probe(index.snapshot())
+    refreshed, expected = _refreshed(index, committed)
+    assert refreshed is not None
+    assert _probe(index.snapshot()) == expected
+    assert expected != before, "the pruned changes changed nothing: the test proved little"
+    refreshed, expected = _refreshed(index, committed)
+    assert _probe(index.snapshot()) == expected

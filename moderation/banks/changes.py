@@ -13,28 +13,32 @@ has an xid before it takes the row's id: the xid rule needs no commit lag.
 Reads run in the caller's session at READ COMMITTED, each statement with a snapshot of
 its own: the sequence is read before the snapshot bounds, and the bounds before the ids,
 so every later statement (the entries the changes name) sees at least what those saw.
+
+Old rows are pruned (`moderation.banks.pruning`) below a recorded horizon. A tail whose
+checkpoint is below it cannot tell what it missed: its read says `everything`, and once
+the banks are loaded whole its checkpoint jumps to the horizon.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import or_, select, text
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.models import BankChange
+from moderation.banks.pruning import pruned_through
 from moderation.commit_horizon import (
     Horizon,
     SnapshotBounds,
     sequence_value,
     settle,
+    settled_value,
     snapshot_bounds,
 )
 
 _NO_IDS = np.empty(0, np.int64)
-_OWN_XID = text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
 # How long a full load waits for the transactions running when it starts, so that its
 # checkpoint can start at the log's end instead of its beginning (see `ChangeTail.start`).
 _START_WAIT_S = 1.0
@@ -52,11 +56,13 @@ class Changes:
     ids: np.ndarray
     banks: frozenset[int]  # banks whose own row changed (enabled, radius, created, deleted)
     entries: frozenset[int]  # entries whose hashes, bank or embeddings changed
-    # Everything must be read again: a table was truncated, or there were more changes
-    # than the read's limit (`banks` and `entries` are then empty).
+    # Everything must be read again: a table was truncated, there were more changes than
+    # the read's limit, or the log was pruned above the checkpoint (`banks` and `entries`
+    # are then empty).
     everything: bool
     bounds: SnapshotBounds
     horizon: Horizon
+    pruned_through: int  # the log's horizon, read after the rows (see `pruning`)
 
     def __bool__(self) -> bool:
         return bool(len(self.ids))
@@ -78,24 +84,26 @@ class ChangeTail:
         the log's last id if every transaction that could still commit a row below it
         ends within `_START_WAIT_S` (usually at once), so that later reads take only the
         newer rows; else at 0, and the first read takes every id the log holds."""
-        tail = cls(model_id)
-        allocated, _ = sequence_value(session, "bank_changes")
-        started = snapshot_bounds(session)
-        if session.scalar(_OWN_XID):
-            return tail  # this session's own transaction will not end while it waits
-        deadline = time.monotonic() + _START_WAIT_S
-        while snapshot_bounds(session).xmin < started.xmax:
-            if time.monotonic() >= deadline:
-                return tail
-            time.sleep(0.01)
-        tail.checkpoint = allocated
-        return tail
+        settled = settled_value(session, "bank_changes", _START_WAIT_S)
+        return cls(model_id, checkpoint=settled or 0)
 
     def read(self, session: Session, limit: int) -> Changes:
-        """The rows not yet applied; `everything` if there are more than `limit`."""
+        """The rows not yet applied; `everything` if there are more than `limit`, or if the
+        log was pruned above the checkpoint (rows this tail never read may be gone)."""
         allocated, read_at = sequence_value(session, "bank_changes")
         bounds = snapshot_bounds(session)
         horizon = Horizon(allocated=allocated, xmax=bounds.xmax, read_at=read_at)
+        ids, banks, entries, everything = self._unapplied(session, limit)
+        # Read after the rows: a prune that committed before they were read is seen here.
+        pruned = pruned_through(session)
+        everything = everything or pruned > self.checkpoint
+        if everything:
+            banks, entries = frozenset(), frozenset()
+        return Changes(ids, banks, entries, everything, bounds, horizon, pruned)
+
+    def _unapplied(
+        self, session: Session, limit: int
+    ) -> tuple[np.ndarray, frozenset[int], frozenset[int], bool]:
         above = select(BankChange.id).where(
             BankChange.id > self.checkpoint,
             or_(BankChange.model_id.is_(None), BankChange.model_id == self.model_id),
@@ -110,7 +118,7 @@ class ChangeTail:
             ids = np.fromiter(session.scalars(above.order_by(BankChange.id)), np.int64)
             ids = ids[~np.isin(ids, self.known)]
             if len(ids) > limit:
-                return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
+                return ids, frozenset(), frozenset(), True
             rows = session.execute(
                 above.add_columns(BankChange.bank_id, BankChange.bank_entry_id).where(
                     BankChange.id <= int(ids[-1])
@@ -120,10 +128,10 @@ class ChangeTail:
         ids = np.array(sorted(row[0] for row in new), np.int64)
         truncated = any(bank is None and entry is None for _, bank, entry in new)
         if truncated or len(new) > limit:
-            return Changes(ids, frozenset(), frozenset(), True, bounds, horizon)
+            return ids, frozenset(), frozenset(), True
         banks = frozenset(bank for _, bank, entry in new if bank is not None)
         entries = frozenset(entry for _, bank, entry in new if entry is not None)
-        return Changes(ids, banks, entries, False, bounds, horizon)
+        return ids, banks, entries, False
 
     def absorb(self, changes: Changes) -> None:
         """Record `changes` as applied and move the checkpoint as far as is safe."""
@@ -132,6 +140,11 @@ class ChangeTail:
         self.checkpoint, self.pending = settle(
             self.checkpoint, self.pending, changes.bounds, changes.horizon, 0.0
         )
+        if changes.pruned_through > self.checkpoint:
+            # Read everything again, after the horizon: every row up to it was committed
+            # before it was pruned (see `pruning`), so the load saw what they named.
+            assert changes.everything
+            self.checkpoint = changes.pruned_through
         self.known = known[known > self.checkpoint]
 
 

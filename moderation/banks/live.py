@@ -17,9 +17,10 @@ next one reads the same changes again. The changes name what to read, not what h
 so reading an entry twice, or after a later change, is harmless.
 
 A full load reads every entry of every enabled bank into new stores: at start, after a
-table was truncated, and when a refresh would otherwise read more than a quarter of the
-index (a load then costs about as much). It remains the reference: tests hold a refreshed
-index to a fresh load.
+table was truncated, after the log was pruned past the worker's checkpoint (a worker
+that fell behind by more than the log's retention), and when a refresh would otherwise
+read more than a quarter of the index (a load then costs about as much). It remains the
+reference: tests hold a refreshed index to a fresh load.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class LiveBanks:
         live = cls(reading, settings, device, ChangeTail.start(session, reading.model_id))
         live.refresh(session)
         return live
+
+    @property
+    def checkpoint(self) -> int:
+        """The change log id up to which every change is applied."""
+        return self._tail.checkpoint
 
     def snapshot(self) -> BankIndex:
         stores = self._stores

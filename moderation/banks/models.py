@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    DateTime,
     Float,
     ForeignKey,
     Integer,
@@ -84,7 +87,8 @@ class BankChange(IdMixin, CreatedAtMixin, Base):
     - neither: a table was truncated; everything must be read again.
 
     Workers follow it by id (see `moderation.banks.changes`). No foreign keys: a row
-    outlives what it names.
+    outlives what it names. Rows older than a retention are pruned
+    (`moderation.banks.pruning`), below a horizon recorded in `BankChangesHorizon`.
     """
 
     __tablename__ = "bank_changes"
@@ -95,3 +99,17 @@ class BankChange(IdMixin, CreatedAtMixin, Base):
     bank_id: Mapped[int | None] = mapped_column(BigInteger)
     bank_entry_id: Mapped[int | None] = mapped_column(BigInteger)
     model_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class BankChangesHorizon(Base):
+    """Where `bank_changes` was pruned: one row. Every log row with an id up to
+    `pruned_through` may be gone, so a worker whose checkpoint is below it cannot tell
+    what it missed and loads the banks whole (`moderation.banks.changes`). Raised in the
+    transaction that deletes the rows, never lowered."""
+
+    __tablename__ = "bank_changes_horizon"
+    __table_args__ = (CheckConstraint("one_row", name="one_row"),)
+
+    one_row: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default="true")
+    pruned_through: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

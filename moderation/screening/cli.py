@@ -473,16 +473,30 @@ def worker(concurrency: int | None, loglevel: str) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
-    """Re-send uploads whose message or worker was lost, and retro-hunt jobs that are due
+    """Re-send uploads whose message or worker was lost and retro-hunt jobs that are due,
+    and delete bank change log rows older than MODERATION_BANK_CHANGES_RETENTION_S
     (workers also do this periodically)."""
+    from moderation.banks.pruning import prune_expired
     from moderation.retrohunt.tasks import send_due
     from moderation.screening.recovery import sweep_once
 
     stuck = sweep_once()
     hunts = [step.job_id for step in send_due()]
+    pruned = prune_expired(batches=None)
     if as_json:
-        emit_json({"requeued": stuck, "retrohunt_jobs_sent": hunts})
+        emit_json(
+            {
+                "requeued": stuck,
+                "retrohunt_jobs_sent": hunts,
+                "bank_changes_pruned": pruned.rows,
+                "bank_changes_pruned_through": pruned.through,
+            }
+        )
     else:
         click.echo(f"re-enqueued {len(stuck)} upload(s)")
         if hunts:
             click.echo(f"sent {len(hunts)} due retro-hunt job(s): {hunts}")
+        if pruned.rows:
+            click.echo(
+                f"deleted {pruned.rows} old bank change log row(s), through id {pruned.through}"
+            )

@@ -330,8 +330,10 @@ def sweep_once(queue: str | None = None) -> list[int]:
 
 
 class Sweeper:
-    """`sweep_once` every `sweep_interval_s` on a thread, until stopped. A failed sweep
-    (database or broker down) is logged and tried again at the next interval."""
+    """`sweep_once` every `sweep_interval_s` on a thread, until stopped, with the other
+    periodic chores: retro-hunt jobs that are due, and pruning the bank change log (see
+    `moderation.banks.pruning`). A failed sweep (database or broker down) is logged and
+    tried again at the next interval."""
 
     def __init__(self, settings: Settings) -> None:
         self._interval_s = settings.sweep_interval_s
@@ -358,3 +360,11 @@ class Sweeper:
                 send_due()
             except Exception:
                 logger.exception("retro-hunt sweep failed; trying again in %g s", self._interval_s)
+            try:
+                from moderation.banks.pruning import prune_expired
+
+                prune_expired()
+            except Exception:
+                logger.exception(
+                    "pruning the bank change log failed; trying again in %g s", self._interval_s
+                )
