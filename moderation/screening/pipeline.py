@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -221,6 +221,9 @@ class Screener:
             upload_id: self._threads.submit(self._settle, upload_id, claim)
             for upload_id, claim in zip(unique, claims, strict=True)
         }
+        # Woken once, when the last is done: waiting on each in turn woke this thread as
+        # each upload finished, a hand-off of the GIL per upload.
+        wait(outcomes.values())
         retries: dict[int, float] = {}
         database_error: DBAPIError | None = None
         for upload_id, outcome in outcomes.items():
