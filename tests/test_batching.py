@@ -210,7 +210,8 @@ def test_a_chain_runs_each_batch_through_both_stages_and_hands_it_on_whole() -> 
     first.close()
     second.close()
     assert results == {i: [f"<{2 * i}>"] for i in [100, 0, 1, 2, 3]}
-    assert sorted(map(len, second_batches)) == [1, 4]  # the second batch of 4 went on whole
+    # The first stage's second batch (four items) reached the second stage whole.
+    assert any({0, 2, 4, 6} <= set(batch) for batch in second_batches), second_batches
 
 
 @pytest.mark.parametrize("failing", ["first", "second"])
