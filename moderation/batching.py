@@ -8,6 +8,13 @@ index (one pass over the bank's memory for all the queries), a database transact
 for all of it. A stream waits at most `max_wait_s` for a partial batch to fill; with no
 wait it takes only what is already there, so a lone request is never delayed and batches
 grow by themselves under load.
+
+A stage can hand its results on to the next (`hand_on_to`): each caller's request moves on
+with its future, so a caller waiting for two stages in a row (a forward pass, then the
+bank search of its vectors) is woken once, when the last is done, not once per stage.
+Each wake of a waiting thread costs the worker's interpreter a hand-off of the GIL; on two
+cores with the tiny model the screening threads' waits and wakes were half of their
+samples (py-spy).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,8 @@ class Batcher(Generic[In, Out]):
         self._gathering = threading.Lock()
         self._stats_lock = threading.Lock()
         self.stats = BatchStats()
+        # Where each result goes next instead of to its caller (see `hand_on_to`).
+        self._next: Batcher[Out, Any] | None = None
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
             for i in range(streams)
@@ -113,6 +122,12 @@ class Batcher(Generic[In, Out]):
                     f"{self.name}: no result within {timeout_s:g} s ({self.waiting} items waiting)"
                 ) from None
         return results
+
+    def hand_on_to(self, next_stage: Batcher[Out, Any]) -> None:
+        """From now on, give each result to `next_stage` as an item, with its caller's
+        request: the caller's `submit` returns what `next_stage` made of it (see `Chain`).
+        Close this stage before `next_stage`, so that what it hands on is run."""
+        self._next = next_stage
 
     @property
     def waiting(self) -> int:
@@ -145,6 +160,10 @@ class Batcher(Generic[In, Out]):
                 if self.stats.first_started is None:
                     self.stats.first_started = started
                 self.stats.last_finished = finished
+            if self._next is not None:
+                for request, result in zip(batch, results, strict=True):
+                    self._next._queue.put(_Request(result, request.future))
+                continue
             for request, result in zip(batch, results, strict=True):
                 request.future.set_result(result)
 
@@ -174,3 +193,22 @@ class Batcher(Generic[In, Out]):
                 break
             batch.append(request)
         return batch
+
+
+Mid = TypeVar("Mid")
+
+
+class Chain(Generic[In, Mid, Out]):
+    """Two batched stages run one after the other for each item, the caller waiting once
+    (see `Batcher.hand_on_to`); the second stage may also take items of its own."""
+
+    def __init__(self, first: Batcher[In, Mid], second: Batcher[Mid, Out]) -> None:
+        first.hand_on_to(second)
+        self.first = first
+        self.second = second
+
+    def submit(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
+        """Each item through both stages; raises what either stage raised on it, or
+        `BatchTimeout` if the results are not all back within `timeout_s`."""
+        results: list[Any] = self.first.submit(items, timeout_s)  # the second's, handed on
+        return results

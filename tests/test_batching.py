@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moderation.batching import Batcher, BatchTimeout
+from moderation.batching import Batcher, BatchTimeout, Chain
 from moderation.embedding.clip import ClipEmbedder
 from tests.images import textured
 
@@ -164,3 +164,87 @@ def test_a_caller_waits_no_longer_than_its_timeout() -> None:
     assert time.monotonic() - started < 2
     release.set()
     batcher.close()
+
+
+def test_a_chain_runs_each_batch_through_both_stages_and_hands_it_on_whole() -> None:
+    """A forward pass's results go on to the second stage together, as one batch, and each
+    caller gets what the second stage made of its own item; a caller of the first stage
+    alone would get the first stage's result instead."""
+    second_batches: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        return [2 * i for i in items]
+
+    def describe(items: list[int]) -> list[str]:
+        second_batches.append(items)
+        return [f"<{i}>" for i in items]
+
+    gate = threading.Event()
+    first_started = threading.Event()
+
+    def gated_double(items: list[int]) -> list[int]:
+        first_started.set()
+        gate.wait(timeout=10)
+        return double(items)
+
+    first = Batcher(gated_double, name="first", max_batch=8, max_wait_s=0.0)
+    second = Batcher(describe, name="second", max_batch=8, max_wait_s=0.0)
+    chain = Chain(first, second)
+    results: dict[int, list[str]] = {}
+
+    def one(i: int) -> None:
+        results[i] = chain.submit([i], timeout_s=5)
+
+    blocker = threading.Thread(target=one, args=(100,))
+    blocker.start()
+    assert first_started.wait(timeout=5)  # the others queue up behind this batch
+    waiting = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in waiting:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while first.waiting < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for thread in [blocker, *waiting]:
+        thread.join()
+    first.close()
+    second.close()
+    assert results == {i: [f"<{2 * i}>"] for i in [100, 0, 1, 2, 3]}
+    # The first stage's second batch (four items) reached the second stage whole.
+    assert any({0, 2, 4, 6} <= set(batch) for batch in second_batches), second_batches
+
+
+@pytest.mark.parametrize("failing", ["first", "second"])
+def test_a_failure_in_either_stage_of_a_chain_reaches_every_caller(failing: str) -> None:
+    def fail(items: list[int]) -> list[int]:
+        raise ZeroDivisionError(f"{failing} failed")
+
+    def same(items: list[int]) -> list[int]:
+        return items
+
+    first = Batcher(fail if failing == "first" else same, name="first", max_batch=8)
+    second = Batcher(fail if failing == "second" else same, name="second", max_batch=8)
+    chain = Chain(first, second)
+    with pytest.raises(ZeroDivisionError, match=f"{failing} failed"):
+        chain.submit([1, 2, 3], timeout_s=5)
+    first.close()
+    second.close()
+
+
+def test_a_chain_caller_waits_no_longer_than_its_timeout_when_the_second_stage_stalls() -> None:
+    release = threading.Event()
+
+    def stall(items: list[int]) -> list[int]:
+        release.wait(timeout=10)
+        return items
+
+    first: Batcher[int, int] = Batcher(lambda items: items, name="first", max_batch=1)
+    second = Batcher(stall, name="second", max_batch=1)
+    chain = Chain(first, second)
+    started = time.monotonic()
+    with pytest.raises(BatchTimeout, match=r"no result within 0\.3 s"):
+        chain.submit([1], timeout_s=0.3)
+    assert time.monotonic() - started < 2
+    release.set()
+    first.close()
+    second.close()

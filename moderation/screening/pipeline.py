@@ -14,9 +14,11 @@ Follow one upload from its message to its commit:
     │    2. intake  ─▶ intake process (pipe)    fetch, SHA-256, decode, PDQ, CLIP crop;
     │               ◀── its reader thread       the crop is written into a shared-memory
     │                                           slot held by this upload
-    │    3. embed   ─▶ embedding stream thread  one forward pass over many uploads' crops
-    │                  (slot released: the crop was copied into the batch)
-    │    4. search  ─▶ clip-search thread       one bank search for many vectors
+    │    3. embed   ─▶ embedding stream thread  one forward pass over many uploads' crops;
+    │                  │                        it hands their vectors on, together, to the
+    │    4. search     └▶ clip-search thread    one bank search for many vectors, which
+    │               ◀──── one wait for 3 and 4  wakes this thread with its vectors and hits
+    │                  (slot released: the crop was copied into the forward pass's batch)
     │    5. match      (this thread)            SHA-256 and PDQ against the bank
     │    6. record  ─▶ result-writer thread     one transaction records many uploads
     │    then, every upload of the message recorded (or its retry sent), Celery
@@ -42,7 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -51,7 +53,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import BankMatcher, ClipHit, Match, MatchSettings
-from moderation.batching import Batcher, BatchTimeout
+from moderation.batching import Batcher, BatchTimeout, Chain
 from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.feeder import Feeder
@@ -73,6 +75,10 @@ Sessions = Callable[[], AbstractContextManager[Session]]
 # forward pass (mean 6.5 vectors a search, as many as a forward pass had), where waiting
 # `batch_wait_ms` (25) only added its wait to every upload.
 SEARCH_WAIT_S = 0.005
+
+
+# A vector and its CLIP hits, as the bank search hands them back.
+Searched = tuple[np.ndarray, list[ClipHit]]
 
 
 class InternalFault(TransientFault):
@@ -162,13 +168,20 @@ class Screener:
             max_wait_s=settings.batch_wait_ms / 1000,
             streams=settings.resolved_streams(),
         )
-        self.clip_search: Batcher[np.ndarray, list[ClipHit]] = Batcher(
+        self.clip_search: Batcher[np.ndarray, Searched] = Batcher(
             self._search_bank,
             name="clip-search",
             max_batch=4 * settings.resolved_batch_size(),
-            # A forward pass releases its images together, but their threads wake one by
-            # one: a moment's wait lets a whole batch's vectors be searched in one pass.
+            # A forward pass hands on its vectors together; a moment's wait lets the other
+            # stream's next pass join them when the search is slower than the model.
             max_wait_s=min(settings.batch_wait_ms / 1000, SEARCH_WAIT_S),
+        )
+        # An upload's task thread waits once for its forward pass and its bank search: the
+        # embedding stream hands the vectors on to the clip-search thread, which wakes it.
+        # Waiting for each in turn woke every task thread twice, and put each upload's
+        # vectors in the search queue one thread at a time.
+        self.embed_and_search: Chain[np.ndarray, np.ndarray, Searched] = Chain(
+            self.embedding, self.clip_search
         )
 
     # The stages' batch functions, run on the stages' own threads.
@@ -183,8 +196,9 @@ class Screener:
     def _write_results(self, session: Session, results: Sequence[service.Screened]) -> list[bool]:
         return service.record_screened(session, results, self.model_id)
 
-    def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[list[ClipHit]]:
-        return self.matcher.current().search_clip(np.stack(vectors))
+    def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[Searched]:
+        hits = self.matcher.current().search_clip(np.stack(vectors))
+        return list(zip(vectors, hits, strict=True))
 
     # One upload, on a task thread.
 
@@ -207,6 +221,9 @@ class Screener:
             upload_id: self._threads.submit(self._settle, upload_id, claim)
             for upload_id, claim in zip(unique, claims, strict=True)
         }
+        # Woken once, when the last is done: waiting on each in turn woke this thread as
+        # each upload finished, a hand-off of the GIL per upload.
+        wait(outcomes.values())
         retries: dict[int, float] = {}
         database_error: DBAPIError | None = None
         for upload_id, outcome in outcomes.items():
@@ -277,16 +294,18 @@ class Screener:
         started = time.perf_counter()
         with self.intake.screened(claim.uri, claim.declared_sha256) as (signals, times):
             self._add_intake_times(times, time.perf_counter() - started)
-            vectors = self.embed(upload_id, signals)
-        with self._stage("search", upload_id):
-            clip_hits = self.clip_search.submit(list(vectors), self._timeout_s)
+            vectors, clip_hits = self.embed(upload_id, signals)
         with self._stage("match", upload_id):
             matches = self.matcher.current().match_searched(signals, clip_hits)
         return signals, vectors, matches
 
-    def embed(self, upload_id: int, signals: ImageSignals) -> np.ndarray:
-        with self._stage("embed", upload_id):
-            return np.stack(self.embedding.submit(signals.embedding_inputs(), self._timeout_s))
+    def embed(
+        self, upload_id: int, signals: ImageSignals
+    ) -> tuple[np.ndarray, list[list[ClipHit]]]:
+        """The vectors of the upload's embedded frames, and each one's CLIP hits."""
+        with self._stage("embed+search", upload_id):
+            searched = self.embed_and_search.submit(signals.embedding_inputs(), self._timeout_s)
+        return np.stack([vector for vector, _ in searched]), [hits for _, hits in searched]
 
     def record(self, screened: service.Screened) -> bool:
         with self._stage("record", screened.upload_id):
