@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -446,38 +447,50 @@ def _open_transaction() -> Iterator[Session]:
         yield session
 
 
-def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(committed: int) -> None:
-    """Entry A's change row takes its id first, entry B's second; B commits, and is
-    matched, while A's transaction is still open. A must be matched once it commits,
-    however many checks passed meanwhile (a checkpoint at the highest id seen would have
-    skipped it forever)."""
-    with session_scope() as session:
-        bank_id = banks.create_bank(session, "out-of-order").id
-    matcher = BankMatcher(
-        session_scope, model_id=committed, dim=DIM, settings=SETTINGS, refresh_s=0
-    )
+@dataclass
+class _OutOfOrder:
+    """Two entries whose change rows took ids in one order and commit in the other."""
 
-    def found(sha: bytes) -> set[int]:
-        index = matcher.current()
+    matcher: BankMatcher
+    lower_id: int
+    higher_id: int
+
+    def found(self, sha: bytes) -> set[int]:
+        index = self.matcher.current()
         no_vector = np.zeros((1, DIM), np.float32)
         return {m.bank_entry_id for m in index.match(_signals(sha, PDQ_BASES[0]), no_vector)}
 
+
+@contextmanager
+def _lower_id_left_open(bank_name: str, model_id: int) -> Iterator[_OutOfOrder]:
+    """Entry A's change row takes its id first, entry B's second; B commits, and is
+    matched, while A's transaction stays open until the block ends (then commits)."""
+    with session_scope() as session:
+        bank_id = banks.create_bank(session, bank_name).id
+    matcher = BankMatcher(session_scope, model_id=model_id, dim=DIM, settings=SETTINGS, refresh_s=0)
     with _open_transaction() as slow:
         lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
         slow.add(lower)
         slow.flush()  # its change row takes the lower id now
-        lower_id = lower.id
         with session_scope() as fast:
             higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
             fast.add(higher)
             fast.flush()
             higher_id = higher.id
-        assert lower_id < higher_id
-        assert found(SHAS[1]) == {higher_id}
+        assert lower.id < higher_id
+        entries = _OutOfOrder(matcher, lower.id, higher_id)
+        assert entries.found(SHAS[1]) == {higher_id}
+        yield entries
+
+
+def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(committed: int) -> None:
+    """A must be matched once it commits, however many checks passed meanwhile (a
+    checkpoint at the highest id seen would have skipped it forever)."""
+    with _lower_id_left_open("out-of-order", committed) as entries:
         for _ in range(3):  # checks while the lower one is still open
-            assert found(SHAS[0]) == set()
-    assert found(SHAS[0]) == {lower_id}
-    assert found(SHAS[1]) == {higher_id}
+            assert entries.found(SHAS[0]) == set()
+    assert entries.found(SHAS[0]) == {entries.lower_id}
+    assert entries.found(SHAS[1]) == {entries.higher_id}
 
 
 # The change log pruned (`moderation.banks.pruning`): a matcher whose checkpoint is below
@@ -582,35 +595,14 @@ def test_a_prune_while_a_lower_id_is_uncommitted_does_not_skip_it(committed: int
     pruned, every row old enough, while the lower id's transaction is open: the horizon
     must not pass it, or the matcher would load everything (the lower entry not yet
     committed), take the horizon as its checkpoint and never read the lower row."""
-    with session_scope() as session:
-        bank_id = banks.create_bank(session, "pruned-out-of-order").id
-    matcher = BankMatcher(
-        session_scope, model_id=committed, dim=DIM, settings=SETTINGS, refresh_s=0
-    )
-
-    def found(sha: bytes) -> set[int]:
-        index = matcher.current()
-        no_vector = np.zeros((1, DIM), np.float32)
-        return {m.bank_entry_id for m in index.match(_signals(sha, PDQ_BASES[0]), no_vector)}
-
-    with _open_transaction() as slow:
-        lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
-        slow.add(lower)
-        slow.flush()  # its change row takes the lower id now
-        lower_id = lower.id
-        with session_scope() as fast:
-            higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
-            fast.add(higher)
-            fast.flush()
-            higher_id = higher.id
-        assert found(SHAS[1]) == {higher_id}
+    with _lower_id_left_open("pruned-out-of-order", committed) as entries:
         _prune_through(_last_change(), settle_wait_s=0.2)
-        assert found(SHAS[0]) == set()
-        assert found(SHAS[1]) == {higher_id}
-    assert found(SHAS[0]) == {lower_id}
-    assert found(SHAS[1]) == {higher_id}
+        assert entries.found(SHAS[0]) == set()
+        assert entries.found(SHAS[1]) == {entries.higher_id}
+    assert entries.found(SHAS[0]) == {entries.lower_id}
+    assert entries.found(SHAS[1]) == {entries.higher_id}
     _prune_through(_last_change())  # and once it has committed, the log is pruned
-    assert found(SHAS[0]) == {lower_id}
+    assert entries.found(SHAS[0]) == {entries.lower_id}
 
 
 _READ_HORIZON = "moderation.banks.changes.pruned_through"
