@@ -231,7 +231,7 @@ def queue(
     limit: int = 50,
 ) -> QueuePage:
     """A page of hits, newest first, after `cursor` (from the previous page) if given."""
-    query = _filtered(_evidence_query(), filters).order_by(Hit.created_at.desc(), Hit.id.desc())
+    query = _newest_first(filters)
     if cursor is not None:
         query = query.where(tuple_(Hit.created_at, Hit.id) < tuple_(*decode_cursor(cursor)))
     rows = session.execute(query.limit(limit + 1)).all()
@@ -243,8 +243,12 @@ def queue(
 
 def newest(session: Session, filters: QueueFilter, limit: int | None) -> list[HitEvidence]:
     """Hits matching the filters, newest first: the first `limit`, or all (None)."""
-    query = _filtered(_evidence_query(), filters).order_by(Hit.created_at.desc(), Hit.id.desc())
-    return [_evidence(*row) for row in session.execute(query.limit(limit))]
+    return [_evidence(*row) for row in session.execute(_newest_first(filters).limit(limit))]
+
+
+def _newest_first(filters: QueueFilter) -> Select[Hit, Upload, Bank, str | None]:
+    """The evidence of the hits matching the filters, in the queue's order (its cursor's)."""
+    return _filtered(_evidence_query(), filters).order_by(Hit.created_at.desc(), Hit.id.desc())
 
 
 def count(session: Session, filters: QueueFilter = QueueFilter()) -> int:
