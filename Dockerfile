@@ -32,7 +32,7 @@ COPY migrations ./migrations
 # Editable: `moderation db upgrade` reads migrations/ beside the package, as in a checkout.
 # The runtime stage keeps the same paths, so the link holds there too.
 RUN /venv/bin/pip install --no-deps --editable . \
-    && /venv/bin/python -c "import moderation.cli, moderation.schema"
+    && /venv/bin/python -c "import moderation.main.cli, moderation.schema"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # Nothing to build here: the venv and the code are copied over whole.

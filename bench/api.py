@@ -226,7 +226,7 @@ class InsertSender:
 
 def announced(redis_url: str, queue: str, *, accepted: int, timeout_s: float = 30) -> int:
     """How many uploads the screening messages on `queue` name, once they stop growing."""
-    from moderation.screening.recovery import uploads_of_message
+    from moderation.worker.recovery import uploads_of_message
 
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s

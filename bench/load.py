@@ -166,7 +166,7 @@ def run_load(
     from moderation.config import get_settings
     from moderation.images.errors import IntakeError
     from moderation.screening.cli import submit_uris, wait_until_final
-    from moderation.screening.worker_process import WorkerProcess
+    from moderation.worker.child import WorkerProcess
 
     settings = get_settings()
     broker = redis.Redis.from_url(settings.redis_url)
@@ -220,7 +220,7 @@ def run_load(
 def peak_rss(pid: int) -> float:
     """A worker's peak RSS with its intake processes: each process's own peak, added up
     (an upper bound on their peak together)."""
-    from moderation.screening.worker_process import process_tree
+    from moderation.worker.child import process_tree
 
     total_kb = 0
     for member in process_tree(pid):
@@ -240,7 +240,8 @@ def report(
     from sqlalchemy import func, select
 
     from moderation.db import session_scope
-    from moderation.screening.models import Hit, Upload, UploadStatus
+    from moderation.review.models import Hit
+    from moderation.screening.models import Upload, UploadStatus
 
     accepted: dict[int, str] = run["accepted"]
     uploads = run["uploads"]

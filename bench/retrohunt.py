@@ -174,7 +174,6 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
             vectors[row] = _at_cosine_distance(vector_from_bytes(vector), 0.03, rng)
         bank = banks.create_bank(session, "clip-hunted")
         banks.copy_entries(session, bank, model=model, vectors=vectors, added_by="bench")
-        (clip_job,) = _jobs(session)
         hashes = list(
             session.scalars(
                 select(Signal.value)
@@ -183,7 +182,7 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
                 .limit(PLANTED)
             )
         )
-    clip = _run_job(clip_job, uploads)
+    clip = _run_job(_started_job(), uploads)
     pdq_job = add_pdq_entries("pdq-hunted", pdq_entries, hashes)
     pdq = _run_job(pdq_job, uploads)
 
@@ -229,11 +228,10 @@ def add_pdq_entries(bank_name: str, count: int, planted: list[bytes]) -> int:
 
     from moderation.banks import service as banks
     from moderation.db import session_scope
-    from moderation.retrohunt import service as retrohunt
 
     with session_scope() as session:
         bank = banks.create_bank(session, bank_name)
-        first, last = session.execute(
+        first, _last = session.execute(
             text(
                 "WITH added AS (INSERT INTO bank_entries (bank_id, pdq, added_by) "
                 "SELECT :bank, sha256(('entry' || i)::bytea), 'bench' "
@@ -249,15 +247,18 @@ def add_pdq_entries(bank_name: str, count: int, planted: list[bytes]) -> int:
                 text("UPDATE bank_entries SET pdq = :pdq WHERE id = :id"),
                 {"pdq": near, "id": first + index},
             )
-        retrohunt.record_entries_added(session, bank, first, last, count, created_by="bench")
-        (job_id,) = _jobs(session)
-    return int(job_id)
+    return _started_job()
 
 
-def _jobs(session: Any) -> list[int]:
+def _started_job() -> int:
+    """The one job the retro-hunt's starter makes of the entries just committed (as every
+    worker's sweeper would), run here rather than sent."""
+    from moderation.db import session_scope
     from moderation.retrohunt import service as retrohunt
 
-    return retrohunt.jobs_in_transaction(session)
+    with session_scope() as session:
+        (step,) = retrohunt.start_from_changes(session, settle_wait_s=60) or []
+    return step.job_id
 
 
 def _run_job(job_id: int, uploads: int) -> dict[str, Any]:
@@ -356,8 +357,9 @@ def screening_while_hunting(
     from moderation.demo.synthetic import textured
     from moderation.retrohunt import service as retrohunt
     from moderation.retrohunt.cli import wait_for_jobs
+    from moderation.retrohunt.tasks import send_steps
     from moderation.screening.cli import submit_uris, wait_until_final
-    from moderation.screening.worker_process import WorkerProcess
+    from moderation.worker.child import WorkerProcess
 
     redis.Redis.from_url(get_settings().redis_url).flushdb()
     paths = []
@@ -391,6 +393,7 @@ def screening_while_hunting(
             with session_scope() as session:
                 bank = banks.get_bank(session, "pdq-hunted-by-worker")
                 job_id = retrohunt.hunt_bank(session, bank, created_by="bench").id
+            send_steps([retrohunt.NextStep(job_id, 0)])
             time.sleep(1)  # the job's first message is taken
             hunting.append(images_per_s(batch[images:]))
             with session_scope() as session:

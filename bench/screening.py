@@ -229,9 +229,10 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
 
     from moderation.config import get_settings
     from moderation.db import session_scope
+    from moderation.review.models import Hit
     from moderation.screening.cli import submit_uris, wait_until_final
-    from moderation.screening.models import Hit, UploadStatus
-    from moderation.screening.worker_process import WorkerProcess
+    from moderation.screening.models import UploadStatus
+    from moderation.worker.child import WorkerProcess
 
     redis.Redis.from_url(get_settings().redis_url).flushdb()
     with WorkerProcess(workdir / "worker.log") as worker:
@@ -374,7 +375,7 @@ def intake_only(paths: list[Path]) -> float:
 
     from moderation.config import get_settings
     from moderation.embedding.clip import Preprocessing
-    from moderation.screening.intake.pool import build_intake
+    from moderation.worker.intake.pool import build_intake
 
     settings = get_settings()
     preprocess = Preprocessing.from_pretrained(settings.resolved_model())

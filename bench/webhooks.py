@@ -3,7 +3,7 @@ sender delivers, each against a baseline measured in the same run.
 
     python bench/webhooks.py [--groups 60] [--events 500] [--out webhooks.json]
 
-Hook: groups of 16 uploads, each with two hits, recorded by `record_screened` in one
+Hook: groups of 16 uploads, each with two hits, recorded by `record_results` in one
 transaction each (as a worker's group commit does), alternately with
 MODERATION_WEBHOOK_ON_SCREENING_HIT off (the baseline) and on (one INSERT ... SELECT per
 group). Sender: events delivered by one `Sender` to a receiver on 127.0.0.1 that answers
@@ -48,6 +48,7 @@ from moderation.screening import service as screening  # noqa: E402
 from moderation.webhooks import sender as sending  # noqa: E402
 from moderation.webhooks import service as webhooks  # noqa: E402
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookEvent  # noqa: E402
+from moderation.worker.results import record_results  # noqa: E402
 from tests.webhook_receiver import Receiver, running_receiver  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def time_group(entries: list[int], model_id: int, dim: int) -> float:
     ]
     started = time.perf_counter()
     with session_scope() as session:
-        screening.record_screened(session, results, model_id)
+        record_results(session, results, model_id)
     return time.perf_counter() - started
 
 

@@ -1,3 +1,3 @@
-from moderation.cli import main
+from moderation.main.cli import main
 
 main()

@@ -138,7 +138,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=900, gt=0)
     # The sweeper re-enqueues uploads stuck in `queued` or `processing` for longer than this.
     stuck_after_s: float = Field(default=600.0, gt=0)
-    # ... and those `processing` with no sign of life for longer than this (see `recovery`).
+    # ... and those `processing` with no sign of life for longer than this (see
+    # `moderation.worker.recovery`).
     hung_after_s: float = Field(default=1800.0, gt=0)
     sweep_interval_s: float = Field(default=10.0, gt=0)
     # Workers record a heartbeat this often; one silent for `worker_dead_after_s` is dead,

@@ -44,3 +44,26 @@ def _cell(value: object) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
     return str(value)
+
+
+def say_if_cut(shown: int, total: int, what: str, as_json: bool) -> None:
+    """Listings never cut silently. On stderr beside JSON, which stays a plain list."""
+    if total > shown:
+        click.echo(
+            f"showing {shown:,} of {total:,} {what}, newest first: --limit N or --all for more",
+            err=as_json,
+        )
+
+
+_LIMIT_OPTIONS = [
+    click.option(
+        "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Newest N."
+    ),
+    click.option("--all", "show_all", is_flag=True, help="All of them, however many."),
+]
+
+
+def limit_options(command: Any) -> Any:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command

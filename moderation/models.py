@@ -6,7 +6,8 @@ from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedd
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.retrohunt.models import RetrohuntJob
-from moderation.screening.models import Hit, Signal, Upload, Worker
+from moderation.review.models import Hit
+from moderation.screening.models import Signal, Upload, Worker
 from moderation.search.models import IndexEvaluation
 from moderation.web.models import WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent

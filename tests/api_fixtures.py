@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from moderation.api.app import create_app
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
+from moderation.main.app import create_app
 
 
 @pytest.fixture

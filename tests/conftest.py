@@ -98,7 +98,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 from moderation import schema  # noqa: E402
 from moderation.db import get_engine  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip  # noqa: E402
-from moderation.screening.worker_process import WorkerProcess  # noqa: E402
+from moderation.worker.child import WorkerProcess  # noqa: E402
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from moderation.config import get_settings
-from moderation.screening.recovery import uploads_of_message
+from moderation.worker.recovery import uploads_of_message
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 from moderation.banks import service as banks
 from moderation.banks.models import Bank, BankEntry
 from moderation.images.signals import SignalType
+from moderation.review.models import Hit
 from moderation.screening import service as screening
-from moderation.screening.models import Hit, Upload
+from moderation.screening.models import Upload
 
 
 def make_bank(session: Session, name: str, radius: float | None = None) -> Bank:

@@ -17,7 +17,8 @@ from moderation.config import get_settings
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
-from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.review.models import Hit
+from moderation.screening.models import Upload, UploadStatus
 from moderation.search.indexes import IndexPlan
 from moderation.search.store import IndexSettings
 from tests.conftest import TINY_MODEL_DIR

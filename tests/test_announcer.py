@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import redis
 
-from moderation.celery_app import UPLOADS_PER_MESSAGE, send_screening
+from moderation.messages import UPLOADS_PER_MESSAGE, send_screening
 from moderation.screening.announcer import Announcer
 from tests.queues import queued_uploads
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from moderation.api.access import route_roles
-from moderation.api.app import create_app
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
+from moderation.http.access import route_roles
+from moderation.main.app import create_app
 from tests.api_fixtures import api, bearer, keys
 from tests.routes import app_routes
 

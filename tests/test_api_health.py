@@ -14,8 +14,9 @@ from moderation.banks import service as banks
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.signals import SignalType
+from moderation.review.models import Hit, ReviewStatus
 from moderation.screening import service as screening
-from moderation.screening.models import Hit, ReviewStatus, Upload, UploadStatus, Worker
+from moderation.screening.models import Upload, UploadStatus, Worker
 from tests.api_fixtures import api, bearer, keys
 from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write

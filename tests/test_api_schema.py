@@ -16,8 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
-from moderation.api.app import create_app
 from moderation.auth.models import Role
+from moderation.main.app import create_app
 from tests.api_fixtures import bearer, keys
 from tests.health_fixtures import live_worker
 

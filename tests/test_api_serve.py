@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from moderation.api.serve import APP, TcpConfig
+from moderation.main.serve import APP, TcpConfig
 from tests.conftest import TEST_ENV
 
 

@@ -24,7 +24,7 @@ from moderation.banks import service as banks
 from moderation.db import session_scope
 from moderation.images.hashing import sha256
 from moderation.screening.models import Upload
-from moderation.screening.worker_process import WorkerProcess
+from moderation.worker.child import WorkerProcess
 from tests.api_fixtures import announced, api, bearer, keys
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write

@@ -20,12 +20,12 @@ from sqlalchemy.orm import Session
 
 from moderation.banks import pruning
 from moderation.banks import service as banks
-from moderation.banks.models import BankChange, BankChangesHorizon, BankEntry
+from moderation.banks.models import BankChange, BankChangeReader, BankChangesHorizon, BankEntry
 from moderation.banks.pruning import Pruned, prune_changes, pruned_through
-from moderation.cli import main
 from moderation.config import Settings, get_settings
 from moderation.db import get_engine, session_scope
-from moderation.screening.recovery import Sweeper
+from moderation.main.cli import main
+from moderation.worker.sweeper import Sweeper
 from tests.queues import queue
 
 __all__ = ["queue"]
@@ -84,9 +84,21 @@ def _horizon() -> int:
         return pruned_through(session)
 
 
+def _readers_at(checkpoint: int) -> None:
+    """Put the log's durable readers (the retro-hunt's starter) at `checkpoint`."""
+    with session_scope() as session:
+        session.execute(update(BankChangeReader).values(checkpoint=checkpoint))
+
+
 def _prune(
-    *, batch: int = 10_000, batches: int | None = None, settle_wait_s: float = SETTLE_WAIT_S
+    *,
+    batch: int = 10_000,
+    batches: int | None = None,
+    settle_wait_s: float = SETTLE_WAIT_S,
+    readers_caught_up: bool = True,
 ) -> Pruned:
+    if readers_caught_up:
+        _readers_at(_last_id())
     return prune_changes(
         session_scope, RETENTION, batch=batch, batches=batches, settle_wait_s=settle_wait_s
     )
@@ -127,6 +139,18 @@ def test_rows_go_in_bounded_batches(log: int) -> None:
     assert _log_ids() == before[2:]
     assert _prune(batch=2, batches=2) == Pruned(rows=4, through=before[5])
     assert _prune(batch=2) == Pruned(rows=len(before) - 6, through=before[-1])
+    assert _log_ids() == []
+
+
+def test_pruning_never_passes_a_durable_reader(log: int) -> None:
+    """The retro-hunt's starter reads the log from a checkpoint of its own: rows it has not
+    read stay, however old, and go once it has."""
+    made = [_add_entry(log, bytes([i]) * 32) for i in range(1, 5)]
+    _age(_log_ids())
+    _readers_at(made[1])
+    assert _prune(readers_caught_up=False).through == made[1]
+    assert _log_ids()[0] > made[1]
+    assert _prune().through == made[-1]
     assert _log_ids() == []
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moderation.batching import Batcher, BatchTimeout, Chain
 from moderation.embedding.clip import ClipEmbedder
+from moderation.worker.batching import Batcher, BatchTimeout, Chain
 from tests.images import textured
 
 

@@ -20,11 +20,11 @@ from transformers import AutoTokenizer, CLIPModel
 
 from moderation.audit import service as audit
 from moderation.banks.models import BankEntry, BankEntryEmbedding
-from moderation.cli import main
 from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.images.http_location import IPAddress
+from moderation.main.cli import main
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
 from tests.images import encode, textured, write

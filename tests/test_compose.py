@@ -23,13 +23,14 @@ from typing import Any
 
 import click
 import pytest
+import redis
 import yaml
 from sqlalchemy.engine import make_url
 
-from moderation.cli import main
 from moderation.config import Settings
 from moderation.demo.samples import SAMPLES
-from moderation.screening.worker_process import WorkerProcess
+from moderation.main.cli import main
+from moderation.worker.child import WorkerProcess
 from tests.conftest import TEST_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,13 +294,20 @@ def test_the_api_healthcheck_passes_against_a_running_api(tmp_path: Path) -> Non
     assert subprocess.run(check, capture_output=True).returncode != 0
 
 
-def test_the_worker_is_healthy_only_when_it_answers_over_the_broker() -> None:
-    test = " ".join(SERVICES["worker"]["healthcheck"]["test"][1:])
-    assert "celery --app moderation.celery_app inspect ping" in test
-    # The node name `moderation worker` gives itself, %h being Python's hostname.
-    assert "screening@$$(python -c 'import socket; print(socket.gethostname())')" in test
-    assert "--hostname=screening@%h" in (ROOT / "moderation/screening/cli.py").read_text()
-    assert SERVICES["worker"]["healthcheck"]["start_period"]
+def test_the_worker_is_unhealthy_while_no_worker_answers(redis_client: redis.Redis) -> None:
+    """The healthcheck's command, run where no worker of this host consumes: it fails."""
+    assert SERVICES["worker"]["healthcheck"]["test"][:3] == ["CMD", "moderation", "ping"]
+    env = {**os.environ, **TEST_ENV}
+    command = [*SERVICES["worker"]["healthcheck"]["test"][1:], "--host", "no-such-host"]
+    checked = subprocess.run(
+        [str(Path(sys.executable).parent / command[0]), *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "no worker answered" in checked.stderr
 
 
 @pytest.mark.e2e
@@ -316,10 +324,10 @@ def test_the_compose_commands_run_against_a_real_worker(
         **TEST_ENV,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    health = SERVICES["worker"]["healthcheck"]["test"][1].replace("$$", "$")
-    checked = subprocess.run(["sh", "-c", health], env=env, capture_output=True, text=True)
+    _, *health = SERVICES["worker"]["healthcheck"]["test"]
+    checked = subprocess.run(health, env=env, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "pong" in checked.stdout
+    assert f"screening@{socket.gethostname()}: answers" in checked.stdout
 
     shell, flags, script = SERVICES["demo"]["command"]
     script = script.replace("$$", "$").replace("/app/moderation/demo/samples", str(samples))

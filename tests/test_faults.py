@@ -24,12 +24,13 @@ from sqlalchemy.pool import NullPool
 
 from moderation import schema
 from moderation.banks import service as banks
-from moderation.celery_app import SCREEN_UPLOAD, create_app
 from moderation.config import Settings
 from moderation.images.hashing import sha256
+from moderation.messages import SCREEN_UPLOAD, create_celery
+from moderation.review.models import Hit
 from moderation.screening import service
-from moderation.screening.models import Hit, Upload, UploadStatus, Worker
-from moderation.screening.worker_process import WorkerProcess
+from moderation.screening.models import Upload, UploadStatus, Worker
+from moderation.worker.child import WorkerProcess
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
 from tests.redis_server import RedisServer
@@ -167,7 +168,7 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         # lives throughout, so nothing should be.
         "MODERATION_STUCK_AFTER_S": "3600",
     }
-    app = create_app(Settings(redis_url=redis_url))
+    app = create_celery(Settings(redis_url=redis_url))
     with (
         http_server(image_handler(IMAGE, 0.5)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,
@@ -242,7 +243,7 @@ def test_redis_restarted_empty_loses_nothing_and_resends_each_upload_once(
         # send the whole waiting backlog again.
         "MODERATION_STUCK_AFTER_S": "3",
     }
-    app = create_app(Settings(redis_url=own_redis.url))
+    app = create_celery(Settings(redis_url=own_redis.url))
     with (
         http_server(image_handler(IMAGE, 0.25)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from moderation.db import session_scope
-from moderation.group_commit import GroupCommit
 from moderation.screening import service
+from moderation.worker.group_commit import GroupCommit
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 

@@ -19,11 +19,11 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from moderation.db import session_scope
+from moderation.messages import send_screening
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus
-from moderation.screening.tasks import publish_screening
-from moderation.screening.worker_process import WorkerProcess, process_tree
+from moderation.worker.child import WorkerProcess, process_tree
 from tests.conftest import TEST_ENV
 from tests.hostile import Case, Listener, forbidden_targets, make_corpus
 from tests.images import encode, textured, write
@@ -47,7 +47,7 @@ def _submit(cases: list[Case]) -> list[int]:
             service.submit(session, case.uri, declared_sha256=case.declared_sha256)[0].id
             for case in cases
         ]
-    publish_screening(ids)
+    send_screening(ids)
     return ids
 
 
@@ -181,5 +181,5 @@ def test_a_burst_of_large_images_stays_within_the_decode_budget(tmp_path: Path) 
 def _screen_on(queue: str, uris: list[str]) -> list[Upload]:
     with session_scope() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
-    publish_screening(ids, queue=queue)
+    send_screening(ids, queue=queue)
     return wait_until_final(ids, timeout_s=120)

@@ -22,7 +22,8 @@ from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
-from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.review.models import Hit
+from moderation.screening.models import Upload, UploadStatus
 from moderation.search.map_cli import index_map
 from moderation.search.projection import (
     HEIGHT_PX,

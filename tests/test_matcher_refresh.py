@@ -27,6 +27,7 @@ from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
 from moderation.banks.models import (
     Bank,
     BankChange,
+    BankChangeReader,
     BankChangesHorizon,
     BankEntry,
     BankEntryEmbedding,
@@ -506,13 +507,15 @@ def _last_change() -> int:
 
 
 def _prune_through(last: int, settle_wait_s: float = _SETTLE_WAIT_S) -> Pruned:
-    """Make the log rows up to `last` older than the retention, and prune."""
+    """Make the log rows up to `last` older than the retention, and prune (the log's
+    durable readers, the retro-hunt's starter, have read it all)."""
     with session_scope() as session:
         session.execute(
             update(BankChange)
             .where(BankChange.id <= last)
             .values(created_at=func.now() - timedelta(days=2))
         )
+        session.execute(update(BankChangeReader).values(checkpoint=last))
     return prune_changes(
         session_scope, timedelta(hours=1), batches=None, settle_wait_s=settle_wait_s
     )

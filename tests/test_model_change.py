@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
 from moderation.banks.models import Bank, BankEntryEmbedding
-from moderation.cli import main
-from moderation.cli_errors import explain
 from moderation.db import session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
-from moderation.metrics import MetricsPortInUse, report_unmatchable_clip_entries, serve
+from moderation.main.cli import main
+from moderation.main.cli_errors import explain
+from moderation.worker.metrics import MetricsPortInUse, report_unmatchable_clip_entries, serve
 from tests.conftest import WORKER_METRICS_PORT
 
 DIM = 4
@@ -97,7 +97,7 @@ def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixtur
     with session_scope() as session:
         two_models_world(session)
 
-    with caplog.at_level(logging.WARNING, logger="moderation.metrics"):
+    with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
         assert report_unmatchable_clip_entries("clip-new") == {"photos": 2}
     (record,) = caplog.records
     assert record.getMessage().startswith(
@@ -108,7 +108,7 @@ def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixtur
 
     # Counted again (another start, another model): the old labels go.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="moderation.metrics"):
+    with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
         assert report_unmatchable_clip_entries("clip-old") == {"partners": 1}
     assert "bank partners has 1 CLIP entry embedded only" in caplog.records[0].getMessage()
     assert _gauge("photos", "clip-new") is None
@@ -120,7 +120,7 @@ def test_a_model_that_sees_every_entry_warns_of_nothing(caplog: pytest.LogCaptur
     with session_scope() as session:
         model = get_or_create_model(session, "clip-only", DIM)
         add_clip_entry(session, banks.create_bank(session, "photos"), model)
-    with caplog.at_level(logging.WARNING, logger="moderation.metrics"):
+    with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
         assert report_unmatchable_clip_entries("clip-only") == {}
     assert caplog.records == []
 

@@ -28,16 +28,17 @@ from sqlalchemy.engine import make_url
 from moderation import db
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
-from moderation.cli import main
 from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.decode import ALLOWED_FORMATS
 from moderation.images.signals import SignalType
 from moderation.images.sniff import NOT_AN_IMAGE, SNIFFED_FORMATS, image_format, why_not_an_image
+from moderation.main.cli import main
+from moderation.review.models import Hit
 from moderation.screening import service as screening
 from moderation.screening.cli import Progress
-from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.waiting import Tally, tally, why_stalled
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
@@ -122,7 +123,7 @@ def test_bank_add_of_one_entry_says_its_id() -> None:
         (entry_id,) = session.scalars(select(BankEntry.id)).all()
     added, hunting = result.output.strip().splitlines()
     assert added == f"added 1 entry to known-bad: id {entry_id}"
-    assert hunting.startswith("retro-hunt job ")
+    assert hunting.startswith("a retro-hunt searches past uploads for them in the background")
 
 
 # Infrastructure errors: one line with the fix, exit status 4.

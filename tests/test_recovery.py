@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from moderation.config import Settings
 from moderation.db import session_scope
-from moderation.screening import recovery, service
+from moderation.messages import send_screening
+from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus, Worker
-from moderation.screening.recovery import find_stuck, oldest_waiting_upload
-from moderation.screening.tasks import publish_screening
+from moderation.worker import recovery
+from moderation.worker.recovery import find_stuck, oldest_waiting_upload
 
 STUCK_AFTER = timedelta(minutes=10)
 DEAD_AFTER = timedelta(seconds=30)
@@ -139,7 +140,7 @@ def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redi
     enough ago, and not retries waiting for their countdown; every upload of a message."""
     queue = f"taken-{uuid.uuid4().hex}"
     for upload_ids in ([51, 55], [52], [53], [54]):
-        publish_screening(upload_ids, queue=queue)
+        send_screening(upload_ids, queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
     messages[2]["headers"]["eta"] = "2026-01-01T00:00:00+00:00"
@@ -215,8 +216,8 @@ def test_one_sweeper_at_a_time(session: Session) -> None:
 def test_the_message_next_in_line_names_its_upload(redis_client: redis.Redis) -> None:
     queue = f"peek-{uuid.uuid4().hex}"
     assert oldest_waiting_upload(queue) is None
-    publish_screening([41], queue=queue)
-    publish_screening([42, 43], queue=queue)
+    send_screening([41], queue=queue)
+    send_screening([42, 43], queue=queue)
     assert oldest_waiting_upload(queue) == 41
     redis_client.rpop(queue)
     assert oldest_waiting_upload(queue) == 42  # the first of its message
@@ -264,7 +265,7 @@ def test_worker_names_are_unique_per_process_start() -> None:
 
 def test_uploads_sent_together_travel_sixteen_to_a_message(redis_client: redis.Redis) -> None:
     queue = f"chunks-{uuid.uuid4().hex}"
-    publish_screening(list(range(1, 41)), queue=queue)
+    send_screening(list(range(1, 41)), queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
     assert [recovery.uploads_of_message(m) for m in messages] == [

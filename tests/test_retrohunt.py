@@ -16,21 +16,26 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
 from moderation.banks.matcher import Match
-from moderation.cli import main
+from moderation.banks.models import BankChange, BankEntry
 from moderation.config import Settings
+from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
+from moderation.main.cli import main
 from moderation.retrohunt import service as retrohunt
+from moderation.retrohunt import tasks as retrohunt_tasks
 from moderation.retrohunt.models import JobStatus, RetrohuntJob
+from moderation.review.models import Hit
 from moderation.screening import service as screening
-from moderation.screening.models import Hit, UploadStatus
+from moderation.screening.models import UploadStatus
+from moderation.worker.results import record_results
 from tests.images import encode, textured, write
 from tests.vectors import at_cosine_distance
 
@@ -38,6 +43,8 @@ DIM = 8
 ANCHOR = np.eye(DIM, dtype=np.float32)[0]
 # Settled at once: the tests place the race themselves (see the catch-up test).
 SETTINGS = Settings(bank_refresh_s=0, retrohunt_settle_s=0)
+# Long enough for the transactions of a busy test server to end (see `settled_value`).
+SETTLE_WAIT_S = 30.0
 
 
 def _flip(bits: int) -> bytes:
@@ -48,6 +55,25 @@ def _flip(bits: int) -> bytes:
 @pytest.fixture
 def model(session: Session) -> EmbeddingModel:
     return get_or_create_model(session, "retrohunt-test-model", DIM)
+
+
+@pytest.fixture(autouse=True)
+def log_read_through(session: Session) -> None:
+    """The bank change log's end before the test: its own rows are those after it."""
+    session.info[_HUNTED_THROUGH] = session.scalar(select(func.max(BankChange.id))) or 0
+
+
+_HUNTED_THROUGH = "test_hunted_through"
+
+
+def new_jobs(session: Session) -> list[int]:
+    """The jobs the starter makes of the entries this test added since the last call: what
+    `start_from_changes` does, in the test's own transaction (the starter reads only
+    committed rows)."""
+    through = session.scalar(select(func.max(BankChange.id))) or 0
+    jobs = retrohunt.jobs_for_changes(session, session.info[_HUNTED_THROUGH], through)
+    session.info[_HUNTED_THROUGH] = through
+    return [job.id for job in jobs]
 
 
 def screened_upload(
@@ -86,7 +112,7 @@ def screened_upload(
         pdq_as_stored=pdq_as_stored,
     )
     result = screening.Screened(upload_id, signals, np.array(vectors, np.float32), matches or [])
-    assert screening.record_screened(session, [result], model.id) == [True]
+    assert record_results(session, [result], model.id) == [True]
     return upload_id
 
 
@@ -100,7 +126,7 @@ def run_to_end(session: Session, job_id: int, **options: Any) -> RetrohuntJob:
 
 
 def only_job(session: Session) -> int:
-    (job_id,) = retrohunt.take_pending(session)
+    (job_id,) = new_jobs(session)
     return job_id
 
 
@@ -132,7 +158,7 @@ def test_clip_hits_inside_the_radius_and_exactly_on_it_but_not_beyond(
         [banks.NewEntry(embedding=at_cosine_distance(ANCHOR, 0.06, seed=4), model=model)],
         added_by="test",
     )
-    first, second = retrohunt.take_pending(session)
+    first, second = new_jobs(session)
     assert run_to_end(session, first).hits_found == 2
     assert run_to_end(session, second).hits_found == 1
 
@@ -351,7 +377,7 @@ def test_disabled_banks_are_not_hunted(session: Session, model: EmbeddingModel) 
     assert "disabled" in job.error
     # Entries added while disabled make no job; hunting the bank needs it enabled.
     banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x33" * 32)], added_by="test")
-    assert retrohunt.take_pending(session) == []
+    assert new_jobs(session) == []
     with pytest.raises(ValueError, match="disabled"):
         retrohunt.hunt_bank(session, bank, created_by="test")
     # Enabled again, a hunt of the whole bank finds what it missed.
@@ -450,16 +476,74 @@ def cli(*args: str) -> Any:
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_bank_add_reports_its_job_and_waits_for_it_within_a_timeout() -> None:
+def test_entries_committed_anyhow_start_one_hunt_per_bank_once() -> None:
+    """The starter reads the bank change log: entries added by the service or by plain SQL
+    start a hunt (one job per enabled bank, over their ids), once; a disabled bank's do
+    not. Jobs begin from the adding transaction's start (the catch-up's base)."""
+    with session_scope() as session:
+        one = banks.create_bank(session, "starter-one")
+        two = banks.create_bank(session, "starter-two")
+        off = banks.create_bank(session, "starter-off")
+        off.enabled = False
+        first = banks.add_entries(
+            session, one, [banks.NewEntry(sha256=bytes([i]) * 32) for i in (1, 2)], added_by="a"
+        )
+        began = session.scalar(select(func.now()))
+        one_id, two_id, first_id, last_id = one.id, two.id, first[0].id, first[1].id
+        banks.add_entries(session, off, [banks.NewEntry(sha256=b"\x09" * 32)], added_by="a")
+    with session_scope() as session:
+        session.execute(
+            text("INSERT INTO bank_entries (bank_id, sha256, added_by) VALUES (:b, :s, 'sql')"),
+            {"b": two_id, "s": b"\x03" * 32},
+        )
+    # A worker's sweeper may start them first (a test worker may be running): either way,
+    # once.
+    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    with session_scope() as session:
+        jobs = {j.bank_id: j for j in session.scalars(select(RetrohuntJob))}
+        assert set(jobs) == {one_id, two_id}
+        assert (jobs[one_id].first_entry_id, jobs[one_id].last_entry_id) == (first_id, last_id)
+        assert (jobs[one_id].entries, jobs[one_id].created_by) == (2, "a")
+        assert jobs[one_id].created_at == began
+        assert (jobs[two_id].entries, jobs[two_id].created_by) == (1, "sql")
+    assert retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S) == []
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 2
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_the_starter_waits_for_a_transaction_that_may_still_add_entries() -> None:
+    """Entries whose transaction took its log id before a later one committed are not
+    skipped: the starter does not move past an id a running transaction may still commit."""
+    with session_scope() as session:
+        bank_id = banks.create_bank(session, "starter-race").id
+    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    with Session(get_engine()) as slow, slow.begin():
+        slow.add(BankEntry(bank_id=bank_id, sha256=b"\x01" * 32, added_by="slow"))
+        slow.flush()  # its log row takes the lower id now
+        with session_scope() as session:
+            session.add(BankEntry(bank_id=bank_id, sha256=b"\x02" * 32, added_by="fast"))
+        # Waited for `slow`, which is still open.
+        assert not retrohunt_tasks.start_hunts(settle_wait_s=0.5)
+        with session_scope() as session:
+            assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 0
+    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    with session_scope() as session:
+        (job,) = session.scalars(select(RetrohuntJob))
+        assert job.entries == 2
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_retrohunt_wait_starts_the_hunt_and_waits_within_a_timeout() -> None:
     cli("bank", "create", "waited")
-    result = CliRunner().invoke(
-        main, ["bank", "add", "waited", "--sha256", "ab" * 32, "--wait", "--timeout", "1"]
-    )
+    added = cli("bank", "add", "waited", "--sha256", "ab" * 32)
+    assert "moderation retrohunt wait --bank waited" in added
+    result = CliRunner().invoke(main, ["retrohunt", "wait", "--bank", "waited", "--timeout", "1"])
     # A hunt settles for `retrohunt_settle_s` (30 s here), so it cannot finish in 1 s.
     assert result.exit_code == 3, result.output
-    assert "retro-hunt job " in result.stdout
     assert "timed out waiting for the retro-hunt" in result.stderr
     (job,) = cli("retrohunt", "list", "--json")
+    assert (job["bank"], job["entries"]) == ("waited", 1)
     started = cli("retrohunt", "start", "waited", "--json")
     assert (started["bank"], started["entries"], started["status"]) == ("waited", 1, "queued")
     assert started["id"] != job["id"]
@@ -478,15 +562,17 @@ def test_a_worker_hunts_an_entry_added_after_the_upload_was_screened(tmp_path: P
     assert upload.status is UploadStatus.SCREENED
     cli("bank", "create", "later")
     (entry,) = cli("bank", "add", "later", str(image), "--json")
-    job_id = entry["retrohunt_job"]
-    assert isinstance(job_id, int)
 
+    # The worker's sweeper starts the hunt from the bank change log, then runs it.
     deadline = time.monotonic() + 60
+    job: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        job = cli("retrohunt", "show", str(job_id), "--json")
-        if job["hits_found"] == 3:
+        listed = cli("retrohunt", "list", "--json")
+        job = listed[0] if listed else {}
+        if job.get("hits_found") == 3:
             break
         time.sleep(0.2)
+    job_id = job["id"]
     # The worker's settings wait `retrohunt_settle_s` before the final pass.
     assert job["status"] in ("settling", "catching_up", "done"), job
     assert job["uploads_scanned"] == job["uploads_total"] >= 1

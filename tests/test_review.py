@@ -17,8 +17,8 @@ from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.images.signals import SignalType
 from moderation.review import service
+from moderation.review.models import Hit, ReviewStatus
 from moderation.review.service import AlreadyDecided, Outcome, QueueFilter
-from moderation.screening.models import Hit, ReviewStatus
 from moderation.webhooks.models import EventType, WebhookEvent
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 

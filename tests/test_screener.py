@@ -27,11 +27,12 @@ from moderation.embedding.service import vector_from_bytes
 from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
+from moderation.review.models import Hit
 from moderation.screening import service
-from moderation.screening.intake.jobs import IntakeProcessLost, IntakeStalled
-from moderation.screening.intake.pool import IntakePool
-from moderation.screening.models import Hit, Upload, UploadStatus
-from moderation.screening.pipeline import Screener, StageTimeout
+from moderation.screening.models import Upload, UploadStatus
+from moderation.worker.intake.jobs import IntakeProcessLost, IntakeStalled
+from moderation.worker.intake.pool import IntakePool
+from moderation.worker.pipeline import Screener, StageTimeout
 from tests.images import encode, textured, write
 from tests.servers import http_server, image_handler
 

@@ -18,14 +18,15 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import func, select, update
 
-from moderation.cli import main
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.main.cli import main
+from moderation.messages import send_screening
+from moderation.review.models import Hit
 from moderation.screening import service
 from moderation.screening.cli import submit_uris, wait_until_final
-from moderation.screening.models import Hit, Upload, UploadStatus
-from moderation.screening.recovery import sweep_once
-from moderation.screening.tasks import publish_screening
+from moderation.screening.models import Upload, UploadStatus
+from moderation.worker.recovery import sweep_once
 from tests.images import animated_gif, decompression_bomb, encode, textured, write
 from tests.servers import http_server
 from tests.vectors import at_cosine_distance
@@ -138,9 +139,9 @@ def test_redelivered_event_creates_no_duplicate_hits(
     with session_scope() as session:
         upload, _ = service.submit(session, image.resolve().as_uri())
     # The same event three times at once, then twice more after it has been screened.
-    publish_screening([upload.id] * 3)
+    send_screening([upload.id] * 3)
     wait_until_final([upload.id], timeout_s=60)
-    publish_screening([upload.id] * 2)
+    send_screening([upload.id] * 2)
     _queue_drained(redis_client)
 
     with session_scope() as session:

@@ -14,8 +14,10 @@ from moderation.embedding.models import Embedding
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
+from moderation.review.models import Hit
 from moderation.screening import service
-from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.screening.models import Signal, Upload, UploadStatus
+from moderation.worker.results import record_results
 
 
 def _signals() -> ImageSignals:
@@ -72,7 +74,7 @@ def test_an_external_id_conflicts_with_the_bytes_screened_too(session: Session) 
     upload, _ = service.submit(session, "file:///a.jpg", "ext-3")
     service.claim(session, upload.id, max_attempts=3)
     screened = service.Screened(upload.id, _signals(), np.zeros((1, 4), np.float32), [])
-    service.record_screened(session, [screened], model.id)
+    record_results(session, [screened], model.id)
     with pytest.raises(service.ExternalIdConflict, match="bytes differ"):
         service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=bytes(range(32)))
     assert service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=b"\x02" * 32)[0]
@@ -130,10 +132,10 @@ def test_recording_twice_writes_once(session: Session) -> None:
 
     screened = service.Screened(upload.id, _signals(), vectors, matches)
     assert service.claim(session, upload.id, max_attempts=3) is not None
-    assert service.record_screened(session, [screened], model.id) == [True]
+    assert record_results(session, [screened], model.id) == [True]
     # A redelivered message: nothing left to claim, and recording again is a no-op.
     assert service.claim(session, upload.id, max_attempts=3) is None
-    assert service.record_screened(session, [screened], model.id) == [False]
+    assert record_results(session, [screened], model.id) == [False]
 
     assert _count(session, Hit, upload.id) == 1
     assert session.scalar(select(Hit.threshold).where(Hit.upload_id == upload.id)) == 0.25
@@ -155,11 +157,9 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
     a, b, done = (service.submit(session, f"file:///{n}.jpg")[0] for n in "abc")
     vectors = np.ones((1, 4), np.float32) / 2
     hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.0)]
-    service.record_screened(
-        session, [service.Screened(done.id, _signals(), vectors, hit)], model.id
-    )
+    record_results(session, [service.Screened(done.id, _signals(), vectors, hit)], model.id)
 
-    outcome = service.record_screened(
+    outcome = record_results(
         session,
         [
             service.Screened(a.id, _signals(), vectors, hit),
@@ -184,7 +184,7 @@ def test_recording_a_group_with_a_missing_upload_raises(session: Session) -> Non
     upload, _ = service.submit(session, "file:///a.jpg")
     vectors = np.ones((1, 4), np.float32) / 2
     with pytest.raises(service.UploadNotFound, match="999999999"):
-        service.record_screened(
+        record_results(
             session,
             [
                 service.Screened(upload.id, _signals(), vectors, []),

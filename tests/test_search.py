@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import AutoTokenizer
 
-from moderation.cli import main
 from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import Embedding
+from moderation.main.cli import main
 from moderation.screening.models import UploadStatus
 from moderation.search import service
 from moderation.search.follow import FollowedIndex

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 
-from moderation.api.app import create_app
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import embed_first_frame
 from moderation.images.decode import DecodeLimits
+from moderation.main.app import create_app
 from moderation.search.snapshot import read_snapshot
 from tests.api_fixtures import api, bearer, keys
 from tests.search_fixtures import add_hit, add_upload, index_dir, tiny_model, unit

@@ -31,8 +31,9 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.banks.models import Bank, BankEntry
 from moderation.db import session_scope
+from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.cli import submit_uris, wait_until_final
-from moderation.screening.models import Hit, ReviewStatus, UploadStatus
+from moderation.screening.models import UploadStatus
 from tests.web_fixtures import detailed_image
 from tests.webhook_receiver import Receiver, running_receiver
 

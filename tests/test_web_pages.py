@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select, update
 
-from moderation.api.access import route_roles
-from moderation.api.app import create_app
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
+from moderation.http.access import route_roles
+from moderation.main.app import create_app
 from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import WebSession

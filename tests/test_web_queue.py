@@ -14,7 +14,7 @@ from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
-from moderation.screening.models import Hit, ReviewStatus
+from moderation.review.models import Hit, ReviewStatus
 from moderation.web import service as web
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys

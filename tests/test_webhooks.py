@@ -21,12 +21,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import Match
-from moderation.cli import main
 from moderation.config import Settings, get_settings
 from moderation.db import session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
+from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.service import Outcome
 from moderation.screening import service as screening
@@ -34,6 +34,7 @@ from moderation.webhooks import sender as sending
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import Sender
+from moderation.worker.results import record_results
 from tests.conftest import TEST_ENV
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 from tests.webhook_receiver import Receiver, running_receiver
@@ -294,7 +295,7 @@ def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: in
     matches = [Match(entry, 0, SignalType.SHA256, 0.0, 0, 0.0) for entry in entry_ids]
     screening.claim(session, upload_id, max_attempts=3)
     screened = screening.Screened(upload_id, signals, np.zeros((1, 4), np.float32), matches)
-    screening.record_screened(session, [screened], model_id)
+    record_results(session, [screened], model_id)
 
 
 def test_screening_hits_are_announced_when_configured(

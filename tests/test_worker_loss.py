@@ -16,11 +16,12 @@ from moderation.banks import service as banks
 from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.images.hashing import sha256
+from moderation.messages import send_screening
+from moderation.review.models import Hit
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
-from moderation.screening.models import Hit, Signal, Upload, UploadStatus, Worker
-from moderation.screening.tasks import publish_screening
-from moderation.screening.worker_process import WorkerProcess, children_by_parent
+from moderation.screening.models import Signal, Upload, UploadStatus, Worker
+from moderation.worker.child import WorkerProcess, children_by_parent
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured
 from tests.servers import http_server, image_handler
@@ -105,7 +106,7 @@ def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
         "MODERATION_WORKER_DEAD_AFTER_S": "3600",
         "MODERATION_SWEEP_INTERVAL_S": "0.5",
     }
-    publish_screening(ids, queue=queue)
+    send_screening(ids, queue=queue)
 
     with WorkerProcess(tmp_path / "doomed.log", env) as doomed:
         doomed.wait_ready()
@@ -153,7 +154,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
         victim.wait_ready()
         survivor.wait_ready()
         victim_name, survivor_name = _worker_name(victim), _worker_name(survivor)
-        publish_screening(ids, queue=queue)
+        send_screening(ids, queue=queue)
         _kill_when_holding(victim, ids, victim_name)
         killed_at = time.monotonic()
         held = _held_by(victim_name, ids)
@@ -218,7 +219,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
         "MODERATION_WORKER_CONCURRENCY": "8",
         "MODERATION_INTAKE_PROCESSES": INTAKE_PROCESSES,
     }
-    publish_screening(ids, queue=env["MODERATION_QUEUE"])
+    send_screening(ids, queue=env["MODERATION_QUEUE"])
 
     with WorkerProcess(tmp_path / "faulty.log", env) as worker:
         worker.wait_ready()
@@ -273,7 +274,7 @@ def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
         worker.wait_ready()
         before = _intake_processes(worker)
         assert len(before) == 2
-        publish_screening(ids, queue=queue)
+        send_screening(ids, queue=queue)
         _wait_for(lambda: _count(UploadStatus.PROCESSING, ids) >= 2)
         # Mid-fetch (the slow server answers after 1.5 s), each process holding two of the
         # four task threads' jobs.

@@ -13,11 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from moderation.api.app import create_app
 from moderation.banks.models import Bank, BankEntry
 from moderation.db import session_scope
 from moderation.images.signals import SignalType
-from moderation.screening.models import Hit, Signal, Upload, UploadStatus
+from moderation.main.app import create_app
+from moderation.review.models import Hit
+from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.web.service import COOKIE_NAME
 
 BASE_URL = "https://testserver"

@@ -16,7 +16,6 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from moderation.api.access import Caller, DbSession, allow
 from moderation.auth.models import Role
 from moderation.banks import service
 from moderation.banks.hash_list import parse_pdq_list
@@ -24,6 +23,7 @@ from moderation.banks.models import Bank, BankEntry
 from moderation.config import get_settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
+from moderation.http.access import Caller, DbSession, allow
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import IntakeError
 from moderation.images.hashing import PdqHash, parse_hex

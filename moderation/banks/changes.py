@@ -17,6 +17,9 @@ so every later statement (the entries the changes name) sees at least what those
 Old rows are pruned (`moderation.banks.pruning`) below a recorded horizon. A tail whose
 checkpoint is below it cannot tell what it missed: its read says `everything`, and once
 the banks are loaded whole its checkpoint jumps to the horizon.
+
+Other domains that act on bank changes read the log as durable readers (`read_as`,
+`advance`), with a checkpoint kept in the database that pruning never passes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from moderation.banks.models import BankChange
+from moderation.banks.models import BankChange, BankChangeReader
 from moderation.banks.pruning import pruned_through
 from moderation.commit_horizon import (
     Horizon,
@@ -151,3 +155,48 @@ class ChangeTail:
 def _contains(sorted_ids: np.ndarray, value: int) -> bool:
     at = int(np.searchsorted(sorted_ids, value))
     return at < len(sorted_ids) and int(sorted_ids[at]) == value
+
+
+@dataclass(frozen=True)
+class ReaderPosition:
+    """What a durable reader may read now: the rows with ids in (`after`, `through`]."""
+
+    after: int
+    through: int
+    # Rows above `after` were pruned: the reader cannot tell what it missed. Only a
+    # hand-edited database gets here, since pruning never passes a reader.
+    missed: bool
+
+
+def read_as(session: Session, reader: str, wait_s: float = _START_WAIT_S) -> ReaderPosition | None:
+    """Where `reader` stands in the log, and the ids it may read now: up to the log's end
+    once every transaction that could still commit a row below it has ended (`wait_s`
+    at most). Its row stays locked until the caller's transaction ends, so one caller at
+    a time reads as `reader`; the caller records how far it got with `advance`. None if
+    another caller holds it, or if those transactions have not ended. A reader not seen
+    before starts from the beginning of the log. Call it before the session writes
+    anything (see `moderation.commit_horizon.settled_value`)."""
+    through = settled_value(session, "bank_changes", wait_s)
+    if through is None:
+        return None
+    session.execute(insert(BankChangeReader).values(name=reader).on_conflict_do_nothing())
+    checkpoint = session.scalar(
+        select(BankChangeReader.checkpoint)
+        .where(BankChangeReader.name == reader)
+        .with_for_update(skip_locked=True)
+    )
+    if checkpoint is None:
+        return None
+    return ReaderPosition(
+        checkpoint, max(through, checkpoint), missed=pruned_through(session) > checkpoint
+    )
+
+
+def advance(session: Session, reader: str, through: int) -> None:
+    """Record that `reader` has acted on every log row up to `through`, in the caller's
+    transaction (the one that acted)."""
+    session.execute(
+        update(BankChangeReader)
+        .where(BankChangeReader.name == reader)
+        .values(checkpoint=func.greatest(BankChangeReader.checkpoint, through), read_at=func.now())
+    )

@@ -19,8 +19,6 @@ from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import PdqHash, parse_hex
 from moderation.images.uri_policy import UriPolicy
-from moderation.retrohunt import service as retrohunt
-from moderation.retrohunt.cli import announce, exit_for, wait_for_jobs
 
 
 @click.group()
@@ -89,16 +87,7 @@ def list_(as_json: bool) -> None:
     "--source-ref", help="Where the source lives in restricted storage (default: the image path)."
 )
 @click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
-@click.option(
-    "--wait", is_flag=True, help="Wait until the retro-hunt of past uploads has finished."
-)
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print JSON: the new entries with their id and retro-hunt job.",
-)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the new entries with their id.")
 def add(
     name: str,
     images: tuple[str, ...],
@@ -107,12 +96,11 @@ def add(
     sha256_hashes: tuple[str, ...],
     source_ref: str | None,
     added_by: str,
-    wait: bool,
-    timeout: float | None,
     as_json: bool,
 ) -> None:
     """Add entries to bank NAME: from IMAGES, an embedding file, or hashes. A retro-hunt
-    job then searches the uploads screened before them, in the background."""
+    then searches the uploads screened before them, in the background (`moderation
+    retrohunt wait --bank NAME` waits for it)."""
     if not (images or embedding_file or pdq_hashes or sha256_hashes):
         raise click.UsageError("give IMAGES, --embedding, --pdq or --sha256")
     try:
@@ -132,7 +120,6 @@ def add(
             target = service.get_bank(session, name)
             rows = service.add_entries(session, target, entries, added_by=added_by)
             service.audit_added(session, target, rows, actor=cli_actor(), how="cli")
-            jobs = retrohunt.jobs_in_transaction(session)
             added = [
                 {
                     "id": r.id,
@@ -142,8 +129,6 @@ def add(
                     "pdq_quality": r.pdq_quality,
                     "embedding": bool(r.embeddings),
                     "source_ref": r.source_ref,
-                    # None for a disabled bank, which is not hunted.
-                    "retrohunt_job": jobs[0] if jobs else None,
                 }
                 for r in rows
             ]
@@ -157,9 +142,11 @@ def add(
             click.echo(f"added 1 entry to {name}: id {ids}")
         else:
             click.echo(f"added {len(added)} entries to {name}: ids {ids}")
-        announce(jobs)
-    if wait:
-        exit_for(wait_for_jobs(jobs, timeout, quiet=as_json))
+        if target.enabled:
+            click.echo(
+                "a retro-hunt searches past uploads for them in the background: "
+                f"`moderation retrohunt wait --bank {name}`"
+            )
 
 
 @bank.command("remove")

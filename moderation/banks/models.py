@@ -113,3 +113,17 @@ class BankChangesHorizon(Base):
     one_row: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default="true")
     pruned_through: Mapped[int] = mapped_column(BigInteger, server_default="0")
     pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BankChangeReader(Base):
+    """A process that follows `bank_changes` durably, from a checkpoint kept here (the
+    retro-hunt's starter): every log row up to `checkpoint` has been read and acted on.
+    Pruning never deletes a row above the lowest checkpoint, so such a reader never
+    misses a change, however long it stops for. (Workers' bank indexes follow the log in
+    memory and load the banks whole when they fall behind: they are not readers.)"""
+
+    __tablename__ = "bank_change_readers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checkpoint: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -4,7 +4,7 @@ Triggers add about two rows per entry added (the entry and its embedding), so a 
 millions with churn would grow the log without end. Workers need only the rows above
 their checkpoints, which trail the log's end by seconds, so the rows older than
 `bank_changes_retention_s` (a day) are deleted, by every worker's sweeper
-(`moderation.screening.recovery`) and by `moderation sweep`.
+(`moderation.worker.sweeper`) and by `moderation sweep`.
 
 What a worker must never do is miss a change. Pruning therefore deletes a prefix of the
 log, ids up to some N, and in the same transaction records N as the horizon
@@ -12,7 +12,9 @@ log, ids up to some N, and in the same transaction records N as the horizon
 what it missed and loads the banks whole (`moderation.banks.changes`). N is never above
 an id a running transaction could still commit (`moderation.commit_horizon`): rows become
 visible when their transaction commits, so a row committed later with an id below the
-horizon would be skipped by every worker already past it. Rows are deleted in batches of
+horizon would be skipped by every worker already past it, nor above the checkpoint of a
+durable reader (`changes.read_as`: the retro-hunt's starter), which must read every row.
+Rows are deleted in batches of
 `_BATCH`, each batch a transaction of its own, so that no prune holds many locks or
 writes much WAL at once.
 """
@@ -29,7 +31,7 @@ from sqlalchemy import ColumnElement, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from moderation.banks.models import BankChange, BankChangesHorizon
+from moderation.banks.models import BankChange, BankChangeReader, BankChangesHorizon
 from moderation.commit_horizon import settled_value
 from moderation.config import get_settings
 from moderation.db import session_scope
@@ -51,6 +53,11 @@ _PRUNE_LOCK_KEY = 7_301_563
 class Pruned:
     rows: int  # log rows deleted
     through: int  # the horizon afterwards: every row up to this id may be gone
+
+
+def slowest_reader(session: Session) -> int | None:
+    """The lowest checkpoint of the log's durable readers; None if there are none."""
+    return session.scalar(select(func.min(BankChangeReader.checkpoint)))
 
 
 def pruned_through(session: Session) -> int:
@@ -77,6 +84,9 @@ def prune_changes(
         if not _has_old_rows(session, retention):
             return Pruned(0, through)  # the usual case: no settling, no writes
         settled = settled_value(session, "bank_changes", settle_wait_s)
+        slowest = slowest_reader(session)
+    if settled is not None and slowest is not None:
+        settled = min(settled, slowest)
     rows = 0
     done = 0
     while settled is not None and (batches is None or done < batches):

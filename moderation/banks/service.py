@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import exists, false, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from moderation import pg_copy
@@ -17,8 +18,6 @@ from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import embed_first_frame, vector_to_bytes
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
-from moderation.retrohunt import service as retrohunt
-from moderation.screening.models import Hit, ReviewStatus
 
 if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
@@ -180,21 +179,13 @@ def add_entries(
         rows.append(row)
     session.add_all(rows)
     session.flush()
-    if rows:
-        # In this transaction: the entries are never committed without their hunt.
-        retrohunt.record_entries_added(
-            session,
-            bank,
-            min(row.id for row in rows),
-            max(row.id for row in rows),
-            len(rows),
-            created_by=added_by,
-        )
     return rows
 
 
 # Rows per COPY: 20,000 768-d embeddings are 60 MB of COPY data.
 _ROWS_PER_COPY = 20_000
+# The SQLSTATE the database raises for an entry that confirmed or escalated hits keep.
+_RESTRICT_VIOLATION = "23001"
 
 
 def copy_entries(
@@ -209,8 +200,8 @@ def copy_entries(
     """Add one entry per row of `vectors` (L2-normalised, from `model`), with the PDQ hash
     of the same row of `pdq` (n x 32 bytes, quality unknown) if given, by binary COPY:
     a bank of a million entries in minutes, where `add_entries` builds an object per row.
-    Returns the number of entries added. Like `add_entries`, makes the retro-hunt job that
-    searches past uploads for them, in the same transaction."""
+    Returns the number of entries added. The triggers log them, as any entries added
+    (past uploads are then searched for them: `moderation.retrohunt`)."""
     if vectors.ndim != 2 or vectors.shape[1] != model.dim:
         raise ValueError(
             f"embeddings have shape {vectors.shape}; model {model.name!r} is {model.dim}-d"
@@ -230,8 +221,6 @@ def copy_entries(
         ("model_id", ">i8"),
         ("vector", f"V{4 * model.dim}"),
     ]
-    first_id: int | None = None
-    last_id: int | None = None
     for start in range(0, len(vectors), _ROWS_PER_COPY):
         chunk = np.ascontiguousarray(vectors[start : start + _ROWS_PER_COPY], "<f4")
         ids = session.scalars(
@@ -252,12 +241,6 @@ def copy_entries(
         embeddings["model_id"] = model.id
         embeddings["vector"] = chunk.view(f"V{4 * model.dim}").reshape(-1)
         pg_copy.copy_in(session, "bank_entry_embeddings", embeddings)
-        first_id = min(ids) if first_id is None else min(first_id, min(ids))
-        last_id = max(ids) if last_id is None else max(last_id, max(ids))
-    if first_id is not None and last_id is not None:
-        retrohunt.record_entries_added(
-            session, bank, first_id, last_id, len(vectors), created_by=added_by
-        )
     return len(vectors)
 
 
@@ -411,7 +394,10 @@ def list_entries(
 
 
 def remove_entry(session: Session, bank: Bank, entry_id: int, *, actor: str) -> dict[str, Any]:
-    """Delete an entry and its undecided hits; what it was, as audited."""
+    """Delete an entry, and with it its undecided hits (the foreign key's cascade); what it
+    was, as audited. An entry with confirmed or escalated hits is kept: the database
+    refuses to delete it (migration 0012), whoever asks, and this raises
+    `EntryHasDecidedHits`."""
     entry = session.scalar(
         select(BankEntry)
         .where(BankEntry.id == entry_id, BankEntry.bank_id == bank.id)
@@ -419,22 +405,16 @@ def remove_entry(session: Session, bank: Bank, entry_id: int, *, actor: str) -> 
     )
     if entry is None:
         raise EntryNotFound(bank.name, entry_id)
-    decided = session.scalar(
-        select(func.count())
-        .select_from(Hit)
-        .where(
-            Hit.bank_entry_id == entry_id,
-            Hit.review_status.in_((ReviewStatus.CONFIRMED, ReviewStatus.ESCALATED)),
-        )
-    )
-    if decided:
-        raise EntryHasDecidedHits(entry_id, decided)
-    hits = session.scalar(
-        select(func.count()).select_from(Hit).where(Hit.bank_entry_id == entry_id)
-    )
-    before = {**entry_state(entry), "bank": bank.name, "hits": hits or 0}
-    session.delete(entry)
-    session.flush()
+    before = {**entry_state(entry), "bank": bank.name}
+    try:
+        with session.begin_nested():
+            session.delete(entry)
+            session.flush()
+    except IntegrityError as error:
+        diagnosis = getattr(error.orig, "diag", None)
+        if getattr(error.orig, "pgcode", None) != _RESTRICT_VIOLATION or diagnosis is None:
+            raise
+        raise EntryHasDecidedHits(entry_id, int(diagnosis.message_detail)) from None
     audit.record(
         session,
         actor=actor,

@@ -76,7 +76,7 @@ def _run(base: Settings) -> None:
     click.echo(f"bank {DEMO_BANK!r}: {len(entries)} entries from {SAMPLES / 'bank'}")
 
     from moderation.screening.cli import expand, submit_uris, wait_until_final
-    from moderation.screening.worker_process import WorkerProcess
+    from moderation.worker.child import WorkerProcess
 
     with tempfile.TemporaryDirectory(prefix="moderation-demo-") as tmp:
         log = Path(tmp) / "worker.log"

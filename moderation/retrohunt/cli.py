@@ -12,11 +12,13 @@ import click
 from moderation.banks import service as banks
 from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
-from moderation.retrohunt import service
+from moderation.retrohunt import service, tasks
 from moderation.retrohunt.models import FINAL_JOB_STATUSES, JobStatus
 
 # `--wait` reports progress this often on stderr.
 _PROGRESS_EVERY_S = 5.0
+# How long `wait` lets transactions that may still add entries end before it starts hunts.
+_SETTLE_WAIT_S = 30.0
 # Exit status when `--wait` runs out of time (as `submit --wait`).
 EXIT_TIMED_OUT = 3
 
@@ -76,6 +78,7 @@ def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_j
             ).id
     except (ValueError, LookupError) as error:
         raise click.ClickException(str(error)) from None
+    tasks.send_steps([service.NextStep(job_id, 0)])
     if not as_json:
         click.echo(f"retro-hunt job {job_id} started for every entry of {bank_name}")
     finished = wait_for_jobs([job_id], timeout, quiet=as_json) if wait else None
@@ -86,13 +89,30 @@ def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_j
         exit_for(finished)
 
 
-def announce(job_ids: Sequence[int]) -> None:
-    """Say, after entries were added, which job searches past uploads for them."""
-    for job_id in job_ids:
+@retrohunt.command("wait")
+@click.option("--bank", "bank_name", help="Only this bank's jobs.")
+@click.option("--timeout", type=float, help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the jobs waited for.")
+def wait(bank_name: str | None, timeout: float | None, as_json: bool) -> None:
+    """Wait until every unfinished job (of BANK) has finished, showing progress; jobs for
+    entries already added are started first, without waiting for a worker's sweeper.
+    Exits 3 on timeout, 1 if a job failed."""
+    if tasks.start_hunts(settle_wait_s=_SETTLE_WAIT_S) is None:
         click.echo(
-            f"retro-hunt job {job_id} searches past uploads for them in the background: "
-            f"`moderation retrohunt show {job_id}`"
+            "could not start hunts for the latest entries yet (a long transaction is running "
+            "on the database server); workers' sweepers will start them once it ends",
+            err=True,
         )
+    try:
+        with session_scope() as session:
+            bank = banks.get_bank(session, bank_name) if bank_name else None
+            job_ids = service.unfinished_jobs(session, bank_id=bank.id if bank else None)
+    except LookupError as error:
+        raise click.ClickException(str(error)) from None
+    finished = wait_for_jobs(job_ids, timeout, quiet=as_json)
+    if as_json:
+        emit_json([_json(job) for job in finished or []])
+    exit_for(finished)
 
 
 def wait_for_jobs(

@@ -8,10 +8,12 @@ The lifecycle of a job, each arrow one transaction:
                                  `settle_until` has passed)
                               ─▶ catching_up (the final pass) ─▶ done
 
-- **Created with the entries.** `banks.service.add_entries` and `copy_entries` call
-  `record_entries_added` in their own transaction, so entries are never committed
-  without their job; the job's first message is published only after that commit (a
-  session `after_commit` hook, whoever the caller is: the CLI, the API or an import).
+- **Started from the bank change log.** Triggers log every entry added, in the
+  transaction that adds it, whoever adds it (the CLI, the API, an import by COPY, plain
+  SQL). Every worker's sweeper, and `moderation sweep`, read the log from a checkpoint
+  of their own (`start_from_changes`), which pruning never passes: no entry is ever
+  committed without its hunt, and banks know nothing of hunting. The job's first
+  message is sent after the transaction that made it commits.
 - **Exact.** See `search`: nothing is approximate, and a hit records the signal,
   distance, frame and model as screening would have.
 - **Idempotent and resumable.** A step runs under the job's row lock, searches the
@@ -40,15 +42,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, event, func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from moderation.banks.models import Bank, BankEntry
+from moderation.banks.changes import advance, read_as
+from moderation.banks.models import Bank, BankChange, BankEntry
 from moderation.config import Settings
 from moderation.retrohunt.models import FINAL_JOB_STATUSES, JobStatus, RetrohuntJob
 from moderation.retrohunt.search import FoundHit, HuntSettings, Targets, UploadFilter
-from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.review.models import Hit
+from moderation.screening.models import Upload, UploadStatus
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import EventType
 
@@ -59,8 +63,8 @@ logger = logging.getLogger(__name__)
 BLOCK_UPLOADS = 2000
 # Hits inserted per statement.
 _HITS_PER_INSERT = 1000
-# Jobs whose first message is sent when the session's transaction commits.
-_PENDING = "retrohunt_jobs_to_publish"
+# Its name among the bank change log's readers (`moderation.banks.changes.read_as`).
+RETROHUNT_READER = "retrohunt"
 
 
 class JobNotFound(LookupError):
@@ -105,7 +109,7 @@ def hunt_settings(settings: Settings) -> HuntSettings:
     return HuntSettings(settings.match_radius, settings.pdq_threshold, settings.pdq_min_quality)
 
 
-def record_entries_added(
+def create_job(
     session: Session,
     bank: Bank,
     first_entry_id: int,
@@ -113,10 +117,12 @@ def record_entries_added(
     count: int,
     *,
     created_by: str,
+    entries_added_at: datetime | None = None,
 ) -> RetrohuntJob | None:
-    """A job for entries just added to `bank` (ids in [first, last]), in the caller's
-    transaction; its message is sent after that transaction commits. None for a disabled
-    bank or no entries."""
+    """A job for entries of `bank` with ids in [first, last], in the caller's
+    transaction; the caller sends its first step after that transaction commits. None
+    for a disabled bank or no entries. `entries_added_at`: when the transaction that
+    added them began (the catch-up searches from a little before it), now by default."""
     if count == 0 or not bank.enabled:
         return None
     job = RetrohuntJob(
@@ -124,13 +130,14 @@ def record_entries_added(
         first_entry_id=first_entry_id,
         last_entry_id=last_entry_id,
         entries=count,
-        created_by=created_by,
+        created_by=created_by[:200],
         status=JobStatus.QUEUED,
         next_run_at=func.now(),
     )
+    if entries_added_at is not None:
+        job.created_at = entries_added_at
     session.add(job)
     session.flush()
-    session.info.setdefault(_PENDING, []).append(job.id)
     return job
 
 
@@ -143,41 +150,82 @@ def hunt_bank(session: Session, bank: Bank, *, created_by: str) -> RetrohuntJob:
             BankEntry.bank_id == bank.id
         )
     ).one()
-    job = record_entries_added(session, bank, first or 0, last or 0, count, created_by=created_by)
+    job = create_job(session, bank, first or 0, last or 0, count, created_by=created_by)
     if job is None:
         raise ValueError(f"bank {bank.name!r} has no entries to hunt for")
     return job
 
 
-def jobs_in_transaction(session: Session) -> list[int]:
-    """The jobs created in this session's transaction so far (to report them)."""
-    return list(session.info.get(_PENDING, []))
+def start_from_changes(session: Session, *, settle_wait_s: float = 1.0) -> list[NextStep] | None:
+    """Jobs for the entries added (or whose hashes or bank changed) since the last call,
+    read from the bank change log, which triggers write in the transaction of every
+    change (`moderation.banks.changes`): no way of adding entries escapes a hunt, and
+    adding them needs to know nothing of hunting. One job per bank, over the range of
+    its entries' ids. Returns the first steps, to send after the caller commits; None
+    when it cannot read now: another caller is starting jobs, or a transaction that
+    could still add entries has not ended within `settle_wait_s` (a long transaction
+    anywhere on the server: see `moderation.commit_horizon`). Call it in a session that
+    has written nothing yet (see `banks.changes.read_as`)."""
+    read = read_as(session, RETROHUNT_READER, settle_wait_s)
+    if read is None:
+        return None
+    if read.missed:
+        # Pruning never passes a reader's checkpoint, so only a hand-edited database gets
+        # here: hunt every enabled bank whole rather than miss an entry.
+        logger.error(
+            "the bank change log was pruned past the retro-hunt's checkpoint; hunting "
+            "every enabled bank whole"
+        )
+        banks = session.scalars(select(Bank).where(Bank.enabled)).all()
+        jobs = [j for b in banks if (j := _hunt_whole(session, b)) is not None]
+    else:
+        jobs = jobs_for_changes(session, read.after, read.through)
+    advance(session, RETROHUNT_READER, read.through)
+    if jobs:
+        logger.info("started retro-hunt job(s) %s", [job.id for job in jobs])
+    return [NextStep(job.id, 0) for job in jobs]
 
 
-def take_pending(session: Session) -> list[int]:
-    """The jobs created in this session's transaction whose first message is not sent."""
-    pending: list[int] = session.info.pop(_PENDING, [])
-    return pending
+def jobs_for_changes(session: Session, after: int, through: int) -> list[RetrohuntJob]:
+    """Jobs for the entries that the log rows with ids in (`after`, `through`] name, one
+    per enabled bank, in the caller's transaction."""
+    added = (
+        select(
+            Bank,
+            func.min(BankEntry.id),
+            func.max(BankEntry.id),
+            func.count(BankEntry.id.distinct()),
+            func.min(BankChange.created_at),
+            func.string_agg(BankEntry.added_by.distinct(), ", "),
+        )
+        .select_from(BankChange)
+        .join(BankEntry, BankEntry.id == BankChange.bank_entry_id)
+        .join(Bank, Bank.id == BankEntry.bank_id)
+        .where(
+            BankChange.id > after,
+            BankChange.id <= through,
+            # The entry's own row; its embeddings' rows name a model.
+            BankChange.model_id.is_(None),
+            Bank.enabled,
+        )
+        .group_by(Bank.id)
+        .order_by(Bank.id)
+    )
+    jobs = []
+    for bank, first, last, count, added_at, added_by in session.execute(added):
+        job = create_job(
+            session, bank, first, last, count, created_by=added_by, entries_added_at=added_at
+        )
+        if job is not None:
+            jobs.append(job)
+    return jobs
 
 
-@event.listens_for(Session, "after_commit")
-def _publish_after_commit(session: Session) -> None:
-    jobs = take_pending(session)
-    if not jobs:
-        return
-    from moderation.retrohunt.tasks import publish_step
-
-    for job_id in jobs:
-        try:
-            publish_step(NextStep(job_id, 0))
-        except Exception as error:
-            # The job is committed: the sweeper sends it once it is overdue.
-            logger.warning("could not send retro-hunt job %d (the sweeper will): %s", job_id, error)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_after_rollback(session: Session) -> None:
-    session.info.pop(_PENDING, None)
+def _hunt_whole(session: Session, bank: Bank) -> RetrohuntJob | None:
+    try:
+        return hunt_bank(session, bank, created_by="retro-hunt recovery")
+    except ValueError:  # no entries
+        return None
 
 
 # Running a job.
@@ -388,6 +436,14 @@ class TargetCache:
 
 
 # Recovery.
+
+
+def unfinished_jobs(session: Session, *, bank_id: int | None = None) -> list[int]:
+    """The jobs not yet final (of one bank), oldest first."""
+    query = select(RetrohuntJob.id).where(RetrohuntJob.status.not_in(FINAL_JOB_STATUSES))
+    if bank_id is not None:
+        query = query.where(RetrohuntJob.bank_id == bank_id)
+    return list(session.scalars(query.order_by(RetrohuntJob.id)))
 
 
 def find_due(session: Session, *, stalled_after_s: float, limit: int = 100) -> list[NextStep]:

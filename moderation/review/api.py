@@ -1,23 +1,29 @@
-"""The review queue over HTTP: reviewers read and decide hits; analysts may read them."""
+"""The review queue over HTTP: reviewers read and decide hits; analysts may read them. And
+what became of an upload, with its hits (`GET /v1/uploads/...`), for producers too."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 
-from moderation.api.access import Caller, DbSession, allow
-from moderation.api.types import UtcDatetime
 from moderation.auth.models import Role
+from moderation.http.access import Caller, DbSession, allow
+from moderation.http.types import UtcDatetime
 from moderation.images.signals import SignalType
 from moderation.review import service
+from moderation.review.models import ReviewStatus
 from moderation.review.service import HitEvidence, Outcome, QueueFilter
-from moderation.screening.models import ReviewStatus
+from moderation.screening import service as screening
+from moderation.screening.api import MAX_ID
+from moderation.screening.models import AS_STORED_FRAME, Upload
 
 router = APIRouter(prefix="/v1/hits", tags=["review"])
+# What became of an upload, with its hits.
+uploads_router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
 # Ids are PostgreSQL bigints: a larger number is no hit, not a database error.
 HitId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -165,4 +171,133 @@ def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) 
         changed=decision.changed,
         decided_hit_ids=sorted(decision.decided),
         hits=[HitOut.of(hit) for hit in decision.hits],
+    )
+
+
+# Uploads with their hits.
+
+
+class UploadError(BaseModel):
+    code: str
+    message: str
+
+
+class SignalOut(BaseModel):
+    signal: str
+    frame_index: int
+    # Hex digest: SHA-256 of the bytes, or the PDQ hash of one frame.
+    value: str
+    # PDQ's quality, 0-100; null for SHA-256.
+    quality: int | None
+    # A PDQ hash of frame 0 as the file stores it, before its EXIF orientation was applied
+    # (present only where that turned it): hash lists made without orientation hold it.
+    as_stored: bool = False
+
+
+class UploadHitOut(BaseModel):
+    hit_id: int
+    bank: str
+    bank_entry_id: int
+    signal: str
+    # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256.
+    distance: float
+    frame_index: int
+    model: str | None
+    retroactive: bool
+    review_status: str
+    created_at: datetime
+
+
+class UploadOut(BaseModel):
+    upload_id: int
+    external_id: str | None
+    uri: str
+    status: str
+    error: UploadError | None
+    metadata: dict[str, Any] | None
+    media_format: str | None
+    width: int | None
+    height: int | None
+    frame_count: int | None
+    frames_hashed: int | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+    signals: list[SignalOut]
+    hits: list[UploadHitOut]
+
+
+class UploadList(BaseModel):
+    uploads: list[UploadOut]
+
+
+UPLOAD_READERS = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
+
+
+@uploads_router.get("/{upload_id}", openapi_extra=UPLOAD_READERS)
+def get_upload(session: DbSession, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> UploadOut:
+    """An upload's status, error, signals and hits."""
+    upload = session.get(Upload, upload_id)
+    if upload is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
+    return _upload_out(session, upload)
+
+
+@uploads_router.get("", openapi_extra=UPLOAD_READERS)
+def find_uploads(
+    session: DbSession, external_id: Annotated[str, Query(min_length=1, max_length=512)]
+) -> UploadList:
+    """The upload an external id names (a list of at most one)."""
+    if "\x00" in external_id:
+        return UploadList(uploads=[])
+    upload = screening.upload_by_external_id(session, external_id)
+    return UploadList(uploads=[] if upload is None else [_upload_out(session, upload)])
+
+
+def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
+    error = (
+        UploadError(code=upload.error_code, message=upload.error_message or "")
+        if upload.error_code
+        else None
+    )
+    return UploadOut(
+        upload_id=upload.id,
+        external_id=upload.external_id,
+        uri=upload.uri,
+        status=upload.status.value,
+        error=error,
+        metadata=upload.event_metadata,
+        media_format=upload.media_format,
+        width=upload.width,
+        height=upload.height,
+        frame_count=upload.frame_count,
+        frames_hashed=upload.frames_hashed,
+        attempts=upload.attempts,
+        created_at=upload.created_at,
+        finished_at=upload.finished_at,
+        signals=[
+            SignalOut(
+                signal=s.signal.value,
+                frame_index=max(s.frame_index, 0),
+                as_stored=s.frame_index == AS_STORED_FRAME,
+                value=s.value.hex(),
+                quality=s.quality,
+            )
+            for s in screening.upload_signals(session, upload.id)
+        ],
+        hits=[
+            UploadHitOut(
+                hit_id=hit.hit_id,
+                bank=hit.bank,
+                bank_entry_id=hit.bank_entry_id,
+                signal=hit.signal,
+                distance=hit.distance,
+                frame_index=hit.frame_index,
+                model=hit.model,
+                retroactive=hit.retroactive,
+                review_status=hit.review_status,
+                created_at=hit.created_at,
+            )
+            for hit in service.upload_hits(session, upload.id)
+        ],
     )

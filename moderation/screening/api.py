@@ -1,4 +1,5 @@
-"""Uploads over HTTP: `POST /v1/uploads` for producers, and what became of an upload.
+"""Uploads over HTTP: `POST /v1/uploads` for producers. (What became of an upload, with its
+hits, is read from `moderation.review.api`: hits are the review queue's.)
 
 Submission goes through `submission.accept`, the path `moderation submit` takes: URIs
 checked against the fetch policy before anything is recorded, a row committed before its
@@ -13,21 +14,19 @@ external ids make the retry safe.
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
+from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moderation.api.access import DbSession, allow
-from moderation.api.metrics import UPLOAD_BATCH_SIZE
-from moderation.api.resources import ProcessResource
 from moderation.auth.models import Role
-from moderation.celery_app import send_screening
-from moderation.review import service as review
+from moderation.http.access import allow
+from moderation.http.metrics import REGISTRY
+from moderation.http.resources import ProcessResource
+from moderation.messages import send_screening
 from moderation.screening import service
 from moderation.screening.announcer import Announcer
-from moderation.screening.models import AS_STORED_FRAME, Upload
 from moderation.screening.service import NewUpload, Submitted
 from moderation.screening.submission import UrisRefused, accept
 
@@ -37,6 +36,13 @@ ANNOUNCER = ProcessResource("announcer", lambda: Announcer(send_screening))
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=ANNOUNCER.lifespan())
 
+
+UPLOAD_BATCH_SIZE = Histogram(
+    "moderation_upload_batch_size",
+    "Uploads per POST /v1/uploads request accepted by this API process",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+    registry=REGISTRY,
+)
 
 # Events per request. A batch is one transaction; a producer with more sends more requests.
 MAX_BATCH = 1000
@@ -123,60 +129,6 @@ class UploadBatchAccepted(BaseModel):
     uploads: list[UploadAccepted]
 
 
-class UploadError(BaseModel):
-    code: str
-    message: str
-
-
-class SignalOut(BaseModel):
-    signal: str
-    frame_index: int
-    # Hex digest: SHA-256 of the bytes, or the PDQ hash of one frame.
-    value: str
-    # PDQ's quality, 0-100; null for SHA-256.
-    quality: int | None
-    # A PDQ hash of frame 0 as the file stores it, before its EXIF orientation was applied
-    # (present only where that turned it): hash lists made without orientation hold it.
-    as_stored: bool = False
-
-
-class HitOut(BaseModel):
-    hit_id: int
-    bank: str
-    bank_entry_id: int
-    signal: str
-    # Cosine distance for CLIP, Hamming bits for PDQ, 0 for SHA-256.
-    distance: float
-    frame_index: int
-    model: str | None
-    retroactive: bool
-    review_status: str
-    created_at: datetime
-
-
-class UploadOut(BaseModel):
-    upload_id: int
-    external_id: str | None
-    uri: str
-    status: str
-    error: UploadError | None
-    metadata: dict[str, Any] | None
-    media_format: str | None
-    width: int | None
-    height: int | None
-    frame_count: int | None
-    frames_hashed: int | None
-    attempts: int
-    created_at: datetime
-    finished_at: datetime | None
-    signals: list[SignalOut]
-    hits: list[HitOut]
-
-
-class UploadList(BaseModel):
-    uploads: list[UploadOut]
-
-
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -236,75 +188,3 @@ def accepted_answer(
         for a, e in zip(accepted, events, strict=True)
     ]
     return UploadBatchAccepted(uploads=out) if isinstance(body, UploadBatchIn) else out[0]
-
-
-READERS = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
-
-
-@router.get("/{upload_id}", openapi_extra=READERS)
-def get_upload(session: DbSession, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> UploadOut:
-    """An upload's status, error, signals and hits."""
-    upload = session.get(Upload, upload_id)
-    if upload is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    return _upload_out(session, upload)
-
-
-@router.get("", openapi_extra=READERS)
-def find_uploads(
-    session: DbSession, external_id: Annotated[str, Query(min_length=1, max_length=512)]
-) -> UploadList:
-    """The upload an external id names (a list of at most one)."""
-    if "\x00" in external_id:
-        return UploadList(uploads=[])
-    upload = service.upload_by_external_id(session, external_id)
-    return UploadList(uploads=[] if upload is None else [_upload_out(session, upload)])
-
-
-def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
-    error = (
-        UploadError(code=upload.error_code, message=upload.error_message or "")
-        if upload.error_code
-        else None
-    )
-    return UploadOut(
-        upload_id=upload.id,
-        external_id=upload.external_id,
-        uri=upload.uri,
-        status=upload.status.value,
-        error=error,
-        metadata=upload.event_metadata,
-        media_format=upload.media_format,
-        width=upload.width,
-        height=upload.height,
-        frame_count=upload.frame_count,
-        frames_hashed=upload.frames_hashed,
-        attempts=upload.attempts,
-        created_at=upload.created_at,
-        finished_at=upload.finished_at,
-        signals=[
-            SignalOut(
-                signal=s.signal.value,
-                frame_index=max(s.frame_index, 0),
-                as_stored=s.frame_index == AS_STORED_FRAME,
-                value=s.value.hex(),
-                quality=s.quality,
-            )
-            for s in service.upload_signals(session, upload.id)
-        ],
-        hits=[
-            HitOut(
-                hit_id=hit.hit_id,
-                bank=hit.bank,
-                bank_entry_id=hit.bank_entry_id,
-                signal=hit.signal,
-                distance=hit.distance,
-                frame_index=hit.frame_index,
-                model=hit.model,
-                retroactive=hit.retroactive,
-                review_status=hit.review_status,
-                created_at=hit.created_at,
-            )
-            for hit in review.upload_hits(session, upload.id)
-        ],
-    )

@@ -14,15 +14,13 @@ import click
 
 from moderation.audit.service import cli_actor
 from moderation.config import get_settings
-from moderation.console import emit_json, emit_table
+from moderation.console import emit_json, emit_table, limit_options, say_if_cut
 from moderation.db import session_scope
 from moderation.images.errors import IntakeError, NotFound
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import sha256
 from moderation.images.sniff import HEAD_BYTES, why_not_an_image
 from moderation.images.uri_policy import UriPolicy
-from moderation.review import service as review
-from moderation.review.service import QueueFilter
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import NewUpload
@@ -345,7 +343,7 @@ def resubmit(
     Exit status with --wait: 0 all screened; 1 some failed; 2 usage error;
     3 timed out (not all finished); 4 PostgreSQL or Redis unreachable.
     """
-    from moderation.screening.tasks import publish_screening
+    from moderation.messages import send_screening
 
     actor = cli_actor()
     try:
@@ -354,55 +352,8 @@ def resubmit(
                 service.resubmit(session, upload_id, actor=actor)
     except (service.UploadNotFound, service.NotResubmittable) as error:
         raise click.ClickException(f"{error}; nothing was resubmitted") from None
-    publish_screening(list(upload_ids), get_settings().queue)
+    send_screening(list(upload_ids), get_settings().queue)
     _show_uploads(list(upload_ids), wait, timeout, as_json, stall_after)
-
-
-def _say_if_cut(shown: int, total: int, what: str, as_json: bool) -> None:
-    """Listings never cut silently. On stderr beside JSON, which stays a plain list."""
-    if total > shown:
-        click.echo(
-            f"showing {shown:,} of {total:,} {what}, newest first: --limit N or --all for more",
-            err=as_json,
-        )
-
-
-_limit_options = [
-    click.option(
-        "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Newest N."
-    ),
-    click.option("--all", "show_all", is_flag=True, help="All of them, however many."),
-]
-
-
-def limit_options(command: Any) -> Any:
-    for option in reversed(_limit_options):
-        command = option(command)
-    return command
-
-
-@click.command()
-@click.option("--upload", "upload_id", type=int, help="Only this upload's hits.")
-@limit_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> None:
-    """Show hits against the banks, newest first, with their evidence and review status
-    (`moderation decide` decides them)."""
-    every = QueueFilter(status=None, upload_id=upload_id)
-    with session_scope() as session:
-        found = review.newest(session, every, None if show_all else limit)
-        cut = not show_all and len(found) == limit
-        total = review.count(session, every) if cut else len(found)
-    if as_json:
-        emit_json(found)
-    else:
-        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "threshold"]
-        emit_table(
-            [vars(h) for h in found],
-            [*columns, "frame_index", "model", "retroactive", "review_status", "upload_uri"],
-            empty="no hits",
-        )
-    _say_if_cut(len(found), total, "hits", as_json)
 
 
 @click.command()
@@ -420,83 +371,4 @@ def uploads(status: str | None, limit: int, show_all: bool, as_json: bool) -> No
         total = service.count_uploads(session, status=wanted) if cut else len(found)
     rows = [{**upload_json(u), "attempts": u.attempts} for u in found]
     _emit_uploads(rows, ["upload_id", "status", "attempts", "uri", "error"], as_json, "no uploads")
-    _say_if_cut(len(found), total, "uploads", as_json)
-
-
-@click.command()
-@click.option(
-    "--concurrency",
-    type=int,
-    help="Uploads screened at once (default: twice the batch size times the streams).",
-)
-@click.option("--loglevel", default="INFO", show_default=True)
-def worker(concurrency: int | None, loglevel: str) -> None:
-    """Run a screening worker: one process, one model, many task threads."""
-    from moderation.celery_app import app
-    from moderation.images.memory import configure_allocator
-    from moderation.screening.worker import get_screener
-
-    # Before any thread exists: arenas made by then would stay (see images/memory.py).
-    configure_allocator()
-    settings = get_settings()
-    concurrency = concurrency or settings.resolved_concurrency()
-    # Load the model and bank index and start the intake processes before taking any
-    # message, so failures show at start.
-    screener = get_screener(slots=concurrency)
-    click.echo(
-        f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
-        f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
-        f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queues {settings.queue} and "
-        f"{settings.resolved_retrohunt_queue()}"
-    )
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            # Messages in flight. Most carry 16 uploads (see `UPLOADS_PER_MESSAGE`), claimed
-            # together and screened as the screener's threads come free; half as many
-            # messages as those threads keeps them busy without claiming far more than
-            # they can screen soon, and still fills a batch per stream with messages of
-            # one upload each.
-            f"--concurrency={max(1, concurrency // 2)}",
-            # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
-            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()}",
-            f"--loglevel={loglevel}",
-            "--hostname=screening@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def sweep(as_json: bool) -> None:
-    """Re-send uploads whose message or worker was lost and retro-hunt jobs that are due,
-    and delete bank change log rows older than MODERATION_BANK_CHANGES_RETENTION_S
-    (workers also do this periodically)."""
-    from moderation.banks.pruning import prune_expired
-    from moderation.retrohunt.tasks import send_due
-    from moderation.screening.recovery import sweep_once
-
-    stuck = sweep_once()
-    hunts = [step.job_id for step in send_due()]
-    pruned = prune_expired(batches=None)
-    if as_json:
-        emit_json(
-            {
-                "requeued": stuck,
-                "retrohunt_jobs_sent": hunts,
-                "bank_changes_pruned": pruned.rows,
-                "bank_changes_pruned_through": pruned.through,
-            }
-        )
-    else:
-        click.echo(f"re-enqueued {len(stuck)} upload(s)")
-        if hunts:
-            click.echo(f"sent {len(hunts)} due retro-hunt job(s): {hunts}")
-        if pruned.rows:
-            click.echo(
-                f"deleted {pruned.rows} old bank change log row(s), through id {pruned.through}"
-            )
+    say_if_cut(len(found), total, "uploads", as_json)

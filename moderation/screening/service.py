@@ -15,7 +15,6 @@ import numpy as np
 from sqlalchemy import (
     BigInteger,
     Connection,
-    Float,
     Integer,
     LargeBinary,
     String,
@@ -33,12 +32,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
 from moderation.audit import service as audit
+from moderation.bulk_insert import ArrayRows, insert_rows_statement
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_to_bytes
 from moderation.images.signals import ImageSignals, SignalType
-from moderation.screening.models import AS_STORED_FRAME, Hit, Signal, Upload, UploadStatus
-from moderation.webhooks import service as webhooks
-from moderation.webhooks.models import EventType
+from moderation.screening.models import AS_STORED_FRAME, Signal, Upload, UploadStatus, Worker
 
 if TYPE_CHECKING:
     from moderation.banks.matcher import Match
@@ -295,7 +293,7 @@ def claim(
     The attempt counter survives crashes and redeliveries, so an image that kills the
     worker every time is failed after `max_attempts` instead of looping forever. The
     holder (`workers.name`; None for a claimer that keeps no heartbeat) lets the sweeper
-    send the upload again as soon as that worker is dead (see `recovery`).
+    send the upload again as soon as that worker is dead (see `moderation.worker.recovery`).
     """
     return claim_many(session, [upload_id], max_attempts=max_attempts, worker=worker)[0]
 
@@ -399,7 +397,9 @@ _MARK_SCREENED = _mark_screened_statement()
 
 
 def record_screened(session: Session, results: Sequence[Screened], model_id: int) -> list[bool]:
-    """Store signals, embeddings and hits and mark the uploads screened, in one transaction.
+    """Store signals and embeddings and mark the uploads screened, in the caller's
+    transaction; the caller records the hits of those written in the same one
+    (`moderation.review.service.record_hits`).
 
     Returns, per result, whether it was written: False when its upload was already final
     (a redelivered or concurrent duplicate, which writes nothing; the unique constraints
@@ -431,12 +431,6 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
     written = [r for r in first_of_each.values() if r.upload_id in written_ids]
     if written:
         _insert_screening_rows(connection, written, model_id)
-        if webhooks.screening_hits_enabled():
-            # One statement for the group, in its transaction: the events commit with the hits.
-            # Measured (bench/webhooks.py, two loaded cores): 4 ms on a 36 ms group commit of
-            # 16 uploads with two hits each, paid only by groups that found hits.
-            found = [r.upload_id for r in written if r.matches]
-            webhooks.enqueue(session, EventType.HIT, found)
     reported: set[int] = set()
     outcome = []
     for result in results:  # a duplicate within the group is reported as not written
@@ -445,25 +439,7 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
     return outcome
 
 
-def _insert_rows_statement(model: type[Signal | Embedding | Hit], columns: dict[str, Any]) -> Any:
-    """Insert rows that arrive as one array per column, unnested by PostgreSQL, skipping
-    rows already there: one statement for a group whatever its size, compiled once. As an
-    `executemany` of one parameter set per row, the three inserts of a group cost a third
-    of the result writer's time, most of it in SQLAlchemy's per-row parameter processing
-    (py-spy, `bench/screening.py --arch tiny` on two cores)."""
-    rows = (
-        func.unnest(*(bindparam(f"{name}s", type_=ARRAY(type_)) for name, type_ in columns.items()))
-        .table_valued(*columns)
-        .render_derived(name="screened")
-    )
-    return (
-        insert(model)
-        .from_select(list(columns), select(*(rows.c[name] for name in columns)))
-        .on_conflict_do_nothing()
-    )
-
-
-_INSERT_SIGNALS = _insert_rows_statement(
+_INSERT_SIGNALS = insert_rows_statement(
     Signal,
     {
         "upload_id": BigInteger,
@@ -473,7 +449,7 @@ _INSERT_SIGNALS = _insert_rows_statement(
         "quality": Integer,
     },
 )
-_INSERT_EMBEDDINGS = _insert_rows_statement(
+_INSERT_EMBEDDINGS = insert_rows_statement(
     Embedding,
     {
         "upload_id": BigInteger,
@@ -482,43 +458,13 @@ _INSERT_EMBEDDINGS = _insert_rows_statement(
         "vector": LargeBinary,
     },
 )
-_INSERT_HITS = _insert_rows_statement(
-    Hit,
-    {
-        "upload_id": BigInteger,
-        "bank_entry_id": BigInteger,
-        "signal": String,
-        "distance": Float,
-        "frame_index": Integer,
-        "model_id": BigInteger,
-        "threshold": Float,
-    },
-)
-
-
-class _Columns:
-    """Rows gathered as one list per column, the parameters of an `_insert_rows_statement`."""
-
-    def __init__(self, *names: str) -> None:
-        self.lists: dict[str, list[Any]] = {f"{name}s": [] for name in names}
-        self._appends = [values.append for values in self.lists.values()]
-
-    def add(self, *row: Any) -> None:
-        for append, value in zip(self._appends, row, strict=True):
-            append(value)
-
-    def __bool__(self) -> bool:
-        return bool(self.lists["upload_ids"])
 
 
 def _insert_screening_rows(
     connection: Connection, results: Sequence[Screened], model_id: int
 ) -> None:
-    signals = _Columns("upload_id", "signal", "frame_index", "value", "quality")
-    embeddings = _Columns("upload_id", "model_id", "frame_index", "vector")
-    hits = _Columns(
-        "upload_id", "bank_entry_id", "signal", "distance", "frame_index", "model_id", "threshold"
-    )
+    signals = ArrayRows("upload_id", "signal", "frame_index", "value", "quality")
+    embeddings = ArrayRows("upload_id", "model_id", "frame_index", "vector")
     for result in results:
         upload_id, found = result.upload_id, result.signals
         signals.add(upload_id, SignalType.SHA256.value, 0, found.sha256, None)
@@ -533,20 +479,9 @@ def _insert_screening_rows(
             )
         for frame, vector in zip(found.embedded_frames, result.vectors, strict=True):
             embeddings.add(upload_id, model_id, frame.index, vector_to_bytes(vector))
-        for m in result.matches:
-            hits.add(
-                upload_id,
-                m.bank_entry_id,
-                m.signal.value,
-                m.distance,
-                m.frame_index,
-                model_id if m.signal is SignalType.CLIP else None,
-                m.threshold,
-            )
     for statement, rows in (
         (_INSERT_SIGNALS, signals),
         (_INSERT_EMBEDDINGS, embeddings),
-        (_INSERT_HITS, hits),
     ):
         if rows:
             connection.execute(statement, rows.lists)
@@ -628,4 +563,12 @@ def count_uploads(session: Session, *, status: UploadStatus | None = None) -> in
     query = select(func.count()).select_from(Upload)
     if status is not None:
         query = query.where(Upload.status == status)
+    return session.scalar(query) or 0
+
+
+def live_workers(session: Session, dead_after_s: float) -> int:
+    """Screening workers that are running: a heartbeat within `dead_after_s`, and no clean
+    stop (see `moderation.worker.recovery`)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, dead_after_s)
+    query = select(func.count()).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)
     return session.scalar(query) or 0

@@ -11,7 +11,7 @@ every URI first, then records them in chunks through `record_and_announce`):
    API hands them to a thread that sends them: `screening.announcer`).
 
 PostgreSQL is the source of truth and Redis the transport: if publishing fails after the
-commit, the uploads stay queued and the sweeper sends them (`screening.recovery`).
+commit, the uploads stay queued and the sweeper sends them (`moderation.worker.recovery`).
 """
 
 from __future__ import annotations
@@ -92,12 +92,12 @@ def record_and_announce(
     """Steps 2 and 3 of `accept`, for events whose URIs `check_uris` has already checked
     (and put in canonical form): a caller that checks a large submission once, before
     recording it in chunks, does not resolve every host twice."""
-    from moderation.screening.tasks import publish_screening
+    from moderation.messages import send_screening
 
     with session_scope() as session:
         submitted = service.submit_uploads(session, checked)
     created = [s.upload_id for s in submitted if s.created]
     if created:
         # The queue configured now (not when the Celery app was made), as `--wait` watches.
-        (announce or publish_screening)(created, queue or get_settings().queue)
+        (announce or send_screening)(created, queue or get_settings().queue)
     return submitted

@@ -13,14 +13,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.config import Settings
 from moderation.db import session_scope
-from moderation.screening.models import Upload, UploadStatus, Worker
+from moderation.messages import producer
+from moderation.screening.models import Upload, UploadStatus
+from moderation.screening.service import live_workers
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def why_stalled(settings: Settings, stalled: Tally) -> str:
     queue = settings.queue
     consumers = consumers_of(queue)
     with session_scope() as session:
-        alive = live_workers(session, timedelta(seconds=settings.worker_dead_after_s))
+        alive = live_workers(session, settings.worker_dead_after_s)
     if consumers is not None and not consumers:
         cause = f"no worker is consuming queue {queue}: start one with `moderation worker`"
         if alive:
@@ -148,10 +149,8 @@ def why_stalled(settings: Settings, stalled: Tally) -> str:
 
 def consumers_of(queue: str) -> list[str] | None:
     """The workers that consume `queue`, by node name; None if the broker cannot be asked."""
-    from moderation.celery_app import app
-
     try:
-        replies = app.control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+        replies = producer().control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
     except Exception as error:
         logger.info("could not ask the workers which queues they consume: %s", error)
         return None
@@ -162,20 +161,5 @@ def consumers_of(queue: str) -> list[str] | None:
 
 def queue_length(queue: str) -> int:
     """Messages waiting on `queue`: Celery on Redis keeps each queue as a list."""
-    from moderation.celery_app import app
-
-    with app.connection_for_read() as connection:
+    with producer().connection_for_read() as connection:
         return int(connection.default_channel.client.llen(queue))
-
-
-def live_workers(session: Session, dead_after: timedelta) -> int:
-    """Workers whose heartbeat is recent, as the sweeper judges them."""
-    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, dead_after.total_seconds())
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Worker)
-            .where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)
-        )
-        or 0
-    )

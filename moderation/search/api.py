@@ -15,12 +15,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile, status
 from pydantic import BaseModel, Field
 
-from moderation.api.access import allow
-from moderation.api.resources import ProcessResource
-from moderation.api.types import UtcDatetime
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import get_engine
+from moderation.http.access import allow
+from moderation.http.resources import ProcessResource
+from moderation.http.types import UtcDatetime
 from moderation.images.errors import IntakeError
 from moderation.screening.models import UploadStatus
 from moderation.search.rerank import SearchQuery

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
-from moderation.screening.models import Hit
+from moderation.review.models import Hit
 
 NO_HIT = "no hit"
 # Pixels of the PNG: large enough to read a legend of a dozen banks, small enough to mail.

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
-from moderation.screening.models import Hit, Upload, UploadStatus
+from moderation.review.models import Hit
+from moderation.screening.models import Upload, UploadStatus
 from moderation.search.follow import FollowedIndex
 from moderation.search.indexes import recall_from_scores
 from moderation.search.models import IndexEvaluation

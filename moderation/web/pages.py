@@ -1,6 +1,6 @@
 """The web pages: login, the review queue, an upload's page, the banks' pages, thumbnails.
 
-Every page is a route of the one application, so the one access check (`api.access`)
+Every page is a route of the one application, so the one access check (`moderation.http.access`)
 decides who may see it, by the roles its operation names, exactly as for the JSON API. A
 browser authenticates with the session cookie set at login (`web.security`). A page
 refused for want of a login redirects to the login form rather than answering JSON.
@@ -23,16 +23,17 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moderation.api.access import Caller, DbSession, allow, credential_sources, public
 from moderation.audit import service as audit
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.http.access import Caller, DbSession, allow, credential_sources, public
 from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
+from moderation.review.models import ReviewStatus
 from moderation.review.service import HitEvidence, Outcome, QueueFilter
-from moderation.screening.models import ReviewStatus, Upload
+from moderation.screening.models import Upload
 from moderation.web import reads, service
 from moderation.web.security import (
     COOKIE_SOURCE,

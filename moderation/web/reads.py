@@ -14,9 +14,10 @@ from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.config import Settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.review import service as review
+from moderation.review.models import Hit, ReviewStatus
 from moderation.review.service import HitEvidence
 from moderation.screening import service as screening
-from moderation.screening.models import Hit, ReviewStatus, Signal, Upload
+from moderation.screening.models import Signal, Upload
 
 # Newest entries listed on a bank's page; the page says how many there are in all.
 RECENT_ENTRIES = 50

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, status
 
-from moderation.api.access import CredentialSource
+from moderation.http.access import CredentialSource
 from moderation.web import service
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -16,10 +16,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from moderation.api.access import public
 from moderation.config import get_settings
 from moderation.db import session_scope
-from moderation.screening.recovery import live_workers
+from moderation.http.access import public
+from moderation.screening.service import live_workers
 
 router = APIRouter(tags=["health"])
 

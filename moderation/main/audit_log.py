@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from moderation.api.access import DbSession, allow
 from moderation.audit import service
 from moderation.audit.models import AuditEvent
+from moderation.http.access import DbSession, allow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 

@@ -18,7 +18,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from moderation.images.signals import ImageSignals
-from moderation.screening.intake.jobs import IntakeResult, IntakeStalled
+from moderation.worker.intake.jobs import IntakeResult, IntakeStalled
 
 
 class CropSlots:

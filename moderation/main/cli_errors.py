@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from moderation.banks.service import BankNotFound
 from moderation.config import Settings, get_settings
-from moderation.metrics import MetricsPortInUse
+from moderation.worker.metrics import MetricsPortInUse
 
 # psycopg2's SQLSTATEs for a table and a column that do not exist: a schema behind the code.
 _UNDEFINED_TABLE = "42P01"

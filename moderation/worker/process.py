@@ -1,21 +1,19 @@
-"""The worker process: one screener (model, batcher, bank index) shared by all task threads,
-loaded before the first message; a heartbeat that says this process is alive; and a
-sweeper that re-sends lost work (see `recovery`)."""
+"""The worker process: one screener (model, batcher, bank index) shared by all task
+threads, loaded before the first message; a heartbeat that says this process is alive;
+and a sweeper that runs every domain's periodic chores (see `sweeper`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
-
-from celery.signals import worker_ready, worker_shutdown
 
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
-from moderation.metrics import on_worker_start
-from moderation.screening.pipeline import Screener
-from moderation.screening.recovery import Heartbeat, Sweeper
+from moderation.worker.metrics import on_worker_start
+from moderation.worker.pipeline import Screener
+from moderation.worker.recovery import Heartbeat
+from moderation.worker.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +45,17 @@ def get_screener(slots: int | None = None) -> Screener:
         return _screener
 
 
-@worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
+def start_sweeper() -> None:
+    """Once the worker consumes."""
     global _sweeper
     with _lock:
         if _sweeper is None:
             _sweeper = Sweeper(get_settings()).start()
 
 
-@worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
-    # Celery sends this after the last task has finished: the screener writes what it has,
-    # then the worker is recorded as stopped, so nothing it held waits for its heartbeat to
-    # go stale.
+def stop() -> None:
+    """After the last task has finished: the screener writes what it has, then the worker
+    is recorded as stopped, so nothing it held waits for its heartbeat to go stale."""
     with _lock:
         if _sweeper is not None:
             _sweeper.stop()

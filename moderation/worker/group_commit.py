@@ -5,7 +5,7 @@ changes its row twice (claimed, then screened). As one transaction apiece that i
 commits and a handful of statements per upload, which on a small worker costs as much CPU
 as decoding the image, and on a GPU worker holds the GIL long enough to starve the model.
 
-A `GroupCommit` is a `Batcher` (see `moderation.batching`) with one writer thread. A caller
+A `GroupCommit` is a `Batcher` (see `moderation.worker.batching`) with one writer thread. A caller
 hands it an item and blocks until the transaction that wrote it has committed, so a task
 still acknowledges its message only after its effects are durable. The writer takes
 whatever has queued up while the previous transaction ran and writes it all with one call
@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
-from moderation.batching import Batcher, BatchStats
+from moderation.worker.batching import Batcher, BatchStats
 
 logger = logging.getLogger(__name__)
 

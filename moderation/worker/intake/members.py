@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from moderation.screening.intake.jobs import GRANTED, IntakeJob
+from moderation.worker.intake.jobs import GRANTED, IntakeJob
 
 
 class _Outcome(enum.Enum):

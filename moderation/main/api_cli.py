@@ -11,6 +11,6 @@ import click
 @click.option("--workers", default=1, show_default=True, type=int, help="Server processes.")
 def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) with uvicorn."""
-    from moderation.api.serve import serve
+    from moderation.main.serve import serve
 
     serve(host, port, workers)

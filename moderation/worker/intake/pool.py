@@ -60,7 +60,7 @@ from moderation.embedding.clip import Preprocessing
 from moderation.images.budget import MemoryBudget
 from moderation.images.errors import TransientFault
 from moderation.images.signals import ImageSignals
-from moderation.screening.intake.jobs import (
+from moderation.worker.intake.jobs import (
     RELEASE,
     IntakeJob,
     IntakeProcessLost,
@@ -69,10 +69,10 @@ from moderation.screening.intake.jobs import (
     IntakeTimes,
     Reserve,
 )
-from moderation.screening.intake.members import NOT_STARTED, Member, Sent
-from moderation.screening.intake.process import serve
-from moderation.screening.intake.slots import CropSlots, with_slot_pixels
-from moderation.screening.intake.stage import Intake, InThreadIntake
+from moderation.worker.intake.members import NOT_STARTED, Member, Sent
+from moderation.worker.intake.process import serve
+from moderation.worker.intake.slots import CropSlots, with_slot_pixels
+from moderation.worker.intake.stage import Intake, InThreadIntake
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,16 @@
-"""The Celery application: Redis as transport, PostgreSQL as the source of truth."""
+"""What crosses Redis: the task names, the Celery configuration that producers and workers
+share, and sending.
+
+Redis is transport, PostgreSQL the source of truth: a message only announces rows that
+are already committed, so it is sent after their transaction (`db.after_commit`, or
+explicitly once `session_scope` has returned). Producers (the API, the command line, a
+worker's sweeper) send by task name, and so never import the worker runtime, which
+registers the tasks themselves (`moderation.worker.celery_app`).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -10,8 +19,7 @@ from celery import Celery
 
 from moderation.config import Settings, get_settings
 
-# The screening tasks' names: producers and the recovery sweeper publish by name, without
-# importing the task module (which imports the worker). One upload per message, or many.
+# The screening tasks: one upload per message, or many.
 SCREEN_UPLOAD = "moderation.screen_upload"
 SCREEN_UPLOADS = "moderation.screen_uploads"
 # One step of a retro-hunt job, on its own queue (`Settings.resolved_retrohunt_queue`).
@@ -24,12 +32,11 @@ RETROHUNT_STEP = "moderation.retrohunt_step"
 UPLOADS_PER_MESSAGE = 16
 
 
-def create_app(settings: Settings) -> Celery:
-    app = Celery(
-        "moderation",
-        broker=settings.redis_url,
-        include=["moderation.screening.tasks", "moderation.retrohunt.tasks"],
-    )
+def create_celery(settings: Settings, *, current: bool = False) -> Celery:
+    """A Celery application configured for this service, with no tasks: what a producer
+    sends with, and what the worker registers its tasks on (the worker's is `current`:
+    Celery's own machinery looks that one up)."""
+    app = Celery("moderation", broker=settings.redis_url, set_as_current=current)
     app.conf.update(
         # Acknowledge only after the upload's transaction has committed; a message taken by a
         # worker that dies is delivered again.
@@ -59,20 +66,38 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(get_settings())
+_producers: dict[str, Celery] = {}
+_producers_lock = threading.Lock()
 
 
-def send_screening(upload_ids: Sequence[int], queue: str | None = None) -> None:
+def producer() -> Celery:
+    """This process's Celery application for sending and for asking the broker: one per
+    broker, made on first use from the settings in force (it holds the connection pool).
+    Senders name their queue from the settings in force too, never from when the
+    application was made."""
+    url = get_settings().redis_url
+    with _producers_lock:
+        app = _producers.get(url)
+        if app is None:
+            app = _producers[url] = create_celery(get_settings())
+        return app
+
+
+def send_screening(
+    upload_ids: Sequence[int], queue: str | None = None, *, app: Celery | None = None
+) -> None:
     """Send screening messages for uploads whose rows are committed, `UPLOADS_PER_MESSAGE`
     to a message, to the configured queue unless told otherwise."""
-    with app.producer_or_acquire() as producer, _one_round_trip(producer):
+    app = app or producer()
+    queue = queue or get_settings().queue
+    with app.producer_or_acquire() as connection, _one_round_trip(connection):
         for start in range(0, len(upload_ids), UPLOADS_PER_MESSAGE):
             chunk = list(upload_ids[start : start + UPLOADS_PER_MESSAGE])
             app.send_task(
                 SCREEN_UPLOADS,
                 args=(chunk,),
                 queue=queue,
-                producer=producer,
+                producer=connection,
                 # Celery's own argsrepr walks the ids through `saferepr`, and it declares the
                 # queue again for each message: together half of the time a message took to
                 # send (cProfile, 7 messages of 100 uploads). A list of ints is safe to
@@ -83,12 +108,30 @@ def send_screening(upload_ids: Sequence[int], queue: str | None = None) -> None:
             )
 
 
-def _one_round_trip(producer: Any) -> AbstractContextManager[Any]:
+def send_screening_retry(upload_id: int, delay_s: float, queue: str | None) -> None:
+    """Send one upload's screening again after `delay_s` (a transient fault's backoff), to
+    `queue` (the one its message came from), else the configured one."""
+    producer().send_task(
+        SCREEN_UPLOADS,
+        args=([upload_id],),
+        countdown=delay_s,
+        queue=queue or get_settings().queue,
+    )
+
+
+def send_retrohunt_step(job_id: int, step: int) -> None:
+    """Send a retro-hunt job's step; only after the transaction that made it due commits."""
+    producer().send_task(
+        RETROHUNT_STEP, args=(job_id, step), queue=get_settings().resolved_retrohunt_queue()
+    )
+
+
+def _one_round_trip(connection: Any) -> AbstractContextManager[Any]:
     """Buffer the producer's messages and send them together on leaving (a Redis pipeline),
     where kombu can (5.7 and later): sent one at a time, the seven messages of 100 uploads
     were a third of `POST /v1/uploads`'s time, one Redis round trip each (py-spy)."""
-    batch = getattr(producer, "batch", None)
-    if batch is None or not getattr(producer, "supports_batch_publish", False):
+    batch = getattr(connection, "batch", None)
+    if batch is None or not getattr(connection, "supports_batch_publish", False):
         return nullcontext()
     context: AbstractContextManager[Any] = batch()
     return context

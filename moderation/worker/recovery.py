@@ -52,9 +52,10 @@ from sqlalchemy import ColumnElement, and_, create_engine, delete, exists, func,
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from moderation.celery_app import app, send_screening
+from moderation.chores import Chore
 from moderation.config import Settings, get_settings
 from moderation.db import session_scope
+from moderation.messages import producer, send_screening
 from moderation.screening.models import Upload, UploadStatus, Worker
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,6 @@ def beat(session: Session, name: str) -> None:
         .values(name=name, hostname=socket.gethostname()[:255], pid=os.getpid())
         .on_conflict_do_update(index_elements=[Worker.name], set_={"heartbeat_at": func.now()})
     )
-
-
-def live_workers(session: Session, dead_after_s: float) -> int:
-    """Workers that are running: a heartbeat within `dead_after_s`, and no clean stop."""
-    cutoff = func.now() - _seconds(timedelta(seconds=dead_after_s))
-    query = select(func.count()).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)
-    return session.scalar(query) or 0
 
 
 def mark_stopped(session: Session, name: str) -> None:
@@ -251,7 +245,7 @@ def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, dat
     are left out. Kombu's Redis transport keeps each taken message in the `unacked` hash
     until it is acknowledged, and when it was taken in the `unacked_index` sorted set."""
     cutoff = time.time() - older_than.total_seconds()
-    with app.connection_for_read() as connection:
+    with producer().connection_for_read() as connection:
         client = connection.default_channel.client
         tags = client.zrangebyscore("unacked_index", "-inf", cutoff, withscores=True)
         payloads = client.hmget("unacked", [tag for tag, _ in tags]) if tags else []
@@ -285,7 +279,7 @@ def oldest_waiting_upload(queue: str) -> int | None:
     """The upload of the message next in line on the queue; None if the queue is empty
     or that message is not a screening message. Celery on Redis keeps a queue as a list
     that producers push on the left and workers pop from the right."""
-    with app.connection_for_read() as connection:
+    with producer().connection_for_read() as connection:
         raw = connection.default_channel.client.lindex(queue, -1)
     if raw is None:
         return None
@@ -329,42 +323,8 @@ def sweep_once(queue: str | None = None) -> list[int]:
     return stuck
 
 
-class Sweeper:
-    """`sweep_once` every `sweep_interval_s` on a thread, until stopped, with the other
-    periodic chores: retro-hunt jobs that are due, and pruning the bank change log (see
-    `moderation.banks.pruning`). A failed sweep (database or broker down) is logged and
-    tried again at the next interval."""
+def _requeue_lost(*, complete: bool) -> Mapping[str, object]:
+    return {"requeued": sweep_once()}
 
-    def __init__(self, settings: Settings) -> None:
-        self._interval_s = settings.sweep_interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=_JOIN_TIMEOUT_S)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                sweep_once()
-            except Exception:
-                logger.exception("sweep failed; trying again in %g s", self._interval_s)
-            try:
-                from moderation.retrohunt.tasks import send_due
-
-                send_due()
-            except Exception:
-                logger.exception("retro-hunt sweep failed; trying again in %g s", self._interval_s)
-            try:
-                from moderation.banks.pruning import prune_expired
-
-                prune_expired()
-            except Exception:
-                logger.exception(
-                    "pruning the bank change log failed; trying again in %g s", self._interval_s
-                )
+REQUEUE_LOST = Chore("the sweep for lost uploads", _requeue_lost)

@@ -1,4 +1,4 @@
-"""The HTTP application: every domain's router, behind one access check (`api.access`).
+"""The HTTP application: every domain's router, behind one access check (`moderation.http.access`).
 
 `moderation api` serves it with uvicorn. Handlers are plain `def`s: FastAPI runs them on
 its thread pool, where the synchronous SQLAlchemy sessions belong.
@@ -10,12 +10,13 @@ from importlib.metadata import version
 
 from fastapi import Depends, FastAPI
 
-from moderation.api.access import authorize
-from moderation.api.health import router as health_router
-from moderation.api.metrics import router as metrics_router
-from moderation.audit.api import router as audit_router
 from moderation.banks.api import router as banks_router
+from moderation.http.access import authorize
+from moderation.main.audit_log import router as audit_router
+from moderation.main.health import router as health_router
+from moderation.main.metrics import router as metrics_router
 from moderation.review.api import router as review_router
+from moderation.review.api import uploads_router as upload_reads_router
 from moderation.screening.api import router as uploads_router
 from moderation.search.api import router as search_router
 from moderation.web.pages import install as install_pages
@@ -33,6 +34,7 @@ def create_app() -> FastAPI:
         metrics_router,
         audit_router,
         uploads_router,
+        upload_reads_router,
         banks_router,
         review_router,
         search_router,

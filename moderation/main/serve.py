@@ -8,7 +8,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-APP = "moderation.api.app:create_app"
+APP = "moderation.main.app:create_app"
 
 
 class TcpConfig(uvicorn.Config):

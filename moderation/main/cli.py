@@ -7,17 +7,18 @@ from typing import Any
 
 import click
 
-from moderation.api.cli import api
 from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
-from moderation.cli_errors import explain, redacted
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.main.api_cli import api
+from moderation.main.cli_errors import explain, redacted
 from moderation.retrohunt.cli import retrohunt
-from moderation.review.cli import decide
-from moderation.screening.cli import hits, resubmit, submit, sweep, uploads, worker
+from moderation.review.cli import decide, hits
+from moderation.screening.cli import resubmit, submit, uploads
 from moderation.search.cli import index, search
 from moderation.webhooks.cli import webhooks
+from moderation.worker.cli import ping, sweep, worker
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ for command in (
     hits,
     uploads,
     worker,
+    ping,
     sweep,
     search,
     index,

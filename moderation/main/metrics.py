@@ -9,7 +9,7 @@ Redis. Counts over the window are gauges: `rate()` does not apply, read them as 
 
 Submission batch sizes are observed in this process as requests arrive (a histogram per
 API process; with `--workers` above 1 each scrape sees the process that answered it).
-Names share the `moderation_` prefix with the worker's own metrics (`moderation.metrics`).
+Names share the `moderation_` prefix with the worker's own metrics (`moderation.worker.metrics`).
 """
 
 from __future__ import annotations
@@ -20,17 +20,19 @@ from datetime import timedelta
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Float, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from moderation.api.access import public
-from moderation.api.health import CHECK_TIMEOUT_S, redis_client
 from moderation.config import get_settings
 from moderation.db import session_scope
-from moderation.screening.models import Hit, ReviewStatus, Upload, UploadStatus
+from moderation.http.access import public
+from moderation.http.metrics import REGISTRY
+from moderation.main.health import CHECK_TIMEOUT_S, redis_client
+from moderation.review.models import Hit, ReviewStatus
+from moderation.screening.models import Upload, UploadStatus
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +42,6 @@ WINDOW = timedelta(hours=1)
 # Seconds from acceptance to verdict: most uploads take well under a second on a worker
 # that keeps up; the long tail is retries with backoff.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-
-REGISTRY = CollectorRegistry()
-
-UPLOAD_BATCH_SIZE = Histogram(
-    "moderation_upload_batch_size",
-    "Uploads per POST /v1/uploads request accepted by this API process",
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
-    registry=REGISTRY,
-)
 
 
 def _window() -> object:

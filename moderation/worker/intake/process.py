@@ -25,7 +25,7 @@ from moderation.images.budget import RELEASE_AFTER_BYTES
 from moderation.images.errors import IntakeError
 from moderation.images.memory import configure_allocator, release_free_memory
 from moderation.images.signals import ImageSignals
-from moderation.screening.intake.jobs import (
+from moderation.worker.intake.jobs import (
     GRANTED,
     RELEASE,
     IntakeJob,
@@ -33,8 +33,8 @@ from moderation.screening.intake.jobs import (
     IntakeTimes,
     Reserve,
 )
-from moderation.screening.intake.slots import slot_view
-from moderation.screening.intake.stage import IntakeContext, fetch_and_extract
+from moderation.worker.intake.slots import slot_view
+from moderation.worker.intake.stage import IntakeContext, fetch_and_extract
 
 logger = logging.getLogger(__name__)
 

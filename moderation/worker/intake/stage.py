@@ -20,7 +20,7 @@ from moderation.images.fetch import fetch
 from moderation.images.hashing import sha256
 from moderation.images.signals import ImageSignals, extract_signals
 from moderation.images.uri_policy import UriPolicy
-from moderation.screening.intake.jobs import IntakeJob, IntakeTimes
+from moderation.worker.intake.jobs import IntakeJob, IntakeTimes
 
 
 class IntakeContext:

@@ -53,18 +53,19 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import BankMatcher, ClipHit, Match, MatchSettings
-from moderation.batching import Batcher, BatchTimeout, Chain
 from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.feeder import Feeder
 from moderation.embedding.service import get_or_create_model
-from moderation.group_commit import GroupCommit
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.signals import ImageSignals
 from moderation.screening import service
-from moderation.screening.intake.jobs import IntakeTimes
-from moderation.screening.intake.pool import build_intake
-from moderation.screening.intake.stage import Intake
+from moderation.worker.batching import Batcher, BatchTimeout, Chain
+from moderation.worker.group_commit import GroupCommit
+from moderation.worker.intake.jobs import IntakeTimes
+from moderation.worker.intake.pool import build_intake
+from moderation.worker.intake.stage import Intake
+from moderation.worker.results import record_results
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class Screener:
         )
 
     def _write_results(self, session: Session, results: Sequence[service.Screened]) -> list[bool]:
-        return service.record_screened(session, results, self.model_id)
+        return record_results(session, results, self.model_id)
 
     def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[Searched]:
         hits = self.matcher.current().search_clip(np.stack(vectors))

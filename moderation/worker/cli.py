@@ -1,0 +1,106 @@
+"""`moderation worker`, `moderation sweep` and `moderation ping`: running a screening
+worker, its periodic chores once by hand, and asking whether workers answer."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import click
+
+from moderation.config import get_settings
+from moderation.console import emit_json
+from moderation.messages import producer
+
+
+@click.command()
+@click.option(
+    "--concurrency",
+    type=int,
+    help="Uploads screened at once (default: twice the batch size times the streams).",
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(concurrency: int | None, loglevel: str) -> None:
+    """Run a screening worker: one process, one model, many task threads."""
+    from moderation.images.memory import configure_allocator
+    from moderation.worker.celery_app import create_app
+    from moderation.worker.process import get_screener
+
+    # Before any thread exists: arenas made by then would stay (see images/memory.py).
+    configure_allocator()
+    settings = get_settings()
+    concurrency = concurrency or settings.resolved_concurrency()
+    # Load the model and bank index and start the intake processes before taking any
+    # message, so failures show at start.
+    screener = get_screener(slots=concurrency)
+    click.echo(
+        f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
+        f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
+        f"{settings.resolved_intake_processes()} intake process(es), "
+        f"{concurrency} uploads at once, queues {settings.queue} and "
+        f"{settings.resolved_retrohunt_queue()}"
+    )
+    create_app(settings).worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            # Messages in flight. Most carry 16 uploads (see `UPLOADS_PER_MESSAGE`), claimed
+            # together and screened as the screener's threads come free; half as many
+            # messages as those threads keeps them busy without claiming far more than
+            # they can screen soon, and still fills a batch per stream with messages of
+            # one upload each.
+            f"--concurrency={max(1, concurrency // 2)}",
+            # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
+            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()}",
+            f"--loglevel={loglevel}",
+            f"--hostname={NODE_PREFIX}%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+# A worker's Celery node name is this followed by its host's name (Python's, which not
+# every container runtime exports as HOSTNAME).
+NODE_PREFIX = "screening@"
+
+
+@click.command()
+@click.option(
+    "--host",
+    default=socket.gethostname,
+    show_default="this host",
+    help="Ask the worker on this host; '*' asks every worker.",
+)
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for answers.")
+def ping(host: str, timeout: float) -> None:
+    """Ask workers over the broker whether they answer: a worker answers once its model is
+    loaded and it consumes. Exits 1 if none answered (compose's healthcheck)."""
+    destination = None if host == "*" else [f"{NODE_PREFIX}{host}"]
+    replies = producer().control.ping(destination=destination, timeout=timeout) or []
+    names = sorted(name for reply in replies for name in reply)
+    if not names:
+        click.echo(f"no worker answered within {timeout:g} s", err=True)
+        sys.exit(1)
+    for name in names:
+        click.echo(f"{name}: answers")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sweep(as_json: bool) -> None:
+    """Run every periodic chore once, completely, as each worker's sweeper does every few
+    seconds: re-send uploads whose message or worker was lost, start retro-hunts for new
+    bank entries and send those that are due, delete bank change log rows older than
+    MODERATION_BANK_CHANGES_RETENTION_S."""
+    from moderation.worker.sweeper import sweep_all
+
+    done = sweep_all()
+    if as_json:
+        emit_json(done)
+        return
+    for what, value in done.items():
+        if isinstance(value, list):
+            click.echo(f"{what.replace('_', ' ')}: {len(value)}" + (f" {value}" if value else ""))
+        else:
+            click.echo(f"{what.replace('_', ' ')}: {value}")
