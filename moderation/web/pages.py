@@ -23,28 +23,27 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moderation.audit import service as audit
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.errors import ModerationError
+from moderation.evidence import service as evidence
 from moderation.http.access import Caller, DbSession, allow, credential_sources, public
 from moderation.http.errors import error_answer
 from moderation.http.types import form_datetime
-from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
 from moderation.review.models import ReviewStatus
 from moderation.review.service import HitEvidence, Outcome, QueueFilter
-from moderation.screening.models import Upload
 from moderation.web import reads, service
+from moderation.web.media import Media, media_for
+from moderation.web.media import router as media_router
 from moderation.web.security import (
     COOKIE_SOURCE,
     check_form_token,
     form_token,
     require_same_origin,
 )
-from moderation.web.thumbnails import thumbnail
 
 PAGES_TAG = "pages"
 HERE = pathlib.Path(__file__).parent
@@ -168,41 +167,9 @@ def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLR
     page = reads.upload_page(session, upload_id)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    return render(request, "upload.html", {"page": page})
-
-
-@router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
-def upload_thumbnail(
-    caller: Caller, upload_id: RowId, reveal: Annotated[bool, Query()] = False
-) -> Response:
-    """The upload's first frame, small; blurred unless `reveal`. Made from the upload's URI
-    on every request (never stored), under the worker's URI policy and decoder limits.
-    Every reveal is in the audit log: who looked at which upload's content, and when."""
-    # The session ends before the fetch: a slow image server must not hold a connection.
-    with session_scope() as session:
-        upload = session.get(Upload, upload_id)
-        uri = upload.uri if upload is not None else None
-        if upload is not None and reveal:
-            audit.record(
-                session,
-                actor=caller.actor,
-                action="upload.reveal",
-                subject_type="upload",
-                subject_id=upload.id,
-            )
-    if uri is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
-    try:
-        image = thumbnail(uri, get_settings(), reveal=reveal)
-    except IntakeError as exc:
-        code = (
-            status.HTTP_422_UNPROCESSABLE_CONTENT
-            if isinstance(exc, BadInput)
-            else status.HTTP_502_BAD_GATEWAY
-        )
-        return Response(str(exc), code, media_type="text/plain", headers=no_store)
-    return Response(image, media_type="image/jpeg", headers=no_store)
+    media = media_for(upload_id, evidence.evidence_of(session, upload_id), page.hits)
+    kept = evidence.evidence_of(session, upload_id)
+    return render(request, "upload.html", {"page": page, "media": media, "kept": kept})
 
 
 @router.get("/review/banks", openapi_extra=READERS)
@@ -268,6 +235,7 @@ class UploadCard:
     upload_id: int
     external_id: str | None
     hits: list[HitEvidence]
+    media: Media
 
     @property
     def open_hit_ids(self) -> list[int]:
@@ -292,14 +260,19 @@ def _cards(session: DbSession, hits: list[HitEvidence]) -> list[UploadCard]:
     for upload_id, open_hits in review.open_hits(session, grouped).items():
         for hit in open_hits:
             grouped[upload_id].setdefault(hit.hit_id, hit)
-    return [
-        UploadCard(
-            upload_id,
-            next(iter(group.values())).external_id,
-            sorted(group.values(), key=lambda hit: hit.hit_id),
+    kept = evidence.evidence_for(session, list(grouped))
+    cards = []
+    for upload_id, group in grouped.items():
+        hits = sorted(group.values(), key=lambda hit: hit.hit_id)
+        cards.append(
+            UploadCard(
+                upload_id,
+                hits[0].external_id,
+                hits,
+                media_for(upload_id, kept.get(upload_id), hits),
+            )
         )
-        for upload_id, group in grouped.items()
-    ]
+    return cards
 
 
 @router.get("/review", openapi_extra=REVIEWERS)
@@ -426,6 +399,7 @@ def install(app: FastAPI) -> None:
     """Add the pages to the application: routes, static files, the cookie as a credential,
     and the login redirect."""
     app.include_router(router)
+    app.include_router(media_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if COOKIE_SOURCE not in credential_sources:
         credential_sources.append(COOKIE_SOURCE)
