@@ -64,8 +64,10 @@ def test_a_sealed_blob_is_no_image_and_opens_only_under_its_name_and_key() -> No
     sealer = Sealer(key)
     plain = _jpeg((200, 10, 10))
     sealed = sealer.seal("uploads/1/ab/frame-0.jpg", plain)
-    assert _is_image(plain) and not _is_image(sealed)
-    assert plain[:3] not in sealed and plain[100:140] not in sealed
+    assert _is_image(plain)
+    assert not _is_image(sealed)
+    assert plain[:3] not in sealed
+    assert plain[100:140] not in sealed
     assert sealer.open("uploads/1/ab/frame-0.jpg", sealed) == plain
     with pytest.raises(EvidenceTampered, match="altered or misnamed"):
         sealer.open("uploads/2/ab/frame-0.jpg", sealed)  # moved onto another upload
@@ -136,7 +138,8 @@ def test_the_s3_store_keeps_sealed_objects_under_its_prefix(s3_endpoint: str) ->
     )
     assert not _is_image(raw)
     stored = store.get(name)
-    assert stored is not None and _is_image(sealer.open(name, stored))
+    assert stored is not None
+    assert _is_image(sealer.open(name, stored))
     assert store.get("uploads/7/ab/frame-4.jpg") is None
     store.delete(name)
     assert store.get(name) is None
@@ -188,14 +191,16 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
         kept = session.get_one(Evidence, upload_id)
         assert hit.frame_index == 5
         assert (kept.state, kept.source) == (EvidenceState.PRESERVED, EvidenceSource.SCREENING)
-        assert kept.frames == list(range(8)) and kept.frame_count == 8
+        assert kept.frames == list(range(8))
+        assert kept.frame_count == 8
         expires = kept.expires_at
         assert expires is not None
         assert timedelta(days=89) < expires - kept.captured_at <= timedelta(days=90)
         sha = kept.screened_sha256
     vault = _vault()
     on_disk = Path(get_settings().evidence_uri) / frame_name(upload_id, sha, 5)
-    assert on_disk.exists() and not _is_image(on_disk.read_bytes())
+    assert on_disk.exists()
+    assert not _is_image(on_disk.read_bytes())
     assert _audited_reads(upload_id) == []
     with session_scope() as session:
         (jpeg,) = evidence.read_frames(
@@ -233,7 +238,8 @@ def test_a_later_hit_keeps_refetched_bytes_only_if_they_are_the_screened_ones(
     assert rows[same.upload_id].source is EvidenceSource.REFETCH
     assert rows[changed.upload_id].state is EvidenceState.CHANGED
     observed = rows[changed.upload_id].observed_sha256
-    assert observed is not None and observed.hex() in (rows[changed.upload_id].detail or "")
+    assert observed is not None
+    assert observed.hex() in (rows[changed.upload_id].detail or "")
     assert rows[gone.upload_id].state is EvidenceState.UNAVAILABLE
     with session_scope() as session, pytest.raises(evidence.EvidenceNotKept):
         evidence.read_frames(
