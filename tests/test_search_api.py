@@ -81,7 +81,7 @@ def test_search_by_upload_with_filters(
     assert unknown.status_code == 422
     assert unknown.json()["code"] == "unknown_bank"
     assert "no bank named 'nope'" in unknown.json()["detail"]
-    empty = {
+    empty: dict[str, int | str] = {
         "upload_id": ids[0],
         "screened_from": "2026-02-01T00:00:00Z",
         "screened_until": "2026-01-01T00:00:00Z",
