@@ -158,3 +158,34 @@ def test_an_analyst_searches_by_text_image_and_upload_pages_and_exports(
     assert response.status == 422
     expect(page.locator("h1")).to_have_text("422")
     page.context.close()
+
+
+def test_the_api_docs_render_offline_from_local_assets(server: str, browser: Browser) -> None:
+    """Swagger UI and ReDoc from the package's own files: the browser asks this server for
+    everything, and the spec declares the bearer scheme on every operation with a key."""
+    page = browser.new_context().new_page()
+    elsewhere: list[str] = []
+    # What was loaded from elsewhere: ReDoc's bundle asks for a logo on its CDN, which the
+    # page's Content-Security-Policy stops before it is sent.
+    page.on(
+        "requestfinished",
+        lambda request: None if request.url.startswith(server) else elsewhere.append(request.url),
+    )
+    page.goto(f"{server}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("moderation")
+    expect(page.locator(".swagger-ui .btn.authorize")).to_be_visible()
+    answer = page.goto(f"{server}/redoc")
+    assert answer is not None
+    assert "img-src 'self' data: blob:" in answer.headers["content-security-policy"]
+    expect(page.locator("h1").first).to_contain_text("moderation")
+    assert [url for url in elsewhere if not url.startswith(("data:", "blob:"))] == []
+    spec = page.request.get(f"{server}/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    submit = spec["paths"]["/v1/uploads"]["post"]
+    assert submit["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    page.context.close()
