@@ -99,11 +99,11 @@ class StageTimeout(TransientFault):
     code = "stage_timeout"
 
 
-class EvidenceNotKept(TransientFault):
+class EvidenceNotSealed(TransientFault):
     """An upload hit, and its evidence could not be sealed into the vault: retried, since
     a hit recorded without the evidence would show reviewers nothing."""
 
-    code = "evidence_store_unavailable"
+    code = "evidence_not_sealed"
 
 
 # What the result writer records for one upload: its results and the evidence kept of it.
@@ -352,7 +352,7 @@ class Screener:
             try:
                 return evidence.keep_screened(self.vault, upload_id, signals, report)
             except StoreUnavailable as error:
-                raise EvidenceNotKept(error.message) from error
+                raise EvidenceNotSealed(error.message) from error
 
     def record(self, screened: service.Screened, kept: evidence.Kept | None = None) -> bool:
         with self._stage("record", screened.upload_id):
