@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # per upload in this stage. A model that is the bottleneck finds full batches waiting.
     batch_wait_ms: float = Field(default=25.0, ge=0)
 
+    # Workers and search processes read the model registry this often, so an added,
+    # activated or retired model is followed within it (plus a new model's load time).
+    model_poll_s: float = Field(default=2.0, gt=0)
+
     # Matching thresholds. Cosine distance for CLIP (a bank may override it); Hamming bits for PDQ.
     match_radius: float = Field(default=0.05, ge=0, le=2)
     pdq_threshold: int = Field(default=31, ge=0, le=256)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
-from moderation.embedding.clip import ClipEmbedder, Preprocessing, batch_shapes, processor_class
+from moderation.embedding.clip import ClipEmbedder, processor_class
+from moderation.embedding.embedder import batch_shapes
+from moderation.embedding.families import preprocessing_of
 from tests.images import textured
 
 
@@ -24,7 +26,7 @@ def test_preprocessing_matches_the_checkpoints_own_processor(
     image = textured(7, size)
     reference = processor_class().from_pretrained(str(tiny_model))
     expected = reference(images=image, return_tensors="np")["pixel_values"][0]
-    preprocessing = Preprocessing.from_pretrained(str(tiny_model))
+    preprocessing = preprocessing_of(str(tiny_model))
     crop = torch.from_numpy(preprocessing(image)[np.newaxis])
     ours = preprocessing.normalise(crop)[0].numpy()
     assert ours.shape == expected.shape

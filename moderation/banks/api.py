@@ -29,7 +29,7 @@ from moderation.images.errors import IntakeError
 from moderation.images.hashing import PdqHash, parse_hex
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 router = APIRouter(prefix="/v1/banks", tags=["banks"])
 
@@ -385,7 +385,7 @@ _EMBED_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1)
-def _embedder() -> ClipEmbedder:
+def _embedder() -> Embedder:
     from moderation.embedding.cli import load_embedder
 
     return load_embedder()

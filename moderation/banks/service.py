@@ -20,7 +20,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
 class BankNotFound(LookupError):
@@ -246,7 +246,7 @@ def copy_entries(
 
 def entry_from_image(
     data: bytes,
-    embedder: ClipEmbedder,
+    embedder: Embedder,
     model: EmbeddingModel,
     limits: DecodeLimits,
     source_ref: str | None,

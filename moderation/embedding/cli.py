@@ -22,16 +22,17 @@ from moderation.images.fetch import fetch
 from moderation.images.uri_policy import UriPolicy
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
-def load_embedder() -> ClipEmbedder:
+def load_embedder(name: str | None = None) -> Embedder:
+    """The named model (by default the configured one), its weights loaded on first use."""
     # Imported here: torch and transformers take seconds to load, and most commands
     # never run a model.
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.families import open_embedder
 
     settings = get_settings()
-    return ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+    return open_embedder(name or settings.resolved_model(), settings.resolved_device())
 
 
 @click.command()

@@ -31,7 +31,7 @@ from moderation.search.store import (
 )
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
 class SearchRuntime:
@@ -43,7 +43,7 @@ class SearchRuntime:
         self._lock = threading.Lock()
         self._index: FollowedIndex | None = None
         self._follower: Follower | None = None
-        self._embedder: ClipEmbedder | None = None
+        self._embedder: Embedder | None = None
 
     @property
     def model_name(self) -> str:
@@ -65,12 +65,12 @@ class SearchRuntime:
                 self._index = index
             return self._index
 
-    def embedder(self) -> ClipEmbedder:
+    def embedder(self) -> Embedder:
         with self._lock:
             if self._embedder is None:
-                from moderation.embedding.clip import ClipEmbedder
+                from moderation.embedding.families import open_embedder
 
-                self._embedder = ClipEmbedder(self.model_name, self.settings.resolved_device())
+                self._embedder = open_embedder(self.model_name, self.settings.resolved_device())
             return self._embedder
 
     def text_query(self, text: str) -> SearchQuery:

@@ -12,13 +12,11 @@ from moderation.screening import service as screening
 from moderation.webhooks.service import screening_hits_enabled
 
 
-def record_results(
-    session: Session, results: Sequence[screening.Screened], model_id: int
-) -> list[bool]:
+def record_results(session: Session, results: Sequence[screening.Screened]) -> list[bool]:
     """Record a group's results in the caller's transaction; per result, whether it was
     written (False for an upload already final: a redelivered or concurrent duplicate,
     which writes nothing, its hits included)."""
-    written = screening.record_screened(session, results, model_id)
+    written = screening.record_screened(session, results)
     found = {r.upload_id: r.matches for r, new in zip(results, written, strict=True) if new}
-    review.record_hits(session, found, model_id, notify=screening_hits_enabled())
+    review.record_hits(session, found, notify=screening_hits_enabled())
     return written
