@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,25 @@ def unmatchable_clip_entries(session: Session, model: str) -> dict[str, int]:
         .join(BankEntry, BankEntry.bank_id == Bank.id)
         # Disabled banks are not matched at all (see `matcher`).
         .where(Bank.enabled, embedded, ~under_model)
+        .group_by(Bank.name)
+        .order_by(Bank.name)
+    )
+    return {name: n for name, n in rows}
+
+
+def clip_coverage_lost(session: Session, model_id: int, kept: Sequence[int]) -> dict[str, int]:
+    """Per bank, by name, the entries embedded under `model_id` and under none of the
+    models `kept` (those still computed): retiring the model would leave them unmatched
+    on CLIP (their hashes still match). Disabled banks count too: enabling one again must
+    not find its entries blind. Banks with none are left out."""
+    under = BankEntryEmbedding.bank_entry_id == BankEntry.id
+    rows = session.execute(
+        select(Bank.name, func.count(BankEntry.id))
+        .join(BankEntry, BankEntry.bank_id == Bank.id)
+        .where(
+            exists().where(under, BankEntryEmbedding.model_id == model_id),
+            ~exists().where(under, BankEntryEmbedding.model_id.in_(list(kept))),
+        )
         .group_by(Bank.name)
         .order_by(Bank.name)
     )

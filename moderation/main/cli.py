@@ -11,6 +11,7 @@ from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
 from moderation.retrohunt.cli import retrohunt
@@ -91,6 +92,9 @@ def demo() -> None:
 
     run_demo()
 
+
+for model_command in MODEL_COMMANDS:
+    model.add_command(model_command)
 
 for command in (
     api,

@@ -109,7 +109,7 @@ def _run(
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     except (IntakeError, ValueError) as error:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
-    index = runtime.index()
+    index = runtime.index(query.model_id)
     return SearchResponse(
         model=index.model_name,
         index_kind=index.kind.value,
