@@ -5,6 +5,7 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, Worker
@@ -24,6 +25,8 @@ __all__ = [
     "EmbeddingModel",
     "Hit",
     "IndexEvaluation",
+    "ReembedFailure",
+    "ReembedJob",
     "RetrohuntJob",
     "Signal",
     "Upload",

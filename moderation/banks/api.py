@@ -21,6 +21,7 @@ from moderation.banks import service
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import Bank, BankEntry
 from moderation.config import get_settings
+from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.http.access import Caller, DbSession, allow
@@ -271,7 +272,7 @@ def add_image_entry(
         )
     try:
         with _EMBED_LOCK:
-            embedder = _embedder()
+            embedder = _embedder(registry.serving_name(session, settings.resolved_model()))
     except OSError as error:
         # Not the caller's fault, and likely to last: say which model and why.
         raise HTTPException(
@@ -280,7 +281,7 @@ def add_image_entry(
             f"({type(error).__name__}); set MODERATION_MODEL to a checkpoint this host has, "
             "or add entries by hash (POST .../entries)",
         ) from None
-    model = get_or_create_model(session, embedder.name, embedder.dim)
+    model = registry.registered(session, embedder)
     try:
         with _EMBED_LOCK:
             entry = service.entry_from_image(
@@ -363,6 +364,11 @@ def import_pdq_list(
 
 
 def _configured_model(session: DbSession) -> EmbeddingModel:
+    """The active model (the configured one where the registry has none yet): what
+    precomputed embeddings are taken to come from."""
+    active = registry.active_model(session)
+    if active is not None:
+        return active
     name = get_settings().resolved_model()
     return get_or_create_model(session, name, model_dim(name))
 
@@ -384,8 +390,8 @@ def _vector(values: list[float], dim: int) -> np.ndarray:
 _EMBED_LOCK = threading.Lock()
 
 
-@lru_cache(maxsize=1)
-def _embedder() -> Embedder:
+@lru_cache(maxsize=2)
+def _embedder(name: str) -> Embedder:
     from moderation.embedding.cli import load_embedder
 
-    return load_embedder()
+    return load_embedder(name)

@@ -24,6 +24,7 @@ never mixed. Every change is audited in its own transaction; callers commit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -31,7 +32,10 @@ from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
 from moderation.embedding.models import COMPUTED_STATES, EmbeddingModel, ModelState
-from moderation.embedding.service import ModelMismatch
+from moderation.embedding.service import ModelMismatch, get_or_create_model
+
+if TYPE_CHECKING:
+    from moderation.embedding.embedder import Embedder
 
 
 class FingerprintMismatch(ModelMismatch):
@@ -84,6 +88,22 @@ def computed_models(session: Session) -> list[EmbeddingModel]:
             .order_by(EmbeddingModel.state != ModelState.ACTIVE, EmbeddingModel.id)
         )
     )
+
+
+def serving_name(session: Session, configured: str) -> str:
+    """The active model's name; the configured one where the registry has none yet."""
+    active = active_model(session)
+    return active.name if active is not None else configured
+
+
+def registered(session: Session, embedder: Embedder) -> EmbeddingModel:
+    """The registry's row for a loaded embedder (made, retired, if it has none), held to
+    its identity: raises `FingerprintMismatch` for other weights under its name."""
+    model = get_or_create_model(session, registered_name(embedder.name), embedder.dim)
+    check_identity(
+        session, model, family=embedder.family, dim=embedder.dim, fingerprint=embedder.fingerprint
+    )
+    return model
 
 
 def check_identity(

@@ -12,6 +12,7 @@ from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
+from moderation.lifecycle.cli import reembed
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
 from moderation.retrohunt.cli import retrohunt
@@ -102,6 +103,7 @@ for command in (
     bank,
     embed,
     model,
+    reembed,
     retrohunt,
     submit,
     resubmit,

@@ -31,7 +31,6 @@ from moderation.embedding import registry
 from moderation.embedding.embedder import Embedder
 from moderation.embedding.feeder import Feeder
 from moderation.embedding.preprocessing import Preprocessing
-from moderation.embedding.service import get_or_create_model
 from moderation.worker.batching import Batcher, Chain
 
 logger = logging.getLogger(__name__)
@@ -132,17 +131,8 @@ class Lineup:
 
 
 def registered_id(session: Session, embedder: Embedder) -> int:
-    """The registry's row for a loaded embedder (made, not computed, if it has none),
-    held to its identity: raises `FingerprintMismatch` for other weights under its name."""
-    model = get_or_create_model(session, registry.registered_name(embedder.name), embedder.dim)
-    registry.check_identity(
-        session,
-        model,
-        family=embedder.family,
-        dim=embedder.dim,
-        fingerprint=embedder.fingerprint,
-    )
-    return model.id
+    """The registry's id for a loaded embedder (see `registry.registered`)."""
+    return registry.registered(session, embedder).id
 
 
 @dataclass(frozen=True)
