@@ -39,6 +39,8 @@ Out = TypeVar("Out")
 class _Request(Generic[In, Out]):
     item: In
     future: Future[Out] = field(default_factory=Future)
+    # False: the result is this stage's own, never handed on (see `submit_async`).
+    hand_on: bool = True
 
 
 class BatchTimeout(TimeoutError):
@@ -108,12 +110,16 @@ class Batcher(Generic[In, Out]):
         they are not all back within `timeout_s` (None: wait for ever)."""
         return self.submit_async(items).result(timeout_s)
 
-    def submit_async(self, items: Sequence[In]) -> Pending[Out]:
+    def submit_async(self, items: Sequence[In], *, this_stage_only: bool = False) -> Pending[Out]:
         """Hand in some items and return at once: the caller may hand items to other
-        stages (another model's forward pass) before it waits for all of them."""
+        stages (another model's forward pass) before it waits for all of them.
+        `this_stage_only`: this stage's results, even where it hands its results on (a
+        re-embedding wants the vectors, not their bank search)."""
         if not any(thread.is_alive() for thread in self._threads):
             raise RuntimeError(f"{self.name} has stopped")
-        requests: list[_Request[In, Out]] = [_Request(item) for item in items]
+        requests: list[_Request[In, Out]] = [
+            _Request(item, hand_on=not this_stage_only) for item in items
+        ]
         for request in requests:
             self._queue.put(request)
         return Pending(self, [request.future for request in requests])
@@ -155,12 +161,11 @@ class Batcher(Generic[In, Out]):
                 if self.stats.first_started is None:
                     self.stats.first_started = started
                 self.stats.last_finished = finished
-            if self._next is not None:
-                for request, result in zip(batch, results, strict=True):
-                    self._next._queue.put(_Request(result, request.future))
-                continue
             for request, result in zip(batch, results, strict=True):
-                request.future.set_result(result)
+                if self._next is not None and request.hand_on:
+                    self._next._queue.put(_Request(result, request.future))
+                else:
+                    request.future.set_result(result)
 
     def _next_batch(self) -> list[_Request[In, Out]] | None:
         with self._gathering:

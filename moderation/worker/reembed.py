@@ -86,7 +86,8 @@ def _embed(
 ) -> reembed.Outcome:
     try:
         with screener.intake.screened(item.uri, item.sha256, (lane.preprocess,)) as (signals, _):
-            vectors = lane.embedding.submit(signals.embedding_inputs(), settings.stage_timeout_s)
+            pending = lane.embedding.submit_async(signals.embedding_inputs(), this_stage_only=True)
+            vectors = pending.result(settings.stage_timeout_s)
             frames = [frame.index for frame in signals.embedded_frames]
         return reembed.Outcome(item, list(zip(frames, vectors, strict=True)))
     except IntakeError as error:
