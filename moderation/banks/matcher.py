@@ -63,14 +63,16 @@ class BankMatcher:
         settings: MatchSettings,
         refresh_s: float,
         device: str = "cpu",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`sessions`: READ COMMITTED sessions (each statement sees what committed before
         it); `device`: where CLIP vectors are scored, the worker's
-        (`Settings.resolved_device`)."""
+        (`Settings.resolved_device`); `clock`: seconds, for `refresh_s`."""
         self._sessions = sessions
         self._refresh_s = refresh_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._checked_at = time.monotonic()
+        self._checked_at = clock()
         started = time.monotonic()
         with sessions() as session:
             self._banks = LiveBanks.load(
@@ -87,11 +89,11 @@ class BankMatcher:
         return self._index
 
     def _is_stale(self) -> bool:
-        return time.monotonic() - self._checked_at >= self._refresh_s
+        return self._clock() - self._checked_at >= self._refresh_s
 
     def _refresh(self) -> None:
         # Everything committed before this moment is in the index once the check is done.
-        checked_at = time.monotonic()
+        checked_at = self._clock()
         with self._sessions() as session:
             refreshed = self._banks.refresh(session)
         if refreshed is not None:
@@ -99,7 +101,7 @@ class BankMatcher:
             logger.info(
                 "bank index %s in %.3f s (%d changes): %s",
                 "reloaded" if refreshed.loaded else "refreshed",
-                time.monotonic() - checked_at,
+                self._clock() - checked_at,
                 refreshed.changes,
                 self._index.size,
             )

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from moderation.embedding.checkpoints import check_loadable, loading
 from moderation.embedding.embedder import Embedder
 
 
@@ -49,7 +50,9 @@ class ClipEmbedder(Embedder):
         if config is None:
             from transformers import CLIPConfig
 
-            config = CLIPConfig.from_pretrained(name)
+            check_loadable(name)
+            with loading(name):
+                config = CLIPConfig.from_pretrained(name)
         super().__init__(name, device, config=config, cpu_threads=cpu_threads)
 
     @staticmethod

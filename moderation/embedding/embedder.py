@@ -31,13 +31,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moderation.embedding.checkpoints import loading
 from moderation.embedding.preprocessing import Preprocessing
+from moderation.errors import Invalid
 
 logger = logging.getLogger(__name__)
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(Invalid):
     """A checkpoint of a family the service cannot run."""
+
+    code = "unsupported_model"
 
 
 def batch_shapes(max_batch: int) -> list[int]:
@@ -89,9 +93,9 @@ class Embedder:
         # fp16 halves memory and roughly doubles throughput on GPUs; CPUs stay in fp32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.dim = self._dim(config)
-        self.preprocess = Preprocessing.from_processor(
-            self._processor_class().from_pretrained(name), centre_crop=self._centre_crop
-        )
+        with loading(name):
+            processor = self._processor_class().from_pretrained(name)
+        self.preprocess = Preprocessing.from_processor(processor, centre_crop=self._centre_crop)
         self._model: Any = None
         self._fingerprint: str | None = None
         self._load_lock = threading.Lock()
@@ -138,7 +142,8 @@ class Embedder:
                     if self.device.type == "cpu" and self._cpu_threads:
                         # Per forward pass; torch applies it to every thread that runs one.
                         torch.set_num_threads(self._cpu_threads)
-                    model = self._load_model()
+                    with loading(self.name):
+                        model = self._load_model()
                     # Before the conversion to the device's dtype: the same checkpoint has
                     # the same fingerprint on a CPU and on a GPU.
                     self._fingerprint = self._fingerprint_of(model)

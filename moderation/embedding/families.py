@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moderation.config import Settings
+from moderation.embedding.checkpoints import check_loadable, loading
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.embedder import (
     Embedder,
@@ -22,7 +23,9 @@ def read_config(name: str) -> Any:
     from transformers import AutoConfig
 
     quiet_transformers()
-    return AutoConfig.from_pretrained(name)
+    check_loadable(name)
+    with loading(name):
+        return AutoConfig.from_pretrained(name)
 
 
 def open_embedder(name: str, device: str = "cpu", *, cpu_threads: int | None = None) -> Embedder:

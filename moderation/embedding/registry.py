@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from moderation.audit import service as audit
 from moderation.embedding.models import COMPUTED_STATES, EmbeddingModel, ModelState
 from moderation.embedding.service import ModelMismatch, get_or_create_model
+from moderation.errors import Conflict, NotFound
 
 if TYPE_CHECKING:
     from moderation.embedding.embedder import Embedder
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 class FingerprintMismatch(ModelMismatch):
     """The same name, other weights or preprocessing."""
+
+    code = "fingerprint_mismatch"
 
     def __init__(self, name: str, registered: str, found: str) -> None:
         super().__init__(
@@ -50,13 +53,17 @@ class FingerprintMismatch(ModelMismatch):
         )
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
     def __init__(self, name: str) -> None:
         super().__init__(f"no model named {name!r} is registered; see `moderation model list`")
 
 
-class BadTransition(ValueError):
+class BadTransition(Conflict):
     """A state change the lifecycle does not allow (see the module docstring)."""
+
+    code = "model_state"
 
 
 def registered_name(name_or_path: str) -> str:

@@ -10,6 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from moderation.embedding.models import EmbeddingModel
+from moderation.errors import Conflict, Invalid
 from moderation.images.decode import DecodeLimits
 from moderation.images.signals import ImageSignals, extract_signals
 
@@ -17,8 +18,14 @@ if TYPE_CHECKING:
     from moderation.embedding.embedder import Embedder
 
 
-class ModelMismatch(ValueError):
-    pass
+class InvalidEmbedding(Invalid):
+    code = "invalid_embedding"
+
+
+class ModelMismatch(Conflict):
+    """A model name already registered with another dimension."""
+
+    code = "model_mismatch"
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -34,7 +41,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if not np.all(np.isfinite(vectors)) or np.any(norms == 0):
-        raise ValueError("embeddings must be finite and non-zero")
+        raise InvalidEmbedding("embeddings must be finite and non-zero")
     normalised: np.ndarray = vectors / norms
     return normalised
 

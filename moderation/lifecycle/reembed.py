@@ -48,6 +48,7 @@ from moderation.banks.models import BankEntry, BankEntryEmbedding
 from moderation.embedding import registry
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.service import vector_to_bytes
+from moderation.errors import Conflict, NotFound
 from moderation.images.fetch import to_uri
 from moderation.images.signals import SignalType
 from moderation.lifecycle.models import (
@@ -61,13 +62,15 @@ from moderation.screening.models import Signal, Upload, UploadStatus
 logger = logging.getLogger(__name__)
 
 
-class JobNotFound(LookupError):
+class JobNotFound(NotFound):
+    code = "reembed_job_not_found"
+
     def __init__(self, job_id: int) -> None:
         super().__init__(f"no re-embedding job with id {job_id}; see `moderation reembed list`")
 
 
-class NotReembeddable(ValueError):
-    pass
+class NotReembeddable(Conflict):
+    code = "not_reembeddable"
 
 
 @dataclass(frozen=True)

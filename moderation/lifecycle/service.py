@@ -16,10 +16,13 @@ from moderation.banks.models import BankEntryEmbedding
 from moderation.banks.service import clip_coverage_lost
 from moderation.embedding import registry
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
+from moderation.errors import Conflict
 
 
-class CoverageLost(ValueError):
+class CoverageLost(Conflict):
     """Retiring the model would leave bank entries with no CLIP embedding computed."""
+
+    code = "coverage_lost"
 
     def __init__(self, model: str, lost: dict[str, int]) -> None:
         banks = ", ".join(f"{bank}: {count}" for bank, count in lost.items())
@@ -27,7 +30,8 @@ class CoverageLost(ValueError):
             f"retiring {model!r} would stop CLIP matching for {sum(lost.values())} bank "
             f"entr{'y' if sum(lost.values()) == 1 else 'ies'} embedded by no other computed "
             f"model ({banks}); re-embed them (`moderation reembed --model NAME`), or retire "
-            "with --force to match them by their hashes only"
+            "with --force to match them by their hashes only",
+            banks=lost,
         )
         self.lost = lost
 

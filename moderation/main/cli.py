@@ -15,8 +15,9 @@ from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
 from moderation.lifecycle.cli import reembed
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
+from moderation.main.services_cli import services
 from moderation.retrohunt.cli import retrohunt
-from moderation.review.cli import decide, hits
+from moderation.review.cli import decide, hits, upload
 from moderation.screening.cli import resubmit, submit, uploads
 from moderation.search.cli import index, search
 from moderation.webhooks.cli import webhooks
@@ -108,6 +109,7 @@ for command in (
     submit,
     resubmit,
     hits,
+    upload,
     uploads,
     worker,
     ping,
@@ -116,5 +118,6 @@ for command in (
     index,
     decide,
     webhooks,
+    services,
 ):
     main.add_command(command)

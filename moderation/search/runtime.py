@@ -29,6 +29,7 @@ from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from moderation.embedding.service import embed_first_frame
+from moderation.errors import Invalid
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
@@ -58,6 +59,10 @@ class ModelSearch:
     name: str
     index: FollowedIndex
     follower: Follower | None = None
+
+
+class EmptyQuery(Invalid):
+    code = "empty_query"
 
 
 class SearchRuntime:
@@ -177,7 +182,7 @@ class SearchRuntime:
 
     def text_query(self, text: str) -> SearchQuery:
         if not text.strip():
-            raise ValueError("the text query is empty")
+            raise EmptyQuery("the text query is empty")
         model_id, name = self._serving()
         vector = self._embedder_of(model_id, name).embed_texts([text])[0]
         return SearchQuery(vector=vector, model_id=model_id, text=text)
