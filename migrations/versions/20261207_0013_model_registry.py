@@ -48,6 +48,7 @@ def upgrade() -> None:
         'reembed_jobs',
         sa.Column('model_id', sa.BigInteger(), nullable=False),
         sa.Column('created_by', sa.String(length=200), nullable=False),
+        sa.Column('duty', sa.Float(), nullable=True),
         sa.Column(
             'status',
             sa.Enum('queued', 'uploads', 'entries', 'catching_up', 'done', 'cancelled', 'failed',

@@ -115,8 +115,19 @@ EXIT_TIMED_OUT = 3
 @click.option("--model", "model_name", help="Start (or resume) re-embedding under this model.")
 @click.option("--wait", is_flag=True, help="Wait until the job has finished, showing progress.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--duty",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Share of each worker's time the job may take (default: MODERATION_REEMBED_DUTY).",
+)
 @click.pass_context
-def reembed(ctx: click.Context, model_name: str | None, wait: bool, timeout: float | None) -> None:
+def reembed(
+    ctx: click.Context,
+    model_name: str | None,
+    wait: bool,
+    timeout: float | None,
+    duty: float | None,
+) -> None:
     """Re-embed every screened upload and every bank entry with a source under a model
     (a candidate, before it is activated), in the background, on the workers."""
     if ctx.invoked_subcommand is not None:
@@ -125,7 +136,7 @@ def reembed(ctx: click.Context, model_name: str | None, wait: bool, timeout: flo
         raise click.UsageError("give --model NAME, or a command (list, show)")
     try:
         with session_scope() as session:
-            job, new = jobs.start(session, model_name, actor=cli_actor())
+            job, new = jobs.start(session, model_name, actor=cli_actor(), duty=duty)
             job_id, step = job.id, job.step
     except (jobs.NotReembeddable, registry.ModelNotFound) as error:
         raise click.ClickException(str(error)) from None

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -57,6 +58,10 @@ class ReembedJob(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
 
     model_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("embedding_models.id"), index=True)
     created_by: Mapped[str] = mapped_column(String(200))
+    # The share of a worker's time its steps may take (rests after each step make up the
+    # rest); NULL: the worker's `reembed_duty`. 1 runs a migration at full speed, e.g.
+    # while uploads are few.
+    duty: Mapped[float | None] = mapped_column(Float)
     status: Mapped[ReembedStatus] = mapped_column(
         enum_column(ReembedStatus, "reembed_status"), default=ReembedStatus.QUEUED
     )

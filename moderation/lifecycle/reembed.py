@@ -96,6 +96,7 @@ class Block:
     model_id: int
     model_name: str
     phase: ReembedStatus
+    duty: float | None
     items: list[Item]
     # The ids the block covers (those already embedded included): the checkpoint moves
     # to `through`, and "done" by `covered`, when it is recorded. 0: a catch-up block.
@@ -113,9 +114,12 @@ class Outcome:
     message: str | None = None
 
 
-def start(session: Session, model_name: str, *, actor: str) -> tuple[ReembedJob, bool]:
+def start(
+    session: Session, model_name: str, *, actor: str, duty: float | None = None
+) -> tuple[ReembedJob, bool]:
     """A job for a computed model (an unfinished one for it is returned as it is); the job
-    and whether it is new. The caller sends its first step after committing."""
+    and whether it is new. `duty`: the share of a worker's time its steps may take (None:
+    each worker's `reembed_duty`). The caller sends its first step after committing."""
     model = registry.get_model(session, model_name)
     if model.state is ModelState.RETIRED:
         raise NotReembeddable(
@@ -132,6 +136,7 @@ def start(session: Session, model_name: str, *, actor: str) -> tuple[ReembedJob,
     job = ReembedJob(
         model_id=model.id,
         created_by=actor[:200],
+        duty=duty,
         status=ReembedStatus.QUEUED,
         next_run_at=func.now(),
         failures={},
@@ -259,7 +264,9 @@ def _entry_items(session: Session, where: ColumnElement[bool], limit: int) -> li
 def _block(
     job: ReembedJob, model: EmbeddingModel, items: list[Item], through: int, covered: int
 ) -> Block:
-    return Block(job.id, job.step - 1, model.id, model.name, job.status, items, through, covered)
+    return Block(
+        job.id, job.step - 1, model.id, model.name, job.status, job.duty, items, through, covered
+    )
 
 
 def _upload_block(

@@ -63,8 +63,9 @@ def run_step(screener: Screener, settings: Settings, job_id: int, step: int) -> 
         lane.name,
         worked,
     )
-    # The rest keeps re-embedding to at most `reembed_duty` of this worker's time.
-    time.sleep(worked * (1 - settings.reembed_duty) / settings.reembed_duty)
+    # The rest keeps re-embedding to at most its duty of this worker's time.
+    duty = block.duty or settings.reembed_duty
+    time.sleep(worked * (1 - duty) / duty)
     if following is not None:
         send_steps([following])
     return None
