@@ -121,15 +121,15 @@ class Settings(BaseSettings):
     retrohunt_stalled_after_s: float = Field(default=120.0, gt=0)
     # Re-embedding jobs (see `lifecycle.reembed`): their queue, which workers also consume
     # (unset: the screening queue's name and "-reembed"); items per step; items a worker
-    # has in intake and forward passes at once for a step (unset: twice what the intake
-    # processes take at once, at least 4); the share of the time a worker's re-embedding
-    # computes (it rests the remainder, so that live screening keeps its rate: measured
-    # by bench/reembed.py); how long the catch-up keeps looking after the scans; and how
-    # overdue an unfinished job is before the sweeper sends it again.
+    # has in intake and forward passes at once for a step (unset: as many as screening's
+    # task threads, so that a job at full duty fills the same batches); the share of the
+    # time a worker's re-embedding computes (it rests the remainder, so that live
+    # screening keeps its rate: bench/reembed.py); how long the catch-up keeps looking
+    # after the scans; and how overdue an unfinished job is before the sweeper sends it.
     reembed_queue: str | None = None
     reembed_block: int = Field(default=64, ge=1)
     reembed_concurrency: int | None = Field(default=None, ge=1)
-    reembed_duty: float = Field(default=0.5, gt=0, le=1)
+    reembed_duty: float = Field(default=0.2, gt=0, le=1)
     reembed_settle_s: float = Field(default=30.0, ge=0)
     reembed_stalled_after_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int | None = Field(default=None, ge=1)
@@ -284,10 +284,7 @@ class Settings(BaseSettings):
         return self.reembed_queue or f"{self.queue}-reembed"
 
     def resolved_reembed_concurrency(self) -> int:
-        if self.reembed_concurrency:
-            return self.reembed_concurrency
-        intake = max(1, self.resolved_intake_processes()) * self.intake_jobs_per_process
-        return max(4, 2 * intake)
+        return self.reembed_concurrency or self.resolved_concurrency()
 
     def resolved_concurrency(self) -> int:
         # Enough tasks in flight to fill every stream's next batch while the current ones run.

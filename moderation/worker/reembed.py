@@ -3,10 +3,10 @@ pool (fetch under the URI policy, the recorded SHA-256 checked, decode, one crop
 job's model) and the model's own batched forward passes (`lanes`), without the bank
 search, matching and hit writing that screening adds.
 
-Below live screening's priority: a step runs on one niced thread per process
-(`tasks`), keeps at most `reembed_concurrency` items in intake and forward passes at
-once, so screening's uploads are never queued behind a whole block, and rests after each
-step in proportion (`reembed_duty`). The job's side (blocks, checkpoints, failures) is in
+Below live screening's priority: one step at a time per process (`tasks`), at most
+`reembed_concurrency` items in intake and forward passes at once, and a rest after each
+step in proportion to its work, so that the job computes at most its duty of the time
+(`reembed_duty`, or the job's own). The job's side (blocks, checkpoints, failures) is in
 `moderation.lifecycle.reembed`.
 """
 

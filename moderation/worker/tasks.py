@@ -62,11 +62,12 @@ def retrohunt_step(task: Task, job_id: int, step: int) -> None:
     _hunter.submit(retrohunt.run_step, job_id, step).result()
 
 
-# One re-embedding step at a time per worker process, on this niced thread (see
-# `moderation.worker.reembed` for what keeps it below live screening).
-_reembedder = ThreadPoolExecutor(
-    max_workers=1, thread_name_prefix="reembed", initializer=_lower_priority
-)
+# One re-embedding step at a time per worker process, on this thread. Not niced, unlike
+# the hunt's (whose work is Faiss, outside the GIL): its threads mostly hand items on under
+# the GIL, and a niced thread descheduled while holding it stalls the whole worker (a
+# first try took 88 s for 64 images on a loaded machine). Its duty keeps it below live
+# screening (see `moderation.worker.reembed`).
+_reembedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed")
 
 
 def reembed_step(task: Task, job_id: int, step: int) -> None:
