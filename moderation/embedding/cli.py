@@ -28,13 +28,19 @@ if TYPE_CHECKING:
 
 
 def load_embedder(name: str | None = None) -> Embedder:
-    """The named model (by default the configured one), its weights loaded on first use."""
+    """The named model (by default the registry's active one, or the configured one while
+    the registry has none), its weights loaded on first use."""
     # Imported here: torch and transformers take seconds to load, and most commands
     # never run a model.
+    from moderation.db import session_scope
+    from moderation.embedding import registry
     from moderation.embedding.families import open_embedder
 
     settings = get_settings()
-    return open_embedder(name or settings.resolved_model(), settings.resolved_device())
+    if name is None:
+        with session_scope() as session:
+            name = registry.serving_name(session, settings.resolved_model())
+    return open_embedder(name, settings.resolved_device())
 
 
 @click.command()

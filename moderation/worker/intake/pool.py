@@ -9,12 +9,13 @@ instead of 1,187).
 
 Crops do not travel through pipes: pickling a 338 KB crop back through a pool's result
 pipe held a 14-process probe to 211 images/s, against 835 with the crops kept out of it.
-The worker process owns one block of shared memory cut into slots of one crop each
-(`slots.py`). A task thread takes a free slot, sends a small job (uri, declared SHA-256,
-slot number) down the pipe of the process holding the fewest jobs, and gets back the
-signals without pixels; the first sampled frame's crop is in the slot, and only the rare
-further frames of an animation come back pickled. The slot stays the task's until its
-upload is recorded.
+The worker process owns a block of shared memory cut into slots, one crop per model it
+computes in each (`slots.py`; a block per set of models). A task thread takes a free
+slot, sends a small job (uri, declared SHA-256, the models' preprocessings, the slot) down
+the pipe of the process holding the fewest jobs, and gets back the signals without
+pixels; the first sampled frame's crops are in the slot, and only the rare further frames
+of an animation come back pickled. The slot stays the task's until its upload is
+recorded. The processes know no model: each job says which crops to make.
 
 One decode budget (`decode_memory_mb`) bounds all the processes together: a process
 decodes a small image within an allowance of its own, and asks the worker, over its pipe,
