@@ -4,6 +4,7 @@ intake process) without a worker subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -19,12 +20,13 @@ from PIL import Image
 from sqlalchemy import select
 
 from moderation.banks import service as banks
+from moderation.banks.models import BankEntryEmbedding
 from moderation.config import Settings, get_settings
 from moderation.db import session_scope
 from moderation.embedding.families import preprocessing_of
-from moderation.embedding.models import Embedding
+from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.preprocessing import Preprocessing
-from moderation.embedding.service import vector_from_bytes
+from moderation.embedding.service import vector_from_bytes, vector_to_bytes
 from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
@@ -461,5 +463,77 @@ def test_a_stalled_claim_sends_the_messages_uploads_again(
         # Once the locks are gone, the same message's uploads are screened.
         assert screener.run_many(upload_ids) == {}
         assert [_upload(i).status for i in upload_ids] == [UploadStatus.SCREENED] * 2
+    finally:
+        screener.close()
+
+
+class OtherStub(StubEmbedder):
+    """A second model: its own name and identity, its own (smaller) crops, and vectors
+    that differ from the first model's for the same image."""
+
+    name = "stub-embedder-2"
+    fingerprint = "stub-2"
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        vectors: np.ndarray = super().embed(crops)[:, ::-1].copy()
+        return vectors
+
+
+@pytest.mark.parametrize("intake_processes", [1, 0], ids=["intake-processes", "intake-in-thread"])
+def test_two_models_from_one_intake_each_embedding_and_matching_its_own(
+    preprocess: Preprocessing, tmp_path: Path, intake_processes: int
+) -> None:
+    """During a model change: one intake per upload gives each model its own crop; each
+    model's vectors are recorded under it; a bank entry embedded only by the second model
+    still hits, under that model, and one embedded by both hits under the first."""
+    small = dataclasses.replace(preprocess, crop_height=32, crop_width=32, shortest_edge=32)
+    first, second = StubEmbedder(preprocess), OtherStub(small)
+    settings = _settings(intake_processes=intake_processes, stage_timeout_s=10.0)
+    screener = Screener(settings, session_scope, [first, second], slots=4)  # type: ignore[list-item]
+    try:
+        paths = [write(tmp_path / f"{i}.jpg", encode(textured(40 + i))) for i in range(3)]
+        crops = [p(Image.open(paths[0]).convert("RGB")) for p in (preprocess, small)]
+        vector_1 = StubEmbedder(preprocess).embed(crops[0][np.newaxis])[0]
+        vector_2 = OtherStub(small).embed(crops[1][np.newaxis])[0]
+        first_id, second_id = screener.lineup.model_ids
+        with session_scope() as session:
+            bank = banks.create_bank(session, "two-models")
+            only_second, both = banks.add_entries(
+                session,
+                bank,
+                [
+                    banks.NewEntry(
+                        embedding=vector_2, model=session.get_one(EmbeddingModel, second_id)
+                    ),
+                    banks.NewEntry(
+                        embedding=vector_1, model=session.get_one(EmbeddingModel, first_id)
+                    ),
+                ],
+                added_by="t",
+            )
+            session.add(
+                BankEntryEmbedding(
+                    bank_entry_id=both.id, model_id=second_id, vector=vector_to_bytes(vector_2)
+                )
+            )
+            entry_ids = (only_second.id, both.id)
+        upload_ids = _submit(*(p.as_uri() for p in paths))
+
+        assert screener.run_many(upload_ids) == {}
+
+        with session_scope() as session:
+            stored = {
+                (e.upload_id, e.model_id): vector_from_bytes(e.vector)
+                for e in session.scalars(select(Embedding))
+            }
+            hits = sorted(
+                (h.bank_entry_id, h.model_id)
+                for h in session.scalars(select(Hit).where(Hit.upload_id == upload_ids[0]))
+            )
+        assert sorted(stored) == sorted((u, m) for u in upload_ids for m in (first_id, second_id))
+        np.testing.assert_allclose(stored[(upload_ids[0], first_id)], vector_1, atol=1e-6)
+        np.testing.assert_allclose(stored[(upload_ids[0], second_id)], vector_2, atol=1e-6)
+        assert hits == sorted([(entry_ids[0], second_id), (entry_ids[1], first_id)])
+        assert sum(first.batches) == sum(second.batches) == 3  # one forward pass each
     finally:
         screener.close()
