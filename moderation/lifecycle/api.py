@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moderation.db import session_scope
 from moderation.embedding import registry
+from moderation.embedding.checkpoints import ModelUnavailable
 from moderation.embedding.models import EmbeddingModel
-from moderation.errors import NotFound
+from moderation.errors import Invalid, NotFound
 from moderation.http.access import Caller, DbSession, allow
 from moderation.lifecycle import reembed as jobs
 from moderation.lifecycle import service
@@ -33,6 +34,13 @@ class ModelNotRegistered(NotFound):
 
     def __init__(self, model_id: int) -> None:
         super().__init__(f"no model with id {model_id}; GET /v1/models lists them")
+
+
+class CheckpointUnreadable(Invalid):
+    """The name given is no checkpoint this host can load: the caller's to correct, unlike
+    the configured model failing to load (`ModelUnavailable`, 503)."""
+
+    code = "checkpoint_unreadable"
 
 
 class ModelOut(BaseModel):
@@ -106,7 +114,10 @@ def list_models(session: DbSession) -> list[ModelOut]:
 def add_model(body: ModelIn, session: DbSession, caller: Caller) -> ModelOut:
     from moderation.embedding.families import open_embedder
 
-    embedder = open_embedder(body.name)
+    try:
+        embedder = open_embedder(body.name)
+    except ModelUnavailable as error:
+        raise CheckpointUnreadable(error.message) from None
     model, _ = registry.add(
         session,
         body.name,
