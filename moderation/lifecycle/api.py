@@ -60,7 +60,10 @@ class ModelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        min_length=1, max_length=512, description="A local directory or a Hugging Face id."
+        min_length=1,
+        max_length=512,
+        pattern=r"^[^\x00]+$",
+        description="A local directory or a Hugging Face id.",
     )
 
 
