@@ -196,6 +196,9 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
     schema.upgrade()
     with get_engine().begin() as conn:
         conn.execute(text("TRUNCATE hits, signals, embeddings, uploads, banks CASCADE"))
+        # The worker computes the registry's models: retire them all, so that it seeds the
+        # configured one (MODERATION_MODEL) as the active model of this run.
+        conn.execute(text("UPDATE embedding_models SET state = 'retired'"))
     embedder = ClipEmbedder(settings.resolved_model(), "cpu")
     rng = np.random.default_rng(0)
     with session_scope() as session:

@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
+from moderation.embedding.checkpoints import is_directory
 from moderation.embedding.models import COMPUTED_STATES, EmbeddingModel, ModelState
 from moderation.embedding.service import ModelMismatch, get_or_create_model
 from moderation.errors import Conflict, NotFound
@@ -69,8 +70,7 @@ class BadTransition(Conflict):
 def registered_name(name_or_path: str) -> str:
     """The name a checkpoint is registered under: an existing local directory as its
     absolute path (workers elsewhere load it from there), a Hugging Face id as given."""
-    path = Path(name_or_path)
-    return str(path.resolve()) if path.exists() else name_or_path
+    return str(Path(name_or_path).resolve()) if is_directory(name_or_path) else name_or_path
 
 
 def get_model(session: Session, name: str) -> EmbeddingModel:
