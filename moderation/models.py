@@ -5,6 +5,7 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.evidence.models import Evidence
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
@@ -23,6 +24,7 @@ __all__ = [
     "Base",
     "Embedding",
     "EmbeddingModel",
+    "Evidence",
     "Hit",
     "IndexEvaluation",
     "ReembedFailure",

@@ -6,6 +6,7 @@ anything from `moderation` is imported.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import tempfile
@@ -77,6 +78,9 @@ TEST_ENV = {
     "MODERATION_BATCH_SIZE": "8",
     "MODERATION_ALLOWED_URI_PREFIXES": f"{TEST_FILES_DIR.as_uri()}/,http://,https://",
     "MODERATION_FETCH_ALLOWED_NETWORKS": TEST_FETCH_NETWORK,
+    # Evidence kept by the workers under the run's directory, sealed with a key of the run's.
+    "MODERATION_EVIDENCE_URI": str(_RUN_DIR / f"evidence{XDIST_WORKER}"),
+    "MODERATION_EVIDENCE_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
 }
 os.environ.update(TEST_ENV)
 
@@ -126,6 +130,7 @@ _DATA_TABLES = ", ".join(
         "retrohunt_jobs",
         "reembed_jobs",
         "reembed_failures",
+        "evidence",
         "hits",
         "signals",
         "embeddings",

@@ -13,6 +13,7 @@ from PIL import Image
 from moderation.images.budget import Budget
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.hashing import PdqHash, pdq, sha256
+from moderation.images.thumbnails import frame_thumbnail
 
 
 class SignalType(enum.StrEnum):
@@ -36,6 +37,10 @@ class FrameSignals:
     def crops(self) -> tuple[np.ndarray, ...]:
         """One crop per preprocessing given; empty for a frame that was not sampled."""
         return () if self.pixels is None else (self.pixels, *self.more_pixels)
+
+    # A small JPEG of the frame as screened, kept as review evidence if the upload hits
+    # (`moderation.evidence`); None when screening keeps no evidence.
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -74,18 +79,27 @@ def extract_signals(
     limits: DecodeLimits,
     preprocess: Preprocess | Sequence[Preprocess],
     budget: Budget | None = None,
+    *,
+    thumbnail_side: int | None = None,
 ) -> ImageSignals:
     """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
     the sampled ones (at most `max_frames`, always frame 0), once per preprocessing given
     (one per embedding model computed: one decode serves them all). Raises `BadInput`.
 
     A large JPEG is decoded at reduced scale (`limits.decode_min_side`), never smaller
-    than any embedding model's input (its `decode_side`, where it has one)."""
+    than any embedding model's input (its `decode_side`, where it has one).
+
+    `thumbnail_side`: also render each hashed frame as a JPEG of at most this side, the
+    review copy kept should the upload hit (its frame is only known after matching)."""
     preprocessings = [preprocess] if callable(preprocess) else list(preprocess)
     side = max((getattr(p, "decode_side", 0) for p in preprocessings), default=0)
 
-    def visit(frame: Image.Image, sampled: bool) -> tuple[PdqHash, tuple[np.ndarray, ...]]:
-        return pdq(frame), tuple(p(frame) for p in preprocessings) if sampled else ()
+    def visit(
+        frame: Image.Image, sampled: bool
+    ) -> tuple[PdqHash, tuple[np.ndarray, ...], bytes | None]:
+        kept = frame_thumbnail(frame, thumbnail_side) if thumbnail_side else None
+        crops = tuple(p(frame) for p in preprocessings) if sampled else ()
+        return pdq(frame), crops, kept
 
     decoded = decode(
         data,
@@ -107,8 +121,9 @@ def extract_signals(
                 pdq=hashed,
                 pixels=crops[0] if crops else None,
                 more_pixels=crops[1:],
+                thumbnail=kept,
             )
-            for index, (hashed, crops) in decoded.frames
+            for index, (hashed, crops, kept) in decoded.frames
         ],
         pdq_as_stored=decoded.as_stored,
     )

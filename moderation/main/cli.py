@@ -11,6 +11,7 @@ from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.evidence.cli import evidence
 from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
 from moderation.lifecycle.cli import reembed
 from moderation.main.api_cli import api
@@ -119,5 +120,6 @@ for command in (
     decide,
     webhooks,
     services,
+    evidence,
 ):
     main.add_command(command)

@@ -222,6 +222,7 @@ class SearchRuntime:
         if query.model_id is not None and index.model_id != query.model_id:
             raise RuntimeError("a query reached another model's index")  # never: see index()
         with session_scope() as session:
+            service.check_filters(session, filters)
             return service.search(
                 session,
                 index,

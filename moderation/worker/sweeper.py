@@ -13,8 +13,10 @@ import threading
 from moderation.banks import tasks as banks
 from moderation.chores import Chore
 from moderation.config import Settings
+from moderation.evidence import tasks as evidence
 from moderation.lifecycle import tasks as lifecycle
 from moderation.retrohunt import tasks as retrohunt
+from moderation.review import tasks as review
 from moderation.worker.recovery import REQUEUE_LOST
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,8 @@ CHORES: tuple[Chore, ...] = (
     REQUEUE_LOST,
     *retrohunt.CHORES,
     *lifecycle.CHORES,
+    *review.CHORES,
+    *evidence.CHORES,
     *banks.CHORES,
 )
 # A shutdown waits this long at most for a sweep caught in a dead connection.

@@ -1,8 +1,8 @@
 """the model registry (family, fingerprint and state of each embedding model), and
 re-embedding jobs
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-07 18:00:00.000000
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 
-revision: str = '0013'
-down_revision: str | None = "0012"
+revision: str = '0014'
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
