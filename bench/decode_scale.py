@@ -349,10 +349,9 @@ def shrink(jpeg: bytes, size: tuple[int, int], limits: Any) -> bytes:
 def production_preprocessing() -> Any:
     """The production checkpoint's preprocessing (openai/clip-vit-large-patch14-336: shortest
     edge 336, 336x336 centre crop, bicubic), built without its files."""
-    import torch
     from PIL import Image
 
-    from moderation.embedding.clip import Preprocessing
+    from moderation.embedding.preprocessing import Preprocessing
 
     return Preprocessing(
         shortest_edge=336,
@@ -360,8 +359,8 @@ def production_preprocessing() -> Any:
         crop_width=336,
         resample=Image.Resampling.BICUBIC,
         rescale_factor=1 / 255,
-        mean=torch.zeros(1, 3, 1, 1),
-        std=torch.ones(1, 3, 1, 1),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
     )
 
 

@@ -196,6 +196,9 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
     schema.upgrade()
     with get_engine().begin() as conn:
         conn.execute(text("TRUNCATE hits, signals, embeddings, uploads, banks CASCADE"))
+        # The worker computes the registry's models: retire them all, so that it seeds the
+        # configured one (MODERATION_MODEL) as the active model of this run.
+        conn.execute(text("UPDATE embedding_models SET state = 'retired'"))
     embedder = ClipEmbedder(settings.resolved_model(), "cpu")
     rng = np.random.default_rng(0)
     with session_scope() as session:
@@ -333,12 +336,12 @@ def model_only(paths: list[Path], batch: int) -> float:
     import numpy as np
 
     from moderation.config import get_settings
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.families import embedder_for_worker
     from moderation.images.decode import DecodeLimits
     from moderation.images.signals import extract_signals
 
     settings = get_settings()
-    embedder = ClipEmbedder.for_worker(settings)
+    embedder = embedder_for_worker(settings, settings.resolved_model())
     limits = DecodeLimits.from_settings(settings)
     pixels = np.stack(
         [
@@ -374,16 +377,16 @@ def intake_only(paths: list[Path]) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     from moderation.config import get_settings
-    from moderation.embedding.clip import Preprocessing
+    from moderation.embedding.families import preprocessing_of
     from moderation.worker.intake.pool import build_intake
 
     settings = get_settings()
-    preprocess = Preprocessing.from_pretrained(settings.resolved_model())
+    preprocess = preprocessing_of(settings.resolved_model())
     threads = 2 * max(1, settings.resolved_intake_processes()) * settings.intake_jobs_per_process
-    intake = build_intake(settings, preprocess, slots=threads)
+    intake = build_intake(settings, slots=threads)
 
     def one(path: Path) -> None:
-        with intake.screened(path.as_uri(), None) as (signals, _):
+        with intake.screened(path.as_uri(), None, [preprocess]) as (signals, _):
             signals.embedding_inputs()[0].sum()  # touch the crop, as the forward pass would
 
     try:
@@ -400,7 +403,7 @@ def intake_only(paths: list[Path]) -> float:
 def per_image_cpu_work(paths: list[Path]) -> dict[str, float]:
     """Milliseconds per image of each intake stage, one thread, for where the time goes."""
     from moderation.config import get_settings
-    from moderation.embedding.clip import Preprocessing
+    from moderation.embedding.families import preprocessing_of
     from moderation.images.decode import DecodeLimits, decode
     from moderation.images.fetch import fetch
     from moderation.images.hashing import pdq, sha256
@@ -409,7 +412,7 @@ def per_image_cpu_work(paths: list[Path]) -> dict[str, float]:
     settings = get_settings()
     limits = DecodeLimits.from_settings(settings)
     policy = UriPolicy.from_settings(settings)
-    preprocess = Preprocessing.from_pretrained(settings.resolved_model())
+    preprocess = preprocessing_of(settings.resolved_model())
     timings: dict[str, float] = {"fetch": 0, "sha256": 0, "decode": 0, "pdq": 0, "preprocess": 0}
     for path in paths:
         t0 = time.perf_counter()

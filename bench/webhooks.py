@@ -80,14 +80,14 @@ def time_group(entries: list[int], model_id: int, dim: int) -> float:
         screening.Screened(
             upload_id,
             _signals(),
-            np.zeros((1, dim), np.float32),
+            {model_id: np.zeros((1, dim), np.float32)},
             [Match(entry, 0, SignalType.SHA256, 0.0, 0, 0.0) for entry in entries],
         )
         for upload_id in ids
     ]
     started = time.perf_counter()
     with session_scope() as session:
-        record_results(session, results, model_id)
+        record_results(session, results)
     return time.perf_counter() - started
 
 

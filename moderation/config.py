@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # per upload in this stage. A model that is the bottleneck finds full batches waiting.
     batch_wait_ms: float = Field(default=25.0, ge=0)
 
+    # Workers and search processes read the model registry this often, so an added,
+    # activated or retired model is followed within it (plus a new model's load time).
+    model_poll_s: float = Field(default=2.0, gt=0)
+
     # Matching thresholds. Cosine distance for CLIP (a bank may override it); Hamming bits for PDQ.
     match_radius: float = Field(default=0.05, ge=0, le=2)
     pdq_threshold: int = Field(default=31, ge=0, le=256)
@@ -115,6 +119,19 @@ class Settings(BaseSettings):
     retrohunt_duty: float = Field(default=0.5, gt=0, le=1)
     retrohunt_settle_s: float = Field(default=30.0, ge=0)
     retrohunt_stalled_after_s: float = Field(default=120.0, gt=0)
+    # Re-embedding jobs (see `lifecycle.reembed`): their queue, which workers also consume
+    # (unset: the screening queue's name and "-reembed"); items per step; items a worker
+    # has in intake and forward passes at once for a step (unset: as many as screening's
+    # task threads, so that a job at full duty fills the same batches); the share of the
+    # time a worker's re-embedding computes (it rests the remainder, so that live
+    # screening keeps its rate: bench/reembed.py); how long the catch-up keeps looking
+    # after the scans; and how overdue an unfinished job is before the sweeper sends it.
+    reembed_queue: str | None = None
+    reembed_block: int = Field(default=64, ge=1)
+    reembed_concurrency: int | None = Field(default=None, ge=1)
+    reembed_duty: float = Field(default=0.2, gt=0, le=1)
+    reembed_settle_s: float = Field(default=30.0, ge=0)
+    reembed_stalled_after_s: float = Field(default=120.0, gt=0)
     worker_concurrency: int | None = Field(default=None, ge=1)
     # Processes that fetch, decode, hash and preprocess (one image at a time each, one BLAS
     # thread each), handing crops to the worker's model through shared memory. 0: in the
@@ -280,6 +297,12 @@ class Settings(BaseSettings):
 
     def resolved_retrohunt_queue(self) -> str:
         return self.retrohunt_queue or f"{self.queue}-retrohunt"
+
+    def resolved_reembed_queue(self) -> str:
+        return self.reembed_queue or f"{self.queue}-reembed"
+
+    def resolved_reembed_concurrency(self) -> int:
+        return self.reembed_concurrency or self.resolved_concurrency()
 
     def resolved_concurrency(self) -> int:
         # Enough tasks in flight to fill every stream's next batch while the current ones run.

@@ -24,6 +24,8 @@ SCREEN_UPLOAD = "moderation.screen_upload"
 SCREEN_UPLOADS = "moderation.screen_uploads"
 # One step of a retro-hunt job, on its own queue (`Settings.resolved_retrohunt_queue`).
 RETROHUNT_STEP = "moderation.retrohunt_step"
+# One step of a re-embedding job, on its own queue (`Settings.resolved_reembed_queue`).
+REEMBED_STEP = "moderation.reembed_step"
 # Uploads per message when many are sent at once. Celery costs about 0.75 ms of the
 # worker's interpreter per message (receive, dispatch, acknowledge: a third of a worker's
 # Python time at one upload per message, measured with py-spy), which a GPU worker
@@ -123,6 +125,16 @@ def send_retrohunt_step(job_id: int, step: int) -> None:
     """Send a retro-hunt job's step; only after the transaction that made it due commits."""
     producer().send_task(
         RETROHUNT_STEP, args=(job_id, step), queue=get_settings().resolved_retrohunt_queue()
+    )
+
+
+def send_reembed_step(job_id: int, step: int, *, countdown_s: float | None = None) -> None:
+    """Send a re-embedding job's step; only after the transaction that made it due commits."""
+    producer().send_task(
+        REEMBED_STEP,
+        args=(job_id, step),
+        queue=get_settings().resolved_reembed_queue(),
+        countdown=countdown_s,
     )
 
 

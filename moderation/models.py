@@ -6,6 +6,7 @@ from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedd
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.evidence.models import Evidence
+from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, Worker
@@ -26,6 +27,8 @@ __all__ = [
     "Evidence",
     "Hit",
     "IndexEvaluation",
+    "ReembedFailure",
+    "ReembedJob",
     "RetrohuntJob",
     "Signal",
     "Upload",

@@ -18,6 +18,7 @@ from sqlalchemy import make_url
 
 _RUN_DIR = Path(tempfile.mkdtemp(prefix="moderation-tests-"))
 TINY_MODEL_DIR = _RUN_DIR / "tiny-clip"
+TINY_SIGLIP_DIR = _RUN_DIR / "tiny-siglip"
 # Tests write their images under the temporary directory (pytest's tmp_path included).
 TEST_FILES_DIR = Path(tempfile.gettempdir()).resolve()
 # Test HTTP servers listen on 127.0.0.1, which production never fetches from; 127.0.0.2
@@ -101,7 +102,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 from moderation import schema  # noqa: E402
 from moderation.db import get_engine  # noqa: E402
-from moderation.embedding.tiny import write_tiny_clip  # noqa: E402
+from moderation.embedding.tiny import write_tiny_clip, write_tiny_siglip  # noqa: E402
 from moderation.worker.child import WorkerProcess  # noqa: E402
 
 
@@ -122,11 +123,13 @@ def bench_redis_url() -> str:
 
 
 # Tables emptied between end-to-end tests. embedding_models stays: the worker keeps its id.
-# retrohunt_jobs first: a worker's hunt step locks its job row before any other table, so
-# TRUNCATE waits for it holding nothing, instead of deadlocking with it.
+# retrohunt_jobs and reembed_jobs first: a worker's step locks its job row before any
+# other table, so TRUNCATE waits for it holding nothing, instead of deadlocking with it.
 _DATA_TABLES = ", ".join(
     [
         "retrohunt_jobs",
+        "reembed_jobs",
+        "reembed_failures",
         "evidence",
         "hits",
         "signals",
@@ -169,6 +172,13 @@ def tiny_model() -> Path:
     if not TINY_MODEL_DIR.exists():
         write_tiny_clip(TINY_MODEL_DIR)
     return TINY_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip() -> Path:
+    if not TINY_SIGLIP_DIR.exists():
+        write_tiny_siglip(TINY_SIGLIP_DIR)
+    return TINY_SIGLIP_DIR
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
 
 from moderation.auth.models import Role
 from moderation.config import get_settings
+from moderation.db import get_engine
 from moderation.embedding.checkpoints import ModelUnavailable, check_loadable
+from moderation.embedding.models import EmbeddingModel
 from moderation.main.cli import main
 from tests.api_fixtures import api, bearer, keys
 from tests.conftest import TINY_MODEL_DIR
@@ -32,9 +36,29 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def unavailable_model(monkeypatch: pytest.MonkeyPatch, offline: None) -> Iterator[str]:
+    """A model this host cannot load, configured and (as it would seed it) the registry's
+    active model: commands and routes use the active model, not the setting."""
     monkeypatch.setenv("MODERATION_MODEL", NOT_CACHED)
     get_settings.cache_clear()
+    with get_engine().begin() as conn:
+        active = conn.scalar(select(EmbeddingModel.id).where(EmbeddingModel.state == "active"))
+        conn.execute(
+            update(EmbeddingModel).values(state="retired").where(EmbeddingModel.state == "active")
+        )
+        conn.execute(
+            insert(EmbeddingModel)
+            .values(name=NOT_CACHED, dim=32, state="active")
+            .on_conflict_do_update(index_elements=["name"], set_={"state": "active"})
+        )
     yield NOT_CACHED
+    with get_engine().begin() as conn:
+        conn.execute(
+            update(EmbeddingModel).values(state="retired").where(EmbeddingModel.name == NOT_CACHED)
+        )
+        if active is not None:
+            conn.execute(
+                update(EmbeddingModel).values(state="active").where(EmbeddingModel.id == active)
+            )
     monkeypatch.undo()
     get_settings.cache_clear()
 

@@ -132,7 +132,7 @@ def test_the_embedding_models_input_side_is_a_floor(phone_jpeg: bytes) -> None:
     """A model whose input is 1000 pixels gets a frame no smaller: 1/2, not 1/4."""
 
     class LargeInput:
-        shortest_edge = 1000
+        decode_side = 1000
         seen: list[tuple[int, int]] = []
 
         def __call__(self, frame: Image.Image) -> np.ndarray:

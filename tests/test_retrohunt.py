@@ -111,8 +111,10 @@ def screened_upload(
         frames=frames,
         pdq_as_stored=pdq_as_stored,
     )
-    result = screening.Screened(upload_id, signals, np.array(vectors, np.float32), matches or [])
-    assert record_results(session, [result], model.id) == [True]
+    result = screening.Screened(
+        upload_id, signals, {model.id: np.array(vectors, np.float32)}, matches or []
+    )
+    assert record_results(session, [result]) == [True]
     return upload_id
 
 

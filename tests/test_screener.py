@@ -4,6 +4,7 @@ intake process) without a worker subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -19,11 +20,13 @@ from PIL import Image
 from sqlalchemy import select
 
 from moderation.banks import service as banks
+from moderation.banks.models import BankEntryEmbedding
 from moderation.config import Settings, get_settings
 from moderation.db import session_scope
-from moderation.embedding.clip import Preprocessing
-from moderation.embedding.models import Embedding
-from moderation.embedding.service import vector_from_bytes
+from moderation.embedding.families import preprocessing_of
+from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.embedding.preprocessing import Preprocessing
+from moderation.embedding.service import vector_from_bytes, vector_to_bytes
 from moderation.images.budget import PEAK_BYTES_PER_PIXEL
 from moderation.images.errors import UriRefused
 from moderation.images.hashing import sha256
@@ -44,6 +47,8 @@ class StubEmbedder:
     (so equal crops get equal vectors), normalised. `gate` holds forward passes back."""
 
     name = "stub-embedder"
+    family = "stub"
+    fingerprint = "stub"
     dim = 3
     device = torch.device("cpu")
 
@@ -69,7 +74,7 @@ def _settings(**overrides: object) -> Settings:
 
 @pytest.fixture
 def preprocess(tiny_model: Path) -> Preprocessing:
-    return Preprocessing.from_pretrained(str(tiny_model))
+    return preprocessing_of(str(tiny_model))
 
 
 @pytest.fixture(params=[1, 0], ids=["intake-processes", "intake-in-thread"])
@@ -180,7 +185,6 @@ def _pool(preprocess: Preprocessing, **overrides: object) -> IntakePool:
         _settings(**overrides),
         processes=1,
         slots=2,
-        crop_shape=(preprocess.crop_height, preprocess.crop_width, 3),
         timeout_s=float(overrides.get("intake_timeout_s", 30.0)),  # type: ignore[arg-type]
     )
 
@@ -195,7 +199,7 @@ def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_repla
         killer.start()
         with (
             pytest.raises(IntakeProcessLost),
-            pool.screened(f"{slow_server}/a.jpg", None),
+            pool.screened(f"{slow_server}/a.jpg", None, [preprocess]),
         ):
             pass
         killer.join()
@@ -203,7 +207,7 @@ def test_an_intake_process_killed_mid_upload_fails_only_that_upload_and_is_repla
         (replacement,) = pool.pids
         assert replacement != victim
         # The replacement screens the next upload, its crop in the shared slot.
-        with pool.screened(f"{slow_server}/b.jpg", None) as (signals, _):
+        with pool.screened(f"{slow_server}/b.jpg", None, [preprocess]) as (signals, _):
             (crop,) = signals.embedding_inputs()
             assert crop.shape == (preprocess.crop_height, preprocess.crop_width, 3)
             assert signals.sha256 == sha256(SLOW_IMAGE)
@@ -225,7 +229,7 @@ def test_a_lost_intake_process_costs_only_the_job_it_was_on_not_the_one_queued_b
 
     def screen(name: str, uri: str) -> None:
         try:
-            with pool.screened(uri, None) as (signals, _):
+            with pool.screened(uri, None, [preprocess]) as (signals, _):
                 outcomes[name] = signals.sha256
         except Exception as error:
             outcomes[name] = error
@@ -270,14 +274,14 @@ def test_a_job_sent_as_an_idle_process_is_lost_goes_to_another_process_at_no_cos
 
     def screen() -> None:
         try:
-            with pool.screened(images[1].as_uri(), None) as (signals, _):
+            with pool.screened(images[1].as_uri(), None, [preprocess]) as (signals, _):
                 outcomes["sent"] = signals.sha256
         except Exception as error:
             outcomes["sent"] = error
 
     try:
         # One job answered first: the process has taken a job before, and now waits idle.
-        with pool.screened(images[0].as_uri(), None):
+        with pool.screened(images[0].as_uri(), None, [preprocess]):
             pass
         (victim,) = pool.pids
         os.kill(victim, signal.SIGSTOP)
@@ -324,7 +328,7 @@ def test_processes_that_keep_dying_are_replaced_at_a_paced_rate(
             if replacements == 4:
                 assert time.monotonic() - started < 2.0  # the first four at once
         assert time.monotonic() - started >= 3.0  # the fifth waited
-        with pool.screened(quick.as_uri(), None) as (signals, _):
+        with pool.screened(quick.as_uri(), None, [preprocess]) as (signals, _):
             assert signals.sha256 == sha256(quick.read_bytes())
     finally:
         pool.close()
@@ -345,7 +349,10 @@ def test_an_intake_process_that_does_not_answer_in_time_is_killed_and_replaced(
     try:
         (stalled,) = pool.pids
         started = time.monotonic()
-        with pytest.raises(IntakeStalled), pool.screened(f"{slow_server}/a.jpg", None):
+        with (
+            pytest.raises(IntakeStalled),
+            pool.screened(f"{slow_server}/a.jpg", None, [preprocess]),
+        ):
             pass
         assert time.monotonic() - started < 2.5
         assert pool.replaced == 1
@@ -362,7 +369,7 @@ def test_typed_errors_cross_back_from_an_intake_process(
     pool = _pool(preprocess)
     try:
         refused = "file:///etc/shadow"
-        with pytest.raises(UriRefused) as error, pool.screened(refused, None):
+        with pytest.raises(UriRefused) as error, pool.screened(refused, None, [preprocess]):
             pass
         assert error.value.code == "uri_refused"
         # A refusal costs no process.
@@ -382,7 +389,7 @@ def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
 
         def screen() -> None:
             try:
-                with pool.screened(path.as_uri(), None):
+                with pool.screened(path.as_uri(), None, [preprocess]):
                     pass
             except BaseException as error:
                 outcome.append(error)
@@ -401,7 +408,7 @@ def test_intake_processes_share_one_decode_budget_and_a_dead_one_keeps_none(
         assert [type(error) for error in outcome] == [IntakeProcessLost]
         assert pool.decode_memory.used_bytes == 0
         # And a large image decodes in the replacement, reserving and releasing again.
-        with pool.screened(path.as_uri(), None) as (signals, _):
+        with pool.screened(path.as_uri(), None, [preprocess]) as (signals, _):
             assert (signals.width, signals.height) == (5000, 4000)
         assert pool.decode_memory.used_bytes == 0
     finally:
@@ -421,7 +428,7 @@ def test_a_job_that_arrives_while_its_process_waits_for_decode_memory_waits_its_
     sizes: list[tuple[int, int]] = []
 
     def screen(path: Path) -> None:
-        with pool.screened(path.as_uri(), None) as (signals, _):
+        with pool.screened(path.as_uri(), None, [preprocess]) as (signals, _):
             sizes.append((signals.width, signals.height))
 
     try:
@@ -456,5 +463,77 @@ def test_a_stalled_claim_sends_the_messages_uploads_again(
         # Once the locks are gone, the same message's uploads are screened.
         assert screener.run_many(upload_ids) == {}
         assert [_upload(i).status for i in upload_ids] == [UploadStatus.SCREENED] * 2
+    finally:
+        screener.close()
+
+
+class OtherStub(StubEmbedder):
+    """A second model: its own name and identity, its own (smaller) crops, and vectors
+    that differ from the first model's for the same image."""
+
+    name = "stub-embedder-2"
+    fingerprint = "stub-2"
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        vectors: np.ndarray = super().embed(crops)[:, ::-1].copy()
+        return vectors
+
+
+@pytest.mark.parametrize("intake_processes", [1, 0], ids=["intake-processes", "intake-in-thread"])
+def test_two_models_from_one_intake_each_embedding_and_matching_its_own(
+    preprocess: Preprocessing, tmp_path: Path, intake_processes: int
+) -> None:
+    """During a model change: one intake per upload gives each model its own crop; each
+    model's vectors are recorded under it; a bank entry embedded only by the second model
+    still hits, under that model, and one embedded by both hits under the first."""
+    small = dataclasses.replace(preprocess, crop_height=32, crop_width=32, shortest_edge=32)
+    first, second = StubEmbedder(preprocess), OtherStub(small)
+    settings = _settings(intake_processes=intake_processes, stage_timeout_s=10.0)
+    screener = Screener(settings, session_scope, [first, second], slots=4)  # type: ignore[list-item]
+    try:
+        paths = [write(tmp_path / f"{i}.jpg", encode(textured(40 + i))) for i in range(3)]
+        crops = [p(Image.open(paths[0]).convert("RGB")) for p in (preprocess, small)]
+        vector_1 = StubEmbedder(preprocess).embed(crops[0][np.newaxis])[0]
+        vector_2 = OtherStub(small).embed(crops[1][np.newaxis])[0]
+        first_id, second_id = screener.lineup.model_ids
+        with session_scope() as session:
+            bank = banks.create_bank(session, "two-models")
+            only_second, both = banks.add_entries(
+                session,
+                bank,
+                [
+                    banks.NewEntry(
+                        embedding=vector_2, model=session.get_one(EmbeddingModel, second_id)
+                    ),
+                    banks.NewEntry(
+                        embedding=vector_1, model=session.get_one(EmbeddingModel, first_id)
+                    ),
+                ],
+                added_by="t",
+            )
+            session.add(
+                BankEntryEmbedding(
+                    bank_entry_id=both.id, model_id=second_id, vector=vector_to_bytes(vector_2)
+                )
+            )
+            entry_ids = (only_second.id, both.id)
+        upload_ids = _submit(*(p.as_uri() for p in paths))
+
+        assert screener.run_many(upload_ids) == {}
+
+        with session_scope() as session:
+            stored = {
+                (e.upload_id, e.model_id): vector_from_bytes(e.vector)
+                for e in session.scalars(select(Embedding))
+            }
+            hits = sorted(
+                (h.bank_entry_id, h.model_id)
+                for h in session.scalars(select(Hit).where(Hit.upload_id == upload_ids[0]))
+            )
+        assert sorted(stored) == sorted((u, m) for u in upload_ids for m in (first_id, second_id))
+        np.testing.assert_allclose(stored[(upload_ids[0], first_id)], vector_1, atol=1e-6)
+        np.testing.assert_allclose(stored[(upload_ids[0], second_id)], vector_2, atol=1e-6)
+        assert hits == sorted([(entry_ids[0], second_id), (entry_ids[1], first_id)])
+        assert sum(first.batches) == sum(second.batches) == 3  # one forward pass each
     finally:
         screener.close()

@@ -73,8 +73,8 @@ def test_an_external_id_conflicts_with_the_bytes_screened_too(session: Session) 
     model = get_or_create_model(session, "m", 4)
     upload, _ = service.submit(session, "file:///a.jpg", "ext-3")
     service.claim(session, upload.id, max_attempts=3)
-    screened = service.Screened(upload.id, _signals(), np.zeros((1, 4), np.float32), [])
-    record_results(session, [screened], model.id)
+    screened = service.Screened(upload.id, _signals(), {model.id: np.zeros((1, 4), np.float32)}, [])
+    record_results(session, [screened])
     with pytest.raises(service.ExternalIdConflict, match="bytes differ"):
         service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=bytes(range(32)))
     assert service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=b"\x02" * 32)[0]
@@ -128,14 +128,14 @@ def test_recording_twice_writes_once(session: Session) -> None:
     upload, _ = service.submit(session, "file:///a.jpg")
     # A threshold no SHA-256 hit has, so that the test sees it is the one recorded.
     matches = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.25)]
-    vectors = np.ones((1, 4), np.float32) / 2
+    vectors = {model.id: np.ones((1, 4), np.float32) / 2}
 
     screened = service.Screened(upload.id, _signals(), vectors, matches)
     assert service.claim(session, upload.id, max_attempts=3) is not None
-    assert record_results(session, [screened], model.id) == [True]
+    assert record_results(session, [screened]) == [True]
     # A redelivered message: nothing left to claim, and recording again is a no-op.
     assert service.claim(session, upload.id, max_attempts=3) is None
-    assert record_results(session, [screened], model.id) == [False]
+    assert record_results(session, [screened]) == [False]
 
     assert _count(session, Hit, upload.id) == 1
     assert session.scalar(select(Hit.threshold).where(Hit.upload_id == upload.id)) == 0.25
@@ -155,9 +155,9 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
     bank = banks.create_bank(session, "b")
     (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x02" * 32)], added_by="t")
     a, b, done = (service.submit(session, f"file:///{n}.jpg")[0] for n in "abc")
-    vectors = np.ones((1, 4), np.float32) / 2
+    vectors = {model.id: np.ones((1, 4), np.float32) / 2}
     hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.0)]
-    record_results(session, [service.Screened(done.id, _signals(), vectors, hit)], model.id)
+    record_results(session, [service.Screened(done.id, _signals(), vectors, hit)])
 
     outcome = record_results(
         session,
@@ -167,7 +167,6 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
             service.Screened(a.id, _signals(), vectors, hit),  # a duplicate delivery
             service.Screened(done.id, _signals(), vectors, hit),  # already final
         ],
-        model.id,
     )
 
     assert outcome == [True, True, False, False]
@@ -182,7 +181,7 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
 def test_recording_a_group_with_a_missing_upload_raises(session: Session) -> None:
     model = get_or_create_model(session, "m", 4)
     upload, _ = service.submit(session, "file:///a.jpg")
-    vectors = np.ones((1, 4), np.float32) / 2
+    vectors = {model.id: np.ones((1, 4), np.float32) / 2}
     with pytest.raises(service.UploadNotFound, match="999999999"):
         record_results(
             session,
@@ -190,7 +189,6 @@ def test_recording_a_group_with_a_missing_upload_raises(session: Session) -> Non
                 service.Screened(upload.id, _signals(), vectors, []),
                 service.Screened(999_999_999, _signals(), vectors, []),
             ],
-            model.id,
         )
 
 

@@ -302,7 +302,7 @@ def test_a_text_query_goes_through_the_text_tower(clean_db: None, index_dir: Pat
     )
     side = embedder.preprocess.crop_height
     with torch.inference_mode():
-        joint = embedder.model(
+        joint = embedder.model()(
             **tokens, pixel_values=torch.zeros((1, 3, side, side)), return_dict=True
         )
     np.testing.assert_allclose(texts, joint.text_embeds.numpy(), atol=1e-5)

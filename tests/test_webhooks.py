@@ -294,8 +294,10 @@ def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: in
     )
     matches = [Match(entry, 0, SignalType.SHA256, 0.0, 0, 0.0) for entry in entry_ids]
     screening.claim(session, upload_id, max_attempts=3)
-    screened = screening.Screened(upload_id, signals, np.zeros((1, 4), np.float32), matches)
-    record_results(session, [screened], model_id)
+    screened = screening.Screened(
+        upload_id, signals, {model_id: np.zeros((1, 4), np.float32)}, matches
+    )
+    record_results(session, [screened])
 
 
 def test_screening_hits_are_announced_when_configured(

@@ -21,6 +21,7 @@ from moderation.banks import service
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import Bank, BankEntry
 from moderation.config import get_settings
+from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.http.access import Caller, DbSession, allow
@@ -28,7 +29,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash, parse_hex
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 router = APIRouter(prefix="/v1/banks", tags=["banks"])
 
@@ -260,8 +261,8 @@ def add_image_entry(
         )
     # A model that cannot load here answers 503, naming MODERATION_MODEL (ModelUnavailable).
     with _EMBED_LOCK:
-        embedder = _embedder()
-    model = get_or_create_model(session, embedder.name, embedder.dim)
+        embedder = _embedder(registry.serving_name(session, settings.resolved_model()))
+    model = registry.registered(session, embedder)
     with _EMBED_LOCK:
         entry = service.entry_from_image(
             data,
@@ -336,6 +337,11 @@ def import_pdq_list(
 
 
 def _configured_model(session: DbSession) -> EmbeddingModel:
+    """The active model (the configured one where the registry has none yet): what
+    precomputed embeddings are taken to come from."""
+    active = registry.active_model(session)
+    if active is not None:
+        return active
     name = get_settings().resolved_model()
     return get_or_create_model(session, name, model_dim(name))
 
@@ -354,8 +360,8 @@ def _vector(values: list[float], dim: int) -> np.ndarray:
 _EMBED_LOCK = threading.Lock()
 
 
-@lru_cache(maxsize=1)
-def _embedder() -> ClipEmbedder:
+@lru_cache(maxsize=2)
+def _embedder(name: str) -> Embedder:
     from moderation.embedding.cli import load_embedder
 
-    return load_embedder()
+    return load_embedder(name)

@@ -13,6 +13,7 @@ from moderation.banks import service
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
+from moderation.embedding import registry
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
@@ -166,27 +167,28 @@ def remove(name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
 def _model_entries(
     images: tuple[str, ...], embedding_file: Path | None, source_ref: str | None
 ) -> list[service.NewEntry]:
-    """Entries that carry an embedding, tied to the configured model."""
+    """Entries that carry an embedding, tied to the active model (the configured one
+    where the registry has none yet)."""
     from moderation.embedding.cli import load_embedder
 
     settings = get_settings()
     entries: list[service.NewEntry] = []
+    with session_scope() as session:
+        name = registry.serving_name(session, settings.resolved_model())
     if embedding_file is not None:
         vectors = normalise(np.load(embedding_file, allow_pickle=False))
         with session_scope() as session:
-            model = get_or_create_model(
-                session, settings.resolved_model(), model_dim(settings.resolved_model())
-            )
+            model = get_or_create_model(session, name, model_dim(name))
         entries += [
             service.NewEntry(embedding=v, model=model, source_ref=source_ref) for v in vectors
         ]
     if images:
-        embedder = load_embedder()
+        embedder = load_embedder(name)
         limits = DecodeLimits.from_settings(settings)
         # The operator's own files, named on their command line (see `allowing_files`).
         policy = UriPolicy.from_settings(settings).allowing_files(images)
         with session_scope() as session:
-            model = get_or_create_model(session, embedder.name, embedder.dim)
+            model = registry.registered(session, embedder)
         for image in images:
             uri = to_uri(image)
             data = fetch(

@@ -36,6 +36,8 @@ class Match:
     # What the distance was held to: the bank's CLIP radius, the PDQ threshold in bits, 0
     # for SHA-256. Recorded with the hit, as evidence of the rule that fired.
     threshold: float
+    # The model whose embeddings matched (CLIP only; None when the caller did not say).
+    model_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,14 @@ class BankIndex:
         return self.clip.search(vectors)
 
     def match_searched(
-        self, signals: ImageSignals, clip_hits: Sequence[Sequence[ClipHit]]
+        self,
+        signals: ImageSignals,
+        clip_hits: Sequence[Sequence[ClipHit]],
+        *,
+        model_id: int | None = None,
     ) -> list[Match]:
-        """`match`, given the `search_clip` hits of the image's embedded frames, in order."""
+        """`match`, given the `search_clip` hits of the image's embedded frames, in order;
+        CLIP matches name `model_id`, the model whose embeddings these are."""
         _single_threaded_faiss()
         found = self._match_sha256(signals.sha256)
         found += self._match_pdq(signals)
@@ -92,6 +99,7 @@ class BankIndex:
                 hit.distance,
                 frame.index,
                 hit.radius,
+                model_id,
             )
             for frame, frame_hits in zip(signals.embedded_frames, clip_hits, strict=True)
             for hit in frame_hits
@@ -189,3 +197,17 @@ def _closest_per_entry(matches: list[Match]) -> list[Match]:
         if key not in best or match.distance < best[key].distance:
             best[key] = match
     return list(best.values())
+
+
+def merge_model_matches(per_model: Sequence[Sequence[Match]]) -> list[Match]:
+    """One image's matches under several models (the active model's first, each from
+    `match_searched` with the same signals): every hash match once, and for each entry
+    its CLIP match under the first model that found one. Distances of two models are
+    never compared: each was held to its own radius already."""
+    if len(per_model) == 1:
+        return list(per_model[0])
+    merged: dict[tuple[int, SignalType], Match] = {}
+    for matches in per_model:
+        for match in matches:
+            merged.setdefault((match.bank_entry_id, match.signal), match)
+    return list(merged.values())

@@ -20,6 +20,7 @@ from moderation.banks.clip_search import ClipHit as ClipHit  # in `search_clip`'
 from moderation.banks.index import BankIndex as BankIndex
 from moderation.banks.index import Match as Match
 from moderation.banks.index import MatchSettings as MatchSettings
+from moderation.banks.index import merge_model_matches as merge_model_matches
 from moderation.banks.live import LiveBanks
 from moderation.banks.reads import Reading
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
 class BankNotFound(NotFound):
@@ -167,6 +168,25 @@ def unmatchable_clip_entries(session: Session, model: str) -> dict[str, int]:
     return {name: n for name, n in rows}
 
 
+def clip_coverage_lost(session: Session, model_id: int, kept: Sequence[int]) -> dict[str, int]:
+    """Per bank, by name, the entries embedded under `model_id` and under none of the
+    models `kept` (those still computed): retiring the model would leave them unmatched
+    on CLIP (their hashes still match). Disabled banks count too: enabling one again must
+    not find its entries blind. Banks with none are left out."""
+    under = BankEntryEmbedding.bank_entry_id == BankEntry.id
+    rows = session.execute(
+        select(Bank.name, func.count(BankEntry.id))
+        .join(BankEntry, BankEntry.bank_id == Bank.id)
+        .where(
+            exists().where(under, BankEntryEmbedding.model_id == model_id),
+            ~exists().where(under, BankEntryEmbedding.model_id.in_(list(kept))),
+        )
+        .group_by(Bank.name)
+        .order_by(Bank.name)
+    )
+    return {name: n for name, n in rows}
+
+
 def add_entries(
     session: Session, bank: Bank, entries: list[NewEntry], *, added_by: str
 ) -> list[BankEntry]:
@@ -263,7 +283,7 @@ def copy_entries(
 
 def entry_from_image(
     data: bytes,
-    embedder: ClipEmbedder,
+    embedder: Embedder,
     model: EmbeddingModel,
     limits: DecodeLimits,
     source_ref: str | None,

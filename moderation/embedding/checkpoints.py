@@ -37,7 +37,7 @@ def check_loadable(name: str, *, probe_timeout_s: float = 3.0) -> None:
     """Raise `ModelUnavailable` at once where `name` cannot load: not a directory, not in
     the Hugging Face cache, and the hub not reachable (one connection tried, within
     `probe_timeout_s`)."""
-    if Path(name).expanduser().is_dir():
+    if is_directory(name):
         return
     try:
         cached = try_to_load_from_cache(repo_id=name, filename="config.json")
@@ -53,6 +53,15 @@ def check_loadable(name: str, *, probe_timeout_s: float = 3.0) -> None:
         raise ModelUnavailable(
             name, f"not a directory, not in the cache, and huggingface.co unreachable ({error})"
         ) from None
+
+
+def is_directory(name: str) -> bool:
+    """Whether a name is a local directory; False for what no path can be (too long for
+    the file system, a NUL), which a request may well send."""
+    try:
+        return Path(name).expanduser().is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _offline() -> bool:

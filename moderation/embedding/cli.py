@@ -12,25 +12,35 @@ from moderation.config import get_settings
 from moderation.embedding.service import embed_first_frame
 from moderation.embedding.tiny import (
     ARCHITECTURES,
+    FAMILIES,
+    SIGLIP_ARCHITECTURES,
     TINY_MODEL_WARNING,
     write_random_clip,
-    write_tiny_clip,
+    write_random_siglip,
+    write_tiny,
 )
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch
 from moderation.images.uri_policy import UriPolicy
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
-def load_embedder() -> ClipEmbedder:
+def load_embedder(name: str | None = None) -> Embedder:
+    """The named model (by default the registry's active one, or the configured one while
+    the registry has none), its weights loaded on first use."""
     # Imported here: torch and transformers take seconds to load, and most commands
     # never run a model.
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.db import session_scope
+    from moderation.embedding import registry
+    from moderation.embedding.families import open_embedder
 
     settings = get_settings()
-    return ClipEmbedder(settings.resolved_model(), settings.resolved_device())
+    if name is None:
+        with session_scope() as session:
+            name = registry.serving_name(session, settings.resolved_model())
+    return open_embedder(name, settings.resolved_device())
 
 
 @click.command()
@@ -72,26 +82,37 @@ def model() -> None:
 @model.command("tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
-def tiny(directory: Path, seed: int) -> None:
-    """Write a tiny randomly initialised CLIP (weights, tokenizer, processor) to DIRECTORY."""
-    write_tiny_clip(directory, seed=seed)
-    _written(directory, "a tiny CLIP")
+@click.option(
+    "--family", type=click.Choice(FAMILIES), default="clip", show_default=True, help="Which model."
+)
+def tiny(directory: Path, seed: int, family: str) -> None:
+    """Write a tiny randomly initialised CLIP or SigLIP (weights, tokenizer, processor) to
+    DIRECTORY."""
+    write_tiny(directory, family, seed=seed)
+    _written(directory, f"a tiny {family}")
 
 
 @model.command("random")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--arch",
-    type=click.Choice(sorted(ARCHITECTURES)),
+    type=click.Choice(sorted({*ARCHITECTURES, *SIGLIP_ARCHITECTURES})),
     default="vit-b-32",
     show_default=True,
     help="Whose shapes to copy.",
 )
+@click.option(
+    "--family", type=click.Choice(FAMILIES), default="clip", show_default=True, help="Which model."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
-def random_(directory: Path, arch: str, seed: int) -> None:
-    """Write a full-size CLIP architecture with random weights, for speed benchmarks."""
-    write_random_clip(directory, arch, seed=seed)
-    _written(directory, f"a random {arch} CLIP")
+def random_(directory: Path, arch: str, family: str, seed: int) -> None:
+    """Write a full-size CLIP or SigLIP architecture with random weights, for speed
+    benchmarks (SigLIP: --arch vit-b-32-256)."""
+    if family == "siglip":
+        write_random_siglip(directory, arch, seed=seed)
+    else:
+        write_random_clip(directory, arch, seed=seed)
+    _written(directory, f"a random {arch} {family}")
 
 
 def _written(directory: Path, what: str) -> None:

@@ -1,6 +1,6 @@
 """Feeding the model: a batch of uint8 crops from shared memory to vectors.
 
-On CPU this is `ClipEmbedder.embed`. On CUDA each feeding thread keeps its own pinned
+On CPU this is `Embedder.embed`. On CUDA each feeding thread keeps its own pinned
 staging buffer and its own CUDA stream: the crops are stacked straight into pinned memory
 (no `pin_memory()` copy and allocation per batch, which costs more than the copy itself
 for a 21 MB batch of 64 crops at 336 px), copied with `non_blocking=True`, and the forward
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moderation.embedding.clip import ClipEmbedder
+from moderation.embedding.embedder import Embedder
 
 
 class Feeder:
-    def __init__(self, embedder: ClipEmbedder) -> None:
+    def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
         self._local = threading.local()
 

@@ -15,7 +15,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.signals import ImageSignals, extract_signals
 
 if TYPE_CHECKING:
-    from moderation.embedding.clip import ClipEmbedder
+    from moderation.embedding.embedder import Embedder
 
 
 class InvalidEmbedding(Invalid):
@@ -64,18 +64,13 @@ def get_or_create_model(session: Session, name: str, dim: int) -> EmbeddingModel
 
 def model_dim(name: str) -> int:
     """A checkpoint's embedding size, read from its config without loading the weights."""
-    from transformers import CLIPConfig
+    from moderation.embedding.families import embedding_dim
 
-    from moderation.embedding.checkpoints import check_loadable, loading
-    from moderation.embedding.clip import projection_dim
-
-    check_loadable(name)
-    with loading(name):
-        return projection_dim(CLIPConfig.from_pretrained(name))
+    return embedding_dim(name)
 
 
 def embed_first_frame(
-    data: bytes, embedder: ClipEmbedder, limits: DecodeLimits
+    data: bytes, embedder: Embedder, limits: DecodeLimits
 ) -> tuple[ImageSignals, np.ndarray]:
     """An image's signals and its first frame's embedding, decoded and preprocessed exactly
     as screening does: the one way an image outside screening (a bank entry, a shared

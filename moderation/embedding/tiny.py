@@ -1,8 +1,9 @@
-"""A tiny, randomly initialised CLIP with tokenizer and processor, written like a checkpoint.
+"""Tiny, randomly initialised CLIP and SigLIP checkpoints with tokenizer and processor,
+written like real ones; and full-size architectures with random weights, for benchmarks.
 
-It loads through exactly the same `from_pretrained` path as a real CLIP, which is what tests
-and offline demos need. Its weights are random: two copies of the same image embed to the
-same vector, but nothing else about its distances means anything.
+They load through exactly the same `from_pretrained` path as a real checkpoint, which is
+what tests and offline demos need. Their weights are random: two copies of the same image
+embed to the same vector, but nothing else about their distances means anything.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase
+
+FAMILIES = ("clip", "siglip")
 
 TINY_MODEL_WARNING = (
-    "This is a CLIP with random weights. Its matches mean nothing beyond exact copies "
+    "This is a model with random weights. Its matches mean nothing beyond exact copies "
     "of an image; use a real checkpoint (MODERATION_MODEL) for semantic near-duplicates."
 )
 IMAGE_SIZE = 64
@@ -120,7 +123,8 @@ def write_random_clip(directory: Path, architecture: str, *, seed: int = 0) -> P
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from moderation.embedding.clip import processor_class, quiet_transformers
+    from moderation.embedding.clip import processor_class
+    from moderation.embedding.embedder import quiet_transformers
 
     quiet_transformers()
     spec = ARCHITECTURES[architecture]
@@ -156,3 +160,121 @@ def write_random_clip(directory: Path, architecture: str, *, seed: int = 0) -> P
 
 def write_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
     return write_random_clip(directory, "tiny", seed=seed)
+
+
+# SigLIP architectures with random weights. "tiny" is for tests; "vit-b-32-256" has the
+# shapes of google/siglip2-base-patch32-256 (a SigLIP of about the size and cost of CLIP
+# ViT-B/32), but a vocabulary of 32,000 tokens instead of Gemma's 256,000: the text table
+# costs image embedding nothing and would add 750 MB to write and load.
+SIGLIP_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+        },
+        "vision": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 16,
+        },
+    },
+    "vit-b-32-256": {
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+        },
+        "vision": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "image_size": 256,
+            "patch_size": 32,
+        },
+    },
+}
+SIGLIP_TEXT_TOKENS = 64
+_SIGLIP_VOCAB = {"tiny": 0, "vit-b-32-256": 32_000}
+
+
+def _write_siglip_tokenizer(directory: Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges (every word tokenises to its characters) that
+    appends `</s>` and pads with it, as SigLIP's does; as `tokenizer.json`, which needs no
+    sentencepiece. `vocab_size` > 0 pads the vocabulary with unused tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    characters = list(_bytes_to_unicode().values())
+    tokens = ["<pad>", "</s>", "<unk>", *characters]
+    tokens += [f"<unused{i}>" for i in range(max(0, vocab_size - len(tokens)))]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend,
+        pad_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=SIGLIP_TEXT_TOKENS,
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def write_random_siglip(directory: Path, architecture: str, *, seed: int = 0) -> Path:
+    """Write a SigLIP checkpoint with random weights: config, weights, tokenizer, processor."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    from moderation.embedding.embedder import quiet_transformers
+    from moderation.embedding.siglip import SiglipEmbedder
+
+    quiet_transformers()
+    spec = SIGLIP_ARCHITECTURES[architecture]
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _write_siglip_tokenizer(directory, _SIGLIP_VOCAB[architecture])
+    config = SiglipConfig(
+        text_config={
+            **spec["text"],
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": SIGLIP_TEXT_TOKENS,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": None,  # SigLIP's texts have no start token
+        },
+        vision_config=spec["vision"],
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(directory)
+    side = spec["vision"]["image_size"]
+    SiglipEmbedder._processor_class()(
+        size={"height": side, "width": side},
+        resample=3,  # bicubic, as the published checkpoints
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(directory)
+    (directory / "README.md").write_text(
+        f"# Random SigLIP ({architecture})\n\n{TINY_MODEL_WARNING}\n"
+    )
+    return directory
+
+
+def write_tiny_siglip(directory: Path, *, seed: int = 0) -> Path:
+    return write_random_siglip(directory, "tiny", seed=seed)
+
+
+def write_tiny(directory: Path, family: str, *, seed: int = 0) -> Path:
+    """The tiny checkpoint of a family (`FAMILIES`)."""
+    if family == "siglip":
+        return write_tiny_siglip(directory, seed=seed)
+    return write_tiny_clip(directory, seed=seed)

@@ -4,7 +4,7 @@ screening and by adding images to a bank, so both sides of a match are made the 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +26,18 @@ class SignalType(enum.StrEnum):
 class FrameSignals:
     index: int  # frame index in the file
     pdq: PdqHash
-    # Resized and cropped for the embedding model, uint8 (H, W, 3); sampled frames only.
+    # Resized and cropped for the (first) embedding model, uint8 (H, W, 3); sampled frames
+    # only.
     pixels: np.ndarray | None
+    # While several models are computed (a model change, see `moderation.embedding`): the
+    # crops for the others, in the order their preprocessings were given.
+    more_pixels: tuple[np.ndarray, ...] = ()
+
+    @property
+    def crops(self) -> tuple[np.ndarray, ...]:
+        """One crop per preprocessing given; empty for a frame that was not sampled."""
+        return () if self.pixels is None else (self.pixels, *self.more_pixels)
+
     # A small JPEG of the frame as screened, kept as review evidence if the upload hits
     # (`moderation.evidence`); None when screening keeps no evidence.
     thumbnail: bytes | None = None
@@ -56,34 +66,44 @@ class ImageSignals:
         """The sampled frames, which carry pixels for the model; the first is always one."""
         return [frame for frame in self.frames if frame.pixels is not None]
 
-    def embedding_inputs(self) -> list[np.ndarray]:
-        return [frame.pixels for frame in self.frames if frame.pixels is not None]
+    def embedding_inputs(self, model: int = 0) -> list[np.ndarray]:
+        """The sampled frames' crops for the `model`-th preprocessing given."""
+        return [frame.crops[model] for frame in self.frames if frame.pixels is not None]
+
+
+Preprocess = Callable[[Image.Image], np.ndarray]
 
 
 def extract_signals(
     data: bytes,
     limits: DecodeLimits,
-    preprocess: Callable[[Image.Image], np.ndarray],
+    preprocess: Preprocess | Sequence[Preprocess],
     budget: Budget | None = None,
     *,
     thumbnail_side: int | None = None,
 ) -> ImageSignals:
     """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
-    the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`.
+    the sampled ones (at most `max_frames`, always frame 0), once per preprocessing given
+    (one per embedding model computed: one decode serves them all). Raises `BadInput`.
 
     A large JPEG is decoded at reduced scale (`limits.decode_min_side`), never smaller
-    than the embedding model's input (`preprocess.shortest_edge`, where it has one).
+    than any embedding model's input (its `decode_side`, where it has one).
 
     `thumbnail_side`: also render each hashed frame as a JPEG of at most this side, the
     review copy kept should the upload hit (its frame is only known after matching)."""
+    preprocessings = [preprocess] if callable(preprocess) else list(preprocess)
+    side = max((getattr(p, "decode_side", 0) for p in preprocessings), default=0)
 
-    def visit(frame: Image.Image, sampled: bool) -> tuple[PdqHash, np.ndarray | None, bytes | None]:
+    def visit(
+        frame: Image.Image, sampled: bool
+    ) -> tuple[PdqHash, tuple[np.ndarray, ...], bytes | None]:
         kept = frame_thumbnail(frame, thumbnail_side) if thumbnail_side else None
-        return pdq(frame), preprocess(frame) if sampled else None, kept
+        crops = tuple(p(frame) for p in preprocessings) if sampled else ()
+        return pdq(frame), crops, kept
 
     decoded = decode(
         data,
-        limits.decoding_at_least(getattr(preprocess, "shortest_edge", 0)),
+        limits.decoding_at_least(side),
         visit,
         budget=budget,
         visit_as_stored=pdq,
@@ -96,8 +116,14 @@ def extract_signals(
         frame_count=decoded.frame_count,
         frame_count_exact=decoded.frame_count_exact,
         frames=[
-            FrameSignals(index=index, pdq=hashed, pixels=pixels, thumbnail=kept)
-            for index, (hashed, pixels, kept) in decoded.frames
+            FrameSignals(
+                index=index,
+                pdq=hashed,
+                pixels=crops[0] if crops else None,
+                more_pixels=crops[1:],
+                thumbnail=kept,
+            )
+            for index, (hashed, crops, kept) in decoded.frames
         ],
         pdq_as_stored=decoded.as_stored,
     )

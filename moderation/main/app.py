@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from moderation.banks.api import router as banks_router
 from moderation.http.access import authorize
 from moderation.http.errors import install as install_errors
+from moderation.lifecycle.api import router as models_router
 from moderation.main.audit_log import router as audit_router
 from moderation.main.docs import install as install_docs
 from moderation.main.health import router as health_router
@@ -43,6 +44,7 @@ def create_app() -> FastAPI:
         banks_router,
         review_router,
         search_router,
+        models_router,
     ):
         app.include_router(router)
     install_errors(app)

@@ -12,6 +12,8 @@ from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.evidence.cli import evidence
+from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
+from moderation.lifecycle.cli import reembed
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
 from moderation.main.services_cli import services
@@ -94,12 +96,16 @@ def demo() -> None:
     run_demo()
 
 
+for model_command in MODEL_COMMANDS:
+    model.add_command(model_command)
+
 for command in (
     api,
     apikey,
     bank,
     embed,
     model,
+    reembed,
     retrohunt,
     submit,
     resubmit,

@@ -30,6 +30,8 @@ from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.http.access import public
 from moderation.http.metrics import REGISTRY
+from moderation.lifecycle import reembed
+from moderation.lifecycle.service import list_models
 from moderation.main.health import CHECK_TIMEOUT_S, redis_client
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.models import Upload, UploadStatus
@@ -78,7 +80,50 @@ class ServiceCollector(Collector):
         yield up
 
 
+def _model_metrics(session: Session) -> Iterable[Metric]:
+    """The registry's states, and the progress of unfinished re-embedding jobs."""
+    state = GaugeMetricFamily(
+        "moderation_model_state",
+        "1 for each registered embedding model's state (candidate, active, retired)",
+        labels=["model", "state"],
+    )
+    for model in list_models(session):
+        state.add_metric([model.name, model.state], 1)
+    yield state
+    labels = ["job", "model"]
+    done = GaugeMetricFamily(
+        "moderation_reembed_done", "Items a re-embedding job has handled", labels=labels
+    )
+    total = GaugeMetricFamily(
+        "moderation_reembed_total", "Items a re-embedding job covers", labels=labels
+    )
+    rate = GaugeMetricFamily(
+        "moderation_reembed_rate", "Items handled per second since the job started", labels=labels
+    )
+    eta = GaugeMetricFamily(
+        "moderation_reembed_eta_seconds", "Seconds left at the job's rate so far", labels=labels
+    )
+    failures = GaugeMetricFamily(
+        "moderation_reembed_failures",
+        "Items a re-embedding job could not embed, by reason",
+        labels=[*labels, "reason"],
+    )
+    for job in reembed.list_jobs(session, unfinished=True):
+        key = [str(job.id), job.model]
+        done.add_metric(key, job.done)
+        if job.total is not None:
+            total.add_metric(key, job.total)
+        if job.rate_per_s is not None:
+            rate.add_metric(key, job.rate_per_s)
+        if job.eta_s is not None:
+            eta.add_metric(key, job.eta_s)
+        for reason, count in job.failures.items():
+            failures.add_metric([*key, reason], count)
+    yield from (done, total, rate, eta, failures)
+
+
 def _database_metrics(session: Session) -> Iterable[Metric]:
+    yield from _model_metrics(session)
     since = _window()
     window = f"{WINDOW.total_seconds():g} s"
 

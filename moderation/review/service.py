@@ -94,13 +94,11 @@ _INSERT_HITS = insert_rows_statement(
 )
 
 
-def record_hits(
-    session: Session, matches: Mapping[int, Sequence[Match]], model_id: int, *, notify: bool
-) -> None:
+def record_hits(session: Session, matches: Mapping[int, Sequence[Match]], *, notify: bool) -> None:
     """Add the hits screening found, by upload, to the queue, in the caller's transaction
-    (the one that records the uploads screened), skipping any already there. `model_id`:
-    the model whose embeddings matched, for CLIP hits. `notify`: also queue a `hit`
-    webhook event per upload with hits, committed with them."""
+    (the one that records the uploads screened), skipping any already there. A CLIP hit
+    names the model whose embeddings matched (`Match.model_id`). `notify`: also queue a
+    `hit` webhook event per upload with hits, committed with them."""
     rows = ArrayRows(
         "upload_id", "bank_entry_id", "signal", "distance", "frame_index", "model_id", "threshold"
     )
@@ -112,7 +110,7 @@ def record_hits(
                 m.signal.value,
                 m.distance,
                 m.frame_index,
-                model_id if m.signal is SignalType.CLIP else None,
+                m.model_id if m.signal is SignalType.CLIP else None,
                 m.threshold,
             )
     if not rows:

@@ -7,7 +7,7 @@ is one transaction. Messages that announce a change are sent by the caller after
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -372,7 +372,8 @@ class Screened:
 
     upload_id: int
     signals: ImageSignals
-    vectors: np.ndarray
+    # The embedded frames' vectors (n, dim) under each model computed, by model id.
+    vectors: Mapping[int, np.ndarray]
     matches: Sequence[Match]
 
 
@@ -416,7 +417,7 @@ def _mark_screened_statement() -> Update:
 _MARK_SCREENED = _mark_screened_statement()
 
 
-def record_screened(session: Session, results: Sequence[Screened], model_id: int) -> list[bool]:
+def record_screened(session: Session, results: Sequence[Screened]) -> list[bool]:
     """Store signals and embeddings and mark the uploads screened, in the caller's
     transaction; the caller records the hits of those written in the same one
     (`moderation.review.service.record_hits`).
@@ -450,7 +451,7 @@ def record_screened(session: Session, results: Sequence[Screened], model_id: int
             raise UploadNotFound(min(missing))
     written = [r for r in first_of_each.values() if r.upload_id in written_ids]
     if written:
-        _insert_screening_rows(connection, written, model_id)
+        _insert_screening_rows(connection, written)
     reported: set[int] = set()
     outcome = []
     for result in results:  # a duplicate within the group is reported as not written
@@ -480,9 +481,7 @@ _INSERT_EMBEDDINGS = insert_rows_statement(
 )
 
 
-def _insert_screening_rows(
-    connection: Connection, results: Sequence[Screened], model_id: int
-) -> None:
+def _insert_screening_rows(connection: Connection, results: Sequence[Screened]) -> None:
     signals = ArrayRows("upload_id", "signal", "frame_index", "value", "quality")
     embeddings = ArrayRows("upload_id", "model_id", "frame_index", "vector")
     for result in results:
@@ -497,8 +496,9 @@ def _insert_screening_rows(
             signals.add(
                 upload_id, SignalType.PDQ.value, AS_STORED_FRAME, stored.bits, stored.quality
             )
-        for frame, vector in zip(found.embedded_frames, result.vectors, strict=True):
-            embeddings.add(upload_id, model_id, frame.index, vector_to_bytes(vector))
+        for model_id, vectors in result.vectors.items():
+            for frame, vector in zip(found.embedded_frames, vectors, strict=True):
+                embeddings.add(upload_id, model_id, frame.index, vector_to_bytes(vector))
     for statement, rows in (
         (_INSERT_SIGNALS, signals),
         (_INSERT_EMBEDDINGS, embeddings),

@@ -108,7 +108,7 @@ def _run(
 ) -> SearchResponse:
     query = make_query()
     results = runtime.search(query, params.offset + params.k, params.filters())[params.offset :]
-    index = runtime.index()
+    index = runtime.index(query.model_id)
     return SearchResponse(
         model=index.model_name,
         index_kind=index.kind.value,

@@ -37,6 +37,11 @@ def _utc(value: datetime | None) -> datetime | None:
 @click.option("--has-hit/--no-hit", "has_hit", default=None, help="Only uploads with/without hits.")
 @click.option("--bank", help="Only uploads with a hit on this bank.")
 @click.option("--error-code", help="Only uploads that failed with this code.")
+@click.option(
+    "--model",
+    "model_name",
+    help="A registered model to search instead of the active one (a candidate, to judge it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
     text: str | None,
@@ -49,9 +54,11 @@ def search(
     has_hit: bool | None,
     bank: str | None,
     error_code: str | None,
+    model_name: str | None,
     as_json: bool,
 ) -> None:
-    """The K screened uploads most like a text, an image or an upload (one of them)."""
+    """The K screened uploads most like a text, an image or an upload (one of them), under
+    the active model (or --model)."""
     from moderation.search import service
     from moderation.search.runtime import SearchRuntime
 
@@ -65,7 +72,7 @@ def search(
         bank=bank,
         error_code=error_code,
     )
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
+    runtime = SearchRuntime(get_settings(), get_engine(), follow=False, model=model_name)
     if text is not None:
         query = runtime.text_query(text)
     elif image is not None:
@@ -109,8 +116,9 @@ def _bar(length: int, label: str) -> Iterator[Any]:
 @index.command("rebuild")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def rebuild(as_json: bool) -> None:
-    """Build the configured model's index from the embeddings table, from scratch, and
+    """Build the active model's index from the embeddings table, from scratch, and
     save it as the snapshot searches start from."""
+    from moderation.embedding import registry
     from moderation.search.store import (
         IndexSettings,
         build,
@@ -125,7 +133,7 @@ def rebuild(as_json: bool) -> None:
     engine = get_engine()
     started = time.perf_counter()
     with session_scope() as session:
-        model = model_named(session, settings.resolved_model())
+        model = registry.active_model(session) or model_named(session, settings.resolved_model())
         total = count_embeddings(session, model.id)
     with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
         built = build(engine, model, config, reading=reading.update, indexing=indexing.update)

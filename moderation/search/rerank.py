@@ -21,6 +21,8 @@ class SearchQuery:
     that look at the original (text, image bytes or an upload)."""
 
     vector: np.ndarray  # L2-normalised float32 (dim,)
+    # The model that embedded it: searched only in that model's index, never another's.
+    model_id: int | None = None
     text: str | None = None
     image: bytes | None = None
     upload_id: int | None = None

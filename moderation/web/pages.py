@@ -29,6 +29,7 @@ from starlette.routing import Match
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.embedding import registry
 from moderation.errors import ModerationError
 from moderation.evidence import service as evidence
 from moderation.http.access import (
@@ -194,17 +195,19 @@ ANALYSTS = allow(Role.ANALYST, Role.REVIEWER)
 @router.get("/search/map", openapi_extra=ANALYSTS)
 def map_page(request: Request) -> HTMLResponse:
     """The embedding-space picture for analysts (`moderation index map` on the command line)."""
-    model = get_settings().resolved_model()
+    with session_scope() as session:
+        model = registry.serving_name(session, get_settings().resolved_model())
     return render(request, "map.html", {"model": model, "sample": MAP_SAMPLE})
 
 
 @router.get("/search/map.png", openapi_extra=ANALYSTS)
 def map_image() -> Response:
-    """A PCA of a sample of the configured model's embeddings, coloured by bank hit, drawn
+    """A PCA of a sample of the active model's embeddings, coloured by bank hit, drawn
     now from the table; no upload's content is read."""
     from moderation.search.projection import render_map, sample_corpus
 
-    model = get_settings().resolved_model()
+    with session_scope() as session:
+        model = registry.serving_name(session, get_settings().resolved_model())
     no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
     picture = io.BytesIO()
     with session_scope() as session:

@@ -39,6 +39,8 @@ Out = TypeVar("Out")
 class _Request(Generic[In, Out]):
     item: In
     future: Future[Out] = field(default_factory=Future)
+    # False: the result is this stage's own, never handed on (see `submit_async`).
+    hand_on: bool = True
 
 
 class BatchTimeout(TimeoutError):
@@ -106,22 +108,21 @@ class Batcher(Generic[In, Out]):
         """Run some items (one caller's, such as the frames of one upload) and wait for
         their results; raises what the batch that ran them raised, or `BatchTimeout` if
         they are not all back within `timeout_s` (None: wait for ever)."""
+        return self.submit_async(items).result(timeout_s)
+
+    def submit_async(self, items: Sequence[In], *, this_stage_only: bool = False) -> Pending[Out]:
+        """Hand in some items and return at once: the caller may hand items to other
+        stages (another model's forward pass) before it waits for all of them.
+        `this_stage_only`: this stage's results, even where it hands its results on (a
+        re-embedding wants the vectors, not their bank search)."""
         if not any(thread.is_alive() for thread in self._threads):
             raise RuntimeError(f"{self.name} has stopped")
-        requests: list[_Request[In, Out]] = [_Request(item) for item in items]
+        requests: list[_Request[In, Out]] = [
+            _Request(item, hand_on=not this_stage_only) for item in items
+        ]
         for request in requests:
             self._queue.put(request)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        results = []
-        for request in requests:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                results.append(request.future.result(timeout=remaining))
-            except FutureTimeout:
-                raise BatchTimeout(
-                    f"{self.name}: no result within {timeout_s:g} s ({self.waiting} items waiting)"
-                ) from None
-        return results
+        return Pending(self, [request.future for request in requests])
 
     def hand_on_to(self, next_stage: Batcher[Out, Any]) -> None:
         """From now on, give each result to `next_stage` as an item, with its caller's
@@ -160,12 +161,11 @@ class Batcher(Generic[In, Out]):
                 if self.stats.first_started is None:
                     self.stats.first_started = started
                 self.stats.last_finished = finished
-            if self._next is not None:
-                for request, result in zip(batch, results, strict=True):
-                    self._next._queue.put(_Request(result, request.future))
-                continue
             for request, result in zip(batch, results, strict=True):
-                request.future.set_result(result)
+                if self._next is not None and request.hand_on:
+                    self._next._queue.put(_Request(result, request.future))
+                else:
+                    request.future.set_result(result)
 
     def _next_batch(self) -> list[_Request[In, Out]] | None:
         with self._gathering:
@@ -195,6 +195,30 @@ class Batcher(Generic[In, Out]):
         return batch
 
 
+class Pending(Generic[Out]):
+    """Items handed to a stage, their results to come."""
+
+    def __init__(self, stage: Batcher[Any, Any], futures: list[Future[Out]]) -> None:
+        self._stage = stage
+        self._futures = futures
+
+    def result(self, timeout_s: float | None = None) -> list[Out]:
+        """The results, in order; raises what the batch that ran them raised, or
+        `BatchTimeout` if they are not all back within `timeout_s` (None: for ever)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = []
+        for future in self._futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                results.append(future.result(timeout=remaining))
+            except FutureTimeout:
+                raise BatchTimeout(
+                    f"{self._stage.name}: no result within {timeout_s:g} s "
+                    f"({self._stage.waiting} items waiting)"
+                ) from None
+        return results
+
+
 Mid = TypeVar("Mid")
 
 
@@ -210,5 +234,8 @@ class Chain(Generic[In, Mid, Out]):
     def submit(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
         """Each item through both stages; raises what either stage raised on it, or
         `BatchTimeout` if the results are not all back within `timeout_s`."""
-        results: list[Any] = self.first.submit(items, timeout_s)  # the second's, handed on
-        return results
+        return self.submit_async(items).result(timeout_s)
+
+    def submit_async(self, items: Sequence[In]) -> Pending[Out]:
+        pending: Pending[Any] = self.first.submit_async(items)  # the second's, handed on
+        return pending

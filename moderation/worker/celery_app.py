@@ -14,7 +14,13 @@ from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import DBAPIError
 
 from moderation.config import Settings
-from moderation.messages import RETROHUNT_STEP, SCREEN_UPLOAD, SCREEN_UPLOADS, create_celery
+from moderation.messages import (
+    REEMBED_STEP,
+    RETROHUNT_STEP,
+    SCREEN_UPLOAD,
+    SCREEN_UPLOADS,
+    create_celery,
+)
 from moderation.worker import process, tasks
 
 
@@ -37,6 +43,7 @@ def create_app(settings: Settings) -> Celery:
     app.task(bind=True, base=ModerationTask, name=SCREEN_UPLOADS)(tasks.screen_uploads)
     app.task(bind=True, base=ModerationTask, name=SCREEN_UPLOAD)(tasks.screen_upload)
     app.task(bind=True, base=ModerationTask, name=RETROHUNT_STEP)(tasks.retrohunt_step)
+    app.task(bind=True, base=ModerationTask, name=REEMBED_STEP)(tasks.reembed_step)
     # The worker process starts its sweeper once it consumes, and stops what it runs when
     # Celery has finished the last task.
     worker_ready.connect(_on_ready, weak=False)

@@ -21,7 +21,7 @@ from moderation.messages import producer
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int | None, loglevel: str) -> None:
-    """Run a screening worker: one process, one model, many task threads."""
+    """Run a screening worker: one process, the registry's models, many task threads."""
     from moderation.images.memory import configure_allocator
     from moderation.worker.celery_app import create_app
     from moderation.worker.process import get_screener
@@ -37,8 +37,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queues {settings.queue} and "
-        f"{settings.resolved_retrohunt_queue()}"
+        f"{concurrency} uploads at once, queues {settings.queue}, "
+        f"{settings.resolved_retrohunt_queue()} and {settings.resolved_reembed_queue()}"
     )
     # What this worker fetches: a producer with another list accepts URIs it refuses.
     click.echo(
@@ -57,7 +57,9 @@ def worker(concurrency: int | None, loglevel: str) -> None:
             # one upload each.
             f"--concurrency={max(1, concurrency // 2)}",
             # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
-            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()}",
+            # Re-embedding steps too (see `worker.reembed`).
+            f"--queues={settings.queue},{settings.resolved_retrohunt_queue()},"
+            f"{settings.resolved_reembed_queue()}",
             f"--loglevel={loglevel}",
             f"--hostname={NODE_PREFIX}%h",
             "--without-gossip",

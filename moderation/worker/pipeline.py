@@ -11,13 +11,14 @@ Follow one upload from its message to its commit:
     │    then each upload goes to a screening thread; the task waits for them all
     │
     ├─ screening thread (of `concurrency`): Screener.process(42)
-    │    2. intake  ─▶ intake process (pipe)    fetch, SHA-256, decode, PDQ, CLIP crop;
-    │               ◀── its reader thread       the crop is written into a shared-memory
-    │                                           slot held by this upload
+    │    2. intake  ─▶ intake process (pipe)    fetch, SHA-256, decode, PDQ, one crop per
+    │               ◀── its reader thread       model computed; the crops are written into
+    │                                           a shared-memory slot held by this upload
     │    3. embed   ─▶ embedding stream thread  one forward pass over many uploads' crops;
-    │                  │                        it hands their vectors on, together, to the
+    │                  │ (per model: `lanes`)   it hands their vectors on, together, to the
     │    4. search     └▶ clip-search thread    one bank search for many vectors, which
     │               ◀──── one wait for 3 and 4  wakes this thread with its vectors and hits
+    │                     (for every model)
     │                  (slot released: the crop was copied into the forward pass's batch)
     │    5. match      (this thread)            SHA-256 and PDQ against the bank
     │    6. record  ─▶ result-writer thread     one transaction records many uploads
@@ -45,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -53,11 +54,9 @@ import numpy as np
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from moderation.banks.matcher import BankMatcher, ClipHit, Match, MatchSettings
+from moderation.banks.matcher import ClipHit, Match, merge_model_matches
 from moderation.config import Settings
-from moderation.embedding.clip import ClipEmbedder
-from moderation.embedding.feeder import Feeder
-from moderation.embedding.service import get_or_create_model
+from moderation.embedding.embedder import Embedder
 from moderation.evidence import service as evidence
 from moderation.evidence.storage import StoreUnavailable
 from moderation.evidence.vault import Vault
@@ -65,26 +64,22 @@ from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.signals import ImageSignals
 from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED
 from moderation.screening import service
-from moderation.worker.batching import Batcher, BatchTimeout, Chain
+from moderation.worker.batching import BatchTimeout
 from moderation.worker.group_commit import GroupCommit
 from moderation.worker.intake.jobs import IntakeTimes
 from moderation.worker.intake.pool import build_intake
 from moderation.worker.intake.stage import Intake
+from moderation.worker.lanes import (
+    Lineup,
+    ModelLane,
+    RegistryFollower,
+    Searched,
+    Sessions,
+    registered_id,
+)
 from moderation.worker.results import record_results
 
 logger = logging.getLogger(__name__)
-
-Sessions = Callable[[], AbstractContextManager[Session]]
-
-# How long the bank search waits for the rest of a forward pass's vectors, which reach it
-# as their threads wake. Measured on two loaded cores: 2 and 5 ms both caught a whole
-# forward pass (mean 6.5 vectors a search, as many as a forward pass had), where waiting
-# `batch_wait_ms` (25) only added its wait to every upload.
-SEARCH_WAIT_S = 0.005
-
-
-# A vector and its CLIP hits, as the bank search hands them back.
-Searched = tuple[np.ndarray, list[ClipHit]]
 
 
 class InternalFault(TransientFault):
@@ -138,38 +133,35 @@ class Screener:
         self,
         settings: Settings,
         sessions: Sessions,
-        embedder: ClipEmbedder,
+        embedders: Embedder | Sequence[Embedder],
         *,
         worker_name: str | None = None,
         slots: int | None = None,
     ) -> None:
-        """`worker_name`: this process's row in `workers`, recorded as each claim's holder.
-        `slots`: uploads in intake or embedding at once (the task threads; default: the
-        configured concurrency)."""
+        """`embedders`: the models to compute, the active one first (a worker passes the
+        registry's and then follows it: `follow_registry`). `worker_name`: this process's
+        row in `workers`, recorded as each claim's holder. `slots`: uploads in intake or
+        embedding at once (the task threads; default: the configured concurrency)."""
         self.settings = settings
-        self.embedder = embedder
         self.worker_name = worker_name
         self.times = StageTimes()
         self._sessions = sessions
         self._timeout_s = settings.stage_timeout_s
-        with sessions() as session:
-            self.model_id = get_or_create_model(session, embedder.name, embedder.dim).id
-        self.matcher = BankMatcher(
-            sessions,
-            model_id=self.model_id,
-            dim=embedder.dim,
-            settings=MatchSettings(
-                default_radius=settings.match_radius,
-                pdq_threshold=settings.pdq_threshold,
-                pdq_min_quality=settings.pdq_min_quality,
-            ),
-            refresh_s=settings.bank_refresh_s,
-            device=settings.resolved_device(),
+        models: list[Embedder] = (
+            list(embedders) if isinstance(embedders, list | tuple) else [embedders]  # type: ignore[list-item]
         )
+        lanes = []
+        for embedder in models:
+            with sessions() as session:
+                model_id = registered_id(session, embedder)
+            lanes.append(ModelLane(settings, sessions, embedder, model_id))
+        # Replaced whole by the registry follower; read once per upload.
+        self.lineup = Lineup(tuple(lanes))
+        self._follower: RegistryFollower | None = None
         # Uploads being screened at once (each waits on a stage most of the time), each
         # with a crop slot of its own while it is in intake or embedding.
         at_once = slots or settings.resolved_concurrency()
-        self.intake: Intake = build_intake(settings, embedder.preprocess, slots=at_once)
+        self.intake: Intake = build_intake(settings, slots=at_once)
         self._threads = ThreadPoolExecutor(at_once, thread_name_prefix="screening")
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
@@ -179,29 +171,21 @@ class Screener:
         self._results: GroupCommit[Recorded, bool] = GroupCommit(
             sessions, self._write_results, name="result-writer"
         )
-        # Many uploads' images per forward pass, and their vectors searched together.
-        self.embedding: Batcher[np.ndarray, np.ndarray] = Batcher(
-            Feeder(embedder).embed,
-            name="embedding",
-            max_batch=settings.resolved_batch_size(),
-            max_wait_s=settings.batch_wait_ms / 1000,
-            streams=settings.resolved_streams(),
-        )
-        self.clip_search: Batcher[np.ndarray, Searched] = Batcher(
-            self._search_bank,
-            name="clip-search",
-            max_batch=4 * settings.resolved_batch_size(),
-            # A forward pass hands on its vectors together; a moment's wait lets the other
-            # stream's next pass join them when the search is slower than the model.
-            max_wait_s=min(settings.batch_wait_ms / 1000, SEARCH_WAIT_S),
-        )
-        # An upload's task thread waits once for its forward pass and its bank search: the
-        # embedding stream hands the vectors on to the clip-search thread, which wakes it.
-        # Waiting for each in turn woke every task thread twice, and put each upload's
-        # vectors in the search queue one thread at a time.
-        self.embed_and_search: Chain[np.ndarray, np.ndarray, Searched] = Chain(
-            self.embedding, self.clip_search
-        )
+
+    @property
+    def embedder(self) -> Embedder:
+        """The active model's embedder."""
+        return self.lineup.primary.embedder
+
+    def follow_registry(self, open_model: Callable[[str], Embedder]) -> None:
+        """Follow the model registry from now on (see `moderation.worker.lanes`)."""
+
+        def set_lineup(lineup: Lineup) -> None:
+            self.lineup = lineup
+
+        self._follower = RegistryFollower(
+            self.settings, self._sessions, lambda: self.lineup, set_lineup, open_model
+        ).start()
 
     # The stages' batch functions, run on the stages' own threads.
 
@@ -215,11 +199,7 @@ class Screener:
     def _write_results(self, session: Session, results: Sequence[Recorded]) -> list[bool]:
         kept = [k for _, k in results if k is not None]
         retention = self.vault.retention if self.vault is not None else timedelta(0)
-        return record_results(session, [r for r, _ in results], self.model_id, kept, retention)
-
-    def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[Searched]:
-        hits = self.matcher.current().search_clip(np.stack(vectors))
-        return list(zip(vectors, hits, strict=True))
+        return record_results(session, [r for r, _ in results], kept, retention)
 
     # One upload, on a task thread.
 
@@ -320,23 +300,46 @@ class Screener:
 
     def screen(
         self, upload_id: int, claim: service.Claim
-    ) -> tuple[ImageSignals, np.ndarray, list[Match]]:
-        """Intake, embed, search and match a claimed upload; writes nothing."""
+    ) -> tuple[ImageSignals, dict[int, np.ndarray], list[Match]]:
+        """Intake, embed, search and match a claimed upload under every model of the
+        lineup; writes nothing. Returns the vectors by model id."""
+        lineup = self.lineup  # one lineup from intake to record
         started = time.perf_counter()
-        with self.intake.screened(claim.uri, claim.declared_sha256) as (signals, times):
+        with self.intake.screened(claim.uri, claim.declared_sha256, lineup.preprocessings) as (
+            signals,
+            times,
+        ):
             self._add_intake_times(times, time.perf_counter() - started)
-            vectors, clip_hits = self.embed(upload_id, signals)
+            embedded = self.embed(upload_id, signals, lineup)
         with self._stage("match", upload_id):
-            matches = self.matcher.current().match_searched(signals, clip_hits)
-        return signals, vectors, matches
+            per_model = [
+                lane.matcher.current().match_searched(
+                    signals, embedded[lane.model_id][1], model_id=lane.model_id
+                )
+                for lane in lineup.lanes
+            ]
+            matches = merge_model_matches(per_model)
+        return signals, {model: vectors for model, (vectors, _) in embedded.items()}, matches
 
     def embed(
-        self, upload_id: int, signals: ImageSignals
-    ) -> tuple[np.ndarray, list[list[ClipHit]]]:
-        """The vectors of the upload's embedded frames, and each one's CLIP hits."""
+        self, upload_id: int, signals: ImageSignals, lineup: Lineup
+    ) -> dict[int, tuple[np.ndarray, list[list[ClipHit]]]]:
+        """The vectors of the upload's embedded frames under each model, and each one's
+        CLIP hits: every model's forward pass and search at once, waited for together."""
         with self._stage("embed+search", upload_id):
-            searched = self.embed_and_search.submit(signals.embedding_inputs(), self._timeout_s)
-        return np.stack([vector for vector, _ in searched]), [hits for _, hits in searched]
+            deadline = time.monotonic() + self._timeout_s
+            pending = [
+                (lane, lane.embed_and_search.submit_async(signals.embedding_inputs(position)))
+                for position, lane in enumerate(lineup.lanes)
+            ]
+            embedded = {}
+            for lane, waiting in pending:
+                searched: list[Searched] = waiting.result(max(0.0, deadline - time.monotonic()))
+                embedded[lane.model_id] = (
+                    np.stack([vector for vector, _ in searched]),
+                    [hits for _, hits in searched],
+                )
+        return embedded
 
     def keep_evidence(
         self, upload_id: int, claim: service.Claim, signals: ImageSignals, matches: list[Match]
@@ -397,8 +400,11 @@ class Screener:
     def close(self) -> None:
         """Finish what the stages hold, stop the intake processes, and log the stages'
         batching and where an upload's time went."""
+        if self._follower is not None:
+            self._follower.stop()
         self._threads.shutdown(wait=True)
-        stages = (self.embedding, self.clip_search, self._claims, self._results)
+        model_stages = [stage for lane in self.lineup.lanes for stage in lane.stages()]
+        stages = (*model_stages, self._claims, self._results)
         for stage in stages:
             stage.close()
         self.intake.close()

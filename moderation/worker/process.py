@@ -1,15 +1,21 @@
-"""The worker process: one screener (model, batcher, bank index) shared by all task
+"""The worker process: one screener (models, batchers, bank indexes) shared by all task
 threads, loaded before the first message; a heartbeat that says this process is alive;
-and a sweeper that runs every domain's periodic chores (see `sweeper`)."""
+and a sweeper that runs every domain's periodic chores (see `sweeper`).
+
+The models computed are the registry's (`moderation.embedding.registry`): the active one
+and every candidate, followed while the worker runs. `MODERATION_MODEL` only seeds the
+first active model of a database that has none."""
 
 from __future__ import annotations
 
 import logging
 import threading
 
-from moderation.config import get_settings
+from moderation.config import Settings, get_settings
 from moderation.db import session_scope
-from moderation.embedding.clip import ClipEmbedder
+from moderation.embedding import registry
+from moderation.embedding.embedder import Embedder
+from moderation.embedding.families import embedder_for_worker, open_embedder
 from moderation.worker.metrics import on_worker_start
 from moderation.worker.pipeline import Screener
 from moderation.worker.recovery import Heartbeat
@@ -37,12 +43,40 @@ def get_screener(slots: int | None = None) -> Screener:
             _screener = Screener(
                 settings,
                 session_scope,
-                ClipEmbedder.for_worker(settings),
+                computed_embedders(settings),
                 worker_name=_heartbeat.name,
                 slots=slots,
             )
+            _screener.follow_registry(lambda name: embedder_for_worker(settings, name))
             on_worker_start(settings, _screener.embedder.name)
         return _screener
+
+
+def computed_embedders(settings: Settings) -> list[Embedder]:
+    """The registry's computed models, loaded, the active one first; the configured model
+    becomes the active one if the registry has none (its fingerprint checked: a worker
+    never computes other weights under a registered name)."""
+    with session_scope() as session:
+        active = registry.active_model(session)
+    if active is None:
+        seed = open_embedder(settings.resolved_model())
+        with session_scope() as session:
+            registry.seed_active(
+                session,
+                seed.name,
+                family=seed.family,
+                dim=seed.dim,
+                fingerprint=seed.fingerprint,
+            )
+    with session_scope() as session:
+        names = [model.name for model in registry.computed_models(session)]
+    embedders = [embedder_for_worker(settings, names[0])]
+    for name in names[1:]:
+        try:
+            embedders.append(embedder_for_worker(settings, name))
+        except Exception as error:  # a candidate that cannot load must not stop screening
+            logger.error("cannot compute candidate model %s: %s", name, error)
+    return embedders
 
 
 def start_sweeper() -> None:

@@ -18,7 +18,6 @@ from moderation.webhooks.service import screening_hits_enabled
 def record_results(
     session: Session,
     results: Sequence[screening.Screened],
-    model_id: int,
     kept: Sequence[evidence.Kept] = (),
     retention: timedelta = timedelta(days=90),
 ) -> list[bool]:
@@ -26,9 +25,9 @@ def record_results(
     written (False for an upload already final: a redelivered or concurrent duplicate,
     which writes nothing, its hits and evidence included). `kept`: the evidence sealed for
     uploads of the group with hits, kept for `retention`."""
-    written = screening.record_screened(session, results, model_id)
+    written = screening.record_screened(session, results)
     new = {r.upload_id for r, fresh in zip(results, written, strict=True) if fresh}
     found = {r.upload_id: r.matches for r in results if r.upload_id in new}
-    review.record_hits(session, found, model_id, notify=screening_hits_enabled())
+    review.record_hits(session, found, notify=screening_hits_enabled())
     evidence.record_kept(session, [k for k in kept if k.upload_id in new], retention)
     return written

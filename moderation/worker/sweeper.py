@@ -14,6 +14,7 @@ from moderation.banks import tasks as banks
 from moderation.chores import Chore
 from moderation.config import Settings
 from moderation.evidence import tasks as evidence
+from moderation.lifecycle import tasks as lifecycle
 from moderation.retrohunt import tasks as retrohunt
 from moderation.review import tasks as review
 from moderation.worker.recovery import REQUEUE_LOST
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 CHORES: tuple[Chore, ...] = (
     REQUEUE_LOST,
     *retrohunt.CHORES,
+    *lifecycle.CHORES,
     *review.CHORES,
     *evidence.CHORES,
     *banks.CHORES,

@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from celery import Task
 
-from moderation.messages import send_screening_retry
+from moderation.config import get_settings
+from moderation.messages import send_reembed_step, send_screening_retry
 from moderation.retrohunt import tasks as retrohunt
+from moderation.worker import reembed
 from moderation.worker.process import get_screener
 
 logger = logging.getLogger(__name__)
@@ -58,3 +60,19 @@ _hunter = ThreadPoolExecutor(
 
 def retrohunt_step(task: Task, job_id: int, step: int) -> None:
     _hunter.submit(retrohunt.run_step, job_id, step).result()
+
+
+# One re-embedding step at a time per worker process, on this thread. Not niced, unlike
+# the hunt's (whose work is Faiss, outside the GIL): its threads mostly hand items on under
+# the GIL, and a niced thread descheduled while holding it stalls the whole worker (a
+# first try took 88 s for 64 images on a loaded machine). Its duty keeps it below live
+# screening (see `moderation.worker.reembed`).
+_reembedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed")
+
+
+def reembed_step(task: Task, job_id: int, step: int) -> None:
+    retry_in = _reembedder.submit(
+        reembed.run_step, get_screener(), get_settings(), job_id, step
+    ).result()
+    if retry_in is not None:  # this worker does not compute the job's model yet
+        send_reembed_step(job_id, step, countdown_s=retry_in)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from moderation.embedding.preprocessing import Preprocessing
 from moderation.images.errors import TransientFault
 from moderation.images.signals import ImageSignals
 
@@ -28,10 +29,22 @@ class IntakeStalled(TransientFault):
 
 
 @dataclass(frozen=True)
+class SlotRef:
+    """A slot of crop memory shared with the worker: the block's name, the slot, and the
+    crops' shapes (one per preprocessing, laid end to end)."""
+
+    memory: str
+    index: int
+    shapes: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class IntakeJob:
     uri: str
     declared_sha256: bytes | None
-    slot: int | None  # where to put the first sampled frame's crop; None: return it
+    # One crop per preprocessing (one per model the worker computes), from one decode.
+    preprocessings: tuple[Preprocessing, ...]
+    slot: SlotRef | None  # where to put the first sampled frame's crops; None: return them
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ instead of 1,187).
 
 Crops do not travel through pipes: pickling a 338 KB crop back through a pool's result
 pipe held a 14-process probe to 211 images/s, against 835 with the crops kept out of it.
-The worker process owns one block of shared memory cut into slots of one crop each
-(`slots.py`). A task thread takes a free slot, sends a small job (uri, declared SHA-256,
-slot number) down the pipe of the process holding the fewest jobs, and gets back the
-signals without pixels; the first sampled frame's crop is in the slot, and only the rare
-further frames of an animation come back pickled. The slot stays the task's until its
-upload is recorded.
+The worker process owns a block of shared memory cut into slots, one crop per model it
+computes in each (`slots.py`; a block per set of models). A task thread takes a free
+slot, sends a small job (uri, declared SHA-256, the models' preprocessings, the slot) down
+the pipe of the process holding the fewest jobs, and gets back the signals without
+pixels; the first sampled frame's crops are in the slot, and only the rare further frames
+of an animation come back pickled. The slot stays the task's until its upload is
+recorded. The processes know no model: each job says which crops to make.
 
 One decode budget (`decode_memory_mb`) bounds all the processes together: a process
 decodes a small image within an allowance of its own, and asks the worker, over its pipe,
@@ -51,12 +52,12 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager, suppress
 
 from moderation.config import Settings
-from moderation.embedding.clip import Preprocessing
+from moderation.embedding.preprocessing import Preprocessing
 from moderation.images.budget import MemoryBudget
 from moderation.images.errors import TransientFault
 from moderation.images.signals import ImageSignals
@@ -71,7 +72,7 @@ from moderation.worker.intake.jobs import (
 )
 from moderation.worker.intake.members import NOT_STARTED, Member, Sent
 from moderation.worker.intake.process import serve
-from moderation.worker.intake.slots import CropSlots, with_slot_pixels
+from moderation.worker.intake.slots import CropSlots, Shapes, with_slot_pixels
 from moderation.worker.intake.stage import Intake, InThreadIntake
 
 logger = logging.getLogger(__name__)
@@ -94,17 +95,13 @@ class _NoAnswer(Exception):
     pass
 
 
-def build_intake(settings: Settings, preprocess: Preprocessing, *, slots: int) -> Intake:
+def build_intake(settings: Settings, *, slots: int) -> Intake:
     """The configured intake: `resolved_intake_processes()` processes, or the task threads."""
     processes = settings.resolved_intake_processes()
     if processes == 0:
-        return InThreadIntake(settings, preprocess)
+        return InThreadIntake(settings)
     return IntakePool(
-        settings,
-        processes=processes,
-        slots=slots,
-        crop_shape=(preprocess.crop_height, preprocess.crop_width, 3),
-        timeout_s=settings.intake_timeout_s,
+        settings, processes=processes, slots=slots, timeout_s=settings.intake_timeout_s
     )
 
 
@@ -127,14 +124,16 @@ class IntakePool:
         *,
         processes: int,
         slots: int,
-        crop_shape: tuple[int, int, int],
         timeout_s: float,
     ) -> None:
         self.settings = settings
         self.processes = processes
         self.jobs_per_process = settings.intake_jobs_per_process
         self.timeout_s = timeout_s
-        self.slots = CropSlots(slots, crop_shape)
+        # A block of crop slots per set of crop shapes asked for (one per model lineup),
+        # made on first use.
+        self.slot_count = slots
+        self._slots: dict[Shapes, CropSlots] = {}
         self.replaced = 0
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([serve.__module__])
@@ -159,11 +158,10 @@ class IntakePool:
             for _ in range(processes):
                 self._start()
         logger.info(
-            "intake: %d processes of %d jobs in flight, %d crop slots of %d KB in shared memory",
+            "intake: %d processes of %d jobs in flight, %d crop slots in shared memory",
             processes,
             self.jobs_per_process,
             slots,
-            self.slots.slot_bytes // 1024,
         )
 
     @property
@@ -179,13 +177,28 @@ class IntakePool:
 
     @contextmanager
     def screened(
-        self, uri: str, declared_sha256: bytes | None
+        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
     ) -> Iterator[tuple[ImageSignals, IntakeTimes]]:
-        """Intake in a process, the first crop in a slot of shared memory that stays this
-        caller's until the block ends (the forward pass copies it out)."""
-        with self.slots.held(self.timeout_s) as slot:
-            result = self.run(IntakeJob(uri, declared_sha256, slot))
-            yield with_slot_pixels(result, self.slots.view(slot)), result.times
+        """Intake in a process, the first crops in a slot of shared memory that stays this
+        caller's until the block ends (the forward passes copy them out)."""
+        slots = self.slots_for(tuple(p.crop_shape for p in preprocessings))
+        with slots.held(self.timeout_s) as slot:
+            job = IntakeJob(uri, declared_sha256, tuple(preprocessings), slots.ref(slot))
+            result = self.run(job)
+            yield with_slot_pixels(result, slots.views(slot)), result.times
+
+    def slots_for(self, shapes: Shapes) -> CropSlots:
+        with self._lock:
+            slots = self._slots.get(shapes)
+            if slots is None:
+                slots = self._slots[shapes] = CropSlots(self.slot_count, shapes)
+                logger.info(
+                    "intake: %d crop slots of %d KB for crops of %s",
+                    self.slot_count,
+                    slots.slot_bytes // 1024,
+                    list(shapes),
+                )
+            return slots
 
     def run(self, job: IntakeJob) -> IntakeResult:
         """Screen one job in a process, waiting at most `timeout_s` for one to take it.
@@ -224,7 +237,8 @@ class IntakePool:
             if reader.is_alive():  # still busy: killed, which ends its reader
                 member.process.kill()
                 reader.join()
-        self.slots.close()
+        for slots in self._slots.values():
+            slots.close()
 
     # A task thread's side.
 
@@ -402,7 +416,7 @@ class IntakePool:
         taken = self._context.RawValue(ctypes.c_uint64)
         process = self._context.Process(
             target=serve,
-            args=(theirs, self.settings, self.slots.memory.name, self.slots.crop_shape, taken),
+            args=(theirs, self.settings, taken),
             kwargs={"allowance_bytes": self._allowance_bytes},
             name="intake",
             daemon=True,

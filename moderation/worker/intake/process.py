@@ -1,6 +1,6 @@
 """Inside an intake process: `serve` takes jobs from the pipe one at a time, in the order
-sent, runs the intake stage on each, writes the first crop into the job's slot of shared
-memory and answers with the signals, without pixels.
+sent, runs the intake stage on each, writes the first sampled frame's crops (one per
+model) into the job's slot of shared memory and answers with the signals, without them.
 
 A decode larger than the process's own allowance asks the worker, over the same pipe, to
 reserve the memory from the budget all the processes share (`_DecodeMemoryFromWorker`);
@@ -20,7 +20,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 
 from moderation.config import Settings
-from moderation.embedding.clip import Preprocessing
 from moderation.images.budget import RELEASE_AFTER_BYTES
 from moderation.images.errors import IntakeError
 from moderation.images.memory import configure_allocator, release_free_memory
@@ -32,8 +31,9 @@ from moderation.worker.intake.jobs import (
     IntakeResult,
     IntakeTimes,
     Reserve,
+    SlotRef,
 )
-from moderation.worker.intake.slots import slot_view
+from moderation.worker.intake.slots import slot_views
 from moderation.worker.intake.stage import IntakeContext, fetch_and_extract
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 def serve(
     connection: Connection,
     settings: Settings,
-    memory_name: str,
-    crop_shape: tuple[int, int, int],
     taken: ctypes.c_uint64,
     *,
     allowance_bytes: int,
@@ -55,16 +53,9 @@ def serve(
 
     configure_allocator()
     torch.set_num_threads(1)  # PDQ's products; the pool is the parallelism
-    # The worker owns the block and unlinks it. Attaching registers it again with the
-    # resource tracker, which the forkserver's children share with the worker: a set, so
-    # that is harmless, while unregistering here would make the worker's unlink fail there.
-    memory = SharedMemory(name=memory_name)
+    memories = _SharedBlocks()
     inbox = _Inbox(connection)
-    context = IntakeContext(
-        settings,
-        Preprocessing.from_pretrained(settings.resolved_model()),
-        _DecodeMemoryFromWorker(inbox, allowance_bytes),
-    )
+    context = IntakeContext(settings, _DecodeMemoryFromWorker(inbox, allowance_bytes))
     while True:
         try:
             job = inbox.next_job()
@@ -74,8 +65,30 @@ def serve(
             break
         assert isinstance(job, IntakeJob), job
         taken.value += 1
-        connection.send(_screen_job(context, job, memory, crop_shape))
-    memory.close()
+        connection.send(_screen_job(context, job, memories))
+    memories.close()
+
+
+class _SharedBlocks:
+    """The worker's blocks of crop memory this process has attached, by name (a block per
+    set of crop shapes: a new one when the worker starts computing another model)."""
+
+    def __init__(self) -> None:
+        self._attached: dict[str, SharedMemory] = {}
+
+    def get(self, name: str) -> SharedMemory:
+        memory = self._attached.get(name)
+        if memory is None:
+            # The worker owns the block and unlinks it. Attaching registers it again with
+            # the resource tracker, which the forkserver's children share with the worker: a
+            # set, so that is harmless, while unregistering here would make the worker's
+            # unlink fail there.
+            memory = self._attached[name] = SharedMemory(name=name)
+        return memory
+
+    def close(self) -> None:
+        for memory in self._attached.values():
+            memory.close()
 
 
 class _Inbox:
@@ -121,10 +134,7 @@ class _DecodeMemoryFromWorker:
 
 
 def _screen_job(
-    context: IntakeContext,
-    job: IntakeJob,
-    memory: SharedMemory,
-    crop_shape: tuple[int, int, int],
+    context: IntakeContext, job: IntakeJob, memories: _SharedBlocks
 ) -> IntakeResult | BaseException:
     try:
         signals, times = fetch_and_extract(context, job)
@@ -135,22 +145,19 @@ def _screen_job(
         return RuntimeError(f"intake failed: {type(exc).__name__}: {exc}")
     if job.slot is None:
         return IntakeResult(signals, None, times)
-    return _move_first_crop_to_slot(signals, times, memory, job.slot, crop_shape)
+    return _move_first_crops_to_slot(signals, times, memories.get(job.slot.memory), job.slot)
 
 
-def _move_first_crop_to_slot(
-    signals: ImageSignals,
-    times: IntakeTimes,
-    memory: SharedMemory,
-    slot: int,
-    crop_shape: tuple[int, int, int],
+def _move_first_crops_to_slot(
+    signals: ImageSignals, times: IntakeTimes, memory: SharedMemory, slot: SlotRef
 ) -> IntakeResult:
-    """Put the first sampled frame's crop in the slot and send the rest without it."""
+    """Put the first sampled frame's crops in the slot and send the rest without them."""
     frames = list(signals.frames)
     position = next(i for i, frame in enumerate(frames) if frame.pixels is not None)
-    pixels = frames[position].pixels
-    assert pixels is not None
-    assert pixels.shape == crop_shape, (pixels.shape, crop_shape)
-    slot_view(memory, slot, crop_shape)[...] = pixels
-    frames[position] = dataclasses.replace(frames[position], pixels=None)
+    crops = frames[position].crops
+    views = slot_views(memory, slot)
+    assert [c.shape for c in crops] == [v.shape for v in views], (slot.shapes, len(crops))
+    for crop, view in zip(crops, views, strict=True):
+        view[...] = crop
+    frames[position] = dataclasses.replace(frames[position], pixels=None, more_pixels=())
     return IntakeResult(dataclasses.replace(signals, frames=frames), position, times)

@@ -1,10 +1,11 @@
 """Crop slots: how preprocessed crops reach the worker from an intake process without
 travelling through a pipe (see `pool.py` for why).
 
-The worker owns one block of shared memory cut into slots of one crop each. A task thread
-holds a slot while its upload is in intake and embedding; the intake process writes the
-first sampled frame's crop there (`slot_view`), and the worker puts it back in its frame
-(`with_slot_pixels`).
+The worker owns a block of shared memory cut into slots, for each set of crop shapes it
+asks for (one crop per model computed; a second block appears when a model is added). A
+task thread holds a slot while its upload is in intake and embedding; the intake process
+writes the first sampled frame's crops there (`slot_views`), and the worker puts them back
+in its frame (`with_slot_pixels`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from moderation.images.signals import ImageSignals
-from moderation.worker.intake.jobs import IntakeResult, IntakeStalled
+from moderation.worker.intake.jobs import IntakeResult, IntakeStalled, SlotRef
+
+Shapes = tuple[tuple[int, int, int], ...]
 
 
 class CropSlots:
-    """Shared memory cut into slots of one crop each, handed out to task threads."""
+    """Shared memory cut into slots of one set of crops each, handed out to task threads."""
 
-    def __init__(self, count: int, crop_shape: tuple[int, int, int]) -> None:
+    def __init__(self, count: int, shapes: Shapes) -> None:
         self.count = count
-        self.crop_shape = crop_shape
-        self.slot_bytes = int(np.prod(crop_shape))
+        self.shapes = shapes
+        self.slot_bytes = sum(int(np.prod(shape)) for shape in shapes)
         self.memory = SharedMemory(create=True, size=count * self.slot_bytes)
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(count):
@@ -47,23 +50,34 @@ class CropSlots:
         finally:
             self._free.put(slot)
 
-    def view(self, slot: int) -> np.ndarray:
-        return slot_view(self.memory, slot, self.crop_shape)
+    def ref(self, slot: int) -> SlotRef:
+        return SlotRef(self.memory.name, slot, self.shapes)
+
+    def views(self, slot: int) -> tuple[np.ndarray, ...]:
+        return slot_views(self.memory, self.ref(slot))
 
     def close(self) -> None:
         self.memory.close()
         self.memory.unlink()
 
 
-def slot_view(memory: SharedMemory, slot: int, shape: tuple[int, int, int]) -> np.ndarray:
-    size = int(np.prod(shape))
-    return np.ndarray(shape, dtype=np.uint8, buffer=memory.buf, offset=slot * size)
+def slot_views(memory: SharedMemory, slot: SlotRef) -> tuple[np.ndarray, ...]:
+    """The slot's crops, one array per shape, laid end to end."""
+    sizes = [int(np.prod(shape)) for shape in slot.shapes]
+    offset = slot.index * sum(sizes)
+    views = []
+    for shape, size in zip(slot.shapes, sizes, strict=True):
+        views.append(np.ndarray(shape, dtype=np.uint8, buffer=memory.buf, offset=offset))
+        offset += size
+    return tuple(views)
 
 
-def with_slot_pixels(result: IntakeResult, pixels: np.ndarray) -> ImageSignals:
-    """The signals as intake made them, the slot's crop back in its frame."""
+def with_slot_pixels(result: IntakeResult, crops: tuple[np.ndarray, ...]) -> ImageSignals:
+    """The signals as intake made them, the slot's crops back in their frame."""
     if result.slot_frame is None:
         return result.signals
     frames = list(result.signals.frames)
-    frames[result.slot_frame] = dataclasses.replace(frames[result.slot_frame], pixels=pixels)
+    frames[result.slot_frame] = dataclasses.replace(
+        frames[result.slot_frame], pixels=crops[0], more_pixels=crops[1:]
+    )
     return dataclasses.replace(result.signals, frames=frames)

@@ -7,12 +7,12 @@ none (`InThreadIntake`, for `MODERATION_INTAKE_PROCESSES=0`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 from moderation.config import Settings
-from moderation.embedding.clip import Preprocessing
+from moderation.embedding.preprocessing import Preprocessing
 from moderation.images.budget import Budget, MemoryBudget
 from moderation.images.decode import DecodeLimits
 from moderation.images.errors import ContentMismatch
@@ -27,9 +27,8 @@ class IntakeContext:
     """What intake needs, built once per process (or once per worker when intake runs in
     the task threads)."""
 
-    def __init__(self, settings: Settings, preprocess: Preprocessing, budget: Budget):
+    def __init__(self, settings: Settings, budget: Budget):
         self.settings = settings
-        self.preprocess = preprocess
         self.limits = DecodeLimits.from_settings(settings)
         self.uri_policy = UriPolicy.from_settings(settings)
         self.decode_memory = budget
@@ -54,7 +53,7 @@ def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSign
     signals = extract_signals(
         data,
         context.limits,
-        context.preprocess,
+        job.preprocessings,
         context.decode_memory,
         thumbnail_side=context.thumbnail_side,
     )
@@ -76,25 +75,26 @@ class Intake(Protocol):
     (`InThreadIntake`, for `MODERATION_INTAKE_PROCESSES=0`)."""
 
     def screened(
-        self, uri: str, declared_sha256: bytes | None
+        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
     ) -> AbstractContextManager[tuple[ImageSignals, IntakeTimes]]:
-        """An upload's signals, its crops usable until the block ends. Raises `BadInput`
-        or `TransientFault`."""
+        """An upload's signals, with one crop per preprocessing of each sampled frame,
+        usable until the block ends. Raises `BadInput` or `TransientFault`."""
         ...
 
     def close(self) -> None: ...
 
 
 class InThreadIntake:
-    def __init__(self, settings: Settings, preprocess: Preprocessing) -> None:
+    def __init__(self, settings: Settings) -> None:
         budget = MemoryBudget(settings.decode_memory_mb * 2**20)
-        self._context = IntakeContext(settings, preprocess, budget)
+        self._context = IntakeContext(settings, budget)
 
     @contextmanager
     def screened(
-        self, uri: str, declared_sha256: bytes | None
+        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
     ) -> Iterator[tuple[ImageSignals, IntakeTimes]]:
-        yield fetch_and_extract(self._context, IntakeJob(uri, declared_sha256, slot=None))
+        job = IntakeJob(uri, declared_sha256, tuple(preprocessings), slot=None)
+        yield fetch_and_extract(self._context, job)
 
     def close(self) -> None:
         pass

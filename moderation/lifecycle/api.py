@@ -1,0 +1,172 @@
+"""The model registry and re-embedding over HTTP, for admins.
+
+The same services as `moderation model ...` and `moderation reembed ...`; every change is
+audited with the caller as actor. Adding a model loads its weights in this process, once,
+for its fingerprint (a checkpoint this host can read: a directory or a cached id).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from moderation.db import session_scope
+from moderation.embedding import registry
+from moderation.embedding.checkpoints import ModelUnavailable
+from moderation.embedding.models import EmbeddingModel
+from moderation.errors import Invalid, NotFound
+from moderation.http.access import Caller, DbSession, allow
+from moderation.lifecycle import reembed as jobs
+from moderation.lifecycle import service
+from moderation.lifecycle.tasks import send_steps
+
+router = APIRouter(tags=["models"])
+
+ADMINS = allow()
+ModelId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+class ModelNotRegistered(NotFound):
+    code = "model_id_not_found"
+
+    def __init__(self, model_id: int) -> None:
+        super().__init__(f"no model with id {model_id}; GET /v1/models lists them")
+
+
+class CheckpointUnreadable(Invalid):
+    """The name given is no checkpoint this host can load: the caller's to correct, unlike
+    the configured model failing to load (`ModelUnavailable`, 503)."""
+
+    code = "checkpoint_unreadable"
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+    family: str | None
+    dim: int
+    state: str
+    fingerprint: str | None
+    embeddings: int
+    bank_entries: int
+    created_at: datetime
+    state_changed_at: datetime | None
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^[^\x00]+$",
+        description="A local directory or a Hugging Face id.",
+    )
+
+
+class ReembedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    duty: float | None = Field(
+        default=None, gt=0, le=1, description="Share of each worker's time; null: the default."
+    )
+
+
+class JobOut(BaseModel):
+    id: int
+    model: str
+    status: str
+    done: int
+    total: int | None
+    uploads_done: int
+    uploads_total: int | None
+    entries_done: int
+    entries_total: int | None
+    embedded: int
+    failures: dict[str, int]
+    rate_per_s: float | None
+    eta_s: float | None
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
+def _name(session: DbSession, model_id: int) -> str:
+    model = session.get(EmbeddingModel, model_id)
+    if model is None:
+        raise ModelNotRegistered(model_id)
+    return model.name
+
+
+def _out(session: DbSession, model_id: int) -> ModelOut:
+    (view,) = [m for m in service.list_models(session) if m.id == model_id]
+    return ModelOut(**vars(view))
+
+
+@router.get("/v1/models", openapi_extra=ADMINS)
+def list_models(session: DbSession) -> list[ModelOut]:
+    return [ModelOut(**vars(m)) for m in service.list_models(session)]
+
+
+@router.post("/v1/models", status_code=201, openapi_extra=ADMINS)
+def add_model(body: ModelIn, session: DbSession, caller: Caller) -> ModelOut:
+    from moderation.embedding.families import open_embedder
+
+    try:
+        embedder = open_embedder(body.name)
+    except ModelUnavailable as error:
+        raise CheckpointUnreadable(error.message) from None
+    model, _ = registry.add(
+        session,
+        body.name,
+        family=embedder.family,
+        dim=embedder.dim,
+        fingerprint=embedder.fingerprint,
+        actor=caller.actor,
+    )
+    return _out(session, model.id)
+
+
+@router.post("/v1/models/{model_id}/activate", openapi_extra=ADMINS)
+def activate_model(model_id: ModelId, session: DbSession, caller: Caller) -> ModelOut:
+    registry.activate(session, _name(session, model_id), actor=caller.actor)
+    return _out(session, model_id)
+
+
+@router.post("/v1/models/{model_id}/retire", openapi_extra=ADMINS)
+def retire_model(
+    model_id: ModelId,
+    session: DbSession,
+    caller: Caller,
+    force: Annotated[bool, Query(description="Even if bank entries lose CLIP matching.")] = False,
+) -> ModelOut:
+    service.retire(session, _name(session, model_id), actor=caller.actor, force=force)
+    return _out(session, model_id)
+
+
+@router.post("/v1/models/{model_id}/reembed", status_code=202, openapi_extra=ADMINS)
+def reembed_model(model_id: ModelId, body: ReembedIn, caller: Caller) -> JobOut:
+    """Start (or return the running) re-embedding job; its first step is sent once the
+    job is committed."""
+    with session_scope() as session:
+        job, new = jobs.start(session, _name(session, model_id), actor=caller.actor, duty=body.duty)
+        job_id, step = job.id, job.step
+    if new:
+        send_steps([jobs.NextStep(job_id, step)])
+    with session_scope() as session:
+        return JobOut(**vars(jobs.get_job(session, job_id)))
+
+
+@router.get("/v1/reembed-jobs", openapi_extra=ADMINS)
+def list_jobs(session: DbSession) -> list[JobOut]:
+    return [JobOut(**vars(view)) for view in jobs.list_jobs(session)]
+
+
+@router.get("/v1/reembed-jobs/{job_id}", openapi_extra=ADMINS)
+def get_job(job_id: ModelId, session: DbSession) -> JobOut:
+    return JobOut(**vars(jobs.get_job(session, job_id)))
