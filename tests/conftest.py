@@ -76,6 +76,11 @@ TEST_ENV = {
     "MODERATION_BATCH_SIZE": "8",
     "MODERATION_ALLOWED_URI_PREFIXES": f"{TEST_FILES_DIR.as_uri()}/,http://,https://",
     "MODERATION_FETCH_ALLOWED_NETWORKS": TEST_FETCH_NETWORK,
+    # Workers measure the CLIP match methods once per machine and model dimension, into a
+    # file of the tests' own.
+    "MODERATION_CLIP_PLAN_CACHE": str(
+        Path(tempfile.gettempdir()) / "moderation-test-clip-plan.json"
+    ),
 }
 os.environ.update(TEST_ENV)
 

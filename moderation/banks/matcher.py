@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import ClipHit as ClipHit  # in `search_clip`'s signature
 from moderation.banks.index import BankIndex as BankIndex
 from moderation.banks.index import Match as Match
@@ -31,11 +32,17 @@ def _reading(model_id: int, dim: int, settings: MatchSettings) -> Reading:
 
 
 def load_index(
-    session: Session, model_id: int, dim: int, settings: MatchSettings, device: str = "cpu"
+    session: Session,
+    model_id: int,
+    dim: int,
+    settings: MatchSettings,
+    device: str = "cpu",
+    plan: ClipPlan | None = None,
 ) -> BankIndex:
     """A snapshot of every entry of every enabled bank, read afresh. Reads; writes nothing.
-    `device`: where CLIP vectors are scored (see `ClipBank`)."""
-    return LiveBanks.load(session, _reading(model_id, dim, settings), settings, device).snapshot()
+    `device`, `plan`: where and how CLIP vectors are scored (see `ClipBank`)."""
+    reading = _reading(model_id, dim, settings)
+    return LiveBanks.load(session, reading, settings, device, plan).snapshot()
 
 
 class BankMatcher:
@@ -62,10 +69,12 @@ class BankMatcher:
         settings: MatchSettings,
         refresh_s: float,
         device: str = "cpu",
+        plan: ClipPlan | None = None,
     ) -> None:
         """`sessions`: READ COMMITTED sessions (each statement sees what committed before
         it); `device`: where CLIP vectors are scored, the worker's
-        (`Settings.resolved_device`)."""
+        (`Settings.resolved_device`); `plan`: which method scores them, by batch and bank
+        size (`clip_plan.calibrated_plan`; default: `clip_plan.default_plan`)."""
         self._sessions = sessions
         self._refresh_s = refresh_s
         self._lock = threading.Lock()
@@ -73,7 +82,7 @@ class BankMatcher:
         started = time.monotonic()
         with sessions() as session:
             self._banks = LiveBanks.load(
-                session, _reading(model_id, dim, settings), settings, device
+                session, _reading(model_id, dim, settings), settings, device, plan
             )
         self._index = self._banks.snapshot()
         logger.info("bank index loaded in %.3f s: %s", time.monotonic() - started, self._index.size)

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from moderation import pg_copy
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import ClipRows
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.banks.rows import Sha256Rows, SignalRows
@@ -36,11 +37,14 @@ class SignalStores:
     clip: ClipRows
 
     @classmethod
-    def empty(cls, dim: int, *, device: str = "cpu", capacity: int = 0) -> SignalStores:
+    def empty(
+        cls, dim: int, *, device: str = "cpu", plan: ClipPlan | None = None, capacity: int = 0
+    ) -> SignalStores:
+        """`plan`: how the CLIP rows are searched, which decides the copies they keep."""
         return cls(
             sha256=Sha256Rows(),
             pdq=SignalRows(np.uint8, (PDQ_BYTES,)),
-            clip=ClipRows(dim, device=device, capacity=capacity),
+            clip=ClipRows(dim, device=device, plan=plan, capacity=capacity),
         )
 
     def seal(self) -> None:

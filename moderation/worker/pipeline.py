@@ -52,6 +52,7 @@ import numpy as np
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from moderation.banks.clip_calibration import plan_for
 from moderation.banks.matcher import BankMatcher, ClipHit, Match, MatchSettings
 from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
@@ -149,6 +150,12 @@ class Screener:
             ),
             refresh_s=settings.bank_refresh_s,
             device=settings.resolved_device(),
+            plan=plan_for(
+                embedder.dim,
+                settings.resolved_device(),
+                settings.clip_match_methods,
+                settings.resolved_clip_plan_cache(),
+            ),
         )
         # Uploads being screened at once (each waits on a stage most of the time), each
         # with a crop slot of its own while it is in intake or embedding.
