@@ -12,7 +12,7 @@ import torch
 
 from moderation.banks import clip_calibration, clip_methods, clip_search
 from moderation.banks.clip_calibration import calibrate, calibrated_plan, honours_margin, plan_for
-from moderation.banks.clip_plan import LARGE_FROM, ClipPlan
+from moderation.banks.clip_plan import LARGE_FROM, ClipPlan, default_plan
 from moderation.banks.clip_search import FLOAT_SLACK, ClipRows
 from tests.vectors import at_cosine_distance
 
@@ -30,7 +30,8 @@ TINY = {"small": 64, "large": 512}
 
 def _unit(rng: np.random.Generator, count: int) -> np.ndarray:
     rows = rng.standard_normal((count, DIM)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
 
 
 def test_a_calibration_chooses_the_fastest_measured_method_per_size_and_batch() -> None:
@@ -161,5 +162,5 @@ def test_every_copy_stays_in_step_as_rows_are_appended_grown_and_retired() -> No
 
 
 def test_a_bank_without_a_plan_searches_as_before() -> None:
-    assert clip_search.default_plan("cpu") == ClipPlan.only(clip_methods.TORCH_FLOAT32)
-    assert clip_search.default_plan("cuda") == ClipPlan.only(clip_methods.CUDA_FLOAT16)
+    assert ClipRows(DIM).plan == ClipPlan.only(clip_methods.TORCH_FLOAT32)
+    assert default_plan("cuda") == ClipPlan.only(clip_methods.CUDA_FLOAT16)
