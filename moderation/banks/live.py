@@ -102,7 +102,7 @@ class LiveBanks:
             self._settings,
             stores.sha256.view(),
             stores.sha256.rows_of_hash,
-            stores.pdq.view(),
+            stores.pdq.snapshot(),
             stores.clip.bank(self._radii),
         )
 

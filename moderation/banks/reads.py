@@ -24,6 +24,7 @@ from moderation import pg_copy
 from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import ClipRows
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.pdq_search import PdqRows
 from moderation.banks.rows import Sha256Rows, SignalRows
 from moderation.images.hashing import PDQ_BYTES
 
@@ -33,7 +34,7 @@ class SignalStores:
     """The rows of each signal (see `moderation.banks.rows`)."""
 
     sha256: Sha256Rows
-    pdq: SignalRows
+    pdq: PdqRows
     clip: ClipRows
 
     @classmethod
@@ -43,7 +44,7 @@ class SignalStores:
         """`plan`: how the CLIP rows are searched, which decides the copies they keep."""
         return cls(
             sha256=Sha256Rows(),
-            pdq=SignalRows(np.uint8, (PDQ_BYTES,)),
+            pdq=PdqRows(),
             clip=ClipRows(dim, device=device, plan=plan, capacity=capacity),
         )
 
