@@ -119,6 +119,7 @@ def test_the_store_indexes_when_sealed_and_again_once_its_tail_grows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pdq_search, "TAIL_MIN", 10)
+    monkeypatch.setattr(pdq_search, "INDEXED_FROM", 15)
     hashes, distances = _hard_entries()
     store = PdqRows()
     store.append(np.arange(20), np.zeros(20, np.int64), hashes[:20])
@@ -133,6 +134,10 @@ def test_the_store_indexes_when_sealed_and_again_once_its_tail_grows(
     assert store.index is not None
     assert store.index.count == 48  # a tail of 28, past the minimum: indexed anew
     assert first.index.count == 20  # the old snapshot keeps its own
+    small = PdqRows()
+    small.append(np.arange(14), np.zeros(14, np.int64), hashes[:14])
+    small.seal()
+    assert small.index is None  # below INDEXED_FROM: scanned
     store.retire_entries([0, 1, 2])
     snapshot = store.snapshot()
     _, rows, _ = snapshot.search(QUERY[None, :], 31)
