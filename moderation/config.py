@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     # 60 near-duplicate pairs none stopped matching (336: one did), and no unrelated pair
     # came within 100 bits. Limits still judge the size the file declares.
     decode_min_side: int = Field(default=512, ge=1)
+    # A photo decoded at reduced scale whose PDQ comes within this many bits beyond the
+    # threshold of a bank entry is hashed again at full resolution (fetched and decoded
+    # anew), and that hash matched too: entries from hash lists (HMA, ThreatExchange,
+    # NCMEC) were hashed at full resolution, and the reduced hash is within its drift of
+    # the full one, so no entry the full-resolution hash matches is lost while the drift
+    # stays within the margin (measured: see docs/matching.md). 0: never.
+    pdq_full_resolution_margin: int = Field(default=16, ge=0, le=256)
     # Decode every image at full resolution: PDQ hashes equal to the reference's (pdqhash on
     # the whole image), at the full cost.
     full_resolution_decode: bool = False

@@ -21,7 +21,7 @@ import numpy as np
 from moderation.banks.clip_search import ClipBank, ClipHit
 from moderation.banks.pdq_search import PdqSnapshot
 from moderation.banks.rows import RowsView
-from moderation.images.hashing import PDQ_BYTES
+from moderation.images.hashing import PDQ_BYTES, PdqHash
 from moderation.images.signals import ImageSignals, SignalType
 
 
@@ -96,6 +96,25 @@ class BankIndex:
         ]
         return _closest_per_entry(found)
 
+    def _search_pdq(
+        self, hashed: list[tuple[int, PdqHash]], threshold: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frame index, row, distance) of every live row within `threshold` bits of the
+        hashes good enough to match on."""
+        queried = [
+            (index, pdq)
+            for index, pdq in hashed
+            if pdq.quality is None or pdq.quality >= self.settings.pdq_min_quality
+        ]
+        if not queried or not len(self._pdq):
+            return (np.empty(0, np.int64),) * 3
+        queries = np.frombuffer(b"".join(pdq.bits for _, pdq in queried), np.uint8).reshape(
+            -1, PDQ_BYTES
+        )
+        query_rows, rows, distances = self._pdq.search(queries, threshold)
+        frames = np.array([index for index, _ in queried], np.int64)[query_rows]
+        return frames, rows, distances
+
     def _match_sha256(self, sha256: bytes) -> list[Match]:
         # A copy: a refresh may append to the list meanwhile.
         rows = np.array(list(self._rows_of_hash.get(sha256, ())), np.int64)
@@ -109,23 +128,25 @@ class BankIndex:
             )
         ]
 
+    def pdq_near_miss(self, signals: ImageSignals, margin: int) -> bool:
+        """Whether frame 0, decoded at reduced scale, has a PDQ more than the threshold but
+        at most `margin` bits more from some entry: one that its full-resolution PDQ might
+        match (see `moderation.images.signals.full_resolution_pdq`)."""
+        if signals.decode_scale == 1 or margin <= 0 or signals.pdq_full_resolution:
+            return False
+        frame0 = [(f.index, f.pdq) for f in signals.frames if f.index == 0]
+        if signals.pdq_as_stored is not None:
+            frame0.append((0, signals.pdq_as_stored))
+        _, _, distances = self._search_pdq(frame0, self.settings.pdq_threshold + margin)
+        return bool((distances > self.settings.pdq_threshold).any())
+
     def _match_pdq(self, signals: ImageSignals) -> Iterable[Match]:
         hashed = [(frame.index, frame.pdq) for frame in signals.frames]
         if signals.pdq_as_stored is not None:
             hashed.append((0, signals.pdq_as_stored))
-        queried = [
-            (index, pdq)
-            for index, pdq in hashed
-            if pdq.quality is None or pdq.quality >= self.settings.pdq_min_quality
-        ]
-        if not queried or not len(self._pdq):
-            return []
-        queries = np.frombuffer(b"".join(pdq.bits for _, pdq in queried), np.uint8).reshape(
-            -1, PDQ_BYTES
-        )
-        query_rows, rows, distances = self._pdq.search(queries, self.settings.pdq_threshold)
+        hashed += [(0, full) for full in signals.pdq_full_resolution]
+        frames, rows, distances = self._search_pdq(hashed, self.settings.pdq_threshold)
         threshold = float(self.settings.pdq_threshold)
-        frames = np.array([index for index, _ in queried], np.int64)[query_rows]
         return [
             Match(entry_id, bank_id, SignalType.PDQ, distance, frame, threshold)
             for entry_id, bank_id, distance, frame in zip(

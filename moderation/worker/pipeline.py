@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
@@ -63,6 +63,7 @@ from moderation.images.signals import ImageSignals
 from moderation.screening import service
 from moderation.worker.batching import Batcher, BatchTimeout, Chain
 from moderation.worker.group_commit import GroupCommit
+from moderation.worker.intake.full_resolution import FullResolutionPdq
 from moderation.worker.intake.jobs import IntakeTimes
 from moderation.worker.intake.pool import build_intake
 from moderation.worker.intake.stage import Intake
@@ -161,6 +162,7 @@ class Screener:
         # with a crop slot of its own while it is in intake or embedding.
         at_once = slots or settings.resolved_concurrency()
         self.intake: Intake = build_intake(settings, embedder.preprocess, slots=at_once)
+        self._full_resolution_pdq = FullResolutionPdq(settings)
         self._threads = ThreadPoolExecutor(at_once, thread_name_prefix="screening")
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
@@ -304,7 +306,15 @@ class Screener:
             self._add_intake_times(times, time.perf_counter() - started)
             vectors, clip_hits = self.embed(upload_id, signals)
         with self._stage("match", upload_id):
-            matches = self.matcher.current().match_searched(signals, clip_hits)
+            index = self.matcher.current()
+            matches = index.match_searched(signals, clip_hits)
+            near_miss = index.pdq_near_miss(signals, self.settings.pdq_full_resolution_margin)
+        if near_miss:
+            with self._stage("full_resolution_pdq", upload_id):
+                full = self._full_resolution_pdq(claim.uri, claim.declared_sha256)
+            signals = replace(signals, pdq_full_resolution=full)
+            with self._stage("match", upload_id):
+                matches = index.match_searched(signals, clip_hits)
         return signals, vectors, matches
 
     def embed(
