@@ -89,7 +89,7 @@ def main() -> None:
         baseline = producer_alone(good, int(args.rate * args.duration))
         reset_database_and_broker(keep_bank=True)
         run = run_load(args, workdir, good, hostile)
-        forbidden_connections = listener.connections
+        forbidden_connections = listener.connections_so_far()
     results = report(run, banked, baseline, args, forbidden_connections)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

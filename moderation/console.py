@@ -25,15 +25,30 @@ def emit_json(payload: object) -> None:
     click.echo(json.dumps(payload, default=_default, indent=2))
 
 
-def emit_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, empty: str) -> None:
+def emit_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    empty: str,
+    headers: Mapping[str, str] | None = None,
+    widest: Mapping[str, int] | None = None,
+) -> None:
+    """`rows` as a table of `columns`; `headers`: a shorter heading for some columns;
+    `widest`: cut some columns' values to this many characters (with an ellipsis), so
+    that a long name cannot widen the table past a terminal."""
     if not rows:
         click.echo(empty)
         return
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    cells = [[_cut(_cell(row.get(c)), (widest or {}).get(c)) for c in columns] for row in rows]
+    columns = [(headers or {}).get(c, c) for c in columns]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _cut(text: str, width: int | None) -> str:
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def _cell(value: object) -> str:

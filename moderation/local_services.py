@@ -11,7 +11,7 @@ is always used instead, and servers started here are the only ones ever stopped 
 PostgreSQL refuses to run as root, so as root it runs as `nobody`, whose files its data
 directory then holds. Redis keeps nothing on disk, as on the machines it stands in for.
 
-    python -m moderation.local_services start|stop|status   # what .ci/services uses
+`moderation services start|stop|status` is its command line (`.ci/services` uses it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from moderation.errors import Unavailable
+
 DIRECTORY_ENV = "MODERATION_LOCAL_DIR"
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -40,8 +41,10 @@ _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _START_TIMEOUT_S = 60.0
 
 
-class LocalServiceError(RuntimeError):
+class LocalServiceError(Unavailable):
     """A local server could not be started; the message says why and what to do."""
+
+    code = "local_service_failed"
 
 
 def local_directory() -> Path:
@@ -320,6 +323,15 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
+def running(directory: Path | None = None) -> dict[str, bool]:
+    """Which of this module's servers were left running in `directory`, by name."""
+    directory = directory or local_directory()
+    return {
+        "PostgreSQL": (directory / "postgres" / "data" / "postmaster.pid").exists(),
+        "Redis": LocalRedis(directory / "redis", 0).pidfile.exists(),
+    }
+
+
 def stop_all(directory: Path | None = None) -> list[str]:
     """Stop the servers this module left running in `directory` (never anyone else's)."""
     directory = directory or local_directory()
@@ -334,41 +346,3 @@ def stop_all(directory: Path | None = None) -> list[str]:
         redis.pidfile.unlink(missing_ok=True)
         stopped.append("Redis")
     return stopped
-
-
-def main(argv: list[str]) -> int:
-    command = argv[0] if argv else "status"
-    if command == "start":
-        try:
-            started = LocalServices(
-                os.environ.get("MODERATION_DATABASE_URL", DEFAULT_DATABASE_URL),
-                os.environ.get("MODERATION_REDIS_URL", DEFAULT_REDIS_URL),
-                keep=True,
-            ).start()
-        except LocalServiceError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        for line in started:
-            print(f"started {line}")
-        if started:
-            print("they keep running; stop them with `.ci/services stop`")
-        return 0
-    if command == "stop":
-        stopped = stop_all()
-        print(f"stopped {' and '.join(stopped)}" if stopped else "nothing of ours was running")
-        return 0
-    if command == "status":
-        for name, url, port in (
-            ("PostgreSQL", os.environ.get("MODERATION_DATABASE_URL", DEFAULT_DATABASE_URL), 5432),
-            ("Redis", os.environ.get("MODERATION_REDIS_URL", DEFAULT_REDIS_URL), 6379),
-        ):
-            host, port = address(url, port)
-            state = "answers" if answers(host, port) else "does not answer"
-            print(f"{name} at {host}:{port} {state}")
-        return 0
-    print("usage: python -m moderation.local_services start|stop|status", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tests.images import (
     textured,
     write,
 )
-from tests.servers import http_server
+from tests.servers import Listener, http_server, tcp_listener
 
 
 @dataclass(frozen=True)
@@ -41,54 +40,27 @@ class Case:
         return self.code in ("uri_refused", "unsupported_uri")
 
 
-class Listener:
-    """A TCP listener on a loopback address that production never fetches from; it counts
-    the connections that reach it, which must stay at zero."""
-
-    def __init__(self, host: str = "127.0.0.2") -> None:
-        self._socket = socket.create_server((host, 0))
-        self._socket.settimeout(0.1)
-        self.url = f"http://{host}:{self._socket.getsockname()[1]}"
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            connection.sendall(b"-ERR secret service banner\r\n")
-            connection.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._socket.close()
+def _banner(connection: socket.socket) -> None:
+    connection.sendall(b"-ERR secret service banner\r\n")
 
 
 @contextmanager
 def forbidden_targets() -> Iterator[tuple[Listener, str]]:
-    """The forbidden listener, and an allowed server (127.0.0.1) that redirects to it."""
-    listener = Listener()
+    """A listener on a loopback address that production never fetches from, which must
+    never be connected to, and an allowed server (127.0.0.1) that redirects to it."""
+    with tcp_listener("127.0.0.2", handle=_banner) as listener:
 
-    class Redirect(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(302)
-            self.send_header("Location", f"{listener.url}/image.jpg")
-            self.end_headers()
+        class Redirect(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", f"{listener.url}/image.jpg")
+                self.end_headers()
 
-        def log_message(self, *_: object) -> None:
-            pass
+            def log_message(self, *_: object) -> None:
+                pass
 
-    try:
         with http_server(Redirect) as redirector:
             yield listener, redirector
-    finally:
-        listener.close()
 
 
 def make_corpus(directory: Path, listener: Listener, redirector: str) -> list[Case]:

@@ -51,10 +51,28 @@ class Listener:
     host: str
     port: int
     _accepted: list[socket.socket] = field(default_factory=list)
+    # Who connected, in the order accepted: read at accept, before a handler closes it.
+    _peers: list[tuple[str, int]] = field(default_factory=list)
+    # The test's own connections that `connections_so_far` made, never counted.
+    _sentinels: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def connections(self) -> int:
         return len(self._accepted)
+
+    def connections_so_far(self, timeout_s: float = 10.0) -> int:
+        """The connections made before now, each accepted: a connection of the test's own
+        goes to the back of the listen queue and is waited for, so every connection made
+        before it has been accepted (and counted) by then. No sleep that merely hopes."""
+        with socket.create_connection((self.host, self.port), timeout=timeout_s) as sentinel:
+            mine = sentinel.getsockname()[:2]
+            self._sentinels.add(mine)
+            deadline = time.monotonic() + timeout_s
+            while mine not in self._peers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the listener did not accept the sentinel connection")
+                time.sleep(0.005)
+        return len([peer for peer in self._peers if peer not in self._sentinels])
 
     @property
     def url(self) -> str:
@@ -92,9 +110,10 @@ def tcp_listener(
     def accept() -> None:
         while not stop.is_set():
             try:
-                conn, _ = server.accept()
+                conn, peer = server.accept()
             except TimeoutError:
                 continue
+            listener._peers.append(peer[:2])
             listener._accepted.append(conn)
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 

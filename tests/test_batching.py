@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,13 @@ import pytest
 from moderation.embedding.clip import ClipEmbedder
 from moderation.worker.batching import Batcher, BatchTimeout, Chain
 from tests.images import textured
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def _in_threads(count: int, target: Callable[[int], object]) -> None:
@@ -29,7 +37,9 @@ def test_concurrent_images_share_forward_passes(tiny_model: Path) -> None:
 
     def embed(pixels: list[np.ndarray]) -> list[np.ndarray]:
         batch_sizes.append(len(pixels))
-        time.sleep(0.2)  # a forward pass long enough for the others to queue up
+        if len(batch_sizes) == 1:
+            # The first forward pass lasts until every other image waits for one.
+            _wait_until(lambda: batcher.waiting == 17 - len(pixels))
         return list(embedder.embed(np.stack(pixels)))
 
     batcher = Batcher(embed, name="embedding", max_batch=8, max_wait_s=0.05)
@@ -42,8 +52,10 @@ def test_concurrent_images_share_forward_passes(tiny_model: Path) -> None:
     _in_threads(17, one)
     batcher.close()
     assert sum(batch_sizes) == 17
-    assert max(batch_sizes) == 8
-    assert len(batch_sizes) <= 5
+    # The first pass, then those that waited for it, in full batches of 8 but the last.
+    first, *rest = batch_sizes
+    assert len(rest) == math.ceil((17 - first) / 8)
+    assert all(size == 8 for size in rest[:-1])
     assert batcher.stats.mean_batch == 17 / len(batch_sizes)
     # Every caller got its own image's embedding back.
     expected = embedder.embed(np.stack(images))
@@ -52,15 +64,20 @@ def test_concurrent_images_share_forward_passes(tiny_model: Path) -> None:
 
 
 def test_several_streams_run_at_once() -> None:
-    active, peak = 0, 0
+    active, peak, calls = 0, 0, 0
     lock = threading.Lock()
+    # The first two batches each wait for the other: they can only both pass at once.
+    together = threading.Barrier(2, timeout=30)
 
     def slow_double(items: list[int]) -> list[int]:
-        nonlocal active, peak
+        nonlocal active, peak, calls
         with lock:
             active += 1
             peak = max(peak, active)
-        time.sleep(0.2)
+            calls += 1
+            first_two = calls <= 2
+        if first_two:
+            together.wait()
         with lock:
             active -= 1
         return [2 * item for item in items]

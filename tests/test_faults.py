@@ -182,9 +182,9 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         while _count(engine, ids, UploadStatus.SCREENED) < 8 and time.monotonic() < deadline:
             time.sleep(0.1)
         own_postgres.stop("fast")
-        # Long enough for tasks to retry more than once; the backoff doubles from 2 s, so
-        # each second more costs the test about two.
-        time.sleep(4)
+        # Down until the outage has reached the tasks (which then retry with backoff) and
+        # the heartbeat: what the assertions below look for, waited for rather than hoped.
+        _wait_for_log(worker, ["OperationalError", "heartbeat failed"], timeout_s=60)
         own_postgres.start()
         final = _wait_until_final(engine, ids, timeout_s=90)
         assert worker.process.poll() is None  # it rode out the outage
@@ -202,6 +202,13 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         (stopped,) = session.scalars(select(Worker.stopped_at)).all()
     assert stopped is not None  # a clean stop, recorded after the outage
     engine.dispose()
+
+
+def _wait_for_log(worker: WorkerProcess, needles: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(needle in worker.log() for needle in needles):
+        assert time.monotonic() < deadline, f"the worker never logged all of {needles}"
+        time.sleep(0.1)
 
 
 # Redis restarted empty.

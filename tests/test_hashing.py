@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from moderation.config import Settings
 from moderation.images.decode import DecodeLimits
-from moderation.images.hashing import hamming, parse_hex, pdq, sha256
+from moderation.images.hashing import InvalidHex, hamming, parse_hex, pdq, sha256
 from moderation.images.signals import extract_signals
 from tests.images import encode, textured
 
@@ -44,9 +44,9 @@ def test_sha256_and_hex_parsing() -> None:
     digest = sha256(b"abc")
     assert digest == hashlib.sha256(b"abc").digest()
     assert parse_hex(digest.hex().upper(), length=32, what="SHA-256") == digest
-    with pytest.raises(ValueError, match="64 hex digits"):
+    with pytest.raises(InvalidHex, match="64 hex digits"):
         parse_hex("abc", length=32, what="SHA-256")
-    with pytest.raises(ValueError, match="not hexadecimal"):
+    with pytest.raises(InvalidHex, match="not hexadecimal"):
         parse_hex("zz" * 32, length=32, what="SHA-256")
 
 

@@ -22,6 +22,7 @@ from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
+from moderation.main.cli import main
 from moderation.review.models import Hit
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search.map_cli import index_map
@@ -208,7 +209,8 @@ def test_map_command_renders_the_stored_corpus(clean_db: None, tmp_path: Path) -
 def test_map_command_for_a_model_without_embeddings_fails_cleanly(
     clean_db: None, tmp_path: Path
 ) -> None:
-    result = CliRunner().invoke(index_map, ["--out", str(tmp_path / "m.png"), "--model", "absent"])
+    out = str(tmp_path / "m.png")
+    result = CliRunner().invoke(main, ["index", "map", "--out", out, "--model", "absent"])
 
     assert result.exit_code == 1
     assert "no embeddings for model 'absent'" in result.output

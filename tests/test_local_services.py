@@ -91,7 +91,7 @@ def test_the_demo_starts_postgres_and_redis_where_none_answers_and_stops_them(
 def test_started_servers_keep_running_until_stopped_and_keep_their_data(
     tmp_path: Path, local_dir: Path
 ) -> None:
-    services = f"{sys.executable} -m moderation.local_services"
+    services = f"{sys.executable} -m moderation services"
     moderation = f"{sys.executable} -m moderation"
     script = " && ".join(
         [
@@ -101,6 +101,7 @@ def test_started_servers_keep_running_until_stopped_and_keep_their_data(
             f"{services} stop",
             f"{services} start",  # the same data directory: the bank is still there
             f"{moderation} bank list",
+            f"{services} status",
             f"{services} stop",
             f"{services} status",
         ]
@@ -110,5 +111,6 @@ def test_started_servers_keep_running_until_stopped_and_keep_their_data(
     assert result.returncode == 0, output + result.stderr
     assert output.count("started PostgreSQL on 127.0.0.1:5432") == 2
     assert "kept" in output.split("stopped PostgreSQL and Redis")[1]
+    assert f"PostgreSQL at 127.0.0.1:5432 answers (ours, in {local_dir})" in output
     assert "PostgreSQL at 127.0.0.1:5432 does not answer" in output
     assert "Redis at 127.0.0.1:6379 does not answer" in output

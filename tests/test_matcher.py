@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -186,17 +185,21 @@ def test_running_matcher_picks_up_bank_changes_after_its_refresh_interval(
     def sessions() -> Iterator[Session]:
         yield session
 
-    matcher = BankMatcher(sessions, model_id=model.id, dim=DIM, settings=SETTINGS, refresh_s=0.3)
+    now = [1000.0]
+    matcher = BankMatcher(
+        sessions, model_id=model.id, dim=DIM, settings=SETTINGS, refresh_s=5, clock=lambda: now[0]
+    )
     bank = banks.create_bank(session, "live")
     (entry,) = banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="t")
     signals = _signals()
     vectors = np.zeros((1, DIM), np.float32)
+    now[0] += 4.9
     assert matcher.current().match(signals, vectors) == []  # not yet checked
-    time.sleep(0.35)
+    now[0] += 0.1
     assert [m.bank_entry_id for m in matcher.current().match(signals, vectors)] == [entry.id]
     # Unchanged banks: the snapshot is kept, not rebuilt.
     before = matcher.current()
-    time.sleep(0.35)
+    now[0] += 5
     assert matcher.current() is before
 
 

@@ -246,8 +246,8 @@ def test_hits_are_newest_first_and_say_when_they_are_cut(many_hits: list[int]) -
 
     table = run("hits", "--limit", "3")
     lines = table.stdout.splitlines()
-    assert "MODEL" in lines[0]
-    assert "clip-for-hits" in lines[1]
+    assert lines[0].split()[:4] == ["HIT", "UPLOAD", "BANK", "ENTRY"]
+    assert lines[1].split()[0] == str(many_hits[-1])
     assert lines[-1] == "showing 3 of 105 hits, newest first: --limit N or --all for more"
     assert len(lines) == 1 + 3 + 1
 
@@ -255,6 +255,47 @@ def test_hits_are_newest_first_and_say_when_they_are_cut(many_hits: list[int]) -
     assert [h["hit_id"] for h in json.loads(everything.stdout)] == many_hits[::-1]
     assert everything.stderr == ""
     assert run("hits", "--limit", "0").exit_code == 2
+
+
+def test_the_hits_table_fits_120_columns_whatever_the_bank_is_called(clean_db: None) -> None:
+    long_name = "partner-hash-list-imported-2026-12-07-from-the-ncmec-feed-" + "x" * 120
+    with session_scope() as session:
+        bank = banks.create_bank(session, long_name)
+        (entry,) = banks.add_entries(
+            session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="test"
+        )
+        (upload_id,) = screening.submit_many(session, ["https://example.com/a-long-name.jpg"])
+        session.execute(
+            insert(Hit),
+            [{"upload_id": upload_id, "bank_entry_id": entry.id, "signal": SignalType.PDQ,
+              "distance": 12.0, "threshold": 31.0, "frame_index": 107, "retroactive": True}],
+        )  # fmt: skip
+    lines = run("hits").stdout.splitlines()
+    assert len(lines) == 2
+    assert max(len(line) for line in lines) <= 120
+    assert long_name[:23] + "…" in lines[1]
+    assert "retro-hunt" in lines[1]
+
+
+def test_one_upload_is_shown_with_its_signals_and_hits(many_hits: list[int]) -> None:
+    with session_scope() as session:
+        (upload_id, entry_id) = session.execute(
+            select(Hit.upload_id, Hit.bank_entry_id).where(Hit.id == many_hits[-1])
+        ).one()
+    shown = run("upload", str(upload_id))
+    assert shown.exit_code == 0, shown.output
+    assert f"upload_id: {upload_id}" in shown.stdout
+    assert "status: queued" in shown.stdout
+    assert "no signals" in shown.stdout
+    (hit_line,) = [
+        line for line in shown.stdout.splitlines() if line.startswith(str(many_hits[-1]))
+    ]
+    assert hit_line.split()[1:5] == [str(upload_id), "known-bad", str(entry_id), "clip"]
+    as_json = json.loads(run("upload", str(upload_id), "--json").stdout)
+    assert [h["hit_id"] for h in as_json["hits"]] == [many_hits[-1]]
+    assert as_json["hits"][0]["model"] == "clip-for-hits"
+    missing = run("upload", "987654321")
+    assert (missing.exit_code, missing.output.strip()) == (1, "Error: no upload with id 987654321")
 
 
 def test_uploads_say_when_they_are_cut_too(many_hits: list[int]) -> None:

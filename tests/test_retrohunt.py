@@ -378,7 +378,7 @@ def test_disabled_banks_are_not_hunted(session: Session, model: EmbeddingModel) 
     # Entries added while disabled make no job; hunting the bank needs it enabled.
     banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x33" * 32)], added_by="test")
     assert new_jobs(session) == []
-    with pytest.raises(ValueError, match="disabled"):
+    with pytest.raises(retrohunt.NothingToHunt, match="disabled"):
         retrohunt.hunt_bank(session, bank, created_by="test")
     # Enabled again, a hunt of the whole bank finds what it missed.
     bank.enabled = True

@@ -302,7 +302,7 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
         assert "bob" not in outcome
     bob.join(timeout=30)
     assert isinstance(outcome["bob"], AlreadyDecided)
-    assert outcome["bob"].status is ReviewStatus.CONFIRMED
+    assert outcome["bob"].decided is ReviewStatus.CONFIRMED
     with session_scope() as session:
         statuses = set(session.scalars(select(Hit.review_status)))
     assert statuses == {ReviewStatus.CONFIRMED}

@@ -130,6 +130,19 @@ def _queue_drained(client: redis.Redis, timeout_s: float = 30) -> None:
     raise TimeoutError("messages still queued or unacknowledged")
 
 
+def test_a_uri_outside_the_workers_prefixes_is_refused_naming_the_workers_list() -> None:
+    """A producer with a wider allow-list than the worker's accepted the URI: the worker's
+    refusal says what the worker allows, so the mismatch shows where it is stored."""
+    with session_scope() as session:
+        upload, _ = service.submit(session, "file:///srv/uploads/elsewhere.jpg")
+    send_screening([upload.id])
+    (done,) = wait_until_final([upload.id], timeout_s=60)
+    assert (done.status, done.error_code) == (UploadStatus.FAILED, "uri_refused")
+    worker_prefixes = ", ".join(get_settings().allowed_uri_prefixes)
+    assert done.error_message is not None
+    assert done.error_message.endswith(f"(this worker's: {worker_prefixes})")
+
+
 def test_redelivered_event_creates_no_duplicate_hits(
     tmp_path: Path, redis_client: redis.Redis
 ) -> None:

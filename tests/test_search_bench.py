@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,4 +56,10 @@ def test_search_benchmark_writes_every_index_type_and_a_plot(tmp_path: Path) -> 
         assert by_setting[("ivf-pq", setting, True)]["recall_at_10"] > raw
     # The held-out queries are not in the corpus: no query finds itself at cosine 1.
     assert figures["data"]["3000"]["nn1_cos"] < 0.99
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    # The plot draws a curve per index kind: saturated colours of their own on the white
+    # and grey of an empty chart's frame, axes and text.
+    with Image.open(out.with_suffix(".png")) as plot:
+        pixels = np.asarray(plot.convert("RGB")).reshape(-1, 3).astype(int)
+    saturated = pixels[pixels.max(axis=1) - pixels.min(axis=1) > 96]
+    hues = {tuple(int(c) // 64 for c in pixel) for pixel in saturated}
+    assert len(hues) >= 4, hues

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
 from moderation.auth.models import ApiKey, Role
+from moderation.errors import NotFound
 
 # Every key starts with this, so a leaked key is recognisable (secret scanners, logs).
 KEY_PREFIX = "mod_"
@@ -22,7 +23,9 @@ SHOWN_CHARACTERS = 12
 LAST_USED_RESOLUTION_S = 60.0
 
 
-class KeyNotFound(LookupError):
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+
     def __init__(self, key_id: int) -> None:
         super().__init__(f"no API key with id {key_id}; `moderation apikey list` shows them")
 

@@ -25,7 +25,6 @@ from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.http.access import Caller, DbSession, allow
 from moderation.images.decode import DecodeLimits
-from moderation.images.errors import IntakeError
 from moderation.images.hashing import PdqHash, parse_hex
 
 if TYPE_CHECKING:
@@ -154,13 +153,6 @@ class ImportReport(BaseModel):
     dry_run: bool
 
 
-def _bank(session: DbSession, name: str) -> Bank:
-    try:
-        return service.get_bank(session, name)
-    except service.BankNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-
-
 def _summary(session: DbSession, bank: Bank) -> BankOut:
     summary = next(b for b in service.list_banks(session) if b.id == bank.id)
     return BankOut(**vars(summary))
@@ -173,24 +165,21 @@ def list_banks(session: DbSession) -> BankList:
 
 @router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=ADMINS)
 def create_bank(session: DbSession, caller: Caller, body: BankIn) -> BankOut:
-    try:
-        bank = service.create_bank(session, body.name, body.radius)
-    except service.BankExists as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    bank = service.create_bank(session, body.name, body.radius)
     service.audit_created(session, bank, actor=caller.actor)
     return _summary(session, bank)
 
 
 @router.get("/{name}", openapi_extra=READERS)
 def get_bank(session: DbSession, name: BankName) -> BankOut:
-    return _summary(session, _bank(session, name))
+    return _summary(session, service.get_bank(session, name))
 
 
 @router.patch("/{name}", openapi_extra=ADMINS)
 def change_bank(session: DbSession, caller: Caller, name: BankName, body: BankChange) -> BankOut:
     """Enable or disable a bank, or change its radius. Workers apply it within
     MODERATION_BANK_REFRESH_S."""
-    bank = _bank(session, name)
+    bank = service.get_bank(session, name)
     changes: dict[str, Any] = {"enabled": body.enabled}
     if "radius" in body.model_fields_set:
         changes["radius"] = body.radius
@@ -206,7 +195,7 @@ def list_entries(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EntryPage:
     """Entries in id order (their signals, never content); page on with `after_id`."""
-    bank = _bank(session, name)
+    bank = service.get_bank(session, name)
     entries = service.list_entries(session, bank, after_id=after_id, limit=limit + 1)
     more = len(entries) > limit
     entries = entries[:limit]
@@ -220,7 +209,7 @@ def add_entries(
     session: DbSession, caller: Caller, name: BankName, body: EntriesIn
 ) -> EntriesAdded:
     """Add entries by SHA-256, PDQ hash or embedding (any of them in one entry)."""
-    bank = _bank(session, name)
+    bank = service.get_bank(session, name)
     entries = []
     model = None
     for item in body.entries:
@@ -261,7 +250,7 @@ def add_image_entry(
 ) -> EntriesAdded:
     """Add an entry computed from an image: its SHA-256, PDQ and embedding under the
     configured model, exactly as screening computes them."""
-    bank = _bank(session, name)
+    bank = service.get_bank(session, name)
     settings = get_settings()
     data = image.file.read(settings.max_bytes + 1)
     if len(data) > settings.max_bytes:
@@ -269,29 +258,18 @@ def add_image_entry(
             413,
             f"the image is larger than MODERATION_MAX_BYTES ({settings.max_bytes} bytes)",
         )
-    try:
-        with _EMBED_LOCK:
-            embedder = _embedder()
-    except OSError as error:
-        # Not the caller's fault, and likely to last: say which model and why.
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"the embedding model {settings.resolved_model()!r} could not be loaded "
-            f"({type(error).__name__}); set MODERATION_MODEL to a checkpoint this host has, "
-            "or add entries by hash (POST .../entries)",
-        ) from None
+    # A model that cannot load here answers 503, naming MODERATION_MODEL (ModelUnavailable).
+    with _EMBED_LOCK:
+        embedder = _embedder()
     model = get_or_create_model(session, embedder.name, embedder.dim)
-    try:
-        with _EMBED_LOCK:
-            entry = service.entry_from_image(
-                data,
-                embedder,
-                model,
-                DecodeLimits.from_settings(settings),
-                None if source_ref is None else source_ref.replace("\x00", ""),
-            )
-    except IntakeError as error:
-        raise HTTPException(422, {"code": error.code, "message": error.message}) from None
+    with _EMBED_LOCK:
+        entry = service.entry_from_image(
+            data,
+            embedder,
+            model,
+            DecodeLimits.from_settings(settings),
+            None if source_ref is None else source_ref.replace("\x00", ""),
+        )
     rows = service.add_entries(session, bank, [entry], added_by=caller.actor)
     service.audit_added(session, bank, rows, actor=caller.actor, how="image")
     return EntriesAdded(entries=[EntryOut.of(r) for r in rows])
@@ -303,13 +281,8 @@ def remove_entry(
 ) -> dict[str, Any]:
     """Remove an entry, and its hits that no reviewer confirmed or escalated (an entry
     with such hits is kept: 409). Answers what was removed."""
-    bank = _bank(session, name)
-    try:
-        return service.remove_entry(session, bank, entry_id, actor=caller.actor)
-    except service.EntryNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-    except service.EntryHasDecidedHits as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    bank = service.get_bank(session, name)
+    return service.remove_entry(session, bank, entry_id, actor=caller.actor)
 
 
 @router.post("/{name}/import", openapi_extra=ADMINS)
@@ -323,7 +296,7 @@ def import_pdq_list(
     """Import a PDQ hash list as ThreatExchange and HMA exchange them (the README lists
     the shapes): good lines are added, each rejected line is reported with its number and
     why. Hashes already in the bank are not added twice."""
-    bank = _bank(session, name)
+    bank = service.get_bank(session, name)
     raw = hashes.file.read(MAX_IMPORT_BYTES + 1)
     if len(raw) > MAX_IMPORT_BYTES:
         raise HTTPException(
@@ -373,10 +346,7 @@ def _vector(values: list[float], dim: int) -> np.ndarray:
             422,
             f"the embedding has {len(values)} dimensions; the configured model has {dim}",
         )
-    try:
-        vector: np.ndarray = normalise(np.asarray(values, dtype=np.float32))[0]
-    except ValueError as error:
-        raise HTTPException(422, str(error)) from None
+    vector: np.ndarray = normalise(np.asarray(values, dtype=np.float32))[0]
     return vector
 
 

@@ -15,7 +15,6 @@ from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.images.decode import DecodeLimits
-from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import PdqHash, parse_hex
 from moderation.images.uri_policy import UriPolicy
@@ -32,13 +31,10 @@ def bank() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def create(name: str, radius: float | None, as_json: bool) -> None:
     """Create a bank called NAME."""
-    try:
-        with session_scope() as session:
-            created = service.create_bank(session, name, radius)
-            service.audit_created(session, created, actor=cli_actor())
-            row = {"id": created.id, "name": created.name, "radius": created.radius}
-    except (service.BankExists, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        created = service.create_bank(session, name, radius)
+        service.audit_created(session, created, actor=cli_actor())
+        row = {"id": created.id, "name": created.name, "radius": created.radius}
     if as_json:
         emit_json(row)
     else:
@@ -103,37 +99,31 @@ def add(
     retrohunt wait --bank NAME` waits for it)."""
     if not (images or embedding_file or pdq_hashes or sha256_hashes):
         raise click.UsageError("give IMAGES, --embedding, --pdq or --sha256")
-    try:
-        entries = [
-            *(
-                service.NewEntry(sha256=parse_hex(h, length=32, what="SHA-256"))
-                for h in sha256_hashes
-            ),
-            *(
-                service.NewEntry(pdq=PdqHash(parse_hex(h, length=32, what="PDQ"), None))
-                for h in pdq_hashes
-            ),
+    entries = [
+        *(service.NewEntry(sha256=parse_hex(h, length=32, what="SHA-256")) for h in sha256_hashes),
+        *(
+            service.NewEntry(pdq=PdqHash(parse_hex(h, length=32, what="PDQ"), None))
+            for h in pdq_hashes
+        ),
+    ]
+    if images or embedding_file:
+        entries += _model_entries(images, embedding_file, source_ref)
+    with session_scope() as session:
+        target = service.get_bank(session, name)
+        rows = service.add_entries(session, target, entries, added_by=added_by)
+        service.audit_added(session, target, rows, actor=cli_actor(), how="cli")
+        added = [
+            {
+                "id": r.id,
+                "bank": name,
+                "sha256": r.sha256,
+                "pdq": r.pdq,
+                "pdq_quality": r.pdq_quality,
+                "embedding": bool(r.embeddings),
+                "source_ref": r.source_ref,
+            }
+            for r in rows
         ]
-        if images or embedding_file:
-            entries += _model_entries(images, embedding_file, source_ref)
-        with session_scope() as session:
-            target = service.get_bank(session, name)
-            rows = service.add_entries(session, target, entries, added_by=added_by)
-            service.audit_added(session, target, rows, actor=cli_actor(), how="cli")
-            added = [
-                {
-                    "id": r.id,
-                    "bank": name,
-                    "sha256": r.sha256,
-                    "pdq": r.pdq,
-                    "pdq_quality": r.pdq_quality,
-                    "embedding": bool(r.embeddings),
-                    "source_ref": r.source_ref,
-                }
-                for r in rows
-            ]
-    except (ValueError, LookupError, IntakeError) as error:
-        raise click.ClickException(str(error)) from None
     if as_json:
         emit_json(added)
     else:
@@ -157,15 +147,12 @@ def remove(name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
     """Remove entries ENTRY_IDS from bank NAME, with their hits no reviewer confirmed or
     escalated (an entry that has such hits is kept). Recorded in the audit log; all or
     none."""
-    try:
-        with session_scope() as session:
-            target = service.get_bank(session, name)
-            removed = [
-                service.remove_entry(session, target, entry_id, actor=cli_actor())
-                for entry_id in entry_ids
-            ]
-    except (service.EntryNotFound, service.EntryHasDecidedHits, service.BankNotFound) as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        target = service.get_bank(session, name)
+        removed = [
+            service.remove_entry(session, target, entry_id, actor=cli_actor())
+            for entry_id in entry_ids
+        ]
     if as_json:
         emit_json(removed)
     else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 
+from moderation.errors import Invalid
 from moderation.images.hashing import PdqHash, parse_hex
 
 # Signal type names other programs give PDQ.
@@ -31,6 +32,12 @@ PDQ_NAMES = frozenset({"pdq", "photo_pdq", "pdq_photo", "hash_pdq"})
 HASH_COLUMNS = ("signal_str", "hash", "pdq", "signal")
 # The longest line read: a hash with generous metadata.
 MAX_LINE = 4096
+
+
+class InvalidLine(Invalid):
+    """A line of a hash list that is not a PDQ hash (reported with its number)."""
+
+    code = "invalid_hash_line"
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,8 @@ def parse_pdq_list(text: str) -> ParsedList:
         seen_data = True
         try:
             parsed.hashes.append(HashLine(number, _parse(fields, header)))
-        except ValueError as error:
-            parsed.rejected.append(Rejected(number, str(error)))
+        except Invalid as error:
+            parsed.rejected.append(Rejected(number, error.message))
     return parsed
 
 
@@ -115,7 +122,7 @@ def _parse_columns(fields: list[str], header: dict[str, int]) -> PdqHash:
         _check_type(signal_type)
     value = column(*HASH_COLUMNS)
     if value is None:
-        raise ValueError("no hash in the column the header names")
+        raise InvalidLine("no hash in the column the header names")
     quality = column("quality")
     return PdqHash(
         parse_hex(value, length=32, what="PDQ hash"),
@@ -131,10 +138,10 @@ def _is_type_name(value: str) -> bool:
 
 def _check_type(name: str) -> None:
     if name.strip().lower() not in PDQ_NAMES:
-        raise ValueError(f"signal type {name!r} is not PDQ; only PDQ hashes are imported")
+        raise InvalidLine(f"signal type {name!r} is not PDQ; only PDQ hashes are imported")
 
 
 def _quality(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) <= 100:
-        raise ValueError(f"PDQ quality must be an integer from 0 to 100, got {value!r}")
+        raise InvalidLine(f"PDQ quality must be an integer from 0 to 100, got {value!r}")
     return int(value)

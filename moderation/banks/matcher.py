@@ -70,15 +70,18 @@ class BankMatcher:
         refresh_s: float,
         device: str = "cpu",
         plan: ClipPlan | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`sessions`: READ COMMITTED sessions (each statement sees what committed before
         it); `device`: where CLIP vectors are scored, the worker's
         (`Settings.resolved_device`); `plan`: which method scores them, by batch and bank
-        size (`clip_plan.calibrated_plan`; default: `clip_plan.default_plan`)."""
+        size (`clip_calibration.plan_for`; default: `clip_plan.default_plan`); `clock`:
+        seconds, for `refresh_s`."""
         self._sessions = sessions
         self._refresh_s = refresh_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._checked_at = time.monotonic()
+        self._checked_at = clock()
         started = time.monotonic()
         with sessions() as session:
             self._banks = LiveBanks.load(
@@ -95,11 +98,11 @@ class BankMatcher:
         return self._index
 
     def _is_stale(self) -> bool:
-        return time.monotonic() - self._checked_at >= self._refresh_s
+        return self._clock() - self._checked_at >= self._refresh_s
 
     def _refresh(self) -> None:
         # Everything committed before this moment is in the index once the check is done.
-        checked_at = time.monotonic()
+        checked_at = self._clock()
         with self._sessions() as session:
             refreshed = self._banks.refresh(session)
         if refreshed is not None:
@@ -107,7 +110,7 @@ class BankMatcher:
             logger.info(
                 "bank index %s in %.3f s (%d changes): %s",
                 "reloaded" if refreshed.loaded else "refreshed",
-                time.monotonic() - checked_at,
+                self._clock() - checked_at,
                 refreshed.changes,
                 self._index.size,
             )

@@ -16,6 +16,7 @@ from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import embed_first_frame, vector_to_bytes
+from moderation.errors import Conflict, Invalid, NotFound
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash
 
@@ -23,12 +24,28 @@ if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
 
 
-class BankNotFound(LookupError):
+class BankNotFound(NotFound):
+    code = "bank_not_found"
+
     def __init__(self, name: str) -> None:
         super().__init__(f"no bank named {name!r}; create it with `moderation bank create {name}`")
 
 
-class BankExists(ValueError):
+class InvalidBank(Invalid):
+    """A bank name or radius the service cannot take."""
+
+    code = "invalid_bank"
+
+
+class InvalidEntry(Invalid):
+    """A bank entry without a signal, or with an embedding of the wrong shape."""
+
+    code = "invalid_entry"
+
+
+class BankExists(Conflict):
+    code = "bank_exists"
+
     def __init__(self, name: str) -> None:
         super().__init__(f"a bank named {name!r} already exists")
 
@@ -63,7 +80,7 @@ MAX_BANK_NAME = 200
 
 def check_bank_name(name: str) -> str:
     if not re.fullmatch(BANK_NAME_PATTERN, name) or len(name) > MAX_BANK_NAME:
-        raise ValueError(
+        raise InvalidBank(
             f"a bank name is 1 to {MAX_BANK_NAME} characters without '/' (it names the bank "
             f"in URLs), got {name!r}"
         )
@@ -73,7 +90,7 @@ def check_bank_name(name: str) -> str:
 def create_bank(session: Session, name: str, radius: float | None = None) -> Bank:
     check_bank_name(name)
     if radius is not None and not 0 <= radius <= 2:
-        raise ValueError(f"radius is a cosine distance between 0 and 2, got {radius}")
+        raise InvalidBank(f"radius is a cosine distance between 0 and 2, got {radius}")
     if session.scalar(select(Bank.id).where(Bank.name == name)) is not None:
         raise BankExists(name)
     bank = Bank(name=name, radius=radius, enabled=True)
@@ -156,7 +173,7 @@ def add_entries(
     rows = []
     for entry in entries:
         if entry.sha256 is None and entry.pdq is None and entry.embedding is None:
-            raise ValueError("a bank entry needs at least one of SHA-256, PDQ or an embedding")
+            raise InvalidEntry("a bank entry needs at least one of SHA-256, PDQ or an embedding")
         row = BankEntry(
             bank=bank,
             sha256=entry.sha256,
@@ -167,9 +184,9 @@ def add_entries(
         )
         if entry.embedding is not None:
             if entry.model is None:
-                raise ValueError("an embedding must say which model produced it")
+                raise InvalidEntry("an embedding must say which model produced it")
             if entry.embedding.shape != (entry.model.dim,):
-                raise ValueError(
+                raise InvalidEntry(
                     f"embedding has shape {entry.embedding.shape}; model {entry.model.name!r} "
                     f"produces ({entry.model.dim},)"
                 )
@@ -203,11 +220,11 @@ def copy_entries(
     Returns the number of entries added. The triggers log them, as any entries added
     (past uploads are then searched for them: `moderation.retrohunt`)."""
     if vectors.ndim != 2 or vectors.shape[1] != model.dim:
-        raise ValueError(
+        raise InvalidEntry(
             f"embeddings have shape {vectors.shape}; model {model.name!r} is {model.dim}-d"
         )
     if pdq is not None and pdq.shape != (len(vectors), 32):
-        raise ValueError(f"PDQ hashes have shape {pdq.shape}; expected ({len(vectors)}, 32)")
+        raise InvalidEntry(f"PDQ hashes have shape {pdq.shape}; expected ({len(vectors)}, 32)")
     by = added_by.encode()
     entry_fields = [
         ("id", ">i8"),
@@ -268,16 +285,20 @@ def entry_from_image(
 # surfaces record those two with `audit_created` and `audit_added`.
 
 
-class EntryNotFound(LookupError):
+class EntryNotFound(NotFound):
+    code = "entry_not_found"
+
     def __init__(self, bank: str, entry_id: int) -> None:
         super().__init__(
             f"bank {bank!r} has no entry {entry_id}; `GET /v1/banks/{bank}/entries` lists them"
         )
 
 
-class EntryHasDecidedHits(ValueError):
+class EntryHasDecidedHits(Conflict):
     """Removing an entry removes its hits (they cascade); confirmed or escalated hits are a
     reviewer's decision on record, so an entry that has any is kept."""
+
+    code = "entry_has_decided_hits"
 
     def __init__(self, entry_id: int, count: int) -> None:
         super().__init__(
@@ -345,7 +366,7 @@ def update_bank(
         bank.enabled = enabled
     if radius is not _UNSET:
         if radius is not None and not 0 <= radius <= 2:
-            raise ValueError(f"radius is a cosine distance between 0 and 2, got {radius}")
+            raise InvalidBank(f"radius is a cosine distance between 0 and 2, got {radius}")
         bank.radius = radius
     after = bank_state(bank)
     if after != before:

@@ -17,7 +17,6 @@ from moderation.embedding.tiny import (
     write_tiny_clip,
 )
 from moderation.images.decode import DecodeLimits
-from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
 from moderation.images.uri_policy import UriPolicy
 
@@ -51,17 +50,14 @@ def embed(image: str, out: Path) -> None:
     """
     settings = get_settings()
     embedder = load_embedder()
-    try:
-        data = fetch(
-            image,
-            # The operator's own file, named on their command line.
-            policy=UriPolicy.from_settings(settings).allowing_files([image]),
-            max_bytes=settings.max_bytes,
-            timeout_s=settings.fetch_timeout_s,
-        )
-        _, vector = embed_first_frame(data, embedder, DecodeLimits.from_settings(settings))
-    except IntakeError as error:
-        raise click.ClickException(str(error)) from None
+    data = fetch(
+        image,
+        # The operator's own file, named on their command line.
+        policy=UriPolicy.from_settings(settings).allowing_files([image]),
+        max_bytes=settings.max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+    )
+    _, vector = embed_first_frame(data, embedder, DecodeLimits.from_settings(settings))
     # Through a file object: given a path, np.save appends ".npy" to any other name.
     with out.open("wb") as handle:
         np.save(handle, vector)

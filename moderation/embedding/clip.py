@@ -23,6 +23,7 @@ from transformers import CLIPModel
 from transformers.utils import logging as transformers_logging
 
 from moderation.config import Settings
+from moderation.embedding.checkpoints import check_loadable, loading
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +152,12 @@ class ClipEmbedder:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         logger.info("loading CLIP %s on %s (%s)", name, self.device, self.dtype)
         quiet_transformers()
-        model: Any = CLIPModel.from_pretrained(name)
+        check_loadable(name)
+        with loading(name):
+            model: Any = CLIPModel.from_pretrained(name)
+            self.preprocess = Preprocessing.from_pretrained(name)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = projection_dim(model.config)
-        self.preprocess = Preprocessing.from_pretrained(name)
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
         # Set by `compile`: the compiled image tower and the batch sizes it was built for.

@@ -10,6 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from moderation.embedding.models import EmbeddingModel
+from moderation.errors import Conflict, Invalid
 from moderation.images.decode import DecodeLimits
 from moderation.images.signals import ImageSignals, extract_signals
 
@@ -17,8 +18,14 @@ if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
 
 
-class ModelMismatch(ValueError):
-    pass
+class InvalidEmbedding(Invalid):
+    code = "invalid_embedding"
+
+
+class ModelMismatch(Conflict):
+    """A model name already registered with another dimension."""
+
+    code = "model_mismatch"
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -34,7 +41,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if not np.all(np.isfinite(vectors)) or np.any(norms == 0):
-        raise ValueError("embeddings must be finite and non-zero")
+        raise InvalidEmbedding("embeddings must be finite and non-zero")
     normalised: np.ndarray = vectors / norms
     return normalised
 
@@ -59,9 +66,12 @@ def model_dim(name: str) -> int:
     """A checkpoint's embedding size, read from its config without loading the weights."""
     from transformers import CLIPConfig
 
+    from moderation.embedding.checkpoints import check_loadable, loading
     from moderation.embedding.clip import projection_dim
 
-    return projection_dim(CLIPConfig.from_pretrained(name))
+    check_loadable(name)
+    with loading(name):
+        return projection_dim(CLIPConfig.from_pretrained(name))
 
 
 def embed_first_frame(

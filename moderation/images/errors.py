@@ -6,15 +6,11 @@ upload and never retried. `TransientFault` may succeed later and is retried with
 
 from __future__ import annotations
 
-from typing import ClassVar
+from moderation.errors import ModerationError
 
 
-class IntakeError(Exception):
-    code: ClassVar[str] = "intake_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class IntakeError(ModerationError):
+    code = "intake_error"
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -22,10 +18,13 @@ class IntakeError(Exception):
 
 class BadInput(IntakeError):
     code = "bad_input"
+    # Where a request carried the bytes (an example image, a bank entry): they are wrong.
+    status = 422
 
 
 class TransientFault(IntakeError):
     code = "transient_fault"
+    status = 503
 
 
 # Fetching.

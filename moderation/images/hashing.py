@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from moderation.errors import Invalid
+
 PDQ_BYTES = 32
+
+
+class InvalidHex(Invalid):
+    code = "invalid_hex"
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,10 @@ def parse_hex(value: str, *, length: int, what: str) -> bytes:
     """Parse a hex digest from a hash list, with an error that says what was wrong."""
     cleaned = value.strip().lower()
     if len(cleaned) != 2 * length:
-        raise ValueError(f"{what} must be {2 * length} hex digits, got {len(cleaned)}: {value!r}")
+        raise InvalidHex(f"{what} must be {2 * length} hex digits, got {len(cleaned)}: {value!r}")
     # Checked digit by digit: bytes.fromhex would skip spaces and return a short hash.
     if not all(c in "0123456789abcdef" for c in cleaned):
-        raise ValueError(f"{what} is not hexadecimal: {value!r}")
+        raise InvalidHex(f"{what} is not hexadecimal: {value!r}")
     return bytes.fromhex(cleaned)
 
 

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 
 from moderation.banks.api import router as banks_router
 from moderation.http.access import authorize
+from moderation.http.errors import install as install_errors
 from moderation.main.audit_log import router as audit_router
 from moderation.main.health import router as health_router
 from moderation.main.metrics import router as metrics_router
@@ -40,5 +41,6 @@ def create_app() -> FastAPI:
         search_router,
     ):
         app.include_router(router)
+    install_errors(app)
     install_pages(app)
     return app

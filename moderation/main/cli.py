@@ -13,8 +13,9 @@ from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
+from moderation.main.services_cli import services
 from moderation.retrohunt.cli import retrohunt
-from moderation.review.cli import decide, hits
+from moderation.review.cli import decide, hits, upload
 from moderation.screening.cli import resubmit, submit, uploads
 from moderation.search.cli import index, search
 from moderation.webhooks.cli import webhooks
@@ -102,6 +103,7 @@ for command in (
     submit,
     resubmit,
     hits,
+    upload,
     uploads,
     worker,
     ping,
@@ -110,5 +112,6 @@ for command in (
     index,
     decide,
     webhooks,
+    services,
 ):
     main.add_command(command)

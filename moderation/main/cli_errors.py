@@ -15,9 +15,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
-from moderation.banks.service import BankNotFound
 from moderation.config import Settings, get_settings
-from moderation.worker.metrics import MetricsPortInUse
+from moderation.errors import ModerationError
 
 # psycopg2's SQLSTATEs for a table and a column that do not exist: a schema behind the code.
 _UNDEFINED_TABLE = "42P01"
@@ -49,7 +48,8 @@ def explain(error: BaseException) -> ClickException | None:
     """The one line an operator needs for `error`, or None if it is not one of ours."""
     if isinstance(error, ValidationError) and error.title == Settings.__name__:
         return ClickException(f"bad settings: {settings_problems(error)}")
-    if isinstance(error, BankNotFound | MetricsPortInUse):
+    if isinstance(error, ModerationError):
+        # Typed, with a message a person can act on (`moderation.errors`).
         return ClickException(str(error))
     settings = get_settings()
     if isinstance(error, DBAPIError):

@@ -51,11 +51,8 @@ def list_(status: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(job_id: int, as_json: bool) -> None:
     """Show one job and its progress."""
-    try:
-        with session_scope() as session:
-            job = service.get_job(session, job_id)
-    except service.JobNotFound as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        job = service.get_job(session, job_id)
     if as_json:
         emit_json(_json(job))
         return
@@ -71,13 +68,10 @@ def show(job_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_json: bool) -> None:
     """Hunt past uploads for every entry of BANK (e.g. after it was enabled again)."""
-    try:
-        with session_scope() as session:
-            job_id = service.hunt_bank(
-                session, banks.get_bank(session, bank_name), created_by=added_by
-            ).id
-    except (ValueError, LookupError) as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        job_id = service.hunt_bank(
+            session, banks.get_bank(session, bank_name), created_by=added_by
+        ).id
     tasks.send_steps([service.NextStep(job_id, 0)])
     if not as_json:
         click.echo(f"retro-hunt job {job_id} started for every entry of {bank_name}")
@@ -103,12 +97,9 @@ def wait(bank_name: str | None, timeout: float | None, as_json: bool) -> None:
             "on the database server); workers' sweepers will start them once it ends",
             err=True,
         )
-    try:
-        with session_scope() as session:
-            bank = banks.get_bank(session, bank_name) if bank_name else None
-            job_ids = service.unfinished_jobs(session, bank_id=bank.id if bank else None)
-    except LookupError as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        bank = banks.get_bank(session, bank_name) if bank_name else None
+        job_ids = service.unfinished_jobs(session, bank_id=bank.id if bank else None)
     finished = wait_for_jobs(job_ids, timeout, quiet=as_json)
     if as_json:
         emit_json([_json(job) for job in finished or []])

@@ -49,6 +49,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from moderation.banks.changes import advance, read_as
 from moderation.banks.models import Bank, BankChange, BankEntry
 from moderation.config import Settings
+from moderation.errors import Conflict, NotFound
 from moderation.retrohunt.models import FINAL_JOB_STATUSES, JobStatus, RetrohuntJob
 from moderation.retrohunt.search import FoundHit, HuntSettings, Targets, UploadFilter
 from moderation.review.models import Hit
@@ -67,7 +68,13 @@ _HITS_PER_INSERT = 1000
 RETROHUNT_READER = "retrohunt"
 
 
-class JobNotFound(LookupError):
+class NothingToHunt(Conflict):
+    code = "nothing_to_hunt"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
     def __init__(self, job_id: int) -> None:
         super().__init__(f"no retro-hunt job with id {job_id}; see `moderation retrohunt list`")
 
@@ -144,7 +151,7 @@ def create_job(
 def hunt_bank(session: Session, bank: Bank, *, created_by: str) -> RetrohuntJob:
     """A job over every entry of `bank`, e.g. after it was enabled again."""
     if not bank.enabled:
-        raise ValueError(f"bank {bank.name!r} is disabled; disabled banks are not hunted")
+        raise NothingToHunt(f"bank {bank.name!r} is disabled; disabled banks are not hunted")
     first, last, count = session.execute(
         select(func.min(BankEntry.id), func.max(BankEntry.id), func.count()).where(
             BankEntry.bank_id == bank.id
@@ -152,7 +159,7 @@ def hunt_bank(session: Session, bank: Bank, *, created_by: str) -> RetrohuntJob:
     ).one()
     job = create_job(session, bank, first or 0, last or 0, count, created_by=created_by)
     if job is None:
-        raise ValueError(f"bank {bank.name!r} has no entries to hunt for")
+        raise NothingToHunt(f"bank {bank.name!r} has no entries to hunt for")
     return job
 
 
@@ -224,7 +231,7 @@ def jobs_for_changes(session: Session, after: int, through: int) -> list[Retrohu
 def _hunt_whole(session: Session, bank: Bank) -> RetrohuntJob | None:
     try:
         return hunt_bank(session, bank, created_by="retro-hunt recovery")
-    except ValueError:  # no entries
+    except NothingToHunt:  # no entries
         return None
 
 

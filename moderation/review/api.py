@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
@@ -129,10 +129,7 @@ def list_hits(
         retroactive=retroactive,
         upload_id=upload_id,
     )
-    try:
-        page = service.queue(session, filters, cursor=cursor, limit=limit)
-    except service.InvalidCursor as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+    page = service.queue(session, filters, cursor=cursor, limit=limit)
     pending = service.count(session, replace(filters, status=ReviewStatus.PENDING))
     return HitPage(
         hits=[HitOut.of(hit) for hit in page.hits], next_cursor=page.next_cursor, pending=pending
@@ -141,10 +138,7 @@ def list_hits(
 
 @router.get("/{hit_id}", openapi_extra=READERS)
 def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
-    try:
-        return HitOut.of(service.get_hit(session, hit_id))
-    except service.HitNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
+    return HitOut.of(service.get_hit(session, hit_id))
 
 
 @router.post(
@@ -156,14 +150,9 @@ def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) 
     """Confirm, dismiss or escalate a hit, and with it every open hit of its upload (or,
     given `seen_hit_ids`, those of them the reviewer saw). Repeating a decision changes
     nothing; contradicting a final one is a 409."""
-    try:
-        decision = service.decide(
-            session, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
-        )
-    except service.HitNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
-    except service.AlreadyDecided as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    decision = service.decide(
+        session, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
+    )
     return DecisionOut(
         upload_id=decision.upload_id,
         hit_id=decision.hit_id,
@@ -237,10 +226,7 @@ UPLOAD_READERS = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
 @uploads_router.get("/{upload_id}", openapi_extra=UPLOAD_READERS)
 def get_upload(session: DbSession, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> UploadOut:
     """An upload's status, error, signals and hits."""
-    upload = session.get(Upload, upload_id)
-    if upload is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    return _upload_out(session, upload)
+    return _upload_out(session, screening.get_upload(session, upload_id))
 
 
 @uploads_router.get("", openapi_extra=UPLOAD_READERS)

@@ -1,4 +1,5 @@
-"""`moderation hits` and `moderation decide HIT --confirm | --dismiss | --escalate`."""
+"""`moderation upload ID`, `moderation hits` and `moderation decide HIT --confirm | --dismiss |
+--escalate`: uploads with their hits, and deciding them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from moderation.console import emit_json, emit_table, limit_options, say_if_cut
 from moderation.db import session_scope
 from moderation.review import service
 from moderation.review.service import Outcome, QueueFilter
+from moderation.screening import service as screening
+from moderation.screening.cli import upload_json
+from moderation.screening.models import AS_STORED_FRAME
 
 
 @click.command()
@@ -23,11 +27,8 @@ def decide(hit_id: int, outcome: str | None, note: str | None) -> None:
     """Decide a hit, and with it every open hit of its upload (audited as the OS user)."""
     if outcome is None:
         raise click.UsageError("say --confirm, --dismiss or --escalate")
-    try:
-        with session_scope() as session:
-            decision = service.decide(session, hit_id, Outcome(outcome), note, cli_actor())
-    except (service.HitNotFound, service.AlreadyDecided) as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        decision = service.decide(session, hit_id, Outcome(outcome), note, cli_actor())
     if not decision.changed:
         click.echo(f"hit {hit_id} was already {service.STATUS_AFTER[decision.outcome].value}")
         return
@@ -51,10 +52,70 @@ def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> No
     if as_json:
         emit_json(found)
     else:
-        columns = ["upload_id", "bank", "bank_entry_id", "signal", "distance", "threshold"]
-        emit_table(
-            [vars(h) for h in found],
-            [*columns, "frame_index", "model", "retroactive", "review_status", "upload_uri"],
-            empty="no hits",
-        )
+        emit_hits(found)
     say_if_cut(len(found), total, "hits", as_json)
+
+
+def emit_hits(found: list[service.HitEvidence]) -> None:
+    """Hits as a table that fits 120 columns (`--json`, and `moderation upload ID`, say
+    more: the model, the URI, who decided and why)."""
+    emit_table(
+        [{**vars(h), "found": "retro-hunt" if h.retroactive else "screening"} for h in found],
+        [
+            "hit_id", "upload_id", "bank", "bank_entry_id", "signal", "distance", "threshold",
+            "frame_index", "found", "review_status",
+        ],
+        headers={
+            "hit_id": "hit", "upload_id": "upload", "bank_entry_id": "entry",
+            "frame_index": "frame", "review_status": "status",
+        },
+        widest={"bank": 24},
+        empty="no hits",
+    )  # fmt: skip
+
+
+@click.command()
+@click.argument("upload_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def upload(upload_id: int, as_json: bool) -> None:
+    """Show one upload: its status and error, what was decoded, its signals and its hits
+    with their evidence and review status."""
+    with session_scope() as session:
+        found = screening.get_upload(session, upload_id)
+        signals = screening.upload_signals(session, upload_id)
+        hits = service.upload_hits(session, upload_id)
+        shown = {
+            **upload_json(found),
+            "external_id": found.external_id,
+            "attempts": found.attempts,
+            "metadata": found.event_metadata,
+            "decoded": (
+                f"{found.media_format} {found.width}x{found.height}, "
+                f"{found.frame_count} frame(s), {found.frames_hashed} hashed"
+                if found.media_format
+                else None
+            ),
+            "created_at": found.created_at,
+            "finished_at": found.finished_at,
+        }
+    signal_rows = [
+        {
+            "signal": s.signal.value,
+            "frame": "0 as stored" if s.frame_index == AS_STORED_FRAME else s.frame_index,
+            "value": s.value.hex(),
+            "quality": s.quality,
+        }
+        for s in signals
+    ]
+    if as_json:
+        emit_json({**shown, "signals": signal_rows, "hits": hits})
+        return
+    for name, value in shown.items():
+        if name == "error" and value:
+            click.echo(f"error: {value['code']}: {value['message']}")
+        elif value is not None:
+            click.echo(f"{name}: {value}")
+    click.echo()
+    emit_table(signal_rows, ["signal", "frame", "quality", "value"], empty="no signals")
+    click.echo()
+    emit_hits(hits)

@@ -40,6 +40,7 @@ from moderation.banks.models import Bank, BankEntry
 from moderation.bulk_insert import ArrayRows, insert_rows_statement
 from moderation.config import Settings, get_settings
 from moderation.embedding.models import EmbeddingModel
+from moderation.errors import Conflict, Invalid, NotFound
 from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.models import Upload
@@ -115,18 +116,24 @@ def record_hits(
 OPEN_STATUSES = (ReviewStatus.PENDING, ReviewStatus.ESCALATED)
 
 
-class HitNotFound(LookupError):
+class HitNotFound(NotFound):
+    code = "hit_not_found"
+
     def __init__(self, hit_id: int) -> None:
         super().__init__(f"no hit with id {hit_id}")
 
 
-class InvalidCursor(ValueError):
+class InvalidCursor(Invalid):
+    code = "invalid_cursor"
+
     def __init__(self) -> None:
         super().__init__("the cursor is not one this service returned; start again without it")
 
 
-class AlreadyDecided(ValueError):
+class AlreadyDecided(Conflict):
     """The hit has a final decision other than the one asked for."""
+
+    code = "already_decided"
 
     def __init__(self, hit: Hit) -> None:
         when = f" at {hit.reviewed_at:%Y-%m-%d %H:%M:%S %Z}" if hit.reviewed_at else ""
@@ -135,7 +142,7 @@ class AlreadyDecided(ValueError):
             f"{hit.reviewed_by or 'an unknown reviewer'}{when}; a final decision is not changed"
         )
         self.hit_id = hit.id
-        self.status = hit.review_status
+        self.decided = hit.review_status
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Request, status
 from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,10 +25,9 @@ from moderation.http.access import allow
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
 from moderation.messages import send_screening
-from moderation.screening import service
 from moderation.screening.announcer import Announcer
 from moderation.screening.service import NewUpload, Submitted
-from moderation.screening.submission import UrisRefused, accept
+from moderation.screening.submission import accept
 
 # Started with the process's first upload; closed after the requests in flight, sending
 # what they recorded.
@@ -148,32 +147,9 @@ def submit_uploads(
     `GET /v1/uploads/{id}` for the verdict.
     """
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
-    try:
-        accepted = accept(
-            [event.to_new_upload() for event in events], announce=ANNOUNCER.get(request).announce
-        )
-    except UrisRefused as error:
-        raise HTTPException(
-            422,
-            {
-                "code": "uri_refused",
-                "message": str(error),
-                "refused": [
-                    {
-                        "index": item.index,
-                        "uri": item.uri,
-                        "code": item.error.code,
-                        "rule": item.error.message,
-                    }
-                    for item in error.refused
-                ],
-            },
-        ) from None
-    except service.ExternalIdConflict as error:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            {"code": "external_id_conflict", "message": str(error), "upload_id": error.upload_id},
-        ) from None
+    accepted = accept(
+        [event.to_new_upload() for event in events], announce=ANNOUNCER.get(request).announce
+    )
     UPLOAD_BATCH_SIZE.observe(len(events))
     return accepted_answer(body, accepted)
 

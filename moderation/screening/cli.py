@@ -16,7 +16,7 @@ from moderation.audit.service import cli_actor
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table, limit_options, say_if_cut
 from moderation.db import session_scope
-from moderation.images.errors import IntakeError, NotFound
+from moderation.images.errors import NotFound
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import sha256
 from moderation.images.sniff import HEAD_BYTES, why_not_an_image
@@ -24,7 +24,7 @@ from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import NewUpload
-from moderation.screening.submission import UrisRefused, check_uris, record_and_announce
+from moderation.screening.submission import check_uris, record_and_announce
 from moderation.screening.waiting import Tally, wait_for, why_stalled
 
 # Skipped files listed one by one, before a count of the rest.
@@ -318,15 +318,12 @@ def submit(
         raise click.UsageError("no images found in the given paths")
     if (external_id or declared) and len(uris) > 1:
         raise click.UsageError("--external-id and --sha256 name one upload; give one image")
-    try:
-        # Before anything is recorded; the worker checks again when it fetches.
-        refuse_missing_files(uris)
-        if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
-            declared = declared_bytes(uris[0])
-        upload_ids = submit_uris(uris, external_id, declared)
-    except (IntakeError, UrisRefused, service.ExternalIdConflict) as error:
-        # A refusal says which rule refused, never whether a refused file exists.
-        raise click.ClickException(str(error)) from None
+    # Before anything is recorded; the worker checks again when it fetches. A refusal says
+    # which rule refused, never whether a refused file exists.
+    refuse_missing_files(uris)
+    if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
+        declared = declared_bytes(uris[0])
+    upload_ids = submit_uris(uris, external_id, declared)
     _show_uploads(upload_ids, wait, timeout, as_json, stall_after)
 
 

@@ -35,6 +35,7 @@ from moderation.audit import service as audit
 from moderation.bulk_insert import ArrayRows, insert_rows_statement
 from moderation.embedding.models import Embedding
 from moderation.embedding.service import vector_to_bytes
+from moderation.errors import Conflict, NotFound
 from moderation.images.signals import ImageSignals, SignalType
 from moderation.screening.models import AS_STORED_FRAME, Signal, Upload, UploadStatus, Worker
 
@@ -44,26 +45,33 @@ if TYPE_CHECKING:
 FINAL_STATUSES = (UploadStatus.SCREENED, UploadStatus.FAILED)
 
 
-class UploadNotFound(LookupError):
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+
     def __init__(self, upload_id: int) -> None:
         super().__init__(f"no upload with id {upload_id}")
 
 
-class ExternalIdConflict(ValueError):
+class ExternalIdConflict(Conflict):
     """An external id names one event: submitting it with another URI or other bytes is
     refused, never answered with the first image's result (that would let an uploader
     swap a clean image's verdict onto another image)."""
 
+    code = "external_id_conflict"
+
     def __init__(self, external_id: str, upload: Upload, reason: str) -> None:
         super().__init__(
             f"external id {external_id!r} already names upload {upload.id}, {reason}; "
-            "use a new external id for a new image"
+            "use a new external id for a new image",
+            upload_id=upload.id,
         )
         self.upload_id = upload.id
 
 
-class NotResubmittable(ValueError):
-    pass
+class NotResubmittable(Conflict):
+    """Only a failed upload is submitted again."""
+
+    code = "not_resubmittable"
 
 
 @dataclass(frozen=True)
@@ -528,6 +536,13 @@ def _finish_failed(upload: Upload, code: str, message: str) -> None:
     upload.error_code = code
     upload.error_message = message
     upload.finished_at = func.now()
+
+
+def get_upload(session: Session, upload_id: int) -> Upload:
+    upload = session.get(Upload, upload_id)
+    if upload is None:
+        raise UploadNotFound(upload_id)
+    return upload
 
 
 def get_uploads(session: Session, upload_ids: Sequence[int]) -> list[Upload]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.errors import Invalid
 from moderation.images.errors import IntakeError
 from moderation.images.uri_policy import UriPolicy
 from moderation.screening import service
@@ -35,13 +36,21 @@ class RefusedUri:
     error: IntakeError
 
 
-class UrisRefused(ValueError):
+class UrisRefused(Invalid):
     """Some URIs are outside what the service may fetch; nothing was recorded."""
+
+    code = "uri_refused"
 
     def __init__(self, refused: list[RefusedUri], total: int) -> None:
         first = refused[0]
         more = f" ({len(refused)} of {total} URIs refused; the first is shown)" if total > 1 else ""
-        super().__init__(f"{first.error}{more}; nothing was submitted")
+        super().__init__(
+            f"{first.error}{more}; nothing was submitted",
+            refused=[
+                {"index": r.index, "uri": r.uri, "code": r.error.code, "rule": r.error.message}
+                for r in refused
+            ],
+        )
         self.refused = refused
 
 

@@ -21,12 +21,10 @@ from moderation.db import get_engine
 from moderation.http.access import allow
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
-from moderation.images.errors import IntakeError
 from moderation.screening.models import UploadStatus
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
-from moderation.search.service import Filters, SearchResult, UploadNotEmbedded
-from moderation.search.store import NoEmbeddings
+from moderation.search.service import Filters, SearchResult
 
 # Loaded with the process's first search, then following the embeddings table.
 RUNTIME = ProcessResource(
@@ -102,13 +100,8 @@ Filtering = Annotated[FilterParams, Query()]
 def _run(
     runtime: SearchRuntime, make_query: Callable[[], SearchQuery], params: FilterParams
 ) -> SearchResponse:
-    try:
-        query = make_query()
-        results = runtime.search(query, params.k, params.filters())
-    except (NoEmbeddings, UploadNotEmbedded) as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-    except (IntakeError, ValueError) as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+    query = make_query()
+    results = runtime.search(query, params.k, params.filters())
     index = runtime.index()
     return SearchResponse(
         model=index.model_name,

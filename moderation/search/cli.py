@@ -18,18 +18,8 @@ import click
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import get_engine, session_scope
-from moderation.images.errors import IntakeError
 from moderation.screening.models import UploadStatus
 from moderation.search.map_cli import index_map
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    """What a search command tells as one line: a person can act on each."""
-    from moderation.search.service import UploadNotEmbedded
-    from moderation.search.snapshot import SnapshotUnreadable
-    from moderation.search.store import NoEmbeddings
-
-    return (NoEmbeddings, UploadNotEmbedded, SnapshotUnreadable, IntakeError, ValueError)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -76,17 +66,14 @@ def search(
         error_code=error_code,
     )
     runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
-    try:
-        if text is not None:
-            query = runtime.text_query(text)
-        elif image is not None:
-            query = runtime.fetched_image_query(image, operator_file=True)
-        else:
-            assert upload_id is not None
-            query = runtime.upload_query(upload_id)
-        results = runtime.search(query, k, filters)
-    except _errors() as error:
-        raise click.ClickException(str(error)) from None
+    if text is not None:
+        query = runtime.text_query(text)
+    elif image is not None:
+        query = runtime.fetched_image_query(image, operator_file=True)
+    else:
+        assert upload_id is not None
+        query = runtime.upload_query(upload_id)
+    results = runtime.search(query, k, filters)
     if as_json:
         emit_json(results)
         return
@@ -137,14 +124,11 @@ def rebuild(as_json: bool) -> None:
     config = IndexSettings.from_settings(settings)
     engine = get_engine()
     started = time.perf_counter()
-    try:
-        with session_scope() as session:
-            model = model_named(session, settings.resolved_model())
-            total = count_embeddings(session, model.id)
-        with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
-            built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
-    except _errors() as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        model = model_named(session, settings.resolved_model())
+        total = count_embeddings(session, model.id)
+    with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
+        built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
     settle(built, engine)
     path = save(built, config)
     summary = {
@@ -179,20 +163,17 @@ def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
 
     settings = get_settings()
     runtime = SearchRuntime(settings, get_engine(), follow=False)
-    try:
-        followed = runtime.index()
-        with session_scope() as session:
-            evaluation = service.evaluate(
-                session,
-                followed,
-                queries=queries,
-                k=k or settings.search_recall_k,
-                candidates=settings.search_candidates,
-                seed=seed,
-            )
-            history = [_evaluation_row(e) for e in service.evaluation_history(session)]
-    except _errors() as error:
-        raise click.ClickException(str(error)) from None
+    followed = runtime.index()
+    with session_scope() as session:
+        evaluation = service.evaluate(
+            session,
+            followed,
+            queries=queries,
+            k=k or settings.search_recall_k,
+            candidates=settings.search_candidates,
+            seed=seed,
+        )
+        history = [_evaluation_row(e) for e in service.evaluation_history(session)]
     if as_json:
         emit_json(history)
         return

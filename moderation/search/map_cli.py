@@ -29,20 +29,17 @@ from moderation.config import get_settings
 def index_map(out: Path, sample: int, model: str | None) -> None:
     """Draw a sample of the corpus in two dimensions (PCA), coloured by bank hit."""
     from moderation.db import session_scope
-    from moderation.search.projection import NothingToMap, render_map, sample_corpus
+    from moderation.search.projection import render_map, sample_corpus
 
     model_name = model or get_settings().resolved_model()
-    try:
-        with session_scope() as session:
-            corpus = sample_corpus(session, model_name, sample)
-        projection = render_map(
-            corpus.vectors,
-            corpus.labels,
-            out,
-            title=f"{model_name}: {len(corpus.labels)} of {corpus.corpus_size} uploads, PCA",
-        )
-    except NothingToMap as error:
-        raise click.ClickException(str(error)) from None
+    with session_scope() as session:
+        corpus = sample_corpus(session, model_name, sample)
+    projection = render_map(
+        corpus.vectors,
+        corpus.labels,
+        out,
+        title=f"{model_name}: {len(corpus.labels)} of {corpus.corpus_size} uploads, PCA",
+    )
     hits = sum(label != "no hit" for label in corpus.labels)
     click.echo(
         f"wrote {out}: {len(corpus.labels)} uploads of {corpus.corpus_size} ({hits} with a bank "

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
+from moderation.errors import NotFound
 from moderation.review.models import Hit
 
 NO_HIT = "no hit"
@@ -36,8 +37,10 @@ WIDTH_PX, HEIGHT_PX, DPI = 1200, 900, 100
 FETCH_CHUNK = 5_000
 
 
-class NothingToMap(ValueError):
+class NothingToMap(NotFound):
     """The model has no stored embeddings (or is not registered)."""
+
+    code = "nothing_to_map"
 
 
 @dataclass(frozen=True)

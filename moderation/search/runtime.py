@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from moderation.config import Settings
 from moderation.db import session_scope
 from moderation.embedding.service import embed_first_frame
+from moderation.errors import Invalid
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
@@ -32,6 +33,10 @@ from moderation.search.store import (
 
 if TYPE_CHECKING:
     from moderation.embedding.clip import ClipEmbedder
+
+
+class EmptyQuery(Invalid):
+    code = "empty_query"
 
 
 class SearchRuntime:
@@ -75,7 +80,7 @@ class SearchRuntime:
 
     def text_query(self, text: str) -> SearchQuery:
         if not text.strip():
-            raise ValueError("the text query is empty")
+            raise EmptyQuery("the text query is empty")
         return SearchQuery(vector=self.embedder().embed_texts([text])[0], text=text)
 
     def image_query(self, data: bytes) -> SearchQuery:

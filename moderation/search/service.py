@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
+from moderation.errors import Conflict, NotFound
 from moderation.review.models import Hit
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search.follow import FollowedIndex
@@ -37,12 +38,18 @@ _MAX_WIDENING = 64
 _SCAN_CHUNK = 10_000
 
 
-class UploadNotEmbedded(LookupError):
+class UploadNotEmbedded(NotFound):
+    code = "upload_not_embedded"
+
     def __init__(self, upload_id: int, model: str) -> None:
         super().__init__(
             f"upload {upload_id} has no embedding from model {model!r}: it is not screened, "
             "failed, or was screened under another model"
         )
+
+
+class TooFewToEvaluate(Conflict):
+    code = "too_few_to_evaluate"
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     held = index.embedding_ids.copy()
     if len(held) < 2:
-        raise ValueError(
+        raise TooFewToEvaluate(
             f"the index of model {index.model_name!r} has {len(held)} vectors: too few to evaluate"
         )
     k = min(k, len(held) - 1)

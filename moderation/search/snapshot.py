@@ -20,12 +20,15 @@ from typing import Any
 import faiss
 import numpy as np
 
+from moderation.errors import ModerationError
 from moderation.search.indexes import IndexKind
 
 FORMAT_VERSION = 1
 
 
-class SnapshotUnreadable(RuntimeError):
+class SnapshotUnreadable(ModerationError):
+    code = "snapshot_unreadable"
+
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(
             f"index snapshot {path} cannot be read ({reason}); delete it or run "

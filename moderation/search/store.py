@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from moderation.config import Settings
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.errors import NotFound
 from moderation.search.follow import FollowedIndex, Progress, read_since
 from moderation.search.indexes import IndexPlan, build_index
 from moderation.search.snapshot import read_snapshot, write_snapshot
@@ -27,7 +28,9 @@ from moderation.search.snapshot import read_snapshot, write_snapshot
 logger = logging.getLogger(__name__)
 
 
-class NoEmbeddings(LookupError):
+class NoEmbeddings(NotFound):
+    code = "no_embeddings"
+
     def __init__(self, model: str) -> None:
         super().__init__(
             f"nothing has been embedded by model {model!r} yet; screen uploads with it "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import pathlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
@@ -27,7 +27,10 @@ from moderation.audit import service as audit
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.errors import ModerationError
 from moderation.http.access import Caller, DbSession, allow, credential_sources, public
+from moderation.http.errors import error_answer
+from moderation.http.types import form_datetime
 from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
@@ -231,41 +234,25 @@ def map_page(request: Request) -> HTMLResponse:
 def map_image() -> Response:
     """A PCA of a sample of the configured model's embeddings, coloured by bank hit, drawn
     now from the table; no upload's content is read."""
-    from moderation.search.projection import NothingToMap, render_map, sample_corpus
+    from moderation.search.projection import render_map, sample_corpus
 
     model = get_settings().resolved_model()
     no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
     picture = io.BytesIO()
-    try:
-        with session_scope() as session:
-            corpus = sample_corpus(session, model, MAP_SAMPLE)
-        render_map(
-            corpus.vectors,
-            corpus.labels,
-            picture,
-            title=f"{model}: {len(corpus.labels)} of {corpus.corpus_size} uploads, PCA",
-        )
-    except NothingToMap as exc:
-        return Response(str(exc), status.HTTP_404_NOT_FOUND, media_type="text/plain")
+    with session_scope() as session:
+        corpus = sample_corpus(session, model, MAP_SAMPLE)
+    render_map(
+        corpus.vectors,
+        corpus.labels,
+        picture,
+        title=f"{model}: {len(corpus.labels)} of {corpus.corpus_size} uploads, PCA",
+    )
     return Response(picture.getvalue(), media_type="image/png", headers=no_store)
 
 
 # The queue's status filter: a review status, or every status.
 QUEUE_STATUSES = (*(status.value for status in ReviewStatus), "any")
 FOUND = {"": None, "screening": False, "retroactive": True}
-
-
-def _utc(value: str, name: str) -> datetime | None:
-    """A `datetime-local` field's value, read as UTC."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name}: {value!r} is not a date and time"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _query_url(path: str, params: dict[str, str]) -> str:
@@ -340,14 +327,11 @@ def queue_page(
         status=None if status_ == "any" else ReviewStatus(status_),
         bank=bank or None,
         signal=SignalType(signal) if signal else None,
-        since=_utc(since, "since"),
-        until=_utc(until, "until"),
+        since=form_datetime(since, "since"),
+        until=form_datetime(until, "until"),
         retroactive=FOUND[found],
     )
-    try:
-        page = review.queue(session, filters, cursor=cursor or None, limit=limit)
-    except review.InvalidCursor as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+    page = review.queue(session, filters, cursor=cursor or None, limit=limit)
     form = {
         "status": status_,
         "bank": bank,
@@ -395,19 +379,14 @@ def decide(
     """Decide a hit, and with it the open hits of its upload that the page showed (`seen`,
     comma-separated ids); back to the queue."""
     check_form_token(request, csrf)
-    try:
-        review.decide(
-            session,
-            hit_id,
-            outcome,
-            note.strip() or None,
-            caller.actor,
-            seen=[int(id_) for id_ in seen.split(",") if id_],
-        )
-    except review.HitNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from error
-    except review.AlreadyDecided as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    review.decide(
+        session,
+        hit_id,
+        outcome,
+        note.strip() or None,
+        caller.actor,
+        seen=[int(id_) for id_ in seen.split(",") if id_],
+    )
     # Committed before the redirect: the queue the browser asks for next must not show it.
     session.commit()
     return RedirectResponse(_local_path(back) or "/review", status.HTTP_303_SEE_OTHER)
@@ -434,6 +413,15 @@ async def _page_errors(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _page_domain_errors(request: Request, exc: Exception) -> Response:
+    """The service's own errors (`moderation.errors`) as a page on the pages, and as the
+    API answers them elsewhere."""
+    assert isinstance(exc, ModerationError)
+    if not _is_page(request):
+        return error_answer(exc)
+    return render(request, "error.html", {"status": exc.status, "detail": exc.message}, exc.status)
+
+
 def install(app: FastAPI) -> None:
     """Add the pages to the application: routes, static files, the cookie as a credential,
     and the login redirect."""
@@ -442,3 +430,4 @@ def install(app: FastAPI) -> None:
     if COOKIE_SOURCE not in credential_sources:
         credential_sources.append(COOKIE_SOURCE)
     app.add_exception_handler(StarletteHTTPException, _page_errors)
+    app.add_exception_handler(ModerationError, _page_domain_errors)

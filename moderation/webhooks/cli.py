@@ -16,7 +16,7 @@ from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, WebhookEvent
-from moderation.webhooks.sender import Sender, WebhookNotConfigured
+from moderation.webhooks.sender import Sender
 
 
 @click.group()
@@ -41,10 +41,7 @@ def webhooks() -> None:
 def send(once: bool, heartbeat_file: Path | None, batch: int) -> None:
     """Deliver outbox events to MODERATION_WEBHOOK_URL until stopped (SIGTERM or Ctrl-C
     finish the delivery in hand). Run as many as you like."""
-    try:
-        sender = Sender(get_settings(), batch=batch)
-    except WebhookNotConfigured as error:
-        raise click.ClickException(str(error)) from None
+    sender = Sender(get_settings(), batch=batch)
     try:
         if once:
             tried = 0
@@ -110,10 +107,7 @@ def list_(status: str | None, upload_id: int | None, limit: int, as_json: bool) 
 def show(event_id: int, as_json: bool) -> None:
     """One event: its body's data and every attempt to deliver it."""
     with session_scope() as session:
-        try:
-            event = service.get_event(session, event_id)
-        except service.EventNotFound as error:
-            raise click.ClickException(str(error)) from None
+        event = service.get_event(session, event_id)
         row = {**_row(event), "idempotency_key": str(event.idempotency_key)}
         attempts = [
             {
@@ -149,8 +143,5 @@ def redeliver(event_id: int) -> None:
     """Send an event again from now on (a failed one, or one the receiver lost). It keeps
     its idempotency key, so a receiver that has it drops it again."""
     with session_scope() as session:
-        try:
-            event = service.redeliver(session, event_id)
-        except service.EventNotFound as error:
-            raise click.ClickException(str(error)) from None
+        event = service.redeliver(session, event_id)
     click.echo(f"event {event.id} is due now")

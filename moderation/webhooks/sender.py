@@ -24,6 +24,7 @@ import httpx
 
 from moderation.config import Settings
 from moderation.db import session_scope
+from moderation.errors import Unavailable
 from moderation.webhooks import service
 from moderation.webhooks.service import AttemptOutcome, ClaimedEvent
 
@@ -37,8 +38,8 @@ EVENT_TYPE_HEADER = "X-Moderation-Event"
 ERROR_TEXT_CHARS = 500
 
 
-class WebhookNotConfigured(RuntimeError):
-    pass
+class WebhookNotConfigured(Unavailable):
+    code = "webhook_not_configured"
 
 
 def body_of(event: ClaimedEvent) -> bytes:

@@ -27,10 +27,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 
 from moderation.config import Settings, get_settings
+from moderation.errors import NotFound
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookAttempt, WebhookEvent
 
 
-class EventNotFound(LookupError):
+class EventNotFound(NotFound):
+    code = "event_not_found"
+
     def __init__(self, event_id: int) -> None:
         super().__init__(f"no webhook event with id {event_id}; `moderation webhooks list`")
 

@@ -40,6 +40,12 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"{concurrency} uploads at once, queues {settings.queue} and "
         f"{settings.resolved_retrohunt_queue()}"
     )
+    # What this worker fetches: a producer with another list accepts URIs it refuses.
+    click.echo(
+        "worker: fetches URIs under MODERATION_ALLOWED_URI_PREFIXES "
+        f"{', '.join(settings.allowed_uri_prefixes) or '(none)'}; private networks allowed: "
+        f"{', '.join(settings.fetch_allowed_networks) or 'none'}"
+    )
     create_app(settings).worker_main(
         [
             "worker",

@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from moderation.banks.service import unmatchable_clip_entries
 from moderation.config import Settings
 from moderation.db import session_scope
+from moderation.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ def report_unmatchable_clip_entries(model: str) -> dict[str, int]:
     return unmatchable
 
 
-class MetricsPortInUse(RuntimeError):
+class MetricsPortInUse(Unavailable):
+    code = "metrics_port_in_use"
+
     def __init__(self, port: int, reason: str) -> None:
         super().__init__(
             f"cannot serve metrics on port {port} ({reason}); give each worker on a host its "

@@ -60,6 +60,7 @@ from moderation.embedding.feeder import Feeder
 from moderation.embedding.service import get_or_create_model
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.signals import ImageSignals
+from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED
 from moderation.screening import service
 from moderation.worker.batching import Batcher, BatchTimeout, Chain
 from moderation.worker.group_commit import GroupCommit
@@ -278,9 +279,10 @@ class Screener:
         try:
             signals, vectors, matches = self.screen(upload_id, claim)
         except BadInput as error:
-            logger.info("upload %d refused: %s", upload_id, error)
+            message = self._told(error)
+            logger.info("upload %d refused: %s: %s", upload_id, error.code, message)
             with self._sessions() as session:
-                service.record_failed(session, upload_id, error.code, error.message)
+                service.record_failed(session, upload_id, error.code, message)
             return
         except (IntakeError, DBAPIError):
             raise
@@ -292,6 +294,14 @@ class Screener:
         else:
             logger.info("upload %d was screened by another delivery meanwhile", upload_id)
         self.times.count_upload()
+
+    def _told(self, error: BadInput) -> str:
+        """The stored message of a refusal: a refusal by the URI prefixes names this
+        worker's, which need not be those of the producer that accepted the URI."""
+        if error.message in (FILE_REFUSED, PREFIX_REFUSED):
+            prefixes = ", ".join(self.settings.allowed_uri_prefixes) or "none"
+            return f"{error.message} (this worker's: {prefixes})"
+        return error.message
 
     def claim(self, upload_id: int) -> service.Claim | None:
         with self._stage("claim", upload_id):
