@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from moderation.banks import clip_calibration, clip_methods, clip_search
-from moderation.banks.clip_calibration import calibrate, calibrated_plan, honours_margin, plan_for
+from moderation.banks.clip_calibration import (
+    InvalidMatchMethods,
+    calibrate,
+    calibrated_plan,
+    honours_margin,
+    plan_for,
+)
 from moderation.banks.clip_plan import LARGE_FROM, ClipPlan, default_plan
 from moderation.banks.clip_search import FLOAT_SLACK, ClipRows
 from tests.vectors import at_cosine_distance
@@ -98,9 +104,9 @@ def test_an_unreadable_cache_is_measured_again(tmp_path: Path) -> None:
 
 def test_the_configured_methods() -> None:
     assert plan_for(DIM, "cpu", ["faiss-scan"], None) == ClipPlan.only(clip_methods.FAISS_SCAN)
-    with pytest.raises(ValueError, match="unknown CLIP match methods \\['faiss-fast'\\]"):
+    with pytest.raises(InvalidMatchMethods, match="unknown CLIP match methods \\['faiss-fast'\\]"):
         plan_for(DIM, "cpu", ["faiss-fast"], None)
-    with pytest.raises(ValueError, match="do not run on cpu"):
+    with pytest.raises(InvalidMatchMethods, match="do not run on cpu"):
         plan_for(DIM, "cpu", ["cuda-float16", "faiss-scan"], None)
 
 

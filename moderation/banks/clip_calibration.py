@@ -40,8 +40,17 @@ from moderation.banks import clip_methods
 from moderation.banks.clip_methods import Method
 from moderation.banks.clip_plan import CALIBRATED_BATCHES, ClipPlan
 from moderation.banks.clip_search import ClipRows, candidate_margin, rounding_of
+from moderation.errors import Invalid
 
 logger = logging.getLogger(__name__)
+
+
+class InvalidMatchMethods(Invalid):
+    """`MODERATION_CLIP_MATCH_METHODS` names a method that does not exist or cannot run
+    here, or none of those named can run exactly here."""
+
+    code = "invalid_match_methods"
+
 
 # Bank sizes measured: one within the caches of most CPUs, one well beyond them (192 MB
 # at 768-d), where a scan streams from memory as a bank of a million does.
@@ -82,14 +91,17 @@ def plan_for(dim: int, device: str, names: Sequence[str], cache_path: Path | Non
     name is that method alone, unmeasured."""
     unknown = [name for name in names if name not in clip_methods.METHODS]
     if unknown:
-        raise ValueError(
+        raise InvalidMatchMethods(
             f"unknown CLIP match methods {unknown} (MODERATION_CLIP_MATCH_METHODS); "
             f"known: {', '.join(sorted(clip_methods.METHODS))}"
         )
     methods = [clip_methods.METHODS[name] for name in names]
     wrong_device = [m.name for m in methods if m.device != torch.device(device).type]
     if wrong_device:
-        raise ValueError(f"CLIP match methods {wrong_device} do not run on {device}")
+        raise InvalidMatchMethods(
+            f"CLIP match methods {wrong_device} do not run on {device} "
+            "(MODERATION_CLIP_MATCH_METHODS)"
+        )
     if len(methods) == 1:
         return ClipPlan.only(methods[0])
     return calibrated_plan(dim, device, cache_path, methods or None)
@@ -104,7 +116,10 @@ def calibrated_plan(
     key = machine_key(dim, device, methods)
     cached = _read_cache(cache_path)
     if key in cached:
-        return ClipPlan.from_json(cached[key])
+        try:
+            return ClipPlan.from_json(cached[key])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            logger.warning("malformed CLIP calibration in %s; measuring again", cache_path)
     started = time.perf_counter()
     plan = calibrate(dim, device, methods)
     logger.info(
@@ -134,7 +149,10 @@ def calibrate(
     timings: dict[str, dict[int, dict[str, float]]] = {}
     sound = [method for method in methods if honours_margin(method, dim)]
     if not sound:
-        raise ValueError("no CLIP match method holds to its margin on this machine")
+        raise InvalidMatchMethods(
+            f"none of {[m.name for m in methods]} holds to its rounding margin on this "
+            "machine; name others in MODERATION_CLIP_MATCH_METHODS"
+        )
     for size_class, rows in sizes.items():
         vectors = _unit_rows(rng, rows, dim)
         stored = ClipRows.holding(
