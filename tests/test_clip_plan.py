@@ -77,6 +77,13 @@ def test_the_nearest_calibrated_batch_and_the_banks_size_class_decide() -> None:
     assert ClipPlan.from_json(json.loads(json.dumps(plan.as_json()))) == plan
 
 
+@pytest.fixture
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's load as a quiet one's (the tests' own may be anything)."""
+    monkeypatch.setattr(clip_calibration, "_load_average", lambda: 0.0)
+
+
+@pytest.mark.usefixtures("quiet")
 def test_the_measurement_is_cached_per_machine_and_read_back(tmp_path: Path) -> None:
     cache = tmp_path / "plans" / "clip.json"
     methods = [clip_methods.FAISS_SCAN, clip_methods.TORCH_FLOAT32]
@@ -94,6 +101,17 @@ def test_the_measurement_is_cached_per_machine_and_read_back(tmp_path: Path) -> 
     assert len(json.loads(cache.read_text())) == 2
 
 
+def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clip_calibration, "_load_average", lambda: 99.0)
+    cache = tmp_path / "clip.json"
+    plan = calibrated_plan(DIM, "cpu", cache, [clip_methods.TORCH_FLOAT32])
+    assert plan.choices["large"][1] == "torch-float32"
+    assert not cache.exists()
+
+
+@pytest.mark.usefixtures("quiet")
 def test_an_unreadable_cache_is_measured_again(tmp_path: Path) -> None:
     cache = tmp_path / "clip.json"
     cache.write_text("{not json")

@@ -10,7 +10,10 @@ worker measures them (`calibrate`): each available method on random unit vectors
 bank's dimension, at batches of 1, 8 and 64 and at two bank sizes (one that fits the
 caches, one that does not), with the thread settings the search will run with. The
 table is cached in a file per machine, keyed by everything the timings depend on, so
-only a worker's first start on a machine pays for it (a few seconds).
+only a worker's first start on a machine pays for it (about 10 s at 768-d on two cores).
+A measurement taken while the machine was busy (load average above its cores) is used
+but not cached: on a 2-core machine running several other jobs it chose NumPy over the
+bfloat16 product for batches, at half the speed measured when quiet.
 
 A search then takes, for its batch and its bank's size, the method measured fastest at
 the nearest batch (in ratio) of the size class. Every method returns the same hits (the
@@ -121,15 +124,28 @@ def calibrated_plan(
         except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("malformed CLIP calibration in %s; measuring again", cache_path)
     started = time.perf_counter()
+    load_before = _load_average()
     plan = calibrate(dim, device, methods)
+    load = max(load_before, _load_average())
     logger.info(
-        "CLIP match methods measured in %.1f s for %d-d on %s: %s",
+        "CLIP match methods measured in %.1f s for %d-d on %s (load average %.1f): %s",
         time.perf_counter() - started,
         dim,
         device,
+        load,
         plan.choices,
     )
-    if cache_path is not None:
+    cores = len(os.sched_getaffinity(0))
+    if load > cores:
+        # Other work took the cores while the methods were timed: their order may be
+        # the load's, not the machine's. Used for now, and measured again next start.
+        logger.warning(
+            "CLIP match methods measured on a busy machine (load %.1f on %d cores): not "
+            "cached; measured again at the next start",
+            load,
+            cores,
+        )
+    elif cache_path is not None:
         _write_cache(cache_path, key, plan)
     return plan
 
@@ -249,6 +265,14 @@ def _unit_rows(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     rows = rng.standard_normal((count, dim), dtype=np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     return rows
+
+
+def _load_average() -> float:
+    """The last minute's load average; 0 where the system does not say."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def _cpu_model() -> str:
