@@ -92,7 +92,8 @@ def held_out(photos: int, synthetic: int) -> list[Photo]:
             stored = image.transpose(Image.Transpose.ROTATE_90)
             made.append(Photo(f"{name}-portrait-exif6", encode(stored, quality=90, exif=exif)))
         else:
-            label = f"{name}-portrait-zoom" if second else name
+            # Numbered: past 14 photos the closer crops repeat source photos.
+            label = f"{name}-portrait-zoom-{index}" if second else name
             made.append(Photo(label, encode(image, quality=90)))
     for seed in range(synthetic):
         made.append(Photo(f"synthetic-{seed}", encode(synthetic_scene(100 + seed), quality=90)))
