@@ -287,6 +287,8 @@ def hits(photos: list[Photo], hashes: Hashes, side: int, margin: int) -> dict[st
     }
     unrelated: dict[str, list[int]] = {"full": [], "reduced": [], "bank_full": []}
     for a, b in itertools.permutations([p.label for p in photos], 2):
+        if source_of(a) == source_of(b):
+            continue  # two crops of one photo are not unrelated
         unrelated["full"].append(distance(hashes[(a, None)]["full"], hashes[(b, None)]["full"]))
         unrelated["reduced"].append(distance(hashes[(a, None)][side], hashes[(b, None)][side]))
         unrelated["bank_full"].append(distance(hashes[(a, None)]["full"], hashes[(b, None)][side]))
@@ -304,6 +306,11 @@ def hits(photos: list[Photo], hashes: Hashes, side: int, margin: int) -> dict[st
             for kind, values in unrelated.items()
         },
     }
+
+
+def source_of(label: str) -> str:
+    """The source photo a held-out photo was made from."""
+    return label if label.startswith("synthetic") else label.split("-")[0]
 
 
 def rehashed(reduced: int, full: int, margin: int) -> int:
