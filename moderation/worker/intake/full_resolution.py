@@ -5,9 +5,10 @@ few bits from the full-resolution reference. Bank entries added from images are 
 the same way, but entries imported from hash lists were hashed at full resolution. When a
 reduced hash comes within `pdq_full_resolution_margin` bits beyond the threshold of an
 entry (`BankIndex.pdq_near_miss`), the upload is fetched and decoded again at full
-resolution and that hash matched as well. Unrelated photos never come that close (of 45
-unrelated pairs of held-out photos, the closest were about 100 bits apart), so this
-costs a full decode (140 ms at 12 megapixels) only for near-duplicates of banked content.
+resolution and that hash matched as well. Unrelated photos do not come that close (no
+unrelated pair of the held-out photos came within 100 bits: bench/decode_scale.py), so
+this costs a full decode (140 ms at 12 megapixels) for near-duplicates of banked content
+only: 13 of the 85 near-duplicate pairs of that benchmark (docs/matching.md).
 
 One such decode runs at a time, within its own memory budget of `decode_memory_mb`.
 """
