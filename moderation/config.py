@@ -227,8 +227,26 @@ class Settings(BaseSettings):
 
     # Web pages: how long a login lasts before the reviewer pastes their key again.
     web_session_hours: float = Field(default=12.0, gt=0)
-    # Side of the review queue's thumbnails, made from each upload on every view.
+    # Side of the thumbnails of uploads that kept no evidence (the analysts' search results),
+    # fetched again on view and shown only if their SHA-256 is the one screened.
     thumbnail_side: int = Field(default=320, ge=32, le=2048)
+
+    # Evidence (`moderation.evidence`, docs/evidence.md): what screening saw of an upload
+    # that hit, kept for review and reports. Where: a directory (a path or file:///dir) or
+    # an S3-compatible bucket (s3://bucket/prefix; credentials as boto3 finds them, and
+    # `evidence_s3_endpoint_url` for a store other than AWS). Sealed with AES-256-GCM under
+    # `evidence_key` (32 bytes, URL-safe base64: `moderation evidence new-key`); with no key
+    # nothing is kept, and reviewers see that no evidence was preserved. Older keys, still
+    # read after a rotation: `evidence_previous_keys`, comma-separated.
+    evidence_uri: str = ".moderation/evidence"
+    evidence_key: SecretStr | None = None
+    evidence_previous_keys: SecretStr | None = None
+    evidence_s3_endpoint_url: str | None = None
+    # Kept this long after capture, then deleted by the workers' sweepers, unless the upload
+    # is under legal hold (escalated, or held by hand: `moderation evidence hold`).
+    evidence_retention_days: float = Field(default=90.0, gt=0)
+    # Longer side of each kept frame, in pixels.
+    evidence_side: int = Field(default=256, ge=32, le=1024)
 
     @field_validator(
         "allowed_uri_prefixes", "fetch_allowed_networks", "clip_match_methods", mode="before"

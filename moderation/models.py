@@ -5,6 +5,7 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.evidence.models import Evidence
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, Worker
@@ -22,6 +23,7 @@ __all__ = [
     "Base",
     "Embedding",
     "EmbeddingModel",
+    "Evidence",
     "Hit",
     "IndexEvaluation",
     "RetrohuntJob",

@@ -6,6 +6,7 @@ anything from `moderation` is imported.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import tempfile
@@ -80,6 +81,9 @@ TEST_ENV = {
     # start on a busy machine (and measures again at every start while the machine is
     # busy). Measuring is tested in test_clip_plan.py; every method in test_clip_search.py.
     "MODERATION_CLIP_MATCH_METHODS": "torch-float32",
+    # Evidence kept by the workers under the run's directory, sealed with a key of the run's.
+    "MODERATION_EVIDENCE_URI": str(_RUN_DIR / f"evidence{XDIST_WORKER}"),
+    "MODERATION_EVIDENCE_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
 }
 os.environ.update(TEST_ENV)
 
@@ -127,6 +131,7 @@ def bench_redis_url() -> str:
 _DATA_TABLES = ", ".join(
     [
         "retrohunt_jobs",
+        "evidence",
         "hits",
         "signals",
         "embeddings",

@@ -131,6 +131,37 @@ def test_declared_bytes_that_differ_are_a_conflict(
     assert api.post("/v1/uploads", json=changed, headers=submitter).status_code == 409
 
 
+def test_declared_bytes_added_before_screening_are_refused_alone_and_in_a_batch(
+    api: TestClient, keys: dict[Role, str], tmp_path: Path, queue: str
+) -> None:
+    """A repeat that adds a SHA-256 to an upload not yet screened cannot bind its bytes
+    (the worker screens what the first submit declared): refused, never accepted and
+    ignored."""
+    submitter = bearer(keys[Role.SUBMITTER])
+    uri = _image(tmp_path, 7)
+    digest = sha256(Path(uri.removeprefix("file://")).read_bytes()).hex()
+    first = api.post("/v1/uploads", json={"uri": uri, "external_id": "evt-7"}, headers=submitter)
+    assert first.status_code == 202
+    added = {"uri": uri, "external_id": "evt-7", "sha256": digest}
+    refused = api.post("/v1/uploads", json=added, headers=submitter)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "external_id_conflict"
+    assert "cannot be bound" in refused.json()["detail"]
+    with session_scope() as session:
+        upload = session.get_one(Upload, first.json()["upload_id"])
+        assert upload.declared_sha256 is None
+    # The same within one batch: the first event declares nothing, its repeat adds bytes.
+    batch = {
+        "uploads": [
+            {"uri": _image(tmp_path, 8), "external_id": "evt-8"},
+            {"uri": _image(tmp_path, 8), "external_id": "evt-8", "sha256": "11" * 32},
+        ]
+    }
+    assert api.post("/v1/uploads", json=batch, headers=submitter).status_code == 409
+    with session_scope() as session:
+        assert session.scalar(select(Upload).where(Upload.external_id == "evt-8")) is None
+
+
 def test_a_batch_keeps_its_order(
     api: TestClient,
     keys: dict[Role, str],

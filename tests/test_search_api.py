@@ -76,6 +76,24 @@ def test_search_by_upload_with_filters(
     assert "has no embedding" in missing.json()["detail"]
     too_many = {"upload_id": ids[0], "k": 5000}
     assert api.get("/v1/search", params=too_many, headers=analyst).status_code == 422
+    # An unknown bank or an empty time range is a 422 with the reason, not "no results".
+    unknown = api.get("/v1/search", params={"upload_id": ids[0], "bank": "nope"}, headers=analyst)
+    assert unknown.status_code == 422
+    assert unknown.json()["code"] == "unknown_bank"
+    assert "no bank named 'nope'" in unknown.json()["detail"]
+    empty: dict[str, int | str] = {
+        "upload_id": ids[0],
+        "screened_from": "2026-02-01T00:00:00Z",
+        "screened_until": "2026-01-01T00:00:00Z",
+    }
+    assert api.get("/v1/search", params=empty, headers=analyst).json()["code"] == "bad_filter"
+    # Paging past the first k: offset, then the next k.
+    everything = api.get("/v1/search", params={"upload_id": ids[0], "k": 40}, headers=analyst)
+    ranked = [r["upload_id"] for r in everything.json()["results"]]
+    second = api.get(
+        "/v1/search", params={"upload_id": ids[0], "k": 15, "offset": 15}, headers=analyst
+    )
+    assert [r["upload_id"] for r in second.json()["results"]] == ranked[15:30]
 
 
 def test_search_by_text_and_by_image_upload(

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
@@ -21,6 +21,8 @@ from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.http.access import route_roles
 from moderation.main.app import create_app
+from moderation.review.models import Hit
+from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import WebSession
@@ -28,6 +30,8 @@ from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
 from tests.routes import app_routes
 from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
+
+(CAPTURE,) = REVIEW_CHORES
 
 __all__ = ["keys", "site"]
 
@@ -190,12 +194,16 @@ def _detail(image: Image.Image) -> float:
     return float(np.abs(np.diff(pixels, axis=1)).mean())
 
 
-def test_thumbnails_are_blurred_until_revealed(
+def test_kept_frames_are_blurred_until_revealed_and_every_read_is_audited(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = seed_hit(tmp_path)
+    original_bytes = seeded.image.read_bytes()
+    CAPTURE.run(complete=True)  # a worker's sweeper keeps the hit's evidence
+    # Kept: the URI may serve anything now, the page shows what was kept.
+    seeded.image.write_bytes(b"not the screened bytes")
     log_in(site, keys[Role.REVIEWER])
-    path = f"/review/uploads/{seeded.upload_id}/thumbnail"
+    path = f"/review/uploads/{seeded.upload_id}/frames/0"
     blurred = site.get(path)
     revealed = site.get(path, params={"reveal": "1"})
     for response in (blurred, revealed):
@@ -203,25 +211,51 @@ def test_thumbnails_are_blurred_until_revealed(
         assert response.headers["content-type"] == "image/jpeg"
         assert response.headers["cache-control"] == "private, no-store"
     clear, fuzzy = _jpeg(revealed.content), _jpeg(blurred.content)
-    assert clear.size == fuzzy.size == (320, 240)
-    # The clear thumbnail is the upload, smaller; the blurred one has lost its detail.
-    original = np.asarray(Image.open(seeded.image).convert("RGB").resize((320, 240)), np.float32)
+    assert clear.size == fuzzy.size == (256, 192)
+    # The clear frame is the upload, smaller; the blurred one has lost its detail.
+    original = np.asarray(
+        Image.open(io.BytesIO(original_bytes)).convert("RGB").resize((256, 192)),
+        np.float32,
+    )
     clear_error = np.abs(np.asarray(clear, np.float32) - original).mean()
     fuzzy_error = np.abs(np.asarray(fuzzy, np.float32) - original).mean()
     assert clear_error < 20
     assert fuzzy_error > 3 * clear_error
-    # Measured: 12 and 57; neighbouring pixels differ by 19 in the clear one, 0.4 blurred.
     assert _detail(fuzzy) < _detail(clear) / 10
-    # The page shows the blurred one and links the clear one.
+    # The thumbnail route serves the same kept frame.
+    assert site.get(f"/review/uploads/{seeded.upload_id}/thumbnail").status_code == 200
+    # The page shows the blurred one, with its frame number, and links the clear one.
     page = site.get(f"/review/uploads/{seeded.upload_id}").text
     assert f'<img class="blurred" src="{path}"' in page
     assert f'href="{path}?reveal=1"' in page
-    # Who saw the content is on record: the reveal, not the blurred view.
+    assert "frame 0 of 1" in page
+    # Every read of the content is on record, blurred or not.
     with session_scope() as session:
-        reveals = events_for(session, "upload", seeded.upload_id)
-    assert [(e.action, e.actor) for e in reveals] == [
-        ("upload.reveal", f"key:{_key_id(keys[Role.REVIEWER])}:test reviewer")
+        reads = [e for e in events_for(session, "upload", seeded.upload_id)]
+    actor = f"key:{_key_id(keys[Role.REVIEWER])}:test reviewer"
+    assert [(e.action, e.actor, (e.after or {})["purpose"]) for e in reads] == [
+        ("evidence.read", actor, "blurred"),
+        ("evidence.read", actor, "revealed"),
+        ("evidence.read", actor, "blurred"),
     ]
+
+
+def test_an_upload_with_hits_and_no_evidence_is_never_fetched_from_a_view(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    seeded = seed_hit(tmp_path)
+    original_bytes = seeded.image.read_bytes()
+    log_in(site, keys[Role.REVIEWER])
+    response = site.get(f"/review/uploads/{seeded.upload_id}/thumbnail", params={"reveal": "1"})
+    assert response.status_code == 404
+    assert "Evidence not kept yet" in response.text
+    # Its content changes; the sweeper finds the bytes are not the screened ones.
+    seeded.image.write_bytes(original_bytes[:-200] + b"\xff\xd9")
+    CAPTURE.run(complete=True)
+    page = site.get(f"/review/uploads/{seeded.upload_id}").text
+    assert "Content changed since screening" in page
+    assert f"/review/uploads/{seeded.upload_id}/frames/" not in page
+    assert site.get(f"/review/uploads/{seeded.upload_id}/frames/0").status_code == 404
 
 
 def _key_id(secret: str) -> int:
@@ -231,11 +265,30 @@ def _key_id(secret: str) -> int:
     return principal.key_id
 
 
+def test_an_upload_without_hits_is_shown_only_while_its_uri_serves_the_screened_bytes(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    """An analyst's search result with no hit has no evidence: fetched again, its
+    SHA-256 checked against the screened one."""
+    seeded = seed_hit(tmp_path)
+    original_bytes = seeded.image.read_bytes()
+    with session_scope() as session:
+        session.execute(delete(Hit).where(Hit.upload_id == seeded.upload_id))
+    path = f"/review/uploads/{seeded.upload_id}/thumbnail"
+    analyst = bearer(keys[Role.ANALYST])
+    assert site.get(path, headers=analyst).headers["content-type"] == "image/jpeg"
+    seeded.image.write_bytes(original_bytes + b"trailing")
+    changed = site.get(path, headers=analyst)
+    assert changed.status_code == 409
+    assert changed.text.startswith("content changed since screening")
+
+
 def test_a_thumbnail_follows_the_uri_policy(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = seed_hit(tmp_path)
     with session_scope() as session:
+        session.execute(delete(Hit).where(Hit.upload_id == seeded.upload_id))
         upload = session.get(Upload, seeded.upload_id)
         assert upload is not None
         upload.uri = "file:///etc/passwd"

@@ -15,12 +15,14 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.review.models import Hit, ReviewStatus
+from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.web import service as web
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
 from tests.web_fixtures import SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
+(CAPTURE,) = REVIEW_CHORES
 
 
 def _seed(tmp_path: Path, count: int) -> list[Seeded]:
@@ -45,6 +47,7 @@ def test_the_queue_shows_the_pending_count_and_each_hits_evidence(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = _seed(tmp_path, 2)
+    CAPTURE.run(complete=True)
     log_in(site, keys[Role.REVIEWER])
     page = site.get("/review")
     assert page.status_code == 200
@@ -54,7 +57,7 @@ def test_the_queue_shows_the_pending_count_and_each_hits_evidence(
     assert sorted(_cards(html)) == sorted(s.upload_id for s in seeded)
     assert "7 bits ≤ 31" in html
     for s in seeded:
-        assert f'src="/review/uploads/{s.upload_id}/thumbnail"' in html
+        assert f'src="/review/uploads/{s.upload_id}/frames/0"' in html
         assert f'action="/review/hits/{s.hit_id}/decision"' in html
     # Every form carries the session's anti-forgery token; the keys are listed.
     assert html.count(f'value="{web.csrf_token(site.cookies[COOKIE_NAME])}"') == 3

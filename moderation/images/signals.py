@@ -13,6 +13,7 @@ from PIL import Image
 from moderation.images.budget import Budget
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.hashing import PdqHash, pdq, sha256
+from moderation.images.thumbnails import frame_thumbnail
 
 
 class SignalType(enum.StrEnum):
@@ -27,6 +28,9 @@ class FrameSignals:
     pdq: PdqHash
     # Resized and cropped for the embedding model, uint8 (H, W, 3); sampled frames only.
     pixels: np.ndarray | None
+    # A small JPEG of the frame as screened, kept as review evidence if the upload hits
+    # (`moderation.evidence`); None when screening keeps no evidence.
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -68,16 +72,26 @@ def extract_signals(
     limits: DecodeLimits,
     preprocess: Callable[[Image.Image], np.ndarray],
     budget: Budget | None = None,
+    *,
+    thumbnail_side: int | None = None,
 ) -> ImageSignals:
     """Decode safely; hash the visited frames (at most `max_hashed_frames`) and preprocess
     the sampled ones (at most `max_frames`, always frame 0). Raises `BadInput`.
 
     A large JPEG is decoded at reduced scale (`limits.decode_min_side`), never smaller
-    than the embedding model's input (`preprocess.shortest_edge`, where it has one)."""
+    than the embedding model's input (`preprocess.shortest_edge`, where it has one).
+
+    `thumbnail_side`: also render each hashed frame as a JPEG of at most this side, the
+    review copy kept should the upload hit (its frame is only known after matching)."""
+
+    def visit(frame: Image.Image, sampled: bool) -> tuple[PdqHash, np.ndarray | None, bytes | None]:
+        kept = frame_thumbnail(frame, thumbnail_side) if thumbnail_side else None
+        return pdq(frame), preprocess(frame) if sampled else None, kept
+
     decoded = decode(
         data,
         limits.decoding_at_least(getattr(preprocess, "shortest_edge", 0)),
-        lambda frame, sampled: (pdq(frame), preprocess(frame) if sampled else None),
+        visit,
         budget=budget,
         visit_as_stored=pdq,
     )
@@ -89,8 +103,8 @@ def extract_signals(
         frame_count=decoded.frame_count,
         frame_count_exact=decoded.frame_count_exact,
         frames=[
-            FrameSignals(index=index, pdq=hashed, pixels=pixels)
-            for index, (hashed, pixels) in decoded.frames
+            FrameSignals(index=index, pdq=hashed, pixels=pixels, thumbnail=kept)
+            for index, (hashed, pixels, kept) in decoded.frames
         ],
         pdq_as_stored=decoded.as_stored,
         decode_scale=decoded.scale,

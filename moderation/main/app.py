@@ -14,6 +14,7 @@ from moderation.banks.api import router as banks_router
 from moderation.http.access import authorize
 from moderation.http.errors import install as install_errors
 from moderation.main.audit_log import router as audit_router
+from moderation.main.docs import install as install_docs
 from moderation.main.health import router as health_router
 from moderation.main.metrics import router as metrics_router
 from moderation.review.api import router as review_router
@@ -29,6 +30,9 @@ def create_app() -> FastAPI:
         version=version("moderation"),
         description="Screen images against banks of known-bad content; review the hits.",
         dependencies=[Depends(authorize)],
+        # Served by `docs` from the package's own files, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     for router in (
         health_router,
@@ -43,4 +47,5 @@ def create_app() -> FastAPI:
         app.include_router(router)
     install_errors(app)
     install_pages(app)
+    install_docs(app)
     return app

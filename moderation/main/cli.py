@@ -11,6 +11,7 @@ from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.evidence.cli import evidence
 from moderation.main.api_cli import api
 from moderation.main.cli_errors import explain, redacted
 from moderation.main.services_cli import services
@@ -113,5 +114,6 @@ for command in (
     decide,
     webhooks,
     services,
+    evidence,
 ):
     main.add_command(command)

@@ -29,10 +29,21 @@ import enum
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVarTuple
 
-from sqlalchemy import BigInteger, Float, Integer, Select, String, func, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    Select,
+    String,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
@@ -41,9 +52,11 @@ from moderation.bulk_insert import ArrayRows, insert_rows_statement
 from moderation.config import Settings, get_settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.errors import Conflict, Invalid, NotFound
+from moderation.evidence import service as evidence
+from moderation.evidence.models import Evidence, EvidenceState
 from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewStatus
-from moderation.screening.models import Upload
+from moderation.screening.models import Upload, UploadStatus
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import EventType
 
@@ -424,6 +437,9 @@ def decide(
             "hits": {str(id_): target.value for id_ in decided},
         },
     )
+    if outcome is Outcome.ESCALATE and decided:
+        # Escalated evidence is kept past its retention until someone releases it.
+        evidence.hold(session, upload_id, actor=actor, reason="escalated")
     _announce(session, upload_id, outcome, list(decided), decided_at)
     return Decision(upload_id, hit_id, outcome, True, decided, upload_hits(session, upload_id))
 
@@ -447,3 +463,41 @@ def _announce(
         "decided_at": decided_at.isoformat() if decided_at else None,
     }
     webhooks.enqueue(session, event, [upload_id], hit_ids=hit_ids, decision=decision)
+
+
+def uploads_missing_evidence(
+    session: Session, limit: int | None, *, stale_after: timedelta
+) -> list[int]:
+    """Screened uploads with hits and no evidence (found after screening, or before
+    evidence was kept), or whose capture was taken over `stale_after` ago; oldest hit first."""
+    stale = (Evidence.state == EvidenceState.CAPTURING) & (
+        Evidence.captured_at < func.now() - stale_after
+    )
+    query = (
+        select(Hit.upload_id)
+        .join(Upload, Upload.id == Hit.upload_id)
+        .where(
+            Upload.status == UploadStatus.SCREENED,
+            or_(
+                ~exists().where(Evidence.upload_id == Hit.upload_id),
+                exists().where(Evidence.upload_id == Hit.upload_id, stale),
+            ),
+        )
+        .group_by(Hit.upload_id)
+        .order_by(func.min(Hit.id))
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def was_escalated(session: Session, upload_id: int) -> bool:
+    """Whether any hit of the upload is escalated now."""
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    Hit.upload_id == upload_id, Hit.review_status == ReviewStatus.ESCALATED
+                )
+            )
+        )
+    )

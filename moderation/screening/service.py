@@ -225,8 +225,19 @@ def _check_same_event(session: Session, existing: Upload, upload: NewUpload) -> 
     assert upload.external_id is not None
     if existing.uri != upload.uri:
         raise ExternalIdConflict(upload.external_id, existing, f"submitted as {existing.uri}")
-    known_sha256 = existing.declared_sha256 or _screened_sha256(session, existing.id)
-    if upload.declared_sha256 is not None and known_sha256 not in (None, upload.declared_sha256):
+    if upload.declared_sha256 is None:
+        return
+    known_sha256 = existing.declared_sha256 or screened_sha256(session, existing.id)
+    if known_sha256 is None:
+        # Accepting it would bind nothing: the worker screens what the first submit
+        # declared (no bytes), whatever the URI serves when it gets there.
+        raise ExternalIdConflict(
+            upload.external_id,
+            existing,
+            "submitted without a declared SHA-256 and not yet screened, so these bytes "
+            "cannot be bound to it",
+        )
+    if known_sha256 != upload.declared_sha256:
         raise ExternalIdConflict(upload.external_id, existing, "whose bytes differ from these")
 
 
@@ -241,7 +252,8 @@ def submit(
     return session.get_one(Upload, submitted.upload_id), submitted.created
 
 
-def _screened_sha256(session: Session, upload_id: int) -> bytes | None:
+def screened_sha256(session: Session, upload_id: int) -> bytes | None:
+    """The SHA-256 of the bytes the upload was screened as; None before screening."""
     return session.scalar(
         select(Signal.value).where(
             Signal.upload_id == upload_id, Signal.signal == SignalType.SHA256

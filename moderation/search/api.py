@@ -73,8 +73,14 @@ class SearchResponse(BaseModel):
     results: list[SearchResultOut]
 
 
+# Results reachable by paging (offset + k): deep pages cost a search of offset + k.
+MAX_RESULTS = 10_000
+
+
 class FilterParams(BaseModel):
     k: int = Field(default=10, ge=1, le=1000)
+    # Results skipped, to page past the first k: the next page is offset + k.
+    offset: int = Field(default=0, ge=0, le=MAX_RESULTS - 1000)
     screened_from: UtcDatetime | None = None
     screened_until: UtcDatetime | None = None
     status: UploadStatus | None = None
@@ -101,7 +107,7 @@ def _run(
     runtime: SearchRuntime, make_query: Callable[[], SearchQuery], params: FilterParams
 ) -> SearchResponse:
     query = make_query()
-    results = runtime.search(query, params.k, params.filters())
+    results = runtime.search(query, params.offset + params.k, params.filters())[params.offset :]
     index = runtime.index()
     return SearchResponse(
         model=index.model_name,

@@ -115,6 +115,7 @@ class SearchRuntime:
     ) -> list[service.SearchResult]:
         index = self.index()
         with session_scope() as session:
+            service.check_filters(session, filters)
             return service.search(
                 session,
                 index,

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
-from moderation.errors import Conflict, NotFound
+from moderation.errors import Conflict, Invalid, NotFound
 from moderation.review.models import Hit
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search.follow import FollowedIndex
@@ -88,6 +88,30 @@ class Filters:
                 .where(Bank.id == BankEntry.bank_id, Bank.name == self.bank)
             )
         return clauses
+
+
+class UnknownBank(Invalid):
+    code = "unknown_bank"
+
+
+class BadFilter(Invalid):
+    code = "bad_filter"
+
+
+def check_filters(session: Session, filters: Filters) -> None:
+    """Refuse filters that can match nothing by mistake, with the reason: a bank that does
+    not exist (a typo would otherwise answer "no results"), an empty time range."""
+    if (
+        filters.bank is not None
+        and session.scalar(select(Bank.id).where(Bank.name == filters.bank)) is None
+    ):
+        raise UnknownBank(f"no bank named {filters.bank!r}; `GET /v1/banks` lists them")
+    if (
+        filters.screened_from is not None
+        and filters.screened_until is not None
+        and filters.screened_from >= filters.screened_until
+    ):
+        raise BadFilter("screened_from must be before screened_until")
 
 
 @dataclass(frozen=True)

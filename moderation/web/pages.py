@@ -9,60 +9,55 @@ refused for want of a login redirects to the login form rather than answering JS
 from __future__ import annotations
 
 import io
-import pathlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Query, Request, status
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from moderation.audit import service as audit
 from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.errors import ModerationError
-from moderation.http.access import Caller, DbSession, allow, credential_sources, public
+from moderation.evidence import service as evidence
+from moderation.http.access import (
+    Caller,
+    DbSession,
+    allow,
+    credential_sources,
+    public,
+    route_roles,
+)
 from moderation.http.errors import error_answer
 from moderation.http.types import form_datetime
-from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
 from moderation.review.models import ReviewStatus
 from moderation.review.service import HitEvidence, Outcome, QueueFilter
-from moderation.screening.models import Upload
 from moderation.web import reads, service
+from moderation.web.media import Media, media_for
+from moderation.web.media import router as media_router
+from moderation.web.rendering import HERE, PAGES_TAG, render
+from moderation.web.search_page import router as search_router
 from moderation.web.security import (
     COOKIE_SOURCE,
     check_form_token,
-    form_token,
     require_same_origin,
 )
-from moderation.web.thumbnails import thumbnail
 
-PAGES_TAG = "pages"
-HERE = pathlib.Path(__file__).parent
-templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(tags=[PAGES_TAG], include_in_schema=False)
 
-# Pages show what reviewers must not leave behind in shared caches or browser history.
-PAGE_HEADERS = {
-    "Cache-Control": "private, no-store",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    # Scripts and styles from this site's files only (no inline script): an injected
-    # string can render but never run. Images from here only.
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-}
 # Ids are PostgreSQL bigints: a larger number is no row, not a database error.
 RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 REVIEWERS = allow(Role.REVIEWER)
@@ -70,22 +65,8 @@ READERS = allow(Role.REVIEWER, Role.ANALYST)
 EVERYONE = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
 
 
-def render(
-    request: Request, template: str, context: dict[str, Any], status_code: int = 200
-) -> HTMLResponse:
-    principal = getattr(request.state, "principal", None)
-    response = templates.TemplateResponse(
-        request,
-        template,
-        {"principal": principal, "csrf": form_token(request), **context},
-        status_code=status_code,
-    )
-    response.headers.update(PAGE_HEADERS)
-    return response
-
-
 def _home(role: Role) -> str:
-    return "/review/banks" if role is Role.ANALYST else "/review"
+    return "/search" if role is Role.ANALYST else "/review"
 
 
 def _local_path(target: str | None) -> str | None:
@@ -93,6 +74,17 @@ def _local_path(target: str | None) -> str | None:
     if target and target.startswith("/") and not target.startswith(("//", "/\\")):
         return target
     return None
+
+
+def _admits(request: Request, target: str, role: Role) -> bool:
+    """Whether the page at `target` admits `role`: a login from a link to the queue takes
+    an analyst to the analyst's own page, not to a refusal."""
+    scope = {"type": "http", "path": target.split("?")[0], "method": "GET"}
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] is Match.FULL:
+            roles = route_roles(route)
+            return roles is None or role in roles or role is Role.ADMIN
+    return False
 
 
 @router.get("/", openapi_extra=public())
@@ -133,9 +125,16 @@ def login(
             {"next": _local_path(next) or "", "error": error},
             status.HTTP_401_UNAUTHORIZED,
         )
-    response = RedirectResponse(
-        _local_path(next) or _home(login.principal.role), status.HTTP_303_SEE_OTHER
-    )
+    # Committed before the redirect is answered: the request's session would commit when
+    # the dependency exits, which can be after the browser already asks for the next page,
+    # and that page then finds no session and shows the login form again (about one login
+    # in four bounced so). The web login flow owns this commit (issue 27 makes every write
+    # commit before its answer; this one must not wait for that).
+    session.commit()
+    target = _local_path(next)
+    if target is None or not _admits(request, target, login.principal.role):
+        target = _home(login.principal.role)
+    response = RedirectResponse(target, status.HTTP_303_SEE_OTHER)
     response.set_cookie(
         service.COOKIE_NAME,
         login.token,
@@ -156,6 +155,7 @@ def logout(
     token = request.cookies.get(service.COOKIE_NAME)
     if token:
         service.log_out(session, token, actor=caller.actor)
+        session.commit()  # before the answer, as for logging in
     response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
     response.delete_cookie(
         service.COOKIE_NAME, path="/", secure=True, httponly=True, samesite="strict"
@@ -168,41 +168,9 @@ def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLR
     page = reads.upload_page(session, upload_id)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    return render(request, "upload.html", {"page": page})
-
-
-@router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
-def upload_thumbnail(
-    caller: Caller, upload_id: RowId, reveal: Annotated[bool, Query()] = False
-) -> Response:
-    """The upload's first frame, small; blurred unless `reveal`. Made from the upload's URI
-    on every request (never stored), under the worker's URI policy and decoder limits.
-    Every reveal is in the audit log: who looked at which upload's content, and when."""
-    # The session ends before the fetch: a slow image server must not hold a connection.
-    with session_scope() as session:
-        upload = session.get(Upload, upload_id)
-        uri = upload.uri if upload is not None else None
-        if upload is not None and reveal:
-            audit.record(
-                session,
-                actor=caller.actor,
-                action="upload.reveal",
-                subject_type="upload",
-                subject_id=upload.id,
-            )
-    if uri is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
-    try:
-        image = thumbnail(uri, get_settings(), reveal=reveal)
-    except IntakeError as exc:
-        code = (
-            status.HTTP_422_UNPROCESSABLE_CONTENT
-            if isinstance(exc, BadInput)
-            else status.HTTP_502_BAD_GATEWAY
-        )
-        return Response(str(exc), code, media_type="text/plain", headers=no_store)
-    return Response(image, media_type="image/jpeg", headers=no_store)
+    media = media_for(upload_id, evidence.evidence_of(session, upload_id), page.hits)
+    kept = evidence.evidence_of(session, upload_id)
+    return render(request, "upload.html", {"page": page, "media": media, "kept": kept})
 
 
 @router.get("/review/banks", openapi_extra=READERS)
@@ -268,6 +236,7 @@ class UploadCard:
     upload_id: int
     external_id: str | None
     hits: list[HitEvidence]
+    media: Media
 
     @property
     def open_hit_ids(self) -> list[int]:
@@ -292,14 +261,19 @@ def _cards(session: DbSession, hits: list[HitEvidence]) -> list[UploadCard]:
     for upload_id, open_hits in review.open_hits(session, grouped).items():
         for hit in open_hits:
             grouped[upload_id].setdefault(hit.hit_id, hit)
-    return [
-        UploadCard(
-            upload_id,
-            next(iter(group.values())).external_id,
-            sorted(group.values(), key=lambda hit: hit.hit_id),
+    kept = evidence.evidence_for(session, list(grouped))
+    cards = []
+    for upload_id, group in grouped.items():
+        hits = sorted(group.values(), key=lambda hit: hit.hit_id)
+        cards.append(
+            UploadCard(
+                upload_id,
+                hits[0].external_id,
+                hits,
+                media_for(upload_id, kept.get(upload_id), hits),
+            )
         )
-        for upload_id, group in grouped.items()
-    ]
+    return cards
 
 
 @router.get("/review", openapi_extra=REVIEWERS)
@@ -422,12 +396,32 @@ async def _page_domain_errors(request: Request, exc: Exception) -> Response:
     return render(request, "error.html", {"status": exc.status, "detail": exc.message}, exc.status)
 
 
+async def _page_validation_errors(request: Request, exc: Exception) -> Response:
+    """A bad value in a page's address or form is a page saying which, not raw JSON."""
+    assert isinstance(exc, RequestValidationError)
+    if not _is_page(request):
+        return await request_validation_exception_handler(request, exc)
+    reasons = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'][1:]) or 'request'}: {error['msg']}"
+        for error in exc.errors()
+    )
+    return render(
+        request,
+        "error.html",
+        {"status": 422, "detail": f"This page cannot be shown for these values: {reasons}"},
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
 def install(app: FastAPI) -> None:
     """Add the pages to the application: routes, static files, the cookie as a credential,
     and the login redirect."""
     app.include_router(router)
+    app.include_router(media_router)
+    app.include_router(search_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if COOKIE_SOURCE not in credential_sources:
         credential_sources.append(COOKIE_SOURCE)
     app.add_exception_handler(StarletteHTTPException, _page_errors)
     app.add_exception_handler(ModerationError, _page_domain_errors)
+    app.add_exception_handler(RequestValidationError, _page_validation_errors)

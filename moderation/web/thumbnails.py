@@ -1,33 +1,66 @@
-"""Thumbnails of uploads for the review pages, made on every view and never stored.
+"""What the review pages show of an upload's content.
 
-An upload is fetched from its URI under the same URI policy, size cap and deadline as the
-worker's, and decoded by the same safe decoder; only its first frame is shown. Reviewers
-see a blurred thumbnail until they choose to reveal one: the blurred image is made here,
-on the server, so the clear pixels reach the browser only when asked for.
+Kept evidence first (`moderation.evidence`): the frames screening saw, opened from the
+vault, blurred here on the server unless a reviewer reveals them, so clear pixels reach
+the browser only when asked for. An upload with no evidence and no hit (an analyst's
+search result) is fetched again under the worker's URI policy and limits, and shown only
+if its SHA-256 is the one screened; anything else is `ContentChanged`, never shown.
+An upload with hits and no evidence is never fetched from a view (the uploader's server
+would learn when a reviewer looks): the page says why there is nothing to see.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from moderation.config import Settings
+from moderation.errors import Conflict
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.fetch import fetch
+from moderation.images.hashing import sha256
+from moderation.images.thumbnails import blur, open_jpeg, shrink, strip, to_jpeg
 from moderation.images.uri_policy import UriPolicy
 
-# The blurred thumbnail is the image shrunk to this many pixels on its longer side, blown
-# back up and blurred: colours and layout survive, any detail does not (a face at 320
-# pixels spans about one of these cells).
-BLUR_CELLS = 12
-JPEG_QUALITY = 80
+# Height of each frame in an animation's strip, and the most frames it shows.
+STRIP_HEIGHT = 72
+STRIP_FRAMES = 16
 
 
-def thumbnail(uri: str, settings: Settings, *, reveal: bool) -> bytes:
+class ContentChanged(Conflict):
+    """The URI serves other bytes than those screened."""
+
+    code = "content_changed"
+
+
+def rendered(jpeg: bytes, *, reveal: bool) -> bytes:
+    """A kept frame as the page shows it: as kept, or blurred."""
+    return jpeg if reveal else to_jpeg(blur(open_jpeg(jpeg)))
+
+
+def strip_of(jpegs: list[bytes], *, marked: int | None, reveal: bool) -> bytes:
+    frames: list[Image.Image] = [open_jpeg(jpeg) for jpeg in jpegs]
+    if not reveal:
+        frames = [blur(frame) for frame in frames]
+    return to_jpeg(strip(frames, STRIP_HEIGHT, marked))
+
+
+def spread(frames: list[int], around: int, count: int = STRIP_FRAMES) -> list[int]:
+    """At most `count` of the kept frames, evenly spread, always with `around` (the hit)."""
+    if len(frames) <= count:
+        return frames
+    step = (len(frames) - 1) / (count - 1)
+    chosen = {frames[round(i * step)] for i in range(count)} | {around}
+    return sorted(chosen)
+
+
+def fetched_thumbnail(
+    uri: str, screened_sha256: bytes, settings: Settings, *, reveal: bool
+) -> bytes:
     """A JPEG of the upload at `uri`, at most `settings.thumbnail_side` on its longer side,
-    blurred unless `reveal`. Raises `IntakeError` as the worker would for the same URI."""
+    blurred unless `reveal`, if the URI still serves the bytes screened. Raises
+    `ContentChanged`, or `IntakeError` as the worker would for the same URI."""
     side = settings.thumbnail_side
     data = fetch(
         uri,
@@ -35,6 +68,11 @@ def thumbnail(uri: str, settings: Settings, *, reveal: bool) -> bytes:
         max_bytes=settings.max_bytes,
         timeout_s=settings.fetch_timeout_s,
     )
+    if sha256(data) != screened_sha256:
+        raise ContentChanged(
+            f"content changed since screening: the URI now serves SHA-256 {sha256(data).hex()}, "
+            f"screened {screened_sha256.hex()}; nothing of it is shown"
+        )
     # The first frame only; large JPEGs decode at a reduced scale no smaller than the thumbnail.
     limits = replace(
         DecodeLimits.from_settings(settings),
@@ -42,28 +80,6 @@ def thumbnail(uri: str, settings: Settings, *, reveal: bool) -> bytes:
         max_hashed_frames=1,
         decode_min_side=side,
     )
-    decoded = decode(data, limits, lambda frame, _sampled: _shrink(frame, side))
+    decoded = decode(data, limits, lambda frame, _sampled: shrink(frame, side))
     small = decoded.frames[0][1]
-    if not reveal:
-        small = blur(small)
-    out = io.BytesIO()
-    small.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue()
-
-
-def _shrink(frame: Image.Image, side: int) -> Image.Image:
-    """The frame fitted into side x side (a new image: the frame dies with the decoder)."""
-    scale = min(1.0, side / max(frame.size))
-    size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
-    return frame.resize(size, Image.Resampling.LANCZOS)
-
-
-def blur(image: Image.Image) -> Image.Image:
-    """The image with every detail gone: pixelated to `BLUR_CELLS` cells, then blurred."""
-    width, height = image.size
-    scale = BLUR_CELLS / max(width, height)
-    cells = image.resize(
-        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX
-    )
-    coarse = cells.resize((width, height), Image.Resampling.NEAREST)
-    return coarse.filter(ImageFilter.GaussianBlur(radius=max(width, height) / BLUR_CELLS / 2))
+    return to_jpeg(small if reveal else blur(small))

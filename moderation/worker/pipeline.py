@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
@@ -58,6 +59,9 @@ from moderation.config import Settings
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.feeder import Feeder
 from moderation.embedding.service import get_or_create_model
+from moderation.evidence import service as evidence
+from moderation.evidence.storage import StoreUnavailable
+from moderation.evidence.vault import Vault
 from moderation.images.errors import BadInput, IntakeError, TransientFault
 from moderation.images.signals import ImageSignals
 from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED
@@ -95,6 +99,17 @@ class StageTimeout(TransientFault):
     """A stage did not answer within its limit: a stalled stage, retried."""
 
     code = "stage_timeout"
+
+
+class EvidenceNotKept(TransientFault):
+    """An upload hit, and its evidence could not be sealed into the vault: retried, since
+    a hit recorded without the evidence would show reviewers nothing."""
+
+    code = "evidence_store_unavailable"
+
+
+# What the result writer records for one upload: its results and the evidence kept of it.
+Recorded = tuple[service.Screened, evidence.Kept | None]
 
 
 @dataclass
@@ -168,7 +183,9 @@ class Screener:
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
         )
-        self._results: GroupCommit[service.Screened, bool] = GroupCommit(
+        # Evidence of uploads that hit; None: no key is configured, and nothing is kept.
+        self.vault = Vault.from_settings(settings)
+        self._results: GroupCommit[Recorded, bool] = GroupCommit(
             sessions, self._write_results, name="result-writer"
         )
         # Many uploads' images per forward pass, and their vectors searched together.
@@ -204,8 +221,10 @@ class Screener:
             session, upload_ids, max_attempts=self.settings.max_attempts, worker=self.worker_name
         )
 
-    def _write_results(self, session: Session, results: Sequence[service.Screened]) -> list[bool]:
-        return record_results(session, results, self.model_id)
+    def _write_results(self, session: Session, results: Sequence[Recorded]) -> list[bool]:
+        kept = [k for _, k in results if k is not None]
+        retention = self.vault.retention if self.vault is not None else timedelta(0)
+        return record_results(session, [r for r, _ in results], self.model_id, kept, retention)
 
     def _search_bank(self, vectors: Sequence[np.ndarray]) -> list[Searched]:
         hits = self.matcher.current().search_clip(np.stack(vectors))
@@ -289,7 +308,8 @@ class Screener:
         except Exception as exc:
             logger.exception("screening upload %d failed unexpectedly", upload_id)
             raise InternalFault(f"{type(exc).__name__}: {exc}") from exc
-        if self.record(service.Screened(upload_id, signals, vectors, matches)):
+        kept = self.keep_evidence(upload_id, claim, signals, matches)
+        if self.record(service.Screened(upload_id, signals, vectors, matches), kept):
             logger.info("upload %d screened: %d hit(s)", upload_id, len(matches))
         else:
             logger.info("upload %d was screened by another delivery meanwhile", upload_id)
@@ -335,9 +355,25 @@ class Screener:
             searched = self.embed_and_search.submit(signals.embedding_inputs(), self._timeout_s)
         return np.stack([vector for vector, _ in searched]), [hits for _, hits in searched]
 
-    def record(self, screened: service.Screened) -> bool:
+    def keep_evidence(
+        self, upload_id: int, claim: service.Claim, signals: ImageSignals, matches: list[Match]
+    ) -> evidence.Kept | None:
+        """Seal what screening saw of an upload that hit into the vault, before its hits
+        are recorded: a reviewer sees these frames, never a later fetch of the URI."""
+        if not matches or self.vault is None:
+            return None
+        report = evidence.screening_report(
+            upload_id, claim.uri, signals, matches, worker=self.worker_name
+        )
+        with self._stage("evidence", upload_id):
+            try:
+                return evidence.keep_screened(self.vault, upload_id, signals, report)
+            except StoreUnavailable as error:
+                raise EvidenceNotKept(error.message) from error
+
+    def record(self, screened: service.Screened, kept: evidence.Kept | None = None) -> bool:
         with self._stage("record", screened.upload_id):
-            return self._results(screened, self._timeout_s)
+            return self._results((screened, kept), self._timeout_s)
 
     @contextmanager
     def _stage(self, stage: str, upload_id: int) -> Iterator[None]:

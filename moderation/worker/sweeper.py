@@ -13,13 +13,21 @@ import threading
 from moderation.banks import tasks as banks
 from moderation.chores import Chore
 from moderation.config import Settings
+from moderation.evidence import tasks as evidence
 from moderation.retrohunt import tasks as retrohunt
+from moderation.review import tasks as review
 from moderation.worker.recovery import REQUEUE_LOST
 
 logger = logging.getLogger(__name__)
 
 # Lost uploads first: they are what users wait for.
-CHORES: tuple[Chore, ...] = (REQUEUE_LOST, *retrohunt.CHORES, *banks.CHORES)
+CHORES: tuple[Chore, ...] = (
+    REQUEUE_LOST,
+    *retrohunt.CHORES,
+    *review.CHORES,
+    *evidence.CHORES,
+    *banks.CHORES,
+)
 # A shutdown waits this long at most for a sweep caught in a dead connection.
 _JOIN_TIMEOUT_S = 30.0
 

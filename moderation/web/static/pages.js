@@ -2,16 +2,42 @@
 // shortcuts for a long queue. Every action also works without it (links and forms).
 "use strict";
 
+function withReveal(url) {
+  return url + (url.includes("?") ? "&" : "?") + "reveal=1";
+}
+
 function reveal(container) {
-  const link = container && container.querySelector("a.reveal");
-  const img = container && container.querySelector("img.blurred");
-  if (!link || !img) return;
-  // The clear image is fetched only now: until this request the server sent a blurred one.
-  img.src = link.href;
-  img.classList.remove("blurred");
-  img.classList.add("revealed");
-  img.alt = img.alt.replace(", blurred", "");
-  link.parentElement.textContent = "revealed";
+  const figure = container && container.querySelector("figure.thumb");
+  const scope = figure || container;
+  const link = scope && scope.querySelector("a.reveal");
+  if (!link || link.hidden) return;
+  // The clear images are fetched only now: until this request the server sent blurred ones.
+  scope.querySelectorAll("img.blurred").forEach((img) => {
+    img.src = withReveal(img.dataset.src);
+    img.classList.replace("blurred", "revealed");
+    img.alt = img.alt.replace(", blurred", "");
+  });
+  link.hidden = true;
+  scope.querySelector("a.reblur").hidden = false;
+}
+
+function reblur(container) {
+  const figure = container && container.querySelector("figure.thumb");
+  const scope = figure || container;
+  const link = scope && scope.querySelector("a.reblur");
+  if (!link || link.hidden) return;
+  scope.querySelectorAll("img.revealed").forEach((img) => {
+    img.src = img.dataset.src;
+    img.classList.replace("revealed", "blurred");
+    img.alt = img.alt + ", blurred";
+  });
+  link.hidden = true;
+  scope.querySelector("a.reveal").hidden = false;
+}
+
+function toggleGrayscale() {
+  const on = document.body.classList.toggle("grayscale");
+  localStorage.setItem("moderation.grayscale", on ? "1" : "");
 }
 
 function cards() {
@@ -47,6 +73,8 @@ const KEYS = {
   n: () => move(1),
   k: () => move(-1),
   r: () => reveal(selected() || document),
+  b: () => reblur(selected() || document),
+  g: () => toggleGrayscale(),
   c: () => decide("confirm"),
   d: () => decide("dismiss"),
   e: () => decide("escalate"),
@@ -57,10 +85,17 @@ const KEYS = {
 };
 
 document.addEventListener("DOMContentLoaded", () => {
+  if (localStorage.getItem("moderation.grayscale")) document.body.classList.add("grayscale");
   document.querySelectorAll("a.reveal").forEach((link) => {
     link.addEventListener("click", (event) => {
       event.preventDefault();
-      reveal(link.closest("article.hit, figure.thumb"));
+      reveal(link.closest("figure.thumb").parentElement);
+    });
+  });
+  document.querySelectorAll("a.reblur").forEach((link) => {
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      reblur(link.closest("figure.thumb").parentElement);
     });
   });
   cards().forEach((card) => card.addEventListener("click", () => select(card)));

@@ -33,6 +33,9 @@ class IntakeContext:
         self.limits = DecodeLimits.from_settings(settings)
         self.uri_policy = UriPolicy.from_settings(settings)
         self.decode_memory = budget
+        # Each hashed frame is rendered small, to be kept as evidence should the upload
+        # hit; only where evidence is kept at all (a key is configured).
+        self.thumbnail_side = settings.evidence_side if settings.evidence_key else None
 
 
 def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSignals, IntakeTimes]:
@@ -48,7 +51,13 @@ def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSign
     )
     fetched = time.perf_counter()
     check_declared_bytes(data, job.declared_sha256)
-    signals = extract_signals(data, context.limits, context.preprocess, context.decode_memory)
+    signals = extract_signals(
+        data,
+        context.limits,
+        context.preprocess,
+        context.decode_memory,
+        thumbnail_side=context.thumbnail_side,
+    )
     return signals, IntakeTimes(fetched - started, time.perf_counter() - fetched)
 
 
