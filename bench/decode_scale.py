@@ -18,6 +18,10 @@ candidate `decode_min_side` (336: the CLIP input of the production model, which 
   same way (screening and bank-add share `extract_signals`), and with the bank side
   hashed at full resolution (a hash list imported from elsewhere), against full
   resolution on both sides; any pair that changes sides of the threshold is counted;
+  and with the bank side at full resolution and the worker's fallback
+  (`pdq_full_resolution_margin`, `--margin`): an upload whose reduced hash comes within
+  the margin beyond the threshold is hashed again at full resolution, so the pair is
+  decided by the smaller distance; how many pairs, related or not, would be re-hashed;
 - the CLIP crop: mean absolute difference (0-255) of the production model's 336-pixel
   crop against the one made from the full-resolution frame;
 - cost: decoding, PDQ and CLIP preprocessing on one core (one torch thread, as an intake
@@ -58,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--synthetic", type=int, default=2, help="Synthetic scenes.")
     parser.add_argument("--repeats", type=int, default=7, help="Timing repeats (fastest kept).")
+    parser.add_argument("--margin", type=int, default=16, help="pdq_full_resolution_margin.")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode_scale.json"))
     return parser.parse_args()
 
@@ -87,7 +92,8 @@ def held_out(photos: int, synthetic: int) -> list[Photo]:
             stored = image.transpose(Image.Transpose.ROTATE_90)
             made.append(Photo(f"{name}-portrait-exif6", encode(stored, quality=90, exif=exif)))
         else:
-            label = f"{name}-portrait-zoom" if second else name
+            # Numbered: past 14 photos the closer crops repeat source photos.
+            label = f"{name}-portrait-zoom-{index}" if second else name
             made.append(Photo(label, encode(image, quality=90)))
     for seed in range(synthetic):
         made.append(Photo(f"synthetic-{seed}", encode(synthetic_scene(100 + seed), quality=90)))
@@ -208,6 +214,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": platform.processor() or platform.machine(),
         "photos": len(photos),
+        "margin": args.margin,
         "size": "4032x3024 (portrait ones 3024x4032)",
         "our_full_resolution_pdq_equal_to_pdqhash": f"{ours_equal_reference}/{len(photos)}",
         "meta_file_hasher_emulation_distance_to_reference": summary(meta_file_hasher),
@@ -223,7 +230,7 @@ def main() -> None:
                 if drift[(family, side)]
             },
             "clip_crop_mean_abs_difference": summary(crop_error[side]),
-            "hits": hits(photos, hashes, side),
+            "hits": hits(photos, hashes, side, args.margin),
         }
     results["cost_ms"] = {
         "4032x3024": costs(photos[:3], limits_for, preprocess, args.repeats),
@@ -241,13 +248,15 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-def hits(photos: list[Photo], hashes: Hashes, side: int) -> dict[str, Any]:
+def hits(photos: list[Photo], hashes: Hashes, side: int, margin: int) -> dict[str, Any]:
     """Matching at the threshold with a reduced decode against full resolution, over
     near-duplicate and unrelated pairs. Near-duplicates: the bank holds the photo, hashed
-    by the same decode as the upload ("same_decode") or at full resolution ("bank_full");
-    "full" is both at full resolution."""
+    by the same decode as the upload ("same_decode") or at full resolution ("bank_full",
+    and "bank_full_rehashed" with the worker's fallback within `margin`); "full" is both
+    at full resolution."""
     per_variant: dict[str, dict[str, list[int]]] = {}
     crossings = []
+    rehashes = 0
     for (label, variant), entry in hashes.items():
         if variant is None:
             continue
@@ -257,10 +266,12 @@ def hits(photos: list[Photo], hashes: Hashes, side: int) -> dict[str, Any]:
             "same_decode": distance(original[side], entry[side]),
             "bank_full": distance(original["full"], entry[side]),
         }
+        pair["bank_full_rehashed"] = rehashed(pair["bank_full"], pair["full"], margin)
+        rehashes += THRESHOLD < pair["bank_full"] <= THRESHOLD + margin
         kinds = per_variant.setdefault(variant, {kind: [] for kind in pair})
         for kind, value in pair.items():
             kinds[kind].append(value)
-        for kind in ("same_decode", "bank_full"):
+        for kind in ("same_decode", "bank_full", "bank_full_rehashed"):
             if (pair[kind] <= THRESHOLD) != (pair["full"] <= THRESHOLD):
                 crossings.append(f"{label} {variant} ({kind}): {pair['full']} -> {pair[kind]}")
     near = {
@@ -274,13 +285,20 @@ def hits(photos: list[Photo], hashes: Hashes, side: int) -> dict[str, Any]:
         }
         for variant, kinds in per_variant.items()
     }
-    unrelated: dict[str, list[int]] = {"full": [], "reduced": []}
-    for a, b in itertools.combinations([p.label for p in photos], 2):
+    unrelated: dict[str, list[int]] = {"full": [], "reduced": [], "bank_full": []}
+    for a, b in itertools.permutations([p.label for p in photos], 2):
+        if source_of(a) == source_of(b):
+            continue  # two crops of one photo are not unrelated
         unrelated["full"].append(distance(hashes[(a, None)]["full"], hashes[(b, None)]["full"]))
         unrelated["reduced"].append(distance(hashes[(a, None)][side], hashes[(b, None)][side]))
+        unrelated["bank_full"].append(distance(hashes[(a, None)]["full"], hashes[(b, None)][side]))
     return {
         "near_duplicates": near,
         "threshold_crossings": crossings,
+        "near_duplicates_rehashed": rehashes,
+        "unrelated_rehashed": sum(
+            THRESHOLD < d <= THRESHOLD + margin for d in unrelated["bank_full"]
+        ),
         "unrelated_pairs": len(unrelated["full"]),
         **{f"unrelated_closest_{kind}": min(values) for kind, values in unrelated.items()},
         **{
@@ -288,6 +306,20 @@ def hits(photos: list[Photo], hashes: Hashes, side: int) -> dict[str, Any]:
             for kind, values in unrelated.items()
         },
     }
+
+
+def source_of(label: str) -> str:
+    """The source photo a held-out photo was made from."""
+    return label if label.startswith("synthetic") else label.split("-")[0]
+
+
+def rehashed(reduced: int, full: int, margin: int) -> int:
+    """The distance the worker decides by, bank side at full resolution: the reduced one,
+    or, when that is within `margin` beyond the threshold, the smaller of it and the full
+    resolution one (the worker matches both hashes)."""
+    if THRESHOLD < reduced <= THRESHOLD + margin:
+        return min(reduced, full)
+    return reduced
 
 
 def costs(
@@ -379,12 +411,18 @@ def report(results: dict[str, Any]) -> None:
             print(
                 f"  {variant:>15}: matched {near['matched_full']}/{near['pairs']} at full "
                 f"resolution, {near['matched_same_decode']} same decode, "
-                f"{near['matched_bank_full']} bank at full; max distance "
+                f"{near['matched_bank_full']} bank at full, "
+                f"{near['matched_bank_full_rehashed']} with the fallback; max distance "
                 f"{near['distance_full']['max']:.0f} / {near['distance_same_decode']['max']:.0f}"
                 f" / {near['distance_bank_full']['max']:.0f}"
             )
         for line in found["threshold_crossings"]:
             print(f"  crossed the threshold: {line}")
+        print(
+            f"  re-hashed at full resolution (margin {results['margin']}): "
+            f"{found['near_duplicates_rehashed']} near-duplicate pairs, "
+            f"{found['unrelated_rehashed']} unrelated"
+        )
         print(
             f"  unrelated pairs: {found['unrelated_pairs']}, closest "
             f"{found['unrelated_closest_full']} (full) / {found['unrelated_closest_reduced']} "

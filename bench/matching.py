@@ -1,27 +1,45 @@
-"""Exact CLIP matching at bank scale: which way of scoring a bank is fastest, per query.
+"""Exact matching at bank scale, against what a user would otherwise pick.
 
-    python bench/matching.py            # quick: 768-d, every bank size, batches 1 and 64
-    python bench/matching.py --full     # 512 and 768-d, batches 1, 8 and 64
-    python bench/matching.py --threads 2
+    python bench/matching.py --threads 1                   # CLIP and PDQ, 100k and 1M
+    python bench/matching.py --threads 2 --sizes 100000
+    python bench/matching.py --section pdq
     python bench/matching.py --load 1000000   # loading a bank from PostgreSQL instead
 
-For each bank size and dimension, a bank of random unit vectors, and batches of unit
-queries of which half are planted near bank entries (cosine distances 0.01 to 0.0499,
-and just outside at 0.0501 to 0.06), so every batch has hits and near misses. Each way
-of finding every bank row within the radius (inner product >= 1 - radius) is timed:
+CLIP: for each bank size and dimension, a bank of random unit vectors, and batches of
+unit queries of which half are planted near bank entries (cosine distances 0.01 to
+0.0499, and just outside at 0.0501 to 0.06), so that every batch has hits and near
+misses. Each way of finding every bank row within the radius (inner product >= 0.95) is
+timed, in alternating rounds:
 
-- `faiss`: `IndexFlatIP.range_search`, as the matcher did (its BLAS threshold included);
-- `numpy`: a float32 GEMM per block of bank rows, then `np.nonzero(scores >= threshold)`;
-- `torch`: the same with `torch.matmul` (CPU, or the GPU where there is one);
-- `matcher`: `BankIndex.search_clip` as the worker runs it (candidates, then the exact check);
-- `torch-fp16` (CUDA only): a GPU-resident fp16 bank, candidates by a margin, then the
-  exact check, as the matcher does on CUDA.
+- `faiss`: Faiss's flat range search as Faiss users run it, at its defaults (its SIMD
+  scan query by query, below `distance_compute_blas_threshold` queries x dimensions);
+- `faiss-blas`: the same with the threshold at 0, so that it always takes its BLAS path
+  (blocked sgemm), as a user who sets the threshold gets. (This benchmark used to set it
+  to 4, which at Faiss 1.15 forced the BLAS path on one query: a slower Faiss than its
+  users run.) Both call `range_search_inner_product` on the bank array itself, which is
+  what `IndexFlatIP.range_search` runs over its own copy (`--faiss-index` times that too,
+  at the cost of a second copy of the bank);
+- `numpy`, `torch`: a float32 GEMM per block of 2^20 scores, then the rows >= threshold;
+- `matcher`: `ClipBank.search` as a worker runs it: the method its calibration chose for
+  this batch and bank size (`moderation.banks.clip_calibration`, cached per machine as a
+  worker caches it), candidates within a proven margin, then the exact check.
 
 Every method must find exactly the same (query, bank row) pairs, or the run fails.
-Threads as in the worker: `--threads` (default: the worker's torch threads per inference
-stream, `Settings.resolved_torch_threads()`) for Faiss's OpenMP, OpenBLAS and torch.
-Times are per query (the batch's time divided by its size), the best of the repeats.
-Printed as a table and written to bench/results/matching.json.
+
+PDQ: a bank of random 256-bit hashes, with near copies of the queries at every distance
+from 0 to 40 bits; queries one per call and 1,000 in one call, threshold 31:
+
+- `pdqindex`: ThreatExchange's `PDQIndex` (`pip install moderation[bench]`), which HMA
+  uses: Faiss's `IndexBinaryMultiHash` (16 substrings of 16 bits) behind an id map, hex
+  strings in; the batch through its inner index's `search_with_distance_in_result`;
+- `faiss-brute`: Faiss's `hamming_range_search` over the array, what the matcher ran;
+- `matcher`: `moderation.banks.pdq_search` (multi-index hashing of its own) over the
+  worker's PDQ store, rows mapped to entry ids.
+
+Threads: `--threads` (default 1) for Faiss's OpenMP, OpenBLAS and torch; run once per
+count (OpenBLAS reads it at start). Times are per query (the batch's time divided by its
+size): the fastest of the rounds, and the median. Written to bench/results/matching.json
+(or `--out`), with the machine and its load average.
 
 `--load N`: a bank of N random 768-d entries (with PDQ hashes) in PostgreSQL
 (MODERATION_BENCH_DATABASE_URL, default database moderation_bench_matching), added by
@@ -42,9 +60,11 @@ The bank returns to N entries. Written to bench/results/matching_load.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -53,13 +73,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-QUICK = {"sizes": [10_000, 100_000, 1_000_000], "dims": [768], "batches": [1, 64]}
-FULL = {"sizes": [10_000, 100_000, 1_000_000], "dims": [512, 768], "batches": [1, 8, 64]}
+SIZES = [100_000, 1_000_000]
+DIMS = [768]
+BATCHES = [1, 8, 64]
 RADIUS = 0.05
-# A method is timed for at least this long (and at least `--repeats` times).
+THRESHOLD = 1.0 - RADIUS
+PDQ_THRESHOLD = 31
+PDQ_BATCH = 1000
+# Rounds of every method in turn; a method is timed at least this many times, and for at
+# least MIN_TIMED_S in all.
+ROUNDS = 4
 MIN_TIMED_S = 0.3
-# Faiss's BLAS threshold as the matcher set it when it searched with Faiss.
-FAISS_BLAS_FROM = 4
+# Scores per block for the plain NumPy and torch products: as the matcher has it on CPU.
+BLOCK_SCORES = 1 << 20
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_matching"
 
 Pairs = set[tuple[int, int]]
@@ -69,12 +95,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--full", action="store_true", help="Both dims and batch 8 too.")
-    parser.add_argument("--sizes", type=int, nargs="+", help="Bank sizes (overrides the preset).")
-    parser.add_argument("--dims", type=int, nargs="+", help="Dimensions (overrides the preset).")
-    parser.add_argument("--batches", type=int, nargs="+", help="Queries per call (overrides).")
-    parser.add_argument("--threads", type=int, help="Threads for every method (default: worker).")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--section", choices=["clip", "pdq", "both"], default="both")
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="Bank sizes.")
+    parser.add_argument("--dims", type=int, nargs="+", default=DIMS, help="CLIP dimensions.")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="CLIP batches.")
+    parser.add_argument("--threads", type=int, default=1, help="Threads for every method.")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--faiss-index", action="store_true", help="Time IndexFlatIP too.")
+    parser.add_argument("--repeats", type=int, default=3, help="--load: refreshes timed.")
     parser.add_argument("--load", type=int, metavar="N", help="Measure loading N entries instead.")
     parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="--load: where the matcher scores.")
@@ -97,68 +125,95 @@ def main() -> None:
 
 
 def measure_search(args: argparse.Namespace) -> None:
-    from moderation.config import Settings
-
-    threads = args.threads or Settings().resolved_torch_threads()
     # OpenBLAS reads its thread count once, when NumPy is first imported.
-    os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import faiss
     import numpy as np
     import torch
 
-    faiss.omp_set_num_threads(threads)
-    faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_FROM
-    torch.set_num_threads(threads)
-    preset = FULL if args.full else QUICK
-    cuda = torch.cuda.is_available()
-
-    rows: list[dict[str, Any]] = []
-    for dim in args.dims or preset["dims"]:
-        for size in args.sizes or preset["sizes"]:
-            bank = random_bank(size, dim, seed=size + dim)
-            index = faiss.IndexFlatIP(dim)
-            index.add(bank)
-            snapshots = {"matcher": clip_bank(bank, "cpu")}
-            if cuda:
-                snapshots["torch-fp16"] = clip_bank(bank, "cuda")
-            for batch in args.batches or preset["batches"]:
-                queries = planted_queries(bank, batch, seed=batch)
-                methods: dict[str, Callable[[], Pairs]] = {
-                    "faiss": partial(faiss_pairs, index, queries),
-                    "numpy": partial(numpy_pairs, bank, queries),
-                    "torch": partial(torch_pairs, torch.from_numpy(bank), queries),
-                }
-                for name, snapshot in snapshots.items():
-                    methods[name] = partial(matcher_pairs, snapshot, queries)
-                times: dict[str, float] = {}
-                found: dict[str, Pairs] = {}
-                for name, method in methods.items():
-                    seconds, found[name] = best_time(method, args.repeats)
-                    times[name] = round(1000 * seconds / batch, 3)
-                row = {"dim": dim, "bank": size, "batch": batch, "hits": len(found["faiss"])}
-                row["ms_per_query"] = times
-                disagree = [name for name, pairs in found.items() if pairs != found["faiss"]]
-                if disagree:
-                    raise SystemExit(f"{disagree} found other pairs than faiss: {row}")
-                rows.append(row)
-                print_row(row, first=len(rows) == 1)
-            del index, snapshots, bank
-
-    results = {
-        "rows": rows,
-        "radius": RADIUS,
-        "threads": threads,
-        "faiss_blas_from": FAISS_BLAS_FROM,
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "threads": args.threads,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "faiss": faiss.__version__,
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "faiss_blas_threshold_default": faiss.cvar.distance_compute_blas_threshold,
+        "processor": _cpu_model(),
         "machine": platform.platform(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": os.getloadavg(),
     }
+    if args.section in ("clip", "both"):
+        results["clip"] = measure_clip(args)
+    if args.section in ("pdq", "both"):
+        results["pdq"] = measure_pdq(args)
+    results["load_average_after"] = os.getloadavg()
     write(results, args.out or Path("bench/results/matching.json"))
-    print(f"threads {threads}")
+
+
+def measure_clip(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+    import torch
+
+    from moderation.banks.clip_calibration import calibrated_plan
+    from moderation.config import Settings
+
+    rows: list[dict[str, Any]] = []
+    plans = {}
+    for dim in args.dims:
+        started = time.perf_counter()
+        plan = calibrated_plan(dim, "cpu", Settings().resolved_clip_plan_cache())
+        plans[dim] = {"choices": plan.as_json()["choices"], "s": time.perf_counter() - started}
+        print(f"{dim}-d plan: {plans[dim]}", flush=True)
+        for size in args.sizes:
+            bank = random_bank(size, dim, seed=size + dim)
+            snapshot = clip_bank(bank, plan)
+            index = None
+            if args.faiss_index:
+                index = faiss.IndexFlatIP(dim)
+                index.add(bank)
+            for batch in args.batches:
+                queries = planted_queries(bank, batch, seed=batch)
+                methods: dict[str, Callable[[], Pairs]] = {
+                    "faiss": partial(faiss_pairs, bank, queries, blas=False),
+                    "faiss-blas": partial(faiss_pairs, bank, queries, blas=True),
+                    "numpy": partial(numpy_pairs, bank, queries),
+                    "torch": partial(torch_pairs, torch.from_numpy(bank), queries),
+                    "matcher": partial(matcher_pairs, snapshot, queries),
+                }
+                if index is not None:
+                    methods["faiss-index"] = partial(faiss_index_pairs, index, queries)
+                timed = time_alternating(methods, args.rounds)
+                found = {name: pairs for name, (_, _, pairs) in timed.items()}
+                row = {
+                    "dim": dim,
+                    "bank": size,
+                    "batch": batch,
+                    "hits": len(found["faiss"]),
+                    "matcher_method": snapshot.method_for(batch).name,
+                    "ms_per_query": {
+                        n: round(1000 * b / batch, 3) for n, (b, _, _) in timed.items()
+                    },
+                    "median_ms_per_query": {
+                        n: round(1000 * m / batch, 3) for n, (_, m, _) in timed.items()
+                    },
+                }
+                peers = {n: t for n, t in row["ms_per_query"].items() if n != "matcher"}
+                best_peer = min(peers, key=peers.__getitem__)
+                row["best_peer"] = best_peer
+                row["matcher_over_best_peer"] = round(
+                    row["ms_per_query"]["matcher"] / peers[best_peer], 3
+                )
+                disagree = [name for name, pairs in found.items() if pairs != found["faiss"]]
+                if disagree:
+                    raise SystemExit(f"{disagree} found other pairs than faiss: {row}")
+                rows.append(row)
+                print_clip_row(row, first=len(rows) == 1)
+            del index, snapshot, bank
+            gc.collect()
+    return {"radius": RADIUS, "plans": plans, "rows": rows}
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -198,22 +253,56 @@ def planted_queries(bank: Any, count: int, seed: int) -> Any:
     return queries
 
 
-def best_time(method: Callable[[], Pairs], repeats: int) -> tuple[float, Pairs]:
-    pairs = method()  # warm-up: first-touch of buffers, thread pools
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < MIN_TIMED_S:
-        started = time.perf_counter()
-        method()
-        times.append(time.perf_counter() - started)
-    return min(times), pairs
+def time_alternating(
+    methods: dict[str, Callable[[], Any]], rounds: int
+) -> dict[str, tuple[float, float, Any]]:
+    """(fastest, median, result) of each method, timed in turn within each round, so that
+    a busy moment on a shared machine slows them all rather than one."""
+    results = {name: method() for name, method in methods.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    done = 0
+    while done < rounds or min(sum(t) for t in times.values()) < MIN_TIMED_S:
+        for name, method in methods.items():
+            started = time.perf_counter()
+            method()
+            times[name].append(time.perf_counter() - started)
+        done += 1
+    return {
+        name: (min(times[name]), statistics.median(times[name]), results[name]) for name in methods
+    }
 
 
-THRESHOLD = 1.0 - RADIUS
-# Scores per block for the plain NumPy and torch products: as the matcher has it on CPU.
-BLOCK_SCORES = 1 << 20
+def faiss_pairs(bank: Any, queries: Any, *, blas: bool) -> Pairs:
+    """What `IndexFlatIP.range_search` runs, over the bank array itself."""
+    import faiss
+    import numpy as np
+
+    default = faiss.cvar.distance_compute_blas_threshold
+    if blas:
+        faiss.cvar.distance_compute_blas_threshold = 0
+    try:
+        result = faiss.RangeSearchResult(len(queries))
+        faiss.range_search_inner_product(
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(bank),
+            bank.shape[1],
+            len(queries),
+            len(bank),
+            THRESHOLD,
+            result,
+        )
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = default
+    limits = faiss.rev_swig_ptr(result.lims, len(queries) + 1).astype(np.int64)
+    rows = faiss.rev_swig_ptr(result.labels, int(limits[-1])).tolist()
+    return {
+        (query, row)
+        for query in range(len(queries))
+        for row in rows[limits[query] : limits[query + 1]]
+    }
 
 
-def faiss_pairs(index: Any, queries: Any) -> Pairs:
+def faiss_index_pairs(index: Any, queries: Any) -> Pairs:
     limits, _, rows = index.range_search(queries, THRESHOLD)
     return {
         (query, int(row))
@@ -248,14 +337,15 @@ def torch_pairs(bank: Any, queries: Any) -> Pairs:
     return pairs
 
 
-def clip_bank(bank: Any, device: str) -> Any:
-    """The matcher's `ClipBank` over the bank, entry ids = row numbers."""
+def clip_bank(bank: Any, plan: Any) -> Any:
+    """The matcher's `ClipBank` over the bank (entry ids = row numbers), with the copies
+    its plan reads."""
     import numpy as np
 
     from moderation.banks.clip_search import ClipRows
 
     rows = np.arange(len(bank), dtype=np.int64)
-    stored = ClipRows.holding(rows, np.zeros(len(bank), np.int64), bank, device=device)
+    stored = ClipRows.holding(rows, np.zeros(len(bank), np.int64), bank, plan=plan)
     return stored.bank({0: RADIUS})
 
 
@@ -267,16 +357,145 @@ def matcher_pairs(snapshot: Any, queries: Any) -> Pairs:
     }
 
 
-def print_row(row: dict[str, Any], first: bool) -> None:
+def print_clip_row(row: dict[str, Any], first: bool) -> None:
     times = row["ms_per_query"]
     if first:
-        names = "  ".join(f"{name:>10}" for name in times)
+        names = "  ".join(f"{name:>11}" for name in times)
         print(f"{'dim':>4} {'bank':>9} {'batch':>5} {'hits':>5}  {names}   (ms per query)")
     print(
         f"{row['dim']:>4} {row['bank']:>9} {row['batch']:>5} {row['hits']:>5}  "
-        + "  ".join(f"{ms:>10.3f}" for ms in times.values()),
+        + "  ".join(f"{ms:>11.3f}" for ms in times.values())
+        + f"   matcher: {row['matcher_method']}, "
+        + f"{row['matcher_over_best_peer']} x {row['best_peer']}",
         flush=True,
     )
+
+
+def measure_pdq(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    rows = []
+    for size in args.sizes:
+        rng = np.random.default_rng(size)
+        queries = rng.integers(0, 256, (PDQ_BATCH, 32), dtype=np.uint8)
+        hashes = rng.integers(0, 256, (size, 32), dtype=np.uint8)
+        # Near copies of the first queries at every distance from 0 to 40 bits.
+        for distance in range(41):
+            flipped = np.unpackbits(queries[distance]).copy()
+            flipped[rng.choice(256, distance, replace=False)] ^= 1
+            hashes[rng.integers(size)] = np.packbits(flipped)
+        built = pdq_contenders(hashes)
+        for batch in (1, PDQ_BATCH):
+            runner = run_batched if batch > 1 else run_one_by_one
+            methods: dict[str, Callable[[], Any]] = {
+                name: partial(runner, search, queries) for name, search in built["search"].items()
+            }
+            timed = time_alternating(methods, args.rounds)
+            found = {name: pairs for name, (_, _, pairs) in timed.items()}
+            disagree = [name for name, pairs in found.items() if pairs != found["faiss-brute"]]
+            if disagree:
+                raise SystemExit(f"PDQ: {disagree} found other pairs than faiss-brute")
+            row = {
+                "bank": size,
+                "queries_per_call": batch,
+                "pairs": len(found["faiss-brute"]),
+                "ms_per_query": {
+                    n: round(1000 * b / PDQ_BATCH, 4) for n, (b, _, _) in timed.items()
+                },
+                "median_ms_per_query": {
+                    n: round(1000 * m / PDQ_BATCH, 4) for n, (_, m, _) in timed.items()
+                },
+                "build_s": built["build_s"],
+            }
+            times = row["ms_per_query"]
+            row["matcher_over_pdqindex"] = round(times["matcher"] / times["pdqindex"], 3)
+            rows.append(row)
+            print(f"PDQ {row}", flush=True)
+        del built
+        gc.collect()
+    return {"threshold": PDQ_THRESHOLD, "rows": rows}
+
+
+def pdq_contenders(hashes: Any) -> dict[str, Any]:
+    """Each contender built over the same hashes: a search function taking (queries) and
+    returning {(query, entry)}, and the time each took to build."""
+    import faiss
+    import numpy as np
+    from threatexchange.signal_type.pdq.pdq_index import PDQIndex
+
+    from moderation.banks.pdq_search import PdqRows
+
+    entry_ids = np.arange(len(hashes), dtype=np.int64) + 1_000_000_000
+    build_s = {}
+    hex_rows = [bytes(row).hex() for row in hashes]
+    started = time.perf_counter()
+    pdq_index = PDQIndex(list(zip(hex_rows, entry_ids.tolist(), strict=True)))
+    build_s["pdqindex"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    store = PdqRows()
+    store.append(entry_ids, np.zeros(len(hashes), np.int64), hashes)
+    store.seal()
+    snapshot = store.snapshot()
+    build_s["matcher"] = round(time.perf_counter() - started, 2)
+
+    def pdqindex(queries: Any) -> set[tuple[int, int]]:
+        if len(queries) == 1:
+            return {(0, match.metadata) for match in pdq_index.query(bytes(queries[0]).hex())}
+        strings = [bytes(q).hex() for q in queries]
+        found = pdq_index.index.search_with_distance_in_result(strings, PDQ_THRESHOLD)
+        return {
+            (i, pdq_index.local_id_to_entry[local][1])
+            for i, string in enumerate(strings)
+            for local, _, _ in found[string]
+        }
+
+    def faiss_brute(queries: Any) -> set[tuple[int, int]]:
+        faiss.omp_set_num_threads(1 if len(queries) == 1 else faiss.omp_get_max_threads())
+        result = faiss.RangeSearchResult(len(queries))
+        faiss.hamming_range_search(  # type: ignore[attr-defined]
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(hashes),
+            len(queries),
+            len(hashes),
+            PDQ_THRESHOLD + 1,
+            32,
+            result,
+        )
+        limits = faiss.rev_swig_ptr(result.lims, len(queries) + 1).astype(np.int64)
+        rows = faiss.rev_swig_ptr(result.labels, int(limits[-1])).astype(np.int64)
+        owners = np.repeat(np.arange(len(queries)), np.diff(limits))
+        return set(zip(owners.tolist(), entry_ids[rows].tolist(), strict=True))
+
+    def matcher(queries: Any) -> set[tuple[int, int]]:
+        query_rows, rows, _ = snapshot.search(queries, PDQ_THRESHOLD)
+        return set(zip(query_rows.tolist(), snapshot.rows.entry_ids[rows].tolist(), strict=True))
+
+    return {
+        "search": {"pdqindex": pdqindex, "faiss-brute": faiss_brute, "matcher": matcher},
+        "build_s": build_s,
+    }
+
+
+def run_one_by_one(
+    search: Callable[[Any], set[tuple[int, int]]], queries: Any
+) -> set[tuple[int, int]]:
+    found: set[tuple[int, int]] = set()
+    for i in range(len(queries)):
+        found.update((i, entry) for _, entry in search(queries[i : i + 1]))
+    return found
+
+
+def run_batched(
+    search: Callable[[Any], set[tuple[int, int]]], queries: Any
+) -> set[tuple[int, int]]:
+    return search(queries)
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 LOAD_DIM = 768

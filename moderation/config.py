@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     pdq_threshold: int = Field(default=31, ge=0, le=256)
     # PDQ hashes of flat, featureless frames are noise; below this quality they are not matched.
     pdq_min_quality: int = Field(default=50, ge=0, le=100)
+    # CLIP bank matching is exact whichever way candidates are found; which way is fastest
+    # depends on the machine, the batch and the bank (moderation/banks/clip_plan.py). These
+    # candidate methods (moderation/banks/clip_methods.py), separated by commas, are
+    # measured at a worker's first start on a machine and chosen from per batch and bank
+    # size; empty: every method the machine has instructions for; one name: that method,
+    # unmeasured. A half-precision method keeps a copy of the bank (2 bytes a value: 1.5 GB
+    # for a million 768-d entries, beside the 3 GB of float32 rows): leave out
+    # torch-float16 and torch-bfloat16 where memory is short.
+    clip_match_methods: Annotated[list[str], NoDecode] = []
+    # Where the measurement is kept, per machine (unset: moderation/clip-match-plan.json
+    # under $XDG_CACHE_HOME, or ~/.cache).
+    clip_plan_cache: Path | None = None
     # Running workers re-check the banks at most this often, so changes land within it.
     bank_refresh_s: float = Field(default=5.0, ge=0)
     # Workers' sweepers delete bank change log rows older than this. A worker whose
@@ -101,6 +113,13 @@ class Settings(BaseSettings):
     # 60 near-duplicate pairs none stopped matching (336: one did), and no unrelated pair
     # came within 100 bits. Limits still judge the size the file declares.
     decode_min_side: int = Field(default=512, ge=1)
+    # A photo decoded at reduced scale whose PDQ comes within this many bits beyond the
+    # threshold of a bank entry is hashed again at full resolution (fetched and decoded
+    # anew), and that hash matched too: entries from hash lists (HMA, ThreatExchange,
+    # NCMEC) were hashed at full resolution, and the reduced hash is within its drift of
+    # the full one, so no entry the full-resolution hash matches is lost while the drift
+    # stays within the margin (measured: see docs/matching.md). 0: never.
+    pdq_full_resolution_margin: int = Field(default=16, ge=0, le=256)
     # Decode every image at full resolution: PDQ hashes equal to the reference's (pdqhash on
     # the whole image), at the full cost.
     full_resolution_decode: bool = False
@@ -246,12 +265,20 @@ class Settings(BaseSettings):
     # Longer side of each kept frame, in pixels.
     evidence_side: int = Field(default=256, ge=32, le=1024)
 
-    @field_validator("allowed_uri_prefixes", "fetch_allowed_networks", mode="before")
+    @field_validator(
+        "allowed_uri_prefixes", "fetch_allowed_networks", "clip_match_methods", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def resolved_clip_plan_cache(self) -> Path:
+        if self.clip_plan_cache is not None:
+            return self.clip_plan_cache
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache) / "moderation" / "clip-match-plan.json"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -78,6 +78,10 @@ TEST_ENV = {
     "MODERATION_BATCH_SIZE": "8",
     "MODERATION_ALLOWED_URI_PREFIXES": f"{TEST_FILES_DIR.as_uri()}/,http://,https://",
     "MODERATION_FETCH_ALLOWED_NETWORKS": TEST_FETCH_NETWORK,
+    # One CLIP match method, unmeasured: a worker that measures them takes 5 s more to
+    # start on a busy machine (and measures again at every start while the machine is
+    # busy). Measuring is tested in test_clip_plan.py; every method in test_clip_search.py.
+    "MODERATION_CLIP_MATCH_METHODS": "torch-float32",
     # Evidence kept by the workers under the run's directory, sealed with a key of the run's.
     "MODERATION_EVIDENCE_URI": str(_RUN_DIR / f"evidence{XDIST_WORKER}"),
     "MODERATION_EVIDENCE_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from moderation.banks import clip_search
+from moderation.banks import clip_methods, clip_search
+from moderation.banks.clip_methods import Method
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import FLOAT_SLACK, ClipBank, ClipHit, ClipRows
 from tests.vectors import at_cosine_distance
 
@@ -46,7 +48,7 @@ def _clip_bank(
     bank: np.ndarray,
     radius: float = RADIUS,
     *,
-    dtype: torch.dtype | None = None,
+    method: Method = clip_methods.TORCH_FLOAT32,
     block_scores: int | None = None,
 ) -> ClipBank:
     n = len(bank)
@@ -55,7 +57,7 @@ def _clip_bank(
         np.arange(n, dtype=np.int64) + 10_000,
         np.full(n, 7, np.int64),
         np.ascontiguousarray(bank),
-        dtype=dtype,
+        plan=ClipPlan.only(method),
     )
     return rows.bank({7: radius}, block_scores=block_scores)
 
@@ -68,16 +70,22 @@ def _reference(queries: np.ndarray, bank: np.ndarray, radius: float = RADIUS) ->
     ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# Every CPU method, whether or not this CPU has the instructions that make it fast: the
+# CUDA ones are the float16 and float32 torch products here run on the CPU.
+CPU_METHODS = [method for method in clip_methods.METHODS.values() if method.device == "cpu"]
+HALF_METHODS = [clip_methods.TORCH_FLOAT16, clip_methods.TORCH_BFLOAT16]
+
+
+@pytest.mark.parametrize("method", CPU_METHODS, ids=lambda method: method.name)
 @pytest.mark.parametrize("block_scores", [None, 1000])
 # 0.0501: float16's grid puts a rounding midpoint just above 1 - 0.0501, so products of
 # entries on that radius round down below it; the margin must still find them.
 @pytest.mark.parametrize("radius", [RADIUS, 0.0501])
 def test_every_precision_finds_exactly_the_entries_within_the_radius(
-    case: tuple[np.ndarray, np.ndarray], dtype: torch.dtype, block_scores: int | None, radius: float
+    case: tuple[np.ndarray, np.ndarray], method: Method, block_scores: int | None, radius: float
 ) -> None:
     queries, bank = case
-    hits = _clip_bank(bank, radius, dtype=dtype, block_scores=block_scores).search(queries)
+    hits = _clip_bank(bank, radius, method=method, block_scores=block_scores).search(queries)
     assert [{hit.bank_entry_id for hit in found} for found in hits] == _reference(
         queries, bank, radius
     )
@@ -98,25 +106,24 @@ def test_every_precision_finds_exactly_the_entries_within_the_radius(
             assert hit.distance == pytest.approx(exact, abs=1e-12)
 
 
-def test_every_precision_reports_the_same_hits(case: tuple[np.ndarray, np.ndarray]) -> None:
+def test_every_method_reports_the_same_hits(case: tuple[np.ndarray, np.ndarray]) -> None:
     queries, bank = case
-    results = [
-        _clip_bank(bank, dtype=dtype).search(queries)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16)
-    ]
-    assert results[0] == results[1] == results[2]
+    results = [_clip_bank(bank, method=method).search(queries) for method in CPU_METHODS]
+    assert all(found == results[0] for found in results)
+    # Whatever the batch: one query at a time too.
+    assert [_clip_bank(bank).search(queries[i : i + 1])[0] for i in range(QUERIES)] == results[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", HALF_METHODS, ids=lambda method: method.name)
 def test_without_its_margin_a_narrow_product_would_miss_entries_on_the_radius(
-    case: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    case: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch, method: Method
 ) -> None:
     """The distractors are hard enough that the margin is what makes the search exact."""
     queries, bank = case
     monkeypatch.setattr(clip_search, "candidate_margin", lambda *args: 0.0)
     found = [
         {hit.bank_entry_id for hit in hits}
-        for hits in _clip_bank(bank, 0.0501, dtype=dtype).search(queries)
+        for hits in _clip_bank(bank, 0.0501, method=method).search(queries)
     ]
     expected = _reference(queries, bank, 0.0501)
     assert all(f <= e for f, e in zip(found, expected, strict=True))  # still no false hit
@@ -170,7 +177,7 @@ def test_lowered_float32_precision_widens_the_margin_to_bfloat16s() -> None:
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
-        assert clip_search._rounding_of(torch.float32) == clip_search.ROUNDING[torch.bfloat16]
+        assert clip_search.rounding_of(torch.float32) == clip_search.ROUNDING[torch.bfloat16]
     finally:
         torch.set_float32_matmul_precision(before)
-    assert clip_search._rounding_of(torch.float32) == clip_search.ROUNDING[torch.float32]
+    assert clip_search.rounding_of(torch.float32) == clip_search.ROUNDING[torch.float32]

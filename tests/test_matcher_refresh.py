@@ -15,12 +15,12 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-import torch
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from moderation.banks import changes, clip_search, live, rows
+from moderation.banks import changes, clip_methods, clip_search, live, rows
 from moderation.banks import service as banks
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.index import BankIndex
 from moderation.banks.live import LiveBanks, Refreshed
 from moderation.banks.matcher import BankMatcher, MatchSettings, load_index
@@ -290,17 +290,21 @@ def _reading(model: EmbeddingModel) -> Reading:
     return Reading(model.id, DIM, SETTINGS.default_radius, SETTINGS.pdq_min_quality)
 
 
-@pytest.mark.parametrize("scored", [torch.float32, torch.float16], ids=["host", "device-copy"])
+@pytest.mark.parametrize(
+    "method",
+    [clip_methods.TORCH_FLOAT32, clip_methods.TORCH_FLOAT16, clip_methods.FAISS_SCAN],
+    ids=["host", "device-copy", "faiss"],
+)
 def test_a_refreshed_index_matches_a_fresh_load_after_every_kind_of_change(
     session: Session,
     models: tuple[EmbeddingModel, EmbeddingModel],
     monkeypatch: pytest.MonkeyPatch,
-    scored: torch.dtype,
+    method: clip_methods.Method,
 ) -> None:
     """`device-copy`: the vectors are scored from a float16 copy that appends and growth
     must keep in step, as a GPU-resident bank is (here on the CPU)."""
     model, other = models
-    monkeypatch.setattr(clip_search, "default_dtype", lambda device: scored)
+    monkeypatch.setattr(clip_search, "default_plan", lambda device: ClipPlan.only(method))
     # Small stores, so that the random changes make them grow and compact many times.
     monkeypatch.setattr(rows, "GROW_MIN", 1)
     monkeypatch.setattr(rows, "COMPACT_MIN", 3)

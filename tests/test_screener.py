@@ -537,3 +537,47 @@ def test_two_models_from_one_intake_each_embedding_and_matching_its_own(
         assert sum(first.batches) == sum(second.batches) == 3  # one forward pass each
     finally:
         screener.close()
+
+
+@pytest.mark.parametrize("margin", [16, 0], ids=["rehashed", "margin-0"])
+def test_an_entry_hashed_at_full_resolution_is_found_though_the_reduced_hash_misses_it(
+    preprocess: Preprocessing, tmp_path: Path, margin: int
+) -> None:
+    """A hash list's entry 31 bits from the photo's full-resolution PDQ, and 31 plus the
+    reduced decode's drift from its reduced PDQ: the near miss has the photo hashed again
+    at full resolution, which matches at 31 bits. With a margin of 0 it is lost."""
+    from moderation.images.decode import DecodeLimits
+    from moderation.images.hashing import PdqHash
+    from moderation.images.signals import extract_signals, full_resolution_pdq
+    from tests.photos import PHONE
+
+    settings = _settings(intake_processes=0, pdq_full_resolution_margin=margin)
+    limits = DecodeLimits.from_settings(settings)
+    data = encode(textured(1, PHONE), quality=90)
+    reduced = extract_signals(data, limits, lambda frame: np.zeros((2, 2, 3), np.uint8))
+    assert reduced.decode_scale == 4
+    (full,) = full_resolution_pdq(data, limits)
+    reduced_bits = np.unpackbits(np.frombuffer(reduced.frames[0].pdq.bits, np.uint8))
+    full_bits = np.unpackbits(np.frombuffer(full.bits, np.uint8))
+    drift = int((reduced_bits != full_bits).sum())
+    assert 0 < drift <= 16
+    # 31 bits flipped where the two hashes agree: 31 from full, 31 + drift from reduced.
+    entry_bits = full_bits.copy()
+    agree = np.flatnonzero(reduced_bits == full_bits)
+    entry_bits[np.random.default_rng(4).choice(agree, 31, replace=False)] ^= 1
+    listed = PdqHash(np.packbits(entry_bits).tobytes(), None)
+    with session_scope() as session:
+        bank = banks.create_bank(session, "hash list")
+        (entry,) = banks.add_entries(session, bank, [banks.NewEntry(pdq=listed)], added_by="t")
+        entry_id = entry.id
+    (upload_id,) = _submit(write(tmp_path / "photo.jpg", data).as_uri())
+    screener = Screener(settings, session_scope, StubEmbedder(preprocess), slots=1)  # type: ignore[arg-type]
+    try:
+        screener.run(upload_id)
+    finally:
+        screener.close()
+    with session_scope() as session:
+        hits = session.execute(select(Hit.bank_entry_id, Hit.signal, Hit.distance)).all()
+    assert _upload(upload_id).status == UploadStatus.SCREENED
+    assert [tuple(hit) for hit in hits] == ([(entry_id, "pdq", 31.0)] if margin else [])
+    assert ("full_resolution_pdq" in screener.times.seconds) == bool(margin)

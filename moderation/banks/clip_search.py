@@ -2,27 +2,17 @@
 
 A search runs in two steps:
 
-1. Candidates: one matrix product per block of bank rows on the worker's device (float32
-   on CPU; a GPU-resident float16 copy of the bank on CUDA), keeping every row whose
-   score is at least the threshold minus `candidate_margin`, a proven bound on how far
-   that product can be from the exact inner product.
+1. Candidates: every bank row whose product with the query, computed by one of the
+   methods of `clip_methods` (Faiss's scan, a NumPy or torch product in float32, or a
+   torch product over a float16 or bfloat16 copy of the bank, on the CPU or a GPU), is
+   at least the threshold minus `candidate_margin`, a proven bound on how far that
+   product can be from the exact inner product.
 2. Exact check: the inner product of each candidate, in float64 from the float32
    vectors on the host, held to its own bank's radius.
 
-So the hits do not depend on the device, the BLAS or the block sizes: a CPU worker and a
-GPU worker find the same entries at the same distances.
-
-Why a matrix product and not Faiss: `bench/matching.py --full` on a 2-core machine shared
-with other jobs, one thread (as a 2-core worker runs torch), a 768-d bank of 1,000,000, ms
-per query for batches of 1 / 8 / 64 queries: Faiss `IndexFlatIP.range_search` 458 / 108 /
-79, NumPy blocked GEMM 145 / 89 / 18, torch blocked GEMM 228 / 110 / 20, this module 220 /
-108 / 19; at 100,000: 59 / 15 / 7.0, 24 / 14 / 4.2, 27 / 11 / 2.3, 23 / 16 / 2.4. Faiss
-scans query by query below its BLAS threshold and its BLAS path works in small blocks.
-NumPy and torch are within the noise of each other for 1 and 8 queries (interleaved at
-1M: 234 against 263 ms for one, 97 against 110 for 8) and torch is faster for 64 (19
-against 24); a worker searches up to four forward passes' vectors at once, and torch runs
-the same code on a GPU-resident float16 bank. The exact check costs little beside the
-product (the module against plain torch above).
+So the hits depend neither on the method nor on the device, the BLAS or the block sizes:
+a CPU worker and a GPU worker find the same entries at the same distances. Which method
+runs is the bank's `ClipPlan` (`clip_plan`): measured per machine, by batch and size.
 """
 
 from __future__ import annotations
@@ -35,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moderation.banks import clip_methods
+from moderation.banks.clip_methods import Method
+from moderation.banks.clip_plan import ClipPlan, default_plan
 from moderation.banks.rows import RowsView, SignalRows
 
 logger = logging.getLogger(__name__)
@@ -43,13 +36,6 @@ logger = logging.getLogger(__name__)
 # may compute a hair outside it. The radius is held to within this tolerance.
 FLOAT_SLACK = 1e-6
 
-# Scores computed per block (queries x bank rows). CPU: 2^20 float32 scores (4 MB) per
-# product; measured at 1M x 768, batch 64, one thread: 2^18 and 2^20 equal (17-19 ms a
-# query), 2^22 and 2^24 1.5-2 times slower (the scores outgrow the caches); two threads:
-# 2^20 best of 2^16, 2^18 and 2^20 (small products pay for waking the threads).
-# CUDA: 2^26 (128 MB of float16) so that a batch of 64 covers a million rows in one
-# product and one synchronisation; not measured here (no GPU), see bench/matching.py.
-_BLOCK_SCORES = {"cpu": 1 << 20, "cuda": 1 << 26}
 # Candidates checked exactly per step: bounds the float64 copies of their vectors (48 MB).
 _EXACT_CHUNK = 8192
 # Rows per step when the bank is measured or copied to the device: 8,192 768-d rows are
@@ -113,7 +99,8 @@ def candidate_margin(dim: int, rounding: Rounding, query_norm: float, bank_norm:
     candidates of radius 0.05 are the rows within 0.0515), bfloat16 1.2e-2, float32 4.6e-5.
 
     This holds only if the sum really is float32: cuBLAS may otherwise reduce float16
-    partial sums in float16, which `ClipBank` forbids on CUDA (see `_exact_sums_on_cuda`).
+    partial sums in float16, which `ClipRows` forbids on CUDA (see `_exact_sums_on_cuda`);
+    `clip_plan.honours_margin` checks each method on this machine before it is used.
     """
     u, eta = rounding.unit_in, rounding.tiny_in
     root_d = math.sqrt(dim)
@@ -128,7 +115,7 @@ def candidate_margin(dim: int, rounding: Rounding, query_norm: float, bank_norm:
     return inputs + summed + output + exact_check + threshold_as_float32
 
 
-def _rounding_of(dtype: torch.dtype) -> Rounding:
+def rounding_of(dtype: torch.dtype) -> Rounding:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         # "high" and "medium" let float32 products run with TF32 or bfloat16 inputs; take
         # the coarser, so the margin holds whatever the process chose for its model.
@@ -154,16 +141,10 @@ def _exact_sums_on_cuda(dtype: torch.dtype) -> None:
         matmul.allow_bf16_reduced_precision_reduction = False
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """float16 on CUDA: half the memory and bandwidth of float32, and a margin of 1.5e-3
-    instead of bfloat16's 1.2e-2 (8 times fewer rows to check exactly near the radius)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
 class ClipRows(SignalRows):
     """The CLIP vectors of bank entries, appended (see `moderation.banks.rows`): float32
-    rows on the host for the exact check, and what the device multiplies, the host rows
-    themselves (CPU, float32) or a copy of them in `dtype` on the device, converted a block
+    rows on the host, which the exact check reads and float32 methods multiply, and a copy
+    of them for each other (device, dtype) that the plan's methods read, converted a block
     at a time (never a second full float32 copy). Snapshots are `bank`s."""
 
     def __init__(
@@ -171,17 +152,18 @@ class ClipRows(SignalRows):
         dim: int,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        plan: ClipPlan | None = None,
         capacity: int = 0,
     ) -> None:
-        """`dtype`: of the scored copy (default: `default_dtype`)."""
+        """`plan`: how banks made of these rows are searched (default: `default_plan`)."""
         super().__init__(np.float32, (dim,), capacity)
         self.device = torch.device(device)
-        self.dtype = dtype or default_dtype(str(device))
-        if self.device.type == "cuda":
-            _exact_sums_on_cuda(self.dtype)
+        self.plan = plan or default_plan(str(self.device))
+        for copy_device, dtype in self.plan.copies:
+            if torch.device(copy_device).type == "cuda":
+                _exact_sums_on_cuda(dtype)
         self.max_norm = 0.0  # of every row ever appended: an upper bound for any snapshot
-        self.scored = self._scored_copy(0)
+        self.copies = self._copies(0)
 
     @classmethod
     def holding(
@@ -191,7 +173,7 @@ class ClipRows(SignalRows):
         vectors: np.ndarray,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        plan: ClipPlan | None = None,
     ) -> ClipRows:
         """Rows that are these arrays themselves, not copies (a benchmark's bank of a
         million, a retro-hunt's entries); the caller must not change them afterwards."""
@@ -199,127 +181,123 @@ class ClipRows(SignalRows):
             raise ValueError("bank vectors must be a C-contiguous float32 matrix")
         if not len(entry_ids) == len(bank_ids) == len(vectors):
             raise ValueError("one entry id and bank id per bank vector")
-        rows = cls(vectors.shape[1], device=device, dtype=dtype)
+        rows = cls(vectors.shape[1], device=device, plan=plan)
         rows.entry_ids = np.asarray(entry_ids, np.int64)
         rows.bank_ids = np.asarray(bank_ids, np.int64)
         rows.payload = vectors
-        rows.scored = rows._scored_copy(0)
+        rows.copies = rows._copies(0)
         rows._written(0, len(vectors))
         rows.count = len(vectors)
         return rows
 
+    def copy_for(self, method: Method) -> torch.Tensor:
+        """What `method` multiplies: every row appended so far (and room beyond)."""
+        if method.reads_host_rows:
+            return torch.from_numpy(self.payload)
+        return self.copies[method.copy]
+
     def bank(self, radii: Mapping[int, float], *, block_scores: int | None = None) -> ClipBank:
         """A snapshot of the rows appended so far, less the retired ones, each held to its
         bank's radius in `radii` (rows of banks not in it never match)."""
+        n = self.count
         return ClipBank(
             self.view(),
-            self.scored[: self.count],
+            {copy: scored[:n] for copy, scored in self.copies.items()},
             self.max_norm,
             radii,
-            dtype=self.dtype,
+            plan=self.plan,
             block_scores=block_scores,
         )
 
-    def _scores_host_rows(self) -> bool:
-        return self.device.type == "cpu" and self.dtype == torch.float32
-
-    def _scored_copy(self, rows_kept: int) -> torch.Tensor:
-        """What the device scores, for the current host arrays, keeping the first
-        `rows_kept` rows of the old copy."""
-        if self._scores_host_rows():
-            return torch.from_numpy(self.payload)
-        scored = torch.empty(self.payload.shape, dtype=self.dtype, device=self.device)
-        if rows_kept:
-            scored[:rows_kept] = self.scored[:rows_kept]
-        return scored
+    def _copies(self, rows_kept: int) -> dict[tuple[str, torch.dtype], torch.Tensor]:
+        """The copies for the current host arrays, keeping the first `rows_kept` rows of
+        the old ones."""
+        copies = {}
+        for copy in sorted(self.plan.copies, key=str):
+            copy_device, dtype = copy
+            scored = torch.empty(self.payload.shape, dtype=dtype, device=copy_device)
+            if rows_kept:
+                scored[:rows_kept] = self.copies[copy][:rows_kept]
+            copies[copy] = scored
+        return copies
 
     def _written(self, start: int, end: int) -> None:
         self.max_norm = max(self.max_norm, _max_norm(self.payload[start:end]))
-        if self._scores_host_rows():
-            return
         host = torch.from_numpy(self.payload)
-        for step in range(start, end, _ROWS_PER_STEP):
-            stop = min(end, step + _ROWS_PER_STEP)
-            self.scored[step:stop] = host[step:stop].to(self.device, self.dtype)
+        for (copy_device, dtype), scored in self.copies.items():
+            for step in range(start, end, _ROWS_PER_STEP):
+                stop = min(end, step + _ROWS_PER_STEP)
+                scored[step:stop] = host[step:stop].to(copy_device, dtype)
 
     def _grow(self, capacity: int) -> None:
         super()._grow(capacity)
-        self.scored = self._scored_copy(self.count)
+        self.copies = self._copies(self.count)
 
     def _empty(self, capacity: int) -> ClipRows:
         return ClipRows(
-            self.payload.shape[1], device=self.device, dtype=self.dtype, capacity=capacity
+            self.payload.shape[1], device=self.device, plan=self.plan, capacity=capacity
         )
 
 
 class ClipBank:
     """A snapshot of CLIP bank rows (`ClipRows.bank`), searched exactly.
 
-    `vectors` (float32 on the host, one row per entry) are held for the exact check;
-    `scored` holds the same rows for the device to multiply. A row counts only if the
-    snapshot holds it (not retired) and its bank has a radius in `radii`.
+    `vectors` (float32 on the host, one row per entry) are held for the exact check and
+    the float32 methods; `copies` hold the same rows for the plan's other methods. A row
+    counts only if the snapshot holds it (not retired) and its bank has a radius in `radii`.
     """
 
     def __init__(
         self,
         rows: RowsView,
-        scored: torch.Tensor,
+        copies: Mapping[tuple[str, torch.dtype], torch.Tensor],
         bank_norm: float,
         radii: Mapping[int, float],
         *,
-        dtype: torch.dtype,
+        plan: ClipPlan,
         block_scores: int | None = None,
     ) -> None:
         """`bank_norm`: at least the largest norm of the rows; `block_scores`: scores per
-        product (default: `_BLOCK_SCORES` of the device)."""
+        product (default: `clip_methods.BLOCK_SCORES` of the device)."""
         self.entry_ids = rows.entry_ids
         self.bank_ids = rows.bank_ids
         self.vectors = rows.payload
-        self.device = scored.device
-        self.dtype = dtype
+        self.plan = plan
         self._rows = rows
-        self._scored = scored
+        self._copies = dict(copies)
         self._bank_norm = bank_norm
         self._radius_banks = np.array(sorted(radii), np.int64)
         self._radius_values = np.array([radii[b] for b in self._radius_banks], np.float64)
         self.widest_radius = float(self._radius_values.max()) if len(radii) else 0.0
-        self._block_scores = block_scores or _BLOCK_SCORES.get(self.device.type, 1 << 20)
+        self._block_scores = block_scores
 
     def __len__(self) -> int:
         """The rows that count (retired ones aside)."""
         return len(self._rows)
 
-    def search(self, queries: np.ndarray) -> list[list[ClipHit]]:
-        """The hits of each query (unit float32 rows): every entry within its bank's radius."""
+    def method_for(self, batch: int) -> Method:
+        return self.plan.method_for(len(self.vectors), batch)
+
+    def search(self, queries: np.ndarray, method: Method | None = None) -> list[list[ClipHit]]:
+        """The hits of each query (unit float32 rows): every entry within its bank's
+        radius. `method`: the candidates' (default: the plan's for this batch)."""
         queries = np.ascontiguousarray(queries, np.float32)
         if not len(queries) or not len(self) or not len(self._radius_banks):
             return [[] for _ in queries]
+        method = method or self.method_for(len(queries))
         query_norm = float(np.linalg.norm(queries.astype(np.float64), axis=1).max())
         margin = candidate_margin(
-            queries.shape[1], _rounding_of(self.dtype), query_norm, self._bank_norm
+            queries.shape[1], rounding_of(method.dtype), query_norm, self._bank_norm
         )
         floor = 1.0 - self.widest_radius - FLOAT_SLACK - margin
-        query_rows, bank_rows = self._candidates(queries, floor)
+        scored = (
+            torch.from_numpy(self.vectors) if method.reads_host_rows else self._copies[method.copy]
+        )
+        query_rows, bank_rows = clip_methods.candidates(
+            method, queries, self.vectors, scored, floor, self._block_scores
+        )
         held = self._rows.live(bank_rows)
         return self._exact(queries, query_rows[held], bank_rows[held])
-
-    def _candidates(self, queries: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-        """(query, bank row) pairs whose product is >= floor, in query then row order."""
-        block = max(1, self._block_scores // len(queries))
-        found_queries: list[torch.Tensor] = []
-        found_rows: list[torch.Tensor] = []
-        with torch.inference_mode():
-            on_device = torch.from_numpy(queries).to(self.device, self.dtype)
-            for start in range(0, len(self.vectors), block):
-                scores = torch.matmul(on_device, self._scored[start : start + block].T)
-                # Compared in float32 (exact from float16): a float16 threshold would round.
-                asked, rows = torch.nonzero(scores.float() >= floor, as_tuple=True)
-                found_queries.append(asked)
-                found_rows.append(rows + start)
-            query_rows = torch.cat(found_queries).cpu().numpy()
-            bank_rows = torch.cat(found_rows).cpu().numpy()
-        order = np.lexsort((bank_rows, query_rows))
-        return query_rows[order], bank_rows[order]
 
     def _radius_of(self, bank_ids: np.ndarray) -> np.ndarray:
         """Each row's bank's radius; -inf (never within) for a bank without one."""

@@ -1,7 +1,7 @@
 """A snapshot of the banks, matched exactly: what one screening call matches against.
 
 - SHA-256: a dictionary lookup.
-- PDQ: Faiss's Hamming range search over the snapshot's hashes, distance <= the threshold.
+- PDQ: multi-index hashing (`moderation.banks.pdq_search`), distance <= the threshold.
 - CLIP: a `ClipBank`. Vectors are unit length, so cosine distance is 1 - inner product.
   Candidates come from a matrix product on the worker's device, kept with a proven margin
   below the widest radius of any bank; every candidate is then checked exactly and held
@@ -13,16 +13,15 @@ sees only its own rows, so it never changes once made.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from moderation.banks.clip_search import ClipBank, ClipHit
+from moderation.banks.pdq_search import PdqSnapshot
 from moderation.banks.rows import RowsView
-from moderation.images.hashing import PDQ_BYTES
+from moderation.images.hashing import PDQ_BYTES, PdqHash
 from moderation.images.signals import ImageSignals, SignalType
 
 
@@ -53,11 +52,11 @@ class BankIndex:
         settings: MatchSettings,
         sha256: RowsView,
         rows_of_hash: dict[bytes, list[int]],
-        pdq: RowsView,
+        pdq: PdqSnapshot,
         clip: ClipBank,
     ) -> None:
         """`rows_of_hash`: SHA-256 -> rows of `sha256` (it may list rows this snapshot does
-        not hold); `pdq` rows hold PDQ_BYTES uint8 each."""
+        not hold)."""
         self.settings = settings
         self._sha256 = sha256
         self._rows_of_hash = rows_of_hash
@@ -88,7 +87,6 @@ class BankIndex:
     ) -> list[Match]:
         """`match`, given the `search_clip` hits of the image's embedded frames, in order;
         CLIP matches name `model_id`, the model whose embeddings these are."""
-        _single_threaded_faiss()
         found = self._match_sha256(signals.sha256)
         found += self._match_pdq(signals)
         found += [
@@ -106,6 +104,25 @@ class BankIndex:
         ]
         return _closest_per_entry(found)
 
+    def _search_pdq(
+        self, hashed: list[tuple[int, PdqHash]], threshold: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frame index, row, distance) of every live row within `threshold` bits of the
+        hashes good enough to match on."""
+        queried = [
+            (index, pdq)
+            for index, pdq in hashed
+            if pdq.quality is None or pdq.quality >= self.settings.pdq_min_quality
+        ]
+        if not queried or not len(self._pdq):
+            return (np.empty(0, np.int64),) * 3
+        queries = np.frombuffer(b"".join(pdq.bits for _, pdq in queried), np.uint8).reshape(
+            -1, PDQ_BYTES
+        )
+        query_rows, rows, distances = self._pdq.search(queries, threshold)
+        frames = np.array([index for index, _ in queried], np.int64)[query_rows]
+        return frames, rows, distances
+
     def _match_sha256(self, sha256: bytes) -> list[Match]:
         # A copy: a refresh may append to the list meanwhile.
         rows = np.array(list(self._rows_of_hash.get(sha256, ())), np.int64)
@@ -119,75 +136,35 @@ class BankIndex:
             )
         ]
 
+    def pdq_near_miss(self, signals: ImageSignals, margin: int) -> bool:
+        """Whether frame 0, decoded at reduced scale, has a PDQ more than the threshold but
+        at most `margin` bits more from some entry: one that its full-resolution PDQ might
+        match (see `moderation.images.signals.full_resolution_pdq`)."""
+        if signals.decode_scale == 1 or margin <= 0 or signals.pdq_full_resolution:
+            return False
+        frame0 = [(f.index, f.pdq) for f in signals.frames if f.index == 0]
+        if signals.pdq_as_stored is not None:
+            frame0.append((0, signals.pdq_as_stored))
+        _, _, distances = self._search_pdq(frame0, self.settings.pdq_threshold + margin)
+        return bool((distances > self.settings.pdq_threshold).any())
+
     def _match_pdq(self, signals: ImageSignals) -> Iterable[Match]:
         hashed = [(frame.index, frame.pdq) for frame in signals.frames]
         if signals.pdq_as_stored is not None:
             hashed.append((0, signals.pdq_as_stored))
-        queried = [
-            (index, pdq)
-            for index, pdq in hashed
-            if pdq.quality is None or pdq.quality >= self.settings.pdq_min_quality
-        ]
-        if not queried or not len(self._pdq):
-            return []
-        queries = np.frombuffer(b"".join(pdq.bits for _, pdq in queried), np.uint8).reshape(
-            -1, PDQ_BYTES
-        )
-        limits, distances, rows = _hamming_range_search(
-            queries, self._pdq.payload, self.settings.pdq_threshold
-        )
-        held = self._pdq.live(rows)
+        hashed += [(0, full) for full in signals.pdq_full_resolution]
+        frames, rows, distances = self._search_pdq(hashed, self.settings.pdq_threshold)
         threshold = float(self.settings.pdq_threshold)
-        frames = np.repeat([index for index, _ in queried], np.diff(limits).astype(np.int64))
-        rows = rows[held]
         return [
             Match(entry_id, bank_id, SignalType.PDQ, distance, frame, threshold)
             for entry_id, bank_id, distance, frame in zip(
-                self._pdq.entry_ids[rows].tolist(),
-                self._pdq.bank_ids[rows].tolist(),
-                distances[held].astype(np.float64).tolist(),
-                frames[held].tolist(),
+                self._pdq.rows.entry_ids[rows].tolist(),
+                self._pdq.rows.bank_ids[rows].tolist(),
+                distances.astype(np.float64).tolist(),
+                frames.tolist(),
                 strict=True,
             )
         ]
-
-
-def _hamming_range_search(
-    queries: np.ndarray, hashes: np.ndarray, threshold: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of `hashes` within `threshold` bits of each query, as Faiss's `range_search`
-    gives them (limits, distances, rows), over the array itself: a Faiss index would hold
-    a copy of the hashes, which a snapshot would have to make anew after every change."""
-    hashes = np.ascontiguousarray(hashes)  # a store's first rows: already contiguous
-    result = faiss.RangeSearchResult(len(queries))
-    # Faiss keeps distances strictly below the radius. (Its type stubs lack this function.)
-    faiss.hamming_range_search(  # type: ignore[attr-defined]
-        faiss.swig_ptr(queries),
-        faiss.swig_ptr(hashes),
-        len(queries),
-        len(hashes),
-        threshold + 1,
-        PDQ_BYTES,
-        result,
-    )
-    limits = faiss.rev_swig_ptr(result.lims, len(queries) + 1).copy()
-    found = int(limits[-1])
-    distances = faiss.rev_swig_ptr(result.distances, found).copy()
-    rows = faiss.rev_swig_ptr(result.labels, found).copy()
-    return limits, distances, rows
-
-
-_faiss_threads = threading.local()
-
-
-def _single_threaded_faiss() -> None:
-    """Keep Faiss to the calling thread. Its OpenMP thread count is per calling thread, and
-    by default each of a worker's many task threads would get its own team, one spinning
-    helper thread per core, to split a search of one image's few queries. Measured on a
-    2-core worker: 32 extra threads and 1.3 ms of CPU per upload, for nothing."""
-    if not getattr(_faiss_threads, "single", False):
-        faiss.omp_set_num_threads(1)
-        _faiss_threads.single = True
 
 
 def _closest_per_entry(matches: list[Match]) -> list[Match]:

@@ -34,6 +34,7 @@ from sqlalchemy import ColumnElement, true
 from sqlalchemy.orm import Session
 
 from moderation.banks.changes import Changes, ChangeTail
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.index import BankIndex, MatchSettings
 from moderation.banks.models import Bank, BankEntry
 from moderation.banks.reads import Reading, SignalStores, read_entries, read_radii
@@ -58,22 +59,35 @@ class LiveBanks:
     """The stores, the radius of each enabled bank, and where they stand in the log."""
 
     def __init__(
-        self, reading: Reading, settings: MatchSettings, device: str, tail: ChangeTail
+        self,
+        reading: Reading,
+        settings: MatchSettings,
+        device: str,
+        tail: ChangeTail,
+        plan: ClipPlan | None = None,
     ) -> None:
+        """`plan`: how CLIP vectors are searched (default: `clip_plan.default_plan`)."""
         self._reading = reading
         self._settings = settings
         self._device = device
+        self._plan = plan
         self._tail = tail
-        self._stores = SignalStores.empty(reading.dim, device=device)
+        self._stores = self._empty_stores()
         self._radii: dict[int, float] = {}
         self._must_load = True
 
     @classmethod
     def load(
-        cls, session: Session, reading: Reading, settings: MatchSettings, device: str = "cpu"
+        cls,
+        session: Session,
+        reading: Reading,
+        settings: MatchSettings,
+        device: str = "cpu",
+        plan: ClipPlan | None = None,
     ) -> LiveBanks:
         """Everything, read in `session` (READ COMMITTED, see `moderation.banks.changes`)."""
-        live = cls(reading, settings, device, ChangeTail.start(session, reading.model_id))
+        tail = ChangeTail.start(session, reading.model_id)
+        live = cls(reading, settings, device, tail, plan)
         live.refresh(session)
         return live
 
@@ -88,7 +102,7 @@ class LiveBanks:
             self._settings,
             stores.sha256.view(),
             stores.sha256.rows_of_hash,
-            stores.pdq.view(),
+            stores.pdq.snapshot(),
             stores.clip.bank(self._radii),
         )
 
@@ -105,12 +119,15 @@ class LiveBanks:
         return Refreshed(len(changes.ids), loaded=loads) if loads or changes else None
 
     def _load(self, session: Session) -> None:
-        stores = SignalStores.empty(self._reading.dim, device=self._device)
+        stores = self._empty_stores()
         radii = read_radii(session, self._reading)
         read_entries(session, self._reading, true(), stores)
         stores.seal()
         self._stores, self._radii = stores, radii
         self._must_load = False
+
+    def _empty_stores(self) -> SignalStores:
+        return SignalStores.empty(self._reading.dim, device=self._device, plan=self._plan)
 
     def _apply(self, session: Session, changes: Changes) -> None:
         reading = self._reading

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy.orm import Session
 
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import ClipHit as ClipHit  # in `search_clip`'s signature
 from moderation.banks.index import BankIndex as BankIndex
 from moderation.banks.index import Match as Match
@@ -32,11 +33,17 @@ def _reading(model_id: int, dim: int, settings: MatchSettings) -> Reading:
 
 
 def load_index(
-    session: Session, model_id: int, dim: int, settings: MatchSettings, device: str = "cpu"
+    session: Session,
+    model_id: int,
+    dim: int,
+    settings: MatchSettings,
+    device: str = "cpu",
+    plan: ClipPlan | None = None,
 ) -> BankIndex:
     """A snapshot of every entry of every enabled bank, read afresh. Reads; writes nothing.
-    `device`: where CLIP vectors are scored (see `ClipBank`)."""
-    return LiveBanks.load(session, _reading(model_id, dim, settings), settings, device).snapshot()
+    `device`, `plan`: where and how CLIP vectors are scored (see `ClipBank`)."""
+    reading = _reading(model_id, dim, settings)
+    return LiveBanks.load(session, reading, settings, device, plan).snapshot()
 
 
 class BankMatcher:
@@ -63,11 +70,14 @@ class BankMatcher:
         settings: MatchSettings,
         refresh_s: float,
         device: str = "cpu",
+        plan: ClipPlan | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`sessions`: READ COMMITTED sessions (each statement sees what committed before
         it); `device`: where CLIP vectors are scored, the worker's
-        (`Settings.resolved_device`); `clock`: seconds, for `refresh_s`."""
+        (`Settings.resolved_device`); `plan`: which method scores them, by batch and bank
+        size (`clip_calibration.plan_for`; default: `clip_plan.default_plan`); `clock`:
+        seconds, for `refresh_s`."""
         self._sessions = sessions
         self._refresh_s = refresh_s
         self._clock = clock
@@ -76,7 +86,7 @@ class BankMatcher:
         started = time.monotonic()
         with sessions() as session:
             self._banks = LiveBanks.load(
-                session, _reading(model_id, dim, settings), settings, device
+                session, _reading(model_id, dim, settings), settings, device, plan
             )
         self._index = self._banks.snapshot()
         logger.info("bank index loaded in %.3f s: %s", time.monotonic() - started, self._index.size)

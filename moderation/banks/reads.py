@@ -21,8 +21,10 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from moderation import pg_copy
+from moderation.banks.clip_plan import ClipPlan
 from moderation.banks.clip_search import ClipRows
 from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
+from moderation.banks.pdq_search import PdqRows
 from moderation.banks.rows import Sha256Rows, SignalRows
 from moderation.images.hashing import PDQ_BYTES
 
@@ -32,15 +34,18 @@ class SignalStores:
     """The rows of each signal (see `moderation.banks.rows`)."""
 
     sha256: Sha256Rows
-    pdq: SignalRows
+    pdq: PdqRows
     clip: ClipRows
 
     @classmethod
-    def empty(cls, dim: int, *, device: str = "cpu", capacity: int = 0) -> SignalStores:
+    def empty(
+        cls, dim: int, *, device: str = "cpu", plan: ClipPlan | None = None, capacity: int = 0
+    ) -> SignalStores:
+        """`plan`: how the CLIP rows are searched, which decides the copies they keep."""
         return cls(
             sha256=Sha256Rows(),
-            pdq=SignalRows(np.uint8, (PDQ_BYTES,)),
-            clip=ClipRows(dim, device=device, capacity=capacity),
+            pdq=PdqRows(),
+            clip=ClipRows(dim, device=device, plan=plan, capacity=capacity),
         )
 
     def seal(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -60,6 +60,13 @@ class ImageSignals:
     # HMA) hold this one for a photo stored sideways; matching tries both.
     pdq_as_stored: PdqHash | None = None
     frame_count_exact: bool = True
+    # Frame 0 was decoded at 1/decode_scale of its size (a large JPEG, see `decode`), so
+    # its PDQ differs from the full-resolution reference by a few bits.
+    decode_scale: int = 1
+    # PDQ of frame 0 at full resolution (and as stored, when orientation turned it), as
+    # hash lists hold it: computed only for an upload decoded at reduced scale whose PDQ
+    # came near a bank entry (see `full_resolution_pdq`), and matched beside the others.
+    pdq_full_resolution: tuple[PdqHash, ...] = ()
 
     @property
     def embedded_frames(self) -> list[FrameSignals]:
@@ -126,4 +133,21 @@ def extract_signals(
             for index, (hashed, crops, kept) in decoded.frames
         ],
         pdq_as_stored=decoded.as_stored,
+        decode_scale=decoded.scale,
     )
+
+
+def full_resolution_pdq(
+    data: bytes, limits: DecodeLimits, budget: Budget | None = None
+) -> tuple[PdqHash, ...]:
+    """PDQ of frame 0 at full resolution as the reference hashes it, and as stored where
+    EXIF orientation turns it: what a hash list made elsewhere holds for this image."""
+    decoded = decode(
+        data,
+        replace(limits, decode_min_side=None, max_hashed_frames=1),
+        lambda frame, sampled: pdq(frame),
+        budget=budget,
+        visit_as_stored=pdq,
+    )
+    upright: PdqHash = decoded.frames[0][1]
+    return (upright,) if decoded.as_stored is None else (upright, decoded.as_stored)

@@ -169,7 +169,7 @@ class Targets:
         queries = np.frombuffer(b"".join(row[2] for row in rows), np.uint8).reshape(-1, PDQ_BYTES)
         import faiss
 
-        # Keep Faiss to this thread (see `matcher._single_threaded_faiss`); Faiss keeps
+        # Keep Faiss to this thread (see `pdq_search._scanned`); Faiss keeps
         # distances strictly below the radius it is given.
         faiss.omp_set_num_threads(1)
         limits, distances, found = self._pdq.range_search(queries, self.settings.pdq_threshold + 1)

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
@@ -66,6 +66,7 @@ from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED
 from moderation.screening import service
 from moderation.worker.batching import BatchTimeout
 from moderation.worker.group_commit import GroupCommit
+from moderation.worker.intake.full_resolution import FullResolutionPdq
 from moderation.worker.intake.jobs import IntakeTimes
 from moderation.worker.intake.pool import build_intake
 from moderation.worker.intake.stage import Intake
@@ -162,6 +163,7 @@ class Screener:
         # with a crop slot of its own while it is in intake or embedding.
         at_once = slots or settings.resolved_concurrency()
         self.intake: Intake = build_intake(settings, slots=at_once)
+        self._full_resolution_pdq = FullResolutionPdq(settings)
         self._threads = ThreadPoolExecutor(at_once, thread_name_prefix="screening")
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
@@ -319,6 +321,22 @@ class Screener:
                 for lane in lineup.lanes
             ]
             matches = merge_model_matches(per_model)
+            # PDQ is the same under every model: the active lane's index says whether the
+            # reduced-scale hash fell near an entry (see `FullResolutionPdq`).
+            active = lineup.lanes[0].matcher.current()
+            near_miss = active.pdq_near_miss(signals, self.settings.pdq_full_resolution_margin)
+        if near_miss:
+            with self._stage("full_resolution_pdq", upload_id):
+                full = self._full_resolution_pdq(claim.uri, claim.declared_sha256)
+            signals = replace(signals, pdq_full_resolution=full)
+            with self._stage("match", upload_id):
+                per_model = [
+                    lane.matcher.current().match_searched(
+                        signals, embedded[lane.model_id][1], model_id=lane.model_id
+                    )
+                    for lane in lineup.lanes
+                ]
+                matches = merge_model_matches(per_model)
         return signals, {model: vectors for model, (vectors, _) in embedded.items()}, matches
 
     def embed(
