@@ -207,3 +207,46 @@ def test_a_frame_gets_one_crop_per_model_from_one_decode(
     (frame,) = signals.frames
     assert [c.shape for c in frame.crops] == [clip.crop_shape, siglip.crop_shape]
     np.testing.assert_array_equal(signals.embedding_inputs(1)[0], siglip(Image.open(BytesIO(data))))
+
+
+def test_a_siglip_checkpoint_with_a_sentencepiece_tokenizer_embeds_texts(
+    tiny_siglip: Path, tmp_path: Path
+) -> None:
+    """Real SigLIP (v1) checkpoints ship a SentencePiece model (`spiece.model`) read by
+    SiglipTokenizer, not a `tokenizer.json`: the tiny checkpoint given one such tokenizer,
+    trained here on a few captions, embeds texts as the model itself does."""
+    import sentencepiece
+    from transformers import SiglipTokenizer
+
+    checkpoint = tmp_path / "siglip-v1-like"
+    shutil.copytree(tiny_siglip, checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (checkpoint / name).unlink(missing_ok=True)
+    captions = ["a red sports car on a road", "a photo of a cat", "two dogs in the snow"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions * 50))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "captions.txt"),
+        model_prefix=str(tmp_path / "spiece"),
+        vocab_size=30,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), model_max_length=64).save_pretrained(
+        checkpoint
+    )
+    assert (checkpoint / "spiece.model").exists()
+    embedder = open_embedder(str(checkpoint))
+    (ours,) = embedder.embed_texts(["a cat on a road"])
+    tokens = SiglipTokenizer.from_pretrained(str(checkpoint))(
+        ["a cat on a road"], padding="max_length", max_length=64, return_tensors="pt"
+    )
+    model: Any = SiglipModel.from_pretrained(str(checkpoint))
+    model.eval()
+    with torch.inference_mode():
+        output = model.get_text_features(input_ids=tokens["input_ids"])
+    features = output if isinstance(output, torch.Tensor) else output.pooler_output
+    np.testing.assert_allclose(ours, torch.nn.functional.normalize(features, dim=-1)[0], atol=1e-5)
