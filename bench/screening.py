@@ -260,9 +260,10 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
     elapsed = (max(finished) - started_at).total_seconds()
     with session_scope() as session:
         hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
+    # Model stages are named per model lane (`embedding-<model id>`); the one lane's.
     batches = {
         stage: re.search(
-            rf"{stage}: (\d+) items in (\d+) batches \(mean [\d.]+\), busy (\d+)%", log
+            rf"{stage}(?:-\d+)?: (\d+) items in (\d+) batches \(mean [\d.]+\), busy (\d+)%", log
         )
         for stage in ("embedding", "clip-search", "claim-writer", "result-writer")
     }

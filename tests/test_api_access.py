@@ -9,9 +9,9 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.http.access import route_roles
+from moderation.http.routes import app_routes
 from moderation.main.app import create_app
 from tests.api_fixtures import api, bearer, keys
-from tests.routes import app_routes
 
 __all__ = ["api", "keys"]
 

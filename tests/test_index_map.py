@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,14 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
 from moderation.db import session_scope
-from moderation.embedding.models import Embedding
+from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
 from moderation.main.cli import main
@@ -105,8 +108,9 @@ def separated_along_first_axis(
 
 
 def test_the_sample_labels_every_hit_and_its_projection_separates_the_clusters(
-    session: Session,
+    clean_db: None, session: Session
 ) -> None:
+    # clean_db: other tests commit uploads under MODEL and a bank of this name.
     bad, ordinary = two_clusters(40)
     store(session, bad, bank_entry(session, "known-bad"))
     store(session, ordinary, None)
@@ -217,37 +221,66 @@ def test_map_command_for_a_model_without_embeddings_fails_cleanly(
     assert not (tmp_path / "m.png").exists()
 
 
-def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
-    site: TestClient, keys: dict[Role, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from moderation.config import get_settings
+@contextmanager
+def serving(name: str) -> Iterator[None]:
+    """`name` as the registry's active model for the block (the map draws the active
+    model, whatever MODERATION_MODEL says once the registry has one); the states before
+    are restored after."""
+    with session_scope() as session:
+        rows = session.execute(select(EmbeddingModel.name, EmbeddingModel.state))
+        states = {name: state for name, state in rows}
+        session.execute(
+            update(EmbeddingModel)
+            .where(EmbeddingModel.state == ModelState.ACTIVE)
+            .values(state=ModelState.CANDIDATE)
+        )
+        session.execute(
+            update(EmbeddingModel)
+            .where(EmbeddingModel.name == name)
+            .values(state=ModelState.ACTIVE)
+        )
+    try:
+        yield
+    finally:
+        with session_scope() as session:
+            session.execute(
+                update(EmbeddingModel)
+                .where(EmbeddingModel.name == name)
+                .values(state=states.get(name, ModelState.RETIRED))
+            )
+            session.flush()  # before the one it replaced: one active row at a time
+            for other, state in states.items():
+                if state is ModelState.ACTIVE and other != name:
+                    session.execute(
+                        update(EmbeddingModel)
+                        .where(EmbeddingModel.name == other)
+                        .values(state=state)
+                    )
 
+
+def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
+    site: TestClient, keys: dict[Role, str]
+) -> None:
     # Committed, so under a model of its own: the other tests here count one model's uploads.
     page_model = "map-page-test-model"
-    monkeypatch.setenv("MODERATION_MODEL", page_model)
-    get_settings.cache_clear()
-    try:
-        bad, ordinary = two_clusters(30, seed=5)
-        with session_scope() as session:
-            store(session, bad, bank_entry(session, "page-bank"), page_model)
-            store(session, ordinary, None, page_model)
+    bad, ordinary = two_clusters(30, seed=5)
+    with session_scope() as session:
+        store(session, bad, bank_entry(session, "page-bank"), page_model)
+        store(session, ordinary, None, page_model)
+    with serving(page_model):
         for role in (Role.ANALYST, Role.REVIEWER):
             site.cookies.clear()
             log_in(site, keys[role])
             page = site.get("/search/map")
             assert page.status_code == 200
             assert 'src="/search/map.png"' in page.text
+            assert page_model in page.text
             picture = site.get("/search/map.png")
             assert picture.status_code == 200
             assert picture.headers["cache-control"] == "private, no-store"
             image = Image.open(io.BytesIO(picture.content))
             assert image.size == (1200, 900)
-        site.cookies.clear()
-        log_in(site, keys[Role.ANALYST])
         # A submitter may not see it, and nobody without a login.
         site.cookies.clear()
         assert site.get("/search/map.png", headers=bearer(keys[Role.SUBMITTER])).status_code == 403
         assert site.get("/search/map.png").status_code in (303, 401)
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()

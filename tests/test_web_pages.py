@@ -20,6 +20,7 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.http.access import route_roles
+from moderation.http.routes import app_routes
 from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
@@ -28,7 +29,6 @@ from moderation.web import service as web
 from moderation.web.models import WebSession
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
-from tests.routes import app_routes
 from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 
 (CAPTURE,) = REVIEW_CHORES

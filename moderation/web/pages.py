@@ -24,7 +24,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from moderation.auth.models import Role
 from moderation.config import get_settings
@@ -41,6 +40,7 @@ from moderation.http.access import (
     route_roles,
 )
 from moderation.http.errors import error_answer
+from moderation.http.routes import route_for
 from moderation.http.types import form_datetime
 from moderation.images.signals import SignalType
 from moderation.review import service as review
@@ -80,12 +80,11 @@ def _local_path(target: str | None) -> str | None:
 def _admits(request: Request, target: str, role: Role) -> bool:
     """Whether the page at `target` admits `role`: a login from a link to the queue takes
     an analyst to the analyst's own page, not to a refusal."""
-    scope = {"type": "http", "path": target.split("?")[0], "method": "GET"}
-    for route in request.app.router.routes:
-        if isinstance(route, APIRoute) and route.matches(scope)[0] is Match.FULL:
-            roles = route_roles(route)
-            return roles is None or role in roles or role is Role.ADMIN
-    return False
+    route = route_for(request.app, target.split("?")[0])
+    if route is None:
+        return False
+    roles = route_roles(route)
+    return roles is None or role in roles or role is Role.ADMIN
 
 
 @router.get("/", openapi_extra=public())
