@@ -103,6 +103,18 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=10_000, ge=1)
     # Decoded pixels a worker holds at once, over all its task threads (estimated peaks).
     decode_memory_mb: int = Field(default=2048, gt=0)
+    # The same for an API process (thumbnails, searches by example image, bank entries
+    # added from an image), with at most `api_decodes` decoding at once: six requests for
+    # one small WebP that declares 16383x3000 pixels would otherwise hold about 3.5 GiB.
+    # A decode larger than the whole budget runs alone.
+    api_decode_memory_mb: int = Field(default=512, gt=0)
+    api_decodes: int = Field(default=2, ge=1)
+    # Fetches an API process makes at once (thumbnails, searches by a URI), and to any one
+    # host; a request past either limit is answered 503 at once instead of holding one of
+    # the threads every other request needs (a slow server held them all, and /healthz
+    # waited 10 s behind it).
+    api_fetches: int = Field(default=8, ge=1)
+    api_fetches_per_host: int = Field(default=2, ge=1)
     # Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), the most
     # that keeps the shorter side at least this long (and never below the embedding model's
     # input side). At 512 a 12-megapixel photo decodes at 1/4 (1008x756). Measured on

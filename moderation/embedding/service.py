@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from moderation.embedding.models import EmbeddingModel
 from moderation.errors import Conflict, Invalid
+from moderation.images.budget import Budget
 from moderation.images.decode import DecodeLimits
 from moderation.images.signals import ImageSignals, extract_signals
 
@@ -70,10 +71,11 @@ def model_dim(name: str) -> int:
 
 
 def embed_first_frame(
-    data: bytes, embedder: Embedder, limits: DecodeLimits
+    data: bytes, embedder: Embedder, limits: DecodeLimits, *, budget: Budget | None = None
 ) -> tuple[ImageSignals, np.ndarray]:
     """An image's signals and its first frame's embedding, decoded and preprocessed exactly
     as screening does: the one way an image outside screening (a bank entry, a shared
-    embedding, a search by example) is embedded. Raises `BadInput`."""
-    signals = extract_signals(data, limits, embedder.preprocess)
+    embedding, a search by example) is embedded. Raises `BadInput`. `budget`: the
+    process's decode budget, where it decodes for many callers at once."""
+    signals = extract_signals(data, limits, embedder.preprocess, budget)
     return signals, embedder.embed_one(signals.embedding_inputs()[0])

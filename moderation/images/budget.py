@@ -42,6 +42,7 @@ class MemoryBudget:
         self.total_bytes = total_bytes
         self.release_after_bytes = release_after_bytes
         self._used = 0
+        self.most_used_bytes = 0  # the high-water mark, for tests and metrics
         self._next_ticket = 0
         self._serving = 0
         self._changed = threading.Condition()
@@ -64,6 +65,7 @@ class MemoryBudget:
             )
             self._serving += 1
             self._used += nbytes
+            self.most_used_bytes = max(self.most_used_bytes, self._used)
             self._changed.notify_all()  # the next in line may fit too
         try:
             yield
@@ -73,3 +75,32 @@ class MemoryBudget:
                 self._changed.notify_all()
             if self.release_after_bytes is not None and nbytes >= self.release_after_bytes:
                 release_free_memory()
+
+
+class DecodeGate:
+    """A memory budget with a cap on how many decodes run at once: what a process that
+    decodes on request threads (the API) holds, where a worker's budget alone would let
+    every thread of its pool start a decode."""
+
+    def __init__(self, total_bytes: int, max_decodes: int) -> None:
+        if max_decodes < 1:
+            raise ValueError("at least one decode must be allowed")
+        self.memory = MemoryBudget(total_bytes)
+        self.max_decodes = max_decodes
+        self._slots = threading.BoundedSemaphore(max_decodes)
+        self._lock = threading.Lock()
+        self.decoding = 0
+        self.most_decoding = 0  # the high-water mark, for tests and metrics
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._slots:
+            with self._lock:
+                self.decoding += 1
+                self.most_decoding = max(self.most_decoding, self.decoding)
+            try:
+                with self.memory.reserve(nbytes):
+                    yield
+            finally:
+                with self._lock:
+                    self.decoding -= 1

@@ -30,6 +30,7 @@ from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from moderation.embedding.service import embed_first_frame
 from moderation.errors import Invalid
+from moderation.http.limits import FETCHES_SETTING, api_limits
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
@@ -191,7 +192,8 @@ class SearchRuntime:
         """An example image's bytes, decoded and embedded exactly as screening does."""
         limits = DecodeLimits.from_settings(self.settings)
         model_id, name = self._serving()
-        _, vector = embed_first_frame(data, self._embedder_of(model_id, name), limits)
+        embedder = self._embedder_of(model_id, name)
+        _, vector = embed_first_frame(data, embedder, limits, budget=api_limits().decodes)
         return SearchQuery(vector=vector, model_id=model_id, image=data)
 
     def fetched_image_query(self, path_or_uri: str, *, operator_file: bool) -> SearchQuery:
@@ -201,12 +203,14 @@ class SearchRuntime:
         policy = UriPolicy.from_settings(self.settings)
         if operator_file:
             policy = policy.allowing_files([path_or_uri])
-        data = fetch(
-            to_uri(path_or_uri),
-            policy=policy,
-            max_bytes=self.settings.max_bytes,
-            timeout_s=self.settings.fetch_timeout_s,
-        )
+        uri = to_uri(path_or_uri)
+        with api_limits().fetches.taken(uri, setting=FETCHES_SETTING):
+            data = fetch(
+                uri,
+                policy=policy,
+                max_bytes=self.settings.max_bytes,
+                timeout_s=self.settings.fetch_timeout_s,
+            )
         return self.image_query(data)
 
     def upload_query(self, upload_id: int) -> SearchQuery:

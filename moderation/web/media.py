@@ -22,6 +22,7 @@ from moderation.evidence import service as evidence
 from moderation.evidence.models import Evidence, EvidenceState
 from moderation.evidence.vault import Vault
 from moderation.http.access import Caller, allow
+from moderation.http.limits import api_limits
 from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
@@ -195,7 +196,7 @@ def upload_thumbnail(
                 subject_id=upload_id,
             )
     try:
-        return _image(fetched_thumbnail(uri, screened, get_settings(), reveal=reveal))
+        return _image(fetched_thumbnail(uri, screened, get_settings(), api_limits(), reveal=reveal))
     except ContentChanged as changed:
         return Response(
             changed.message, status.HTTP_409_CONFLICT, media_type="text/plain", headers=NO_STORE

@@ -17,6 +17,7 @@ from PIL import Image
 
 from moderation.config import Settings
 from moderation.errors import Conflict
+from moderation.http.limits import FETCHES_SETTING, ApiLimits
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.fetch import fetch
 from moderation.images.hashing import sha256
@@ -56,30 +57,34 @@ def spread(frames: list[int], around: int, count: int = STRIP_FRAMES) -> list[in
 
 
 def fetched_thumbnail(
-    uri: str, screened_sha256: bytes, settings: Settings, *, reveal: bool
+    uri: str, screened_sha256: bytes, settings: Settings, limits: ApiLimits, *, reveal: bool
 ) -> bytes:
     """A JPEG of the upload at `uri`, at most `settings.thumbnail_side` on its longer side,
-    blurred unless `reveal`, if the URI still serves the bytes screened. Raises
-    `ContentChanged`, or `IntakeError` as the worker would for the same URI."""
+    blurred unless `reveal`, if the URI still serves the bytes screened; fetched and decoded
+    within this process's `limits`. Raises `ContentChanged`, `FetchesBusy`, or
+    `IntakeError` as the worker would for the same URI."""
     side = settings.thumbnail_side
-    data = fetch(
-        uri,
-        policy=UriPolicy.from_settings(settings),
-        max_bytes=settings.max_bytes,
-        timeout_s=settings.fetch_timeout_s,
-    )
+    with limits.fetches.taken(uri, setting=FETCHES_SETTING):
+        data = fetch(
+            uri,
+            policy=UriPolicy.from_settings(settings),
+            max_bytes=settings.max_bytes,
+            timeout_s=settings.fetch_timeout_s,
+        )
     if sha256(data) != screened_sha256:
         raise ContentChanged(
             f"content changed since screening: the URI now serves SHA-256 {sha256(data).hex()}, "
             f"screened {screened_sha256.hex()}; nothing of it is shown"
         )
     # The first frame only; large JPEGs decode at a reduced scale no smaller than the thumbnail.
-    limits = replace(
+    decode_limits = replace(
         DecodeLimits.from_settings(settings),
         max_frames=1,
         max_hashed_frames=1,
         decode_min_side=side,
     )
-    decoded = decode(data, limits, lambda frame, _sampled: shrink(frame, side))
+    decoded = decode(
+        data, decode_limits, lambda frame, _sampled: shrink(frame, side), budget=limits.decodes
+    )
     small = decoded.frames[0][1]
     return to_jpeg(small if reveal else blur(small))

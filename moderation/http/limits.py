@@ -1,0 +1,33 @@
+"""What an API process allows itself at once of the work untrusted content can make slow or
+large: decoding images and fetching them. One of each per process, shared by every route
+that decodes or fetches (thumbnails, searches by example image or URI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from moderation.config import Settings, get_settings
+from moderation.images.budget import DecodeGate
+from moderation.images.fetch_slots import FetchSlots
+
+FETCHES_SETTING = "MODERATION_API_FETCHES"
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    decodes: DecodeGate
+    fetches: FetchSlots
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiLimits:
+        return cls(
+            decodes=DecodeGate(settings.api_decode_memory_mb * 2**20, settings.api_decodes),
+            fetches=FetchSlots(settings.api_fetches, settings.api_fetches_per_host),
+        )
+
+
+@lru_cache(maxsize=1)
+def api_limits() -> ApiLimits:
+    """This process's limits, from its settings."""
+    return ApiLimits.from_settings(get_settings())
