@@ -53,8 +53,11 @@ def capture(
             detail=f"fetched {datetime.now(UTC):%Y-%m-%d %H:%M:%S %Z}: SHA-256 {observed.hex()}",
         )
     try:
+        # Thumbnails only: a large JPEG decodes at the reduced scale that still covers them.
         decoded = decode(
-            data, replace(limits, max_frames=1), lambda frame, _: frame_thumbnail(frame, vault.side)
+            data,
+            replace(limits, max_frames=1, decode_min_side=vault.side),
+            lambda frame, _: frame_thumbnail(frame, vault.side),
         )
     except BadInput as error:  # cannot be, for bytes that screened; kept as a reason anyway
         return CaptureOutcome(taken.upload_id, EvidenceState.UNAVAILABLE, detail=str(error))
