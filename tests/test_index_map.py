@@ -4,6 +4,7 @@ by bank hit, read from the real PostgreSQL."""
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
 from moderation.main.cli import main
-from moderation.review.models import Hit
+from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search.map_cli import index_map
 from moderation.search.projection import (
@@ -273,7 +274,7 @@ def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
             log_in(site, keys[role])
             page = site.get("/search/map")
             assert page.status_code == 200
-            assert 'src="/search/map.png"' in page.text
+            assert 'href="/search/map.png"' in page.text
             assert page_model in page.text
             picture = site.get("/search/map.png")
             assert picture.status_code == 200
@@ -284,3 +285,52 @@ def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
         site.cookies.clear()
         assert site.get("/search/map.png", headers=bearer(keys[Role.SUBMITTER])).status_code == 403
         assert site.get("/search/map.png").status_code in (303, 401)
+
+
+def test_the_map_page_draws_each_upload_as_a_link_coloured_by_bank_and_review(
+    site: TestClient, keys: dict[Role, str]
+) -> None:
+    page_model = "map-points-test-model"
+    bad, ordinary = two_clusters(12, seed=7)
+    with session_scope() as session:
+        store(session, bad, bank_entry(session, "points-bank"), page_model)
+        store(session, ordinary, None, page_model)
+        hit_uploads = session.scalars(
+            select(Hit.upload_id)
+            .join(Embedding, Embedding.upload_id == Hit.upload_id)
+            .join(EmbeddingModel, EmbeddingModel.id == Embedding.model_id)
+            .where(EmbeddingModel.name == page_model)
+            .order_by(Hit.upload_id)
+        ).all()
+        confirmed = hit_uploads[0]
+        session.execute(
+            update(Hit)
+            .where(Hit.upload_id == confirmed)
+            .values(review_status=ReviewStatus.CONFIRMED)
+        )
+    with serving(page_model):
+        log_in(site, keys[Role.ANALYST])
+        page = site.get("/search/map")
+    assert page.status_code == 200
+    points = re.findall(
+        r'<a class="point" href="/review/uploads/(\d+)" data-upload="\1"\s+'
+        r'data-label="([^"]*)" data-status="([^"]*)">\s*<circle [^>]*fill="(#[0-9a-f]{6})" '
+        r'class="status-([\w-]+)"',
+        page.text,
+    )
+    assert len(points) == 24
+    by_upload = {
+        int(upload): (label, status, colour) for upload, label, status, colour, _ in points
+    }
+    assert set(hit_uploads) <= set(by_upload)
+    # One colour for the bank's uploads, another for the rest; hits drawn last (on top).
+    bank_colours = {by_upload[u][2] for u in hit_uploads}
+    other_colours = {c for u, (_, _, c) in by_upload.items() if u not in hit_uploads}
+    assert len(bank_colours) == 1
+    assert other_colours == {"#b0b0b0"}
+    assert bank_colours != other_colours
+    assert [int(p[0]) in hit_uploads for p in points] == [False] * 12 + [True] * 12
+    # Each upload's place in review: its hits' status, or no hit.
+    assert by_upload[confirmed][:2] == ("points-bank", "confirmed")
+    assert {by_upload[u][1] for u in hit_uploads if u != confirmed} == {"pending"}
+    assert {status for u, (_, status, _) in by_upload.items() if u not in hit_uploads} == {NO_HIT}

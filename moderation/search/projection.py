@@ -21,14 +21,14 @@ from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import func, select
+from sqlalchemy import Text, cast, func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.models import Bank, BankEntry
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
 from moderation.errors import NotFound
-from moderation.review.models import Hit
+from moderation.review.models import Hit, ReviewStatus
 
 NO_HIT = "no hit"
 # Pixels of the PNG: large enough to read a legend of a dozen banks, small enough to mail.
@@ -50,6 +50,8 @@ class CorpusSample:
     # NO_HIT, or the names of the banks the upload hit, joined by " + ".
     labels: list[str]
     corpus_size: int
+    # Where each upload's hits stand in review (`review_state`); NO_HIT for none.
+    statuses: list[str]
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,34 @@ def sample_corpus(session: Session, model_name: str, sample: int, seed: int = 0)
         np.float32
     )
     labels = [" + ".join(hit_banks.get(int(u), [NO_HIT])) for u in upload_ids[chosen]]
-    return CorpusSample(upload_ids[chosen], vectors, labels, corpus_size=len(rows))
+    states = _review_states(session, upload_ids[chosen][has_hit[chosen]].tolist())
+    statuses = [states.get(int(u), NO_HIT) for u in upload_ids[chosen]]
+    return CorpusSample(upload_ids[chosen], vectors, labels, len(rows), statuses)
+
+
+# An upload's hits in review, summed up by the one that needs a person most: any pending
+# hit makes the upload pending, then escalated, confirmed, dismissed.
+_STATE_ORDER = [
+    ReviewStatus.PENDING,
+    ReviewStatus.ESCALATED,
+    ReviewStatus.CONFIRMED,
+    ReviewStatus.DISMISSED,
+]
+
+
+def _review_states(session: Session, upload_ids: list[int]) -> dict[int, str]:
+    """Upload id -> where its hits stand in review, for uploads with hits."""
+    states: dict[int, str] = {}
+    for start in range(0, len(upload_ids), FETCH_CHUNK):
+        chunk = upload_ids[start : start + FETCH_CHUNK]
+        for upload_id, found in session.execute(
+            select(Hit.upload_id, func.array_agg(func.distinct(cast(Hit.review_status, Text))))
+            .where(Hit.upload_id.in_(chunk))
+            .group_by(Hit.upload_id)
+        ):
+            present = {ReviewStatus(value) for value in found}
+            states[upload_id] = next(state for state in _STATE_ORDER if state in present).value
+    return states
 
 
 def _banks_hit(session: Session) -> dict[int, list[str]]:

@@ -193,10 +193,21 @@ ANALYSTS = allow(Role.ANALYST, Role.REVIEWER)
 
 @router.get("/search/map", openapi_extra=ANALYSTS)
 def map_page(request: Request) -> HTMLResponse:
-    """The embedding-space picture for analysts (`moderation index map` on the command line)."""
+    """The embedding space for analysts, drawn as points they can hover (the upload's
+    blurred thumbnail), click (its page) and select by region (exported as a list); the
+    same sample as `moderation index map` draws to a PNG."""
+    from moderation.search.map_view import map_view
+    from moderation.search.projection import NothingToMap, sample_corpus
+
     with session_scope() as session:
         model = registry.serving_name(session, get_settings().resolved_model())
-    return render(request, "map.html", {"model": model, "sample": MAP_SAMPLE})
+        try:
+            view = map_view(sample_corpus(session, model, MAP_SAMPLE))
+            empty = None
+        except NothingToMap as nothing:
+            view, empty = None, nothing.message
+    context = {"model": model, "sample": MAP_SAMPLE, "view": view, "empty": empty}
+    return render(request, "map.html", context)
 
 
 @router.get("/search/map.png", openapi_extra=ANALYSTS)
