@@ -173,8 +173,8 @@ class Settings(BaseSettings):
     intake_timeout_s: float = Field(default=120.0, gt=0)
     # Jobs sent down an intake process's pipe at once: the next waits there while the
     # current one runs, so the process never idles while the worker's interpreter, busy
-    # with other threads, gets round to handing it one (measured on two cores: README,
-    # "How a worker is built"). 1: one at a time.
+    # with other threads, gets round to handing it one (measured on two cores:
+    # bench/README.md). 1: one at a time.
     intake_jobs_per_process: int = Field(default=2, ge=1)
     # The longest a task waits on any other stage (a claim or result commit, a forward pass,
     # a bank search) before giving up with a retried fault: a stall never becomes a hang.
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
     search_commit_lag_s: float = Field(default=1.0, ge=0)
     # A process that has added this many rows since the last snapshot writes a new one.
     search_snapshot_every: int = Field(default=10_000, ge=1)
-    # Verdict webhooks (README, "Webhooks"). Events are written to the outbox only while a
+    # Verdict webhooks (docs/api.md, "Webhooks"). Events are written to the outbox only while a
     # URL is set; the sender (`moderation webhooks send`) signs each with the secret.
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -326,7 +326,7 @@ class Settings(BaseSettings):
     def resolved_intake_processes(self) -> int:
         """Intake processes: on CUDA every core but two (the feeder thread's interpreter and
         the database writers, Celery, PostgreSQL); on CPU the model needs cores too, so half.
-        Measured on two cores (README, Performance)."""
+        Measured on two cores (bench/README.md)."""
         if self.intake_processes is not None:
             return self.intake_processes
         cores = _cpu_count()

@@ -170,7 +170,7 @@ def _wait_decoded(page: Page, selector: str) -> None:
 
 
 def _verify(body: bytes, timestamp: str, signature: str) -> bool:
-    """The README's signature check, as a receiver would write it."""
+    """The signature check of docs/api.md, as a receiver would write it."""
     mac = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     fresh = abs(time.time() - int(timestamp)) <= 300
     return fresh and hmac.compare_digest("v1=" + mac.hexdigest(), signature)

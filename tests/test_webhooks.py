@@ -1,5 +1,5 @@
 """The webhook outbox delivering to a real receiver on 127.0.0.1: retries, one effect per
-event, several senders, a sender killed mid-delivery, signatures as the README checks them."""
+event, several senders, a sender killed mid-delivery, signatures as docs/api.md checks them."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 from tests.webhook_receiver import Receiver, running_receiver
 
 SECRET = "test-secret"
-README = Path(__file__).resolve().parent.parent / "README.md"
+API_DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 # Fast retries for the tests; a lease short enough to wait out, twice the timeout.
 FAST = {
     "MODERATION_WEBHOOK_SECRET": SECRET,
@@ -213,10 +213,10 @@ def test_a_sender_killed_mid_delivery_loses_nothing(receiver: Receiver, tmp_path
     assert "attempt 1: no outcome recorded" in shown.output
 
 
-def _readme_verify() -> Callable[..., bool]:
-    """The README's five lines, run as written."""
-    block = re.search(r"```python\n(import hashlib.*?def verify.*?)```", README.read_text(), re.S)
-    assert block is not None, "README has no signature check"
+def _documented_verify() -> Callable[..., bool]:
+    """The five lines of docs/api.md, run as written."""
+    block = re.search(r"```python\n(import hashlib.*?def verify.*?)```", API_DOCS.read_text(), re.S)
+    assert block is not None, "docs/api.md has no signature check"
     assert len([line for line in block[1].splitlines() if line.strip()]) == 5
     namespace: dict[str, object] = {}
     exec(block[1], namespace)
@@ -225,7 +225,7 @@ def _readme_verify() -> Callable[..., bool]:
     return verify
 
 
-def test_the_readme_check_accepts_the_signature_and_refuses_forgeries(
+def test_the_documented_check_accepts_the_signature_and_refuses_forgeries(
     receiver: Receiver,
 ) -> None:
     _confirmed_uploads(1)
@@ -234,7 +234,7 @@ def test_the_readme_check_accepts_the_signature_and_refuses_forgeries(
         _deliver_until_idle(sender)
     finally:
         sender.close()
-    verify = _readme_verify()
+    verify = _documented_verify()
     (request,) = receiver.requests
     body, headers = request.body, request.headers
     timestamp, sig = headers["x-moderation-timestamp"], headers["x-moderation-signature"]

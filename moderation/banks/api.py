@@ -294,7 +294,7 @@ def import_pdq_list(
     hashes: Annotated[UploadFile, File(description="A PDQ hash list, one hash per line.")],
     dry_run: Annotated[bool, Query(description="Check the list; add nothing.")] = False,
 ) -> ImportReport:
-    """Import a PDQ hash list as ThreatExchange and HMA exchange them (the README lists
+    """Import a PDQ hash list as ThreatExchange and HMA exchange them (docs/api.md lists
     the shapes): good lines are added, each rejected line is reported with its number and
     why. Hashes already in the bank are not added twice."""
     bank = service.get_bank(session, name)

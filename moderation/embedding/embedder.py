@@ -188,7 +188,7 @@ class Embedder:
         """Compile the image tower for batches of these sizes (a smaller batch is padded to
         the next), each compiled now rather than under the first uploads; the seconds it
         took. Measured on an H100, CLIP ViT-L/14-336 fp16, batch 128: 1,163 images/s
-        compiled against 933 eager (`../shared/gpu/README.md`)."""
+        compiled against 933 eager (bench/README.md, "On a GPU")."""
         started = time.perf_counter()
         self._compiled = torch.compile(
             self.model().get_image_features, backend=backend, mode=mode, dynamic=False

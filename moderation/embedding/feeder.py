@@ -6,7 +6,7 @@ staging buffer and its own CUDA stream: the crops are stacked straight into pinn
 for a 21 MB batch of 64 crops at 336 px), copied with `non_blocking=True`, and the forward
 pass is queued behind the copy on the same stream. With two inference streams, one
 thread's copy and normalisation overlap the other's forward pass. The GPU figures of this
-path are still to be measured (`../shared/gpu/README.md`).
+path are still to be measured (bench/README.md, "On a GPU").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A sender holds no transaction while it waits on the receiver: the claim commits first (its
 lease keeps other senders off the event), the attempt is recorded after. Any number of
 senders may run; each event is posted by one of them at a time, and again only after a
-failure or an expired lease. The contract a receiver sees is in the README ("Webhooks").
+failure or an expired lease. The contract a receiver sees is in docs/api.md ("Webhooks").
 """
 
 from __future__ import annotations
