@@ -59,7 +59,7 @@ class RunOut(BaseModel):
 
 
 def _out(session: DbSession, query_id: int) -> GoldenQueryOut:
-    (view,) = [v for v in golden.list_queries(session) if v.id == query_id]
+    (view,) = golden.list_queries(session, query_id=query_id)
     return GoldenQueryOut(**vars(view))
 
 

@@ -229,10 +229,14 @@ def describe(query: GoldenQuery) -> str:
     return f"bank entry {query.bank_entry_id}"
 
 
-def list_queries(session: Session, modality: Modality | None = None) -> list[GoldenView]:
+def list_queries(
+    session: Session, modality: Modality | None = None, *, query_id: int | None = None
+) -> list[GoldenView]:
     statement = select(GoldenQuery).order_by(GoldenQuery.id)
     if modality is not None:
         statement = statement.where(GoldenQuery.modality == modality)
+    if query_id is not None:
+        statement = statement.where(GoldenQuery.id == query_id)
     queries = list(session.scalars(statement))
     relevant: dict[int, list[int]] = {}
     for query_id, upload_id in session.execute(

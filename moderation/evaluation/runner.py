@@ -1,5 +1,5 @@
-"""A run on the golden set from outside a request: the model's index opened (and caught up
-with every committed embedding), its text tower and image intake for the queries, the
+"""A run on the golden set from outside a request: the model's index opened (with every
+committed embedding), its text tower and image intake for the queries, the
 reranker by name; one transaction records the run."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from moderation.evaluation import service
 from moderation.search.rerank import Reranker
 from moderation.search.rerankers import reranker_named
 from moderation.search.runtime import SearchRuntime
-from moderation.search.store import settle
 
 
 def evaluate(
@@ -29,8 +28,8 @@ def evaluate(
     `custom_reranker` measures any `Reranker` under the name `reranker`."""
     runtime = SearchRuntime(settings, engine, follow=False, model=model)
     try:
+        # Opening reads every committed embedding (rows above the checkpoint included).
         index = runtime.index()
-        settle(index, engine)
         name = reranker or settings.search_reranker
         make = service.QueryMaker(
             text=runtime.text_query,
