@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
@@ -161,7 +162,43 @@ def test_analysts_add_golden_queries_by_command_and_api(
         ("text", "red car", [uploads[0], uploads[1]], "analyst"),
         ("image", f"upload {uploads[2]}", [uploads[3]], "analyst"),
     ]
-    assert json.loads(_cli("golden", "list", "--modality", "text", "--json"))[0]["note"] is None
+    assert json.loads(_cli("golden", "list", "--modality", "text", "--json"))[0]["note"] == "both"
+
+    image_query = listed[1]["id"]
+    removed = api.delete(f"/v1/golden/{image_query}", headers=bearer(keys[Role.ANALYST]))
+    assert removed.status_code == 204
+    again = api.delete(f"/v1/golden/{image_query}", headers=bearer(keys[Role.ANALYST]))
+    assert (again.status_code, again.json()["code"]) == (404, "golden_query_not_found")
+    _cli("golden", "remove", str(listed[0]["id"]))
+    assert _cli("golden", "list").strip() == "no golden queries"
+    with session_scope() as session:
+        actions = session.scalars(
+            select(AuditEvent.action)
+            .where(AuditEvent.subject_type == "golden_query")
+            .order_by(AuditEvent.id)
+        ).all()
+    assert actions == ["golden.add", "golden.add", "golden.add", "golden.remove", "golden.remove"]
+
+
+def test_a_run_from_the_command_is_listed_for_analysts(
+    api: TestClient, keys: dict[Role, str], index_dir: Path
+) -> None:
+    _planted_corpus()
+    out = _cli("eval", "run", "-k", str(K))
+    assert out.splitlines()[1].split() == [
+        "MODALITY",
+        "QUERIES",
+        "SKIPPED",
+        "RECALL",
+        "PRECISION",
+        "MRR",
+    ]
+    runs = api.get("/v1/eval/runs", headers=bearer(keys[Role.ANALYST])).json()
+    (run,) = runs
+    assert (run["reranker"], run["k"], run["trigger"]) == ("exact", K, "cli")
+    assert run["figures"]["text"]["recall"] == pytest.approx(_expected(TEXT_PLANS, K)["recall"])
+    assert run["figures"]["image"]["mrr"] == pytest.approx(_expected(IMAGE_PLANS, K)["mrr"])
+    assert api.get("/v1/eval/runs", headers=bearer(keys[Role.REVIEWER])).status_code == 403
 
 
 # A planted corpus: each query has relevant uploads placed at chosen ranks among planted

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, delete, exists, literal, select
+from sqlalchemy import ColumnElement, and_, delete, exists, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -66,7 +66,8 @@ def add_query(
     note: str | None = None,
 ) -> GoldenQuery:
     """A golden query (the existing one, when the same text, image or upload is already
-    one) with these uploads added to its relevant set; audited."""
+    one, its note replaced by a new one) with these uploads added to its relevant set;
+    audited."""
     subject.check()
     if not relevant:
         raise BadGoldenQuery("a golden query needs at least one relevant upload")
@@ -93,6 +94,8 @@ def add_query(
     if query_id is None:  # already a golden query
         query_id = session.scalar(select(GoldenQuery.id).where(_same_subject(subject)))
         assert query_id is not None
+        if note is not None:  # the latest word on why these are relevant
+            session.execute(update(GoldenQuery).where(GoldenQuery.id == query_id).values(note=note))
     added = session.scalars(
         insert(GoldenRelevant)
         .values(
