@@ -232,6 +232,20 @@ class Settings(BaseSettings):
     search_commit_lag_s: float = Field(default=1.0, ge=0)
     # A process that has added this many rows since the last snapshot writes a new one.
     search_snapshot_every: int = Field(default=10_000, ge=1)
+    # What orders the top candidates after the index (`search/rerankers.py`): "exact"
+    # rescores the stored float32 vectors; "cross-encoder" scores a text query against the
+    # top `search_rerank_top` uploads' images with BLIP's image-text matching head
+    # (`search_rerank_model`), fetched under the URI policy; image queries stay exact.
+    search_reranker: Literal["exact", "cross-encoder"] = "exact"
+    search_rerank_model: str = "Salesforce/blip-itm-base-coco"
+    search_rerank_top: int = Field(default=20, ge=1)
+    # The golden set (`moderation eval`): results judged per query, a run every this many
+    # seconds by the workers' sweeper (None: never; `moderation eval run` by hand), and the
+    # fall in recall from the run before it that is logged as a warning and flagged in
+    # /metrics (`moderation_eval_regressed`).
+    eval_k: int = Field(default=10, ge=1, le=1000)
+    eval_interval_s: float | None = Field(default=None, gt=0)
+    eval_drop_margin: float = Field(default=0.05, ge=0, le=1)
     # Verdict webhooks (docs/api.md, "Webhooks"). Events are written to the outbox only while a
     # URL is set; the sender (`moderation webhooks send`) signs each with the secret.
     webhook_url: str | None = None

@@ -5,6 +5,12 @@ from moderation.auth.models import ApiKey
 from moderation.banks.models import Bank, BankChange, BankEntry, BankEntryEmbedding
 from moderation.db import Base
 from moderation.embedding.models import Embedding, EmbeddingModel
+from moderation.evaluation.models import (
+    EvaluationFigures,
+    EvaluationRun,
+    GoldenQuery,
+    GoldenRelevant,
+)
 from moderation.evidence.models import Evidence
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
@@ -24,7 +30,11 @@ __all__ = [
     "Base",
     "Embedding",
     "EmbeddingModel",
+    "EvaluationFigures",
+    "EvaluationRun",
     "Evidence",
+    "GoldenQuery",
+    "GoldenRelevant",
     "Hit",
     "IndexEvaluation",
     "ReembedFailure",

@@ -19,6 +19,7 @@ from sqlalchemy import make_url
 _RUN_DIR = Path(tempfile.mkdtemp(prefix="moderation-tests-"))
 TINY_MODEL_DIR = _RUN_DIR / "tiny-clip"
 TINY_SIGLIP_DIR = _RUN_DIR / "tiny-siglip"
+TINY_BLIP_DIR = _RUN_DIR / "tiny-blip"
 # Tests write their images under the temporary directory (pytest's tmp_path included).
 TEST_FILES_DIR = Path(tempfile.gettempdir()).resolve()
 # Test HTTP servers listen on 127.0.0.1, which production never fetches from; 127.0.0.2
@@ -107,6 +108,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 from moderation import schema  # noqa: E402
 from moderation.db import get_engine  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip, write_tiny_siglip  # noqa: E402
+from moderation.search.blip import write_random_blip  # noqa: E402
 from moderation.worker.child import WorkerProcess  # noqa: E402
 
 
@@ -145,6 +147,7 @@ _DATA_TABLES = ", ".join(
         "web_sessions",
         "api_keys",
         "index_evaluations",
+        "evaluation_runs",
         "webhook_events",
         "webhook_attempts",
     ]
@@ -183,6 +186,14 @@ def tiny_siglip() -> Path:
     if not TINY_SIGLIP_DIR.exists():
         write_tiny_siglip(TINY_SIGLIP_DIR)
     return TINY_SIGLIP_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_blip() -> Path:
+    """A BLIP image-text matching checkpoint with random weights, for the cross-encoder."""
+    if not TINY_BLIP_DIR.exists():
+        write_random_blip(TINY_BLIP_DIR, "tiny")
+    return TINY_BLIP_DIR
 
 
 @pytest.fixture(scope="session")

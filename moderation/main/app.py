@@ -11,6 +11,7 @@ from importlib.metadata import version
 from fastapi import Depends, FastAPI
 
 from moderation.banks.api import router as banks_router
+from moderation.evaluation.api import router as golden_router
 from moderation.http.access import authorize
 from moderation.http.errors import install as install_errors
 from moderation.lifecycle.api import router as models_router
@@ -45,6 +46,7 @@ def create_app() -> FastAPI:
         review_router,
         search_router,
         models_router,
+        golden_router,
     ):
         app.include_router(router)
     install_errors(app)

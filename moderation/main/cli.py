@@ -11,6 +11,7 @@ from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.evaluation.cli import eval_, golden
 from moderation.evidence.cli import evidence
 from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
 from moderation.lifecycle.cli import reembed
@@ -104,6 +105,8 @@ for command in (
     apikey,
     bank,
     embed,
+    eval_,
+    golden,
     model,
     reembed,
     retrohunt,

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.evaluation import service as evaluation
 from moderation.http.access import public
 from moderation.http.metrics import REGISTRY
 from moderation.lifecycle import reembed
@@ -122,8 +123,53 @@ def _model_metrics(session: Session) -> Iterable[Metric]:
     yield from (done, total, rate, eta, failures)
 
 
+def _evaluation_metrics(session: Session) -> Iterable[Metric]:
+    """The newest golden-set run of each model and reranker: its figures per modality, and
+    whether its recall fell beyond the margin from the run before (what an alert watches)."""
+    labels = ["model", "reranker"]
+    families = {
+        measure: GaugeMetricFamily(
+            f"moderation_eval_{measure}",
+            f"{title} on the golden set, of the newest run, per query modality",
+            labels=[*labels, "modality", "k"],
+        )
+        for measure, title in (
+            ("recall", "Mean recall@k"),
+            ("precision", "Mean precision@k"),
+            ("mrr", "Mean reciprocal rank within the top k"),
+        )
+    }
+    regressed = GaugeMetricFamily(
+        "moderation_eval_regressed",
+        "1 when the newest golden-set run's recall fell beyond the margin "
+        "(MODERATION_EVAL_DROP_MARGIN) from the run before it, in a modality",
+        labels=labels,
+    )
+    corpus = GaugeMetricFamily(
+        "moderation_eval_corpus_size",
+        "Vectors searched by the newest golden-set run",
+        labels=labels,
+    )
+    finished = GaugeMetricFamily(
+        "moderation_eval_run_timestamp_seconds",
+        "When the newest golden-set run was recorded (Unix time)",
+        labels=labels,
+    )
+    for run in evaluation.latest_runs(session):
+        key = [run.model, run.reranker]
+        for modality, figures in run.figures.items():
+            if figures["queries"]:
+                for measure, family in families.items():
+                    family.add_metric([*key, modality, str(run.k)], figures[measure])
+        regressed.add_metric(key, 1 if run.regressed else 0)
+        corpus.add_metric(key, run.corpus_size)
+        finished.add_metric(key, run.created_at.timestamp())
+    yield from (*families.values(), regressed, corpus, finished)
+
+
 def _database_metrics(session: Session) -> Iterable[Metric]:
     yield from _model_metrics(session)
+    yield from _evaluation_metrics(session)
     since = _window()
     window = f"{WINDOW.total_seconds():g} s"
 

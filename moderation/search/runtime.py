@@ -37,6 +37,7 @@ from moderation.images.uri_policy import UriPolicy
 from moderation.search import service
 from moderation.search.follow import FollowedIndex
 from moderation.search.rerank import SearchQuery
+from moderation.search.rerankers import reranker_named
 from moderation.search.store import (
     Follower,
     IndexSettings,
@@ -220,8 +221,14 @@ class SearchRuntime:
         return SearchQuery(vector=vector, model_id=index.model_id, upload_id=upload_id)
 
     def search(
-        self, query: SearchQuery, k: int, filters: service.Filters
+        self,
+        query: SearchQuery,
+        k: int,
+        filters: service.Filters,
+        *,
+        reranker: str | None = None,
     ) -> list[service.SearchResult]:
+        """The k best uploads, ordered by `reranker` (by name; default: the setting)."""
         index = self.index(query.model_id)
         if query.model_id is not None and index.model_id != query.model_id:
             raise RuntimeError("a query reached another model's index")  # never: see index()
@@ -235,6 +242,9 @@ class SearchRuntime:
                 filters,
                 candidates=self.settings.search_candidates,
                 exact_scan_max=self.settings.search_exact_scan_max,
+                reranker=reranker_named(
+                    reranker or self.settings.search_reranker, session, self.settings
+                ),
             )
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import threading
 from moderation.banks import tasks as banks
 from moderation.chores import Chore
 from moderation.config import Settings
+from moderation.evaluation import tasks as evaluation
 from moderation.evidence import tasks as evidence
 from moderation.lifecycle import tasks as lifecycle
 from moderation.retrohunt import tasks as retrohunt
@@ -29,6 +30,8 @@ CHORES: tuple[Chore, ...] = (
     *review.CHORES,
     *evidence.CHORES,
     *banks.CHORES,
+    # Last: a due run takes a pass over the golden set.
+    *evaluation.CHORES,
 )
 # A shutdown waits this long at most for a sweep caught in a dead connection.
 _JOIN_TIMEOUT_S = 30.0
