@@ -1,4 +1,5 @@
-"""`moderation golden add|list|remove|sync` and `moderation eval run|compare|history`.
+"""`moderation golden add|list|remove|sync`, `moderation eval run|compare|history`, and
+`moderation model activate`, which judges the candidate on the golden set first.
 
 The model, the index and the reranker are imported inside the commands that search: the
 command line as a whole should start fast.
@@ -232,3 +233,50 @@ def history(model: str | None, limit: int, as_json: bool) -> None:
         empty="no runs",
         widest={"model": 40},
     )
+
+
+@click.command("activate")
+@click.argument("name")
+@click.option(
+    "--require-no-regression",
+    is_flag=True,
+    help="Refuse a candidate whose recall on the golden set is below the active model's "
+    "for any modality (or that no golden query could judge).",
+)
+def activate(name: str, require_no_regression: bool) -> None:
+    """Make a candidate the active model: searches answer with it within
+    MODERATION_MODEL_POLL_S. The candidate and the active model are measured on the golden
+    set first and shown side by side (both runs are recorded). The previous active model
+    stays computed, as a candidate, until it is retired."""
+    from moderation.embedding import registry
+    from moderation.evaluation.gate import judge_candidate
+
+    verdict = judge_candidate(get_settings(), get_engine(), name)
+    if verdict is not None:
+        click.echo(
+            f"golden set, {verdict.active.reranker} rerank, k={verdict.active.k}: "
+            f"A {verdict.active.model} (active), B {verdict.candidate.model} (candidate)"
+        )
+        emit_table(
+            [
+                {"modality": f.modality, "measure": f.measure, "a": f.a, "b": f.b,
+                 "change": f.change}
+                for f in verdict.figures
+            ],
+            ["modality", "measure", "a", "b", "change"],
+            empty="no modality measured under both (no golden queries they can answer)",
+        )  # fmt: skip
+        if require_no_regression and not verdict.judged:
+            raise click.ClickException(
+                "no golden query judged both models, so no regression can be ruled out; "
+                "add some (`moderation golden add`) or activate without --require-no-regression"
+            )
+        if require_no_regression and verdict.worse:
+            falls = ", ".join(f"{f.modality} recall {f.a:.4f} -> {f.b:.4f}" for f in verdict.worse)
+            raise click.ClickException(
+                f"not activated: the candidate is worse on the golden set ({falls})"
+            )
+    with session_scope() as session:
+        model = registry.activate(session, name, actor=cli_actor())
+        shown = model.name
+    click.echo(f"active model: {shown}")

@@ -70,21 +70,6 @@ def list_(as_json: bool) -> None:
         )
 
 
-@click.command("activate")
-@click.argument("name")
-def activate(name: str) -> None:
-    """Make a candidate the active model: searches answer with it within
-    MODERATION_MODEL_POLL_S. The previous active model stays computed, as a candidate,
-    until it is retired."""
-    try:
-        with session_scope() as session:
-            model = registry.activate(session, name, actor=cli_actor())
-            shown = model.name
-    except (registry.BadTransition, registry.ModelNotFound) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"active model: {shown}")
-
-
 @click.command("retire")
 @click.argument("name")
 @click.option(
@@ -102,7 +87,8 @@ def retire(name: str, force: bool) -> None:
     click.echo(f"retired: {shown}")
 
 
-COMMANDS = (add, list_, activate, retire)
+# `model activate` is the evaluation domain's: it judges the candidate on the golden set.
+COMMANDS = (add, list_, retire)
 
 
 # `--wait` reports progress this often on stderr.

@@ -11,6 +11,7 @@ from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
 from moderation.config import get_settings
 from moderation.embedding.cli import embed, model
+from moderation.evaluation.cli import activate as activate_model
 from moderation.evaluation.cli import eval_, golden
 from moderation.evidence.cli import evidence
 from moderation.lifecycle.cli import COMMANDS as MODEL_COMMANDS
@@ -97,7 +98,7 @@ def demo() -> None:
     run_demo()
 
 
-for model_command in MODEL_COMMANDS:
+for model_command in (*MODEL_COMMANDS, activate_model):
     model.add_command(model_command)
 
 for command in (
