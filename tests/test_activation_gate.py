@@ -4,6 +4,7 @@ candidate whose recall falls is refused, the active model left as it was."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,26 @@ def test_a_candidate_as_good_passes_the_check(
     assert activated.exit_code == 0, activated.output
     assert _recall_row(activated) == ["1.0000", "1.0000", "0.0000"]
     assert _active() == CANDIDATE
+
+
+def test_eval_compare_names_two_models_or_two_rerankers_directly(
+    clean_db: None, index_dir: Path, registry_states: None
+) -> None:
+    _corpus(candidate_finds_it=False)
+    active = _active()
+
+    models = CliRunner().invoke(main, ["eval", "compare", active, CANDIDATE, "--json"])
+    assert models.exit_code == 0, models.output
+    compared = json.loads(models.stdout)
+    assert (compared["a"]["model"], compared["b"]["model"]) == (active, CANDIDATE)
+    assert compared["a"]["figures"]["image"]["recall"] == 1.0
+    assert compared["b"]["figures"]["image"]["recall"] == 0.0
+
+    rerankers = CliRunner().invoke(main, ["eval", "compare", "exact", "exact", "--json"])
+    assert rerankers.exit_code == 0, rerankers.output
+    both = json.loads(rerankers.stdout)
+    assert (both["a"]["reranker"], both["b"]["reranker"]) == ("exact", "exact")
+    assert both["a"]["model"] == both["b"]["model"] == active
+
+    mixed = CliRunner().invoke(main, ["eval", "compare", active, "--model", CANDIDATE])
+    assert mixed.exit_code == 2

@@ -155,11 +155,24 @@ def run(model: str | None, reranker: str | None, k: int | None, as_json: bool) -
 )
 @click.option("-k", "k", type=click.IntRange(1, 1000), help="Default: MODERATION_EVAL_K.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("configurations", nargs=-1)
 def compare(
-    models: tuple[str, ...], rerankers: tuple[str, ...], k: int | None, as_json: bool
+    models: tuple[str, ...],
+    rerankers: tuple[str, ...],
+    k: int | None,
+    as_json: bool,
+    configurations: tuple[str, ...],
 ) -> None:
     """Run two configurations on the golden set now and show them side by side: two
-    models, or two rerankers (the exact rerank against the cross-encoder by default)."""
+    models, or two rerankers (the exact rerank against the cross-encoder by default).
+    `compare A B` names them directly: two rerankers, or else two models."""
+    if configurations:
+        if len(configurations) != 2 or models or rerankers:
+            raise click.UsageError("compare A B: two models or two rerankers, and no options")
+        if all(name in RERANKER_CHOICE.choices for name in configurations):
+            rerankers = configurations
+        else:
+            models = configurations
     if len(models) > 2 or len(rerankers) > 2:
         raise click.UsageError("compare two configurations: at most two --model or --reranker")
     if len(models) == 2 and len(rerankers) == 2:
