@@ -66,6 +66,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--uploads", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--hostile", type=float, default=0.05, help="Fraction of hostile input.")
+    parser.add_argument(
+        "--rate", type=float, help="Uploads per second submitted (default: as fast as the API "
+        "takes them); about the workers' throughput keeps requests arriving through the faults.",
+    )  # fmt: skip
     parser.add_argument("--fault-every", type=float, default=30.0, help="Seconds between faults.")
     parser.add_argument("--stall-s", type=float, default=20.0, help="How long a stall lasts.")
     parser.add_argument(
@@ -425,6 +429,8 @@ def submit_all(args: argparse.Namespace, corpus: Corpus, banked: set[str], port:
         batch.clear()
 
     for n in range(args.uploads):
+        if args.rate:
+            time.sleep(max(0.0, submitted.started + n / args.rate - time.monotonic()))
         external_id = f"soak-{os.getpid()}-{id(submitted)}-{n}"
         draw = rng.random()
         if draw < args.hostile / 2:

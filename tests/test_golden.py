@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -397,7 +398,11 @@ def test_a_reranker_that_reverses_the_order_shows_up_as_worse(
 
 
 def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
-    clean_db: None, index_dir: Path, caplog: pytest.LogCaptureFixture
+    clean_db: None,
+    index_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    api: TestClient,
+    keys: dict[Role, str],
 ) -> None:
     _planted_corpus()
     first = runner.evaluate(get_settings(), get_engine(), k=K)
@@ -436,6 +441,24 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
     assert "yes" not in lines[1]
     assert str(second.corpus_size) in lines[2]
     assert lines[2].rstrip().endswith("yes")
+
+    # The analysts' page draws the same: a point per run and modality, the fall marked.
+    page = api.get("/search/quality", headers=bearer(keys[Role.ANALYST]))
+    assert page.status_code == 200
+    points = re.findall(
+        r'<circle class="run( regressed)?" [^>]*data-run="(\d+)" data-modality="(\w+)" '
+        r'data-recall="([\d.]+)"',
+        page.text,
+    )
+    drawn = {
+        (int(run), modality): (bool(fell), float(recall)) for fell, run, modality, recall in points
+    }
+    assert drawn[(first.id, "text")][0] is False
+    assert drawn[(first.id, "text")][1] == pytest.approx(first.figures["text"]["recall"], abs=1e-4)
+    assert drawn[(second.id, "text")] == (True, 0.0)
+    assert drawn[(second.id, "image")][0] is True
+    assert len(drawn) == 4
+    assert api.get("/search/quality", headers=bearer(keys[Role.SUBMITTER])).status_code == 403
 
 
 def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(

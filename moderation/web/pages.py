@@ -49,6 +49,7 @@ from moderation.review.service import HitEvidence, Outcome, QueueFilter
 from moderation.web import reads, service
 from moderation.web.media import Media, media_for
 from moderation.web.media import router as media_router
+from moderation.web.quality_page import router as quality_router
 from moderation.web.rendering import HERE, PAGES_TAG, render
 from moderation.web.search_page import router as search_router
 from moderation.web.security import (
@@ -432,6 +433,7 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
     app.include_router(media_router)
     app.include_router(search_router)
+    app.include_router(quality_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if COOKIE_SOURCE not in credential_sources:
         credential_sources.append(COOKIE_SOURCE)
