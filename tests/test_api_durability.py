@@ -200,7 +200,7 @@ def terminated_before_commit(statement: str) -> Iterator[None]:
             return
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        pid = raw.info.backend_pid  # type: ignore[attr-defined]
+        pid = raw.info.backend_pid
         with admin.connect() as killer:
             assert killer.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
 
