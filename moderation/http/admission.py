@@ -76,6 +76,16 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
+def _refuse_nul(scope: Scope) -> None:
+    """PostgreSQL text cannot hold NUL, and no name, id or filter here has one: refused in
+    the address, for every route, rather than failing a query."""
+    if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "the address must not contain NUL characters (%00)",
+        )
+
+
 def _capped(receive: Receive, limit: int) -> Receive:
     seen = 0
 
@@ -126,6 +136,7 @@ class Admission:
             if route_roles(route) is not None:
                 # A database read: off the event loop, as the handlers' own.
                 await run_in_threadpool(admit, Request(scope), route)
+            _refuse_nul(scope)
             declared = _declared_length(scope)
             if declared is not None and declared > limit:
                 raise _too_large(limit)
