@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from moderation.auth.models import Role
 from moderation.banks.models import Bank
 from moderation.config import get_settings
-from moderation.db import session_scope
+from moderation.db import get_engine, session_scope
 from moderation.review.models import Hit, ReviewStatus
 from moderation.web.models import WebSession
 from tests.api_fixtures import bearer, keys
@@ -264,3 +264,36 @@ def test_a_commit_that_fails_is_an_error_and_nothing_is_kept(
     assert "nothing was kept" in response.text
     with session_scope() as session:
         assert absent(session, hit_id)
+
+
+def test_connections_the_database_dropped_answer_503_then_the_pool_recovers(
+    server: LiveApi, keys: dict[Role, str]
+) -> None:
+    """A failover: every pooled connection of the server is ended while idle. The next
+    requests meet them dead (no pre-ping, by design) at the key check or in the handler:
+    each is a 503 that says to retry, never a 500, and the pool replaces what it found dead."""
+    admin = bearer(keys[Role.ADMIN])
+    database = get_settings().database_url.rsplit("/", 1)[1]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/v1/banks", headers=admin).status_code == 200
+        with create_engine(get_settings().database_url).connect() as conn:
+            ended = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": database},
+            )
+        assert ended
+        statuses = []
+        try:
+            for _ in range(get_settings().db_pool_size + 2):
+                response = client.get("/v1/banks", headers=admin)
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert "retry" in response.json()["detail"]
+        finally:
+            get_engine().dispose()  # the test's own connections were ended too
+        assert set(statuses) <= {200, 503}, statuses
+        assert 503 in statuses
+        assert statuses[-1] == 200

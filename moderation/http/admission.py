@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moderation.config import Settings, get_settings
-from moderation.http.access import admit, route_roles
+from moderation.http.access import DatabaseUnavailable, admit, route_roles
 from moderation.http.routes import app_routes
 
 BODY_KEY = "x-max-body-bytes"
@@ -143,16 +145,24 @@ class Admission:
         except StarletteHTTPException as refusal:
             await self._refuse(scope, route, refusal, send)
             return
+        except OperationalError:
+            # The key could not be looked up (the database restarting, a pooled connection
+            # it dropped): the same 503 a handler's session answers, not a 500.
+            unavailable = DatabaseUnavailable(
+                "the database did not answer the key check; nothing was done: retry"
+            )
+            await self._refuse(scope, route, unavailable, send)
+            return
         await self.app(scope, _capped(receive, limit), send)
 
-    async def _refuse(
-        self, scope: Scope, route: APIRoute, refusal: StarletteHTTPException, send: Send
-    ) -> None:
+    async def _refuse(self, scope: Scope, route: APIRoute, refusal: Exception, send: Send) -> None:
         """Answer as the application's handler for the refusal would (the pages redirect a
         missing login to the login form), without reading the body."""
         request = Request({**scope, "route": route})
-        handler = self.application.exception_handlers.get(
-            StarletteHTTPException, http_exception_handler
+        handlers = self.application.exception_handlers
+        handler: Callable[[Request, Any], Any] = next(
+            (handlers[kind] for kind in type(refusal).__mro__ if kind in handlers),
+            http_exception_handler,
         )
         answer = handler(request, refusal)
         response = await answer if inspect.isawaitable(answer) else answer
