@@ -187,3 +187,21 @@ def test_an_invalid_batch_is_answered_with_a_bounded_excerpt(
     first = answer["detail"][0]
     assert len(first["input"]) < 200
     assert first["loc"][:2] == ["body", "UploadIn"] or "uploads" in first["loc"]
+
+
+def test_refused_uris_are_named_by_index_and_quoted_short(
+    server: LiveApi, keys: dict[Role, str]
+) -> None:
+    """Each refused URI is named (its index), its text cut to an excerpt: 1000 refused
+    8 KB URIs were echoed back whole."""
+    event = {"uri": "ftp://refused.example/" + "a" * 8000}
+    body = json.dumps({"uploads": [event] * 1000}).encode()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        response = client.post(
+            "/v1/uploads", content=body, headers={**JSON, **bearer(keys[Role.SUBMITTER])}
+        )
+    assert response.status_code == 422, response.text[:300]
+    refused = response.json()["refused"]
+    assert [item["index"] for item in refused] == list(range(1000))
+    assert all(len(item["uri"]) <= 201 for item in refused)
+    assert len(response.content) < len(body) / 10
