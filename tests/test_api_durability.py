@@ -60,7 +60,7 @@ def _hit(bank_name: str) -> int:
 
 
 def test_every_writing_route_commits_before_it_answers_and_the_write_reads_back(
-    server: LiveApi, keys: dict[Role, str], tmp_path: Path
+    server: LiveApi, keys: dict[Role, str], tmp_path: Path, tiny_siglip: Path
 ) -> None:
     admin = bearer(keys[Role.ADMIN])
     reviewer = bearer(keys[Role.REVIEWER])
@@ -170,6 +170,26 @@ def test_every_writing_route_commits_before_it_answers_and_the_write_reads_back(
                 "external_id": "durable-1",
             },
             headers=bearer(keys[Role.SUBMITTER]),
+        )
+
+        def model_state(name: str) -> str | None:
+            listed = client.get("/v1/models", headers=admin).json()
+            return next((m["state"] for m in listed if m["name"] == name), None)
+
+        added_model = wrote(
+            "POST",
+            "/v1/models",
+            201,
+            lambda: model_state(str(tiny_siglip)) is not None,
+            json={"name": str(tiny_siglip)},
+            headers=admin,
+        )
+        wrote(
+            "POST",
+            f"/v1/models/{added_model.json()['id']}/activate",
+            200,
+            lambda: model_state(str(tiny_siglip)) == "active",
+            headers=admin,
         )
 
         # The login page's "bounce": the next page, asked for at once, knows the session.
