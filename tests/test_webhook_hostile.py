@@ -30,7 +30,9 @@ from tests.webhook_receiver import Receiver, running_receiver
 # that a per-read timeout of the same length never notices.
 DEADLINE_S = 1.0
 BYTE_EVERY_S = 0.25
-# How long a trickling receiver keeps going if nobody hangs up on it.
+# How long a trickling receiver keeps going if nobody hangs up on it. The bounds below
+# leave a loaded machine seconds of slack; a sender bounded per read only (a byte every
+# 0.25 s never trips its 1 s read timeout) takes 10 s on the head and 20 s on the body.
 TRICKLE_FOR_S = 20.0
 
 
@@ -120,8 +122,8 @@ def test_an_attempt_ends_at_its_deadline_however_the_receiver_trickles(
     assert attempt.status_code is None or attempt.status_code == 500
     assert attempt.error is not None
     assert "Timeout" in attempt.error
-    assert attempt.duration_ms < (DEADLINE_S + 0.5) * 1000
-    assert took < DEADLINE_S + 2.0
+    assert attempt.duration_ms < (DEADLINE_S + 1.0) * 1000
+    assert took < DEADLINE_S + 4.0
     # Still the sender's to retry, well within its lease.
     assert event.status is DeliveryStatus.PENDING
 
@@ -144,7 +146,7 @@ def test_a_huge_error_body_is_not_read(receiver: Receiver) -> None:
     assert attempt.error is not None
     assert attempt.error.startswith("HTTP 500: EEEE")
     assert len(attempt.error) <= service.ERROR_TEXT_CHARS
-    assert took < DEADLINE_S + 2.0
+    assert took < DEADLINE_S + 4.0
     _until_sent(receiver)
     # What the kernel's socket buffers took before the sender hung up, not 600 MiB.
     assert 0 <= receiver.bytes_sent[0] < 64 * 1024 * 1024 or receiver.bytes_sent[0] == -1
