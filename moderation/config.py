@@ -268,6 +268,11 @@ class Settings(BaseSettings):
     # How often an idle sender looks for due events.
     webhook_poll_s: float = Field(default=1.0, gt=0)
 
+    # The largest request body the API reads, on routes that take no image (those take
+    # `max_bytes` and a form's framing): refused before it is read, cut off while it streams.
+    # A batch of 1000 uploads with short metadata is ~0.3 MB; a larger one is split.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
     # Web pages: how long a login lasts before the reviewer pastes their key again.
     web_session_hours: float = Field(default=12.0, gt=0)
     # Side of the thumbnails of uploads that kept no evidence (the analysts' search results),

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,10 @@ class Receiver:
     hold_request: int | None = None
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    # Writes the whole answer itself, raw, instead of a status: a hostile receiver (one
+    # that trickles, floods or sends what is not text). Returns how many bytes it sent.
+    respond: Callable[[socket.socket], int] | None = None
+    bytes_sent: list[int] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     # What the receiver did, once per idempotency key: the event's body.
     effects: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -65,6 +70,17 @@ def running_receiver(receiver: Receiver) -> Iterator[Receiver]:
             length = int(self.headers.get("content-length", "0"))
             body = self.rfile.read(length)
             headers = {name.lower(): value for name, value in self.headers.items()}
+            if receiver.respond is not None:
+                with receiver.lock:
+                    receiver.requests.append(Request(headers, body))
+                self.close_connection = True
+                try:
+                    sent = receiver.respond(self.connection)
+                except OSError:  # the sender hung up: what the test wants to see
+                    sent = -1
+                with receiver.lock:
+                    receiver.bytes_sent.append(sent)
+                return
             status = receiver.handle(headers, body)
             self.send_response(status)
             if 300 <= status < 400:

@@ -25,6 +25,7 @@ from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.http.access import Caller, DbSession, allow
+from moderation.http.admission import FORM_FRAMING_BYTES, body_up_to, image_body
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash, parse_hex
 
@@ -239,7 +240,11 @@ def add_entries(
     return EntriesAdded(entries=[EntryOut.of(r) for r in rows])
 
 
-@router.post("/{name}/entries/image", status_code=status.HTTP_201_CREATED, openapi_extra=ADMINS)
+@router.post(
+    "/{name}/entries/image",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={**ADMINS, **image_body()},
+)
 def add_image_entry(
     session: DbSession,
     caller: Caller,
@@ -286,7 +291,9 @@ def remove_entry(
     return service.remove_entry(session, bank, entry_id, actor=caller.actor)
 
 
-@router.post("/{name}/import", openapi_extra=ADMINS)
+@router.post(
+    "/{name}/import", openapi_extra={**ADMINS, **body_up_to(MAX_IMPORT_BYTES + FORM_FRAMING_BYTES)}
+)
 def import_pdq_list(
     session: DbSession,
     caller: Caller,

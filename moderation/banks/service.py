@@ -95,8 +95,16 @@ def create_bank(session: Session, name: str, radius: float | None = None) -> Ban
     if session.scalar(select(Bank.id).where(Bank.name == name)) is not None:
         raise BankExists(name)
     bank = Bank(name=name, radius=radius, enabled=True)
-    session.add(bank)
-    session.flush()
+    try:
+        # Two requests creating one name both pass the check above; the second insert waits
+        # for the first transaction and then violates the unique name: still "exists".
+        with session.begin_nested():
+            session.add(bank)
+            session.flush()
+    except IntegrityError as error:
+        if getattr(error.orig, "pgcode", None) != _UNIQUE_VIOLATION:
+            raise
+        raise BankExists(name) from None
     return bank
 
 
@@ -223,6 +231,8 @@ def add_entries(
 _ROWS_PER_COPY = 20_000
 # The SQLSTATE the database raises for an entry that confirmed or escalated hits keep.
 _RESTRICT_VIOLATION = "23001"
+# ... and for a value a unique constraint already holds.
+_UNIQUE_VIOLATION = "23505"
 
 
 def copy_entries(

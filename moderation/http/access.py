@@ -17,11 +17,16 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
 from moderation.auth.service import Principal, authenticate
 from moderation.db import session_scope
+from moderation.errors import Conflict, Unavailable
+
+# PostgreSQL's SQLSTATE for a unique violation.
+UNIQUE_VIOLATION = "23505"
 
 ROLES_KEY = "x-roles"
 PUBLIC_KEY = "x-public"
@@ -37,14 +42,46 @@ def public() -> dict[str, Any]:
     return {PUBLIC_KEY: True}
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database went away or refused the transaction; nothing of the request is kept."""
+
+    code = "database_unavailable"
+
+
+class WriteConflict(Conflict):
+    """Another request wrote the same unique value first."""
+
+    code = "write_conflict"
+
+
 def db_session() -> Iterator[Session]:
-    """A session per request, committed when the handler returns without raising. Handlers
-    that must act after the commit (publishing messages) commit themselves first."""
-    with session_scope() as session:
-        yield session
+    """A session per request, committed when the handler returns without raising, before
+    the response is sent (`scope="function"` below): a 2xx means the write is durable, and a
+    commit that fails answers 503 (409 for a unique value another request took first).
+    Handlers that must act after the commit (publishing messages) commit themselves first.
+
+    FastAPI 0.118+ runs a request-scoped dependency's exit code after the response has gone
+    out: the client was told "done" for a write that could still fail, and could read before
+    it was visible."""
+    try:
+        with session_scope() as session:
+            yield session
+    except IntegrityError as error:
+        if getattr(error.orig, "pgcode", None) != UNIQUE_VIOLATION:
+            raise
+        raise WriteConflict(
+            "another request has just written the same unique value; nothing was kept: "
+            "read the current state and retry"
+        ) from error
+    except OperationalError as error:
+        # A dropped connection, a serialization failure, a server shutting down: the
+        # transaction was rolled back by PostgreSQL, so retrying the request is safe.
+        raise DatabaseUnavailable(
+            "the database did not complete this request's transaction; nothing was kept: retry"
+        ) from error
 
 
-DbSession = Annotated[Session, Depends(db_session)]
+DbSession = Annotated[Session, Depends(db_session, scope="function")]
 
 
 @dataclass(frozen=True)
@@ -88,10 +125,11 @@ def route_roles(route: APIRoute) -> frozenset[Role] | None:
     return frozenset(Role(value) for value in extra.get(ROLES_KEY, ()))
 
 
-def authorize(request: Request) -> Principal | None:
-    route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "no access rule for this route")
+def admit(request: Request, route: APIRoute) -> Principal | None:
+    """The check itself: the caller `route` admits (None for a public route), or an
+    HTTPException (401 without a valid credential, 403 for a role the route does not name).
+    Reads headers only, never the body: the admission middleware (`moderation.http.
+    admission`) runs it before a request's body is read."""
     admitted = route_roles(route)
     if admitted is None:
         return None
@@ -116,7 +154,23 @@ def authorize(request: Request) -> Principal | None:
     request.state.principal = principal
     # Forms check an anti-forgery token only where the browser sent the credential by itself.
     request.state.credential_source = source  # set whenever principal is
+    request.state.admitted_to = route.endpoint
     return principal
+
+
+def authorize(request: Request) -> Principal | None:
+    """The dependency every route runs. The admission middleware has normally checked the
+    request against this same route already (before its body was read); then its answer
+    stands, and otherwise the check runs here."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "no access rule for this route")
+    if route_roles(route) is None:
+        return None
+    if getattr(request.state, "admitted_to", None) is route.endpoint:
+        principal: Principal = request.state.principal
+        return principal
+    return admit(request, route)
 
 
 def current_principal(request: Request) -> Principal:

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from moderation.banks.api import router as banks_router
 from moderation.evaluation.api import router as golden_router
 from moderation.http.access import authorize
+from moderation.http.admission import Admission
 from moderation.http.errors import install as install_errors
 from moderation.lifecycle.api import router as models_router
 from moderation.main.audit_log import router as audit_router
@@ -52,4 +53,7 @@ def create_app() -> FastAPI:
     install_errors(app)
     install_pages(app)
     install_docs(app)
+    # Outermost of the application's own layers: a request is admitted (its key, its size)
+    # before anything reads its body.
+    app.add_middleware(Admission, application=app)
     return app

@@ -51,7 +51,7 @@ def list_audit(
     action: str | None = None,
     subject_type: str | None = None,
     subject_id: str | None = None,
-    before_id: int | None = Query(default=None, ge=1),
+    before_id: int | None = Query(default=None, ge=1, le=2**63 - 1),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> AuditPage:
     """Newest first, filtered; page through with `before_id`."""

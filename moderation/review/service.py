@@ -29,7 +29,7 @@ import enum
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVarTuple
 
 from sqlalchemy import (
@@ -287,9 +287,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, hit_id = json.loads(raw)
         when = datetime.fromisoformat(created_at)
-        if when.tzinfo is None or not isinstance(hit_id, int) or not 0 < hit_id < 2**63:
+        # `type`, not isinstance: JSON's true is a Python int, and PostgreSQL compares no
+        # bigint with a boolean.
+        if when.tzinfo is None or type(hit_id) is not int or not 0 < hit_id < 2**63:
             raise InvalidCursor
-        return when, hit_id
+        # In UTC: PostgreSQL refuses offsets past ±15:59 (and with seconds) that Python
+        # parses; a time that leaves the calendar on the way raises OverflowError.
+        return when.astimezone(UTC), hit_id
     except (binascii.Error, ValueError, TypeError, OverflowError) as error:
         raise InvalidCursor from error
 

@@ -24,6 +24,7 @@ from moderation.auth.models import Role
 from moderation.http.access import allow
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
+from moderation.http.types import plain_text
 from moderation.messages import send_screening
 from moderation.screening.announcer import Announcer
 from moderation.screening.service import NewUpload, Submitted
@@ -51,13 +52,6 @@ MAX_ID = 2**63 - 1
 MAX_METADATA_BYTES = 16_384
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refused here rather than failing the insert.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
 class UploadIn(BaseModel):
     """One upload event."""
 
@@ -79,12 +73,13 @@ class UploadIn(BaseModel):
         default=None, description="Your own fields, stored with the upload and returned as given."
     )
 
-    _uri_no_nul = field_validator("uri")(_no_nul)
+    # Refused here rather than failing the insert.
+    _uri_plain = field_validator("uri")(plain_text)
 
     @field_validator("external_id")
     @classmethod
     def _external_id(cls, value: str | None) -> str | None:
-        return None if value is None else _no_nul(value)
+        return None if value is None else plain_text(value)
 
     @field_validator("metadata")
     @classmethod
@@ -92,12 +87,12 @@ class UploadIn(BaseModel):
         if value is None:
             return None
         try:
-            encoded = json.dumps(value, allow_nan=False)
+            encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
         except ValueError:
+            # 1e400 parses as infinity.
             raise ValueError("must be plain JSON (no NaN or Infinity)") from None
-        # JSONB refuses \u0000 anywhere in a document.
-        if "\\u0000" in encoded:
-            raise ValueError("must not contain NUL characters")
+        # JSONB refuses \u0000 and lone surrogates anywhere in a document.
+        plain_text(encoded.replace("\\u0000", "\x00"))
         if len(encoded.encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
         return value

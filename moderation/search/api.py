@@ -19,6 +19,7 @@ from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import get_engine
 from moderation.http.access import allow
+from moderation.http.admission import image_body
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
 from moderation.screening.models import UploadStatus
@@ -137,7 +138,7 @@ def search_by_text_or_upload(
     return _run(runtime, lambda: runtime.upload_query(upload_id), params)
 
 
-@router.post("/image", openapi_extra=allow(Role.ANALYST))
+@router.post("/image", openapi_extra={**allow(Role.ANALYST), **image_body()})
 def search_by_image(
     request: Request, params: Filtering, image: Annotated[UploadFile, File()]
 ) -> SearchResponse:

@@ -15,10 +15,7 @@ from typing import Annotated
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Query, Request, status
-from fastapi.exception_handlers import (
-    http_exception_handler,
-    request_validation_exception_handler,
-)
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
@@ -39,7 +36,7 @@ from moderation.http.access import (
     public,
     route_roles,
 )
-from moderation.http.errors import error_answer
+from moderation.http.errors import bounded_errors, error_answer, validation_answer
 from moderation.http.routes import route_for
 from moderation.http.types import form_datetime
 from moderation.images.signals import SignalType
@@ -414,10 +411,10 @@ async def _page_validation_errors(request: Request, exc: Exception) -> Response:
     """A bad value in a page's address or form is a page saying which, not raw JSON."""
     assert isinstance(exc, RequestValidationError)
     if not _is_page(request):
-        return await request_validation_exception_handler(request, exc)
+        return validation_answer(exc)
     reasons = "; ".join(
         f"{'.'.join(str(part) for part in error['loc'][1:]) or 'request'}: {error['msg']}"
-        for error in exc.errors()
+        for error in bounded_errors(exc.errors())
     )
     return render(
         request,

@@ -28,6 +28,7 @@ from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.errors import Invalid
 from moderation.http.access import allow
+from moderation.http.admission import image_body
 from moderation.http.types import form_datetime
 from moderation.screening.models import UploadStatus
 from moderation.search.api import MAX_RESULTS, RUNTIME
@@ -187,7 +188,7 @@ def search_page(request: Request) -> HTMLResponse:
     )
 
 
-@router.post("/search/image", openapi_extra=ANALYSTS)
+@router.post("/search/image", openapi_extra={**ANALYSTS, **image_body()})
 def search_by_image(
     request: Request,
     image: Annotated[UploadFile, File()],

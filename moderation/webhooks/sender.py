@@ -20,12 +20,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
+import httpcore
 
 from moderation.config import Settings
 from moderation.db import session_scope
 from moderation.errors import Unavailable
 from moderation.webhooks import service
+from moderation.webhooks.deadline import DeadlineBackend, within
 from moderation.webhooks.service import AttemptOutcome, ClaimedEvent
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,17 @@ SIGNATURE_HEADER = "X-Moderation-Signature"
 TIMESTAMP_HEADER = "X-Moderation-Timestamp"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 EVENT_TYPE_HEADER = "X-Moderation-Event"
-# A receiver's error text kept with the attempt, at most.
-ERROR_TEXT_CHARS = 500
+# The most of a receiver's answer that is read, to quote from an error: the rest is never
+# read (a 600 MiB error body once took the sender to 4 GB), and the connection is closed.
+ANSWER_BYTES_READ = 4096
+# What a failed attempt may raise: the receiver unreachable, slow past the deadline, or
+# speaking something other than HTTP.
+NETWORK_FAILURES = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
 
 
 class WebhookNotConfigured(Unavailable):
@@ -61,12 +71,33 @@ def signature(secret: bytes, timestamp: int, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
-def post(client: httpx.Client, url: str, secret: bytes, event: ClaimedEvent) -> AttemptOutcome:
-    """One attempt. Any answer but a 2xx is a failure, redirects included: they are not
-    followed (the URL is the operator's; a receiver that moved is a configuration error)."""
+def _answer_start(response: httpcore.Response) -> bytes:
+    """The first `ANSWER_BYTES_READ` bytes of the body, read as they stream in."""
+    read = b""
+    for chunk in response.iter_stream():
+        read += chunk
+        if len(read) >= ANSWER_BYTES_READ:
+            break
+    return read[:ANSWER_BYTES_READ]
+
+
+def _header(response: httpcore.Response, name: bytes) -> str:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def post(
+    pool: httpcore.ConnectionPool, url: str, secret: bytes, event: ClaimedEvent, deadline_s: float
+) -> AttemptOutcome:
+    """One attempt, over by `deadline_s` (wall clock, from connecting to the last byte read)
+    whatever the receiver does. Any answer but a 2xx is a failure, redirects included: they
+    are not followed (the URL is the operator's; a receiver that moved is a configuration
+    error). The error text is the receiver's to write: `service.record_attempt` cleans it."""
     body = body_of(event)
     timestamp = int(time.time())
-    headers = {
+    headers: dict[bytes | str, bytes | str] = {
         "Content-Type": "application/json",
         "User-Agent": "moderation-webhooks",
         IDEMPOTENCY_HEADER: str(event.idempotency_key),
@@ -78,16 +109,25 @@ def post(client: httpx.Client, url: str, secret: bytes, event: ClaimedEvent) -> 
     started = time.perf_counter()
     status_code: int | None = None
     error: str | None = None
+    timeouts = dict.fromkeys(("connect", "read", "write", "pool"), deadline_s)
     try:
-        response = client.post(url, content=body, headers=headers)
-        status_code = response.status_code
-        if response.is_redirect:
-            location = response.headers.get("location", "")
-            error = f"HTTP {status_code} to {location}: redirects are not followed; fix the URL"
-        elif not response.is_success:
-            error = f"HTTP {status_code}: {response.text[:ERROR_TEXT_CHARS]}"
-    except httpx.HTTPError as failure:
-        error = f"{type(failure).__name__}: {failure}"[:ERROR_TEXT_CHARS]
+        with (
+            within(deadline_s),
+            pool.stream(
+                "POST", url, headers=headers, content=body, extensions={"timeout": timeouts}
+            ) as response,
+        ):
+            status_code = response.status
+            # Read (a little) even after a 2xx: a connection whose answer was read to the
+            # end goes back to the pool; one left unread is closed.
+            answer = _answer_start(response)
+            if 300 <= status_code < 400:
+                location = _header(response, b"location")
+                error = f"HTTP {status_code} to {location}: redirects are not followed; fix the URL"
+            elif not 200 <= status_code < 300:
+                error = f"HTTP {status_code}: {answer.decode('utf-8', 'replace')}"
+    except NETWORK_FAILURES as failure:
+        error = f"{type(failure).__name__}: {failure}"
     duration_ms = (time.perf_counter() - started) * 1000
     return AttemptOutcome(started_at, duration_ms, status_code, error)
 
@@ -125,27 +165,36 @@ class Sender:
         self.secret = settings.webhook_secret.get_secret_value().encode()
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.batch = batch
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(settings.webhook_timeout_s),
-            follow_redirects=False,
-            # The receiver is named by the operator; proxies from the environment are not.
-            trust_env=False,
-            limits=httpx.Limits(max_connections=batch),
+        # httpcore rather than httpx: its network backend is where the attempt's deadline is
+        # kept. It follows no redirects and reads no proxy from the environment: the
+        # receiver is named by the operator.
+        self.connections = httpcore.ConnectionPool(
+            max_connections=batch, network_backend=DeadlineBackend()
         )
         self.pool = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="webhook-post")
 
     def close(self) -> None:
         self.pool.shutdown()
-        self.client.close()
+        self.connections.close()
 
     def deliver_batch(self) -> int:
         """Claim due events and try each once; how many were claimed (0: none was due)."""
         with session_scope() as session:
             claimed = service.claim_due(
-                session, lease_s=self.settings.webhook_lease_s, limit=self.batch
+                session,
+                lease_s=self.settings.webhook_lease_s,
+                give_up_after_s=self.settings.webhook_give_up_after_s,
+                limit=self.batch,
             )
         posts = {
-            self.pool.submit(post, self.client, self.url, self.secret, event): event
+            self.pool.submit(
+                post,
+                self.connections,
+                self.url,
+                self.secret,
+                event,
+                self.settings.webhook_timeout_s,
+            ): event
             for event in claimed
         }
         for done in as_completed(posts):

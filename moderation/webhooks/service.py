@@ -120,12 +120,34 @@ class ClaimedEvent:
     lease_token: uuid.UUID
 
 
-def claim_due(session: Session, *, lease_s: float, limit: int = 1) -> list[ClaimedEvent]:
+def claim_due(
+    session: Session, *, lease_s: float, give_up_after_s: float, limit: int = 1
+) -> list[ClaimedEvent]:
     """Take up to `limit` due events for this sender, hidden from the others for `lease_s`.
 
     SKIP LOCKED lets concurrent senders pass over each other's rows instead of queueing on
     them; the lease outlives this short transaction, so the caller commits at once.
+
+    An event tried before and due again past its give-up time is failed here, not claimed:
+    its attempts end even when none of them could be recorded (a sender that died, or
+    whose record was refused, every time), which `record_attempt` alone cannot see. (One
+    never tried is tried once, however old: the sender may just have been down.)
     """
+    session.execute(
+        update(WebhookEvent)
+        .where(
+            WebhookEvent.status == DeliveryStatus.PENDING,
+            WebhookEvent.next_attempt_at <= func.now(),
+            WebhookEvent.attempts > 0,
+            func.now() >= _give_up_at(give_up_after_s),
+        )
+        .values(
+            status=DeliveryStatus.FAILED,
+            lease_token=None,
+            last_error=func.coalesce(WebhookEvent.last_error, "no attempt could be recorded")
+            + " (given up: MODERATION_WEBHOOK_GIVE_UP_AFTER_S passed)",
+        )
+    )
     token = uuid.uuid4()
     due = (
         select(WebhookEvent.id)
@@ -174,6 +196,24 @@ class AttemptOutcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+# An attempt's error text kept, at most.
+ERROR_TEXT_CHARS = 500
+
+
+def storable_error(text: str) -> str:
+    """A receiver's words, made safe to store and show: at most `ERROR_TEXT_CHARS`, and
+    every character that is not printable (NUL, which PostgreSQL text cannot hold; a lone
+    surrogate, which UTF-8 cannot; control characters, which a terminal obeys) replaced.
+    A NUL once made the attempt's INSERT fail, so the event was never marked failed and was
+    posted again forever."""
+    text = text[:ERROR_TEXT_CHARS]
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
+
+
+def _give_up_at(give_up_after_s: float) -> Any:
+    return WebhookEvent.pending_since + func.make_interval(0, 0, 0, 0, 0, 0, give_up_after_s)
+
+
 def retry_delay_s(attempt: int, settings: Settings) -> float:
     """Doubling from the base, capped; between half and all of it, so that senders that
     failed together do not all come back together."""
@@ -199,7 +239,7 @@ def record_attempt(
             started_at=outcome.started_at,
             duration_ms=outcome.duration_ms,
             status_code=outcome.status_code,
-            error=outcome.error,
+            error=None if outcome.error is None else storable_error(outcome.error),
         )
     )
     if outcome.delivered:
@@ -215,11 +255,9 @@ def record_attempt(
             )
         )
         return
-    error = outcome.error or f"HTTP {outcome.status_code}"
+    error = storable_error(outcome.error or f"HTTP {outcome.status_code}")
     delay = retry_delay_s(event.attempt, settings)
-    give_up_at = WebhookEvent.pending_since + func.make_interval(
-        0, 0, 0, 0, 0, 0, settings.webhook_give_up_after_s
-    )
+    give_up_at = _give_up_at(settings.webhook_give_up_after_s)
     # Only while this claim holds: a sender whose lease ran out while it waited must not
     # push back the retry of whoever claimed the event since.
     session.execute(
