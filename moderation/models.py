@@ -10,7 +10,7 @@ from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, Worker
-from moderation.search.models import IndexEvaluation
+from moderation.search.models import IndexEvaluation, MilvusSyncState, SearchChange
 from moderation.web.models import WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
@@ -27,9 +27,11 @@ __all__ = [
     "Evidence",
     "Hit",
     "IndexEvaluation",
+    "MilvusSyncState",
     "ReembedFailure",
     "ReembedJob",
     "RetrohuntJob",
+    "SearchChange",
     "Signal",
     "Upload",
     "WebSession",

@@ -147,6 +147,8 @@ _DATA_TABLES = ", ".join(
         "index_evaluations",
         "webhook_events",
         "webhook_attempts",
+        "search_changes",
+        "milvus_sync_state",
     ]
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from moderation.db import get_engine, session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.cli import main
 from moderation.screening.models import UploadStatus
-from moderation.search import service
+from moderation.search import milvus_sync, service
 from moderation.search.follow import FollowedIndex
 from moderation.search.indexes import IndexKind
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
+from moderation.search.vector_index import VectorIndex
 from tests.conftest import TINY_MODEL_DIR
+from tests.milvus_fixtures import MilvusEnv, milvus_env, milvus_server, sync_until_caught_up
 from tests.search_fixtures import (
     DIM,
     add_hit,
@@ -39,7 +42,7 @@ from tests.search_fixtures import (
 )
 from tests.vectors import at_cosine_distance
 
-__all__ = ["index_dir"]
+__all__ = ["index_dir", "milvus_env", "milvus_server"]
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -48,6 +51,24 @@ def _open(directory: Path, **plan: object) -> FollowedIndex:
     with session_scope() as session:
         model = tiny_model(session)
     return open_index(get_engine(), model, index_settings(directory, **plan))
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], VectorIndex]:
+    """Opens the index of the tiny model's corpus as it stands, on each backend: Faiss in
+    process, or the real Milvus server after a sync has caught up."""
+    if request.param == "faiss":
+        return lambda: _open(tmp_path)
+    env: MilvusEnv = request.getfixturevalue("milvus_env")
+
+    def open_milvus() -> VectorIndex:
+        sync_until_caught_up(env.loop())
+        with session_scope() as session:
+            model = tiny_model(session)
+            session.expunge(model)
+        return milvus_sync.open_index(get_engine(), env.milvus, model)
+
+    return open_milvus
 
 
 def _ids_in_table() -> list[int]:
@@ -62,7 +83,7 @@ def _random_corpus(count: int, seed: int = 0) -> list[int]:
         return [add_upload(session, model, [v]) for v in unit(rng, count)]
 
 
-def _search(index: FollowedIndex, vector: np.ndarray, k: int, **options: object) -> list[int]:
+def _search(index: VectorIndex, vector: np.ndarray, k: int, **options: object) -> list[int]:
     with session_scope() as session:
         results = service.search(session, index, SearchQuery(vector=vector), k, **options)  # type: ignore[arg-type]
     return [r.upload_id for r in results]
@@ -95,7 +116,9 @@ def test_an_exact_copy_of_an_image_ranks_first(clean_db: None, index_dir: Path) 
         assert len(results) == 3
 
 
-def test_results_are_per_upload_by_its_best_frame(clean_db: None, tmp_path: Path) -> None:
+def test_results_are_per_upload_by_its_best_frame(
+    clean_db: None, open_backend: Callable[[], VectorIndex]
+) -> None:
     rng = np.random.default_rng(1)
     query = unit(rng)[0]
     _random_corpus(30, seed=2)
@@ -107,7 +130,7 @@ def test_results_are_per_upload_by_its_best_frame(clean_db: None, tmp_path: Path
             [at_cosine_distance(query, d, seed=i) for i, d in enumerate((0.3, 0.02, 0.01))],
         )
         still = add_upload(session, model, [at_cosine_distance(query, 0.05)])
-    index = _open(tmp_path)
+    index = open_backend()
     with session_scope() as session:
         results = service.search(session, index, SearchQuery(vector=query), 2)
     assert [r.upload_id for r in results] == [animation, still]
@@ -156,12 +179,12 @@ def filtered_corpus(clean_db: None) -> tuple[np.ndarray, dict[str, list[int]]]:
 )
 def test_filters_return_k_results_when_k_exist(
     filtered_corpus: tuple[np.ndarray, dict[str, list[int]]],
-    tmp_path: Path,
+    open_backend: Callable[[], VectorIndex],
     options: dict[str, int],
 ) -> None:
     query, groups = filtered_corpus
-    index = _open(tmp_path)
-    assert index.kind is IndexKind.HNSW  # 170 vectors, between the test thresholds
+    index = open_backend()
+    assert index.kind == IndexKind.HNSW  # 170 vectors, between the test thresholds
 
     exact = options["exact_scan_max"] > 0
 

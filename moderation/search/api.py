@@ -111,7 +111,7 @@ def _run(
     index = runtime.index(query.model_id)
     return SearchResponse(
         model=index.model_name,
-        index_kind=index.kind.value,
+        index_kind=str(index.kind),
         index_size=index.size,
         results=[SearchResultOut.of(r) for r in results],
     )
