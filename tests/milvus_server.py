@@ -5,9 +5,11 @@ The wheel's own `MilvusServer` picks ports by probing from well-known defaults (
 explicitly, in a block derived from the Redis test database number so that sessions of
 different engineers on one machine never meet, the components advertise 127.0.0.1, and the
 binary runs in a session of its own so that `kill` stops it (and only it) by its process
-group, as a crash would: that is how the tests take Milvus down mid-sync. The Milvus
-binary still listens on every interface for its gRPC ports (2.3.5 has no listen-address
-setting); etcd listens on 127.0.0.1 only.
+group, as a crash would: that is how the tests take Milvus down mid-sync. The embedded
+etcd gets a config file of its own so that it too listens in the block (on 127.0.0.1)
+rather than on the fixed 2379/2380 that would keep a second server (a benchmark beside
+the tests) from starting. The Milvus binary still listens on every interface for its gRPC
+ports (2.3.5 has no listen-address setting), hence ports far from the defaults.
 
 Start: 10-30 s on two busy cores (the first start also unpacks the binary); ~220 MB.
 """
@@ -65,7 +67,7 @@ def _port_free(port: int) -> bool:
 
 @dataclass
 class MilvusProcess:
-    """One standalone server over `data_dir`, on ports `base`..`base + 11`."""
+    """One standalone server over `data_dir`, on ports `base`..`base + 12`."""
 
     data_dir: Path
     base: int
@@ -88,7 +90,7 @@ class MilvusProcess:
             import milvus
         except ImportError as error:
             raise MilvusUnavailable(f"the `milvus` wheel is not installed ({error})") from error
-        busy = [p for p in range(self.base, self.metrics_port + 1) if not _port_free(p)]
+        busy = [p for p in range(self.base, self.base + 13) if not _port_free(p)]
         if busy:
             raise MilvusUnavailable(f"ports {busy} are taken; another Milvus runs here")
         config = milvus.MilvusServerConfig(data_dir=str(self.data_dir))
@@ -100,6 +102,7 @@ class MilvusProcess:
             config.set(f"{component}.ip", "127.0.0.1")
         config.resolve_storage()
         config.write_config()  # configs/milvus.yaml under data_dir
+        self._own_etcd_ports(Path(config.base_data_dir) / "configs")
         milvus._initialize_data_files(config.base_data_dir)
         executable = join(config.base_data_dir, "bin", "milvus")
         environment = os.environ.copy() | {
@@ -122,6 +125,24 @@ class MilvusProcess:
                 start_new_session=True,  # its own process group: stopped as one
             )
         self._wait_healthy(timeout_s)
+
+    def _own_etcd_ports(self, configs: Path) -> None:
+        """The embedded etcd listens on 2379 and 2380 whatever the wheel's template says,
+        so two servers on one machine collide; an etcd config file of its own (a setting
+        the template lacks, added under `etcd:`) moves both into this server's block."""
+        etcd = configs / "etcd.yaml"
+        client, peer = self.base, self.base + 12  # the template's etcd_port is base
+        etcd.write_text(
+            f"listen-client-urls: http://127.0.0.1:{client}\n"
+            f"advertise-client-urls: http://127.0.0.1:{client}\n"
+            f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+            f"initial-cluster: default=http://127.0.0.1:{peer}\n"
+        )
+        milvus_yaml = configs / "milvus.yaml"
+        text = milvus_yaml.read_text()
+        text = text.replace("\netcd:\n", f"\netcd:\n  config:\n    path: {etcd}\n", 1)
+        milvus_yaml.write_text(text)
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
 from moderation.search.vector_index import VectorIndex
 from tests.conftest import TINY_MODEL_DIR
-from tests.milvus_fixtures import MilvusEnv, milvus_env, milvus_server, sync_until_caught_up
+from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import (
     DIM,
     add_hit,
@@ -42,7 +42,7 @@ from tests.search_fixtures import (
 )
 from tests.vectors import at_cosine_distance
 
-__all__ = ["index_dir", "milvus_env", "milvus_server"]
+__all__ = ["index_dir"]
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 

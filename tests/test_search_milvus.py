@@ -28,11 +28,11 @@ from moderation.search.models import MilvusSyncState
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from tests.api_fixtures import api, bearer, keys
-from tests.milvus_fixtures import MilvusEnv, milvus_env, milvus_server, sync_until_caught_up
+from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
-__all__ = ["api", "keys", "milvus_env", "milvus_server"]
+__all__ = ["api", "keys"]
 
 
 def _corpus(count: int, seed: int = 0) -> list[int]:
@@ -249,15 +249,31 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
         assert session.scalars(select(MilvusSyncState.collection)).all() == [summary["collection"]]
 
 
-def test_lag_shows_in_metrics_and_readyz(clean_db: None, milvus_env: MilvusEnv) -> None:
+def test_lag_shows_in_metrics_and_readyz(
+    clean_db: None, milvus_env: MilvusEnv, api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (
+        "no Milvus collection is synced yet" in api.get("/readyz").json()["checks"]["search_index"]
+    )
     _corpus(5)
     sync_until_caught_up(milvus_env.loop())
+    assert api.get("/readyz").json()["checks"]["search_index"] == "ok"
     _corpus(3, seed=1)
     with session_scope() as session:
         (lag,) = milvus_sync.lags(session)
     assert lag.rows == 3
     assert lag.seconds is not None
     assert lag.seconds >= 0
+    metrics = api.get("/metrics").text
+    (line,) = [m for m in metrics.splitlines() if m.startswith("moderation_search_sync_lag_rows{")]
+    assert f'collection="{lag.collection}"' in line
+    assert line.endswith(" 3.0")
+    assert "moderation_search_sync_lag_seconds{" in metrics
+    monkeypatch.setenv("MODERATION_MILVUS_MAX_LAG_S", "0.001")
+    get_settings.cache_clear()
+    check = api.get("/readyz").json()["checks"]["search_index"]
+    assert check.startswith("the Milvus sync is behind")
+    assert f"{lag.collection} (" in check
 
 
 def test_search_runtime_answers_from_milvus(clean_db: None, milvus_env: MilvusEnv) -> None:

@@ -19,6 +19,7 @@ import click
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import get_engine, session_scope
+from moderation.review.models import ReviewStatus
 from moderation.screening.models import UploadStatus
 from moderation.search.map_cli import index_map
 
@@ -39,6 +40,11 @@ def _utc(value: datetime | None) -> datetime | None:
 @click.option("--bank", help="Only uploads with a hit on this bank.")
 @click.option("--error-code", help="Only uploads that failed with this code.")
 @click.option(
+    "--review-status",
+    type=click.Choice([s.value for s in ReviewStatus]),
+    help="Only uploads with a hit in this review status.",
+)
+@click.option(
     "--model",
     "model_name",
     help="A registered model to search instead of the active one (a candidate, to judge it).",
@@ -55,6 +61,7 @@ def search(
     has_hit: bool | None,
     bank: str | None,
     error_code: str | None,
+    review_status: str | None,
     model_name: str | None,
     as_json: bool,
 ) -> None:
@@ -72,6 +79,7 @@ def search(
         has_hit=has_hit,
         bank=bank,
         error_code=error_code,
+        review_status=ReviewStatus(review_status) if review_status else None,
     )
     runtime = SearchRuntime(get_settings(), get_engine(), follow=False, model=model_name)
     if text is not None:
