@@ -17,6 +17,7 @@ delete to it being gone.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -183,6 +184,7 @@ def run_milvus(ctx: Context, server: Server) -> None:
             )
     fresh = _freshness(client, name, ctx)
     ctx.results.setdefault("milvus_freshness", {})[str(ctx.size)] = fresh
+    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
     print(
         f"  milvus freshness (Bounded): insert to searchable p50 {fresh['insert_p50_s']:.2f} s "
         f"(max {fresh['insert_max_s']:.2f}), delete to gone p50 {fresh['delete_p50_s']:.2f} s",
@@ -248,8 +250,6 @@ def _row(
     latencies: np.ndarray,
     extra: dict[str, Any],
 ) -> None:
-    import json
-
     from search import print_row
 
     row: dict[str, Any] = {

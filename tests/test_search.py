@@ -28,7 +28,7 @@ from moderation.search.indexes import IndexKind
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
-from moderation.search.vector_index import VectorIndex
+from moderation.search.vector_index import IndexRows, VectorIndex
 from tests.conftest import TINY_MODEL_DIR
 from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import (
@@ -427,3 +427,31 @@ def test_a_build_streams_large_reads_and_keeps_labels_aligned(
     for upload in ids[::10]:
         _, _, found = index.search(vectors[upload], 1)
         assert found[0][0] == upload
+
+
+def test_faiss_deletes_leave_tombstones_that_survive_a_snapshot(
+    clean_db: None, tmp_path: Path
+) -> None:
+    """The Faiss `VectorIndex`: a deleted row is never returned again (HNSW cannot remove
+    it, so its label maps to -1), also after a save and reload; an upsert replaces it."""
+    ids = _random_corpus(120, seed=11)
+    index = _open(tmp_path)
+    assert index.kind is IndexKind.HNSW
+    with session_scope() as session:
+        victim = service.upload_vector(session, index.model_id, index.model_name, ids[5])
+        victim_id = session.scalar(select(Embedding.id).where(Embedding.upload_id == ids[5]))
+    assert victim_id is not None
+    assert index.search(victim, 1)[1][0][0] == victim_id
+    assert index.delete(np.array([victim_id])) == 1
+    assert index.size == 119
+    assert victim_id not in index.search(victim, 120)[1][0]
+    assert victim_id not in index.held_ids()
+    save(index, index_settings(tmp_path))
+    reopened = _open(tmp_path)
+    assert reopened.size == 119
+    assert victim_id not in reopened.search(victim, 120)[1][0]
+    assert reopened.describe()["tombstones"] == 1
+    elsewhere = unit(np.random.default_rng(12))[0]
+    reopened.upsert(IndexRows(np.array([victim_id]), np.array([ids[5]]), elsewhere[None, :]))
+    assert reopened.size == 120
+    assert reopened.search(elsewhere, 1)[1][0][0] == victim_id

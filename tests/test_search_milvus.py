@@ -6,11 +6,13 @@ session (`tests/milvus_fixtures.py`); each test has collections of its own."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -19,6 +21,7 @@ from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import Embedding
+from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.models import Upload
@@ -33,6 +36,12 @@ from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
 __all__ = ["api", "keys"]
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def _corpus(count: int, seed: int = 0) -> list[int]:
@@ -286,3 +295,23 @@ def test_search_runtime_answers_from_milvus(clean_db: None, milvus_env: MilvusEn
         assert runtime.index().describe()["backend"] == "milvus"
     finally:
         runtime.close()
+
+
+def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: MilvusEnv) -> None:
+    """`moderation index sync --once` creates, fills and tunes the collection; `moderation
+    index eval` measures it against exact search like the Faiss index; `moderation search`
+    answers from it with a filter."""
+    ids = _corpus(120)
+    with session_scope() as session:
+        add_hit(session, ids[3], "known-bad")
+    synced = json.loads(cli("index", "sync", "--once", "--json"))
+    (report,) = synced.values()
+    assert report["embeddings_checkpoint"] >= max(_embedding_ids())
+    assert _index(milvus_env).size == 120
+    history = json.loads(cli("index", "eval", "--queries", "40", "--json"))
+    assert history[0]["index_kind"] == "hnsw"
+    assert history[0]["corpus_size"] == 120
+    assert history[0]["recall"] >= 0.9
+    assert "ef" in history[0]["parameters"]
+    found = json.loads(cli("search", "--upload", str(ids[3]), "--bank", "known-bad", "--json"))
+    assert [r["upload_id"] for r in found] == [ids[3]]
