@@ -15,16 +15,17 @@ from moderation.config import get_settings
 from moderation.db import get_engine
 from moderation.search import milvus_sync
 from moderation.search.milvus_index import Milvus, MilvusSettings
-from tests.conftest import BASE_REDIS_URL
+from tests.conftest import TEST_ENV
 from tests.milvus_server import MilvusProcess, MilvusUnavailable, port_base_for
 
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusProcess]:
     """Skipped, with the reason, only where the wheel cannot run here."""
+    # Ports by this test process's own Redis db: two pytest-xdist processes run two servers.
+    db = TEST_ENV["MODERATION_REDIS_URL"].rsplit("/", 1)[-1]
     server = MilvusProcess(
-        Path(tmp_path_factory.mktemp("milvus")),
-        port_base_for(int(BASE_REDIS_URL.rsplit("/", 1)[1])),
+        Path(tmp_path_factory.mktemp("milvus")), port_base_for(int(db) if db.isdigit() else 0)
     )
     try:
         server.start()

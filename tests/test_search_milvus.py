@@ -21,6 +21,7 @@ from moderation.auth.models import Role
 from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.embedding.models import Embedding
+from moderation.main.app import create_app
 from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.models import Hit, ReviewStatus
@@ -315,3 +316,26 @@ def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: Mi
     assert "ef" in history[0]["parameters"]
     found = json.loads(cli("search", "--upload", str(ids[3]), "--bank", "known-bad", "--json"))
     assert [r["upload_id"] for r in found] == [ids[3]]
+
+
+def test_the_api_runs_the_sync_when_asked(
+    clean_db: None, milvus_env: MilvusEnv, keys: dict[Role, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODERATION_MILVUS_SYNC_IN_API: the API process keeps the collection current itself;
+    an upload committed while it runs becomes searchable without `moderation index sync`."""
+    monkeypatch.setenv("MODERATION_MILVUS_SYNC_IN_API", "true")
+    monkeypatch.setenv("MODERATION_MILVUS_SYNC_INTERVAL_S", "0.2")
+    get_settings.cache_clear()
+    _corpus(20)
+    analyst = bearer(keys[Role.ANALYST])
+    with TestClient(create_app()) as client:
+        (late,) = _corpus(1, seed=4)
+        deadline = time.monotonic() + 60
+        while True:
+            response = client.get("/v1/search", params={"upload_id": late, "k": 1}, headers=analyst)
+            if response.status_code == 200 and response.json()["results"]:
+                break
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.2)
+    assert response.json()["results"][0]["upload_id"] == late
+    assert response.json()["index_size"] == 21
