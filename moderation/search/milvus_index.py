@@ -44,6 +44,8 @@ WRITE_CHUNK = 2_000
 # An upload hitting more banks than this keeps the first ones (a bank filter on the others
 # then relies on the exact scan); review statuses are four.
 MAX_BANKS = 256
+# Uploads per query when the sync reads which rows changed uploads hold.
+_UPLOADS_PER_QUERY = 500
 # Searches read the collection's size to know when the index is exhausted; a count costs
 # a round trip, so it is reused this long.
 _SIZE_TTL_S = 1.0
@@ -313,13 +315,18 @@ def ids_of_uploads(milvus: Milvus, collection: str, upload_ids: list[int]) -> li
         return []
 
     def query(client: MilvusClient) -> list[tuple[int, int]]:
-        rows = client.query(
-            collection,
-            filter=f"upload_id in {upload_ids}",
-            output_fields=["id", "upload_id"],
-            consistency_level="Strong",  # a sync must see its own writes
-        )
-        return [(int(row["id"]), int(row["upload_id"])) for row in rows]
+        found = []
+        # In chunks: a query returns at most 16,384 rows, and its expression stays short.
+        for start in range(0, len(upload_ids), _UPLOADS_PER_QUERY):
+            chunk = upload_ids[start : start + _UPLOADS_PER_QUERY]
+            rows = client.query(
+                collection,
+                filter=f"upload_id in {chunk}",
+                output_fields=["id", "upload_id"],
+                consistency_level="Strong",  # a sync must see its own writes
+            )
+            found.extend((int(row["id"]), int(row["upload_id"])) for row in rows)
+        return found
 
     return milvus.call(f"read rows of {len(upload_ids)} uploads", query)
 
