@@ -315,7 +315,7 @@ def ids_of_uploads(milvus: Milvus, collection: str, upload_ids: list[int]) -> li
         return []
 
     def query(client: MilvusClient) -> list[tuple[int, int]]:
-        found = []
+        found: list[tuple[int, int]] = []
         # In chunks: a query returns at most 16,384 rows, and its expression stays short.
         for start in range(0, len(upload_ids), _UPLOADS_PER_QUERY):
             chunk = upload_ids[start : start + _UPLOADS_PER_QUERY]
