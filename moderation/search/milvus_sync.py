@@ -397,6 +397,21 @@ def tune_collection(
             k=k,
             candidates=config.candidates,
         )
+        # Filtered searches at 10% and 1% selectivity, the filter being one on embedding
+        # ids that passes that share of rows, wherever they lie.
+        for label, modulus in (("10%", 10), ("1%", 100)):
+            if _count_embeddings(engine, model.id) // modulus < k:
+                continue  # too few passing rows to measure
+            index.tune_filtered(
+                queries,
+                exact_scores(engine, model.id, queries, k, modulus=modulus),
+                lambda ids, q: rescore(engine, ids, q),
+                expression=f"id % {modulus} == 0",
+                label=label,
+                target=config.recall_target,
+                k=k,
+                candidates=config.candidates,
+            )
     with Session(engine) as session, session.begin():
         session.get_one(MilvusSyncState, collection).parameters = index.parameters
     return index.parameters
@@ -412,13 +427,17 @@ def sample_vectors(engine: Engine, model_id: int, count: int, seed: int = 0) -> 
         return np.stack([vector_from_bytes(v) for (v,) in rows])
 
 
-def exact_scores(engine: Engine, model_id: int, queries: np.ndarray, k: int) -> np.ndarray:
-    """The exact top-k scores of each query over every row of the model, streamed."""
+def exact_scores(
+    engine: Engine, model_id: int, queries: np.ndarray, k: int, *, modulus: int = 1
+) -> np.ndarray:
+    """The exact top-k scores of each query over every row of the model (with an id
+    divisible by `modulus`), streamed."""
     best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    statement = select(Embedding.vector).where(Embedding.model_id == model_id)
+    if modulus > 1:
+        statement = statement.where(Embedding.id % modulus == 0)
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
-            select(Embedding.vector).where(Embedding.model_id == model_id)
-        )
+        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(statement)
         for chunk in result.partitions(10_000):
             vectors = np.frombuffer(b"".join(row[0] for row in chunk), dtype="<f4").reshape(
                 len(chunk), -1
