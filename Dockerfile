@@ -20,9 +20,10 @@ WORKDIR /app
 COPY constraints.txt ./
 RUN /venv/bin/pip install --only-binary=:all: --constraint constraints.txt \
         --index-url "$TORCH_INDEX_URL" torch
-# Then the other dependencies, read from pyproject.toml, before the code for the same reason.
+# Then the other dependencies, read from pyproject.toml, before the code for the same reason;
+# with the Milvus client (extra `milvus`), so one image serves either search backend.
 COPY pyproject.toml ./
-RUN /venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+RUN /venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['milvus'], sep='\n')" \
         > /tmp/requirements.txt \
     && /venv/bin/pip install --only-binary=:all: --constraint constraints.txt \
         --requirement /tmp/requirements.txt

@@ -4,6 +4,7 @@
     nice -n 10 python bench/search.py                           # 100k and 1M, 768-d: ~1 h
     python bench/search.py --sizes 100000 --only flat hnsw      # some index types only
     python bench/search.py --merge a.json b.json --out all.json # one table and plot of runs
+    python bench/search.py --sizes 100000 --only hnsw --backend both  # Faiss and Milvus
 
 Data: synthetic CLIP-like embeddings (`ClusteredSphere`): a mixture of Gaussians on the
 unit sphere whose noise has a power-law spectrum, so that the corpus has clusters, a low
@@ -155,6 +156,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/search.json"))
     parser.add_argument(
+        "--backend",
+        choices=["faiss", "milvus", "both"],
+        default="faiss",
+        help="Milvus rows (bench/search_milvus.py) beside or instead of Faiss's, same data.",
+    )
+    parser.add_argument(
+        "--milvus-uri", help="A running Milvus; default: start the `milvus` wheel's server."
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -195,8 +205,20 @@ def main() -> None:
         "data": {},
         "rows": [],
     }
-    for size in args.sizes:
-        run_size(size, args, kinds, results)
+    server = None
+    if args.backend != "faiss":
+        from search_milvus import Server
+
+        server = Server(args.milvus_uri)
+        results["milvus_uri"] = server.uri
+    if args.backend == "milvus":
+        kinds = []
+    try:
+        for size in args.sizes:
+            run_size(size, args, kinds, results, server)
+    finally:
+        if server is not None:
+            server.stop()
     print(f"written to {args.out} and {plot(results, args.out)}")
     print_recommendation(results)
 
@@ -217,7 +239,11 @@ def merge(runs: list[Path], out: Path) -> None:
 
 
 def run_size(
-    size: int, args: argparse.Namespace, kinds: list[str], results: dict[str, Any]
+    size: int,
+    args: argparse.Namespace,
+    kinds: list[str],
+    results: dict[str, Any],
+    server: Any = None,
 ) -> None:
     import faiss
 
@@ -252,6 +278,10 @@ def run_size(
         run_ivf(context, kinds)
     if "hnsw" in kinds:
         run_hnsw(context)
+    if server is not None:
+        from search_milvus import run_milvus
+
+        run_milvus(context, server)
     del context, corpus, flat
     gc.collect()
 

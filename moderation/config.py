@@ -232,6 +232,28 @@ class Settings(BaseSettings):
     search_commit_lag_s: float = Field(default=1.0, ge=0)
     # A process that has added this many rows since the last snapshot writes a new one.
     search_snapshot_every: int = Field(default=10_000, ge=1)
+    # Where the general index lives: `faiss` in each process (the default), or `milvus`, a
+    # server or cluster that `moderation index sync` keeps current from `embeddings`
+    # (docs/milvus.md). URI http(s)://host:19530 (https for TLS); the token is
+    # "user:password" or an API key; the database must exist ("default" always does).
+    search_backend: Literal["faiss", "milvus"] = "faiss"
+    milvus_uri: str = "http://127.0.0.1:19530"
+    milvus_token: SecretStr | None = None
+    milvus_db: str = "default"
+    # Per call to the server: a search or write slower than this means Milvus is away (503).
+    milvus_timeout_s: float = Field(default=10.0, gt=0)
+    # Bounded: a search may miss writes of the last fraction of a second (measured 0.2-0.4 s
+    # to searchable, docs/milvus.md); Strong makes every search wait for the latest writes.
+    milvus_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
+    # Collections are named `<prefix>_m<model id>_<n>`, served through the alias
+    # `<prefix>_m<model id>`; several installations may share one Milvus by prefix.
+    milvus_collection_prefix: str = Field(default="moderation", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    milvus_shards: int = Field(default=1, ge=1, le=16)
+    # Run the sync inside `moderation api` too (one process per installation should).
+    milvus_sync_in_api: bool = False
+    milvus_sync_interval_s: float = Field(default=1.0, gt=0)
+    # /readyz fails when the sync's last completed pass started longer ago than this.
+    milvus_max_lag_s: float = Field(default=60.0, gt=0)
     # What orders the top candidates after the index (`search/rerankers.py`): "exact"
     # rescores the stored float32 vectors; "cross-encoder" scores a text query against the
     # top `search_rerank_top` uploads' images with BLIP's image-text matching head

@@ -16,7 +16,7 @@ from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, Worker
-from moderation.search.models import IndexEvaluation
+from moderation.search.models import IndexEvaluation, MilvusSyncState, SearchChange
 from moderation.web.models import WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
@@ -37,9 +37,11 @@ __all__ = [
     "GoldenRelevant",
     "Hit",
     "IndexEvaluation",
+    "MilvusSyncState",
     "ReembedFailure",
     "ReembedJob",
     "RetrohuntJob",
+    "SearchChange",
     "Signal",
     "Upload",
     "WebSession",

@@ -150,6 +150,8 @@ _DATA_TABLES = ", ".join(
         "evaluation_runs",
         "webhook_events",
         "webhook_attempts",
+        "search_changes",
+        "milvus_sync_state",
     ]
 )
 
@@ -229,3 +231,10 @@ def worker(database: str, tiny_model: Path, redis_client: redis.Redis) -> Iterat
     env = {**TEST_ENV, "MODERATION_WORKER_METRICS_PORT": str(WORKER_METRICS_PORT)}
     with WorkerProcess(_RUN_DIR / "worker.log", env) as process:
         yield process.wait_ready()
+
+
+# Session fixtures shared by several modules are defined once, here: imported into each test
+# module instead, each module would get a session fixture (and a Milvus server) of its own.
+from tests.milvus_fixtures import milvus_env, milvus_server  # noqa: E402
+
+__all__ = ["milvus_env", "milvus_server"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,13 +22,16 @@ from moderation.db import get_engine, session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.cli import main
 from moderation.screening.models import UploadStatus
-from moderation.search import service
+from moderation.search import milvus_sync, service
 from moderation.search.follow import FollowedIndex
 from moderation.search.indexes import IndexKind
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
+from moderation.search.vector_index import IndexRows, VectorIndex
+from moderation.worker import metrics as _worker_metrics  # noqa: F401 (registers moderation_index_recall)
 from tests.conftest import TINY_MODEL_DIR
+from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import (
     DIM,
     add_hit,
@@ -50,6 +54,24 @@ def _open(directory: Path, **plan: object) -> FollowedIndex:
     return open_index(get_engine(), model, index_settings(directory, **plan))
 
 
+@pytest.fixture(params=["faiss", "milvus"])
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], VectorIndex]:
+    """Opens the index of the tiny model's corpus as it stands, on each backend: Faiss in
+    process, or the real Milvus server after a sync has caught up."""
+    if request.param == "faiss":
+        return lambda: _open(tmp_path)
+    env: MilvusEnv = request.getfixturevalue("milvus_env")
+
+    def open_milvus() -> VectorIndex:
+        sync_until_caught_up(env.loop())
+        with session_scope() as session:
+            model = tiny_model(session)
+            session.expunge(model)
+        return milvus_sync.open_index(get_engine(), env.milvus, model)
+
+    return open_milvus
+
+
 def _ids_in_table() -> list[int]:
     with session_scope() as session:
         return sorted(session.scalars(select(Embedding.id)))
@@ -62,7 +84,7 @@ def _random_corpus(count: int, seed: int = 0) -> list[int]:
         return [add_upload(session, model, [v]) for v in unit(rng, count)]
 
 
-def _search(index: FollowedIndex, vector: np.ndarray, k: int, **options: object) -> list[int]:
+def _search(index: VectorIndex, vector: np.ndarray, k: int, **options: object) -> list[int]:
     with session_scope() as session:
         results = service.search(session, index, SearchQuery(vector=vector), k, **options)  # type: ignore[arg-type]
     return [r.upload_id for r in results]
@@ -95,7 +117,9 @@ def test_an_exact_copy_of_an_image_ranks_first(clean_db: None, index_dir: Path) 
         assert len(results) == 3
 
 
-def test_results_are_per_upload_by_its_best_frame(clean_db: None, tmp_path: Path) -> None:
+def test_results_are_per_upload_by_its_best_frame(
+    clean_db: None, open_backend: Callable[[], VectorIndex]
+) -> None:
     rng = np.random.default_rng(1)
     query = unit(rng)[0]
     _random_corpus(30, seed=2)
@@ -107,7 +131,7 @@ def test_results_are_per_upload_by_its_best_frame(clean_db: None, tmp_path: Path
             [at_cosine_distance(query, d, seed=i) for i, d in enumerate((0.3, 0.02, 0.01))],
         )
         still = add_upload(session, model, [at_cosine_distance(query, 0.05)])
-    index = _open(tmp_path)
+    index = open_backend()
     with session_scope() as session:
         results = service.search(session, index, SearchQuery(vector=query), 2)
     assert [r.upload_id for r in results] == [animation, still]
@@ -156,12 +180,12 @@ def filtered_corpus(clean_db: None) -> tuple[np.ndarray, dict[str, list[int]]]:
 )
 def test_filters_return_k_results_when_k_exist(
     filtered_corpus: tuple[np.ndarray, dict[str, list[int]]],
-    tmp_path: Path,
+    open_backend: Callable[[], VectorIndex],
     options: dict[str, int],
 ) -> None:
     query, groups = filtered_corpus
-    index = _open(tmp_path)
-    assert index.kind is IndexKind.HNSW  # 170 vectors, between the test thresholds
+    index = open_backend()
+    assert index.kind == IndexKind.HNSW  # 170 vectors, between the test thresholds
 
     exact = options["exact_scan_max"] > 0
 
@@ -404,3 +428,31 @@ def test_a_build_streams_large_reads_and_keeps_labels_aligned(
     for upload in ids[::10]:
         _, _, found = index.search(vectors[upload], 1)
         assert found[0][0] == upload
+
+
+def test_faiss_deletes_leave_tombstones_that_survive_a_snapshot(
+    clean_db: None, tmp_path: Path
+) -> None:
+    """The Faiss `VectorIndex`: a deleted row is never returned again (HNSW cannot remove
+    it, so its label maps to -1), also after a save and reload; an upsert replaces it."""
+    ids = _random_corpus(120, seed=11)
+    index = _open(tmp_path)
+    assert index.kind is IndexKind.HNSW
+    with session_scope() as session:
+        victim = service.upload_vector(session, index.model_id, index.model_name, ids[5])
+        victim_id = session.scalar(select(Embedding.id).where(Embedding.upload_id == ids[5]))
+    assert victim_id is not None
+    assert index.search(victim, 1)[1][0][0] == victim_id
+    assert index.delete(np.array([victim_id])) == 1
+    assert index.size == 119
+    assert victim_id not in index.search(victim, 120)[1][0]
+    assert victim_id not in index.held_ids()
+    save(index, index_settings(tmp_path))
+    reopened = _open(tmp_path)
+    assert reopened.size == 119
+    assert victim_id not in reopened.search(victim, 120)[1][0]
+    assert reopened.describe()["tombstones"] == 1
+    elsewhere = unit(np.random.default_rng(12))[0]
+    reopened.upsert(IndexRows(np.array([victim_id]), np.array([ids[5]]), elsewhere[None, :]))
+    assert reopened.size == 120
+    assert reopened.search(elsewhere, 1)[1][0][0] == victim_id

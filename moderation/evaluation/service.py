@@ -41,8 +41,8 @@ from moderation.evaluation.models import (
 )
 from moderation.images.errors import IntakeError
 from moderation.search import service as search
-from moderation.search.follow import FollowedIndex
 from moderation.search.rerank import Reranker, SearchQuery
+from moderation.search.vector_index import VectorIndex
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _relevant_in_corpus(session: Session, model_id: int) -> dict[int, set[int]]:
 
 
 def _search_query(
-    session: Session, golden: GoldenQuery, index: FollowedIndex, make: QueryMaker
+    session: Session, golden: GoldenQuery, index: VectorIndex, make: QueryMaker
 ) -> SearchQuery | None:
     """The golden query as a search query under the index's model; None when it cannot
     be asked (said in the log)."""
@@ -144,7 +144,7 @@ def _search_query(
 
 def run(
     session: Session,
-    index: FollowedIndex,
+    index: VectorIndex,
     make: QueryMaker,
     *,
     reranker: Reranker,

@@ -2,7 +2,9 @@
 
 Ready means PostgreSQL answers, Redis answers, and at least one screening worker has
 recorded a heartbeat within `worker_dead_after_s`: without one, uploads are accepted but
-nobody screens them. A load balancer takes the API out of rotation on a 503, whose body
+nobody screens them. On the Milvus backend, also that every synced collection completed a
+sync pass within `milvus_max_lag_s` (read from PostgreSQL, so it fails while Milvus is
+away and the sync cannot pass). A load balancer takes the API out of rotation on a 503, whose body
 says which check failed.
 """
 
@@ -15,6 +17,7 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from moderation.config import get_settings
 from moderation.db import session_scope
@@ -45,10 +48,13 @@ def readiness() -> tuple[bool, dict[str, str]]:
     settings = get_settings()
     checks: dict[str, str] = {}
     workers = None
+    sync_lag: str | None = None
     try:
         with session_scope() as session:
             session.execute(text(f"SET LOCAL statement_timeout = {int(CHECK_TIMEOUT_S * 1000)}"))
             workers = live_workers(session, settings.worker_dead_after_s)
+            if settings.search_backend == "milvus":
+                sync_lag = _search_sync(session, settings.milvus_max_lag_s)
         checks["postgresql"] = "ok"
     except Exception as error:
         checks["postgresql"] = f"unreachable: {type(error).__name__}"
@@ -66,7 +72,31 @@ def readiness() -> tuple[bool, dict[str, str]]:
         )
     else:
         checks["workers"] = "ok"
+    if sync_lag is not None:
+        checks["search_index"] = sync_lag
     return all(v == "ok" for v in checks.values()), checks
+
+
+def _search_sync(session: Session, max_lag_s: float) -> str:
+    """`ok`, or which Milvus collection's sync is behind by more than `max_lag_s` (searches
+    still answer, from an index missing recent uploads)."""
+    from moderation.search.milvus_sync import lags
+
+    found = lags(session)
+    if not found:
+        return "no Milvus collection is synced yet; run `moderation index sync`"
+    behind = [
+        f"{lag.collection} ({lag.model}): {lag.rows} rows, "
+        + ("no pass completed" if lag.seconds is None else f"{lag.seconds:.0f} s")
+        for lag in found
+        if lag.seconds is None or lag.seconds > max_lag_s
+    ]
+    if behind:
+        return (
+            f"the Milvus sync is behind by more than {max_lag_s:g} s: {'; '.join(behind)}; "
+            "is `moderation index sync` running, and Milvus up?"
+        )
+    return "ok"
 
 
 @router.get(

@@ -167,9 +167,32 @@ def _evaluation_metrics(session: Session) -> Iterable[Metric]:
     yield from (*families.values(), regressed, corpus, finished)
 
 
+def _search_sync_metrics(session: Session) -> Iterable[Metric]:
+    """How far each Milvus collection's sync is behind PostgreSQL (none on Faiss)."""
+    from moderation.search.milvus_sync import lags
+
+    rows = GaugeMetricFamily(
+        "moderation_search_sync_lag_rows",
+        "Embeddings of the model above the Milvus collection's recorded checkpoint",
+        labels=["model", "collection"],
+    )
+    seconds = GaugeMetricFamily(
+        "moderation_search_sync_lag_seconds",
+        "Seconds since the start of the sync's last completed pass: everything committed "
+        "before then is searchable in Milvus",
+        labels=["model", "collection"],
+    )
+    for lag in lags(session):
+        rows.add_metric([lag.model, lag.collection], lag.rows)
+        if lag.seconds is not None:
+            seconds.add_metric([lag.model, lag.collection], lag.seconds)
+    yield from (rows, seconds)
+
+
 def _database_metrics(session: Session) -> Iterable[Metric]:
     yield from _model_metrics(session)
     yield from _evaluation_metrics(session)
+    yield from _search_sync_metrics(session)
     since = _window()
     window = f"{WINDOW.total_seconds():g} s"
 

@@ -3,16 +3,19 @@
 The application holds one `SearchRuntime`: the index is opened on the first search and
 followed by a background thread from then on (an upload is searchable a second or two
 after its screening commits); the thread stops, saving what it added, when the
-application shuts down.
+application shuts down. On the Milvus backend the index is a collection that `moderation
+index sync` keeps current, or a thread of this process with MODERATION_MILVUS_SYNC_IN_API.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile, status
 from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
@@ -22,6 +25,7 @@ from moderation.http.access import allow
 from moderation.http.admission import image_body
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
+from moderation.review.models import ReviewStatus
 from moderation.screening.models import UploadStatus
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
@@ -32,7 +36,36 @@ RUNTIME = ProcessResource(
     "search_runtime", lambda: SearchRuntime(get_settings(), get_engine(), follow=True)
 )
 
-router = APIRouter(prefix="/v1/search", tags=["search"], lifespan=RUNTIME.lifespan())
+
+def _start_sync() -> Callable[[], None] | None:
+    """The Milvus sync as a thread of this process, when MODERATION_MILVUS_SYNC_IN_API asks."""
+    settings = get_settings()
+    if settings.search_backend != "milvus" or not settings.milvus_sync_in_api:
+        return None
+    from moderation.search import milvus_sync
+    from moderation.search.milvus_index import Milvus, MilvusSettings
+
+    loop = milvus_sync.SyncLoop(
+        get_engine(),
+        Milvus(MilvusSettings.from_settings(settings)),
+        milvus_sync.SyncSettings.from_settings(settings),
+        milvus_sync.synced_models(settings),
+    )
+    return loop.start(settings.milvus_sync_interval_s)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    stop_sync = _start_sync()
+    try:
+        async with RUNTIME.lifespan()(app):
+            yield
+    finally:
+        if stop_sync is not None:
+            await asyncio.to_thread(stop_sync)
+
+
+router = APIRouter(prefix="/v1/search", tags=["search"], lifespan=_lifespan)
 
 
 class HitOut(BaseModel):
@@ -88,6 +121,8 @@ class FilterParams(BaseModel):
     has_hit: bool | None = None
     bank: str | None = None
     error_code: str | None = None
+    # Uploads with a hit in this review status (pending, confirmed, dismissed, escalated).
+    review_status: ReviewStatus | None = None
 
     def filters(self) -> Filters:
         return Filters(
@@ -97,6 +132,7 @@ class FilterParams(BaseModel):
             has_hit=self.has_hit,
             bank=self.bank,
             error_code=self.error_code,
+            review_status=self.review_status,
         )
 
 
@@ -112,7 +148,7 @@ def _run(
     index = runtime.index(query.model_id)
     return SearchResponse(
         model=index.model_name,
-        index_kind=index.kind.value,
+        index_kind=str(index.kind),
         index_size=index.size,
         results=[SearchResultOut.of(r) for r in results],
     )

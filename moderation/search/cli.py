@@ -6,6 +6,7 @@ whole should start fast, and most commands never search.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import click
 from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
 from moderation.db import get_engine, session_scope
+from moderation.review.models import ReviewStatus
 from moderation.screening.models import UploadStatus
 from moderation.search.map_cli import index_map
 
@@ -38,6 +40,11 @@ def _utc(value: datetime | None) -> datetime | None:
 @click.option("--bank", help="Only uploads with a hit on this bank.")
 @click.option("--error-code", help="Only uploads that failed with this code.")
 @click.option(
+    "--review-status",
+    type=click.Choice([s.value for s in ReviewStatus]),
+    help="Only uploads with a hit in this review status.",
+)
+@click.option(
     "--model",
     "model_name",
     help="A registered model to search instead of the active one (a candidate, to judge it).",
@@ -54,6 +61,7 @@ def search(
     has_hit: bool | None,
     bank: str | None,
     error_code: str | None,
+    review_status: str | None,
     model_name: str | None,
     as_json: bool,
 ) -> None:
@@ -71,6 +79,7 @@ def search(
         has_hit=has_hit,
         bank=bank,
         error_code=error_code,
+        review_status=ReviewStatus(review_status) if review_status else None,
     )
     runtime = SearchRuntime(get_settings(), get_engine(), follow=False, model=model_name)
     if text is not None:
@@ -135,6 +144,10 @@ def rebuild(as_json: bool) -> None:
     with session_scope() as session:
         model = registry.active_model(session) or model_named(session, settings.resolved_model())
         total = count_embeddings(session, model.id)
+        session.expunge(model)
+    if settings.search_backend == "milvus":
+        _rebuild_milvus(model, as_json, started)
+        return
     with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
         built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
     settle(built, engine)
@@ -155,6 +168,68 @@ def rebuild(as_json: bool) -> None:
             f"indexed {summary['vectors']} vectors of {summary['model']} as {summary['kind']} "
             f"{summary['parameters']} in {summary['seconds']} s; saved {path}"
         )
+
+
+def _rebuild_milvus(model: Any, as_json: bool, started: float) -> None:
+    """A new collection filled and tuned beside the serving one, then the alias moved."""
+    from moderation.search import milvus_sync
+    from moderation.search.milvus_index import Milvus, MilvusSettings
+
+    settings = get_settings()
+    summary = milvus_sync.rebuild(
+        get_engine(),
+        Milvus(MilvusSettings.from_settings(settings)),
+        model,
+        milvus_sync.SyncSettings.from_settings(settings),
+    )
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(
+            f"built {summary['collection']} for {summary['model']} and moved {summary['alias']} "
+            f"to it (was {summary['replaced']}) in {summary['seconds']} s"
+        )
+
+
+@index.command("sync")
+@click.option("--once", is_flag=True, help="One pass, then exit (status 4 if Milvus is away).")
+@click.option("--model", "model_name", help="Only this registered model's collection.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print each model's pass.")
+def sync(once: bool, model_name: str | None, as_json: bool) -> None:
+    """Keep the Milvus collections (MODERATION_SEARCH_BACKEND=milvus) equal to PostgreSQL:
+    new embeddings, deletions, and changes of the filter fields (review decisions, hits,
+    statuses), every MODERATION_MILVUS_SYNC_INTERVAL_S until stopped. The first pass of a
+    model creates, fills and tunes its collection. Run one per installation."""
+    import signal
+    import threading
+
+    from moderation.search import milvus_sync
+    from moderation.search.milvus_index import Milvus, MilvusSettings
+
+    settings = get_settings()
+    loop = milvus_sync.SyncLoop(
+        get_engine(),
+        Milvus(MilvusSettings.from_settings(settings)),
+        milvus_sync.SyncSettings.from_settings(settings),
+        milvus_sync.synced_models(settings, model_name),
+    )
+    if once:
+        reports = loop.run_once()
+        if as_json:
+            emit_json({name: vars(report) for name, report in reports.items()})
+        else:
+            for name, report in reports.items():
+                click.echo(
+                    f"{name}: {report.written} written, {report.deleted} deleted, "
+                    f"checkpoint {report.embeddings_checkpoint}"
+                )
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"syncing to Milvus at {settings.milvus_uri}; Ctrl-C stops", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        loop.run(stop, settings.milvus_sync_interval_s)
 
 
 @index.command("eval")
@@ -194,7 +269,11 @@ def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
         ["id", "created_at", "model_id", "index_kind", "corpus_size", "k", "recall"],
         empty="no evaluations",
     )
-    if note := outgrown_by(followed, IndexSettings.from_settings(settings).plan):
+    from moderation.search.follow import FollowedIndex
+
+    if isinstance(followed, FollowedIndex) and (
+        note := outgrown_by(followed, IndexSettings.from_settings(settings).plan)
+    ):
         click.echo(note, err=True)
 
 

@@ -1,4 +1,5 @@
-"""An in-memory index that follows the `embeddings` table of one model.
+"""An in-memory index that follows the `embeddings` table of one model: the Faiss
+implementation of `vector_index.VectorIndex`.
 
 The table is the source of truth; the index holds, per Faiss label, the embedding and
 upload id of the row it came from. `tail` reads the rows added since the checkpoint and
@@ -32,8 +33,17 @@ from moderation.commit_horizon import (
     snapshot_bounds,
 )
 from moderation.embedding.models import Embedding
-from moderation.search.indexes import BuiltIndex, IndexKind, apply_parameters, breadth_parameter
+from moderation.search.filters import Filters
+from moderation.search.indexes import (
+    BuiltIndex,
+    IndexKind,
+    apply_parameters,
+    breadth_parameter,
+    breadth_values,
+    recall_from_scores,
+)
 from moderation.search.snapshot import Snapshot
+from moderation.search.vector_index import IndexRows, Rescore, smallest_meeting
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +187,15 @@ class FollowedIndex:
 
     @property
     def size(self) -> int:
-        return len(self.embedding_ids)
+        return int((self.embedding_ids >= 0).sum())
+
+    @property
+    def filters_inside(self) -> bool:
+        return False  # the search service filters its candidates in PostgreSQL
+
+    @property
+    def max_breadth(self) -> int:
+        return max(1, len(self.embedding_ids))
 
     @property
     def kind(self) -> IndexKind:
@@ -215,16 +233,95 @@ class FollowedIndex:
             )
             return int(fresh.sum())
 
+    def upsert(self, rows: IndexRows) -> int:
+        """Add rows; a row already held under the same embedding id is replaced (its old
+        label is left as a tombstone, as in `delete`)."""
+        with self._lock:
+            self._tombstone(rows.embedding_ids)
+            self.built.index.add(np.ascontiguousarray(rows.vectors, dtype=np.float32))
+            self.embedding_ids = np.concatenate([self.embedding_ids, rows.embedding_ids])
+            self.upload_ids = np.concatenate([self.upload_ids, rows.upload_ids])
+            self.unsaved += len(rows)
+        return len(rows)
+
+    def delete(self, embedding_ids: np.ndarray) -> int:
+        """Tombstone the rows: their labels map to id -1, which every search drops. HNSW
+        cannot remove a vector, so the label keeps its place in the graph (and in memory)
+        until `moderation index rebuild`; the tombstones are saved with the snapshot."""
+        with self._lock:
+            removed = self._tombstone(embedding_ids)
+            self.unsaved += removed
+        return removed
+
+    def _tombstone(self, embedding_ids: np.ndarray) -> int:
+        held = np.isin(self.embedding_ids, embedding_ids) & (self.embedding_ids >= 0)
+        if held.any():
+            self.embedding_ids = np.where(held, -1, self.embedding_ids)
+            self.upload_ids = np.where(held, -1, self.upload_ids)
+        return int(held.sum())
+
+    def held_ids(self) -> np.ndarray:
+        with self._lock:
+            return self.embedding_ids[self.embedding_ids >= 0].copy()
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "backend": "faiss",
+                "model": self.model_name,
+                "kind": self.kind.value,
+                "size": self.size,
+                "tombstones": int((self.embedding_ids < 0).sum()),
+                "parameters": self.parameters,
+                "checkpoint": self.checkpoint,
+            }
+
+    def tune(
+        self,
+        queries: np.ndarray,
+        exact_scores: np.ndarray,
+        rescore: Rescore,
+        *,
+        target: float,
+        k: int,
+        candidates: int,
+    ) -> float:
+        """Tune efSearch or nprobe on the index as it stands (builds tune on held-out rows
+        instead: `indexes.tune_breadth`); flat indexes are exact already."""
+        name = breadth_parameter(self.kind)
+        if name is None:
+            return 1.0
+        width = max(k, candidates)
+
+        def recall_with(value: int) -> float:
+            with self._lock:
+                faiss.ParameterSpace().set_index_parameter(self.built.index, name, value)
+            _, ids, _ = self.search(queries, width)
+            return recall_from_scores(-np.sort(-rescore(ids, queries), axis=1)[:, :k], exact_scores)
+
+        values = breadth_values(self.kind, k, int(self.built.parameters.get("nlist", 0)))
+        chosen, recall = smallest_meeting(values, recall_with, target)
+        with self._lock:
+            faiss.ParameterSpace().set_index_parameter(self.built.index, name, chosen)
+            self.built.parameters |= {name: chosen, "tuned_recall": round(recall, 4), "tuned_k": k}
+        return recall
+
     def search(
-        self, queries: np.ndarray, breadth: int, *, widen: int = 1
+        self,
+        queries: np.ndarray,
+        breadth: int,
+        *,
+        widen: int = 1,
+        filters: Filters | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The `breadth` nearest frames to each query: scores, embedding ids and upload ids,
-        each (q, breadth), with -1 ids where the index had fewer. `widen` multiplies the
-        tuned efSearch or nprobe, for filters that reject most of the nearest frames."""
+        each (q, breadth), with -1 ids where the index had fewer (or held a tombstone).
+        `widen` multiplies the tuned efSearch or nprobe, for filters that reject most of
+        the nearest frames. `filters` are the caller's to apply (`filters_inside`)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         with self._lock:
-            breadth = max(1, min(breadth, self.size))
-            if self.size == 0:
+            breadth = max(1, min(breadth, len(self.embedding_ids)))
+            if len(self.embedding_ids) == 0:
                 empty = np.full((len(queries), 0), -1, dtype=np.int64)
                 return np.zeros(empty.shape, dtype=np.float32), empty, empty
             name = breadth_parameter(self.kind)

@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from moderation.config import Settings
+from moderation.search.vector_index import smallest_meeting
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +196,13 @@ def apply_parameters(built: BuiltIndex) -> None:
         faiss.ParameterSpace().set_index_parameter(built.index, name, int(built.parameters[name]))
 
 
-def _breadth_values(built: BuiltIndex, k: int) -> list[int]:
-    if built.kind is IndexKind.HNSW:
+def breadth_values(kind: IndexKind, k: int, nlist: int) -> list[int]:
+    """The efSearch or nprobe values tuning tries first, doubling."""
+    if kind is IndexKind.HNSW:
         values = [max(k, 16)]
         while values[-1] < 4096:
             values.append(values[-1] * 2)
         return values
-    nlist = int(built.parameters["nlist"])
     values = [1]
     while values[-1] < nlist:
         values.append(min(nlist, values[-1] * 2))
@@ -242,26 +243,9 @@ def tune_breadth(
         rows = np.where(labels >= 0, indexed[np.maximum(labels, 0)], -1)
         return recall_of(rows, queries, vectors, exact_scores)
 
-    values = _breadth_values(built, k)
-    measured: dict[int, float] = {}
-    chosen = values[-1]
-    low = 0
-    for value in values:
-        measured[value] = recall_with(value)
-        if measured[value] >= target:
-            chosen = value
-            break
-        low = value
-    # Bisect between the last value that missed and the first that met the target.
-    while chosen - low > 1 and measured.get(chosen, 0.0) >= target:
-        middle = (low + chosen) // 2
-        measured[middle] = recall_with(middle)
-        if measured[middle] >= target:
-            chosen = middle
-        else:
-            low = middle
+    values = breadth_values(built.kind, k, int(built.parameters.get("nlist", 0)))
+    chosen, recall = smallest_meeting(values, recall_with, target)
     space.set_index_parameter(built.index, name, chosen)
-    recall = measured[chosen]
     built.parameters |= {name: chosen, "tuned_recall": round(recall, 4), "tuned_k": k}
     if recall < target:
         logger.warning(

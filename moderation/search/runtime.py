@@ -35,7 +35,6 @@ from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
 from moderation.search import service
-from moderation.search.follow import FollowedIndex
 from moderation.search.rerank import SearchQuery
 from moderation.search.rerankers import reranker_named
 from moderation.search.store import (
@@ -46,9 +45,11 @@ from moderation.search.store import (
     open_index,
     save_if_due,
 )
+from moderation.search.vector_index import VectorIndex
 
 if TYPE_CHECKING:
     from moderation.embedding.embedder import Embedder
+    from moderation.search.milvus_index import Milvus
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ModelSearch:
 
     model_id: int
     name: str
-    index: FollowedIndex
+    index: VectorIndex
     follower: Follower | None = None
 
 
@@ -83,6 +84,15 @@ class SearchRuntime:
         self._served: tuple[int, str] | None = None
         self._checked_at = -float("inf")
         self._opening: set[int] = set()
+        self._milvus: Milvus | None = None
+
+    def _milvus_client(self) -> Milvus:
+        from moderation.search.milvus_index import Milvus, MilvusSettings
+
+        with self._lock:
+            if self._milvus is None:
+                self._milvus = Milvus(MilvusSettings.from_settings(self.settings))
+            return self._milvus
 
     @property
     def model_name(self) -> str:
@@ -143,6 +153,13 @@ class SearchRuntime:
             return found
         with session_scope() as session:
             model = model_named(session, name)
+        if self.settings.search_backend == "milvus":
+            # The collection is kept current by `moderation index sync`, not by this process.
+            from moderation.search import milvus_sync
+
+            opened = milvus_sync.open_index(self.engine, self._milvus_client(), model)
+            with self._lock:
+                return self._models.setdefault(model_id, ModelSearch(model_id, name, opened))
         index = open_index(self.engine, model, self.config)
         save_if_due(index, self.config)
         with self._lock:
@@ -159,7 +176,7 @@ class SearchRuntime:
     def _current(self) -> ModelSearch:
         return self._model_search(*self._serving())
 
-    def index(self, model_id: int | None = None) -> FollowedIndex:
+    def index(self, model_id: int | None = None) -> VectorIndex:
         """The index of the model that answers now (or of `model_id`, a query's)."""
         if model_id is None:
             return self._current().index

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TypeVarTuple
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.models import Bank, BankEntry
@@ -25,11 +25,16 @@ from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import vector_from_bytes
 from moderation.errors import Conflict, Invalid, NotFound
 from moderation.review.models import Hit
-from moderation.screening.models import Upload, UploadStatus
-from moderation.search.follow import FollowedIndex
+from moderation.screening.models import Upload
+from moderation.search.filters import Filters
 from moderation.search.indexes import recall_from_scores
 from moderation.search.models import IndexEvaluation
 from moderation.search.rerank import Candidate, ExactReranker, Reranker, SearchQuery
+from moderation.search.vector_index import VectorIndex
+
+__all__ = ["Filters"]  # where callers have always found it
+
+NO_FILTERS = Filters()
 
 _Columns = TypeVarTuple("_Columns")
 # Widening stops after the frames taken, or the breadth multiplier, reach this many times
@@ -50,44 +55,6 @@ class UploadNotEmbedded(NotFound):
 
 class TooFewToEvaluate(Conflict):
     code = "too_few_to_evaluate"
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Conditions on the upload a result comes from; None means any."""
-
-    screened_from: datetime | None = None
-    screened_until: datetime | None = None
-    status: UploadStatus | None = None
-    has_hit: bool | None = None
-    bank: str | None = None
-    error_code: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return any(value is not None for value in vars(self).values())
-
-    def clauses(self) -> list[ColumnElement[bool]]:
-        clauses: list[ColumnElement[bool]] = []
-        if self.screened_from is not None:
-            clauses.append(Upload.finished_at >= self.screened_from)
-        if self.screened_until is not None:
-            clauses.append(Upload.finished_at < self.screened_until)
-        if self.status is not None:
-            clauses.append(Upload.status == self.status)
-        if self.error_code is not None:
-            clauses.append(Upload.error_code == self.error_code)
-        if self.has_hit is not None:
-            any_hit = exists().where(Hit.upload_id == Upload.id)
-            clauses.append(any_hit if self.has_hit else ~any_hit)
-        if self.bank is not None:
-            clauses.append(
-                exists()
-                .where(Hit.upload_id == Upload.id)
-                .where(BankEntry.id == Hit.bank_entry_id)
-                .where(Bank.id == BankEntry.bank_id, Bank.name == self.bank)
-            )
-        return clauses
 
 
 class UnknownBank(Invalid):
@@ -150,10 +117,10 @@ def upload_vector(session: Session, model_id: int, model_name: str, upload_id: i
 
 def search(
     session: Session,
-    index: FollowedIndex,
+    index: VectorIndex,
     query: SearchQuery,
     k: int,
-    filters: Filters = Filters(),
+    filters: Filters = NO_FILTERS,
     *,
     candidates: int = 100,
     exact_scan_max: int = 20_000,
@@ -165,17 +132,22 @@ def search(
     if filters.active and _few_pass(session, index.model_id, filters, exact_scan_max):
         ranked = _exact_scan(session, index.model_id, query, filters, breadth, reranker)
         return _results(session, ranked[:k])
-    frames, widen = breadth, 1
+    # An index that filters inside (Milvus) is asked only for passing frames; the filters
+    # are applied again here, to what PostgreSQL holds now, so a field the sync has not yet
+    # updated can hide a result for a moment but never admit a wrong one.
+    inside = filters if filters.active and index.filters_inside else None
+    frames, widen = min(breadth, index.max_breadth), 1
     while True:
-        _, embedding_ids, _ = index.search(query.vector, frames, widen=widen)
+        _, embedding_ids, _ = index.search(query.vector, frames, widen=widen, filters=inside)
         found = embedding_ids[0][embedding_ids[0] >= 0]
         ranked = _best_per_upload(
             reranker.rerank(query, _candidates(session, found.tolist(), filters))
         )
         if len(ranked) >= k or len(found) >= index.size:
             return _results(session, ranked[:k])
-        if frames < index.size and frames < breadth * _MAX_WIDENING:
-            frames = min(index.size, frames * 4)
+        most = min(index.size, index.max_breadth)
+        if frames < most and frames < breadth * _MAX_WIDENING:
+            frames = min(most, frames * 4)
         elif widen < _MAX_WIDENING:
             widen *= 4  # the index returned fewer than asked: look in more of it
         else:
@@ -295,7 +267,7 @@ def _results(session: Session, ranked: Sequence[Candidate]) -> list[SearchResult
 
 def evaluate(
     session: Session,
-    index: FollowedIndex,
+    index: VectorIndex,
     *,
     queries: int = 200,
     k: int = 10,
@@ -316,7 +288,7 @@ def evaluate(
     new ones (see `indexes`), so the figure is best read as a trend."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    held = index.embedding_ids.copy()
+    held = index.held_ids()
     if len(held) < 2:
         raise TooFewToEvaluate(
             f"the index of model {index.model_name!r} has {len(held)} vectors: too few to evaluate"
@@ -343,7 +315,7 @@ def evaluate(
     approximate_scores = -np.sort(-candidate_scores, axis=1)[:, :k]
     evaluation = IndexEvaluation(
         model_id=index.model_id,
-        index_kind=index.kind.value,
+        index_kind=str(index.kind),
         parameters={**index.parameters, "candidates": width},
         corpus_size=len(held),
         k=k,
@@ -358,7 +330,7 @@ def evaluate(
 
 def _exact_pass(
     session: Session,
-    index: FollowedIndex,
+    index: VectorIndex,
     held: np.ndarray,
     query_ids: np.ndarray,
     queries: np.ndarray,

@@ -1,0 +1,310 @@
+"""The Milvus side of bench/search.py (`--backend milvus|both`): the same corpus and queries
+in a Milvus collection, measured the way the Faiss rows are, in the same run.
+
+Server: `--milvus-uri` (a cluster, or a server you started), or else the Milvus 2.3.5
+standalone from PyPI's `milvus` wheel, started here in a temporary directory on ports from
+43000 (tests/milvus_server.py) and stopped at the end; only then are its memory and CPU
+read (from /proc, the server's process).
+
+Rows: `milvus-hnsw` (M and efConstruction as Faiss's HNSW, a sweep of ef; raw top 10 and
+the top 100 rescored exactly, as the service serves), with the server's CPU per query next
+to the client's; recall at 10% and 1% filter selectivity (a scalar field, filtered inside
+Milvus, against exact search over the passing rows); ingest (insert + flush), index build
+and load times; the server's RSS growth; and freshness: seconds from an insert returning to
+the row being found by a search at Bounded consistency (the service's default), and from a
+delete to it being gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from search import Context
+
+# Selectivities measured (share of rows passing): the field `bucket` is row % 100.
+SELECTIVITY = {"10%": "bucket < 10", "1%": "bucket == 0"}
+FILTERED_EF = (128, 256)
+INSERT_CHUNK = 5_000
+FRESHNESS_TRIES = 5
+
+
+def _proc_stat(pid: int) -> tuple[float, float]:
+    """(RSS MB, CPU seconds user+system) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+class Server:
+    """The Milvus to measure: given by URI, or the wheel's standalone started here."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self.process: Any = None
+        if uri is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.milvus_server import MilvusProcess
+
+            self.process = MilvusProcess(Path(tempfile.mkdtemp(prefix="bench-milvus-")), 43_000)
+            started = time.perf_counter()
+            self.process.start()
+            self.uri = self.process.uri
+            print(f"  milvus: started the wheel's server in {time.perf_counter() - started:.0f} s")
+
+    def stat(self) -> tuple[float, float] | None:
+        if self.process is None or self.process.process is None:
+            return None
+        return _proc_stat(self.process.process.pid)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(crash=True)
+
+
+def run_milvus(ctx: Context, server: Server) -> None:
+    from pymilvus import DataType, MilvusClient
+    from search import CANDIDATES, EF_SEARCH, HNSW_EF_CONSTRUCTION, HNSW_M, K, rescore
+
+    client = MilvusClient(uri=server.uri, timeout=600)
+    name = f"bench_{ctx.size}_{int(time.time())}"
+    dim = ctx.corpus.shape[1]
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("bucket", DataType.INT64)
+    client.create_collection(name, schema=schema, consistency_level="Bounded")
+    before = server.stat()
+    started = time.perf_counter()
+    for start in range(0, ctx.size, INSERT_CHUNK):
+        chunk = ctx.corpus[start : start + INSERT_CHUNK]
+        client.insert(
+            name,
+            [
+                {"id": start + i, "vector": v.tolist(), "bucket": (start + i) % 100}
+                for i, v in enumerate(chunk)
+            ],
+        )
+    client.flush(name)
+    ingest_s = time.perf_counter() - started
+    params = client.prepare_index_params()
+    params.add_index(
+        field_name="vector",
+        index_type="HNSW",
+        metric_type="IP",
+        params={"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION},
+    )
+    started = time.perf_counter()
+    client.create_index(name, params)
+    while True:
+        described = client.describe_index(name, "vector")
+        if int(described.get("indexed_rows", 0)) >= ctx.size:
+            break
+        time.sleep(0.5)
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    client.load_collection(name)
+    load_s = time.perf_counter() - started
+    after = server.stat()
+    print(
+        f"  milvus: ingested {ctx.size} in {ingest_s:.0f} s, index built in {build_s:.0f} s, "
+        f"loaded in {load_s:.0f} s",
+        flush=True,
+    )
+    build: dict[str, Any] = {
+        "build_s": round(build_s, 1),
+        "ingest_s": round(ingest_s, 1),
+        "load_s": round(load_s, 1),
+        # The server's RSS growth from the empty collection to the loaded index: the closest
+        # to Faiss's index bytes that can be read from outside.
+        "index_bytes": int((after[0] - before[0]) * 2**20) if after and before else 0,
+        "rss_growth_mb": round(after[0] - before[0]) if after and before else None,
+        "backend": "milvus",
+    }
+
+    def searcher(ef: int, expression: str = "") -> Any:
+        def run(queries: np.ndarray, limit: int) -> list[list[int]]:
+            hits = client.search(
+                name,
+                data=queries.tolist(),
+                limit=limit,
+                filter=expression,
+                search_params={"metric_type": "IP", "params": {"ef": max(ef, limit)}},
+            )
+            return [[int(h["id"]) for h in row] for row in hits]
+
+        return run
+
+    settings = [(ef, False) for ef in EF_SEARCH if ef >= K]
+    settings += [(ef, True) for ef in sorted({max(ef, CANDIDATES) for ef in EF_SEARCH})]
+    for ef, rerank in settings:
+        run = searcher(ef)
+        found = _top(run, ctx.corpus, ctx.queries, rerank, CANDIDATES, K, rescore)
+        recall = float(
+            np.mean([len(set(f) & set(e)) / K for f, e in zip(found, ctx.truth, strict=True)])
+        )
+        latencies, server_cpu = _time_single(run, ctx, rerank, server)
+        _row(
+            ctx,
+            f"M{HNSW_M} efC{HNSW_EF_CONSTRUCTION} ef{ef}",
+            rerank,
+            recall,
+            latencies,
+            {**build, "ef": ef, "server_cpu_ms_per_query": server_cpu},
+        )
+    for label, expression in SELECTIVITY.items():
+        passing = np.nonzero(_bucket_mask(ctx.size, expression))[0]
+        scores = ctx.queries @ ctx.corpus[passing].T
+        truth = passing[np.argsort(-scores, axis=1)[:, :K]]
+        for ef in FILTERED_EF:
+            run = searcher(ef, expression)
+            found = _top(run, ctx.corpus, ctx.queries, True, CANDIDATES, K, rescore)
+            recall = float(
+                np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)])
+            )
+            latencies, server_cpu = _time_single(run, ctx, True, server)
+            _row(
+                ctx,
+                f"ef{ef} filter {label}",
+                True,
+                recall,
+                latencies,
+                {**build, "ef": ef, "filter": label, "server_cpu_ms_per_query": server_cpu},
+            )
+    fresh = _freshness(client, name, ctx)
+    ctx.results.setdefault("milvus_freshness", {})[str(ctx.size)] = fresh
+    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
+    print(
+        f"  milvus freshness (Bounded): insert to searchable p50 {fresh['insert_p50_s']:.2f} s "
+        f"(max {fresh['insert_max_s']:.2f}), delete to gone p50 {fresh['delete_p50_s']:.2f} s",
+        flush=True,
+    )
+    client.drop_collection(name)
+    client.close()
+
+
+def _bucket_mask(size: int, expression: str) -> np.ndarray:
+    bucket = np.arange(size) % 100
+    return bucket < 10 if expression == SELECTIVITY["10%"] else bucket == 0
+
+
+def _top(
+    run: Any,
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    rerank: bool,
+    candidates: int,
+    k: int,
+    rescore: Any,
+) -> list[list[int]]:
+    out = []
+    for start in range(0, len(queries), 50):
+        batch = queries[start : start + 50]
+        ids = run(batch, candidates if rerank else k)
+        for query, row in zip(batch, ids, strict=True):
+            if rerank:
+                out.append(rescore(corpus, query, np.asarray(row, dtype=np.int64)).tolist())
+            else:
+                out.append(row[:k])
+    return out
+
+
+def _time_single(
+    run: Any, ctx: Context, rerank: bool, server: Server
+) -> tuple[np.ndarray, float | None]:
+    from search import CANDIDATES, K, rescore
+
+    run(ctx.queries[:1], K)  # warm-up
+    count = min(ctx.args.timed, 200)
+    latencies = []
+    before = server.stat()
+    for i in range(count):
+        query = ctx.queries[i % len(ctx.queries)][None, :]
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        ids = run(query, CANDIDATES if rerank else K)[0]
+        if rerank:
+            rescore(ctx.corpus, query[0], np.asarray(ids, dtype=np.int64))
+        ended_cpu, ended = time.thread_time(), time.perf_counter()
+        latencies.append((1000 * (ended - started), 1000 * (ended_cpu - started_cpu)))
+    after = server.stat()
+    server_cpu = round(1000 * (after[1] - before[1]) / count, 3) if after and before else None
+    return np.asarray(latencies), server_cpu
+
+
+def _row(
+    ctx: Context,
+    setting: str,
+    rerank: bool,
+    recall: float,
+    latencies: np.ndarray,
+    extra: dict[str, Any],
+) -> None:
+    from search import print_row
+
+    row: dict[str, Any] = {
+        "size": ctx.size,
+        "kind": "milvus-hnsw",
+        "setting": setting,
+        "rerank": rerank,
+        "recall_at_10": round(recall, 4),
+        "qps": round(1000 / float(latencies[:, 0].mean()), 1),
+        "p50_ms": round(float(np.percentile(latencies[:, 0], 50)), 3),
+        "p99_ms": round(float(np.percentile(latencies[:, 0], 99)), 3),
+        # The client's own CPU; the server's is `server_cpu_ms_per_query`.
+        "p50_cpu_ms": round(float(np.percentile(latencies[:, 1], 50)), 3),
+        "p99_cpu_ms": round(float(np.percentile(latencies[:, 1], 99)), 3),
+        "timed_queries": len(latencies),
+        **extra,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    ctx.results["rows"].append(row)
+    print_row(row, first=False)
+    if row.get("server_cpu_ms_per_query") is not None:
+        print(f"{'':>8} server CPU {row['server_cpu_ms_per_query']:.2f} ms/query", flush=True)
+    ctx.args.out.parent.mkdir(parents=True, exist_ok=True)
+    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
+
+
+def _freshness(client: Any, name: str, ctx: Context) -> dict[str, float]:
+    """Seconds from an insert (or delete) returning to a Bounded search seeing it."""
+    inserted, deleted = [], []
+    for attempt in range(FRESHNESS_TRIES):
+        new_id = 10**12 + attempt
+        vector = ctx.queries[attempt]
+        started = time.perf_counter()
+        client.insert(name, [{"id": new_id, "vector": vector.tolist(), "bucket": 0}])
+        while True:
+            hits = client.search(
+                name, data=[vector.tolist()], limit=1, search_params={"params": {"ef": 64}}
+            )
+            if hits[0] and int(hits[0][0]["id"]) == new_id:
+                break
+            time.sleep(0.01)
+        inserted.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        client.delete(name, ids=[new_id])
+        while True:
+            hits = client.search(
+                name, data=[vector.tolist()], limit=1, search_params={"params": {"ef": 64}}
+            )
+            if not hits[0] or int(hits[0][0]["id"]) != new_id:
+                break
+            time.sleep(0.01)
+        deleted.append(time.perf_counter() - started)
+    return {
+        "insert_p50_s": float(np.median(inserted)),
+        "insert_max_s": float(np.max(inserted)),
+        "delete_p50_s": float(np.median(deleted)),
+        "delete_max_s": float(np.max(deleted)),
+    }
