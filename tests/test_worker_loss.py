@@ -269,6 +269,9 @@ def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": "4",
         "MODERATION_INTAKE_PROCESSES": "2",
+        # The processes fetch, so that the slow server keeps them busy (a worker fetches
+        # http(s) itself by default: tests/test_fetch_stage.py).
+        "MODERATION_WORKER_FETCHES": "0",
     }
     with WorkerProcess(tmp_path / "worker.log", env) as worker:
         worker.wait_ready()
