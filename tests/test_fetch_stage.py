@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.embedding.families import preprocessing_of
+from moderation.images.errors import BadInput, ContentMismatch
+from moderation.images.hashing import sha256
 from moderation.messages import send_screening
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
@@ -22,6 +26,7 @@ from moderation.screening.models import Upload, UploadStatus
 from moderation.worker.child import WorkerProcess
 from moderation.worker.intake.fetches import FetchGate, fetched_here
 from moderation.worker.intake.jobs import IntakeStalled
+from moderation.worker.intake.pool import IntakePool
 from tests.conftest import TEST_ENV, TEST_FETCH_NETWORK
 from tests.images import encode, textured
 from tests.servers import Listener, http_server, image_handler, read_request, tcp_listener
@@ -79,6 +84,39 @@ def test_fetch_gate_bounds_fetches_in_all() -> None:
         gate.held("b.example", timeout_s=0.05),
     ):
         pass
+
+
+def _shared_blocks() -> set[str]:
+    return {entry.name for entry in Path("/dev/shm").iterdir()}
+
+
+def test_fetched_bytes_reach_an_intake_process_and_their_block_is_freed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The bytes the worker fetched are what the process screens (the URI itself answers
+    nothing: a fetch there would fail), declared bytes are checked against them, and the
+    shared memory that carried them is gone once the upload is through intake."""
+    preprocess = preprocessing_of(str(tiny_model))
+    pool = IntakePool(get_settings(), processes=1, slots=2, timeout_s=30)
+    nowhere = "http://127.0.0.1:9/never-fetched.jpg"
+    try:
+        pool.slots_for((preprocess.crop_shape,))  # the crop slots' block, made before
+        before = _shared_blocks()
+        with pool.screened(nowhere, sha256(IMAGE), [preprocess], IMAGE) as (signals, _):
+            assert signals.sha256 == sha256(IMAGE)
+            (crop,) = signals.embedding_inputs()
+            assert crop.shape == (preprocess.crop_height, preprocess.crop_width, 3)
+        with (
+            pytest.raises(ContentMismatch),
+            pool.screened(nowhere, sha256(b"other bytes"), [preprocess], IMAGE),
+        ):
+            pass
+        # An empty body is handed over too (a block cannot be empty), and refused as such.
+        with pytest.raises(BadInput), pool.screened(nowhere, None, [preprocess], b""):
+            pass
+        assert _shared_blocks() - before == set()
+    finally:
+        pool.close()
 
 
 def test_only_http_is_fetched_by_the_worker() -> None:
