@@ -176,6 +176,14 @@ class Settings(BaseSettings):
     # with other threads, gets round to handing it one (measured on two cores:
     # bench/README.md). 1: one at a time.
     intake_jobs_per_process: int = Field(default=2, ge=1)
+    # http(s) fetches a worker makes at once, apart from the intake processes, and to any
+    # one host (see `worker/intake/fetches.py`). A fetch waits for its slots on its
+    # screening thread; the screening threads and Celery's task threads are that many more
+    # than the CPU stages need, so that this many uploads fetching from slow or hostile
+    # servers, or waiting to, delay only themselves. 0: the intake processes fetch, as
+    # before (a slow server holds a process for its whole deadline).
+    worker_fetches: int = Field(default=64, ge=0)
+    worker_fetches_per_host: int = Field(default=8, ge=1)
     # The longest a task waits on any other stage (a claim or result commit, a forward pass,
     # a bank search) before giving up with a retried fault: a stall never becomes a hang.
     stage_timeout_s: float = Field(default=300.0, gt=0)

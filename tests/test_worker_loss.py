@@ -32,8 +32,9 @@ IMAGE = encode(textured(900))
 # Each test its own queue: a killed worker's unacknowledged messages stay in Redis, and
 # another test's worker must not be handed them.
 QUEUE = f"screening-loss-{os.getpid()}"
-# Fetches wait on the slow server, not on a core: four intake processes fetch four at once.
-# The default on two cores is one, fetching one at a time (24 uploads took 36 s of 1.5 s).
+# Set when the intake processes fetched, so that four fetched at once (the default on two
+# cores is one: 24 uploads took 36 s of 1.5 s). The worker's screening threads fetch now
+# (`worker/intake/fetches.py`); four processes still spread the decodes.
 INTAKE_PROCESSES = "4"
 
 
@@ -269,6 +270,9 @@ def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": "4",
         "MODERATION_INTAKE_PROCESSES": "2",
+        # The processes fetch, so that the slow server keeps them busy (a worker fetches
+        # http(s) itself by default: tests/test_fetch_stage.py).
+        "MODERATION_WORKER_FETCHES": "0",
     }
     with WorkerProcess(tmp_path / "worker.log", env) as worker:
         worker.wait_ready()

@@ -37,7 +37,8 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
         f"{settings.resolved_intake_processes()} intake process(es), "
-        f"{concurrency} uploads at once, queues {settings.queue}, "
+        f"{concurrency} uploads at once beside {settings.worker_fetches} http(s) fetches "
+        f"({settings.worker_fetches_per_host} per host), queues {settings.queue}, "
         f"{settings.resolved_retrohunt_queue()} and {settings.resolved_reembed_queue()}"
     )
     # What this worker fetches: a producer with another list accepts URIs it refuses.
@@ -55,7 +56,10 @@ def worker(concurrency: int | None, loglevel: str) -> None:
             # messages as those threads keeps them busy without claiming far more than
             # they can screen soon, and still fills a batch per stream with messages of
             # one upload each.
-            f"--concurrency={max(1, concurrency // 2)}",
+            # And one per upload that may be in fetch (`worker_fetches`): a message waits for
+            # all its uploads, so messages held by slow servers' uploads must leave enough
+            # task threads for the rest (`intake/fetches.py`).
+            f"--concurrency={max(1, concurrency // 2) + settings.worker_fetches}",
             # Retro-hunt steps too, one at a time per process (see `retrohunt.tasks`).
             # Re-embedding steps too (see `worker.reembed`).
             f"--queues={settings.queue},{settings.resolved_retrohunt_queue()},"

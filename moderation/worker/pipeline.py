@@ -10,8 +10,10 @@ Follow one upload from its message to its commit:
     │    1. claim   ─▶ claim-writer thread      one transaction claims many uploads
     │    then each upload goes to a screening thread; the task waits for them all
     │
-    ├─ screening thread (of `concurrency`): Screener.process(42)
-    │    2. intake  ─▶ intake process (pipe)    fetch, SHA-256, decode, PDQ, one crop per
+    ├─ screening thread (of `concurrency` + `worker_fetches`): Screener.process(42)
+    │    2. fetch      (this thread)            http(s) bytes, under a fetch slot and one
+    │                                           for the host (`intake/fetches.py`)
+    │       intake  ─▶ intake process (pipe)    (file:// read), SHA-256, decode, PDQ, one crop per
     │               ◀── its reader thread       model computed; the crops are written into
     │                                           a shared-memory slot held by this upload
     │    3. embed   ─▶ embedding stream thread  one forward pass over many uploads' crops;
@@ -66,6 +68,7 @@ from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED
 from moderation.screening import service
 from moderation.worker.batching import BatchTimeout
 from moderation.worker.group_commit import GroupCommit
+from moderation.worker.intake.fetches import WorkerFetches
 from moderation.worker.intake.full_resolution import FullResolutionPdq
 from moderation.worker.intake.jobs import IntakeTimes
 from moderation.worker.intake.pool import build_intake
@@ -164,7 +167,12 @@ class Screener:
         at_once = slots or settings.resolved_concurrency()
         self.intake: Intake = build_intake(settings, slots=at_once)
         self._full_resolution_pdq = FullResolutionPdq(settings)
-        self._threads = ThreadPoolExecutor(at_once, thread_name_prefix="screening")
+        # http(s) fetches, on the screening threads before intake (`intake/fetches.py`):
+        # threads for as many uploads in fetch beyond those the CPU stages hold.
+        self.fetches = WorkerFetches(settings)
+        self._threads = ThreadPoolExecutor(
+            at_once + settings.worker_fetches, thread_name_prefix="screening"
+        )
         self._claims: GroupCommit[int, service.Claim | None] = GroupCommit(
             sessions, self._write_claims, name="claim-writer"
         )
@@ -306,11 +314,14 @@ class Screener:
         """Intake, embed, search and match a claimed upload under every model of the
         lineup; writes nothing. Returns the vectors by model id."""
         lineup = self.lineup  # one lineup from intake to record
+        with self._stage("fetch", upload_id):
+            # Before a crop slot or an intake process is taken: a slow server holds only
+            # this thread and its fetch slots.
+            fetched = self.fetches.fetch(claim.uri)
         started = time.perf_counter()
-        with self.intake.screened(claim.uri, claim.declared_sha256, lineup.preprocessings) as (
-            signals,
-            times,
-        ):
+        with self.intake.screened(
+            claim.uri, claim.declared_sha256, lineup.preprocessings, fetched
+        ) as (signals, times):
             self._add_intake_times(times, time.perf_counter() - started)
             embedded = self.embed(upload_id, signals, lineup)
         with self._stage("match", upload_id):
@@ -327,7 +338,7 @@ class Screener:
             near_miss = active.pdq_near_miss(signals, self.settings.pdq_full_resolution_margin)
         if near_miss:
             with self._stage("full_resolution_pdq", upload_id):
-                full = self._full_resolution_pdq(claim.uri, claim.declared_sha256)
+                full = self._full_resolution_pdq(claim.uri, claim.declared_sha256, fetched)
             signals = replace(signals, pdq_full_resolution=full)
             with self._stage("match", upload_id):
                 per_model = [

@@ -35,16 +35,21 @@ class FullResolutionPdq:
         self._budget = MemoryBudget(settings.decode_memory_mb * 2**20)
         self._one_at_a_time = threading.Lock()
 
-    def __call__(self, uri: str, declared_sha256: bytes | None) -> tuple[PdqHash, ...]:
-        """Frame 0's full-resolution PDQ (see `full_resolution_pdq`). Raises `BadInput`
-        or `TransientFault` as intake does."""
+    def __call__(
+        self, uri: str, declared_sha256: bytes | None, fetched: bytes | None = None
+    ) -> tuple[PdqHash, ...]:
+        """Frame 0's full-resolution PDQ (see `full_resolution_pdq`); `fetched`: the bytes
+        at `uri` if the worker has them already (not fetched again). Raises `BadInput` or
+        `TransientFault` as intake does."""
         settings = self._settings
         with self._one_at_a_time:
-            data = fetch(
-                uri,
-                policy=self._policy,
-                max_bytes=settings.max_bytes,
-                timeout_s=settings.fetch_timeout_s,
-            )
+            data = fetched
+            if data is None:
+                data = fetch(
+                    uri,
+                    policy=self._policy,
+                    max_bytes=settings.max_bytes,
+                    timeout_s=settings.fetch_timeout_s,
+                )
             check_declared_bytes(data, declared_sha256)
             return full_resolution_pdq(data, self._limits, self._budget)

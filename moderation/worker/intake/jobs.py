@@ -39,12 +39,23 @@ class SlotRef:
 
 
 @dataclass(frozen=True)
+class FetchedRef:
+    """Where an intake process finds bytes the worker fetched (`fetches.py`): a block of
+    shared memory and how many of its bytes are the body."""
+
+    memory: str
+    size: int
+
+
+@dataclass(frozen=True)
 class IntakeJob:
     uri: str
     declared_sha256: bytes | None
     # One crop per preprocessing (one per model the worker computes), from one decode.
     preprocessings: tuple[Preprocessing, ...]
     slot: SlotRef | None  # where to put the first sampled frame's crops; None: return them
+    # The bytes, fetched by the worker (http(s)); None: intake reads the URI (a local file).
+    fetched: FetchedRef | None = None
 
 
 @dataclass(frozen=True)

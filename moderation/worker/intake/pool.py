@@ -5,7 +5,9 @@ GIL. In the worker process, beside Celery, the database writers and the model, t
 one interpreter busy: one worker reached 50 uploads/s on an H100 (its model alone: 860).
 An `IntakePool` runs them in processes of their own (`process.py`), one image at a time
 each, one BLAS and OpenMP thread each (with more, 16 processes managed 66 images/s in all
-instead of 1,187).
+instead of 1,187). A screening upload's http(s) bytes are fetched first, by the worker's
+screening threads, and arrive in shared memory of their own, so that a slow server holds
+no process (`fetches.py`); local files, and re-embedding's fetches, are read here.
 
 Crops do not travel through pipes: pickling a 338 KB crop back through a pool's result
 pipe held a 14-process probe to 211 images/s, against 835 with the crops kept out of it.
@@ -54,13 +56,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, closing, contextmanager, suppress
 
 from moderation.config import Settings
 from moderation.embedding.preprocessing import Preprocessing
 from moderation.images.budget import MemoryBudget
 from moderation.images.errors import TransientFault
 from moderation.images.signals import ImageSignals
+from moderation.worker.intake.fetches import FetchedBytes
 from moderation.worker.intake.jobs import (
     RELEASE,
     IntakeJob,
@@ -177,14 +180,23 @@ class IntakePool:
 
     @contextmanager
     def screened(
-        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
+        self,
+        uri: str,
+        declared_sha256: bytes | None,
+        preprocessings: Sequence[Preprocessing],
+        fetched: bytes | None = None,
     ) -> Iterator[tuple[ImageSignals, IntakeTimes]]:
         """Intake in a process, the first crops in a slot of shared memory that stays this
-        caller's until the block ends (the forward passes copy them out)."""
+        caller's until the block ends (the forward passes copy them out). `fetched`: the
+        bytes, fetched by the worker, handed over in shared memory of their own."""
         slots = self.slots_for(tuple(p.crop_shape for p in preprocessings))
-        with slots.held(self.timeout_s) as slot:
-            job = IntakeJob(uri, declared_sha256, tuple(preprocessings), slots.ref(slot))
+        with ExitStack() as stack, slots.held(self.timeout_s) as slot:
+            ref = None
+            if fetched is not None:
+                ref = stack.enter_context(closing(FetchedBytes(fetched))).ref
+            job = IntakeJob(uri, declared_sha256, tuple(preprocessings), slots.ref(slot), ref)
             result = self.run(job)
+            stack.close()  # the process has read the bytes: they need not wait for the block
             yield with_slot_pixels(result, slots.views(slot)), result.times
 
     def slots_for(self, shapes: Shapes) -> CropSlots:

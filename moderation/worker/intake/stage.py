@@ -20,6 +20,7 @@ from moderation.images.fetch import fetch
 from moderation.images.hashing import sha256
 from moderation.images.signals import ImageSignals, extract_signals
 from moderation.images.uri_policy import UriPolicy
+from moderation.worker.intake.fetches import read_fetched
 from moderation.worker.intake.jobs import IntakeJob, IntakeTimes
 
 
@@ -37,18 +38,26 @@ class IntakeContext:
         self.thumbnail_side = settings.evidence_side if settings.evidence_key else None
 
 
-def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSignals, IntakeTimes]:
-    """The intake stage: fetch, check the declared bytes, decode, hash, preprocess.
+def fetch_and_extract(
+    context: IntakeContext, job: IntakeJob, fetched: bytes | None = None
+) -> tuple[ImageSignals, IntakeTimes]:
+    """The intake stage: fetch (unless the worker has: `fetched`, or the job's
+    `fetched` block), check the declared bytes, decode, hash, preprocess.
     Raises `BadInput` or `TransientFault`."""
     settings = context.settings
     started = time.perf_counter()
-    data = fetch(
-        job.uri,
-        policy=context.uri_policy,
-        max_bytes=settings.max_bytes,
-        timeout_s=settings.fetch_timeout_s,
-    )
-    fetched = time.perf_counter()
+    if fetched is not None:
+        data = fetched
+    elif job.fetched is not None:
+        data = read_fetched(job.fetched)
+    else:
+        data = fetch(
+            job.uri,
+            policy=context.uri_policy,
+            max_bytes=settings.max_bytes,
+            timeout_s=settings.fetch_timeout_s,
+        )
+    fetched_at = time.perf_counter()
     check_declared_bytes(data, job.declared_sha256)
     signals = extract_signals(
         data,
@@ -57,7 +66,7 @@ def fetch_and_extract(context: IntakeContext, job: IntakeJob) -> tuple[ImageSign
         context.decode_memory,
         thumbnail_side=context.thumbnail_side,
     )
-    return signals, IntakeTimes(fetched - started, time.perf_counter() - fetched)
+    return signals, IntakeTimes(fetched_at - started, time.perf_counter() - fetched_at)
 
 
 def check_declared_bytes(data: bytes, declared_sha256: bytes | None) -> None:
@@ -75,10 +84,15 @@ class Intake(Protocol):
     (`InThreadIntake`, for `MODERATION_INTAKE_PROCESSES=0`)."""
 
     def screened(
-        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
+        self,
+        uri: str,
+        declared_sha256: bytes | None,
+        preprocessings: Sequence[Preprocessing],
+        fetched: bytes | None = None,
     ) -> AbstractContextManager[tuple[ImageSignals, IntakeTimes]]:
         """An upload's signals, with one crop per preprocessing of each sampled frame,
-        usable until the block ends. Raises `BadInput` or `TransientFault`."""
+        usable until the block ends. `fetched`: the bytes at `uri`, fetched by the worker
+        (`fetches.py`); None: intake reads it. Raises `BadInput` or `TransientFault`."""
         ...
 
     def close(self) -> None: ...
@@ -91,10 +105,14 @@ class InThreadIntake:
 
     @contextmanager
     def screened(
-        self, uri: str, declared_sha256: bytes | None, preprocessings: Sequence[Preprocessing]
+        self,
+        uri: str,
+        declared_sha256: bytes | None,
+        preprocessings: Sequence[Preprocessing],
+        fetched: bytes | None = None,
     ) -> Iterator[tuple[ImageSignals, IntakeTimes]]:
         job = IntakeJob(uri, declared_sha256, tuple(preprocessings), slot=None)
-        yield fetch_and_extract(self._context, job)
+        yield fetch_and_extract(self._context, job, fetched)
 
     def close(self) -> None:
         pass
