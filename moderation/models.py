@@ -8,10 +8,10 @@ from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.evidence.models import Evidence
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
-from moderation.review.models import Hit
+from moderation.review.models import Hit, ReviewClaim
 from moderation.screening.models import Signal, Upload, Worker
 from moderation.search.models import IndexEvaluation
-from moderation.web.models import WebSession
+from moderation.web.models import PendingForm, WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
 __all__ = [
@@ -27,9 +27,11 @@ __all__ = [
     "Evidence",
     "Hit",
     "IndexEvaluation",
+    "PendingForm",
     "ReembedFailure",
     "ReembedJob",
     "RetrohuntJob",
+    "ReviewClaim",
     "Signal",
     "Upload",
     "WebSession",

@@ -143,6 +143,8 @@ _DATA_TABLES = ", ".join(
         "bank_entries",
         "banks",
         "web_sessions",
+        "web_pending_forms",
+        "review_claims",
         "api_keys",
         "index_evaluations",
         "webhook_events",

@@ -28,6 +28,6 @@ def route_for(app: FastAPI, path: str, method: str = "GET") -> APIRoute | None:
     """The API route that would answer `method path`, or None."""
     for full_path, route in app_routes(app):
         pattern, _, _ = compile_path(full_path)
-        if pattern.match(path) and method in route.methods:
+        if pattern.match(path) and method in (route.methods or ()):
             return route
     return None
