@@ -239,6 +239,7 @@ def queue_page(
     }
     params = {
         **form,
+        "status": "" if status_ == ReviewStatus.PENDING.value else status_,
         "limit": "" if limit == 50 else str(limit),
         "order": "" if order is Order.PRIORITY else order.value,
     }
