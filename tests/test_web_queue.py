@@ -25,6 +25,8 @@ from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import PendingForm, WebSession
 from moderation.web.service import COOKIE_NAME
+from moderation.webhooks import service as webhooks
+from moderation.webhooks.models import WebhookEvent
 from tests.api_fixtures import bearer, keys
 from tests.web_fixtures import BASE_URL, SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
 
@@ -523,3 +525,54 @@ def test_a_decision_and_its_note_survive_an_expired_session(
     assert forged.status_code == 403
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(PendingForm)) == 0
+
+
+def test_an_undone_decision_is_never_announced(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODERATION_WEBHOOK_URL", "https://receiver.example/hooks")
+    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "30")
+    get_settings.cache_clear()
+    try:
+        kept, undone = _seed(tmp_path, 2)
+        log_in(site, keys[Role.REVIEWER])
+        assert _decide(site, kept.hit_id, "confirm").status_code == 303
+        assert _decide(site, undone.hit_id, "confirm").status_code == 303
+        with session_scope() as session:
+            # Both events wait out the undo window: no sender may take them yet.
+            assert webhooks.claim_due(session, lease_s=60, limit=10) == []
+            waits = {
+                upload: (due - now).total_seconds()
+                for upload, due, now in session.execute(
+                    select(WebhookEvent.upload_id, WebhookEvent.next_attempt_at, func.now())
+                )
+            }
+            assert waits.keys() == {kept.upload_id, undone.upload_id}
+            assert all(25 < wait <= 30 for wait in waits.values())
+            event_id = max(e.id for e in events_for(session, "upload", undone.upload_id))
+        csrf = web.csrf_token(site.cookies[COOKIE_NAME])
+        response = site.post(
+            f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+        )
+        assert response.status_code == 303
+        with session_scope() as session:
+            assert set(session.scalars(select(WebhookEvent.upload_id))) == {kept.upload_id}
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_the_api_respects_a_colleagues_claim(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path, queue_settings: None
+) -> None:
+    seeded = _seed(tmp_path, 1)
+    with _client(keys, "ada") as ada:
+        assert _claim(ada) == [seeded[0].upload_id]
+    refused = site.post(
+        f"/v1/hits/{seeded[0].hit_id}/decision",
+        json={"outcome": "dismiss"},
+        headers=bearer(keys[Role.REVIEWER]),
+    )
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "claimed_by_colleague"
+    assert _status(seeded[0].hit_id) is ReviewStatus.PENDING
