@@ -31,6 +31,8 @@ Reported per batch size: uploads accepted per second, the ratio API / plain inse
 (target for batches of 100: >= 0.5), the floor's ratio, the API's throughput as a fraction
 of the floor's (targets: >= 0.7 for single events, >= 0.6 for batches of 100), and
 per-request p50 and p99 latency. Printed, and written to bench/results/api.json.
+The sides take turns (`--rounds`, 10 by default: plain insert, API, floor, again), so that
+the load of a shared machine changes under all of them alike.
 `--no-key-cache` runs the API with every request reading its key from the table
 (MODERATION_API_KEY_CACHE=false), to measure what the key cache saves.
 """
@@ -79,6 +81,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--uploads", type=int, default=20_000, help="Timed uploads for batches of 100."
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=10,
+        help="Turns the sides take, alternating, so that load changes fall on all alike.",
     )
     parser.add_argument(
         "--no-key-cache",
@@ -141,31 +149,48 @@ class Sender(Protocol):
 
 
 def timed(
-    sender: Sender, uploads: Uploads, batch: int, requests: int, clients: int
-) -> dict[str, Any]:
-    """Send `requests` batches from `clients` threads; throughput and latency."""
-    for _ in range(WARMUP):
-        sender.send(sender.prepare(uploads.batch(batch)))
-    prepared = [sender.prepare(uploads.batch(batch)) for _ in range(requests)]
-    latencies: list[float] = []
+    senders: dict[str, Sender],
+    uploads: Uploads,
+    batch: int,
+    requests: int,
+    clients: int,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Send `requests` batches through each sender from `clients` threads, in `rounds`
+    alternating turns (A, B, C, A, B, C, ...), so that a change in the machine's load
+    falls on every side alike; throughput (over the time each side spent sending) and
+    latency, by sender."""
+    prepared: dict[str, list[Any]] = {}
+    for name, sender in senders.items():
+        for _ in range(WARMUP):
+            sender.send(sender.prepare(uploads.batch(batch)))
+        prepared[name] = [sender.prepare(uploads.batch(batch)) for _ in range(requests)]
+    latencies: dict[str, list[float]] = {name: [] for name in senders}
+    elapsed = dict.fromkeys(senders, 0.0)
+    turn = -(-requests // rounds)
+    for start in range(0, requests, turn):
+        for name, sender in senders.items():
 
-    def one(payload: Any) -> None:
-        started = time.perf_counter()
-        sender.send(payload)
-        latencies.append(time.perf_counter() - started)
+            def one(payload: Any, sender: Sender = sender, name: str = name) -> None:
+                started = time.perf_counter()
+                sender.send(payload)
+                latencies[name].append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, prepared))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "batch": batch,
-        "requests": requests,
-        "uploads_per_s": round(requests * batch / elapsed, 1),
-        "p50_ms": round(1000 * statistics.median(latencies), 2),
-        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
-    }
+            started = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, prepared[name][start : start + turn]))
+            elapsed[name] += time.perf_counter() - started
+    results = {}
+    for name in senders:
+        taken = sorted(latencies[name])
+        results[name] = {
+            "batch": batch,
+            "requests": requests,
+            "uploads_per_s": round(requests * batch / elapsed[name], 1),
+            "p50_ms": round(1000 * statistics.median(taken), 2),
+            "p99_ms": round(1000 * taken[min(len(taken) - 1, int(0.99 * len(taken)))], 2),
+        }
+    return results
 
 
 class ApiSender:
@@ -301,6 +326,7 @@ def main() -> None:
         "clients": args.clients,
         "api_workers": args.api_workers,
         "key_cache": not args.no_key_cache,
+        "rounds": args.rounds,
         "batches": [],
     }
     try:
@@ -311,8 +337,11 @@ def main() -> None:
         for batch in BATCHES:
             requests = args.requests if batch == 1 else max(1, args.uploads // batch)
             uploads_through_api += (WARMUP + requests) * batch
-            plain = timed(send_insert, uploads, batch, requests, args.clients)
-            through_api = timed(send_api, uploads, batch, requests, args.clients)
+            senders: dict[str, Sender] = {"plain": send_insert, "api": send_api}
+            if floor is not None:
+                senders["floor"] = send_floor
+            measured = timed(senders, uploads, batch, requests, args.clients, args.rounds)
+            plain, through_api = measured["plain"], measured["api"]
             ratio = through_api["uploads_per_s"] / plain["uploads_per_s"]
             row: dict[str, Any] = {
                 "batch": batch,
@@ -328,7 +357,7 @@ def main() -> None:
                 f"ratio {ratio:.2f}"
             )
             if floor is not None:
-                row["floor"] = timed(send_floor, uploads, batch, requests, args.clients)
+                row["floor"] = measured["floor"]
                 row["floor_ratio"] = round(
                     row["floor"]["uploads_per_s"] / plain["uploads_per_s"], 3
                 )
