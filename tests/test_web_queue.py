@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.main.app import create_app
+from moderation.review import claims
+from moderation.review.cards import Order
 from moderation.review.models import Hit, ReviewStatus
 from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.screening.models import Upload
@@ -576,3 +580,28 @@ def test_the_api_respects_a_colleagues_claim(
     assert refused.status_code == 409
     assert refused.json()["code"] == "claimed_by_colleague"
     assert _status(seeded[0].hit_id) is ReviewStatus.PENDING
+
+
+def test_reviewers_claiming_at_the_same_moment_get_disjoint_batches(
+    clean_db: None, tmp_path: Path
+) -> None:
+    """Claims taken in concurrent transactions, started together: each card goes to one."""
+    seeded = _seed(tmp_path, 8)
+    start = threading.Barrier(4)
+    taken: dict[str, list[int]] = {}
+
+    def claim_for(actor: str) -> None:
+        with session_scope() as session:
+            start.wait(timeout=30)
+            taken[actor] = claims.claim_batch(
+                session, actor, size=2, lease=timedelta(minutes=5), order=Order.PRIORITY
+            )
+
+    threads = [threading.Thread(target=claim_for, args=(f"r{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(len(batch) for batch in taken.values()) == [2, 2, 2, 2]
+    everything = [upload for batch in taken.values() for upload in batch]
+    assert sorted(everything) == sorted(s.upload_id for s in seeded)
