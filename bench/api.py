@@ -28,8 +28,13 @@ the same FastAPI and uvicorn stack, request models and insert with nothing else 
 insert is the framework's and how much is the API's own work.
 
 Reported per batch size: uploads accepted per second, the ratio API / plain insert
-(target for batches of 100: >= 0.5), the floor's ratio, and per-request p50 and p99
-latency. Printed, and written to bench/results/api.json.
+(target for batches of 100: >= 0.5), the floor's ratio, the API's throughput as a fraction
+of the floor's (targets: >= 0.7 for single events, >= 0.6 for batches of 100), and
+per-request p50 and p99 latency. Printed, and written to bench/results/api.json.
+The sides take turns (`--rounds`, 10 by default: plain insert, API, floor, again), so that
+the load of a shared machine changes under all of them alike.
+`--no-key-cache` runs the API with every request reading its key from the table
+(MODERATION_API_KEY_CACHE=false), to measure what the key cache saves.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_api"
 BENCH_REDIS = "redis://127.0.0.1:6379/0"
 BATCHES = (1, 100)
+# The API's throughput as a fraction of the framework floor's, by batch size (issue 24).
+FLOOR_TARGETS = {1: 0.7, 100: 0.6}
 # Requests before timing, per batch size: connections warm, statements prepared.
 WARMUP = 20
 
@@ -74,6 +81,17 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--uploads", type=int, default=20_000, help="Timed uploads for batches of 100."
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=10,
+        help="Turns the sides take, alternating, so that load changes fall on all alike.",
+    )
+    parser.add_argument(
+        "--no-key-cache",
+        action="store_true",
+        help="Read the key from the table on every request (MODERATION_API_KEY_CACHE=false).",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/api.json")
     return parser.parse_args()
@@ -131,31 +149,48 @@ class Sender(Protocol):
 
 
 def timed(
-    sender: Sender, uploads: Uploads, batch: int, requests: int, clients: int
-) -> dict[str, Any]:
-    """Send `requests` batches from `clients` threads; throughput and latency."""
-    for _ in range(WARMUP):
-        sender.send(sender.prepare(uploads.batch(batch)))
-    prepared = [sender.prepare(uploads.batch(batch)) for _ in range(requests)]
-    latencies: list[float] = []
+    senders: dict[str, Sender],
+    uploads: Uploads,
+    batch: int,
+    requests: int,
+    clients: int,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Send `requests` batches through each sender from `clients` threads, in `rounds`
+    alternating turns (A, B, C, A, B, C, ...), so that a change in the machine's load
+    falls on every side alike; throughput (over the time each side spent sending) and
+    latency, by sender."""
+    prepared: dict[str, list[Any]] = {}
+    for name, sender in senders.items():
+        for _ in range(WARMUP):
+            sender.send(sender.prepare(uploads.batch(batch)))
+        prepared[name] = [sender.prepare(uploads.batch(batch)) for _ in range(requests)]
+    latencies: dict[str, list[float]] = {name: [] for name in senders}
+    elapsed = dict.fromkeys(senders, 0.0)
+    turn = -(-requests // rounds)
+    for start in range(0, requests, turn):
+        for name, sender in senders.items():
 
-    def one(payload: Any) -> None:
-        started = time.perf_counter()
-        sender.send(payload)
-        latencies.append(time.perf_counter() - started)
+            def one(payload: Any, sender: Sender = sender, name: str = name) -> None:
+                started = time.perf_counter()
+                sender.send(payload)
+                latencies[name].append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, prepared))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "batch": batch,
-        "requests": requests,
-        "uploads_per_s": round(requests * batch / elapsed, 1),
-        "p50_ms": round(1000 * statistics.median(latencies), 2),
-        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
-    }
+            started = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, prepared[name][start : start + turn]))
+            elapsed[name] += time.perf_counter() - started
+    results = {}
+    for name in senders:
+        taken = sorted(latencies[name])
+        results[name] = {
+            "batch": batch,
+            "requests": requests,
+            "uploads_per_s": round(requests * batch / elapsed[name], 1),
+            "p50_ms": round(1000 * statistics.median(taken), 2),
+            "p99_ms": round(1000 * taken[min(len(taken) - 1, int(0.99 * len(taken)))], 2),
+        }
+    return results
 
 
 class ApiSender:
@@ -279,6 +314,7 @@ def main() -> None:
         "MODERATION_REDIS_URL": redis_url,
         "MODERATION_QUEUE": queue,
         "MODERATION_ALLOWED_URI_PREFIXES": "https://",
+        "MODERATION_API_KEY_CACHE": "false" if args.no_key_cache else "true",
     }
     api = start_api(port, args.api_workers, env)
     floor_port = free_port()
@@ -289,6 +325,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "clients": args.clients,
         "api_workers": args.api_workers,
+        "key_cache": not args.no_key_cache,
+        "rounds": args.rounds,
         "batches": [],
     }
     try:
@@ -299,8 +337,11 @@ def main() -> None:
         for batch in BATCHES:
             requests = args.requests if batch == 1 else max(1, args.uploads // batch)
             uploads_through_api += (WARMUP + requests) * batch
-            plain = timed(send_insert, uploads, batch, requests, args.clients)
-            through_api = timed(send_api, uploads, batch, requests, args.clients)
+            senders: dict[str, Sender] = {"plain": send_insert, "api": send_api}
+            if floor is not None:
+                senders["floor"] = send_floor
+            measured = timed(senders, uploads, batch, requests, args.clients, args.rounds)
+            plain, through_api = measured["plain"], measured["api"]
             ratio = through_api["uploads_per_s"] / plain["uploads_per_s"]
             row: dict[str, Any] = {
                 "batch": batch,
@@ -316,13 +357,20 @@ def main() -> None:
                 f"ratio {ratio:.2f}"
             )
             if floor is not None:
-                row["floor"] = timed(send_floor, uploads, batch, requests, args.clients)
+                row["floor"] = measured["floor"]
                 row["floor_ratio"] = round(
                     row["floor"]["uploads_per_s"] / plain["uploads_per_s"], 3
                 )
+                row["api_to_floor"] = round(
+                    through_api["uploads_per_s"] / row["floor"]["uploads_per_s"], 3
+                )
+                target = FLOOR_TARGETS.get(batch)
+                row["api_to_floor_target"] = target
                 print(
                     f"           floor {row['floor']['uploads_per_s']:>8.1f} uploads/s "
-                    f"(p50 {row['floor']['p50_ms']:.1f} ms)   ratio {row['floor_ratio']:.2f}"
+                    f"(p50 {row['floor']['p50_ms']:.1f} ms)   ratio {row['floor_ratio']:.2f}   "
+                    f"API / floor {row['api_to_floor']:.2f}"
+                    + (f" (target >= {target})" if target else "")
                 )
             results["batches"].append(row)
         results["announced"] = announced(redis_url, queue, accepted=uploads_through_api)

@@ -302,6 +302,22 @@ class Settings(BaseSettings):
     # `max_bytes` and a form's framing): refused before it is read, cut off while it streams.
     # A batch of 1000 uploads with short metadata is ~0.3 MB; a larger one is split.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # API keys checked once are answered from memory until `api_keys` changes (a NOTIFY on
+    # revocation, `moderation.auth.key_cache`): saves a query per request. False: every
+    # request reads the table.
+    api_key_cache: bool = True
+
+    # The review queue (moderation/review/cards.py, claims.py, undo.py). A reviewer claims
+    # this many cards at a time, each theirs alone for the lease; renewed as they claim more.
+    review_claim_batch: int = Field(default=10, ge=1, le=200)
+    review_claim_minutes: float = Field(default=15.0, gt=0)
+    # Cards waiting longer are marked, and counted on the queue's head (a service target).
+    review_age_target_hours: float = Field(default=24.0, gt=0)
+    # A decision can be taken back this long by its decider; its webhook waits as long.
+    review_undo_seconds: float = Field(default=8.0, ge=0, le=300)
+    # A decision form posted after its session ended is kept this long for the reviewer to
+    # get back after logging in again.
+    review_pending_form_minutes: float = Field(default=60.0, gt=0)
 
     # Web pages: how long a login lasts before the reviewer pastes their key again.
     web_session_hours: float = Field(default=12.0, gt=0)

@@ -14,10 +14,10 @@ from moderation.evaluation.models import (
 from moderation.evidence.models import Evidence
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.retrohunt.models import RetrohuntJob
-from moderation.review.models import Hit
+from moderation.review.models import Hit, ReviewClaim
 from moderation.screening.models import Signal, Upload, Worker
 from moderation.search.models import IndexEvaluation, MilvusSyncState, SearchChange
-from moderation.web.models import WebSession
+from moderation.web.models import PendingForm, WebSession
 from moderation.webhooks.models import WebhookAttempt, WebhookEvent
 
 __all__ = [
@@ -38,9 +38,11 @@ __all__ = [
     "Hit",
     "IndexEvaluation",
     "MilvusSyncState",
+    "PendingForm",
     "ReembedFailure",
     "ReembedJob",
     "RetrohuntJob",
+    "ReviewClaim",
     "SearchChange",
     "Signal",
     "Upload",

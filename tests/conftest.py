@@ -145,6 +145,8 @@ _DATA_TABLES = ", ".join(
         "bank_entries",
         "banks",
         "web_sessions",
+        "web_pending_forms",
+        "review_claims",
         "api_keys",
         "index_evaluations",
         "evaluation_runs",

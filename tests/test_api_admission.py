@@ -205,3 +205,27 @@ def test_refused_uris_are_named_by_index_and_quoted_short(
     assert [item["index"] for item in refused] == list(range(1000))
     assert all(len(item["uri"]) <= 201 for item in refused)
     assert len(response.content) < len(body) / 10
+
+
+def test_a_decision_form_too_long_to_keep_is_not_read_past_its_cap(server: LiveApi) -> None:
+    """Without a login a decision form is read to be kept for after the next login (the
+    pages' lapsed-session rescue), but never past its small cap: a longer body, chunked so
+    that no length is declared, gets the same login redirect, with nothing kept."""
+    base = urlsplit(server.url)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"outcome=confirm&note="
+        for _ in range(64):
+            yield b"x" * (16 * 1024)  # 1 MiB in all, over the form's 256 KiB
+
+    answer = httpx.post(
+        f"{server.url}/review/hits/1/decision",
+        content=chunks(),
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": f"{base.scheme}://{base.netloc}",
+        },
+        timeout=ANSWER_WITHIN_S,
+    )
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/login?next=/review"

@@ -216,6 +216,14 @@ def test_a_decision_decides_the_uploads_open_hits_together_and_is_audited(
         ("key:1:alice", "review.decide"),
         ("key:2:bob", "review.decide"),
     ]
+    escalation = rows[0].after
+    assert escalation is not None
+    assert rows[1].before is not None
+    # What the confirmation overwrote of Alice's escalation, for an undo to put back.
+    earlier = rows[1].before.pop("reviews")
+    assert {str(named.id), str(escalated.id)} <= earlier.keys()
+    assert {review["by"] for review in earlier.values()} == {"key:1:alice"}
+    assert {review["note"] for review in earlier.values()} == {"ask a senior"}
     assert rows[1].before == {
         "hits": {
             str(named.id): "escalated",

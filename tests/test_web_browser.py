@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from moderation.auth import service as auth
 from moderation.auth.models import Role
@@ -34,6 +34,7 @@ from moderation.db import session_scope
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
+from moderation.web.models import WebSession
 from tests.web_fixtures import detailed_image
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -82,6 +83,10 @@ def webhook_env(receiver: Receiver) -> dict[str, str]:
         "MODERATION_WEBHOOK_URL": receiver.url,
         "MODERATION_WEBHOOK_SECRET": SECRET,
         "MODERATION_WEBHOOK_POLL_S": "0.1",
+        # Claimed batches of two cards, for the claims' test; undo lasts 30 s, long enough
+        # for a loaded machine to press the key.
+        "MODERATION_REVIEW_CLAIM_BATCH": "2",
+        "MODERATION_REVIEW_UNDO_SECONDS": "30",
     }
 
 
@@ -241,3 +246,145 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     assert event["data"]["upload"]["id"] == chosen
     assert {hit["review_status"] for hit in event["data"]["hits"]} == {"confirmed"}
     context.close()
+
+
+# The queue for a team (issue 24, item 4).
+
+
+def _reviewer(name: str) -> tuple[str, str]:
+    """A reviewer's key: its secret and the actor name decisions are recorded under."""
+    with session_scope() as session:
+        key, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
+        return secret, f"key:{key.id}:{name}"
+
+
+def _logged_in(browser: Browser, server: str, secret: str, path: str = "/review") -> Page:
+    page = browser.new_context().new_page()
+    page.goto(f"{server}{path}")
+    page.fill("#api_key", secret)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server}{path}")
+    page.wait_for_selector("body[data-shortcuts=ready]")
+    return page
+
+
+def _card_ids(page: Page, selector: str) -> list[int]:
+    return [
+        int(found)
+        for found in page.locator(selector).evaluate_all(
+            "cards => cards.map(card => card.dataset.upload)"
+        )
+    ]
+
+
+def _statuses(upload_id: int) -> set[tuple[ReviewStatus, str | None, str | None]]:
+    with session_scope() as session:
+        rows = session.execute(
+            select(Hit.review_status, Hit.reviewed_by, Hit.review_note).where(
+                Hit.upload_id == upload_id
+            )
+        )
+        return {(status, by, note) for status, by, note in rows}
+
+
+def test_two_reviewers_claim_disjoint_cards(server: str, browser: Browser, tmp_path: Path) -> None:
+    uploads = _screened_hits(tmp_path, 5)
+    (ada_key, _), (bob_key, _) = _reviewer("ada"), _reviewer("bob")
+    ada = _logged_in(browser, server, ada_key)
+    bob = _logged_in(browser, server, bob_key)
+    for page in (ada, bob):
+        page.click("#claim")
+        expect(page.locator("section.mine article.hit")).to_have_count(2)
+    ada_cards = _card_ids(ada, "section.mine article.hit")
+    bob_cards = _card_ids(bob, "section.mine article.hit")
+    assert not set(ada_cards) & set(bob_cards)
+    # Neither is shown the other's; the one card left is unclaimed, on both pages.
+    (left,) = set(uploads) - {*ada_cards, *bob_cards}
+    ada.reload()
+    assert _card_ids(ada, "section.unclaimed article.hit") == [left]
+    assert _card_ids(bob, "section.unclaimed article.hit") == [left]
+    # Each works their own batch from the keyboard: the first card is theirs.
+    ada.wait_for_selector("body[data-shortcuts=ready]")
+    expect(ada.locator("article.hit").first).to_have_attribute("data-upload", str(ada_cards[0]))
+    ada.keyboard.press("d")
+    expect(ada.locator(f"#upload-{ada_cards[0]}")).to_have_count(0)
+    assert {status for status, _, _ in _statuses(ada_cards[0])} == {ReviewStatus.DISMISSED}
+    ada.context.close()
+    bob.context.close()
+
+
+def test_a_stale_decision_shows_what_changed_and_the_reviewer_goes_on(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    (upload,) = _screened_hits(tmp_path, 1)
+    ada_key, ada = _reviewer("ada")
+    carol_key, _ = _reviewer("carol")
+    page = _logged_in(browser, server, ada_key)
+    expect(page.locator("article.hit")).to_have_count(1)
+    # Carol escalates it through the API while Ada's page is open.
+    with session_scope() as session:
+        hit_id = session.scalar(select(Hit.id).where(Hit.upload_id == upload))
+    escalated = httpx.post(
+        f"{server}/v1/hits/{hit_id}/decision",
+        json={"outcome": "escalate", "note": "ask legal"},
+        headers={"Authorization": f"Bearer {carol_key}"},
+    )
+    assert escalated.status_code == 200, escalated.text
+    page.keyboard.press("m")
+    page.keyboard.type("same file as last week")
+    page.keyboard.press("Escape")
+    page.keyboard.press("c")
+    expect(page.locator("#stale h1")).to_contain_text("changed since you saw it")
+    expect(page.locator("table.changes")).to_contain_text("ask legal")
+    expect(page.locator("table.changes")).to_contain_text("carol")
+    expect(page.locator("form.decision textarea")).to_have_value("same file as last week")
+    assert {status for status, _, _ in _statuses(upload)} == {ReviewStatus.ESCALATED}
+    page.click("form.decision button.confirm")
+    expect(page).to_have_url(f"{server}/review")
+    expect(page.locator("#pending-count")).to_have_text("0")
+    assert _statuses(upload) == {(ReviewStatus.CONFIRMED, ada, "same file as last week")}
+    page.context.close()
+
+
+def test_undo_brings_the_card_back(server: str, browser: Browser, tmp_path: Path) -> None:
+    uploads = _screened_hits(tmp_path, 2)
+    secret, _ = _reviewer("ada")
+    page = _logged_in(browser, server, secret)
+    chosen = int(page.locator("article.hit").first.get_attribute("data-upload") or 0)
+    page.keyboard.press("c")
+    expect(page.locator(f"#upload-{chosen}")).to_have_count(0)
+    expect(page.locator("#undo")).to_contain_text(f"confirm for upload {chosen}")
+    assert {status for status, _, _ in _statuses(chosen)} == {ReviewStatus.CONFIRMED}
+    page.wait_for_selector("body[data-shortcuts=ready]")
+    page.keyboard.press("u")
+    expect(page.locator(f"#upload-{chosen}")).to_have_count(1)
+    expect(page.locator("#undo")).to_have_count(0)
+    expect(page.locator("#pending-count")).to_have_text(str(len(uploads)))
+    assert _statuses(chosen) == {(ReviewStatus.PENDING, None, None)}
+    page.context.close()
+
+
+def test_a_decision_and_its_note_survive_an_expired_session(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    (upload,) = _screened_hits(tmp_path, 1)
+    secret, actor = _reviewer("ada")
+    page = _logged_in(browser, server, secret)
+    page.keyboard.press("m")
+    page.keyboard.type("escalating: see ticket 4411")
+    page.keyboard.press("Escape")
+    # The session ends while the note is written (it expired, or was ended elsewhere).
+    with session_scope() as session:
+        session.execute(update(WebSession).values(expires_at=func.now()))
+    page.keyboard.press("e")
+    expect(page).to_have_url(re.compile(r"/login\?next=/review/resume/[A-Za-z0-9_-]+$"))
+    assert {status for status, _, _ in _statuses(upload)} == {ReviewStatus.PENDING}
+    page.fill("#api_key", secret)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/review/resume/[A-Za-z0-9_-]+$"))
+    expect(page.locator("form.decision textarea")).to_have_value("escalating: see ticket 4411")
+    expect(page.locator("form.decision button.escalate")).to_have_class(re.compile(r"\bchosen\b"))
+    page.click("form.decision button.escalate")
+    expect(page).to_have_url(f"{server}/review")
+    assert _statuses(upload) == {(ReviewStatus.ESCALATED, actor, "escalating: see ticket 4411")}
+    page.context.close()

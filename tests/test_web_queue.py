@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
+from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.images.signals import SignalType
+from moderation.main.app import create_app
+from moderation.review import claims
+from moderation.review.cards import Order
 from moderation.review.models import Hit, ReviewStatus
 from moderation.review.tasks import CHORES as REVIEW_CHORES
+from moderation.screening.models import Upload
 from moderation.web import service as web
+from moderation.web.models import PendingForm, WebSession
 from moderation.web.service import COOKIE_NAME
+from moderation.webhooks import service as webhooks
+from moderation.webhooks.models import WebhookEvent
 from tests.api_fixtures import bearer, keys
-from tests.web_fixtures import SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
+from tests.web_fixtures import BASE_URL, SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
 (CAPTURE,) = REVIEW_CHORES
@@ -34,7 +47,9 @@ def _key_id(session: Session, role: Role) -> int:
 
 
 def _cards(html: str) -> list[int]:
-    return [int(found) for found in re.findall(r'<article class="hit" id="upload-(\d+)"', html)]
+    return [
+        int(found) for found in re.findall(r'<article class="hit[^"]*" id="upload-(\d+)"', html)
+    ]
 
 
 # The TestClient's response is httpx's or httpx2's, whichever Starlette found installed.
@@ -53,14 +68,14 @@ def test_the_queue_shows_the_pending_count_and_each_hits_evidence(
     assert page.status_code == 200
     assert page.headers["cache-control"] == "private, no-store"
     html = page.text
-    assert '<strong id="pending-count">2</strong> pending' in html
+    assert '<strong id="pending-count">2</strong> uploads pending' in html
     assert sorted(_cards(html)) == sorted(s.upload_id for s in seeded)
     assert "7 bits ≤ 31" in html
     for s in seeded:
         assert f'src="/review/uploads/{s.upload_id}/frames/0"' in html
         assert f'action="/review/hits/{s.hit_id}/decision"' in html
-    # Every form carries the session's anti-forgery token; the keys are listed.
-    assert html.count(f'value="{web.csrf_token(site.cookies[COOKIE_NAME])}"') == 3
+    # Every form carries the session's anti-forgery token (log out, claim, two decisions).
+    assert html.count(f'value="{web.csrf_token(site.cookies[COOKIE_NAME])}"') == 4
     assert "<kbd>c</kbd> confirm" in html
 
 
@@ -86,7 +101,7 @@ def test_the_queue_filters(site: TestClient, keys: dict[Role, str], tmp_path: Pa
     reviewer = bearer(keys[Role.REVIEWER])
     html = site.get("/review", params={"bank": "bank-1"}, headers=reviewer).text
     assert _cards(html) == [seeded[1].upload_id]
-    assert "1 match these filters" in html
+    assert '<span id="matching-count">1</span> match these filters' in html
     assert _cards(site.get("/review?signal=clip", headers=reviewer).text) == []
     assert _cards(site.get("/review?found=retroactive", headers=reviewer).text) == []
     assert _cards(site.get("/review?since=2999-01-01T00:00", headers=reviewer).text) == []
@@ -106,7 +121,7 @@ def test_a_decision_leaves_the_queue_and_is_audited(
     assert response.headers["location"] == "/review?limit=10"
     html = site.get("/review").text
     assert _cards(html) == [second.upload_id]
-    assert '<strong id="pending-count">1</strong>' in html
+    assert '<strong id="pending-count">1</strong> upload pending' in html
     with session_scope() as session:
         hit = session.get(Hit, first.hit_id)
         assert hit is not None
@@ -117,7 +132,7 @@ def test_a_decision_leaves_the_queue_and_is_audited(
     # The decided hit shows under its status, without buttons.
     decided = site.get("/review?status=confirmed").text
     assert _cards(decided) == [first.upload_id]
-    assert "/decision" not in decided
+    assert 'class="decision"' not in decided
     # Contradicting a final decision is refused, with who made it.
     refused = _decide(site, first.hit_id, "dismiss")
     assert refused.status_code == 409
@@ -210,3 +225,383 @@ def test_a_hit_found_after_the_page_was_drawn_stays_open(
     html = site.get("/review").text
     assert _cards(html) == [seeded.upload_id]
     assert "added-since" in html
+
+
+# The queue for a team (issue 24, item 4): cards by upload, order, age, claims, stale
+# decisions, undo, and decisions that outlive their session.
+
+
+@pytest.fixture
+def queue_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Batches of two cards; an age target of one hour."""
+    monkeypatch.setenv("MODERATION_REVIEW_CLAIM_BATCH", "2")
+    monkeypatch.setenv("MODERATION_REVIEW_AGE_TARGET_HOURS", "1")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def _age(hit_id: int, hours: float) -> None:
+    """Make a hit as old as `hours` (found then)."""
+    with session_scope() as session:
+        session.execute(
+            update(Hit)
+            .where(Hit.id == hit_id)
+            .values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 0, hours * 3600))
+        )
+
+
+def _client(keys: dict[Role, str], name: str) -> TestClient:
+    """Another reviewer's browser: their own key and session."""
+    with session_scope() as session:
+        _, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
+    client = TestClient(create_app(), base_url=BASE_URL, follow_redirects=False)
+    log_in(client, secret)
+    return client
+
+
+def test_cards_count_uploads_and_show_age_and_submitter(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path, queue_settings: None
+) -> None:
+    first, second = _seed(tmp_path, 2)
+    add_hit(first.upload_id, bank_name="second-bank")
+    _age(first.hit_id, 3)
+    with session_scope() as session:
+        upload = session.get(Upload, second.upload_id)
+        assert upload is not None
+        upload.event_metadata = {"user": "u-1729", "surface": "<b>profile</b>"}
+    log_in(site, keys[Role.REVIEWER])
+    html = site.get("/review").text
+    # Three hits, two uploads: the queue counts uploads.
+    assert '<strong id="pending-count">2</strong> uploads pending' in html
+    assert "2 cards on this page" in html
+    assert sorted(_cards(html)) == sorted([first.upload_id, second.upload_id])
+    assert re.search(r'class="age over"[^>]*>waiting 3 h 0\d min · over target', html)
+    assert "1 over the 1 h target" in html
+    # The submitter's metadata, as text.
+    assert "<dt>user</dt><dd>u-1729</dd>" in html
+    assert "&lt;b&gt;profile&lt;/b&gt;" in html
+    upload_page = site.get(f"/review/uploads/{second.upload_id}").text
+    assert "<dt>user</dt><dd>u-1729</dd>" in upload_page
+
+
+def test_priority_puts_exact_hashes_then_strength_first_and_oldest_orders_by_age(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    weak, strong, exact = _seed(tmp_path, 3)
+    with session_scope() as session:
+        for seeded, distance in ((weak, 30), (strong, 2)):
+            session.execute(
+                update(Hit).where(Hit.id == seeded.hit_id).values(distance=distance, threshold=31)
+            )
+        session.execute(
+            update(Hit)
+            .where(Hit.id == exact.hit_id)
+            .values(signal=SignalType.SHA256, distance=0, threshold=0)
+        )
+    _age(weak.hit_id, 5)
+    _age(strong.hit_id, 3)
+    _age(exact.hit_id, 1)
+    reviewer = bearer(keys[Role.REVIEWER])
+    by_priority = _cards(site.get("/review", headers=reviewer).text)
+    assert by_priority == [exact.upload_id, strong.upload_id, weak.upload_id]
+    oldest = _cards(site.get("/review?order=oldest", headers=reviewer).text)
+    assert oldest == [weak.upload_id, strong.upload_id, exact.upload_id]
+    # Paging by upload follows the order: one card a page, each once.
+    for order, expected in (("priority", by_priority), ("oldest", oldest)):
+        seen: list[int] = []
+        url = f"/review?order={order}&limit=1"
+        while url:
+            html = site.get(url, headers=reviewer).text
+            seen += _cards(html)
+            found = re.search(r'<a rel="next" href="([^"]+)"', html)
+            url = found.group(1).replace("&amp;", "&") if found else ""
+        assert seen == expected, order
+    # A cursor of one order is refused by the other.
+    html = site.get("/review?order=oldest&limit=1", headers=reviewer).text
+    found = re.search(r'<a rel="next" href="([^"]+)"', html)
+    assert found is not None
+    cursor = found.group(1).split("cursor=")[1]
+    assert site.get(f"/review?cursor={cursor}", headers=reviewer).status_code == 422
+
+
+def _claim(client: TestClient) -> list[int]:
+    response = client.post(
+        "/review/claim",
+        data={"csrf": web.csrf_token(client.cookies[COOKIE_NAME])},
+        headers=SAME_ORIGIN,
+    )
+    assert response.status_code == 303, response.text
+    html = client.get("/review").text
+    mine = html[html.index('<section class="mine">') :] if 'section class="mine"' in html else ""
+    return _cards(mine.split('<section class="unclaimed">')[0]) if mine else []
+
+
+def test_two_reviewers_claim_disjoint_batches(
+    keys: dict[Role, str], tmp_path: Path, queue_settings: None, site: TestClient
+) -> None:
+    seeded = _seed(tmp_path, 5)
+    ada, bob = _client(keys, "ada"), _client(keys, "bob")
+    with ada, bob:
+        ada_cards = _claim(ada)
+        bob_cards = _claim(bob)
+        assert len(ada_cards) == len(bob_cards) == 2
+        assert not set(ada_cards) & set(bob_cards)
+        # Neither is shown the other's cards; each sees their own first, as theirs.
+        ada_page = ada.get("/review").text
+        assert not set(_cards(ada_page)) & set(bob_cards)
+        assert "2 claimed by colleagues" in ada_page
+        assert "yours until" in ada_page
+        # A card Bob holds cannot be decided by Ada: a page says whose it is.
+        taken = next(s for s in seeded if s.upload_id == bob_cards[0])
+        refused = _decide(ada, taken.hit_id, "confirm", note="mine now")
+        assert refused.status_code == 409
+        assert "claimed by key:" in refused.text
+        assert ":bob until" in refused.text
+        assert "mine now" in refused.text
+        assert _status(taken.hit_id) is ReviewStatus.PENDING
+        # Bob decides his; the one card nobody holds goes to whoever claims next.
+        assert _decide(bob, taken.hit_id, "dismiss").status_code == 303
+        (last,) = {s.upload_id for s in seeded} - {*ada_cards, *bob_cards}
+        assert sorted(_claim(ada)) == sorted([*ada_cards, last])
+        assert _claim(bob) == [bob_cards[1]]
+
+
+def test_a_stale_decision_shows_what_changed_and_lets_the_reviewer_go_on(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    seeded = seed_hit(tmp_path)
+    log_in(site, keys[Role.REVIEWER])
+    html = site.get("/review").text
+    drawn = _field(html, seeded.upload_id, "state")
+    assert drawn == f"{seeded.hit_id}:pending"
+    # A colleague escalates it with a note while the page is open.
+    with _client(keys, "carol") as carol:
+        assert _decide(carol, seeded.hit_id, "escalate", note="needs a senior").status_code == 303
+    stale = _decide(site, seeded.hit_id, "confirm", note="clear match", state=drawn)
+    assert stale.status_code == 409
+    page = stale.text
+    assert "changed since you saw it" in page
+    assert "needs a senior" in page
+    assert ":carol" in page
+    assert '<span class="status pending">pending</span>' in page  # when you looked
+    assert '<span class="status escalated">escalated</span>' in page  # now
+    assert ">clear match</textarea>" in page
+    assert _status(seeded.hit_id) is ReviewStatus.ESCALATED
+    # Going on from that page (the card as it is now) confirms it.
+    state = re.search(r'name="state" value="([^"]*)"', page)
+    assert state is not None
+    assert state.group(1) == f"{seeded.hit_id}:escalated"
+    went_on = _decide(site, seeded.hit_id, "confirm", note="clear match", state=state.group(1))
+    assert went_on.status_code == 303
+    assert _status(seeded.hit_id) is ReviewStatus.CONFIRMED
+    # A card decided for good by a colleague: the page says so and offers nothing to send.
+    other = seed_hit(tmp_path / "other", bank_name="other-bank", seed=9)
+    drawn = _field(site.get("/review").text, other.upload_id, "state")
+    with _client(keys, "dan") as dan:
+        assert _decide(dan, other.hit_id, "dismiss").status_code == 303
+    stale = _decide(site, other.hit_id, "confirm", state=drawn)
+    assert stale.status_code == 409
+    assert "Nothing is left to decide" in stale.text
+    assert _status(other.hit_id) is ReviewStatus.DISMISSED
+
+
+def _field(html: str, upload_id: int, name: str) -> str:
+    card = html[html.index(f'id="upload-{upload_id}"') :]
+    found = re.search(rf'name="{name}" value="([^"]*)"', card)
+    assert found is not None
+    return found.group(1)
+
+
+def test_undo_restores_the_card_within_the_window_only(
+    site: TestClient,
+    keys: dict[Role, str],
+    tmp_path: Path,
+    queue_settings: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second, third = _seed(tmp_path, 3)
+    log_in(site, keys[Role.REVIEWER])
+    assert _decide(site, first.hit_id, "confirm", note="oops").status_code == 303
+    html = site.get("/review").text
+    assert sorted(_cards(html)) == sorted([second.upload_id, third.upload_id])
+    found = re.search(r'action="/review/decisions/(\d+)/undo"', html)
+    assert found is not None
+    event_id = int(found.group(1))
+    csrf = web.csrf_token(site.cookies[COOKIE_NAME])
+    undone = site.post(
+        f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+    )
+    assert undone.status_code == 303
+    assert _status(first.hit_id) is ReviewStatus.PENDING
+    with session_scope() as session:
+        hit = session.get(Hit, first.hit_id)
+        assert hit is not None
+        assert (hit.reviewed_by, hit.review_note) == (None, None)
+        actions = [event.action for event in events_for(session, "upload", first.upload_id)]
+        assert actions == ["review.decide", "review.undo"]
+    html = site.get("/review").text
+    assert sorted(_cards(html)) == sorted(s.upload_id for s in (first, second, third))
+    # The card is back, and the undoer's own (claimed), so nobody took it meanwhile.
+    assert _cards(html.split('<section class="unclaimed">')[0]) == [first.upload_id]
+    assert "/undo" not in html
+    # Twice is refused; so is an undo after the window.
+    again = site.post(
+        f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+    )
+    assert again.status_code == 409
+    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "0")
+    get_settings.cache_clear()
+    assert _decide(site, second.hit_id, "dismiss").status_code == 303
+    with session_scope() as session:
+        late_id = max(e.id for e in events_for(session, "upload", second.upload_id))
+    late = site.post(f"/review/decisions/{late_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN)
+    assert late.status_code == 409
+    assert "can no longer be undone" in late.text
+    assert _status(second.hit_id) is ReviewStatus.DISMISSED
+    # Nobody undoes a colleague's decision.
+    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "60")
+    get_settings.cache_clear()
+    with _client(keys, "eve") as eve:
+        assert _decide(eve, third.hit_id, "escalate").status_code == 303
+    with session_scope() as session:
+        eves = max(e.id for e in events_for(session, "upload", third.upload_id))
+    theirs = site.post(f"/review/decisions/{eves}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN)
+    assert theirs.status_code == 409
+    assert _status(third.hit_id) is ReviewStatus.ESCALATED
+
+
+def test_a_decision_and_its_note_survive_an_expired_session(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path
+) -> None:
+    seeded = seed_hit(tmp_path)
+    token = log_in(site, keys[Role.REVIEWER])
+    html = site.get("/review").text
+    state = _field(html, seeded.upload_id, "state")
+    csrf = web.csrf_token(token)
+    with session_scope() as session:  # the session runs out while the note is written
+        session.execute(update(WebSession).values(expires_at=func.now()))
+    sent = site.post(
+        f"/review/hits/{seeded.hit_id}/decision",
+        data={"outcome": "escalate", "note": "ask legal <first>", "state": state, "csrf": csrf},
+        headers=SAME_ORIGIN,
+    )
+    assert sent.status_code == 303
+    found = re.fullmatch(r"/login\?next=(/review/resume/[A-Za-z0-9_-]+)", sent.headers["location"])
+    assert found is not None, sent.headers["location"]
+    resume = found.group(1)
+    assert _status(seeded.hit_id) is ReviewStatus.PENDING
+    back = site.post(
+        "/login", data={"api_key": keys[Role.REVIEWER], "next": resume}, headers=SAME_ORIGIN
+    )
+    assert back.headers["location"] == resume
+    page = site.get(resume)
+    assert page.status_code == 200
+    assert ">ask legal &lt;first&gt;</textarea>" in page.text
+    assert 'class="escalate chosen"' in page.text
+    assert f'name="state" value="{state}"' in page.text
+    # Sent from the new session, it decides.
+    new_csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert new_csrf is not None
+    sent = site.post(
+        f"/review/hits/{seeded.hit_id}/decision",
+        data={
+            "outcome": "escalate",
+            "note": "ask legal <first>",
+            "state": state,
+            "csrf": new_csrf.group(1),
+        },
+        headers=SAME_ORIGIN,
+    )
+    assert sent.status_code == 303
+    assert _status(seeded.hit_id) is ReviewStatus.ESCALATED
+    # The kept form was read once.
+    assert site.get(resume).status_code == 404
+    # A post from another site is refused, and nothing of it kept.
+    with session_scope() as session:
+        session.execute(update(WebSession).values(expires_at=func.now()))
+    forged = site.post(
+        f"/review/hits/{seeded.hit_id}/decision",
+        data={"outcome": "dismiss", "note": "forged"},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert forged.status_code == 403
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(PendingForm)) == 0
+
+
+def test_an_undone_decision_is_never_announced(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODERATION_WEBHOOK_URL", "https://receiver.example/hooks")
+    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "30")
+    get_settings.cache_clear()
+    try:
+        kept, undone = _seed(tmp_path, 2)
+        log_in(site, keys[Role.REVIEWER])
+        assert _decide(site, kept.hit_id, "confirm").status_code == 303
+        assert _decide(site, undone.hit_id, "confirm").status_code == 303
+        with session_scope() as session:
+            # Both events wait out the undo window: no sender may take them yet.
+            assert webhooks.claim_due(session, lease_s=60, give_up_after_s=3600, limit=10) == []
+            waits = {
+                upload: (due - now).total_seconds()
+                for upload, due, now in session.execute(
+                    select(WebhookEvent.upload_id, WebhookEvent.next_attempt_at, func.now())
+                )
+            }
+            assert waits.keys() == {kept.upload_id, undone.upload_id}
+            assert all(25 < wait <= 30 for wait in waits.values())
+            event_id = max(e.id for e in events_for(session, "upload", undone.upload_id))
+        csrf = web.csrf_token(site.cookies[COOKIE_NAME])
+        response = site.post(
+            f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+        )
+        assert response.status_code == 303
+        with session_scope() as session:
+            assert set(session.scalars(select(WebhookEvent.upload_id))) == {kept.upload_id}
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_the_api_respects_a_colleagues_claim(
+    site: TestClient, keys: dict[Role, str], tmp_path: Path, queue_settings: None
+) -> None:
+    seeded = _seed(tmp_path, 1)
+    with _client(keys, "ada") as ada:
+        assert _claim(ada) == [seeded[0].upload_id]
+    refused = site.post(
+        f"/v1/hits/{seeded[0].hit_id}/decision",
+        json={"outcome": "dismiss"},
+        headers=bearer(keys[Role.REVIEWER]),
+    )
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "claimed_by_colleague"
+    assert _status(seeded[0].hit_id) is ReviewStatus.PENDING
+
+
+def test_reviewers_claiming_at_the_same_moment_get_disjoint_batches(
+    clean_db: None, tmp_path: Path
+) -> None:
+    """Claims taken in concurrent transactions, started together: each card goes to one."""
+    seeded = _seed(tmp_path, 8)
+    start = threading.Barrier(4)
+    taken: dict[str, list[int]] = {}
+
+    def claim_for(actor: str) -> None:
+        with session_scope() as session:
+            start.wait(timeout=30)
+            taken[actor] = claims.claim_batch(
+                session, actor, size=2, lease=timedelta(minutes=5), order=Order.PRIORITY
+            )
+
+    threads = [threading.Thread(target=claim_for, args=(f"r{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(len(batch) for batch in taken.values()) == [2, 2, 2, 2]
+    everything = [upload for batch in taken.values() for upload in batch]
+    assert sorted(everything) == sorted(s.upload_id for s in seeded)

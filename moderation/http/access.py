@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from moderation.auth.key_cache import authenticate_key
 from moderation.auth.models import Role
 from moderation.auth.service import Principal, authenticate
 from moderation.db import session_scope
@@ -137,8 +138,11 @@ def admit(request: Request, route: APIRoute) -> Principal | None:
     principal = None
     if credential is not None:
         source, secret = credential
-        with session_scope() as session:
-            principal = source.authenticate(session, secret)
+        if source is BEARER:
+            principal = authenticate_key(secret)
+        else:
+            with session_scope() as session:
+                principal = source.authenticate(session, secret)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

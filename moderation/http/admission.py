@@ -36,6 +36,10 @@ from moderation.http.access import DatabaseUnavailable, admit, route_roles
 from moderation.http.routes import app_routes
 
 BODY_KEY = "x-max-body-bytes"
+# A route whose form a refused login must not lose (a reviewer's decision and note, kept by
+# the pages for after the next login): its body, small and capped, is read even when the
+# access check refuses the request, by the refusal's handler.
+KEEPS_REFUSED_FORM = "x-keeps-refused-form"
 IMAGE = "image"
 # A multipart form's boundaries, part headers and small fields around the image.
 FORM_FRAMING_BYTES = 64 * 1024
@@ -49,6 +53,12 @@ def image_body() -> dict[str, Any]:
 def body_up_to(limit: int) -> dict[str, Any]:
     """`openapi_extra` for a route that accepts bodies up to `limit` bytes."""
     return {BODY_KEY: limit}
+
+
+def form_kept_when_refused(limit: int) -> dict[str, Any]:
+    """`openapi_extra` for a form route whose fields (at most `limit` bytes) are kept when
+    its sender's login has lapsed (see `KEEPS_REFUSED_FORM`)."""
+    return {BODY_KEY: limit, KEEPS_REFUSED_FORM: True}
 
 
 def body_limit(route: APIRoute, settings: Settings) -> int:
@@ -143,7 +153,14 @@ class Admission:
             if declared is not None and declared > limit:
                 raise _too_large(limit)
         except StarletteHTTPException as refusal:
-            await self._refuse(scope, route, refusal, send)
+            declared = _declared_length(scope)
+            keeps_form = (
+                refusal.status_code == status.HTTP_401_UNAUTHORIZED
+                and bool((route.openapi_extra or {}).get(KEEPS_REFUSED_FORM))
+                and (declared is None or declared <= limit)
+            )
+            body = _capped(receive, limit) if keeps_form else None
+            await self._refuse(scope, route, refusal, send, body)
             return
         except OperationalError:
             # The key could not be looked up (the database restarting, a pooled connection
@@ -155,10 +172,20 @@ class Admission:
             return
         await self.app(scope, _capped(receive, limit), send)
 
-    async def _refuse(self, scope: Scope, route: APIRoute, refusal: Exception, send: Send) -> None:
+    async def _refuse(
+        self,
+        scope: Scope,
+        route: APIRoute,
+        refusal: Exception,
+        send: Send,
+        body: Receive | None = None,
+    ) -> None:
         """Answer as the application's handler for the refusal would (the pages redirect a
-        missing login to the login form), without reading the body."""
-        request = Request({**scope, "route": route})
+        missing login to the login form), without reading the body unless `body` is given
+        (a form kept when refused, read within its route's limit)."""
+        request = (
+            Request({**scope, "route": route}, body) if body else Request({**scope, "route": route})
+        )
         handlers = self.application.exception_handlers
         handler: Callable[[Request, Any], Any] = next(
             (handlers[kind] for kind in type(refusal).__mro__ if kind in handlers),
@@ -170,4 +197,4 @@ class Admission:
         async def nothing_read() -> Message:
             return {"type": "http.disconnect"}
 
-        await response({**scope, "route": route}, nothing_read, send)
+        await response({**scope, "route": route}, body or nothing_read, send)

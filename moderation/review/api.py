@@ -4,17 +4,18 @@ what became of an upload, with its hits (`GET /v1/uploads/...`), for producers t
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
+from moderation.config import get_settings
 from moderation.http.access import Caller, DbSession, allow
 from moderation.http.types import UtcDatetime
 from moderation.images.signals import SignalType
-from moderation.review import service
+from moderation.review import claims, service
 from moderation.review.models import ReviewStatus
 from moderation.review.service import HitEvidence, Outcome, QueueFilter
 from moderation.screening import service as screening
@@ -144,15 +145,23 @@ def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
 @router.post(
     "/{hit_id}/decision",
     openapi_extra=allow(Role.REVIEWER),
-    responses={404: {"description": "no such hit"}, 409: {"description": "decided otherwise"}},
+    responses={
+        404: {"description": "no such hit"},
+        409: {"description": "decided otherwise, or the card is claimed by a colleague"},
+    },
 )
 def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) -> DecisionOut:
     """Confirm, dismiss or escalate a hit, and with it every open hit of its upload (or,
     given `seen_hit_ids`, those of them the reviewer saw). Repeating a decision changes
-    nothing; contradicting a final one is a 409."""
+    nothing; contradicting a final one is a 409, as is deciding a card another reviewer
+    has claimed (`claimed_by_colleague`) on the review pages."""
+    upload_id = service.get_hit(session, hit_id).upload_id
+    lease = timedelta(minutes=get_settings().review_claim_minutes)
+    claims.take_for_decision(session, upload_id, caller.actor, lease=lease)
     decision = service.decide(
         session, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
     )
+    claims.release(session, upload_id, caller.actor)
     return DecisionOut(
         upload_id=decision.upload_id,
         hit_id=decision.hit_id,

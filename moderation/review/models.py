@@ -75,3 +75,18 @@ class Hit(IdMixin, Base):
     # The reviewer's name (an API key's name, or `cli:<user>`).
     reviewed_by: Mapped[str | None] = mapped_column(String(200))
     review_note: Mapped[str | None] = mapped_column(Text)
+
+
+class ReviewClaim(Base):
+    """A reviewer's lease on an upload's card: while it runs, no other reviewer is given the
+    card or may decide it. One row per upload; an expired row is free for anyone to take."""
+
+    __tablename__ = "review_claims"
+
+    upload_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("uploads.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The reviewer's actor name (as in `Hit.reviewed_by`).
+    claimed_by: Mapped[str] = mapped_column(String(200), index=True)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -30,7 +30,7 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVarTuple
+from typing import TYPE_CHECKING, Any, TypeVarTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -345,6 +345,16 @@ def upload_hits(session: Session, upload_id: int) -> list[HitEvidence]:
     return [_evidence(*row) for row in session.execute(query)]
 
 
+def hits_of(session: Session, upload_ids: Collection[int]) -> dict[int, list[HitEvidence]]:
+    """Every hit of each of these uploads, whatever its status, in the order they were found."""
+    query = _evidence_query().where(Hit.upload_id.in_(upload_ids)).order_by(Hit.id)
+    found: dict[int, list[HitEvidence]] = {}
+    for row in session.execute(query):
+        evidence = _evidence(*row)
+        found.setdefault(evidence.upload_id, []).append(evidence)
+    return found
+
+
 def open_hits(session: Session, upload_ids: Collection[int]) -> dict[int, list[HitEvidence]]:
     """The open hits of each of these uploads, in the order they were found: what a
     decision on one of their hits would cover, whatever page or filter showed that hit."""
@@ -371,6 +381,8 @@ class Decision:
     decided: dict[int, ReviewStatus]
     # Every hit of the upload, after the decision.
     hits: list[HitEvidence]
+    # The decision's audit event (None when nothing changed): what `undo` names.
+    event_id: int | None = None
 
 
 def decide(
@@ -381,6 +393,7 @@ def decide(
     actor: str,
     *,
     seen: Collection[int] | None = None,
+    undo_window_s: float = 0.0,
 ) -> Decision:
     """Decide a hit and its upload's other open hits; audit it; on a confirmation, write
     the webhook event. Raises `HitNotFound` or `AlreadyDecided`.
@@ -388,6 +401,9 @@ def decide(
     `seen`: the hits the reviewer was shown with this one. When given, an open hit of the
     upload not among them stays open: it was found after the page was drawn (a retro-hunt,
     a second bank) or never shown, and nobody may dismiss evidence they have not seen.
+
+    `undo_window_s`: the decider may take it back this long (`undo`); its webhook event
+    waits as long, so that an undone decision is never announced.
     """
     outcome = Outcome(outcome)  # a plain "confirm" from a form is welcome too
     upload_id = session.scalar(select(Hit.upload_id).where(Hit.id == hit_id))
@@ -414,24 +430,35 @@ def decide(
         raise AlreadyDecided(named)
     decided_at = session.scalar(select(func.now()))
     decided = {}
+    # What the decision overwrites of an earlier reviewer's (an escalation): for `undo`.
+    earlier: dict[str, dict[str, str | None]] = {}
     covered = None if seen is None else {hit_id, *seen}
     for hit in hits:
         if covered is not None and hit.id not in covered:
             continue
         if hit.review_status in OPEN_STATUSES and hit.review_status is not target:
             decided[hit.id] = hit.review_status
+            if hit.reviewed_by is not None:
+                earlier[str(hit.id)] = {
+                    "by": hit.reviewed_by,
+                    "at": hit.reviewed_at.isoformat() if hit.reviewed_at else None,
+                    "note": hit.review_note,
+                }
             hit.review_status = target
             hit.reviewed_at = decided_at
             hit.reviewed_by = actor
             hit.review_note = note
     session.flush()
-    audit.record(
+    before: dict[str, Any] = {"hits": {str(id_): status.value for id_, status in decided.items()}}
+    if earlier:
+        before["reviews"] = earlier
+    event = audit.record(
         session,
         actor=actor,
         action="review.decide",
         subject_type="upload",
         subject_id=upload_id,
-        before={"hits": {str(id_): status.value for id_, status in decided.items()}},
+        before=before,
         after={
             "hit_id": hit_id,
             "outcome": outcome.value,
@@ -442,8 +469,10 @@ def decide(
     if outcome is Outcome.ESCALATE and decided:
         # Escalated evidence is kept past its retention until someone releases it.
         evidence.hold(session, upload_id, actor=actor, reason="escalated")
-    _announce(session, upload_id, outcome, list(decided), decided_at)
-    return Decision(upload_id, hit_id, outcome, True, decided, upload_hits(session, upload_id))
+    _announce(session, upload_id, outcome, list(decided), decided_at, delay_s=undo_window_s)
+    return Decision(
+        upload_id, hit_id, outcome, True, decided, upload_hits(session, upload_id), event.id
+    )
 
 
 def _announce(
@@ -452,6 +481,8 @@ def _announce(
     outcome: Outcome,
     hit_ids: Sequence[int],
     decided_at: datetime | None,
+    *,
+    delay_s: float = 0.0,
 ) -> None:
     settings = get_settings()
     if outcome is Outcome.CONFIRM and webhooks.enabled(settings):
@@ -464,7 +495,9 @@ def _announce(
         "outcome": outcome.value,
         "decided_at": decided_at.isoformat() if decided_at else None,
     }
-    webhooks.enqueue(session, event, [upload_id], hit_ids=hit_ids, decision=decision)
+    webhooks.enqueue(
+        session, event, [upload_id], hit_ids=hit_ids, decision=decision, delay_s=delay_s
+    )
 
 
 def uploads_missing_evidence(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, LargeBinary
+from sqlalchemy import BigInteger, DateTime, ForeignKey, LargeBinary, String
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from moderation.db import Base, CreatedAtMixin, IdMixin
@@ -23,3 +24,17 @@ class WebSession(IdMixin, CreatedAtMixin, Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # Set by logging out.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PendingForm(IdMixin, CreatedAtMixin, Base):
+    """A decision form posted after its session ended, kept so that the reviewer, once
+    logged in again, gets it back as they filled it in (`/review/resume/{token}`). The
+    browser holds the token (in the login's `next`); only its SHA-256 is stored. Read once."""
+
+    __tablename__ = "web_pending_forms"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    # The path the form was posted to.
+    action: Mapped[str] = mapped_column(String(200))
+    fields: Mapped[dict[str, str]] = mapped_column(JSONB)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

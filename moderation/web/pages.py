@@ -9,12 +9,11 @@ refused for want of a login redirects to the login form rather than answering JS
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
-from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Path, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -38,13 +37,8 @@ from moderation.http.access import (
 )
 from moderation.http.errors import bounded_errors, error_answer, validation_answer
 from moderation.http.routes import route_for
-from moderation.http.types import form_datetime
-from moderation.images.signals import SignalType
-from moderation.review import service as review
-from moderation.review.models import ReviewStatus
-from moderation.review.service import HitEvidence, Outcome, QueueFilter
-from moderation.web import reads, service
-from moderation.web.media import Media, media_for
+from moderation.web import pending_forms, queue, reads, service
+from moderation.web.media import media_for
 from moderation.web.media import router as media_router
 from moderation.web.quality_page import router as quality_router
 from moderation.web.rendering import HERE, PAGES_TAG, render
@@ -229,154 +223,6 @@ def map_image() -> Response:
     return Response(picture.getvalue(), media_type="image/png", headers=no_store)
 
 
-# The queue's status filter: a review status, or every status.
-QUEUE_STATUSES = (*(status.value for status in ReviewStatus), "any")
-FOUND = {"": None, "screening": False, "retroactive": True}
-
-
-def _query_url(path: str, params: dict[str, str]) -> str:
-    kept = {name: value for name, value in params.items() if value}
-    return f"{path}?{urlencode(kept)}" if kept else path
-
-
-@dataclass(frozen=True)
-class UploadCard:
-    """One upload on a queue page: its hits the page lists, and every other open hit of
-    it, since its decision covers them all (and only those shown: `seen`)."""
-
-    upload_id: int
-    external_id: str | None
-    hits: list[HitEvidence]
-    media: Media
-
-    @property
-    def open_hit_ids(self) -> list[int]:
-        return [hit.hit_id for hit in self.hits if hit.review_status in OPEN]
-
-    @property
-    def seen(self) -> str:
-        """The open hits shown, for the decision form: a hit found after the page was drawn
-        is not among them, and stays open."""
-        return ",".join(map(str, self.open_hit_ids))
-
-
-OPEN = {status.value for status in review.OPEN_STATUSES}
-
-
-def _cards(session: DbSession, hits: list[HitEvidence]) -> list[UploadCard]:
-    """The page's hits by upload, each upload with its other open hits too: one upload's
-    hits can fall on two pages, or outside the filters, and a decision covers them all."""
-    grouped: dict[int, dict[int, HitEvidence]] = {}
-    for hit in hits:
-        grouped.setdefault(hit.upload_id, {})[hit.hit_id] = hit
-    for upload_id, open_hits in review.open_hits(session, grouped).items():
-        for hit in open_hits:
-            grouped[upload_id].setdefault(hit.hit_id, hit)
-    kept = evidence.evidence_for(session, list(grouped))
-    cards = []
-    for upload_id, group in grouped.items():
-        hits = sorted(group.values(), key=lambda hit: hit.hit_id)
-        cards.append(
-            UploadCard(
-                upload_id,
-                hits[0].external_id,
-                hits,
-                media_for(upload_id, kept.get(upload_id), hits),
-            )
-        )
-    return cards
-
-
-@router.get("/review", openapi_extra=REVIEWERS)
-def queue_page(
-    request: Request,
-    session: DbSession,
-    status_: Annotated[str, Query(alias="status")] = ReviewStatus.PENDING.value,
-    bank: str = "",
-    signal: str = "",
-    found: str = "",
-    since: str = "",
-    until: str = "",
-    cursor: Annotated[str, Query(max_length=200)] = "",
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> HTMLResponse:
-    """The review queue, newest first: the pending count, filters, a page of hits grouped
-    by upload with their evidence, and a link to the next page (by cursor)."""
-    if status_ not in QUEUE_STATUSES or signal not in ("", *SignalType) or found not in FOUND:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"status must be one of {', '.join(QUEUE_STATUSES)}; signal one of "
-            f"{', '.join(SignalType)}; found one of screening, retroactive",
-        )
-    filters = QueueFilter(
-        status=None if status_ == "any" else ReviewStatus(status_),
-        bank=bank or None,
-        signal=SignalType(signal) if signal else None,
-        since=form_datetime(since, "since"),
-        until=form_datetime(until, "until"),
-        retroactive=FOUND[found],
-    )
-    page = review.queue(session, filters, cursor=cursor or None, limit=limit)
-    form = {
-        "status": status_,
-        "bank": bank,
-        "signal": signal,
-        "found": found,
-        "since": since,
-        "until": until,
-        "limit": str(limit),
-    }
-    params = {**form, "limit": "" if limit == 50 else str(limit)}
-    return render(
-        request,
-        "queue.html",
-        {
-            "form": form,
-            "filtered": filters != QueueFilter(),
-            "statuses": QUEUE_STATUSES,
-            "signals": [signal.value for signal in SignalType],
-            "banks": reads.bank_list(session),
-            "uploads": _cards(session, page.hits),
-            "shown": len(page.hits),
-            "pending": review.count(session),
-            "matching": review.count(session, filters),
-            "cursor": cursor,
-            "here": _query_url("/review", {**params, "cursor": cursor}),
-            "first_page": _query_url("/review", params),
-            "next_page": page.next_cursor
-            and _query_url("/review", {**params, "cursor": page.next_cursor}),
-        },
-    )
-
-
-@router.post("/review/hits/{hit_id}/decision", openapi_extra=REVIEWERS)
-def decide(
-    request: Request,
-    session: DbSession,
-    caller: Caller,
-    hit_id: RowId,
-    outcome: Annotated[Outcome, Form()],
-    note: Annotated[str, Form(max_length=4000)] = "",
-    back: Annotated[str, Form()] = "",
-    csrf: Annotated[str, Form()] = "",
-    seen: Annotated[str, Form(max_length=200_000, pattern=r"^[0-9]*(,[0-9]+)*$")] = "",
-) -> Response:
-    """Decide a hit, and with it the open hits of its upload that the page showed (`seen`,
-    comma-separated ids); back to the queue."""
-    check_form_token(request, csrf)
-    review.decide(
-        session,
-        hit_id,
-        outcome,
-        note.strip() or None,
-        caller.actor,
-        seen=[int(id_) for id_ in seen.split(",") if id_],
-    )
-    # Committed before the redirect: the queue the browser asks for next must not show it.
-    session.commit()
-    return RedirectResponse(_local_path(back) or "/review", status.HTTP_303_SEE_OTHER)
-
-
 def _is_page(request: Request) -> bool:
     route = request.scope.get("route")
     return isinstance(route, APIRoute) and PAGES_TAG in route.tags
@@ -391,11 +237,31 @@ async def _page_errors(request: Request, exc: Exception) -> Response:
     if exc.status_code == status.HTTP_401_UNAUTHORIZED:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.method != "GET":
-            target = "/review"
+            target = await _keep_decision(request) or "/review"
         return RedirectResponse(f"/login?next={quote(target)}", status.HTTP_303_SEE_OTHER)
     return render(
         request, "error.html", {"status": exc.status_code, "detail": exc.detail}, exc.status_code
     )
+
+
+async def _keep_decision(request: Request) -> str | None:
+    """A decision form posted without a live session, kept for after the next login; the
+    page that gives it back. None for any other form (or one from another site)."""
+    if not queue.is_decision(request):
+        return None
+    try:
+        require_same_origin(request)
+    except HTTPException:
+        return None
+    try:
+        posted = await request.form()
+    except HTTPException:  # longer than a decision form may be (admission's cap): not kept
+        return None
+    fields = {name: value for name, value in posted.items() if isinstance(value, str)}
+    lifetime = timedelta(minutes=get_settings().review_pending_form_minutes)
+    with session_scope() as session:
+        token = pending_forms.keep(session, request.url.path, fields, lifetime=lifetime)
+    return f"/review/resume/{token}"
 
 
 async def _page_domain_errors(request: Request, exc: Exception) -> Response:
@@ -428,6 +294,7 @@ def install(app: FastAPI) -> None:
     """Add the pages to the application: routes, static files, the cookie as a credential,
     and the login redirect."""
     app.include_router(router)
+    app.include_router(queue.router)
     app.include_router(media_router)
     app.include_router(search_router)
     app.include_router(quality_router)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, bindparam, case, func, select, text, update
+from sqlalchemy import BigInteger, Float, bindparam, case, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 
@@ -52,8 +52,8 @@ def screening_hits_enabled(settings: Settings | None = None) -> bool:
 # The payload, built in the writing transaction. `hit_ids` NULL means every hit of the upload.
 _ENQUEUE = text(
     """
-    INSERT INTO webhook_events (event_type, upload_id, payload)
-    SELECT :event_type, u.id, jsonb_build_object(
+    INSERT INTO webhook_events (event_type, upload_id, next_attempt_at, payload)
+    SELECT :event_type, u.id, now() + make_interval(secs => :delay_s), jsonb_build_object(
         'upload', jsonb_build_object('id', u.id, 'external_id', u.external_id, 'uri', u.uri),
         'hits', (
             SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -83,6 +83,7 @@ _ENQUEUE = text(
     bindparam("upload_ids", type_=ARRAY(BigInteger)),
     bindparam("hit_ids", type_=ARRAY(BigInteger)),
     bindparam("decision", type_=JSONB),
+    bindparam("delay_s", type_=Float),
 )
 
 
@@ -93,8 +94,10 @@ def enqueue(
     *,
     hit_ids: Sequence[int] | None = None,
     decision: dict[str, Any] | None = None,
+    delay_s: float = 0.0,
 ) -> None:
-    """Write one event per upload, in the caller's transaction. The caller checks `enabled`."""
+    """Write one event per upload, in the caller's transaction. The caller checks `enabled`.
+    `delay_s`: no sender takes it before then (a decision that may still be undone)."""
     if not upload_ids:
         return
     session.connection().execute(
@@ -104,6 +107,7 @@ def enqueue(
             "upload_ids": list(upload_ids),
             "hit_ids": None if hit_ids is None else list(hit_ids),
             "decision": decision,
+            "delay_s": delay_s,
         },
     )
 

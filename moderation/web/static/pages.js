@@ -38,6 +38,32 @@ function reblur(container) {
 function toggleGrayscale() {
   const on = document.body.classList.toggle("grayscale");
   localStorage.setItem("moderation.grayscale", on ? "1" : "");
+  document.querySelectorAll("button.grayscale-toggle").forEach((button) => {
+    button.setAttribute("aria-pressed", on ? "true" : "false");
+  });
+}
+
+// The undo offer lasts as long as the server will still take it back, then goes.
+function startUndoCountdown() {
+  const form = document.getElementById("undo");
+  if (!form) return;
+  const deadline = Date.now() + Number(form.dataset.leftMs || 0);
+  const left = form.querySelector(".undo-left");
+  const tick = () => {
+    const ms = deadline - Date.now();
+    if (ms <= 0) {
+      form.remove();
+      return;
+    }
+    if (left) left.textContent = String(Math.ceil(ms / 1000));
+    setTimeout(tick, Math.min(ms, 250));
+  };
+  tick();
+}
+
+function undo() {
+  const form = document.getElementById("undo");
+  if (form) form.requestSubmit();
 }
 
 function cards() {
@@ -75,6 +101,7 @@ const KEYS = {
   r: () => reveal(selected() || document),
   b: () => reblur(selected() || document),
   g: () => toggleGrayscale(),
+  u: () => undo(),
   c: () => decide("confirm"),
   d: () => decide("dismiss"),
   e: () => decide("escalate"),
@@ -85,7 +112,11 @@ const KEYS = {
 };
 
 document.addEventListener("DOMContentLoaded", () => {
-  if (localStorage.getItem("moderation.grayscale")) document.body.classList.add("grayscale");
+  if (localStorage.getItem("moderation.grayscale")) toggleGrayscale();
+  document.querySelectorAll("button.grayscale-toggle").forEach((button) => {
+    button.addEventListener("click", () => toggleGrayscale());
+  });
+  startUndoCountdown();
   document.querySelectorAll("a.reveal").forEach((link) => {
     link.addEventListener("click", (event) => {
       event.preventDefault();
