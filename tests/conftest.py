@@ -102,7 +102,7 @@ LOCAL_SERVICES = LocalServices(
 LOCAL_SERVICES.start()
 
 import redis  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from moderation import schema  # noqa: E402
@@ -206,6 +206,36 @@ def redis_client() -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def registry_as_it_was(database: str) -> Iterator[None]:
+    """The model registry's states put back after each test. `embedding_models` outlives
+    `clean_db` (a running worker keeps its model's id), so a test that activates a model
+    (the tiny SigLIP, say) would otherwise leave it serving every later test of this
+    process, whose searches and evaluations then ask the wrong model."""
+    read = text("SELECT id, state FROM embedding_models ORDER BY id")
+    with get_engine().connect() as conn:
+        before: dict[int, str] | None = (
+            {row[0]: row[1] for row in conn.execute(read)} if _has_registry(conn) else None
+        )
+    yield
+    if before is None:
+        return
+    with get_engine().begin() as conn:
+        if {row[0]: row[1] for row in conn.execute(read)} == before:
+            return
+        # Every row retired first: one active model at a time (a unique index).
+        conn.execute(text("UPDATE embedding_models SET state = 'retired'"))
+        for model_id, state in before.items():
+            conn.execute(_RESTORE_STATE, {"state": state, "id": model_id})
+
+
+_RESTORE_STATE = text("UPDATE embedding_models SET state = :state WHERE id = :id")
+
+
+def _has_registry(conn: Connection) -> bool:
+    return conn.scalar(text("SELECT to_regclass('embedding_models') IS NOT NULL")) is True
 
 
 @pytest.fixture

@@ -43,6 +43,9 @@ DOCUMENTED_VARIABLES = {
     "MODERATION_DEVICE",
     "MODERATION_WEBHOOK_URL",
     "MODERATION_WEBHOOK_SECRET",
+    "MODERATION_SEARCH_BACKEND",
+    "MODERATION_MILVUS_URI",
+    "MODERATION_MILVUS_TOKEN",
 }
 
 
@@ -85,7 +88,7 @@ def test_every_service_has_an_image_or_a_build() -> None:
 def test_the_expected_services_are_there() -> None:
     assert {"postgres", "redis", "migrate", "worker", "api", "demo"} <= SERVICES.keys()
     assert set(ONE_SHOT) == {"migrate", "demo"}
-    assert set(BUILT) == {"migrate", "worker", "api", "demo", "webhooks"}
+    assert set(BUILT) == {"migrate", "worker", "api", "demo", "webhooks", "index-sync"}
 
 
 @pytest.mark.parametrize("name", BUILT)

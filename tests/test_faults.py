@@ -243,6 +243,9 @@ def test_redis_restarted_empty_loses_nothing_and_resends_each_upload_once(
         "MODERATION_REDIS_URL": own_redis.url,
         "MODERATION_QUEUE": queue,
         "MODERATION_WORKER_CONCURRENCY": str(concurrency),
+        # Few fetches in flight too: each takes a task thread of its own, and the backlog
+        # must stay queued on the broker, not taken.
+        "MODERATION_WORKER_FETCHES": str(concurrency),
         "MODERATION_WORKER_HEARTBEAT_S": "0.5",
         "MODERATION_WORKER_DEAD_AFTER_S": "2",
         "MODERATION_SWEEP_INTERVAL_S": "0.5",

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEvent
@@ -127,6 +127,8 @@ def test_analysts_add_golden_queries_by_command_and_api(
     with session_scope() as session:
         model = tiny_model(session)
         uploads = [add_upload(session, model, [v]) for v in unit(rng, 4)]
+        # The audit log is append-only: clean_db keeps other tests' rows.
+        audited_before = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
 
     _cli("golden", "add", "--text", "red car", "--relevant", str(uploads[0]))
     # The same text again adds to its relevant uploads rather than making a second query.
@@ -175,7 +177,7 @@ def test_analysts_add_golden_queries_by_command_and_api(
     with session_scope() as session:
         actions = session.scalars(
             select(AuditEvent.action)
-            .where(AuditEvent.subject_type == "golden_query")
+            .where(AuditEvent.subject_type == "golden_query", AuditEvent.id > audited_before)
             .order_by(AuditEvent.id)
         ).all()
     assert actions == ["golden.add", "golden.add", "golden.add", "golden.remove", "golden.remove"]

@@ -196,7 +196,13 @@ def _rebuild_milvus(model: Any, as_json: bool, started: float) -> None:
 @click.option("--once", is_flag=True, help="One pass, then exit (status 4 if Milvus is away).")
 @click.option("--model", "model_name", help="Only this registered model's collection.")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print each model's pass.")
-def sync(once: bool, model_name: str | None, as_json: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Sync nothing: exit 1 unless every collection's last completed pass started within "
+    "MODERATION_MILVUS_MAX_LAG_S (a health check; reads PostgreSQL only).",
+)
+def sync(once: bool, model_name: str | None, as_json: bool, check: bool) -> None:
     """Keep the Milvus collections (MODERATION_SEARCH_BACKEND=milvus) equal to PostgreSQL:
     new embeddings, deletions, and changes of the filter fields (review decisions, hits,
     statuses), every MODERATION_MILVUS_SYNC_INTERVAL_S until stopped. The first pass of a
@@ -208,6 +214,23 @@ def sync(once: bool, model_name: str | None, as_json: bool) -> None:
     from moderation.search.milvus_index import Milvus, MilvusSettings
 
     settings = get_settings()
+    if check:
+        with session_scope() as session:
+            lags = milvus_sync.lags(session)
+        behind = [
+            lag for lag in lags if lag.seconds is None or lag.seconds > settings.milvus_max_lag_s
+        ]
+        for lag in lags:
+            since = "no pass completed" if lag.seconds is None else f"{lag.seconds:.0f} s"
+            click.echo(f"{lag.collection} ({lag.model}): {lag.rows} rows behind, {since}")
+        if not lags or behind:
+            raise click.ClickException(
+                "no collection is synced yet"
+                if not lags
+                else f"{len(behind)} collection(s) behind by more than "
+                f"{settings.milvus_max_lag_s:g} s (MODERATION_MILVUS_MAX_LAG_S)"
+            )
+        return
     loop = milvus_sync.SyncLoop(
         get_engine(),
         Milvus(MilvusSettings.from_settings(settings)),
