@@ -5,7 +5,6 @@ model load and a pass over the golden set, too long for a request."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -44,20 +43,6 @@ class GoldenQueryOut(BaseModel):
     note: str | None
 
 
-class RunOut(BaseModel):
-    id: int
-    created_at: datetime
-    model: str
-    reranker: str
-    k: int
-    corpus_size: int
-    trigger: str
-    seconds: float
-    regressed: bool
-    drops: dict[str, float]
-    figures: dict[str, dict[str, float]]
-
-
 def _out(session: DbSession, query_id: int) -> GoldenQueryOut:
     (view,) = golden.list_queries(session, query_id=query_id)
     return GoldenQueryOut(**vars(view))
@@ -89,6 +74,6 @@ def eval_history(
     session: DbSession,
     model: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[RunOut]:
+) -> list[service.RunView]:
     """Runs on the golden set, oldest first: recall by date and corpus size."""
-    return [RunOut(**vars(v)) for v in service.history(session, model=model, limit=limit)]
+    return service.history(session, model=model, limit=limit)

@@ -7,7 +7,6 @@ for its fingerprint (a checkpoint this host can read: a directory or a cached id
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -21,6 +20,8 @@ from moderation.errors import Invalid, NotFound
 from moderation.http.access import Caller, DbSession, allow
 from moderation.lifecycle import reembed as jobs
 from moderation.lifecycle import service
+from moderation.lifecycle.reembed import JobView
+from moderation.lifecycle.service import ModelView
 from moderation.lifecycle.tasks import send_steps
 
 router = APIRouter(tags=["models"])
@@ -43,19 +44,6 @@ class CheckpointUnreadable(Invalid):
     code = "checkpoint_unreadable"
 
 
-class ModelOut(BaseModel):
-    id: int
-    name: str
-    family: str | None
-    dim: int
-    state: str
-    fingerprint: str | None
-    embeddings: int
-    bank_entries: int
-    created_at: datetime
-    state_changed_at: datetime | None
-
-
 class ModelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,27 +63,6 @@ class ReembedIn(BaseModel):
     )
 
 
-class JobOut(BaseModel):
-    id: int
-    model: str
-    status: str
-    done: int
-    total: int | None
-    uploads_done: int
-    uploads_total: int | None
-    entries_done: int
-    entries_total: int | None
-    embedded: int
-    failures: dict[str, int]
-    rate_per_s: float | None
-    eta_s: float | None
-    created_by: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-
-
 def _name(session: DbSession, model_id: int) -> str:
     model = session.get(EmbeddingModel, model_id)
     if model is None:
@@ -103,18 +70,18 @@ def _name(session: DbSession, model_id: int) -> str:
     return model.name
 
 
-def _out(session: DbSession, model_id: int) -> ModelOut:
+def _out(session: DbSession, model_id: int) -> ModelView:
     (view,) = [m for m in service.list_models(session) if m.id == model_id]
-    return ModelOut(**vars(view))
+    return view
 
 
 @router.get("/v1/models", openapi_extra=ADMINS)
-def list_models(session: DbSession) -> list[ModelOut]:
-    return [ModelOut(**vars(m)) for m in service.list_models(session)]
+def list_models(session: DbSession) -> list[ModelView]:
+    return service.list_models(session)
 
 
 @router.post("/v1/models", status_code=201, openapi_extra=ADMINS)
-def add_model(body: ModelIn, session: DbSession, caller: Caller) -> ModelOut:
+def add_model(body: ModelIn, session: DbSession, caller: Caller) -> ModelView:
     from moderation.embedding.families import open_embedder
 
     try:
@@ -133,7 +100,7 @@ def add_model(body: ModelIn, session: DbSession, caller: Caller) -> ModelOut:
 
 
 @router.post("/v1/models/{model_id}/activate", openapi_extra=ADMINS)
-def activate_model(model_id: ModelId, session: DbSession, caller: Caller) -> ModelOut:
+def activate_model(model_id: ModelId, session: DbSession, caller: Caller) -> ModelView:
     registry.activate(session, _name(session, model_id), actor=caller.actor)
     return _out(session, model_id)
 
@@ -144,13 +111,13 @@ def retire_model(
     session: DbSession,
     caller: Caller,
     force: Annotated[bool, Query(description="Even if bank entries lose CLIP matching.")] = False,
-) -> ModelOut:
+) -> ModelView:
     service.retire(session, _name(session, model_id), actor=caller.actor, force=force)
     return _out(session, model_id)
 
 
 @router.post("/v1/models/{model_id}/reembed", status_code=202, openapi_extra=ADMINS)
-def reembed_model(model_id: ModelId, body: ReembedIn, caller: Caller) -> JobOut:
+def reembed_model(model_id: ModelId, body: ReembedIn, caller: Caller) -> JobView:
     """Start (or return the running) re-embedding job; its first step is sent once the
     job is committed."""
     with session_scope() as session:
@@ -159,14 +126,14 @@ def reembed_model(model_id: ModelId, body: ReembedIn, caller: Caller) -> JobOut:
     if new:
         send_steps([jobs.NextStep(job_id, step)])
     with session_scope() as session:
-        return JobOut(**vars(jobs.get_job(session, job_id)))
+        return jobs.get_job(session, job_id)
 
 
 @router.get("/v1/reembed-jobs", openapi_extra=ADMINS)
-def list_jobs(session: DbSession) -> list[JobOut]:
-    return [JobOut(**vars(view)) for view in jobs.list_jobs(session)]
+def list_jobs(session: DbSession) -> list[JobView]:
+    return jobs.list_jobs(session)
 
 
 @router.get("/v1/reembed-jobs/{job_id}", openapi_extra=ADMINS)
-def get_job(job_id: ModelId, session: DbSession) -> JobOut:
-    return JobOut(**vars(jobs.get_job(session, job_id)))
+def get_job(job_id: ModelId, session: DbSession) -> JobView:
+    return jobs.get_job(session, job_id)
