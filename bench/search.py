@@ -339,6 +339,25 @@ class Context:
         latencies = time_single(
             index, corpus, self.queries, rerank, timed or self.args.timed, self.args.timed_budget_s
         )
+        row = self.record_row(kind, setting, rerank, recall, latencies, {**build, **(extra or {})})
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps(self.results, indent=2) + "\n")
+        return row
+
+    def record_row(
+        self,
+        kind: str,
+        setting: str,
+        rerank: bool,
+        recall: float,
+        latencies: np.ndarray,
+        extra: dict[str, Any],
+        *,
+        first: bool | None = None,
+    ) -> dict[str, Any]:
+        """One measured configuration: recall, throughput and the (wall, CPU) ms per query
+        of `latencies`, kept and printed (with the header when `first`, by default when it
+        is the run's first row)."""
         row: dict[str, Any] = {
             "size": self.size,
             "kind": kind,
@@ -353,14 +372,11 @@ class Context:
             "p50_cpu_ms": round(float(np.percentile(latencies[:, 1], 50)), 3),
             "p99_cpu_ms": round(float(np.percentile(latencies[:, 1], 99)), 3),
             "timed_queries": len(latencies),
-            **build,
-            **(extra or {}),
+            **extra,
             "loadavg_1m": round(os.getloadavg()[0], 2),
         }
         self.results["rows"].append(row)
-        print_row(row, first=len(self.results["rows"]) == 1)
-        self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        self.args.out.write_text(json.dumps(self.results, indent=2) + "\n")
+        print_row(row, first=len(self.results["rows"]) == 1 if first is None else first)
         return row
 
 

@@ -250,30 +250,8 @@ def _row(
     latencies: np.ndarray,
     extra: dict[str, Any],
 ) -> None:
-    from search import print_row
-
-    row: dict[str, Any] = {
-        "size": ctx.size,
-        "kind": "milvus-hnsw",
-        "setting": setting,
-        "rerank": rerank,
-        "recall_at_10": round(recall, 4),
-        "qps": round(1000 / float(latencies[:, 0].mean()), 1),
-        "p50_ms": round(float(np.percentile(latencies[:, 0], 50)), 3),
-        "p99_ms": round(float(np.percentile(latencies[:, 0], 99)), 3),
-        # The client's own CPU; the server's is `server_cpu_ms_per_query`.
-        "p50_cpu_ms": round(float(np.percentile(latencies[:, 1], 50)), 3),
-        "p99_cpu_ms": round(float(np.percentile(latencies[:, 1], 99)), 3),
-        "timed_queries": len(latencies),
-        **extra,
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-    }
-    ctx.results["rows"].append(row)
-    print_row(row, first=False)
-    if row.get("server_cpu_ms_per_query") is not None:
-        print(f"{'':>8} server CPU {row['server_cpu_ms_per_query']:.2f} ms/query", flush=True)
-    ctx.args.out.parent.mkdir(parents=True, exist_ok=True)
-    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
+    # The client's own CPU in the row; the server's is `server_cpu_ms_per_query` in `extra`.
+    ctx.record_row("milvus-hnsw", setting, rerank, recall, latencies, extra, first=False)
 
 
 def _freshness(client: Any, name: str, ctx: Context) -> dict[str, float]:
