@@ -25,16 +25,13 @@ before, and a large body blocking in the pipe would hold the pool's lock meanwhi
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from multiprocessing.shared_memory import SharedMemory
 from urllib.parse import urlsplit
 
 from moderation.config import Settings
 from moderation.images.fetch import fetch
+from moderation.images.fetch_slots import FetchSlots, host_of
 from moderation.images.uri_policy import UriPolicy
 from moderation.worker.intake.jobs import FetchedRef, IntakeStalled
 
@@ -48,61 +45,38 @@ def fetched_here(uri: str) -> bool:
 
 
 class FetchGate:
-    """Slots for fetches in flight, in all and per host. Unlike the API's `FetchSlots`,
-    which refuses at once, a fetch here waits for its slots: the upload has nowhere better
-    to wait, and its message stays unacknowledged until it is screened."""
+    """The worker's fetch slots, in all and per host (`images.fetch_slots`). Unlike the
+    API, which refuses a fetch past them at once, a fetch here waits for its slots: the
+    upload has nowhere better to wait, and its message stays unacknowledged until it is
+    screened."""
 
     def __init__(self, total: int, per_host: int) -> None:
-        if total < 1 or per_host < 1:
-            raise ValueError("at least one fetch must be allowed")
-        self.total = total
-        self.per_host = per_host
-        self._free = threading.Condition()
-        self._in_flight = 0
-        self._by_host: Counter[str] = Counter()
+        self.slots = FetchSlots(total, per_host)
 
     @property
     def in_flight(self) -> int:
-        with self._free:
-            return self._in_flight
+        return self.slots.in_flight
 
     def in_flight_to(self, host: str) -> int:
-        with self._free:
-            return self._by_host[host]
+        return self.slots.in_flight_to(host)
 
-    @contextmanager
-    def held(self, host: str, timeout_s: float) -> Iterator[None]:
+    def held(self, host: str, timeout_s: float) -> AbstractContextManager[None]:
         """A slot in all and one for `host` while the block runs; `IntakeStalled` if they
         do not free within `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        with self._free:
-            while self._in_flight >= self.total or self._by_host[host] >= self.per_host:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._free.wait(left):
-                    raise IntakeStalled(self._stalled(host, timeout_s))
-            self._in_flight += 1
-            self._by_host[host] += 1
-        try:
-            yield
-        finally:
-            with self._free:
-                self._in_flight -= 1
-                self._by_host[host] -= 1
-                if not self._by_host[host]:
-                    del self._by_host[host]
-                # Waiters for other hosts may be free to go as well as one for this host.
-                self._free.notify_all()
 
-    def _stalled(self, host: str, timeout_s: float) -> str:
-        if self._by_host[host] >= self.per_host:
-            return (
-                f"no fetch slot for {host} freed within {timeout_s:g} s ({self.per_host} "
-                "fetches from it in flight: MODERATION_WORKER_FETCHES_PER_HOST)"
+        def stalled(host_full: bool) -> IntakeStalled:
+            if host_full:
+                return IntakeStalled(
+                    f"no fetch slot for {host} freed within {timeout_s:g} s "
+                    f"({self.slots.per_host} fetches from it in flight: "
+                    "MODERATION_WORKER_FETCHES_PER_HOST)"
+                )
+            return IntakeStalled(
+                f"no fetch slot freed within {timeout_s:g} s ({self.slots.total} fetches in "
+                "flight: MODERATION_WORKER_FETCHES)"
             )
-        return (
-            f"no fetch slot freed within {timeout_s:g} s ({self.total} fetches in flight: "
-            "MODERATION_WORKER_FETCHES)"
-        )
+
+        return self.slots.held(host, timeout_s, stalled)
 
 
 class FetchedBytes:
@@ -157,7 +131,7 @@ class WorkerFetches:
             return None
         # The policy checks the URI before it holds a slot: a refused URI waits for none.
         canonical = self.policy.check_location(uri)
-        host = (urlsplit(canonical).hostname or "").lower()
+        host = host_of(canonical)
         with self.gate.held(host, self.settings.intake_timeout_s):
             return fetch(
                 canonical,
