@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     # waited 10 s behind it).
     api_fetches: int = Field(default=8, ge=1)
     api_fetches_per_host: int = Field(default=2, ge=1)
+    # And for one caller (an API key, or a reviewer's session), whatever hosts it asks for.
+    api_fetches_per_caller: int = Field(default=4, ge=1)
     # Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), the most
     # that keeps the shorter side at least this long (and never below the embedding model's
     # input side). At 512 a 12-megapixel photo decodes at 1/4 (1008x756). Measured on
@@ -184,6 +186,14 @@ class Settings(BaseSettings):
     # before (a slow server holds a process for its whole deadline).
     worker_fetches: int = Field(default=64, ge=0)
     worker_fetches_per_host: int = Field(default=8, ge=1)
+    # And for one submitter (an API key, or the operator at the command line), whatever
+    # hosts its URIs name: below `worker_fetches`, so that one submitter's slow servers
+    # leave room for everyone else's uploads. Unset: no limit beyond `worker_fetches`.
+    worker_fetches_per_submitter: int | None = Field(default=48, ge=1)
+    # Fetched bodies a worker holds at once, from their first byte until their upload is
+    # screened (`images.body_budget`): a fetch past it waits, within its deadline. Slots
+    # alone would allow (worker_fetches + uploads waiting for intake) x max_bytes.
+    worker_fetch_memory_mb: int = Field(default=512, ge=1)
     # The longest a task waits on any other stage (a claim or result commit, a forward pass,
     # a bank search) before giving up with a retried fault: a stall never becomes a hang.
     stage_timeout_s: float = Field(default=300.0, gt=0)

@@ -23,7 +23,9 @@ class ApiLimits:
     def from_settings(cls, settings: Settings) -> ApiLimits:
         return cls(
             decodes=DecodeGate(settings.api_decode_memory_mb * 2**20, settings.api_decodes),
-            fetches=FetchSlots(settings.api_fetches, settings.api_fetches_per_host),
+            fetches=FetchSlots(
+                settings.api_fetches, settings.api_fetches_per_host, settings.api_fetches_per_caller
+            ),
         )
 
 

@@ -18,7 +18,7 @@ import ssl
 import stat
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -57,14 +57,30 @@ def to_uri(path_or_uri: str) -> str:
     return Path(path_or_uri).resolve().as_uri()
 
 
-def fetch(uri: str, *, policy: UriPolicy, max_bytes: int, timeout_s: float) -> bytes:
-    """The bytes at `uri`, if `policy` allows it, at most `max_bytes`, within `timeout_s`."""
+# Called with the bytes a body needs in all, and the seconds left to wait for them, before
+# they are read (`images.body_budget`); raises to give up the fetch.
+Reserve = Callable[[int, float], None]
+
+
+def fetch(
+    uri: str,
+    *,
+    policy: UriPolicy,
+    max_bytes: int,
+    timeout_s: float,
+    reserve: Reserve | None = None,
+) -> bytes:
+    """The bytes at `uri`, if `policy` allows it, at most `max_bytes`, within `timeout_s`.
+    `reserve`: told how many bytes an http(s) body needs before they are read (all of a
+    declared length at once, then as it streams), within the deadline."""
     deadline = Deadline(timeout_s)
     canonical = policy.check_location(uri)
     if canonical.startswith("file:"):
         path, directory = policy.allowed_file(canonical)
         return _read_file(path, directory, max_bytes=max_bytes, deadline=deadline)
-    return _fetch_http(canonical, policy=policy, max_bytes=max_bytes, deadline=deadline)
+    return _fetch_http(
+        canonical, policy=policy, max_bytes=max_bytes, deadline=deadline, reserve=reserve
+    )
 
 
 class Deadline:
@@ -154,7 +170,9 @@ def _opened_path(fd: int) -> str:
 # HTTP.
 
 
-def _fetch_http(uri: str, *, policy: UriPolicy, max_bytes: int, deadline: Deadline) -> bytes:
+def _fetch_http(
+    uri: str, *, policy: UriPolicy, max_bytes: int, deadline: Deadline, reserve: Reserve | None
+) -> bytes:
     """GET `uri` with httpcore directly: no proxies or other settings from the environment,
     connections only through `PinnedBackend`, and redirects followed here, each checked."""
     url, location = httpx.URL(uri), None
@@ -178,7 +196,7 @@ def _fetch_http(uri: str, *, policy: UriPolicy, max_bytes: int, deadline: Deadli
                     ) as response:
                         location = _location(response)
                         if location is None:
-                            return _body(response, uri, redirects, max_bytes, deadline)
+                            return _body(response, uri, redirects, max_bytes, deadline, reserve)
     except httpcore.TimeoutException:
         raise deadline.expired() from None
     except httpcore.ConnectError:
@@ -240,7 +258,12 @@ def _redirect_target(url: httpx.URL, location: bytes, policy: UriPolicy) -> http
 
 
 def _body(
-    response: httpcore.Response, uri: str, redirects: int, max_bytes: int, deadline: Deadline
+    response: httpcore.Response,
+    uri: str,
+    redirects: int,
+    max_bytes: int,
+    deadline: Deadline,
+    reserve: Reserve | None,
 ) -> bytes:
     status = response.status
     answered = f"GET {uri} answered {status}"
@@ -253,11 +276,15 @@ def _body(
     declared = _content_length(response)
     if declared is not None and declared > max_bytes:
         raise _too_large(declared, max_bytes)
+    if reserve is not None and declared:
+        reserve(declared, deadline.remaining())
     body = bytearray()
     for chunk in response.iter_stream():
+        if len(body) + len(chunk) > max_bytes:
+            raise _too_large(len(body) + len(chunk), max_bytes)
+        if reserve is not None:
+            reserve(len(body) + len(chunk), deadline.remaining())
         body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(len(body), max_bytes)
         deadline.remaining()
     return bytes(body)
 

@@ -21,7 +21,7 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moderation.auth.models import Role
-from moderation.http.access import allow
+from moderation.http.access import allow, current_principal
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
 from moderation.http.types import plain_text
@@ -97,12 +97,13 @@ class UploadIn(BaseModel):
             raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
         return value
 
-    def to_new_upload(self) -> NewUpload:
+    def to_new_upload(self, submitted_by: str) -> NewUpload:
         return NewUpload(
             uri=self.uri,
             external_id=self.external_id,
             declared_sha256=bytes.fromhex(self.sha256) if self.sha256 else None,
             metadata=self.metadata,
+            submitted_by=submitted_by,
         )
 
 
@@ -142,8 +143,10 @@ def submit_uploads(
     `GET /v1/uploads/{id}` for the verdict.
     """
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
+    submitter = current_principal(request).actor
     accepted = accept(
-        [event.to_new_upload() for event in events], announce=ANNOUNCER.get(request).announce
+        [event.to_new_upload(submitter) for event in events],
+        announce=ANNOUNCER.get(request).announce,
     )
     UPLOAD_BATCH_SIZE.observe(len(events))
     return accepted_answer(body, accepted)

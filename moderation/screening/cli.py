@@ -157,7 +157,8 @@ def submit_uris(
     """
     if (external_id is not None or declared_sha256 is not None) and len(uris) != 1:
         raise ValueError("an external id or declared bytes name exactly one upload")
-    uploads = [NewUpload(uri, external_id, declared_sha256) for uri in uris]
+    submitter = cli_actor()
+    uploads = [NewUpload(uri, external_id, declared_sha256, submitted_by=submitter) for uri in uris]
     # All checked before any chunk is recorded: a refusal leaves nothing half-submitted.
     uploads = check_uris(uploads, UriPolicy.from_settings(get_settings()))
     upload_ids: list[int] = []

@@ -53,6 +53,9 @@ class Upload(IdMixin, CreatedAtMixin, UpdatedAtMixin, Base):
     event_metadata: Mapped[dict[str, Any] | None] = mapped_column(
         "metadata", JSONB(none_as_null=True)
     )
+    # Who submitted it: the API key (`key:ID:NAME`, as the audit log names it) or the
+    # operator at the command line (`cli:USER`). Its fetch counts against their slots.
+    submitted_by: Mapped[str | None] = mapped_column(String(256))
     status: Mapped[UploadStatus] = mapped_column(
         enum_column(UploadStatus, "upload_status"), default=UploadStatus.QUEUED
     )

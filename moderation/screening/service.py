@@ -81,6 +81,8 @@ class Claim:
     uri: str
     # The bytes' SHA-256 as the submitter declared it; other bytes are refused.
     declared_sha256: bytes | None = None
+    # Who submitted it (`Upload.submitted_by`): its fetch counts against their slots.
+    submitted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class NewUpload:
     declared_sha256: bytes | None = None
     # The producer's own fields, stored with the upload and returned as given.
     metadata: dict[str, Any] | None = None
+    # Who submits it: an API key (`Principal.actor`) or the operator (`cli:USER`).
+    submitted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,9 @@ def _insert_named_statement() -> ReturningInsert[int, str | None]:
             bindparam("external_ids", type_=ARRAY(String)),
             bindparam("sha256s", type_=ARRAY(LargeBinary)),
             bindparam("metadata", type_=ARRAY(Text)),
+            bindparam("submitted_by", type_=ARRAY(String)),
         )
-        .table_valued("uri", "external_id", "declared_sha256", "metadata")
+        .table_valued("uri", "external_id", "declared_sha256", "metadata", "submitted_by")
         .render_derived(name="events")
     )
     events = select(
@@ -123,6 +128,7 @@ def _insert_named_statement() -> ReturningInsert[int, str | None]:
         rows.c.external_id,
         rows.c.declared_sha256,
         cast(rows.c.metadata, JSONB),
+        rows.c.submitted_by,
         literal(UploadStatus.QUEUED.value),
         func.now(),
     )
@@ -134,6 +140,7 @@ def _insert_named_statement() -> ReturningInsert[int, str | None]:
                 Upload.external_id,
                 Upload.declared_sha256,
                 Upload.event_metadata,
+                Upload.submitted_by,
                 Upload.status,
                 Upload.enqueued_at,
             ],
@@ -183,6 +190,7 @@ def submit_uploads(session: Session, uploads: Sequence[NewUpload]) -> list[Submi
                     "metadata": [
                         None if u.metadata is None else json.dumps(u.metadata) for _, u in named
                     ],
+                    "submitted_by": [u.submitted_by for _, u in named],
                 },
             )
         }
@@ -218,6 +226,7 @@ def _row(upload: NewUpload) -> dict[str, Any]:
         "external_id": upload.external_id,
         "declared_sha256": upload.declared_sha256,
         "event_metadata": upload.metadata,
+        "submitted_by": upload.submitted_by,
     }
 
 
@@ -347,10 +356,11 @@ def claim_many(
             held_by=worker,
             started_at=func.now(),
         )
-        .returning(Upload.id, Upload.uri, Upload.declared_sha256)
+        .returning(Upload.id, Upload.uri, Upload.declared_sha256, Upload.submitted_by)
     )
     claimed = {
-        id_: Claim(uri, declared) for id_, uri, declared in session.connection().execute(statement)
+        id_: Claim(uri, declared, submitter)
+        for id_, uri, declared, submitter in session.connection().execute(statement)
     }
     for upload_id in unique_ids - claimed.keys():
         upload = _locked_upload(session, upload_id)

@@ -196,7 +196,10 @@ def upload_thumbnail(
                 subject_id=upload_id,
             )
     try:
-        return _image(fetched_thumbnail(uri, screened, get_settings(), api_limits(), reveal=reveal))
+        thumbnail = fetched_thumbnail(
+            uri, screened, get_settings(), api_limits(), reveal=reveal, caller=caller.actor
+        )
+        return _image(thumbnail)
     except ContentChanged as changed:
         return Response(
             changed.message, status.HTTP_409_CONFLICT, media_type="text/plain", headers=NO_STORE

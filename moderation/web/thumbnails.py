@@ -57,14 +57,20 @@ def spread(frames: list[int], around: int, count: int = STRIP_FRAMES) -> list[in
 
 
 def fetched_thumbnail(
-    uri: str, screened_sha256: bytes, settings: Settings, limits: ApiLimits, *, reveal: bool
+    uri: str,
+    screened_sha256: bytes,
+    settings: Settings,
+    limits: ApiLimits,
+    *,
+    reveal: bool,
+    caller: str = "",
 ) -> bytes:
     """A JPEG of the upload at `uri`, at most `settings.thumbnail_side` on its longer side,
     blurred unless `reveal`, if the URI still serves the bytes screened; fetched and decoded
-    within this process's `limits`. Raises `ContentChanged`, `FetchesBusy`, or
-    `IntakeError` as the worker would for the same URI."""
+    within this process's `limits` (the fetch counted against `caller`'s slots). Raises
+    `ContentChanged`, `FetchesBusy`, or `IntakeError` as the worker would for the same URI."""
     side = settings.thumbnail_side
-    with limits.fetches.taken(uri, setting=FETCHES_SETTING):
+    with limits.fetches.taken(uri, setting=FETCHES_SETTING, party=caller):
         data = fetch(
             uri,
             policy=UriPolicy.from_settings(settings),

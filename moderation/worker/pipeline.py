@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -314,10 +314,17 @@ class Screener:
         """Intake, embed, search and match a claimed upload under every model of the
         lineup; writes nothing. Returns the vectors by model id."""
         lineup = self.lineup  # one lineup from intake to record
-        with self._stage("fetch", upload_id):
-            # Before a crop slot or an intake process is taken: a slow server holds only
-            # this thread and its fetch slots.
-            fetched = self.fetches.fetch(claim.uri)
+        # The fetched bytes count against the worker's body budget until screened.
+        with ExitStack() as held:
+            with self._stage("fetch", upload_id):
+                # Before a crop slot or an intake process is taken: a slow server holds only
+                # this thread and its fetch slots.
+                fetched = held.enter_context(self.fetches.fetched(claim.uri, claim.submitted_by))
+            return self._screen_fetched(upload_id, claim, lineup, fetched)
+
+    def _screen_fetched(
+        self, upload_id: int, claim: service.Claim, lineup: Lineup, fetched: bytes | None
+    ) -> tuple[ImageSignals, dict[int, np.ndarray], list[Match]]:
         started = time.perf_counter()
         with self.intake.screened(
             claim.uri, claim.declared_sha256, lineup.preprocessings, fetched
