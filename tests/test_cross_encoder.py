@@ -5,6 +5,9 @@ text query against each top candidate's image, fetched again under the URI polic
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +21,16 @@ from moderation.db import get_engine, session_scope
 from moderation.embedding.families import open_embedder
 from moderation.evaluation import golden
 from moderation.evaluation.models import EvaluationRun
+from moderation.http.limits import api_limits
 from moderation.main.cli import main
 from moderation.search.blip import ImageTextMatcher
+from moderation.search.rerankers import upload_images
 from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters
 from tests.conftest import TINY_MODEL_DIR
 from tests.images import encode, write
 from tests.search_fixtures import add_upload, index_dir, tiny_model
+from tests.servers import http_server, image_handler
 from tests.vectors import at_cosine_distance
 
 __all__ = ["index_dir"]
@@ -148,3 +154,43 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
     assert lines[0].startswith("A: run ")
     assert lines[1].startswith("B: run ")
     assert lines[2].split() == ["MODALITY", "MEASURE", "A", "B", "CHANGE"]
+
+
+def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
+    clean_db: None, tmp_path: Path
+) -> None:
+    """A rerank fetches its candidates under the same slots as every fetch the API process
+    makes: while the candidates' host has none free, nothing is fetched; once they free,
+    every candidate is read."""
+    requests: list[str] = []
+    serve = image_handler(encode(_image(0), "PNG"))
+
+    class Counting(serve):  # type: ignore[misc, valid-type]
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            requests.append(self.path)
+            super().do_GET()
+
+    slots = api_limits().fetches
+    with http_server(Counting) as server, ExitStack() as holding:
+        with session_scope() as session:
+            model = tiny_model(session)
+            ids = [
+                add_upload(
+                    session, model, [np.eye(1, 32, i, dtype=np.float32)[0]], uri=f"{server}/{i}.png"
+                )
+                for i in range(3)
+            ]
+        for holder in range(slots.per_host):
+            holding.enter_context(
+                slots.taken(f"{server}/held", setting="TEST", party=f"holder-{holder}")
+            )
+        with session_scope() as session:
+            read = upload_images(session, get_settings())
+            with ThreadPoolExecutor(1) as pool:
+                reading = pool.submit(read, ids)
+                time.sleep(0.5)
+                assert requests == []  # every candidate waits for the host's slots
+                holding.close()
+                images = reading.result(timeout=30)
+    assert sorted(images) == sorted(ids)
+    assert len(requests) == 3

@@ -4,8 +4,11 @@ candidates' images.
 
 The cross-encoder looks at the pixels, so it fetches each candidate upload's image again,
 exactly as screening did: under the URI policy, within `max_bytes` and the fetch timeout,
-decoded under the same limits. An upload whose image cannot be fetched or decoded any
-more keeps its exact place after those that were scored: a search never fails because one
+decoded under the same limits, and under the process's fetch slots (`http.limits`), in all
+and per host, as every fetch an API process makes: many analysts' reranks, or candidates
+on one slow server, hold no more of them than thumbnails may. An upload whose image cannot
+be fetched or decoded any more (or whose fetch found no slot within the fetch timeout)
+keeps its exact place after those that were scored: a search never fails because one
 uploader's server went away. Queries without text (by image, by upload) are ranked
 exactly, since an ITM head judges a text against an image.
 """
@@ -27,6 +30,7 @@ from moderation.http.limits import api_limits
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
+from moderation.images.fetch_slots import FetchesBusy, Full, host_of
 from moderation.images.uri_policy import UriPolicy
 from moderation.screening.models import Upload
 from moderation.search.blip import matcher
@@ -94,13 +98,19 @@ def upload_images(session: Session, settings: Settings) -> ImageSource:
 
     def read(uri: str) -> Image.Image | None:
         try:
-            data = fetch(
-                uri, policy=policy, max_bytes=settings.max_bytes, timeout_s=settings.fetch_timeout_s
-            )
+            # Waits for a slot (the request waits for its rerank anyway), up to the fetch
+            # timeout: its candidates often share a host, which has few slots.
+            with api_limits().fetches.held(host_of(uri), settings.fetch_timeout_s, _no_slot):
+                data = fetch(
+                    uri,
+                    policy=policy,
+                    max_bytes=settings.max_bytes,
+                    timeout_s=settings.fetch_timeout_s,
+                )
             # The process's decode budget, as for thumbnails: a rerank decodes up to `top`
             # images at once, and many analysts may rerank together.
             return decode(data, limits, budget=api_limits().decodes).frames[0][1]
-        except IntakeError as error:
+        except (IntakeError, FetchesBusy) as error:
             logger.warning("cross-encoder: %s could not be read again: %s", uri, error.code)
             return None
 
@@ -112,6 +122,10 @@ def upload_images(session: Session, settings: Settings) -> ImageSource:
         return {id_: image for id_, image in read_.items() if image is not None}
 
     return images
+
+
+def _no_slot(full: Full) -> FetchesBusy:
+    return FetchesBusy(f"no fetch slot ({full}) freed within the fetch timeout")
 
 
 def reranker_named(
