@@ -496,6 +496,8 @@ def test_a_decision_and_its_note_survive_an_expired_session(
         "/login", data={"api_key": keys[Role.REVIEWER], "next": resume}, headers=SAME_ORIGIN
     )
     assert back.headers["location"] == resume
+    # Shown again (a reload, a browser's prefetch) it is still there.
+    assert site.get(resume).status_code == 200
     page = site.get(resume)
     assert page.status_code == 200
     assert ">ask legal &lt;first&gt;</textarea>" in page.text
@@ -504,6 +506,8 @@ def test_a_decision_and_its_note_survive_an_expired_session(
     # Sent from the new session, it decides.
     new_csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
     assert new_csrf is not None
+    resumed = re.search(r'name="resumed" value="([A-Za-z0-9_-]+)"', page.text)
+    assert resumed is not None
     sent = site.post(
         f"/review/hits/{seeded.hit_id}/decision",
         data={
@@ -511,12 +515,13 @@ def test_a_decision_and_its_note_survive_an_expired_session(
             "note": "ask legal <first>",
             "state": state,
             "csrf": new_csrf.group(1),
+            "resumed": resumed.group(1),
         },
         headers=SAME_ORIGIN,
     )
     assert sent.status_code == 303
     assert _status(seeded.hit_id) is ReviewStatus.ESCALATED
-    # The kept form was read once.
+    # Once its decision is sent, the kept form is gone.
     assert site.get(resume).status_code == 404
     # A post from another site is refused, and nothing of it kept.
     with session_scope() as session:

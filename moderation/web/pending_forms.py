@@ -6,7 +6,10 @@ handler keeps the form's fields here under a fresh one-time token (only its SHA-
 stored) and sends the browser to the login form with `next=/review/resume/<token>`. Once
 logged in, that page gives the reviewer their form back, filled in as they left it, to
 send again (nothing is decided without them pressing the button on a page of their new
-session, so a forged stash decides nothing). A kept form is read once and expires.
+session, so a forged stash decides nothing). The page may be shown again (a reload, a
+browser that prefetches the address after the login): the kept form is discarded when the
+decision it gave back is sent (its token rides in the form, `RESUMED_FIELD`), or when it
+expires.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from moderation.web.models import PendingForm
@@ -44,10 +47,19 @@ def keep(session: Session, action: str, fields: dict[str, str], *, lifetime: tim
     return token
 
 
-def take(session: Session, token: str) -> PendingForm | None:
-    """The form kept under `token`, removed (a token works once); None if unknown or expired."""
+# The field of a given-back form that carries its token, so that sending it discards it.
+RESUMED_FIELD = "resumed"
+
+
+def find(session: Session, token: str) -> PendingForm | None:
+    """The form kept under `token`; None if unknown, expired or already sent."""
     return session.scalar(
-        delete(PendingForm)
-        .where(PendingForm.token_hash == _hash(token), PendingForm.expires_at > datetime.now(UTC))
-        .returning(PendingForm)
+        select(PendingForm).where(
+            PendingForm.token_hash == _hash(token), PendingForm.expires_at > datetime.now(UTC)
+        )
     )
+
+
+def discard(session: Session, token: str) -> None:
+    """Forget the form kept under `token`: its decision has been sent."""
+    session.execute(delete(PendingForm).where(PendingForm.token_hash == _hash(token)))

@@ -317,10 +317,12 @@ def decide(
     state: Annotated[
         str, Form(max_length=400_000, pattern=r"^([0-9]+:[a-z]+(,[0-9]+:[a-z]+)*)?$")
     ] = "",
+    resumed: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     """Decide a hit, and with it the open hits of its upload that the page showed (`seen`,
     comma-separated ids); back to the queue. With `state` (the card as drawn), an upload
-    that changed since is not decided: the answer is a page showing what changed."""
+    that changed since is not decided: the answer is a page showing what changed. With
+    `resumed`, the token of a kept form this decision was given back from."""
     check_form_token(request, csrf)
     settings = get_settings()
     target = review.get_hit(session, hit_id)
@@ -358,6 +360,8 @@ def decide(
         undo_window_s=settings.review_undo_seconds,
     )
     claims.release(session, upload_id, caller.actor)
+    if resumed:  # sent from the page that gave a kept form back: that form is done with
+        pending_forms.discard(session, resumed)
     # Committed before the redirect: the queue the browser asks for next must not show it.
     session.commit()
     response = RedirectResponse(local_path(back) or "/review", status.HTTP_303_SEE_OTHER)
@@ -444,7 +448,7 @@ def resume(
 ) -> HTMLResponse:
     """A decision form the reviewer sent after their session had ended, given back as they
     filled it in, to send now from this session."""
-    kept = pending_forms.take(session, token)
+    kept = pending_forms.find(session, token)
     if kept is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
@@ -465,6 +469,7 @@ def resume(
             "action": kept.action,
             "fields": fields,
             "back": local_path(fields.get("back")) or "/review",
+            "resumed": (pending_forms.RESUMED_FIELD, token),
         },
     )
 
