@@ -28,6 +28,7 @@ import certifi
 import httpcore
 import httpx
 
+from moderation.deadline_stream import DeadlineStream
 from moderation.images.errors import (
     FetchRefused,
     FetchTimeout,
@@ -338,34 +339,9 @@ class PinnedBackend(httpcore.NetworkBackend):
                 )
             except httpcore.ConnectError:
                 continue
-            return DeadlineStream(stream, self._deadline)
+            return DeadlineStream(stream, self._time_left)
         raise httpcore.ConnectError("no address accepted the connection")
 
-
-class DeadlineStream(httpcore.NetworkStream):
-    """A connection whose every read and write ends by the fetch's deadline."""
-
-    def __init__(self, inner: httpcore.NetworkStream, deadline: Deadline) -> None:
-        self._inner = inner
-        self._deadline = deadline
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, self._deadline.bound(timeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, self._deadline.bound(timeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, self._deadline.bound(timeout))
-        return DeadlineStream(tls, self._deadline)
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._inner.get_extra_info(info)
+    def _time_left(self, timeout: float | None, _: type[Exception]) -> float:
+        # Past the deadline, the fetch's own `FetchTimeout`, whatever the operation.
+        return self._deadline.bound(timeout)

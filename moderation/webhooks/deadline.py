@@ -4,13 +4,12 @@ HTTP clients time each operation (connect, one write, one read), not the whole e
 a receiver that sends a byte every 5 s never trips a 10 s read timeout, and held one
 attempt for 195 s, past its lease, so another sender posted the event meanwhile. This
 network backend for httpcore gives each read and write only what is left of the attempt's
-deadline (`within`), whichever connection of the pool carries it; past the deadline the
-operation raises the timeout it would have raised on its own.
+deadline (`within`), whichever connection of the pool carries it (`DeadlineStream`); past
+the deadline the operation raises the timeout it would have raised on its own.
 """
 
 from __future__ import annotations
 
-import ssl
 import time
 import typing
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from contextvars import ContextVar
 
 import httpcore
 from httpcore._backends.sync import SyncBackend
+
+from moderation.deadline_stream import DeadlineStream
 
 # When the attempt running in this thread must be over (time.monotonic()); None: no limit.
 _DEADLINE: ContextVar[float | None] = ContextVar("webhook_attempt_deadline", default=None)
@@ -44,35 +45,6 @@ def _left(timeout: float | None, expired: type[Exception]) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
-class DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, stream: httpcore.NetworkStream) -> None:
-        self._stream = stream
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        return DeadlineStream(
-            self._stream.start_tls(
-                ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout)
-            )
-        )
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._stream.get_extra_info(info)
-
-
 class DeadlineBackend(httpcore.NetworkBackend):
     """httpcore's own blocking backend, each stream bounded by the attempt's deadline."""
 
@@ -90,7 +62,7 @@ class DeadlineBackend(httpcore.NetworkBackend):
         stream = self._backend.connect_tcp(
             host, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options
         )
-        return DeadlineStream(stream)
+        return DeadlineStream(stream, _left)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
