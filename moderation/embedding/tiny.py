@@ -54,10 +54,9 @@ def _write_tokenizer(directory: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-# Architectures with random weights. "tiny" is for tests; the full-size ones have the exact
-# shapes of OpenAI's checkpoints, for benchmarks of speed where weights do not matter.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "tiny": {
+# The text and vision towers of the tiny CLIP and the tiny SigLIP: small enough that tests
+# load, embed and save them in milliseconds.
+TINY_TOWERS: dict[str, dict[str, Any]] = {
         "text": {
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -72,6 +71,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "image_size": IMAGE_SIZE,
             "patch_size": 16,
         },
+}
+
+# Architectures with random weights. "tiny" is for tests; the full-size ones have the exact
+# shapes of OpenAI's checkpoints, for benchmarks of speed where weights do not matter.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        **TINY_TOWERS,
         "projection_dim": 32,
         # At the default scale a random ViT's output barely depends on its input, and every
         # image lands within 0.05 of every other; at 3x, unrelated images are 0.3-0.7 apart.
@@ -168,20 +174,7 @@ def write_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
 # costs image embedding nothing and would add 750 MB to write and load.
 SIGLIP_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "text": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-        },
-        "vision": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 16,
-        },
+        **TINY_TOWERS,
     },
     "vit-b-32-256": {
         "text": {
