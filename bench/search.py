@@ -165,6 +165,12 @@ def parse_args() -> argparse.Namespace:
         "--milvus-uri", help="A running Milvus; default: start the `milvus` wheel's server."
     )
     parser.add_argument(
+        "--milvus-ports",
+        type=int,
+        default=43_000,
+        help="First of the 13 ports of the wheel's server (two runs on one machine differ).",
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -209,7 +215,7 @@ def main() -> None:
     if args.backend != "faiss":
         from search_milvus import Server
 
-        server = Server(args.milvus_uri)
+        server = Server(args.milvus_uri, args.milvus_ports)
         results["milvus_uri"] = server.uri
     if args.backend == "milvus":
         kinds = []
