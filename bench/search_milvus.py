@@ -35,8 +35,6 @@ from moderation.search.milvus_index import FILTERED_WINDOW
 if TYPE_CHECKING:
     from search import Context
 
-# Selectivities measured (share of rows passing): the field `bucket` is row % 100.
-SELECTIVITY = {"10%": "bucket < 10", "1%": "bucket == 0"}
 # (ef, window multiple): Milvus's filtered search alone at two ef, then the service's.
 FILTERED_SETTINGS = ((128, 0), (256, 0), (128, None))
 INSERT_CHUNK = 5_000
@@ -81,7 +79,16 @@ class Server:
 
 def run_milvus(ctx: Context, server: Server) -> None:
     from pymilvus import DataType, MilvusClient
-    from search import CANDIDATES, EF_SEARCH, HNSW_EF_CONSTRUCTION, HNSW_M, K, rescore
+    from search import (
+        CANDIDATES,
+        EF_SEARCH,
+        HNSW_EF_CONSTRUCTION,
+        HNSW_M,
+        SELECTIVITY,
+        K,
+        filtered_truth,
+        rescore,
+    )
 
     client = MilvusClient(uri=server.uri, timeout=600)
     name = f"bench_{ctx.size}_{int(time.time())}"
@@ -175,10 +182,9 @@ def run_milvus(ctx: Context, server: Server) -> None:
             latencies,
             {**build, "ef": ef, "server_cpu_ms_per_query": server_cpu},
         )
-    for label, expression in SELECTIVITY.items():
-        passing = np.nonzero(_bucket_mask(ctx.size, expression))[0]
-        scores = ctx.queries @ ctx.corpus[passing].T
-        truth = passing[np.argsort(-scores, axis=1)[:, :K]]
+    for label, buckets in SELECTIVITY.items():
+        expression = f"bucket < {buckets}"  # the field `bucket` is row % 100
+        truth = filtered_truth(ctx, buckets)
         for ef, window in FILTERED_SETTINGS:
             run = served(server, name, dim, ef, expression, window)
             found = _top(run, ctx.corpus, ctx.queries, True, CANDIDATES, K, rescore)
@@ -232,11 +238,6 @@ def served(
         return [[int(i) for i in row if i >= 0] for row in ids]
 
     return run
-
-
-def _bucket_mask(size: int, expression: str) -> np.ndarray:
-    bucket = np.arange(size) % 100
-    return bucket < 10 if expression == SELECTIVITY["10%"] else bucket == 0
 
 
 def _top(
