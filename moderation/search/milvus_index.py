@@ -13,8 +13,8 @@ recall target and stored with the collection's sync state.
 A filtered search is two searches (`MilvusIndex.search`): the nearest rows of any kind in a
 window wider than asked, of which Milvus keeps those passing the filter, and, only where
 too few of the window pass, Milvus's own filtered search. Milvus 2.3.5's filtered HNSW
-alone cannot meet the recall target where a filter passes between 7% and about 30% of rows
-(see `FILTERED_WINDOW`); a window of nearest rows is exact about what it holds.
+alone falls short of the recall target where a filter passes between 7% and about 15% of
+rows (see `FILTERED_WINDOW`); a window of nearest rows is exact about what it holds.
 
 Every call to the server goes through `Milvus.call`, which turns the client's failures into
 `SearchIndexUnavailable` (503): a search says Milvus is away; screening never touches it.
