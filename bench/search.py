@@ -69,6 +69,10 @@ PQ_DIMS_PER_CODE = 8
 TRAIN_PER_LIST = 39
 KMEANS_ITERATIONS = 10
 TARGET_RECALL = 0.95
+# Filtered searches: a filter passing rows whose row % 100 is below the value, against exact
+# search over those rows. Faiss applies it afterwards and widens, as the service does.
+SELECTIVITY = {"10%": 10, "1%": 1}
+MAX_FILTERED_FRAMES = CANDIDATES * 64
 TARGET_P99_MS = 10.0
 CHUNK = 50_000
 
@@ -165,6 +169,12 @@ def parse_args() -> argparse.Namespace:
         "--milvus-uri", help="A running Milvus; default: start the `milvus` wheel's server."
     )
     parser.add_argument(
+        "--milvus-ports",
+        type=int,
+        default=43_000,
+        help="First of the 13 ports of the wheel's server (two runs on one machine differ).",
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -209,7 +219,7 @@ def main() -> None:
     if args.backend != "faiss":
         from search_milvus import Server
 
-        server = Server(args.milvus_uri)
+        server = Server(args.milvus_uri, args.milvus_ports)
         results["milvus_uri"] = server.uri
     if args.backend == "milvus":
         kinds = []
@@ -477,8 +487,61 @@ def run_hnsw(ctx: Context) -> None:
             truth=truth,
             extra={"efSearch": ef},
         )
+    if truth is None:  # the whole corpus was indexed
+        for label, buckets in SELECTIVITY.items():
+            measure_filtered(ctx, index, 128, label, buckets, build)
     del index
     gc.collect()
+
+
+def filtered_truth(ctx: Context, buckets: int) -> Ids:
+    """The exact top K of each query among the rows passing the filter `row % 100 < buckets`."""
+    passing = np.nonzero(np.arange(ctx.size) % 100 < buckets)[0]
+    scores = ctx.queries @ ctx.corpus[passing].T
+    return passing[np.argsort(-scores, axis=1)[:, :K]]
+
+
+def faiss_filtered(index: Any, corpus: Vectors, query: Vectors, passes: Any, ef: int) -> Ids:
+    """A filtered search as the service makes it on Faiss (`service.search`): the nearest
+    frames, filtered afterwards (in PostgreSQL there), four times more of them until K
+    pass, then rescored exactly."""
+    frames = CANDIDATES
+    while True:
+        index.hnsw.efSearch = max(ef, frames)
+        found = index.search(query[None, :], frames)[1][0]
+        kept = found[found >= 0]
+        kept = kept[passes[kept]]
+        if len(kept) >= K or frames >= MAX_FILTERED_FRAMES:
+            return rescore(corpus, query, kept)
+        frames *= 4
+
+
+def measure_filtered(
+    ctx: Context, index: Any, ef: int, label: str, buckets: int, build: dict[str, Any]
+) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    passes = np.arange(ctx.size) % 100 < buckets
+    found = [faiss_filtered(index, ctx.corpus, q, passes, ef) for q in ctx.queries]
+    truth = filtered_truth(ctx, buckets)
+    recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)]))
+    latencies = []
+    for i in range(min(ctx.args.timed, 200)):  # as many as the Milvus rows time
+        query = ctx.queries[i % len(ctx.queries)]
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        faiss_filtered(index, ctx.corpus, query, passes, ef)
+        ended_cpu, ended = time.thread_time(), time.perf_counter()
+        latencies.append((1000 * (ended - started), 1000 * (ended_cpu - started_cpu)))
+    ctx.record_row(
+        "hnsw",
+        f"ef{ef} filter {label} after",
+        True,
+        recall,
+        np.asarray(latencies),
+        {**build, "efSearch": ef, "filter": label},
+    )
+    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
 
 
 def run_ivf(ctx: Context, kinds: list[str]) -> None:

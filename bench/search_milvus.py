@@ -3,13 +3,16 @@ in a Milvus collection, measured the way the Faiss rows are, in the same run.
 
 Server: `--milvus-uri` (a cluster, or a server you started), or else the Milvus 2.3.5
 standalone from PyPI's `milvus` wheel, started here in a temporary directory on ports from
-43000 (tests/milvus_server.py) and stopped at the end; only then are its memory and CPU
-read (from /proc, the server's process).
+`--milvus-ports` (43000; tests/milvus_server.py) and stopped at the end; only then are its
+memory and CPU read (from /proc, the server's process).
 
 Rows: `milvus-hnsw` (M and efConstruction as Faiss's HNSW, a sweep of ef; raw top 10 and
 the top 100 rescored exactly, as the service serves), with the server's CPU per query next
-to the client's; recall at 10% and 1% filter selectivity (a scalar field, filtered inside
-Milvus, against exact search over the passing rows); ingest (insert + flush), index build
+to the client's; recall at 10% and 1% filter selectivity (a scalar field, against exact
+search over the passing rows), served as the service serves it (`MilvusIndex.search`: a
+window of FILTERED_WINDOW x 100 nearest rows filtered by Milvus, then Milvus's filtered
+search where too few pass) and, in the same run, Milvus's filtered search alone (window 0,
+what the service did before); ingest (insert + flush), index build
 and load times; the server's RSS growth; and freshness: seconds from an insert returning to
 the row being found by a search at Bounded consistency (the service's default), and from a
 delete to it being gone.
@@ -27,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moderation.search.milvus_index import FILTERED_WINDOW
+
 if TYPE_CHECKING:
     from search import Context
 
-# Selectivities measured (share of rows passing): the field `bucket` is row % 100.
-SELECTIVITY = {"10%": "bucket < 10", "1%": "bucket == 0"}
-FILTERED_EF = (128, 256)
+# (ef, window multiple): Milvus's filtered search alone at two ef, then the service's.
+FILTERED_SETTINGS = ((128, 0), (256, 0), (128, None))
 INSERT_CHUNK = 5_000
 FRESHNESS_TRIES = 5
 
@@ -50,14 +54,14 @@ def _proc_stat(pid: int) -> tuple[float, float]:
 class Server:
     """The Milvus to measure: given by URI, or the wheel's standalone started here."""
 
-    def __init__(self, uri: str | None) -> None:
+    def __init__(self, uri: str | None, port_base: int = 43_000) -> None:
         self.uri = uri
         self.process: Any = None
         if uri is None:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.milvus_server import MilvusProcess
 
-            self.process = MilvusProcess(Path(tempfile.mkdtemp(prefix="bench-milvus-")), 43_000)
+            self.process = MilvusProcess(Path(tempfile.mkdtemp(prefix="bench-milvus-")), port_base)
             started = time.perf_counter()
             self.process.start()
             self.uri = self.process.uri
@@ -75,13 +79,23 @@ class Server:
 
 def run_milvus(ctx: Context, server: Server) -> None:
     from pymilvus import DataType, MilvusClient
-    from search import CANDIDATES, EF_SEARCH, HNSW_EF_CONSTRUCTION, HNSW_M, K, rescore
+    from search import (
+        CANDIDATES,
+        EF_SEARCH,
+        HNSW_EF_CONSTRUCTION,
+        HNSW_M,
+        SELECTIVITY,
+        K,
+        filtered_truth,
+        rescore,
+    )
 
     client = MilvusClient(uri=server.uri, timeout=600)
     name = f"bench_{ctx.size}_{int(time.time())}"
     dim = ctx.corpus.shape[1]
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("upload_id", DataType.INT64)  # read by MilvusIndex.search
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("bucket", DataType.INT64)
     client.create_collection(name, schema=schema, consistency_level="Bounded")
@@ -92,7 +106,12 @@ def run_milvus(ctx: Context, server: Server) -> None:
         client.insert(
             name,
             [
-                {"id": start + i, "vector": v.tolist(), "bucket": (start + i) % 100}
+                {
+                    "id": start + i,
+                    "upload_id": start + i,
+                    "vector": v.tolist(),
+                    "bucket": (start + i) % 100,
+                }
                 for i, v in enumerate(chunk)
             ],
         )
@@ -163,24 +182,30 @@ def run_milvus(ctx: Context, server: Server) -> None:
             latencies,
             {**build, "ef": ef, "server_cpu_ms_per_query": server_cpu},
         )
-    for label, expression in SELECTIVITY.items():
-        passing = np.nonzero(_bucket_mask(ctx.size, expression))[0]
-        scores = ctx.queries @ ctx.corpus[passing].T
-        truth = passing[np.argsort(-scores, axis=1)[:, :K]]
-        for ef in FILTERED_EF:
-            run = searcher(ef, expression)
+    for label, buckets in SELECTIVITY.items():
+        expression = f"bucket < {buckets}"  # the field `bucket` is row % 100
+        truth = filtered_truth(ctx, buckets)
+        for ef, window in FILTERED_SETTINGS:
+            run = served(server, name, dim, ef, expression, window)
             found = _top(run, ctx.corpus, ctx.queries, True, CANDIDATES, K, rescore)
             recall = float(
                 np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)])
             )
             latencies, server_cpu = _time_single(run, ctx, True, server)
+            shown = FILTERED_WINDOW if window is None else window
             _row(
                 ctx,
-                f"ef{ef} filter {label}",
+                f"ef{ef} filter {label} window {shown}",
                 True,
                 recall,
                 latencies,
-                {**build, "ef": ef, "filter": label, "server_cpu_ms_per_query": server_cpu},
+                {
+                    **build,
+                    "ef": ef,
+                    "filter": label,
+                    "filtered_window": shown,
+                    "server_cpu_ms_per_query": server_cpu,
+                },
             )
     fresh = _freshness(client, name, ctx)
     ctx.results.setdefault("milvus_freshness", {})[str(ctx.size)] = fresh
@@ -194,9 +219,25 @@ def run_milvus(ctx: Context, server: Server) -> None:
     client.close()
 
 
-def _bucket_mask(size: int, expression: str) -> np.ndarray:
-    bucket = np.arange(size) % 100
-    return bucket < 10 if expression == SELECTIVITY["10%"] else bucket == 0
+def served(
+    server: Server, name: str, dim: int, ef: int, expression: str, window: int | None
+) -> Any:
+    """Filtered searches as the service makes them, through `MilvusIndex.search` on the
+    bench's collection (its `window`: None for the default, 0 for Milvus's filter alone)."""
+    from moderation.search.milvus_index import Milvus, MilvusIndex, MilvusSettings
+
+    assert server.uri is not None
+    milvus = Milvus(MilvusSettings(server.uri, None, "default", 600.0, "Bounded", "bench", 1))
+    index = MilvusIndex(
+        milvus, model_id=0, model_name="bench", dim=dim, parameters={"index_type": "HNSW", "ef": ef}
+    )
+    index.alias = name
+
+    def run(queries: np.ndarray, limit: int) -> list[list[int]]:
+        _, ids, _ = index.search(queries, limit, expression=expression, window=window)
+        return [[int(i) for i in row if i >= 0] for row in ids]
+
+    return run
 
 
 def _top(
@@ -261,7 +302,9 @@ def _freshness(client: Any, name: str, ctx: Context) -> dict[str, float]:
         new_id = 10**12 + attempt
         vector = ctx.queries[attempt]
         started = time.perf_counter()
-        client.insert(name, [{"id": new_id, "vector": vector.tolist(), "bucket": 0}])
+        client.insert(
+            name, [{"id": new_id, "upload_id": new_id, "vector": vector.tolist(), "bucket": 0}]
+        )
         while True:
             hits = client.search(
                 name, data=[vector.tolist()], limit=1, search_params={"params": {"ef": 64}}
