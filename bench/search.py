@@ -171,7 +171,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--milvus-ports",
         type=int,
-        default=43_000,
+        default=29_400,
         help="First of the 13 ports of the wheel's server (two runs on one machine differ).",
     )
     parser.add_argument(

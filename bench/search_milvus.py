@@ -3,8 +3,9 @@ in a Milvus collection, measured the way the Faiss rows are, in the same run.
 
 Server: `--milvus-uri` (a cluster, or a server you started), or else the Milvus 2.3.5
 standalone from PyPI's `milvus` wheel, started here in a temporary directory on ports from
-`--milvus-ports` (43000; tests/milvus_server.py) and stopped at the end; only then are its
-memory and CPU read (from /proc, the server's process).
+`--milvus-ports` (29400: below Linux's ephemeral ports, which a client socket may hold;
+tests/milvus_server.py) and stopped at the end; only then are its memory and CPU read (from
+/proc, the server's process).
 
 Rows: `milvus-hnsw` (M and efConstruction as Faiss's HNSW, a sweep of ef; raw top 10 and
 the top 100 rescored exactly, as the service serves), with the server's CPU per query next
@@ -54,7 +55,7 @@ def _proc_stat(pid: int) -> tuple[float, float]:
 class Server:
     """The Milvus to measure: given by URI, or the wheel's standalone started here."""
 
-    def __init__(self, uri: str | None, port_base: int = 43_000) -> None:
+    def __init__(self, uri: str | None, port_base: int = 29_400) -> None:
         self.uri = uri
         self.process: Any = None
         if uri is None:
