@@ -33,6 +33,8 @@ of the floor's (targets: >= 0.7 for single events, >= 0.6 for batches of 100), a
 per-request p50 and p99 latency. Printed, and written to bench/results/api.json.
 The sides take turns (`--rounds`, 10 by default: plain insert, API, floor, again), so that
 the load of a shared machine changes under all of them alike.
+With one API process, the server processes' CPU per request is read too (`/proc`), for
+the API and the floor: on a shared machine the load moves it far less than throughput.
 `--no-key-cache` runs the API with every request reading its key from the table
 (MODERATION_API_KEY_CACHE=false), to measure what the key cache saves.
 """
@@ -147,6 +149,10 @@ class Sender(Protocol):
 
     def send(self, prepared: Any) -> None: ...
 
+    def server_cpu_s(self) -> float | None:
+        """CPU seconds the server process has used so far, where there is one to read."""
+        ...
+
 
 def timed(
     senders: dict[str, Sender],
@@ -167,6 +173,7 @@ def timed(
         prepared[name] = [sender.prepare(uploads.batch(batch)) for _ in range(requests)]
     latencies: dict[str, list[float]] = {name: [] for name in senders}
     elapsed = dict.fromkeys(senders, 0.0)
+    server_cpu = dict.fromkeys(senders, 0.0)
     turn = -(-requests // rounds)
     for start in range(0, requests, turn):
         for name, sender in senders.items():
@@ -176,10 +183,14 @@ def timed(
                 sender.send(payload)
                 latencies[name].append(time.perf_counter() - started)
 
+            cpu_before = sender.server_cpu_s()
             started = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
                 list(pool.map(one, prepared[name][start : start + turn]))
             elapsed[name] += time.perf_counter() - started
+            cpu_after = sender.server_cpu_s()
+            if cpu_before is not None and cpu_after is not None:
+                server_cpu[name] += cpu_after - cpu_before
     results = {}
     for name in senders:
         taken = sorted(latencies[name])
@@ -190,6 +201,10 @@ def timed(
             "p50_ms": round(1000 * statistics.median(taken), 2),
             "p99_ms": round(1000 * taken[min(len(taken) - 1, int(0.99 * len(taken)))], 2),
         }
+        if server_cpu[name]:
+            results[name]["server_cpu_ms_per_request"] = round(
+                1000 * server_cpu[name] / requests, 2
+            )
     return results
 
 
@@ -199,8 +214,9 @@ class ApiSender:
     shares the two cores with the server; httpx, encoding each body as it sent it, took
     1.0-1.3 ms of them per request of 100, against 0.4 for this."""
 
-    def __init__(self, port: int, key: str) -> None:
+    def __init__(self, port: int, key: str, server: subprocess.Popen[bytes] | None = None) -> None:
         self._port = port
+        self._server = server
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._local = threading.local()
 
@@ -217,6 +233,21 @@ class ApiSender:
             status, answer = self._post(body)
         if status != 202:
             raise RuntimeError(f"{status}: {answer[:300]!r}")
+
+    def server_cpu_s(self) -> float | None:
+        """The server process's user and system CPU (all its threads; Linux's /proc), for
+        one server process: what a request costs it, which the load of a shared machine
+        moves far less than it moves throughput. (The announcer's send of a turn's last
+        uploads can fall into the next turn; a turn is many requests.)"""
+        if self._server is None:
+            return None
+        try:
+            with open(f"/proc/{self._server.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # utime and stime, the 14th and 15th fields, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
         connection = getattr(self._local, "connection", None)
@@ -248,6 +279,9 @@ class InsertSender:
             f"VALUES {values}"
         )
         return statement, parameters
+
+    def server_cpu_s(self) -> float | None:
+        return None
 
     def send(self, prepared: tuple[str, list[Any]]) -> None:
         connection = getattr(self._local, "connection", None)
@@ -330,8 +364,10 @@ def main() -> None:
         "batches": [],
     }
     try:
-        send_api = ApiSender(port, key)
-        send_floor = ApiSender(floor_port, key)
+        # One API process: its CPU per request is read too (with several, uvicorn's
+        # supervisor is the process started, and the workers its children).
+        send_api = ApiSender(port, key, api if args.api_workers == 1 else None)
+        send_floor = ApiSender(floor_port, key, floor)
         send_insert = InsertSender(database)
         uploads_through_api = 0
         for batch in BATCHES:
@@ -372,6 +408,16 @@ def main() -> None:
                     f"API / floor {row['api_to_floor']:.2f}"
                     + (f" (target >= {target})" if target else "")
                 )
+                cpu = (
+                    through_api.get("server_cpu_ms_per_request"),
+                    row["floor"].get("server_cpu_ms_per_request"),
+                )
+                if cpu[0] and cpu[1]:
+                    row["floor_to_api_cpu"] = round(cpu[1] / cpu[0], 3)
+                    print(
+                        f"           server CPU per request: API {cpu[0]:.2f} ms, floor "
+                        f"{cpu[1]:.2f} ms   floor / API {row['floor_to_api_cpu']:.2f}"
+                    )
             results["batches"].append(row)
         results["announced"] = announced(redis_url, queue, accepted=uploads_through_api)
         print(f"screening messages name {results['announced']} of {uploads_through_api} uploads")

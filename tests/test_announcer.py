@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -58,6 +59,32 @@ class FlakyBroker:
         if self.attempts <= self.failures:
             raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
         self.sent.append((list(upload_ids), queue))
+
+
+def test_ids_announced_while_it_gathers_go_in_one_send() -> None:
+    # One client sending single events, one after another: without the gathering, each
+    # request's id went to Redis in a send of its own.
+    broker = FlakyBroker(failures=0)
+    announcer = Announcer(broker.send, gather_s=2.0)
+    try:
+        for upload_id in range(20):
+            announcer.announce([upload_id], "q")
+            time.sleep(0.005)  # a request's time, about
+        assert announcer.flush(10)
+    finally:
+        announcer.close()
+    assert broker.sent == [(list(range(20)), "q")]
+
+
+def test_closing_does_not_wait_out_the_gathering() -> None:
+    broker = FlakyBroker(failures=0)
+    announcer = Announcer(broker.send, gather_s=60.0)
+    announcer.announce([1, 2], "q")
+    started = time.monotonic()
+    announcer.close(timeout_s=30)
+    assert time.monotonic() - started < 10
+    assert broker.sent == [([1, 2], "q")]
+    assert announcer.pending == 0
 
 
 def test_while_the_broker_is_down_ids_wait_in_order_and_go_once_it_is_back() -> None:

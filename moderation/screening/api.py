@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request, status
 from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from moderation.auth.models import Role
 from moderation.http.access import allow, current_principal
@@ -133,7 +134,7 @@ class UploadBatchAccepted(BaseModel):
         422: {"description": "A URI is refused by the fetch policy; nothing recorded."},
     },
 )
-def submit_uploads(
+async def submit_uploads(
     request: Request, body: UploadIn | UploadBatchIn
 ) -> UploadAccepted | UploadBatchAccepted:
     """Queue one upload event, or a batch of them (`{"uploads": [...]}`) all or none.
@@ -142,9 +143,13 @@ def submit_uploads(
     milliseconds (or, while the broker is unreachable, once it is back). Poll
     `GET /v1/uploads/{id}` for the verdict.
     """
+    # What blocks (resolving hosts, the transaction) runs on the thread pool, as a plain
+    # `def` handler's body would; as a coroutine the handler also has its answer checked
+    # against the response model here, where FastAPI took a second hop to the pool for it.
     events = body.uploads if isinstance(body, UploadBatchIn) else [body]
-    submitter = current_principal(request).actor
-    accepted = accept(
+    submitter = (await current_principal(request)).actor
+    accepted = await run_in_threadpool(
+        accept,
         [event.to_new_upload(submitter) for event in events],
         announce=ANNOUNCER.get(request).announce,
     )
