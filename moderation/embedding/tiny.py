@@ -57,20 +57,20 @@ def _write_tokenizer(directory: Path) -> CLIPTokenizer:
 # The text and vision towers of the tiny CLIP and the tiny SigLIP: small enough that tests
 # load, embed and save them in milliseconds.
 TINY_TOWERS: dict[str, dict[str, Any]] = {
-        "text": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-        },
-        "vision": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 16,
-        },
+    "text": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+    },
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 16,
+    },
 }
 
 # Architectures with random weights. "tiny" is for tests; the full-size ones have the exact
