@@ -11,9 +11,12 @@ submit to the last upload's screening transaction (or a job's start and finish).
 1. CLIP active alone: screen N images (S_clip).
 2. SigLIP added as a candidate: the worker computes both; screen N new images (S_dual).
    Ratio S_dual / S_clip: the forward passes should be the only extra cost.
-3. Re-embed under SigLIP at full duty (`--duty 1`): the uploads of phase 1 (R).
+3. Re-embed under SigLIP at full duty (`--duty 1`): the uploads of phase 1 (R, from the
+   job's start to its finish, which includes the catch-up's settle time,
+   MODERATION_REEMBED_SETTLE_S; and R_scan, to the scan's last record, without it).
 4. SigLIP activated, CLIP retired: screen phase 1's images again under SigLIP alone
-   (S_siglip, the same images and the same forward pass as R). Ratio R / S_siglip.
+   (S_siglip, the same images and the same forward pass as R). Ratios R / S_siglip and
+   R_scan / S_siglip.
    The images are screened twice more, untimed: uploads CLIP has not embedded.
 5. CLIP back as a candidate; re-embed under it at the workers' default duty while N new
    images are screened (S_during); then N more once the job is done (S_after, the same two
@@ -134,6 +137,7 @@ def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
         job = reembed(siglip, duty=1.0)
         done = wait_job(job)
         out["reembed_siglip_per_s"] = round(done["embedded"] / done["seconds"], 2)
+        out["reembed_siglip_scan_per_s"] = round(done["embedded"] / done["scan_seconds"], 2)
         out["reembed_siglip_embedded"] = done["embedded"]
 
         activate(siglip)
@@ -142,6 +146,9 @@ def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
         out["screening_siglip_alone_per_s"] = rate(screen(images["a"]))
         out["reembed_over_screening"] = ratio(
             out, "reembed_siglip_per_s", "screening_siglip_alone_per_s"
+        )
+        out["reembed_scan_over_screening"] = ratio(
+            out, "reembed_siglip_scan_per_s", "screening_siglip_alone_per_s"
         )
         screen(images["a"])  # untimed: uploads CLIP has not embedded, for phase 5
         screen(images["a"])
@@ -300,9 +307,26 @@ def job_view(job_id: int) -> dict[str, Any]:
 
 
 def wait_job(job_id: int) -> dict[str, Any]:
+    """The finished job's view, with its seconds from start to finish and to the last
+    upload embedding it recorded (the scan's end, before the catch-up settles)."""
+    from sqlalchemy import func, select
+
+    from moderation.db import session_scope
+    from moderation.embedding.models import Embedding
+    from moderation.lifecycle.models import ReembedJob
+
     _until(lambda: job_view(job_id)["status"] == "done", f"re-embedding job {job_id}", 3600)
     view = job_view(job_id)
     view["seconds"] = (view["finished_at"] - view["started_at"]).total_seconds()
+    with session_scope() as session:
+        job = session.get_one(ReembedJob, job_id)
+        last_record = session.scalar(
+            select(func.max(Embedding.created_at)).where(
+                Embedding.model_id == job.model_id, Embedding.created_at >= job.started_at
+            )
+        )
+    scan_end = view["finished_at"] if last_record is None else last_record
+    view["scan_seconds"] = (scan_end - view["started_at"]).total_seconds()
     return view
 
 

@@ -23,6 +23,11 @@ The lifecycle of a job, each arrow one or more steps:
   worker killed anywhere in between leaves the checkpoint where the last record put it;
   the sweeper sends the job again once its step is overdue, and the block is taken again:
   nothing is written twice, and "done" counts a block once, when its checkpoint moves.
+- **Blocks taken ahead.** At full duty a worker takes the next blocks of a scan phase
+  (`take_ahead`) while the one before is still in its forward passes, and records them in
+  order, so the model's batches stay full from one block to the next. A block taken ahead
+  moves the step counter but never the checkpoint or the phase: a worker killed with
+  blocks taken and not recorded leaves the job to resume from its last record, as above.
 - **The race with screening.** Workers compute a candidate from the moment they pick it
   up (`model_poll_s`), so uploads screened after that have its embedding already. Those
   screened around the moment (claimed by a worker that had not yet picked it up) are
@@ -105,6 +110,15 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Settling:
+    """The catch-up found nothing and waits for its settle time: the step to send when it
+    is over (the sweeper sends it too, should that message be lost)."""
+
+    step: NextStep
+    after_s: float
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One item's result: its embedded frames' vectors, or why it has none."""
 
@@ -174,11 +188,11 @@ def _failed_before(job_id: int, column: Any) -> ColumnElement[bool]:
 
 def take(
     session: Session, job_id: int, step: int, *, block_size: int, settle_s: float
-) -> Block | None:
-    """Take step `step` of a job: its next block of items to embed. None when the step was
-    already taken, the job is finished (done now, or its model retired), or it waits for
-    the catch-up's settle time (the sweeper sends it then). The caller commits before it
-    embeds anything."""
+) -> Block | Settling | None:
+    """Take step `step` of a job: its next block of items to embed, or `Settling` when the
+    catch-up waits for its settle time. None when the step was already taken or the job is
+    finished (done now, or its model retired). The caller commits before it embeds
+    anything, or sends the settling step."""
     job = session.get(ReembedJob, job_id, with_for_update=True, populate_existing=True)
     if job is None or job.step != step or job.status in FINAL_REEMBED_STATUSES:
         return None
@@ -209,11 +223,33 @@ def take(
                 return block
             now = session.scalars(select(func.now())).one()
             if job.settle_until is not None and job.settle_until > now:
-                job.next_run_at = job.settle_until  # the sweeper sends it then
-                return None
+                job.next_run_at = job.settle_until  # the sweeper's cue (`find_due`)
+                wait_s = (job.settle_until - now).total_seconds()
+                return Settling(NextStep(job.id, job.step), wait_s)
             _finish(job, ReembedStatus.DONE, None)
             logger.info("re-embedding job %d for %s is done", job.id, model.name)
             return None
+
+
+def take_ahead(session: Session, previous: Block, *, block_size: int) -> Block | None:
+    """The block after `previous`, taken while `previous` is still being embedded (see the
+    module docstring). None, with nothing changed, unless `previous` is the job's latest
+    step and more of its scan phase is left: the end of a phase, the catch-up and a job
+    finished or taken elsewhere meanwhile are `take`'s, once `previous` is recorded."""
+    if previous.phase not in (ReembedStatus.UPLOADS, ReembedStatus.ENTRIES):
+        return None
+    job = session.get(ReembedJob, previous.job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.step != previous.step + 1 or job.status is not previous.phase:
+        return None
+    model = session.get_one(EmbeddingModel, job.model_id)
+    if model.state is ModelState.RETIRED:
+        return None
+    scan = _upload_block if previous.phase is ReembedStatus.UPLOADS else _entry_block
+    job.step += 1
+    block = scan(session, job, model, block_size, after=previous.through)
+    if block is None:
+        job.step -= 1  # nothing taken: the step is left for `take`
+    return block
 
 
 def _begin(session: Session, job: ReembedJob) -> None:
@@ -270,11 +306,13 @@ def _block(
 
 
 def _upload_block(
-    session: Session, job: ReembedJob, model: EmbeddingModel, size: int
+    session: Session, job: ReembedJob, model: EmbeddingModel, size: int, after: int = 0
 ) -> Block | None:
+    """The next block of the uploads' scan: from the checkpoint, or past `after` (the
+    last block taken ahead of it)."""
     in_range = and_(
         _screened_uploads(),
-        Upload.id > job.uploads_through,
+        Upload.id > max(job.uploads_through, after),
         Upload.id <= (job.upload_horizon or 0),
     )
     ids = list(session.scalars(select(Upload.id).where(in_range).order_by(Upload.id).limit(size)))
@@ -285,11 +323,12 @@ def _upload_block(
 
 
 def _entry_block(
-    session: Session, job: ReembedJob, model: EmbeddingModel, size: int
+    session: Session, job: ReembedJob, model: EmbeddingModel, size: int, after: int = 0
 ) -> Block | None:
+    """The next block of the entries' scan, as `_upload_block`."""
     in_range = and_(
         BankEntry.source_ref.is_not(None),
-        BankEntry.id > job.entries_through,
+        BankEntry.id > max(job.entries_through, after),
         BankEntry.id <= (job.entry_horizon or 0),
     )
     ids = list(

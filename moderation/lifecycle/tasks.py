@@ -16,12 +16,13 @@ from moderation.messages import send_reembed_step
 logger = logging.getLogger(__name__)
 
 
-def send_steps(steps: Sequence[reembed.NextStep]) -> None:
-    """Send steps whose transaction has committed. A step that cannot be sent is left to
-    the sweeper, which sends a job once its next step is overdue."""
+def send_steps(steps: Sequence[reembed.NextStep], *, countdown_s: float | None = None) -> None:
+    """Send steps whose transaction has committed (to run `countdown_s` from now, if
+    given). A step that cannot be sent is left to the sweeper, which sends a job once its
+    next step is overdue."""
     for step in steps:
         try:
-            send_reembed_step(step.job_id, step.step)
+            send_reembed_step(step.job_id, step.step, countdown_s=countdown_s)
         except Exception as error:
             logger.warning(
                 "could not send re-embedding job %d (the sweeper will): %s", step.job_id, error
