@@ -25,8 +25,8 @@ its own schema (`create_collection`: the service's scalar fields, empty) and its
 (upserts), each in a collection of its own, dropped before the next is made. Its memory is
 read twice: the server's RSS growth from the empty collection to all rows indexed (as the HNSW
 row's), and the growth when a freshly restarted server loads the collection (`load_rss_mb`):
-with no build or ingest buffers left in the process, that is what a query node holds for it;
-Milvus's own estimate (`segments_mem_bytes`, the loaded segments' `mem_size`) beside it. Searches
+with no build or ingest buffers left in the process, that is what a query node holds for it
+(Milvus 2.3.5 reports no memory of its own: its loaded segments' `mem_size` is 0). Searches
 run at the nprobe the service's tuning picks (`MilvusIndex.tune` on 200 stored vectors against
 exact search, as `moderation index sync` does), raw and with the top 100 rescored exactly.
 """
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 FILTERED_SETTINGS = ((128, 0), (256, 0), (128, None))
 INSERT_CHUNK = 5_000
 FRESHNESS_TRIES = 5
+# RSS moving less than this (MB) for a while counts as settled (`Server.settled_stat`).
+SETTLED_MB = 2.0
 # Stored vectors the service's tuning measures recall on (MODERATION_SEARCH_TUNING_QUERIES).
 TUNING_QUERIES = 200
 
@@ -96,6 +98,23 @@ class Server:
         if self.process is None or self.process.process is None:
             return None
         return _proc_stat(self.process.process.pid)
+
+    def settled_stat(
+        self, quiet_s: float = 20.0, limit_s: float = 180.0
+    ) -> tuple[float, float] | None:
+        """`stat` once the RSS has moved less than SETTLED_MB for `quiet_s`: memory freed
+        after a start or a load (recovery buffers, decompressed index files) goes back to
+        the system only after a delay, and a load could reuse it unseen."""
+        deadline = time.monotonic() + limit_s
+        quiet_since, last = time.monotonic(), self.stat()
+        while last is not None and time.monotonic() < deadline:
+            time.sleep(2)
+            now = self.stat()
+            if now is None or abs(now[0] - last[0]) > SETTLED_MB:
+                quiet_since, last = time.monotonic(), now
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
+        return self.stat()
 
     def restart(self) -> bool:
         """Stop and start the wheel's server on the same data; False for a server by URI."""
@@ -289,12 +308,11 @@ def _measure_ivf(
     index.milvus.call("release", lambda client: client.release_collection(name))
     if server.restart():  # a fresh process: no build or ingest buffers left in it
         index = service_index(server, name, dim, parameters)
-        time.sleep(5)  # a started server is still setting up its components for a moment
-    rested = server.stat()
+    rested = server.settled_stat()
     started = time.perf_counter()
     load_collection(index.milvus, name)
     load_s = time.perf_counter() - started
-    loaded = server.stat()
+    loaded = server.settled_stat()
     segments = index.milvus.call("list segments", lambda c: c.list_loaded_segments(name))
 
     def exact_rescore(ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -309,8 +327,8 @@ def _measure_ivf(
         # with the collection, so segments are indexed as they seal, during the ingest.
         "build_s": round(indexed_s, 1),
         "load_s": round(load_s, 1),
+        # Milvus builds one IVF of nlist lists per segment, and probes nprobe in each.
         "segments": len(segments),
-        "segments_mem_bytes": sum(s.mem_size for s in segments),
         "index_bytes": 0,  # unknown for a server given by URI
         **index.parameters,
     }
@@ -318,6 +336,7 @@ def _measure_ivf(
         build |= {
             "rss_growth_mb": round(built[0] - empty[0]),
             "load_rss_mb": round(loaded[0] - rested[0]),
+            "rss_before_load_mb": round(rested[0]),
             # What a query node holds for the collection: what sizing scales.
             "index_bytes": int((loaded[0] - rested[0]) * 2**20),
         }
