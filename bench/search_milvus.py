@@ -22,11 +22,12 @@ Rows `milvus-ivf_sq8` and `milvus-ivf_pq` (`--milvus-only ivf-sq8 ivf-pq`): the 
 the service builds at or above MODERATION_SEARCH_HNSW_MAX, with its own parameters
 (`MilvusPlan.index_for`: nlist 4 sqrt(N); IVF_PQ with m = d / 8, as `--only ivf-pq` on Faiss),
 its own schema (`create_collection`: the service's scalar fields, empty) and its own writes
-(upserts), each in a collection of its own, dropped before the next is made. Its memory is
-read twice: the server's RSS growth from the empty collection to all rows indexed (as the HNSW
-row's), and the growth when a freshly restarted server loads the collection (`load_rss_mb`):
-with no build or ingest buffers left in the process, that is what a query node holds for it
-(Milvus 2.3.5 reports no memory of its own: its loaded segments' `mem_size` is 0). Searches
+(upserts), each in a collection of its own, dropped before the next is made. The server's
+RSS is read from the empty collection to all rows indexed (`rss_growth_mb`, as the HNSW row's)
+and, after a restart, before and after the load (`rss_before_load_mb`, `load_rss_mb`); on the
+wheel's standalone neither is the collection's memory (docs/milvus.md, Sizing: a restarted
+server holds, then frees, hundreds of MB while it recovers, and one that has ingested reuses
+what it freed), so the rows keep them as read, beside `segments` (one IVF per segment). Searches
 run at the nprobe the service's tuning picks (`MilvusIndex.tune` on 200 stored vectors against
 exact search, as `moderation index sync` does), raw and with the top 100 rescored exactly.
 """
@@ -62,8 +63,6 @@ if TYPE_CHECKING:
 FILTERED_SETTINGS = ((128, 0), (256, 0), (128, None))
 INSERT_CHUNK = 5_000
 FRESHNESS_TRIES = 5
-# RSS moving less than this (MB) for a while counts as settled (`Server.settled_stat`).
-SETTLED_MB = 2.0
 # Stored vectors the service's tuning measures recall on (MODERATION_SEARCH_TUNING_QUERIES).
 TUNING_QUERIES = 200
 
@@ -98,23 +97,6 @@ class Server:
         if self.process is None or self.process.process is None:
             return None
         return _proc_stat(self.process.process.pid)
-
-    def settled_stat(
-        self, quiet_s: float = 20.0, limit_s: float = 180.0
-    ) -> tuple[float, float] | None:
-        """`stat` once the RSS has moved less than SETTLED_MB for `quiet_s`: memory freed
-        after a start or a load (recovery buffers, decompressed index files) goes back to
-        the system only after a delay, and a load could reuse it unseen."""
-        deadline = time.monotonic() + limit_s
-        quiet_since, last = time.monotonic(), self.stat()
-        while last is not None and time.monotonic() < deadline:
-            time.sleep(2)
-            now = self.stat()
-            if now is None or abs(now[0] - last[0]) > SETTLED_MB:
-                quiet_since, last = time.monotonic(), now
-            elif time.monotonic() - quiet_since >= quiet_s:
-                break
-        return self.stat()
 
     def restart(self) -> bool:
         """Stop and start the wheel's server on the same data; False for a server by URI."""
@@ -308,11 +290,12 @@ def _measure_ivf(
     index.milvus.call("release", lambda client: client.release_collection(name))
     if server.restart():  # a fresh process: no build or ingest buffers left in it
         index = service_index(server, name, dim, parameters)
-    rested = server.settled_stat()
+        time.sleep(5)  # a started server is still setting up its components for a moment
+    rested = server.stat()
     started = time.perf_counter()
     load_collection(index.milvus, name)
     load_s = time.perf_counter() - started
-    loaded = server.settled_stat()
+    loaded = server.stat()
     segments = index.milvus.call("list segments", lambda c: c.list_loaded_segments(name))
 
     def exact_rescore(ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -335,9 +318,8 @@ def _measure_ivf(
     if empty and built and rested and loaded:
         build |= {
             "rss_growth_mb": round(built[0] - empty[0]),
-            "load_rss_mb": round(loaded[0] - rested[0]),
             "rss_before_load_mb": round(rested[0]),
-            # What a query node holds for the collection: what sizing scales.
+            "load_rss_mb": round(loaded[0] - rested[0]),
             "index_bytes": int((loaded[0] - rested[0]) * 2**20),
         }
     print(f"  milvus {kind}: {json.dumps(build)}", flush=True)
