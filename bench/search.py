@@ -5,6 +5,8 @@
     python bench/search.py --sizes 100000 --only flat hnsw      # some index types only
     python bench/search.py --merge a.json b.json --out all.json # one table and plot of runs
     python bench/search.py --sizes 100000 --only hnsw --backend both  # Faiss and Milvus
+    python bench/search.py --sizes 300000 --only ivf-flat ivf-pq --backend both \
+        --milvus-only ivf-sq8 ivf-pq                            # the service's IVF on Milvus
 
 Data: synthetic CLIP-like embeddings (`ClusteredSphere`): a mixture of Gaussians on the
 unit sphere whose noise has a power-law spectrum, so that the corpus has clusters, a low
@@ -169,6 +171,13 @@ def parse_args() -> argparse.Namespace:
         "--milvus-uri", help="A running Milvus; default: start the `milvus` wheel's server."
     )
     parser.add_argument(
+        "--milvus-only",
+        nargs="+",
+        choices=["hnsw", "ivf-sq8", "ivf-pq"],
+        default=["hnsw"],
+        help="Milvus index types: HNSW with filters and freshness, or the service's IVF ones.",
+    )
+    parser.add_argument(
         "--milvus-ports",
         type=int,
         default=29_400,
@@ -289,9 +298,11 @@ def run_size(
     if "hnsw" in kinds:
         run_hnsw(context)
     if server is not None:
-        from search_milvus import run_milvus
+        from search_milvus import run_milvus, run_milvus_ivf
 
-        run_milvus(context, server)
+        if "hnsw" in args.milvus_only:
+            run_milvus(context, server)
+        run_milvus_ivf(context, server, [k for k in args.milvus_only if k != "hnsw"])
     del context, corpus, flat
     gc.collect()
 

@@ -17,6 +17,19 @@ what the service did before); ingest (insert + flush), index build
 and load times; the server's RSS growth; and freshness: seconds from an insert returning to
 the row being found by a search at Bounded consistency (the service's default), and from a
 delete to it being gone.
+
+Rows `milvus-ivf_sq8` and `milvus-ivf_pq` (`--milvus-only ivf-sq8 ivf-pq`): the IVF indexes
+the service builds at or above MODERATION_SEARCH_HNSW_MAX, with its own parameters
+(`MilvusPlan.index_for`: nlist 4 sqrt(N); IVF_PQ with m = d / 8, as `--only ivf-pq` on Faiss),
+its own schema (`create_collection`: the service's scalar fields, empty) and its own writes
+(upserts), each in a collection of its own, dropped before the next is made. The server's
+RSS is read from the empty collection to all rows indexed (`rss_growth_mb`, as the HNSW row's)
+and, after a restart, before and after the load (`rss_before_load_mb`, `load_rss_mb`); on the
+wheel's standalone neither is the collection's memory (docs/milvus.md, Sizing: a restarted
+server holds, then frees, hundreds of MB while it recovers, and one that has ingested reuses
+what it freed), so the rows keep them as read, beside `segments` (one IVF per segment). Searches
+run at the nprobe the service's tuning picks (`MilvusIndex.tune` on 200 stored vectors against
+exact search, as `moderation index sync` does), raw and with the top 100 rescored exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moderation.search.milvus_index import FILTERED_WINDOW
+from moderation.search.milvus_index import (
+    FILTERED_WINDOW,
+    Milvus,
+    MilvusIndex,
+    MilvusPlan,
+    MilvusSettings,
+    create_collection,
+    drop_collection,
+    load_collection,
+)
+from moderation.search.vector_index import IndexRows
 
 if TYPE_CHECKING:
     from search import Context
@@ -40,6 +63,8 @@ if TYPE_CHECKING:
 FILTERED_SETTINGS = ((128, 0), (256, 0), (128, None))
 INSERT_CHUNK = 5_000
 FRESHNESS_TRIES = 5
+# Stored vectors the service's tuning measures recall on (MODERATION_SEARCH_TUNING_QUERIES).
+TUNING_QUERIES = 200
 
 
 def _proc_stat(pid: int) -> tuple[float, float]:
@@ -73,6 +98,14 @@ class Server:
             return None
         return _proc_stat(self.process.process.pid)
 
+    def restart(self) -> bool:
+        """Stop and start the wheel's server on the same data; False for a server by URI."""
+        if self.process is None:
+            return False
+        self.process.stop()
+        self.process.start()
+        return True
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(crash=True)
@@ -88,7 +121,6 @@ def run_milvus(ctx: Context, server: Server) -> None:
         SELECTIVITY,
         K,
         filtered_truth,
-        rescore,
     )
 
     client = MilvusClient(uri=server.uri, timeout=600)
@@ -127,11 +159,7 @@ def run_milvus(ctx: Context, server: Server) -> None:
     )
     started = time.perf_counter()
     client.create_index(name, params)
-    while True:
-        described = client.describe_index(name, "vector")
-        if int(described.get("indexed_rows", 0)) >= ctx.size:
-            break
-        time.sleep(0.5)
+    _wait_indexed(client, name, ctx.size)
     build_s = time.perf_counter() - started
     started = time.perf_counter()
     client.load_collection(name)
@@ -169,44 +197,35 @@ def run_milvus(ctx: Context, server: Server) -> None:
     settings = [(ef, False) for ef in EF_SEARCH if ef >= K]
     settings += [(ef, True) for ef in sorted({max(ef, CANDIDATES) for ef in EF_SEARCH})]
     for ef, rerank in settings:
-        run = searcher(ef)
-        found = _top(run, ctx.corpus, ctx.queries, rerank, CANDIDATES, K, rescore)
-        recall = float(
-            np.mean([len(set(f) & set(e)) / K for f, e in zip(found, ctx.truth, strict=True)])
-        )
-        latencies, server_cpu = _time_single(run, ctx, rerank, server)
-        _row(
+        _measure(
             ctx,
-            f"M{HNSW_M} efC{HNSW_EF_CONSTRUCTION} ef{ef}",
+            server,
+            searcher(ef),
             rerank,
-            recall,
-            latencies,
-            {**build, "ef": ef, "server_cpu_ms_per_query": server_cpu},
+            ctx.truth,
+            "milvus-hnsw",
+            f"M{HNSW_M} efC{HNSW_EF_CONSTRUCTION} ef{ef}",
+            {**build, "ef": ef},
         )
     for label, buckets in SELECTIVITY.items():
         expression = f"bucket < {buckets}"  # the field `bucket` is row % 100
         truth = filtered_truth(ctx, buckets)
         for ef, window in FILTERED_SETTINGS:
-            run = served(server, name, dim, ef, expression, window)
-            found = _top(run, ctx.corpus, ctx.queries, True, CANDIDATES, K, rescore)
-            recall = float(
-                np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)])
+            run = served(
+                service_index(server, name, dim, {"index_type": "HNSW", "ef": ef}),
+                expression,
+                window,
             )
-            latencies, server_cpu = _time_single(run, ctx, True, server)
             shown = FILTERED_WINDOW if window is None else window
-            _row(
+            _measure(
                 ctx,
-                f"ef{ef} filter {label} window {shown}",
+                server,
+                run,
                 True,
-                recall,
-                latencies,
-                {
-                    **build,
-                    "ef": ef,
-                    "filter": label,
-                    "filtered_window": shown,
-                    "server_cpu_ms_per_query": server_cpu,
-                },
+                truth,
+                "milvus-hnsw",
+                f"ef{ef} filter {label} window {shown}",
+                {**build, "ef": ef, "filter": label, "filtered_window": shown},
             )
     fresh = _freshness(client, name, ctx)
     ctx.results.setdefault("milvus_freshness", {})[str(ctx.size)] = fresh
@@ -220,19 +239,114 @@ def run_milvus(ctx: Context, server: Server) -> None:
     client.close()
 
 
-def served(
-    server: Server, name: str, dim: int, ef: int, expression: str, window: int | None
-) -> Any:
-    """Filtered searches as the service makes them, through `MilvusIndex.search` on the
-    bench's collection (its `window`: None for the default, 0 for Milvus's filter alone)."""
-    from moderation.search.milvus_index import Milvus, MilvusIndex, MilvusSettings
+def run_milvus_ivf(ctx: Context, server: Server, kinds: list[str]) -> None:
+    """The service's IVF_SQ8 and IVF_PQ collections (`kinds`: ivf-sq8, ivf-pq), one at a
+    time, each dropped before the next is made (module docstring)."""
+    from search import K
 
+    from moderation.search.indexes import exact_top_k
+
+    # The service tunes on stored vectors (`milvus_sync.tune_collection`); recall is then
+    # measured on the held-out queries, as for every other row.
+    stored = np.random.default_rng(0).choice(ctx.size, TUNING_QUERIES, replace=False)
+    tuning_queries = ctx.corpus[np.sort(stored)]
+    tuning = (tuning_queries, exact_top_k(tuning_queries, ctx.corpus, K)[0])
+    for kind in kinds:
+        _measure_ivf(ctx, server, kind, tuning)
+
+
+def _measure_ivf(
+    ctx: Context, server: Server, kind: str, tuning: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """One IVF collection as the service makes it: memory, ingest and build, and searches
+    at the nprobe its tuning picks."""
+    from search import (
+        CANDIDATES,
+        HNSW_EF_CONSTRUCTION,
+        HNSW_M,
+        PQ_DIMS_PER_CODE,
+        TARGET_RECALL,
+        K,
+    )
+
+    dim = ctx.corpus.shape[1]
+    # hnsw_max 0: the branch the service takes at or above MODERATION_SEARCH_HNSW_MAX.
+    pq_m = dim // PQ_DIMS_PER_CODE if kind == "ivf-pq" else 0
+    plan = MilvusPlan(0, HNSW_M, HNSW_EF_CONSTRUCTION, ivf_nlist=None, ivf_pq_m=pq_m)
+    parameters = plan.index_for(ctx.size, dim)
+    name = f"bench_{kind.replace('-', '_')}_{ctx.size}_{int(time.time())}"
+    index = service_index(server, name, dim, parameters)
+    empty = server.stat()
+    create_collection(index.milvus, name, dim, parameters)
+    started = time.perf_counter()
+    for start in range(0, ctx.size, INSERT_CHUNK):
+        ids = np.arange(start, min(start + INSERT_CHUNK, ctx.size), dtype=np.int64)
+        index.upsert(IndexRows(ids, ids, ctx.corpus[start : start + INSERT_CHUNK]))
+    index.milvus.call("flush", lambda client: client.flush(name))
+    ingest_s = time.perf_counter() - started
+    index.milvus.call("wait for the index", lambda client: _wait_indexed(client, name, ctx.size))
+    indexed_s = time.perf_counter() - started
+    built = server.stat()
+    index.milvus.call("release", lambda client: client.release_collection(name))
+    if server.restart():  # a fresh process: no build or ingest buffers left in it
+        index = service_index(server, name, dim, parameters)
+        time.sleep(5)  # a started server is still setting up its components for a moment
+    rested = server.stat()
+    started = time.perf_counter()
+    load_collection(index.milvus, name)
+    load_s = time.perf_counter() - started
+    loaded = server.stat()
+    segments = index.milvus.call("list segments", lambda c: c.list_loaded_segments(name))
+
+    def exact_rescore(ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        scores = np.einsum("qcd,qd->qc", ctx.corpus[np.maximum(ids, 0)], queries)
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+    index.tune(*tuning, exact_rescore, target=TARGET_RECALL, k=K, candidates=CANDIDATES)
+    build: dict[str, Any] = {
+        "backend": "milvus",
+        "ingest_s": round(ingest_s, 1),
+        # Upserts and flush to every row in an indexed segment: the service's index is made
+        # with the collection, so segments are indexed as they seal, during the ingest.
+        "build_s": round(indexed_s, 1),
+        "load_s": round(load_s, 1),
+        # Milvus builds one IVF of nlist lists per segment, and probes nprobe in each.
+        "segments": len(segments),
+        "index_bytes": 0,  # unknown for a server given by URI
+        **index.parameters,
+    }
+    if empty and built and rested and loaded:
+        build |= {
+            "rss_growth_mb": round(built[0] - empty[0]),
+            "rss_before_load_mb": round(rested[0]),
+            "load_rss_mb": round(loaded[0] - rested[0]),
+            "index_bytes": int((loaded[0] - rested[0]) * 2**20),
+        }
+    print(f"  milvus {kind}: {json.dumps(build)}", flush=True)
+    setting = f"nlist{parameters['params']['nlist']} nprobe{index.parameters['nprobe']}"
+    for rerank in (False, True):
+        _measure(ctx, server, served(index), rerank, ctx.truth, f"milvus-{kind}", setting, build)
+    ctx.args.out.write_text(json.dumps(ctx.results, indent=2) + "\n")
+    drop_collection(index.milvus, name)
+
+
+def _wait_indexed(client: Any, name: str, size: int) -> None:
+    while int(client.describe_index(name, "vector").get("indexed_rows", 0)) < size:
+        time.sleep(0.5)
+
+
+def service_index(server: Server, name: str, dim: int, parameters: dict[str, Any]) -> MilvusIndex:
+    """The service's view of the bench's collection `name`, with index `parameters`."""
     assert server.uri is not None
     milvus = Milvus(MilvusSettings(server.uri, None, "default", 600.0, "Bounded", "bench", 1))
-    index = MilvusIndex(
-        milvus, model_id=0, model_name="bench", dim=dim, parameters={"index_type": "HNSW", "ef": ef}
-    )
+    index = MilvusIndex(milvus, model_id=0, model_name="bench", dim=dim, parameters=parameters)
     index.alias = name
+    return index
+
+
+def served(index: MilvusIndex, expression: str = "", window: int | None = None) -> Any:
+    """Searches as the service makes them, through `MilvusIndex.search` (its `window` for
+    filtered ones: None for the default, 0 for Milvus's filter alone)."""
 
     def run(queries: np.ndarray, limit: int) -> list[list[int]]:
         _, ids, _ = index.search(queries, limit, expression=expression, window=window)
@@ -284,16 +398,25 @@ def _time_single(
     return np.asarray(latencies), server_cpu
 
 
-def _row(
+def _measure(
     ctx: Context,
-    setting: str,
+    server: Server,
+    run: Any,
     rerank: bool,
-    recall: float,
-    latencies: np.ndarray,
+    truth: np.ndarray,
+    kind: str,
+    setting: str,
     extra: dict[str, Any],
 ) -> None:
-    # The client's own CPU in the row; the server's is `server_cpu_ms_per_query` in `extra`.
-    ctx.record_row("milvus-hnsw", setting, rerank, recall, latencies, extra, first=False)
+    """Recall@10 of `run` over all queries against `truth`, then latency one query at a
+    time: a row of the client's own CPU, with the server's as `server_cpu_ms_per_query`."""
+    from search import CANDIDATES, K, rescore
+
+    found = _top(run, ctx.corpus, ctx.queries, rerank, CANDIDATES, K, rescore)
+    recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)]))
+    latencies, server_cpu = _time_single(run, ctx, rerank, server)
+    extra = {**extra, "server_cpu_ms_per_query": server_cpu}
+    ctx.record_row(kind, setting, rerank, recall, latencies, extra, first=False)
 
 
 def _freshness(client: Any, name: str, ctx: Context) -> dict[str, float]:
