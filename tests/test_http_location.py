@@ -81,6 +81,7 @@ def _httpx(uri: str) -> HttpLocation | str:
 @example("https://127.0.0.1/a")
 @example("https://999.0.0.1/a")
 @example("https://cdn.example.com/a?b=c/d?e=f")
+@example("http://cdn.example.com/?<")
 def test_the_fast_path_reads_uris_as_httpx_does(uri: str) -> None:
     fast = _parse_canonical(uri)
     if fast is not None:

@@ -26,7 +26,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Characters RFC 3986 allows in a path or query that httpx's quoting leaves alone; no `%`.
-_PCHARS = r"A-Za-z0-9._~!$&'()*+,;=:@/-"
+# The `-` is escaped: the query's class adds `?` after it, and "/-?" would be a range that
+# takes in `<` and `>`, which httpx quotes.
+_PCHARS = r"A-Za-z0-9._~!$&'()*+,;=:@/\-"
 _CANONICAL = re.compile(
     r"(?P<scheme>https?)://"
     r"(?P<host>[a-z0-9-]+(?:\.[a-z0-9-]+)*)"
