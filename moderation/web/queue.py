@@ -390,10 +390,7 @@ def _stale_page(
 ) -> HTMLResponse:
     """The upload changed since the reviewer's page was drawn (or a colleague holds it):
     what changed, the card as it is now, and the reviewer's decision ready to send again."""
-    settings = get_settings()
-    hits = review.upload_hits(session, upload_id)
-    key = CardKey(upload_id, False, 0.0, min(hit.created_at for hit in hits), len(hits))
-    (card,) = build_cards(session, [key], settings)
+    card = _card_now(session, upload_id)
     open_ids = card.open_hit_ids
     return render(
         request,
@@ -411,6 +408,15 @@ def _stale_page(
         },
         status.HTTP_409_CONFLICT,
     )
+
+
+def _card_now(session: Session, upload_id: int) -> UploadCard:
+    """One upload's card as it is now, for a page about a decision on it (not the queue's
+    order: its key carries no priority)."""
+    hits = review.upload_hits(session, upload_id)
+    key = CardKey(upload_id, False, 0.0, min(hit.created_at for hit in hits), len(hits))
+    (card,) = build_cards(session, [key], get_settings())
+    return card
 
 
 @router.post("/review/decisions/{event_id}/undo", openapi_extra=REVIEWERS)
@@ -455,11 +461,7 @@ def resume(
             "this saved decision was already used, or it expired: decide from the queue",
         )
     hit_id = int(kept.action.rstrip("/").split("/")[-2])
-    target = review.get_hit(session, hit_id)
-    settings = get_settings()
-    hits = review.upload_hits(session, target.upload_id)
-    key = CardKey(target.upload_id, False, 0.0, min(hit.created_at for hit in hits), len(hits))
-    (card,) = build_cards(session, [key], settings)
+    card = _card_now(session, review.get_hit(session, hit_id).upload_id)
     fields = kept.fields
     return render(
         request,
