@@ -36,12 +36,16 @@ def _connect() -> psycopg2.extensions.connection:
     return connection
 
 
-def _listening(cache: KeyCache, timeout_s: float = 30) -> None:
-    """Until the cache's listener is connected (it connects in its own thread)."""
+def _listening_cache(timeout_s: float = 30) -> KeyCache:
+    """This process's key cache, once its listener is connected (it connects in its own
+    thread)."""
+    cache = key_cache()
+    assert cache is not None
     deadline = time.monotonic() + timeout_s
     while not cache.listening:
         assert time.monotonic() < deadline, "the key cache never listened"
         time.sleep(0.01)
+    return cache
 
 
 def _key_id(secret: str) -> int:
@@ -61,9 +65,7 @@ def _cached(secret: str) -> bool:
 def test_a_key_revoked_by_another_process_is_refused_by_the_next_request(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
-    cache = key_cache()
-    assert cache is not None
-    _listening(cache)
+    _listening_cache()
     submitter = keys[Role.SUBMITTER]
     assert api.get("/v1/uploads/1", headers=bearer(submitter)).status_code == 404
     assert _cached(submitter)
@@ -86,9 +88,7 @@ def test_a_key_revoked_on_another_connection_is_refused_at_once(keys: dict[Role,
     """Revoked, then asked for at once, many times over: the notification is never behind
     (without the cache's round trip before each lookup, about one try in ten lost the race
     on the loaded 2-core machine)."""
-    cache = key_cache()
-    assert cache is not None
-    _listening(cache)
+    _listening_cache()
     with session_scope() as session:
         made = [
             auth.create_key(session, role=Role.REVIEWER, name=f"r{i}", actor="test")
@@ -107,9 +107,7 @@ def test_a_key_revoked_on_another_connection_is_refused_at_once(keys: dict[Role,
 def test_an_answer_read_before_a_revocation_is_not_kept(keys: dict[Role, str]) -> None:
     """The race a cache must not lose: a request reads the key (valid), the key is revoked,
     then the request stores what it read."""
-    cache = key_cache()
-    assert cache is not None
-    _listening(cache)
+    cache = _listening_cache()
     secret = keys[Role.ANALYST]
     key_hash = auth.hash_key(secret)
     missed, generation = cache.lookup(key_hash)
@@ -134,9 +132,7 @@ def test_an_answer_read_before_a_revocation_is_not_kept(keys: dict[Role, str]) -
 def test_a_lost_listener_serves_no_cached_key_until_it_listens_again(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
-    cache = key_cache()
-    assert cache is not None
-    _listening(cache)
+    _listening_cache()
     secret = keys[Role.SUBMITTER]
     assert api.get("/v1/uploads/1", headers=bearer(secret)).status_code == 404
     assert _cached(secret)
@@ -153,7 +149,7 @@ def test_a_lost_listener_serves_no_cached_key_until_it_listens_again(
         cursor.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (_key_id(secret),))
     assert api.get("/v1/uploads/1", headers=bearer(secret)).status_code == 401
     # Listening again, it caches again (from an empty cache).
-    _listening(cache)
+    _listening_cache()
     admin = keys[Role.ADMIN]
     assert api.get("/v1/uploads/1", headers=bearer(admin)).status_code == 404
     assert _cached(admin)
