@@ -51,10 +51,9 @@ class BodyBudget:
             # Alone, a body larger than the budget still goes through.
             while self._used + extra > self.total_bytes and self._used > reservation.nbytes:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._changed.wait(left):
-                    if self._used + extra <= self.total_bytes:
-                        break  # freed just as the wait ended
+                if left <= 0:
                     raise reservation.refused(nbytes, time.monotonic() - started)
+                self._changed.wait(left)
             self._used += extra
             reservation.nbytes = nbytes
             self.most_used_bytes = max(self.most_used_bytes, self._used)
