@@ -17,7 +17,7 @@ from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening import service as screening
 from moderation.screening.models import Upload, UploadStatus, Worker
-from tests.api_fixtures import api, bearer, keys
+from tests.api_fixtures import announced, api, bearer, keys
 from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write
 from tests.queues import queue
@@ -134,6 +134,7 @@ def test_metrics_read_the_database_and_the_queue(
     assert (
         api.post("/v1/uploads", json=batch, headers=bearer(keys[Role.SUBMITTER])).status_code == 202
     )
+    announced(api)  # the answer comes once the rows commit; the message follows from a thread
 
     scraped = _scrape(api)
     status = "status"
