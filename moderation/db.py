@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from functools import lru_cache
 
@@ -12,7 +12,7 @@ from sqlalchemy import BigInteger, DateTime, Engine, Enum, MetaData, create_engi
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from moderation.config import get_settings
+from moderation.config import Settings, get_settings
 
 # Stable constraint names, so migrations can refer to them (and autogenerate can compare them).
 NAMING_CONVENTION = {
@@ -54,9 +54,9 @@ def enum_column(cls: type[enum.StrEnum], name: str) -> Enum:
     )
 
 
-@lru_cache(maxsize=4)
-def get_engine(url: str | None = None) -> Engine:
-    settings = get_settings()
+def create_database_engine(settings: Settings, url: str | None = None) -> Engine:
+    """The process's engine for `settings.database_url` (or `url`): built once, by the
+    process's `Runtime`, and shared by every thread."""
     # Worker threads hold a connection only while they claim or record an upload, so the pool
     # can be much smaller than the thread count; they queue for one briefly. No overflow:
     # overflow connections are closed on return, and reconnecting costs a Postgres fork.
@@ -71,16 +71,28 @@ def get_engine(url: str | None = None) -> Engine:
     )
 
 
+@contextmanager
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on any error."""
+    with sessions() as session, session.begin():
+        yield session
+
+
+# Transitional: callers not yet handed a `Runtime` use these, built from the environment.
+# They go once every caller takes its runtime from its entry point (issue 21, item 3).
+@lru_cache(maxsize=4)
+def get_engine(url: str | None = None) -> Engine:
+    return create_database_engine(get_settings(), url)
+
+
 @lru_cache(maxsize=4)
 def _session_factory(url: str | None) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
-@contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
+def session_scope(url: str | None = None) -> AbstractContextManager[Session]:
     """A session whose transaction commits on success and rolls back on any error."""
-    with _session_factory(url)() as session, session.begin():
-        yield session
+    return transaction(_session_factory(url))
 
 
 def ensure_database(url: str) -> bool:

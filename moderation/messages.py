@@ -68,74 +68,104 @@ def create_celery(settings: Settings, *, current: bool = False) -> Celery:
     return app
 
 
-_producers: dict[str, Celery] = {}
+class Producer:
+    """What a process sends with: a Celery application for `settings`' broker (it holds the
+    connection pool) and the queues the settings name. Built once by the process's
+    `Runtime`; safe to share between threads."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or create_celery(settings)
+
+    def send_screening(self, upload_ids: Sequence[int], queue: str | None = None) -> None:
+        """Send screening messages for uploads whose rows are committed,
+        `UPLOADS_PER_MESSAGE` to a message, to the configured queue unless told otherwise."""
+        app = self.app
+        queue = queue or self.settings.queue
+        with app.producer_or_acquire() as connection, _one_round_trip(connection):
+            for start in range(0, len(upload_ids), UPLOADS_PER_MESSAGE):
+                chunk = list(upload_ids[start : start + UPLOADS_PER_MESSAGE])
+                app.send_task(
+                    SCREEN_UPLOADS,
+                    args=(chunk,),
+                    queue=queue,
+                    producer=connection,
+                    # Celery's own argsrepr walks the ids through `saferepr`, and it declares
+                    # the queue again for each message: together half of the time a message
+                    # took to send (cProfile, 7 messages of 100 uploads). A list of ints is
+                    # safe to `repr`, and the queue is declared once a call, with the first.
+                    argsrepr=repr((chunk,)),
+                    kwargsrepr="{}",
+                    **({} if start == 0 else {"declare": []}),
+                )
+
+    def send_screening_retry(self, upload_id: int, delay_s: float, queue: str | None) -> None:
+        """Send one upload's screening again after `delay_s` (a transient fault's backoff),
+        to `queue` (the one its message came from), else the configured one."""
+        self.app.send_task(
+            SCREEN_UPLOADS,
+            args=([upload_id],),
+            countdown=delay_s,
+            queue=queue or self.settings.queue,
+        )
+
+    def send_retrohunt_step(self, job_id: int, step: int) -> None:
+        """Send a retro-hunt job's step; only after the transaction that made it due commits."""
+        self.app.send_task(
+            RETROHUNT_STEP, args=(job_id, step), queue=self.settings.resolved_retrohunt_queue()
+        )
+
+    def send_reembed_step(
+        self, job_id: int, step: int, *, countdown_s: float | None = None
+    ) -> None:
+        """Send a re-embedding job's step; only after the transaction that made it due
+        commits."""
+        self.app.send_task(
+            REEMBED_STEP,
+            args=(job_id, step),
+            queue=self.settings.resolved_reembed_queue(),
+            countdown=countdown_s,
+        )
+
+    def close(self) -> None:
+        self.app.close()
+
+
+# Transitional: senders not yet handed a `Runtime` use this process-wide producer, built
+# from the environment. It goes once every caller takes its runtime from its entry point
+# (issue 21, item 3).
+_producers: dict[str, Producer] = {}
 _producers_lock = threading.Lock()
 
 
-def producer() -> Celery:
-    """This process's Celery application for sending and for asking the broker: one per
-    broker, made on first use from the settings in force (it holds the connection pool).
-    Senders name their queue from the settings in force too, never from when the
-    application was made."""
-    url = get_settings().redis_url
+def _producer() -> Producer:
+    """One Celery application per broker; the queues from the settings in force."""
+    settings = get_settings()
     with _producers_lock:
-        app = _producers.get(url)
-        if app is None:
-            app = _producers[url] = create_celery(get_settings())
-        return app
+        made = _producers.get(settings.redis_url)
+        if made is None:
+            made = _producers[settings.redis_url] = Producer(settings)
+        return made if made.settings is settings else Producer(settings, made.app)
 
 
-def send_screening(
-    upload_ids: Sequence[int], queue: str | None = None, *, app: Celery | None = None
-) -> None:
-    """Send screening messages for uploads whose rows are committed, `UPLOADS_PER_MESSAGE`
-    to a message, to the configured queue unless told otherwise."""
-    app = app or producer()
-    queue = queue or get_settings().queue
-    with app.producer_or_acquire() as connection, _one_round_trip(connection):
-        for start in range(0, len(upload_ids), UPLOADS_PER_MESSAGE):
-            chunk = list(upload_ids[start : start + UPLOADS_PER_MESSAGE])
-            app.send_task(
-                SCREEN_UPLOADS,
-                args=(chunk,),
-                queue=queue,
-                producer=connection,
-                # Celery's own argsrepr walks the ids through `saferepr`, and it declares the
-                # queue again for each message: together half of the time a message took to
-                # send (cProfile, 7 messages of 100 uploads). A list of ints is safe to
-                # `repr`, and the queue is declared once a call, with the first message.
-                argsrepr=repr((chunk,)),
-                kwargsrepr="{}",
-                **({} if start == 0 else {"declare": []}),
-            )
+def producer() -> Celery:
+    return _producer().app
+
+
+def send_screening(upload_ids: Sequence[int], queue: str | None = None) -> None:
+    _producer().send_screening(upload_ids, queue)
 
 
 def send_screening_retry(upload_id: int, delay_s: float, queue: str | None) -> None:
-    """Send one upload's screening again after `delay_s` (a transient fault's backoff), to
-    `queue` (the one its message came from), else the configured one."""
-    producer().send_task(
-        SCREEN_UPLOADS,
-        args=([upload_id],),
-        countdown=delay_s,
-        queue=queue or get_settings().queue,
-    )
+    _producer().send_screening_retry(upload_id, delay_s, queue)
 
 
 def send_retrohunt_step(job_id: int, step: int) -> None:
-    """Send a retro-hunt job's step; only after the transaction that made it due commits."""
-    producer().send_task(
-        RETROHUNT_STEP, args=(job_id, step), queue=get_settings().resolved_retrohunt_queue()
-    )
+    _producer().send_retrohunt_step(job_id, step)
 
 
 def send_reembed_step(job_id: int, step: int, *, countdown_s: float | None = None) -> None:
-    """Send a re-embedding job's step; only after the transaction that made it due commits."""
-    producer().send_task(
-        REEMBED_STEP,
-        args=(job_id, step),
-        queue=get_settings().resolved_reembed_queue(),
-        countdown=countdown_s,
-    )
+    _producer().send_reembed_step(job_id, step, countdown_s=countdown_s)
 
 
 def _one_round_trip(connection: Any) -> AbstractContextManager[Any]:

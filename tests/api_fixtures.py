@@ -11,12 +11,13 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.main.app import create_app
+from tests.conftest import environment_runtime
 
 
 @pytest.fixture
 def api(clean_db: None) -> Iterator[TestClient]:
     """The application, called in-process over real PostgreSQL (keys and data committed)."""
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(environment_runtime())) as client:
         yield client
 
 

@@ -10,8 +10,9 @@ import base64
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import make_url
@@ -102,14 +103,62 @@ LOCAL_SERVICES = LocalServices(
 LOCAL_SERVICES.start()
 
 import redis  # noqa: E402
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource  # noqa: E402
 from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from moderation import schema  # noqa: E402
-from moderation.db import get_engine  # noqa: E402
+from moderation.config import Settings  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip, write_tiny_siglip  # noqa: E402
+from moderation.runtime import Runtime  # noqa: E402
 from moderation.search.blip import write_random_blip  # noqa: E402
 from moderation.worker.child import WorkerProcess  # noqa: E402
+
+
+class _GivenSettings(Settings):
+    """Settings from the values given and the defaults, never from the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def settings_for_tests(**changes: Any) -> Settings:
+    """The tests' settings (`TEST_ENV`), with `changes` (by field name) on top."""
+    values: dict[str, Any] = {
+        name.removeprefix("MODERATION_").lower(): value for name, value in TEST_ENV.items()
+    }
+    return _GivenSettings(**{**values, **changes})
+
+
+# What the tests run the service's code on, as an entry point would build it.
+TEST_SETTINGS = settings_for_tests()
+TEST_RUNTIME = Runtime(TEST_SETTINGS)
+
+
+_ENVIRONMENT_RUNTIMES: dict[int, tuple[Settings, Runtime]] = {}
+
+
+def environment_runtime() -> Runtime:
+    """Transitional, for tests that still change settings with `monkeypatch.setenv`: a
+    runtime on the settings in force (`get_settings()`), one per settings object. Goes
+    with `get_settings` once every test builds its runtime with `make_runtime`."""
+    from moderation.config import get_settings
+
+    settings = get_settings()
+    if settings == TEST_SETTINGS:
+        return TEST_RUNTIME
+    known = _ENVIRONMENT_RUNTIMES.get(id(settings))
+    if known is None or known[0] is not settings:
+        known = _ENVIRONMENT_RUNTIMES[id(settings)] = (settings, Runtime(settings))
+    return known[1]
 
 
 def _free_port() -> int:
@@ -215,14 +264,14 @@ def registry_as_it_was(database: str) -> Iterator[None]:
     (the tiny SigLIP, say) would otherwise leave it serving every later test of this
     process, whose searches and evaluations then ask the wrong model."""
     read = text("SELECT id, state FROM embedding_models ORDER BY id")
-    with get_engine().connect() as conn:
+    with TEST_RUNTIME.engine.connect() as conn:
         before: dict[int, str] | None = (
             {row[0]: row[1] for row in conn.execute(read)} if _has_registry(conn) else None
         )
     yield
     if before is None:
         return
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         if {row[0]: row[1] for row in conn.execute(read)} == before:
             return
         # Every row retired first: one active model at a time (a unique index).
@@ -239,9 +288,30 @@ def _has_registry(conn: Connection) -> bool:
 
 
 @pytest.fixture
+def runtime(database: str) -> Runtime:
+    """The tests' runtime: their database, their Redis db, the tiny model."""
+    return TEST_RUNTIME
+
+
+@pytest.fixture
+def make_runtime(database: str) -> Iterator[Callable[..., Runtime]]:
+    """Runtimes on the tests' settings with some changed (by field name), closed after
+    the test."""
+    made: list[Runtime] = []
+
+    def make(**changes: Any) -> Runtime:
+        made.append(Runtime(settings_for_tests(**changes)))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
 def session(database: str) -> Iterator[Session]:
     """A session whose every change is rolled back after the test."""
-    connection = get_engine().connect()
+    connection = TEST_RUNTIME.engine.connect()
     transaction = connection.begin()
     with Session(bind=connection, join_transaction_mode="create_savepoint") as db_session:
         yield db_session
@@ -252,7 +322,7 @@ def session(database: str) -> Iterator[Session]:
 @pytest.fixture
 def clean_db(database: str) -> None:
     """For tests whose data must be committed (a worker process reads it)."""
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {_DATA_TABLES} CASCADE"))
 
 

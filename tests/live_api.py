@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moderation.main.app import create_app
+from tests.conftest import environment_runtime
 
 
 @dataclass
@@ -84,7 +85,7 @@ class LiveApi:
 
 @contextmanager
 def live_api() -> Iterator[LiveApi]:
-    """Serve `create_app()` on 127.0.0.1 until the block ends."""
+    """Serve `create_app(environment_runtime())` on 127.0.0.1 until the block ends."""
     timeline = Timeline()
 
     def committed(_: Session) -> None:
@@ -94,7 +95,10 @@ def live_api() -> Iterator[LiveApi]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = uvicorn.Config(
-        _recording(create_app(), timeline), host="127.0.0.1", port=port, log_level="warning"
+        _recording(create_app(environment_runtime()), timeline),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="live-api", daemon=True)

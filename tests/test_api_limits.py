@@ -27,6 +27,7 @@ from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload
 from tests.api_fixtures import bearer, keys
+from tests.conftest import environment_runtime
 from tests.servers import http_server
 from tests.web_fixtures import BASE_URL, seed_hit
 
@@ -54,7 +55,9 @@ def limited(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def app(clean_db: None, limited: None) -> Iterator[TestClient]:
-    with TestClient(create_app(), base_url=BASE_URL, follow_redirects=False) as client:
+    with TestClient(
+        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
+    ) as client:
         yield client
 
 

@@ -17,6 +17,7 @@ from moderation.images.decode import DecodeLimits
 from moderation.main.app import create_app
 from moderation.search.snapshot import read_snapshot
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import environment_runtime
 from tests.search_fixtures import add_hit, add_upload, index_dir, tiny_model, unit
 
 __all__ = ["api", "index_dir", "keys"]
@@ -156,7 +157,7 @@ def test_stopping_the_api_saves_what_it_added(
     """A restart then re-reads nothing that the stopped process had already indexed."""
     ids = _corpus(15)
     analyst = bearer(keys[Role.ANALYST])
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(environment_runtime())) as client:
         assert client.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).is_success
         with session_scope() as session:
             new = add_upload(session, tiny_model(session), list(unit(np.random.default_rng(5))))

@@ -32,6 +32,7 @@ from moderation.search.models import MilvusSyncState
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import environment_runtime
 from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
@@ -333,7 +334,7 @@ def test_the_api_runs_the_sync_when_asked(
     get_settings.cache_clear()
     _corpus(20)
     analyst = bearer(keys[Role.ANALYST])
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(environment_runtime())) as client:
         (late,) = _corpus(1, seed=4)
         deadline = time.monotonic() + 60
         while True:

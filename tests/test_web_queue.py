@@ -32,6 +32,7 @@ from moderation.web.service import COOKIE_NAME
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import WebhookEvent
 from tests.api_fixtures import bearer, keys
+from tests.conftest import environment_runtime
 from tests.web_fixtures import BASE_URL, SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
@@ -256,7 +257,9 @@ def _client(keys: dict[Role, str], name: str) -> TestClient:
     """Another reviewer's browser: their own key and session."""
     with session_scope() as session:
         _, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
-    client = TestClient(create_app(), base_url=BASE_URL, follow_redirects=False)
+    client = TestClient(
+        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
+    )
     log_in(client, secret)
     return client
 

@@ -20,6 +20,7 @@ from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.web.service import COOKIE_NAME
+from tests.conftest import environment_runtime
 
 BASE_URL = "https://testserver"
 # What a browser sends with a form posted from this site's own pages.
@@ -29,7 +30,9 @@ SAME_ORIGIN = {"Origin": BASE_URL}
 @pytest.fixture
 def site(clean_db: None) -> Iterator[TestClient]:
     """The application over HTTPS, not following redirects (the tests look at them)."""
-    with TestClient(create_app(), base_url=BASE_URL, follow_redirects=False) as client:
+    with TestClient(
+        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
+    ) as client:
         yield client
 
 

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from moderation.auth.key_cache import authenticate_key
 from moderation.auth.models import Role
 from moderation.auth.service import Principal, authenticate
-from moderation.db import session_scope
 from moderation.errors import Conflict, Unavailable
+from moderation.runtime import Runtime
 
 # PostgreSQL's SQLSTATE for a unique violation.
 UNIQUE_VIOLATION = "23505"
@@ -56,7 +56,16 @@ class WriteConflict(Conflict):
     code = "write_conflict"
 
 
-def db_session() -> Iterator[Session]:
+def app_runtime(request: Request) -> Runtime:
+    """The runtime the application was built on (`moderation.main.app.create_app`)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+AppRuntime = Annotated[Runtime, Depends(app_runtime)]
+
+
+def db_session(runtime: AppRuntime) -> Iterator[Session]:
     """A session per request, committed when the handler returns without raising, before
     the response is sent (`scope="function"` below): a 2xx means the write is durable, and a
     commit that fails answers 503 (409 for a unique value another request took first).
@@ -66,7 +75,7 @@ def db_session() -> Iterator[Session]:
     out: the client was told "done" for a write that could still fail, and could read before
     it was visible."""
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             yield session
     except IntegrityError as error:
         if getattr(error.orig, "pgcode", None) != UNIQUE_VIOLATION:
@@ -142,7 +151,7 @@ def admit(request: Request, route: APIRoute) -> Principal | None:
         if source is BEARER:
             principal = authenticate_key(secret)
         else:
-            with session_scope() as session:
+            with app_runtime(request).session() as session:
                 principal = source.authenticate(session, secret)
     if principal is None:
         raise HTTPException(

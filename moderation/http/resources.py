@@ -15,6 +15,8 @@ from typing import Generic, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 
+from moderation.runtime import Runtime
+
 
 class Closable(Protocol):
     def close(self) -> None: ...
@@ -24,8 +26,9 @@ T = TypeVar("T", bound=Closable)
 
 
 class ProcessResource(Generic[T]):
-    def __init__(self, name: str, make: Callable[[], T]) -> None:
-        """`name`: its attribute in the application's state; `make`: builds it."""
+    def __init__(self, name: str, make: Callable[[Runtime], T]) -> None:
+        """`name`: its attribute in the application's state; `make`: builds it on the
+        application's runtime."""
         self._name = name
         self._make = make
         self._lock = threading.Lock()
@@ -35,7 +38,7 @@ class ProcessResource(Generic[T]):
         with self._lock:
             resource: T | None = getattr(state, self._name, None)
             if resource is None:
-                resource = self._make()
+                resource = self._make(state.runtime)
                 setattr(state, self._name, resource)
         return resource
 

@@ -6,11 +6,14 @@ its thread pool, where the synchronous SQLAlchemy sessions belong.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import Depends, FastAPI
 
 from moderation.banks.api import router as banks_router
+from moderation.config import Settings
 from moderation.evaluation.api import router as golden_router
 from moderation.http.access import authorize
 from moderation.http.admission import Admission
@@ -22,12 +25,22 @@ from moderation.main.health import router as health_router
 from moderation.main.metrics import router as metrics_router
 from moderation.review.api import router as review_router
 from moderation.review.api import uploads_router as upload_reads_router
+from moderation.runtime import Runtime
 from moderation.screening.api import router as uploads_router
 from moderation.search.api import router as search_router
 from moderation.web.pages import install as install_pages
 
 
-def create_app() -> FastAPI:
+def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
+    """The application on `runtime`; `owns_runtime`: closed when the application stops
+    (after every router's own resources), else its caller closes it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_runtime:
+            runtime.close()
+
     app = FastAPI(
         title="moderation",
         version=version("moderation"),
@@ -36,7 +49,9 @@ def create_app() -> FastAPI:
         # Served by `docs` from the package's own files, not from a CDN.
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
+    app.state.runtime = runtime
     for router in (
         health_router,
         metrics_router,
@@ -57,3 +72,9 @@ def create_app() -> FastAPI:
     # before anything reads its body.
     app.add_middleware(Admission, application=app)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """What `moderation api` serves, once in each uvicorn process: the application on a
+    runtime of the process's own, from its MODERATION_* variables."""
+    return create_app(Runtime(Settings()), owns_runtime=True)

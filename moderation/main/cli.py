@@ -9,7 +9,7 @@ import click
 
 from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
-from moderation.config import get_settings
+from moderation.config import Settings, get_settings
 from moderation.embedding.cli import embed, model
 from moderation.evaluation.cli import activate as activate_model
 from moderation.evaluation.cli import eval_, golden
@@ -21,6 +21,7 @@ from moderation.main.cli_errors import explain, redacted
 from moderation.main.services_cli import services
 from moderation.retrohunt.cli import retrohunt
 from moderation.review.cli import decide, hits, upload
+from moderation.runtime import Runtime
 from moderation.screening.cli import resubmit, submit, uploads
 from moderation.search.cli import index, search
 from moderation.webhooks.cli import webhooks
@@ -54,12 +55,19 @@ class Commands(click.Group):
 )
 @click.version_option(package_name="moderation", prog_name="moderation")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Screen images against banks of known-bad content."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The one place the command reads its settings (MODERATION_* variables); a caller that
+    # built its own runtime (a test) passes it as `obj`. Subcommands take it with
+    # `pass_runtime`.
+    if not isinstance(ctx.obj, Runtime):
+        ctx.obj = Runtime(Settings())
+        ctx.call_on_close(ctx.obj.close)
 
 
 @main.group()

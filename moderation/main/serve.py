@@ -8,7 +8,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-APP = "moderation.main.app:create_app"
+APP = "moderation.main.app:app_from_environment"
 
 
 class TcpConfig(uvicorn.Config):

@@ -26,14 +26,13 @@ from moderation.http.access import allow, current_principal
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
 from moderation.http.types import plain_text
-from moderation.messages import send_screening
 from moderation.screening.announcer import Announcer
 from moderation.screening.service import NewUpload, Submitted
 from moderation.screening.submission import accept
 
 # Started with the process's first upload; closed after the requests in flight, sending
 # what they recorded.
-ANNOUNCER = ProcessResource("announcer", lambda: Announcer(send_screening))
+ANNOUNCER = ProcessResource("announcer", lambda runtime: Announcer(runtime.producer.send_screening))
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=ANNOUNCER.lifespan())
 

@@ -20,12 +20,12 @@ from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
 from moderation.config import get_settings
-from moderation.db import get_engine
 from moderation.http.access import allow
 from moderation.http.admission import image_body
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
 from moderation.review.models import ReviewStatus
+from moderation.runtime import Runtime
 from moderation.screening.models import UploadStatus
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
@@ -33,20 +33,20 @@ from moderation.search.service import Filters, SearchResult
 
 # Loaded with the process's first search, then following the embeddings table.
 RUNTIME = ProcessResource(
-    "search_runtime", lambda: SearchRuntime(get_settings(), get_engine(), follow=True)
+    "search_runtime", lambda runtime: SearchRuntime(runtime.settings, runtime.engine, follow=True)
 )
 
 
-def _start_sync() -> Callable[[], None] | None:
+def _start_sync(runtime: Runtime) -> Callable[[], None] | None:
     """The Milvus sync as a thread of this process, when MODERATION_MILVUS_SYNC_IN_API asks."""
-    settings = get_settings()
+    settings = runtime.settings
     if settings.search_backend != "milvus" or not settings.milvus_sync_in_api:
         return None
     from moderation.search import milvus_sync
     from moderation.search.milvus_index import Milvus, MilvusSettings
 
     loop = milvus_sync.SyncLoop(
-        get_engine(),
+        runtime.engine,
         Milvus(MilvusSettings.from_settings(settings)),
         milvus_sync.SyncSettings.from_settings(settings),
         milvus_sync.synced_models(settings),
@@ -56,7 +56,7 @@ def _start_sync() -> Callable[[], None] | None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    stop_sync = _start_sync()
+    stop_sync = _start_sync(app.state.runtime)
     try:
         async with RUNTIME.lifespan()(app):
             yield
