@@ -38,13 +38,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import ClusteredSphere
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_golden"
 DIM = 768
@@ -102,23 +105,24 @@ def synthetic(corpus: int, queries: int, relevant: int) -> dict[str, np.ndarray]
     return {"background": points, "anchors": anchors, "planted": near, "texts": texts}
 
 
-def load(data: dict[str, np.ndarray], queries: int, relevant: int) -> dict[str, Any]:
+def load(
+    runtime: Runtime, data: dict[str, np.ndarray], queries: int, relevant: int
+) -> dict[str, Any]:
     """A fresh schema; the uploads and embeddings by COPY; the golden set. Query i is text
     for even i, an upload at its anchor for odd i."""
     from sqlalchemy import text
 
     from moderation import pg_copy, schema
-    from moderation.db import get_engine, session_scope
     from moderation.embedding.service import get_or_create_model
 
-    schema.upgrade()
-    with get_engine().begin() as conn:
+    schema.upgrade(runtime.settings.database_url)
+    with runtime.engine.begin() as conn:
         conn.execute(text("TRUNCATE evaluation_runs, golden_queries, embeddings, uploads CASCADE"))
     is_text = np.arange(queries) % 2 == 0
     vectors = np.concatenate(
         [data["planted"], data["anchors"][~is_text], data["background"]]
     ).astype("<f4")
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, "bench-golden-768", DIM)
         ids = np.array(
             session.scalars(
@@ -209,20 +213,18 @@ def brute_force(data: dict[str, np.ndarray], loaded: dict[str, Any], k: int) -> 
 
 
 def evaluation_run(
-    data: dict[str, np.ndarray], loaded: dict[str, Any], index_dir: Path, k: int
+    runtime: Runtime, data: dict[str, np.ndarray], loaded: dict[str, Any], k: int
 ) -> dict[str, Any]:
-    from moderation.config import get_settings
-    from moderation.db import get_engine, session_scope
     from moderation.embedding.models import EmbeddingModel
     from moderation.evaluation import service
     from moderation.search.rerank import ExactReranker, SearchQuery
     from moderation.search.store import IndexSettings, open_index
 
-    settings = get_settings()
-    with session_scope() as session:
+    settings = runtime.settings
+    with runtime.session() as session:
         model = session.get_one(EmbeddingModel, loaded["model_id"])
     started = time.perf_counter()
-    index = open_index(get_engine(), model, IndexSettings.from_settings(settings))
+    index = open_index(runtime.engine, model, IndexSettings.from_settings(settings))
     opened_s = time.perf_counter() - started
     by_text = {f"text query {i}": data["texts"][i] for i in np.flatnonzero(loaded["is_text"])}
 
@@ -233,7 +235,7 @@ def evaluation_run(
         raise AssertionError("the benchmark's golden set has no image URIs")
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    with session_scope() as session:
+    with runtime.session() as session:
         run = service.run(
             session,
             index,
@@ -250,7 +252,7 @@ def evaluation_run(
     seconds = time.perf_counter() - started
     # This process's CPU time: on a loaded machine the wall time also counts the waiting.
     cpu_seconds = time.process_time() - cpu_started
-    with session_scope() as session:
+    with runtime.session() as session:
         view = service.run_view(session, run_id)
     queries = sum(int(f["queries"]) for f in view.figures.values())
     return {
@@ -265,18 +267,16 @@ def evaluation_run(
     }
 
 
-def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def cross_encoder(runtime: Runtime, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The cross-encoder against the exact rerank, at `args.candidates` candidates."""
     import torch
     from sqlalchemy import text
 
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.search.blip import matcher, write_random_blip
     from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
     from moderation.search.rerankers import CrossEncoderReranker, upload_images
 
-    settings = get_settings()
+    settings = runtime.settings
     rng = np.random.default_rng(3)
     started = time.perf_counter()
     checkpoint = write_random_blip(workdir / f"blip-{args.architecture}", args.architecture)
@@ -296,7 +296,7 @@ def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     vectors = _at_cosine(
         np.repeat(query_vector[None], len(uris), 0), rng.uniform(0.2, 0.4, len(uris)), rng
     )
-    with session_scope() as session:
+    with runtime.session() as session:
         upload_ids = session.scalars(
             text(
                 "INSERT INTO uploads (uri, status, attempts, enqueued_at, finished_at) "
@@ -321,12 +321,12 @@ def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     scorer = matcher(str(checkpoint), "cpu")
     started = time.perf_counter()
-    with session_scope() as session:
+    with runtime.session() as session:
         warm = upload_images(session, settings)(upload_ids[:2])
     scorer.scores(query.text or "", list(warm.values()))  # loads the weights
     load_s = time.perf_counter() - started
     totals, cpu, reading = [], [], []
-    with session_scope() as session:
+    with runtime.session() as session:
         images = upload_images(session, settings)
 
         def timed_images(ids: Sequence[int]) -> dict[int, Image.Image]:
@@ -364,32 +364,35 @@ def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    from moderation.config import Settings
+    from moderation.runtime import Runtime
+
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="moderation-bench-golden-"))
+    # The environment's settings, on the benchmark's own database and working directory.
+    runtime = Runtime(
+        Settings(
+            database_url=os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE),
+            device="cpu",
+            index_dir=workdir / "index",
+            allowed_uri_prefixes=[f"{workdir.resolve().as_uri()}/"],
+        )
+    )
     try:
-        measure(args, workdir)
+        measure(runtime, args, workdir)
     finally:
+        runtime.close()
         # The random BLIP base checkpoint alone is ~900 MB.
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure(args: argparse.Namespace, workdir: Path) -> None:
-    os.environ.update(
-        {
-            "MODERATION_DATABASE_URL": os.environ.get(
-                "MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE
-            ),
-            "MODERATION_DEVICE": "cpu",
-            "MODERATION_INDEX_DIR": str(workdir / "index"),
-            "MODERATION_ALLOWED_URI_PREFIXES": f"{workdir.resolve().as_uri()}/",
-        }
-    )
+def measure(runtime: Runtime, args: argparse.Namespace, workdir: Path) -> None:
     data = synthetic(args.corpus, args.queries, args.relevant)
     started = time.perf_counter()
-    loaded = load(data, args.queries, args.relevant)
+    loaded = load(runtime, data, args.queries, args.relevant)
     load_s = time.perf_counter() - started
     baseline = brute_force(data, loaded, K)
-    measured = evaluation_run(data, loaded, workdir / "index", K)
+    measured = evaluation_run(runtime, data, loaded, K)
     results: dict[str, Any] = {
         "corpus": args.corpus,
         "dim": DIM,
@@ -407,7 +410,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if not args.skip_cross_encoder:
-        results["cross_encoder"] = cross_encoder(workdir, args)
+        results["cross_encoder"] = cross_encoder(runtime, workdir, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

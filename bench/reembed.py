@@ -338,10 +338,11 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
 
     from moderation.banks import service as banks
     from moderation.config import get_settings
-    from moderation.db import get_engine, session_scope
+    from moderation.db import session_scope
     from moderation.embedding import registry
     from moderation.images.decode import DecodeLimits
     from moderation.review.models import Hit
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris
     from moderation.screening.models import Upload
     from moderation.search import service as search_service
@@ -378,9 +379,8 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
                 vector=clip_vector.astype("<f4").tobytes(),
             )
         )
-    runtime = SearchRuntime(
-        settings.model_copy(update={"index_dir": workdir / "index"}), get_engine(), follow=True
-    )
+    searching = Runtime(settings.model_copy(update={"index_dir": workdir / "index"}))
+    runtime = SearchRuntime(searching, follow=True)
     first = runtime.upload_query(_any_upload())
     assert runtime.model_name == siglip, runtime.model_name
     runtime.search(first, 5, search_service.Filters())
@@ -429,6 +429,7 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
         stop.set()
         sender.join()
     runtime.close()
+    searching.close()
     return {
         "activate_to_first_search_s": round(searched_at - activated, 2),
         "activate_to_first_hit_s": round(hit_after_s, 2),

@@ -5,14 +5,15 @@ and the settings that point the service at it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from moderation.config import get_settings
-from moderation.db import get_engine
+from moderation.main.app import create_app
+from moderation.runtime import Runtime
 from moderation.search import milvus_sync
 from moderation.search.milvus_index import Milvus, MilvusSettings
 from tests.conftest import TEST_ENV
@@ -39,39 +40,46 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusPr
 class MilvusEnv:
     server: MilvusProcess
     milvus: Milvus
+    # The service's settings on the Milvus backend, against `server`: `changes` (by field
+    # name) to the tests' own.
+    runtime: Runtime
+    changes: dict[str, object]
 
     def loop(self, model: str | None = None) -> milvus_sync.SyncLoop:
-        settings = get_settings()
+        settings = self.runtime.settings
         return milvus_sync.SyncLoop(
-            get_engine(),
+            self.runtime.engine,
             self.milvus,
             milvus_sync.SyncSettings.from_settings(settings),
             milvus_sync.synced_models(settings, model),
         )
 
 
+def milvus_changes(server: MilvusProcess, prefix: str) -> dict[str, object]:
+    """The settings (by field name) of the Milvus backend against `server`, with
+    collections under `prefix`."""
+    return {
+        "search_backend": "milvus",
+        "milvus_uri": server.uri,
+        "milvus_consistency": "Strong",
+        "milvus_collection_prefix": prefix,
+        "milvus_timeout_s": 5,
+        "search_commit_lag_s": 0.2,
+        "search_tuning_queries": 50,
+    }
+
+
 @pytest.fixture
 def milvus_env(
-    milvus_server: MilvusProcess, monkeypatch: pytest.MonkeyPatch
+    milvus_server: MilvusProcess, make_runtime: Callable[..., Runtime]
 ) -> Iterator[MilvusEnv]:
     """MODERATION_SEARCH_BACKEND=milvus against the test server, Strong consistency (a test
     reads its writes at once), and collections under a prefix no other test uses."""
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    for name, value in {
-        "MODERATION_SEARCH_BACKEND": "milvus",
-        "MODERATION_MILVUS_URI": milvus_server.uri,
-        "MODERATION_MILVUS_CONSISTENCY": "Strong",
-        "MODERATION_MILVUS_COLLECTION_PREFIX": prefix,
-        "MODERATION_MILVUS_TIMEOUT_S": "5",
-        "MODERATION_SEARCH_COMMIT_LAG_S": "0.2",
-        "MODERATION_SEARCH_TUNING_QUERIES": "50",
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    milvus = Milvus(MilvusSettings.from_settings(get_settings()))
-    yield MilvusEnv(milvus_server, milvus)
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    changes = milvus_changes(milvus_server, prefix)
+    runtime = make_runtime(**changes)
+    milvus = Milvus(MilvusSettings.from_settings(runtime.settings))
+    yield MilvusEnv(milvus_server, milvus, runtime, changes)
     if milvus_server.process is not None:
 
         def drop(client: object) -> None:
@@ -84,6 +92,13 @@ def milvus_env(
         milvus.call("drop the test's collections", drop)
 
 
+@pytest.fixture
+def milvus_api(clean_db: None, milvus_env: MilvusEnv) -> Iterator[TestClient]:
+    """The application on the Milvus backend (`milvus_env`), called in-process."""
+    with TestClient(create_app(milvus_env.runtime)) as client:
+        yield client
+
+
 def sync_until_caught_up(loop: milvus_sync.SyncLoop, timeout_s: float = 60.0) -> None:
     """Passes until every collection's checkpoints reach the sequences' values as they are
     now: everything committed before the call is then in Milvus."""
@@ -91,7 +106,7 @@ def sync_until_caught_up(loop: milvus_sync.SyncLoop, timeout_s: float = 60.0) ->
 
     from moderation.commit_horizon import sequence_value
 
-    with get_engine().connect() as conn:
+    with loop.engine.connect() as conn:
         embeddings = sequence_value(conn, "embeddings")[0]
         changes = sequence_value(conn, "search_changes")[0]
     deadline = time.monotonic() + timeout_s

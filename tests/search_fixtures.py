@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
@@ -17,7 +18,9 @@ from moderation.config import get_settings
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
+from moderation.main.app import create_app
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search.indexes import IndexPlan
 from moderation.search.store import IndexSettings
@@ -50,10 +53,29 @@ def index_settings(directory: Path, **plan: object) -> IndexSettings:
     )
 
 
+# Searches in tests: a short commit lag and tail interval.
+SEARCH_CHANGES: dict[str, object] = {"search_commit_lag_s": 0.2, "search_tail_interval_s": 0.2}
+
+
+@pytest.fixture
+def search_runtime(tmp_path: Path, make_runtime: Callable[..., Runtime]) -> Runtime:
+    """A runtime for the commands and the API that search: snapshots under a temporary
+    directory (`settings.index_dir`), and a short commit lag and tail interval."""
+    return make_runtime(index_dir=tmp_path / "index", **SEARCH_CHANGES)
+
+
+@pytest.fixture
+def search_api(clean_db: None, search_runtime: Runtime) -> Iterator[TestClient]:
+    """The application on `search_runtime`, called in-process (as `api_fixtures.api`)."""
+    with TestClient(create_app(search_runtime)) as client:
+        yield client
+
+
 @pytest.fixture
 def index_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Settings for the commands and the API: snapshots under a temporary directory, and a
-    short commit lag and tail interval."""
+    """Transitional, for a `moderation api` process that takes the environment of the
+    tests' own (tests/test_web_flows.py): the settings of `search_runtime` as variables.
+    Goes once that process is given its environment explicitly."""
     directory = tmp_path / "index"
     monkeypatch.setenv("MODERATION_INDEX_DIR", str(directory))
     monkeypatch.setenv("MODERATION_SEARCH_COMMIT_LAG_S", "0.2")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,11 @@ from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.evaluation import golden
 from moderation.evaluation.golden import QuerySubject
 from moderation.main.cli import main
-from tests.search_fixtures import DIM, add_upload, index_dir, tiny_model, unit
+from moderation.runtime import Runtime
+from tests.search_fixtures import DIM, add_upload, search_runtime, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
-__all__ = ["index_dir"]
+__all__ = ["search_runtime"]
 
 CANDIDATE = "gate-candidate-model"
 
@@ -87,8 +87,8 @@ def _corpus(*, candidate_finds_it: bool) -> None:
         golden.add_query(session, QuerySubject(upload_id=query), [relevant], actor="test")
 
 
-def _activate(*options: str) -> Result:
-    return CliRunner().invoke(main, ["model", "activate", CANDIDATE, *options])
+def _activate(runtime: Runtime, *options: str) -> Result:
+    return CliRunner().invoke(main, ["model", "activate", CANDIDATE, *options], obj=runtime)
 
 
 def _recall_row(result: Result) -> list[str]:
@@ -108,12 +108,12 @@ def _active() -> str:
 
 
 def test_a_worse_candidate_is_refused_with_the_comparison(
-    clean_db: None, index_dir: Path, registry_states: None
+    clean_db: None, search_runtime: Runtime, registry_states: None
 ) -> None:
     _corpus(candidate_finds_it=False)
     active = _active()
 
-    refused = _activate("--require-no-regression")
+    refused = _activate(search_runtime, "--require-no-regression")
 
     assert refused.exit_code == 1, refused.output
     assert (
@@ -124,18 +124,18 @@ def test_a_worse_candidate_is_refused_with_the_comparison(
     assert _active() == active
 
     # Without the flag the comparison is shown, and the operator's choice stands.
-    chosen = _activate()
+    chosen = _activate(search_runtime)
     assert chosen.exit_code == 0, chosen.output
     assert _recall_row(chosen) == ["1.0000", "0.0000", "-1.0000"]
     assert _active() == CANDIDATE
 
 
 def test_a_candidate_as_good_passes_the_check(
-    clean_db: None, index_dir: Path, registry_states: None
+    clean_db: None, search_runtime: Runtime, registry_states: None
 ) -> None:
     _corpus(candidate_finds_it=True)
 
-    activated = _activate("--require-no-regression")
+    activated = _activate(search_runtime, "--require-no-regression")
 
     assert activated.exit_code == 0, activated.output
     assert _recall_row(activated) == ["1.0000", "1.0000", "0.0000"]
@@ -143,23 +143,29 @@ def test_a_candidate_as_good_passes_the_check(
 
 
 def test_eval_compare_names_two_models_or_two_rerankers_directly(
-    clean_db: None, index_dir: Path, registry_states: None
+    clean_db: None, search_runtime: Runtime, registry_states: None
 ) -> None:
     _corpus(candidate_finds_it=False)
     active = _active()
 
-    models = CliRunner().invoke(main, ["eval", "compare", active, CANDIDATE, "--json"])
+    models = CliRunner().invoke(
+        main, ["eval", "compare", active, CANDIDATE, "--json"], obj=search_runtime
+    )
     assert models.exit_code == 0, models.output
     compared = json.loads(models.stdout)
     assert (compared["a"]["model"], compared["b"]["model"]) == (active, CANDIDATE)
     assert compared["a"]["figures"]["image"]["recall"] == 1.0
     assert compared["b"]["figures"]["image"]["recall"] == 0.0
 
-    rerankers = CliRunner().invoke(main, ["eval", "compare", "exact", "exact", "--json"])
+    rerankers = CliRunner().invoke(
+        main, ["eval", "compare", "exact", "exact", "--json"], obj=search_runtime
+    )
     assert rerankers.exit_code == 0, rerankers.output
     both = json.loads(rerankers.stdout)
     assert (both["a"]["reranker"], both["b"]["reranker"]) == ("exact", "exact")
     assert both["a"]["model"] == both["b"]["model"] == active
 
-    mixed = CliRunner().invoke(main, ["eval", "compare", active, "--model", CANDIDATE])
+    mixed = CliRunner().invoke(
+        main, ["eval", "compare", active, "--model", CANDIDATE], obj=search_runtime
+    )
     assert mixed.exit_code == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,35 +17,37 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import select
 
-from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.evaluation import golden
 from moderation.evaluation.models import EvaluationRun
 from moderation.http.limits import api_limits
 from moderation.main.cli import main
+from moderation.runtime import Runtime
 from moderation.search.blip import ImageTextMatcher
 from moderation.search.rerankers import upload_images
 from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters
-from tests.conftest import TINY_MODEL_DIR
+from tests.conftest import TEST_SETTINGS, TINY_MODEL_DIR
 from tests.images import encode, write
-from tests.search_fixtures import add_upload, index_dir, tiny_model
+from tests.search_fixtures import SEARCH_CHANGES, add_upload, tiny_model
 from tests.servers import http_server, image_handler
 from tests.vectors import at_cosine_distance
-
-__all__ = ["index_dir"]
 
 QUERY = "red sports car"
 TOP = 6
 
 
 @pytest.fixture
-def blip_settings(tiny_blip: Path, index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MODERATION_SEARCH_RERANK_MODEL", str(tiny_blip))
-    monkeypatch.setenv("MODERATION_SEARCH_RERANK_TOP", str(TOP))
-    get_settings.cache_clear()
-    return tiny_blip
+def blip_runtime(tiny_blip: Path, tmp_path: Path, make_runtime: Callable[..., Runtime]) -> Runtime:
+    """Searches (as `search_fixtures.search_runtime`) whose cross-encoder is the tiny BLIP,
+    reranking the top `TOP`."""
+    return make_runtime(
+        index_dir=tmp_path / "index",
+        search_rerank_model=str(tiny_blip),
+        search_rerank_top=TOP,
+        **SEARCH_CHANGES,
+    )
 
 
 def _image(seed: int) -> Image.Image:
@@ -84,10 +87,10 @@ def test_a_random_blip_loads_through_from_pretrained_and_tells_images_apart(
 
 
 def test_the_cross_encoder_reorders_the_top_text_results_by_its_scores(
-    clean_db: None, blip_settings: Path, tmp_path: Path
+    clean_db: None, blip_runtime: Runtime, tiny_blip: Path, tmp_path: Path
 ) -> None:
     made = _corpus(tmp_path, _text_vector(QUERY), 10)
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
+    runtime = SearchRuntime(blip_runtime, follow=False)
     query = runtime.text_query(QUERY)
     made[2][1].unlink()  # its uploader's file is gone: it cannot be scored again
     exact = [r.upload_id for r in runtime.search(query, 10, Filters(), reranker="exact")]
@@ -97,7 +100,7 @@ def test_the_cross_encoder_reorders_the_top_text_results_by_its_scores(
 
     # Independently: the top TOP uploads' images scored by the same checkpoint, directly.
     readable = [(u, p) for u, p in made[:TOP] if p.exists()]
-    scores = ImageTextMatcher(str(blip_settings)).scores(
+    scores = ImageTextMatcher(str(tiny_blip)).scores(
         QUERY, [Image.open(p).convert("RGB") for _, p in readable]
     )
     by_score = [u for _, (u, _) in sorted(zip(-scores, readable, strict=True))]
@@ -116,7 +119,7 @@ def test_the_cross_encoder_reorders_the_top_text_results_by_its_scores(
 
 
 def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
-    clean_db: None, blip_settings: Path, tmp_path: Path
+    clean_db: None, blip_runtime: Runtime, tmp_path: Path
 ) -> None:
     made = [upload_id for upload_id, _ in _corpus(tmp_path, _text_vector(QUERY), 12)]
     with session_scope() as session:
@@ -125,7 +128,7 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
         golden.add_query(session, golden.QuerySubject(text=QUERY), [made[0], made[4]], actor="test")
         golden.add_query(session, golden.QuerySubject(upload_id=made[1]), [made[0]], actor="test")
 
-    result = CliRunner().invoke(main, ["eval", "compare", "-k", "3", "--json"])
+    result = CliRunner().invoke(main, ["eval", "compare", "-k", "3", "--json"], obj=blip_runtime)
     assert result.exit_code == 0, result.output
     compared = json.loads(result.stdout)
 
@@ -147,7 +150,7 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
         ]
 
     table = CliRunner().invoke(
-        main, ["eval", "compare", "--reranker", "exact", "--reranker", "exact"]
+        main, ["eval", "compare", "--reranker", "exact", "--reranker", "exact"], obj=blip_runtime
     )
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
@@ -185,7 +188,7 @@ def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
                 slots.taken(f"{server}/held", setting="TEST", party=f"holder-{holder}")
             )
         with session_scope() as session:
-            read = upload_images(session, get_settings())
+            read = upload_images(session, TEST_SETTINGS)
             with ThreadPoolExecutor(1) as pool:
                 reading = pool.submit(read, ids)
                 time.sleep(0.5)

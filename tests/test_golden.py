@@ -26,7 +26,7 @@ from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
 from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.embedding.models import EmbeddingModel
 from moderation.evaluation import golden, runner, service, tasks
@@ -37,20 +37,21 @@ from moderation.main import metrics as _metrics  # registers the /metrics collec
 from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
 from moderation.worker.sweeper import CHORES
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TINY_MODEL_DIR
-from tests.search_fixtures import add_upload, index_dir, tiny_model, unit
+from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
+from tests.search_fixtures import add_upload, index_dir, search_runtime, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
-__all__ = ["_metrics", "api", "index_dir", "keys"]
+__all__ = ["_metrics", "api", "index_dir", "keys", "search_runtime"]
 
 K = 5
 
 
-def _cli(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+def _cli(runtime: Runtime, *args: str) -> str:
+    result = CliRunner().invoke(main, list(args), obj=runtime, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -130,9 +131,12 @@ def test_analysts_add_golden_queries_by_command_and_api(
         # The audit log is append-only: clean_db keeps other tests' rows.
         audited_before = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
 
-    _cli("golden", "add", "--text", "red car", "--relevant", str(uploads[0]))
+    _cli(TEST_RUNTIME, "golden", "add", "--text", "red car", "--relevant", str(uploads[0]))
     # The same text again adds to its relevant uploads rather than making a second query.
-    _cli("golden", "add", "--text", "red car", "--relevant", str(uploads[1]), "--note", "both")
+    _cli(
+        TEST_RUNTIME,
+        *("golden", "add", "--text", "red car", "--relevant", str(uploads[1]), "--note", "both"),
+    )
     response = api.post(
         "/v1/golden",
         json={"upload_id": uploads[2], "relevant": [uploads[3]]},
@@ -165,15 +169,18 @@ def test_analysts_add_golden_queries_by_command_and_api(
         ("text", "red car", [uploads[0], uploads[1]], "analyst"),
         ("image", f"upload {uploads[2]}", [uploads[3]], "analyst"),
     ]
-    assert json.loads(_cli("golden", "list", "--modality", "text", "--json"))[0]["note"] == "both"
+    assert (
+        json.loads(_cli(TEST_RUNTIME, "golden", "list", "--modality", "text", "--json"))[0]["note"]
+        == "both"
+    )
 
     image_query = listed[1]["id"]
     removed = api.delete(f"/v1/golden/{image_query}", headers=bearer(keys[Role.ANALYST]))
     assert removed.status_code == 204
     again = api.delete(f"/v1/golden/{image_query}", headers=bearer(keys[Role.ANALYST]))
     assert (again.status_code, again.json()["code"]) == (404, "golden_query_not_found")
-    _cli("golden", "remove", str(listed[0]["id"]))
-    assert _cli("golden", "list").strip() == "no golden queries"
+    _cli(TEST_RUNTIME, "golden", "remove", str(listed[0]["id"]))
+    assert _cli(TEST_RUNTIME, "golden", "list").strip() == "no golden queries"
     with session_scope() as session:
         actions = session.scalars(
             select(AuditEvent.action)
@@ -184,10 +191,10 @@ def test_analysts_add_golden_queries_by_command_and_api(
 
 
 def test_a_run_from_the_command_is_listed_for_analysts(
-    api: TestClient, keys: dict[Role, str], index_dir: Path
+    api: TestClient, keys: dict[Role, str], search_runtime: Runtime
 ) -> None:
     _planted_corpus()
-    out = _cli("eval", "run", "-k", str(K))
+    out = _cli(search_runtime, "eval", "run", "-k", str(K))
     assert out.splitlines()[1].split() == [
         "MODALITY",
         "QUERIES",
@@ -343,10 +350,10 @@ def _figures(view: service.RunView, modality: Modality) -> dict[str, float]:
 
 
 def test_a_planted_corpus_gives_the_figures_its_plan_implies_per_modality(
-    clean_db: None, index_dir: Path
+    clean_db: None, search_runtime: Runtime
 ) -> None:
     _planted_corpus()
-    view = runner.evaluate(get_settings(), get_engine(), k=K)
+    view = runner.evaluate(search_runtime, k=K)
 
     assert view.k == K
     assert view.reranker == "exact"
@@ -377,13 +384,12 @@ class ReversedReranker:
 
 
 def test_a_reranker_that_reverses_the_order_shows_up_as_worse(
-    clean_db: None, index_dir: Path
+    clean_db: None, search_runtime: Runtime
 ) -> None:
     _planted_corpus()
-    settings = get_settings()
-    exact = runner.evaluate(settings, get_engine(), k=K)
+    exact = runner.evaluate(search_runtime, k=K)
     reversed_ = runner.evaluate(
-        settings, get_engine(), k=K, reranker="reversed", custom_reranker=ReversedReranker()
+        search_runtime, k=K, reranker="reversed", custom_reranker=ReversedReranker()
     )
 
     compared = service.compare(exact, reversed_)
@@ -401,13 +407,13 @@ def test_a_reranker_that_reverses_the_order_shows_up_as_worse(
 
 def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
     clean_db: None,
-    index_dir: Path,
+    search_runtime: Runtime,
     caplog: pytest.LogCaptureFixture,
     api: TestClient,
     keys: dict[Role, str],
 ) -> None:
     _planted_corpus()
-    first = runner.evaluate(get_settings(), get_engine(), k=K)
+    first = runner.evaluate(search_runtime, k=K)
     # The corpus grows denser around the text queries: uploads nearer to each than any of
     # its relevant ones push those out of the top k.
     with session_scope() as session:
@@ -418,11 +424,11 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
                 add_upload(session, model, [at_cosine_distance(anchor, 0.001, seed=closer)])
 
     with caplog.at_level(logging.WARNING, logger="moderation.evaluation.service"):
-        second = runner.evaluate(get_settings(), get_engine(), k=K)
+        second = runner.evaluate(search_runtime, k=K)
 
     text_fall = first.figures["text"]["recall"] - second.figures["text"]["recall"]
     assert second.figures["text"]["recall"] == 0.0
-    assert text_fall > get_settings().eval_drop_margin
+    assert text_fall > search_runtime.settings.eval_drop_margin
     assert second.regressed
     assert second.drops == {"text": pytest.approx(text_fall), "image": 0.0}
     assert second.corpus_size == first.corpus_size + K * len(TEXT_PLANS)
@@ -434,7 +440,7 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
     assert f"moderation_eval_recall{{{labels}}} 0.0" in scraped
 
     # History: recall by date and corpus size, the fall marked.
-    out = _cli("eval", "history")
+    out = _cli(search_runtime, "eval", "history")
     lines = out.splitlines()
     assert "CORPUS" in lines[0]
     assert "TEXT R@5" in lines[0]
@@ -485,7 +491,7 @@ def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
     assert set(tasks.run_if_due()) == {"golden_run", "golden_regressed"}
 
 
-def test_unaskable_queries_are_skipped_not_failed(clean_db: None, index_dir: Path) -> None:
+def test_unaskable_queries_are_skipped_not_failed(clean_db: None, search_runtime: Runtime) -> None:
     """An example image gone, a bank entry with no embedding under the model, a query with
     nothing relevant in the corpus: counted as skipped, the others measured."""
     rng = np.random.default_rng(5)
@@ -509,7 +515,7 @@ def test_unaskable_queries_are_skipped_not_failed(clean_db: None, index_dir: Pat
         )
         assert session.get(BankEntry, entry.id) is not None
 
-    view = runner.evaluate(get_settings(), get_engine(), k=K)
+    view = runner.evaluate(search_runtime, k=K)
     assert view.figures["image"]["queries"] == 1
     assert view.figures["image"]["skipped"] == 2
     assert view.figures["text"]["queries"] == 0

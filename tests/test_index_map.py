@@ -40,6 +40,7 @@ from moderation.search.projection import (
     sample_corpus,
 )
 from tests.api_fixtures import bearer, keys
+from tests.conftest import TEST_RUNTIME
 from tests.web_fixtures import log_in, site
 
 __all__ = ["keys", "site"]
@@ -202,7 +203,10 @@ def test_map_command_renders_the_stored_corpus(clean_db: None, tmp_path: Path) -
     out = tmp_path / "maps" / "map.png"
 
     result = CliRunner().invoke(
-        index_map, ["--out", str(out), "--sample", "40", "--model", MODEL], catch_exceptions=False
+        index_map,
+        ["--out", str(out), "--sample", "40", "--model", MODEL],
+        obj=TEST_RUNTIME,
+        catch_exceptions=False,
     )
 
     assert result.exit_code == 0, result.output
@@ -215,7 +219,9 @@ def test_map_command_for_a_model_without_embeddings_fails_cleanly(
     clean_db: None, tmp_path: Path
 ) -> None:
     out = str(tmp_path / "m.png")
-    result = CliRunner().invoke(main, ["index", "map", "--out", out, "--model", "absent"])
+    result = CliRunner().invoke(
+        main, ["index", "map", "--out", out, "--model", "absent"], obj=TEST_RUNTIME
+    )
 
     assert result.exit_code == 1
     assert "no embeddings for model 'absent'" in result.output

@@ -12,11 +12,12 @@ from sqlalchemy import delete
 from moderation.db import session_scope
 from moderation.main.cli import main
 from moderation.search.models import MilvusSyncState
+from tests.conftest import TEST_RUNTIME
 from tests.search_fixtures import tiny_model
 
 
 def _check() -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["index", "sync", "--check"])
+    result = CliRunner().invoke(main, ["index", "sync", "--check"], obj=TEST_RUNTIME)
     return result.exit_code, result.output
 
 

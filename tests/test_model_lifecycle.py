@@ -20,17 +20,18 @@ from click.testing import CliRunner
 from sqlalchemy import func, select, text, update
 
 from moderation.banks.models import BankEntryEmbedding
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.main.cli import main
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Upload, UploadStatus
 from moderation.search import service as search_service
 from moderation.search.runtime import SearchRuntime
 from moderation.worker.child import WorkerProcess, process_tree
-from tests.conftest import TEST_ENV, TINY_MODEL_DIR
+from tests.conftest import TEST_ENV, TEST_RUNTIME, TINY_MODEL_DIR
 from tests.images import encode, textured, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
@@ -52,7 +53,7 @@ WORKER_ENV = {
 
 
 def cli(*args: str, exit_code: int = 0) -> Any:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(main, list(args), obj=TEST_RUNTIME, catch_exceptions=False)
     assert result.exit_code == exit_code, result.output
     return json.loads(result.output) if "--json" in args and exit_code == 0 else result.output
 
@@ -105,7 +106,7 @@ def clip_hits(upload_id: int) -> list[tuple[int, int | None]]:
 def reset_registry() -> None:
     """The tiny CLIP active and every other model retired: the state other tests (and
     the shared worker) expect."""
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(
             update(EmbeddingModel)
             .where(EmbeddingModel.name != str(TINY_MODEL_DIR))
@@ -133,7 +134,9 @@ def job_row(job_id: int) -> ReembedJob:
 
 
 @pytest.mark.usefixtures("registry_restored")
-def test_a_model_change_end_to_end(tmp_path: Path, tiny_siglip: Path) -> None:
+def test_a_model_change_end_to_end(
+    tmp_path: Path, tiny_siglip: Path, make_runtime: Callable[..., Runtime]
+) -> None:
     images = tmp_path / "images"
     banked = write(images / "banked.jpg", encode(textured(500), quality=95))
     sourceless = write(images / "sourceless.jpg", encode(textured(501), quality=95))
@@ -249,18 +252,17 @@ def test_a_model_change_end_to_end(tmp_path: Path, tiny_siglip: Path) -> None:
         assert clip_hits(still.id) == [(no_source["id"], clip)]
 
         # Search answers under SigLIP; a query is never searched in another model's index.
-        runtime = SearchRuntime(get_settings_for_search(tmp_path), get_engine(), follow=False)
-        query = runtime.upload_query(after.id)
-        assert (runtime.model_name, query.model_id) == (str(tiny_siglip), siglip)
-        results = runtime.search(query, 3, search_service.Filters())
+        searching = make_runtime(index_dir=tmp_path / "index")
+        searches = SearchRuntime(searching, follow=False)
+        query = searches.upload_query(after.id)
+        assert (searches.model_name, query.model_id) == (str(tiny_siglip), siglip)
+        results = searches.search(query, 3, search_service.Filters())
         # (The copy may have been screened more than once while waiting for the switch.)
         assert results[0].uri == copy_of_banked.as_uri()
         assert results[0].score == pytest.approx(1.0, abs=1e-5)
-        assert runtime.index(query.model_id).model_id == siglip
+        assert searches.index(query.model_id).model_id == siglip
         # The old model still answers when asked for by name.
-        old = SearchRuntime(
-            get_settings_for_search(tmp_path), get_engine(), follow=False, model=str(TINY_MODEL_DIR)
-        )
+        old = SearchRuntime(searching, follow=False, model=str(TINY_MODEL_DIR))
         assert old.upload_query(before[0].id).model_id == clip
 
         # Retiring CLIP would leave the sourceless entry unmatched: refused, then forced.
@@ -271,12 +273,6 @@ def test_a_model_change_end_to_end(tmp_path: Path, tiny_siglip: Path) -> None:
         listed = {m["name"]: m for m in cli("model", "list", "--json")}
         assert listed[str(TINY_MODEL_DIR)]["state"] == "retired"
         assert listed[str(tiny_siglip)]["state"] == "active"
-
-
-def get_settings_for_search(tmp_path: Path) -> Any:
-    from moderation.config import get_settings
-
-    return get_settings().model_copy(update={"index_dir": tmp_path / "index"})
 
 
 @pytest.mark.usefixtures("registry_restored")

@@ -17,10 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import AutoTokenizer
 
-from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.cli import main
+from moderation.runtime import Runtime
 from moderation.screening.models import UploadStatus
 from moderation.search import milvus_sync, service
 from moderation.search.follow import FollowedIndex
@@ -30,20 +30,20 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
 from moderation.search.vector_index import IndexRows, VectorIndex
 from moderation.worker import metrics as _worker_metrics  # noqa: F401 (registers moderation_index_recall)
-from tests.conftest import TINY_MODEL_DIR
+from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
 from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import (
     DIM,
     add_hit,
     add_upload,
-    index_dir,
     index_settings,
+    search_runtime,
     tiny_model,
     unit,
 )
 from tests.vectors import at_cosine_distance
 
-__all__ = ["index_dir"]
+__all__ = ["search_runtime"]
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -51,7 +51,7 @@ PHOTOS = Path(__file__).parent / "data" / "photos"
 def _open(directory: Path, **plan: object) -> FollowedIndex:
     with session_scope() as session:
         model = tiny_model(session)
-    return open_index(get_engine(), model, index_settings(directory, **plan))
+    return open_index(TEST_RUNTIME.engine, model, index_settings(directory, **plan))
 
 
 @pytest.fixture(params=["faiss", "milvus"])
@@ -67,7 +67,7 @@ def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[],
         with session_scope() as session:
             model = tiny_model(session)
             session.expunge(model)
-        return milvus_sync.open_index(get_engine(), env.milvus, model)
+        return milvus_sync.open_index(env.runtime.engine, env.milvus, model)
 
     return open_milvus
 
@@ -90,27 +90,31 @@ def _search(index: VectorIndex, vector: np.ndarray, k: int, **options: object) -
     return [r.upload_id for r in results]
 
 
-def cli(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+def cli(runtime: Runtime, *args: str) -> str:
+    result = CliRunner().invoke(main, list(args), obj=runtime, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.stdout
 
 
-def test_an_exact_copy_of_an_image_ranks_first(clean_db: None, index_dir: Path) -> None:
+def test_an_exact_copy_of_an_image_ranks_first(clean_db: None, search_runtime: Runtime) -> None:
     """Through the command, by path: fetched, decoded and embedded as screening does."""
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
+    searches = SearchRuntime(search_runtime, follow=False)
     _random_corpus(40)
     photos = sorted(PHOTOS.glob("*.jpg"))[:4]
     with session_scope() as session:
         model = tiny_model(session)
         uploads = {
             photo.name: add_upload(
-                session, model, [runtime.fetched_image_query(str(photo), operator_file=True).vector]
+                session,
+                model,
+                [searches.fetched_image_query(str(photo), operator_file=True).vector],
             )
             for photo in photos
         }
     for photo in photos:
-        results = json.loads(cli("search", "--image", str(photo), "-k", "3", "--json"))
+        results = json.loads(
+            cli(search_runtime, "search", "--image", str(photo), "-k", "3", "--json")
+        )
         assert results[0]["upload_id"] == uploads[photo.name]
         assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
         assert {"upload_id", "uri", "score", "screened_at", "hits"} <= results[0].keys()
@@ -236,7 +240,7 @@ def test_an_upload_screened_after_loading_is_found_without_a_rebuild(
     vector = unit(rng)[0]
     with session_scope() as session:
         upload = add_upload(session, tiny_model(session), [vector])
-    assert index.tail(get_engine()) == 1
+    assert index.tail(TEST_RUNTIME.engine) == 1
     assert index.size == before + 1
     assert _search(index, vector, 1, candidates=5, exact_scan_max=0) == [upload]
 
@@ -251,7 +255,7 @@ def test_a_restart_reloads_the_snapshot_and_reads_only_the_tail(
     _random_corpus(7, seed=5)
     with session_scope() as session:
         model = tiny_model(session)
-    restarted = open_index(get_engine(), model, config)  # the snapshot, then the tail
+    restarted = open_index(TEST_RUNTIME.engine, model, config)  # the snapshot, then the tail
     assert restarted.size == 127
     assert sorted(restarted.embedding_ids.tolist()) == _ids_in_table()
 
@@ -267,7 +271,7 @@ def test_a_row_committed_late_with_a_lower_id_is_not_skipped(
     index = _open(tmp_path)
     rng = np.random.default_rng(11)
     late_vector, early_vector = unit(rng, 2)
-    engine = get_engine()
+    engine = TEST_RUNTIME.engine
     with engine.connect() as slow, Session(bind=slow) as slow_session:
         slow_session.begin()
         late = add_upload(slow_session, tiny_model(slow_session), [late_vector])
@@ -306,14 +310,14 @@ def test_the_checkpoint_passes_every_row_once_no_transaction_is_open(
     deadline = time.monotonic() + 20  # other sessions on the server may hold xmin briefly
     while index.checkpoint < newest and time.monotonic() < deadline:
         time.sleep(0.25)
-        index.tail(get_engine())
+        index.tail(TEST_RUNTIME.engine)
     assert index.checkpoint >= newest
     assert len(index.known_above_checkpoint()) == 0
 
 
-def test_a_text_query_goes_through_the_text_tower(clean_db: None, index_dir: Path) -> None:
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=False)
-    embedder = runtime.embedder()
+def test_a_text_query_goes_through_the_text_tower(clean_db: None, search_runtime: Runtime) -> None:
+    searches = SearchRuntime(search_runtime, follow=False)
+    embedder = searches.embedder()
     assert embedder.name == str(TINY_MODEL_DIR)
     texts = embedder.embed_texts(["red sports car", "a cat on a sofa"])
     assert texts.shape == (2, DIM)
@@ -337,30 +341,34 @@ def test_a_text_query_goes_through_the_text_tower(clean_db: None, index_dir: Pat
         cat = add_upload(session, model, [at_cosine_distance(texts[1], 0.02)])
     assert [
         r.upload_id
-        for r in runtime.search(runtime.text_query("red sports car"), 1, service.Filters())
+        for r in searches.search(searches.text_query("red sports car"), 1, service.Filters())
     ] == [car]
-    results = json.loads(cli("search", "--text", "a cat on a sofa", "--json"))
+    results = json.loads(cli(search_runtime, "search", "--text", "a cat on a sofa", "--json"))
     assert results[0]["upload_id"] == cat
     assert results[0]["score"] == pytest.approx(0.98, abs=1e-4)
 
 
-def test_search_by_upload_id_and_command_errors(clean_db: None, index_dir: Path) -> None:
+def test_search_by_upload_id_and_command_errors(clean_db: None, search_runtime: Runtime) -> None:
     ids = _random_corpus(20)
-    results = json.loads(cli("search", "--upload", str(ids[3]), "-k", "5", "--json"))
+    results = json.loads(
+        cli(search_runtime, "search", "--upload", str(ids[3]), "-k", "5", "--json")
+    )
     assert results[0]["upload_id"] == ids[3]
     assert len(results) == 5
-    table = cli("search", "--upload", str(ids[3]), "-k", "2")
+    table = cli(search_runtime, "search", "--upload", str(ids[3]), "-k", "2")
     assert "UPLOAD_ID" in table
     runner = CliRunner()
-    assert runner.invoke(main, ["search", "-k", "3"]).exit_code == 2
-    assert runner.invoke(main, ["search", "--text", "x", "--upload", "1"]).exit_code == 2
-    missing = runner.invoke(main, ["search", "--upload", str(max(ids) + 1000)])
+    assert runner.invoke(main, ["search", "-k", "3"], obj=search_runtime).exit_code == 2
+    assert (
+        runner.invoke(main, ["search", "--text", "x", "--upload", "1"], obj=search_runtime)
+    ).exit_code == 2
+    missing = runner.invoke(main, ["search", "--upload", str(max(ids) + 1000)], obj=search_runtime)
     assert missing.exit_code == 1
     assert "has no embedding" in missing.output
 
 
 def test_rebuild_then_eval_reports_recall_one_for_the_exact_index(
-    clean_db: None, index_dir: Path
+    clean_db: None, search_runtime: Runtime
 ) -> None:
     ids = _random_corpus(80)
     with session_scope() as session:  # exact copies: ties that any order answers rightly
@@ -370,10 +378,10 @@ def test_rebuild_then_eval_reports_recall_one_for_the_exact_index(
         ).one()
         for _ in range(3):
             add_upload(session, model, [np.frombuffer(stored, "<f4")])
-    summary = json.loads(cli("index", "rebuild", "--json"))
+    summary = json.loads(cli(search_runtime, "index", "rebuild", "--json"))
     assert (summary["vectors"], summary["kind"]) == (83, "flat")
     assert summary["checkpoint"] == max(_ids_in_table())  # settled: a restart reads nothing
-    history = json.loads(cli("index", "eval", "--queries", "50", "--json"))
+    history = json.loads(cli(search_runtime, "index", "eval", "--queries", "50", "--json"))
     assert len(history) == 1
     assert history[0]["recall"] == 1.0
     assert (history[0]["index_kind"], history[0]["corpus_size"], history[0]["k"]) == (
@@ -382,7 +390,7 @@ def test_rebuild_then_eval_reports_recall_one_for_the_exact_index(
         10,
     )
     assert history[0]["queries"] == 50
-    history = json.loads(cli("index", "eval", "-k", "5", "--json"))
+    history = json.loads(cli(search_runtime, "index", "eval", "-k", "5", "--json"))
     assert [e["k"] for e in history] == [10, 5]
     recall = REGISTRY.get_sample_value(
         "moderation_index_recall", {"model": str(TINY_MODEL_DIR), "index_kind": "flat", "k": "5"}
@@ -396,7 +404,7 @@ def test_eval_of_an_approximate_index_records_its_parameters(
     _random_corpus(300)
     with session_scope() as session:
         model = tiny_model(session)
-    index = build(get_engine(), model, index_settings(tmp_path, exact_max=10, hnsw_max=100))
+    index = build(TEST_RUNTIME.engine, model, index_settings(tmp_path, exact_max=10, hnsw_max=100))
     assert index.kind is IndexKind.IVF_FLAT
     with session_scope() as session:
         evaluation = service.evaluate(session, index, queries=100, k=10, seed=0)
@@ -422,7 +430,7 @@ def test_a_build_streams_large_reads_and_keeps_labels_aligned(
                 select(Embedding.upload_id, Embedding.vector).where(Embedding.upload_id.in_(ids))
             )
         }
-    index = build(get_engine(), model, index_settings(tmp_path))
+    index = build(TEST_RUNTIME.engine, model, index_settings(tmp_path))
     assert index.kind is IndexKind.HNSW
     assert sorted(index.upload_ids.tolist()) == sorted(ids)
     for upload in ids[::10]:

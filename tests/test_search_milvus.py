@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,30 +19,29 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.app import create_app
 from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload
 from moderation.search import milvus_sync, service
 from moderation.search.milvus_index import MilvusIndex, SearchIndexUnavailable, count_rows
 from moderation.search.models import MilvusSyncState
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
-from tests.api_fixtures import api, bearer, keys
-from tests.conftest import environment_runtime
-from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
+from tests.api_fixtures import bearer, keys
+from tests.milvus_fixtures import MilvusEnv, milvus_api, sync_until_caught_up
 from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
-__all__ = ["api", "keys"]
+__all__ = ["keys", "milvus_api"]
 
 
-def cli(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+def cli(runtime: Runtime, *args: str) -> str:
+    result = CliRunner().invoke(main, list(args), obj=runtime, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -57,7 +57,7 @@ def _index(env: MilvusEnv) -> MilvusIndex:
     with session_scope() as session:
         model = tiny_model(session)
         session.expunge(model)
-    return milvus_sync.open_index(get_engine(), env.milvus, model)
+    return milvus_sync.open_index(env.runtime.engine, env.milvus, model)
 
 
 def _embedding_ids() -> list[int]:
@@ -140,7 +140,7 @@ def test_out_of_order_commits_are_neither_skipped_nor_doubled(
     loop = milvus_env.loop()
     sync_until_caught_up(loop)
     rng = np.random.default_rng(9)
-    with Session(get_engine()) as slow:
+    with Session(milvus_env.runtime.engine) as slow:
         model = tiny_model(slow)
         late = add_upload(slow, model, [unit(rng)[0]])  # takes the lower id, commits last
         early = _corpus(3, seed=10)
@@ -163,7 +163,7 @@ def test_out_of_order_commits_are_neither_skipped_nor_doubled(
 
 
 def test_milvus_down_answers_503_and_the_sync_resumes_where_it_stopped(
-    clean_db: None, milvus_env: MilvusEnv, api: TestClient, keys: dict[Role, str]
+    clean_db: None, milvus_env: MilvusEnv, milvus_api: TestClient, keys: dict[Role, str]
 ) -> None:
     """Kill the server (its process group, SIGKILL) while the sync runs and uploads keep
     committing; searches answer 503 with the reason; after a restart the sync catches up
@@ -172,14 +172,17 @@ def test_milvus_down_answers_503_and_the_sync_resumes_where_it_stopped(
     loop = milvus_env.loop()
     sync_until_caught_up(loop)
     analyst = bearer(keys[Role.ANALYST])
-    assert api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).status_code == 200
+    assert (
+        milvus_api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).status_code
+        == 200
+    )
 
     stop_loop = loop.start(interval_s=0.1)
     try:
         _corpus(15, seed=1)
         milvus_env.server.stop(crash=True)
         _corpus(15, seed=2)  # screening writes on: PostgreSQL alone
-        response = api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst)
+        response = milvus_api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst)
         assert response.status_code == 503
         assert response.json()["code"] == "search_index_unavailable"
         assert "Milvus at http://127.0.0.1:" in response.json()["detail"]
@@ -202,7 +205,10 @@ def test_milvus_down_answers_503_and_the_sync_resumes_where_it_stopped(
     index = _index(milvus_env)
     assert index.held_ids().tolist() == wanted
     assert count_rows(milvus_env.milvus, index.alias, "Strong") == len(wanted) == 55
-    assert api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).status_code == 200
+    assert (
+        milvus_api.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).status_code
+        == 200
+    )
 
 
 def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
@@ -238,10 +244,10 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
             model = tiny_model(session)
             session.expunge(model)
         summary = milvus_sync.rebuild(
-            get_engine(),
+            milvus_env.runtime.engine,
             milvus_env.milvus,
             model,
-            milvus_sync.SyncSettings.from_settings(get_settings()),
+            milvus_sync.SyncSettings.from_settings(milvus_env.runtime.settings),
         )
         seen_after = len(answers)
         while len(answers) < seen_after + 5 and asker.is_alive():
@@ -261,28 +267,32 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
 
 
 def test_lag_shows_in_metrics_and_readyz(
-    clean_db: None, milvus_env: MilvusEnv, api: TestClient, monkeypatch: pytest.MonkeyPatch
+    clean_db: None,
+    milvus_env: MilvusEnv,
+    milvus_api: TestClient,
+    make_runtime: Callable[..., Runtime],
 ) -> None:
     assert (
-        "no Milvus collection is synced yet" in api.get("/readyz").json()["checks"]["search_index"]
+        "no Milvus collection is synced yet"
+        in milvus_api.get("/readyz").json()["checks"]["search_index"]
     )
     _corpus(5)
     sync_until_caught_up(milvus_env.loop())
-    assert api.get("/readyz").json()["checks"]["search_index"] == "ok"
+    assert milvus_api.get("/readyz").json()["checks"]["search_index"] == "ok"
     _corpus(3, seed=1)
     with session_scope() as session:
         (lag,) = milvus_sync.lags(session)
     assert lag.rows == 3
     assert lag.seconds is not None
     assert lag.seconds >= 0
-    metrics = api.get("/metrics").text
+    metrics = milvus_api.get("/metrics").text
     (line,) = [m for m in metrics.splitlines() if m.startswith("moderation_search_sync_lag_rows{")]
     assert f'collection="{lag.collection}"' in line
     assert line.endswith(" 3.0")
     assert "moderation_search_sync_lag_seconds{" in metrics
-    monkeypatch.setenv("MODERATION_MILVUS_MAX_LAG_S", "0.001")
-    get_settings.cache_clear()
-    check = api.get("/readyz").json()["checks"]["search_index"]
+    impatient = make_runtime(**milvus_env.changes, milvus_max_lag_s=0.001)
+    with TestClient(create_app(impatient)) as client:
+        check = client.get("/readyz").json()["checks"]["search_index"]
     assert check.startswith("the Milvus sync is behind")
     assert f"{lag.collection} (" in check
 
@@ -290,13 +300,13 @@ def test_lag_shows_in_metrics_and_readyz(
 def test_search_runtime_answers_from_milvus(clean_db: None, milvus_env: MilvusEnv) -> None:
     ids = _corpus(30)
     sync_until_caught_up(milvus_env.loop())
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=True)
+    searches = SearchRuntime(milvus_env.runtime, follow=True)
     try:
-        results = runtime.search(runtime.upload_query(ids[4]), 3, service.Filters())
+        results = searches.search(searches.upload_query(ids[4]), 3, service.Filters())
         assert results[0].upload_id == ids[4]
-        assert runtime.index().describe()["backend"] == "milvus"
+        assert searches.index().describe()["backend"] == "milvus"
     finally:
-        runtime.close()
+        searches.close()
 
 
 def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: MilvusEnv) -> None:
@@ -306,11 +316,12 @@ def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: Mi
     ids = _corpus(120)
     with session_scope() as session:
         add_hit(session, ids[3], "known-bad")
-    synced = json.loads(cli("index", "sync", "--once", "--json"))
+    runtime = milvus_env.runtime
+    synced = json.loads(cli(runtime, "index", "sync", "--once", "--json"))
     (report,) = synced.values()
     assert report["embeddings_checkpoint"] >= max(_embedding_ids())
     assert _index(milvus_env).size == 120
-    history = json.loads(cli("index", "eval", "--queries", "40", "--json"))
+    history = json.loads(cli(runtime, "index", "eval", "--queries", "40", "--json"))
     assert history[0]["index_kind"] == "hnsw"
     assert history[0]["corpus_size"] == 120
     assert history[0]["recall"] >= 0.9
@@ -320,21 +331,26 @@ def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: Mi
     assert history[0]["parameters"]["filtered_recall_10%"] >= 0.95
     assert history[0]["parameters"]["filtered_window"] in range(17)
     assert "filtered_recall_1%" not in history[0]["parameters"]  # one row passes: too few
-    found = json.loads(cli("search", "--upload", str(ids[3]), "--bank", "known-bad", "--json"))
+    found = json.loads(
+        cli(runtime, "search", "--upload", str(ids[3]), "--bank", "known-bad", "--json")
+    )
     assert [r["upload_id"] for r in found] == [ids[3]]
 
 
 def test_the_api_runs_the_sync_when_asked(
-    clean_db: None, milvus_env: MilvusEnv, keys: dict[Role, str], monkeypatch: pytest.MonkeyPatch
+    clean_db: None,
+    milvus_env: MilvusEnv,
+    keys: dict[Role, str],
+    make_runtime: Callable[..., Runtime],
 ) -> None:
     """MODERATION_MILVUS_SYNC_IN_API: the API process keeps the collection current itself;
     an upload committed while it runs becomes searchable without `moderation index sync`."""
-    monkeypatch.setenv("MODERATION_MILVUS_SYNC_IN_API", "true")
-    monkeypatch.setenv("MODERATION_MILVUS_SYNC_INTERVAL_S", "0.2")
-    get_settings.cache_clear()
+    runtime = make_runtime(
+        **milvus_env.changes, milvus_sync_in_api=True, milvus_sync_interval_s=0.2
+    )
     _corpus(20)
     analyst = bearer(keys[Role.ANALYST])
-    with TestClient(create_app(environment_runtime())) as client:
+    with TestClient(create_app(runtime)) as client:
         (late,) = _corpus(1, seed=4)
         deadline = time.monotonic() + 60
         while True:

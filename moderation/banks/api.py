@@ -371,4 +371,4 @@ _EMBED_LOCK = threading.Lock()
 def _embedder(name: str) -> Embedder:
     from moderation.embedding.cli import load_embedder
 
-    return load_embedder(name)
+    return load_embedder(get_settings(), name)

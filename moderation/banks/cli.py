@@ -183,7 +183,7 @@ def _model_entries(
             service.NewEntry(embedding=v, model=model, source_ref=source_ref) for v in vectors
         ]
     if images:
-        embedder = load_embedder(name)
+        embedder = load_embedder(settings, name)
         limits = DecodeLimits.from_settings(settings)
         # The operator's own files, named on their command line (see `allowing_files`).
         policy = UriPolicy.from_settings(settings).allowing_files(images)

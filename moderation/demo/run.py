@@ -130,12 +130,15 @@ def _reset_broker(url: str) -> None:
 def _build_bank() -> list[int]:
     from moderation.banks import service as banks
     from moderation.db import session_scope
+    from moderation.embedding import registry
     from moderation.embedding.cli import load_embedder
     from moderation.embedding.service import get_or_create_model
     from moderation.images.decode import DecodeLimits
 
     settings = get_settings()
-    embedder = load_embedder()
+    with session_scope() as session:
+        name = registry.serving_name(session, settings.resolved_model())
+    embedder = load_embedder(settings, name)
     limits = DecodeLimits.from_settings(settings)
     with session_scope() as session:
         model = get_or_create_model(session, embedder.name, embedder.dim)

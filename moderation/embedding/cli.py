@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from moderation.config import get_settings
+from moderation.config import Settings
 from moderation.embedding.service import embed_first_frame
 from moderation.embedding.tiny import (
     ARCHITECTURES,
@@ -22,24 +22,19 @@ from moderation.embedding.tiny import (
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime, pass_runtime
 
 if TYPE_CHECKING:
     from moderation.embedding.embedder import Embedder
 
 
-def load_embedder(name: str | None = None) -> Embedder:
-    """The named model (by default the registry's active one, or the configured one while
-    the registry has none), its weights loaded on first use."""
+def load_embedder(settings: Settings, name: str) -> Embedder:
+    """The named model on the configured device, its weights loaded on first use (the
+    serving one's name: `registry.serving_name`)."""
     # Imported here: torch and transformers take seconds to load, and most commands
     # never run a model.
-    from moderation.db import session_scope
-    from moderation.embedding import registry
     from moderation.embedding.families import open_embedder
 
-    settings = get_settings()
-    if name is None:
-        with session_scope() as session:
-            name = registry.serving_name(session, settings.resolved_model())
     return open_embedder(name, settings.resolved_device())
 
 
@@ -52,14 +47,20 @@ def load_embedder(name: str | None = None) -> Embedder:
     required=True,
     help="Where to write the embedding (.npy, float32, L2-normalised).",
 )
-def embed(image: str, out: Path) -> None:
-    """Write the embedding of IMAGE under the configured model.
+@pass_runtime
+def embed(runtime: Runtime, image: str, out: Path) -> None:
+    """Write the embedding of IMAGE under the active model (the configured one while the
+    registry has none).
 
     Partners can share these instead of the images. For an animated image, the first
     frame is embedded.
     """
-    settings = get_settings()
-    embedder = load_embedder()
+    from moderation.embedding import registry
+
+    settings = runtime.settings
+    with runtime.session() as session:
+        name = registry.serving_name(session, settings.resolved_model())
+    embedder = load_embedder(settings, name)
     data = fetch(
         image,
         # The operator's own file, named on their command line.

@@ -12,12 +12,11 @@ from typing import Any
 import click
 
 from moderation.audit.service import cli_actor
-from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
-from moderation.db import get_engine, session_scope
 from moderation.evaluation import golden as golden_set
 from moderation.evaluation import service
 from moderation.evaluation.models import Modality
+from moderation.runtime import Runtime, pass_runtime
 
 RERANKER_CHOICE = click.Choice(["exact", "cross-encoder"])
 
@@ -40,7 +39,9 @@ def golden() -> None:
     help="An upload the query should find (repeat for several).",
 )
 @click.option("--note", help="Why these are relevant, for the next analyst.")
+@pass_runtime
 def add(
+    runtime: Runtime,
     text: str | None,
     image: str | None,
     upload_id: int | None,
@@ -50,7 +51,7 @@ def add(
     """Add a golden query (one of --text, --image, --upload) with its relevant uploads; the
     same query again adds to its relevant uploads."""
     subject = golden_set.QuerySubject(text=text, image_uri=image, upload_id=upload_id)
-    with session_scope() as session:
+    with runtime.session() as session:
         query = golden_set.add_query(session, subject, relevant, actor=cli_actor(), note=note)
         click.echo(
             f"golden query {query.id} ({query.modality.value}): {golden_set.describe(query)}"
@@ -60,9 +61,10 @@ def add(
 @golden.command("list")
 @click.option("--modality", type=click.Choice([m.value for m in Modality]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(modality: str | None, as_json: bool) -> None:
+@pass_runtime
+def list_(runtime: Runtime, modality: str | None, as_json: bool) -> None:
     """The golden queries, with their relevant uploads."""
-    with session_scope() as session:
+    with runtime.session() as session:
         views = golden_set.list_queries(session, Modality(modality) if modality else None)
     if as_json:
         emit_json(views)
@@ -77,17 +79,19 @@ def list_(modality: str | None, as_json: bool) -> None:
 
 @golden.command("remove")
 @click.argument("query_id", type=int)
-def remove(query_id: int) -> None:
+@pass_runtime
+def remove(runtime: Runtime, query_id: int) -> None:
     """Remove a golden query and its relevant uploads."""
-    with session_scope() as session:
+    with runtime.session() as session:
         golden_set.remove_query(session, query_id, actor=cli_actor())
     click.echo(f"golden query {query_id} removed")
 
 
 @golden.command("sync")
-def sync() -> None:
+@pass_runtime
+def sync(runtime: Runtime) -> None:
     """Bring the review-derived part of the set up to date now (each run does it too)."""
-    with session_scope() as session:
+    with runtime.session() as session:
         done = golden_set.sync_from_review(session)
     click.echo(
         f"{done.queries_added} queries and {done.pairs_added} relevant uploads added from "
@@ -119,10 +123,12 @@ def _show(view: service.RunView) -> None:
         click.echo(f"warning: recall fell beyond the margin since the last run: {falls}", err=True)
 
 
-def _evaluate(model: str | None, reranker: str | None, k: int | None) -> service.RunView:
+def _evaluate(
+    runtime: Runtime, model: str | None, reranker: str | None, k: int | None
+) -> service.RunView:
     from moderation.evaluation.runner import evaluate
 
-    return evaluate(get_settings(), get_engine(), model=model, reranker=reranker, k=k)
+    return evaluate(runtime, model=model, reranker=reranker, k=k)
 
 
 @eval_.command("run")
@@ -130,9 +136,12 @@ def _evaluate(model: str | None, reranker: str | None, k: int | None) -> service
 @click.option("--reranker", type=RERANKER_CHOICE, help="Default: MODERATION_SEARCH_RERANKER.")
 @click.option("-k", "k", type=click.IntRange(1, 1000), help="Default: MODERATION_EVAL_K.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def run(model: str | None, reranker: str | None, k: int | None, as_json: bool) -> None:
+@pass_runtime
+def run(
+    runtime: Runtime, model: str | None, reranker: str | None, k: int | None, as_json: bool
+) -> None:
     """Measure search on the golden set and record the run."""
-    view = _evaluate(model, reranker, k)
+    view = _evaluate(runtime, model, reranker, k)
     if as_json:
         emit_json(view)
     else:
@@ -156,7 +165,9 @@ def run(model: str | None, reranker: str | None, k: int | None, as_json: bool) -
 @click.option("-k", "k", type=click.IntRange(1, 1000), help="Default: MODERATION_EVAL_K.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.argument("configurations", nargs=-1)
+@pass_runtime
 def compare(
+    runtime: Runtime,
     models: tuple[str, ...],
     rerankers: tuple[str, ...],
     k: int | None,
@@ -185,7 +196,7 @@ def compare(
     else:
         chosen = list(rerankers) if rerankers else ["exact", "cross-encoder"]
         pairs = [(models[0] if models else None, r) for r in chosen]
-    a, b = (_evaluate(model, reranker, k) for model, reranker in pairs)
+    a, b = (_evaluate(runtime, model, reranker, k) for model, reranker in pairs)
     rows = [
         {
             "modality": row.modality,
@@ -213,9 +224,10 @@ def compare(
 @click.option("--model", help="Only this model's runs.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def history(model: str | None, limit: int, as_json: bool) -> None:
+@pass_runtime
+def history(runtime: Runtime, model: str | None, limit: int, as_json: bool) -> None:
     """Recall on the golden set by date and corpus size, oldest first."""
-    with session_scope() as session:
+    with runtime.session() as session:
         views = service.history(session, model=model, limit=limit)
     if as_json:
         emit_json(views)
@@ -256,7 +268,8 @@ def history(model: str | None, limit: int, as_json: bool) -> None:
     help="Refuse a candidate whose recall on the golden set is below the active model's "
     "for any modality (or that no golden query could judge).",
 )
-def activate(name: str, require_no_regression: bool) -> None:
+@pass_runtime
+def activate(runtime: Runtime, name: str, require_no_regression: bool) -> None:
     """Make a candidate the active model: searches answer with it within
     MODERATION_MODEL_POLL_S. The candidate and the active model are measured on the golden
     set first and shown side by side (both runs are recorded). The previous active model
@@ -264,7 +277,7 @@ def activate(name: str, require_no_regression: bool) -> None:
     from moderation.embedding import registry
     from moderation.evaluation.gate import judge_candidate
 
-    verdict = judge_candidate(get_settings(), get_engine(), name)
+    verdict = judge_candidate(runtime, name)
     if verdict is not None:
         click.echo(
             f"golden set, {verdict.active.reranker} rerank, k={verdict.active.k}: "
@@ -289,7 +302,7 @@ def activate(name: str, require_no_regression: bool) -> None:
             raise click.ClickException(
                 f"not activated: the candidate is worse on the golden set ({falls})"
             )
-    with session_scope() as session:
+    with runtime.session() as session:
         model = registry.activate(session, name, actor=cli_actor())
         shown = model.name
     click.echo(f"active model: {shown}")

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
-
-from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.evaluation import service
 from moderation.evaluation.runner import evaluate
+from moderation.runtime import Runtime
 
 # Recall figures are means of ratios: a smaller difference is rounding, not a regression.
 TOLERANCE = 1e-9
@@ -35,15 +32,15 @@ class CandidateVerdict:
         return bool(self.figures)
 
 
-def judge_candidate(settings: Settings, engine: Engine, candidate: str) -> CandidateVerdict | None:
+def judge_candidate(runtime: Runtime, candidate: str) -> CandidateVerdict | None:
     """Both models measured now (recorded as runs, trigger `activate`); None when there is
     no active model to judge against, or `candidate` is already it."""
-    with session_scope() as session:
+    with runtime.session() as session:
         active = registry.active_model(session)
         active_name = active.name if active is not None else None
         candidate_name = registry.get_model(session, registry.registered_name(candidate)).name
     if active_name is None or active_name == candidate_name:
         return None
-    before = evaluate(settings, engine, model=active_name, trigger="activate")
-    after = evaluate(settings, engine, model=candidate_name, trigger="activate")
+    before = evaluate(runtime, model=active_name, trigger="activate")
+    after = evaluate(runtime, model=candidate_name, trigger="activate")
     return CandidateVerdict(before, after, service.compare(before, after))

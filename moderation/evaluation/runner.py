@@ -4,19 +4,15 @@ reranker by name; one transaction records the run."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
-
-from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.evaluation import service
+from moderation.runtime import Runtime
 from moderation.search.rerank import Reranker
 from moderation.search.rerankers import reranker_named
 from moderation.search.runtime import SearchRuntime
 
 
 def evaluate(
-    settings: Settings,
-    engine: Engine,
+    runtime: Runtime,
     *,
     model: str | None = None,
     reranker: str | None = None,
@@ -26,16 +22,17 @@ def evaluate(
 ) -> service.RunView:
     """Measure `model` (default: the active one) with `reranker` (default: the setting);
     `custom_reranker` measures any `Reranker` under the name `reranker`."""
-    runtime = SearchRuntime(settings, engine, follow=False, model=model)
+    settings = runtime.settings
+    searches = SearchRuntime(runtime, follow=False, model=model)
     try:
         # Opening reads every committed embedding (rows above the checkpoint included).
-        index = runtime.index()
+        index = searches.index()
         name = reranker or settings.search_reranker
         make = service.QueryMaker(
-            text=runtime.text_query,
-            image_uri=lambda uri: runtime.fetched_image_query(uri, operator_file=False),
+            text=searches.text_query,
+            image_uri=lambda uri: searches.fetched_image_query(uri, operator_file=False),
         )
-        with session_scope() as session:
+        with runtime.session() as session:
             evaluation = service.run(
                 session,
                 index,
@@ -49,7 +46,7 @@ def evaluate(
                 drop_margin=settings.eval_drop_margin,
             )
             run_id = evaluation.id
-        with session_scope() as session:
+        with runtime.session() as session:
             return service.run_view(session, run_id)
     finally:
-        runtime.close()
+        searches.close()

@@ -16,9 +16,10 @@ from sqlalchemy import func, select, text
 
 from moderation.chores import Chore
 from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
+from moderation.db import session_scope
 from moderation.evaluation import runner
 from moderation.evaluation.models import EvaluationRun
+from moderation.runtime import Runtime
 from moderation.search.store import NoEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,14 @@ def run_if_due() -> dict[str, object]:
             seconds=settings.eval_interval_s
         ):
             return {}
+        # Transitional, until the worker passes its own runtime down (issue 21, item 3).
+        scheduled = Runtime(settings)
         try:
-            view = runner.evaluate(settings, get_engine(), trigger=SCHEDULE)
+            view = runner.evaluate(scheduled, trigger=SCHEDULE)
         except NoEmbeddings:
             return {}  # nothing screened yet under the model
+        finally:
+            scheduled.close()
     logger.info("scheduled golden-set run %d: %s", view.id, view.figures)
     return {"golden_run": view.id, "golden_regressed": view.regressed}
 

@@ -11,18 +11,19 @@ import click
 
 from moderation.audit.service import cli_actor
 from moderation.console import emit_json, emit_table
-from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.embedding.service import ModelMismatch
 from moderation.lifecycle import reembed as jobs
 from moderation.lifecycle import service
 from moderation.lifecycle.models import FINAL_REEMBED_STATUSES
 from moderation.lifecycle.tasks import send_steps
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.command("add")
 @click.argument("name_or_path")
-def add(name_or_path: str) -> None:
+@pass_runtime
+def add(runtime: Runtime, name_or_path: str) -> None:
     """Register a checkpoint (local directory or Hugging Face id) as a candidate: every
     worker computes it beside the active model from then on (within MODERATION_MODEL_POLL_S).
     Its weights are loaded here once, for their fingerprint."""
@@ -31,7 +32,7 @@ def add(name_or_path: str) -> None:
     embedder = open_embedder(name_or_path)
     fingerprint = embedder.fingerprint
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             model, changed = registry.add(
                 session,
                 name_or_path,
@@ -52,9 +53,10 @@ def add(name_or_path: str) -> None:
 
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
-def list_(as_json: bool) -> None:
+@pass_runtime
+def list_(runtime: Runtime, as_json: bool) -> None:
     """The registered models, what each has embedded, and its state."""
-    with session_scope() as session:
+    with runtime.session() as session:
         models = service.list_models(session)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(m) for m in models], default=str, indent=2))
@@ -75,11 +77,12 @@ def list_(as_json: bool) -> None:
 @click.option(
     "--force", is_flag=True, help="Retire even if bank entries lose their only CLIP embedding."
 )
-def retire(name: str, force: bool) -> None:
+@pass_runtime
+def retire(runtime: Runtime, name: str, force: bool) -> None:
     """Stop computing a model. Refused while bank entries have a CLIP embedding under it
     and under no other computed model, unless --force."""
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             model = service.retire(session, name, actor=cli_actor(), force=force)
             shown = model.name
     except (service.CoverageLost, registry.BadTransition, registry.ModelNotFound) as error:
@@ -106,9 +109,9 @@ EXIT_TIMED_OUT = 3
     type=click.FloatRange(0, 1, min_open=True),
     help="Share of each worker's time the job may take (default: MODERATION_REEMBED_DUTY).",
 )
-@click.pass_context
+@pass_runtime
 def reembed(
-    ctx: click.Context,
+    runtime: Runtime,
     model_name: str | None,
     wait: bool,
     timeout: float | None,
@@ -116,12 +119,12 @@ def reembed(
 ) -> None:
     """Re-embed every screened upload and every bank entry with a source under a model
     (a candidate, before it is activated), in the background, on the workers."""
-    if ctx.invoked_subcommand is not None:
+    if click.get_current_context().invoked_subcommand is not None:
         return
     if model_name is None:
         raise click.UsageError("give --model NAME, or a command (list, show)")
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             job, new = jobs.start(session, model_name, actor=cli_actor(), duty=duty)
             job_id, step = job.id, job.step
     except (jobs.NotReembeddable, registry.ModelNotFound) as error:
@@ -132,14 +135,14 @@ def reembed(
     else:
         click.echo(f"re-embedding job {job_id} for this model is already running")
     if wait:
-        _wait(job_id, timeout)
+        _wait(runtime, job_id, timeout)
 
 
-def _wait(job_id: int, timeout: float | None) -> None:
+def _wait(runtime: Runtime, job_id: int, timeout: float | None) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     reported = 0.0
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             view = jobs.get_job(session, job_id)
         if view.status in {s.value for s in FINAL_REEMBED_STATUSES}:
             click.echo(_progress(view))
@@ -169,9 +172,10 @@ def _progress(view: jobs.JobView) -> str:
 @reembed.command("list")
 @click.option("--limit", default=100, show_default=True, help="Newest jobs shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def reembed_list(limit: int, as_json: bool) -> None:
+@pass_runtime
+def reembed_list(runtime: Runtime, limit: int, as_json: bool) -> None:
     """Show re-embedding jobs, newest first, with their progress."""
-    with session_scope() as session:
+    with runtime.session() as session:
         views = jobs.list_jobs(session, limit=limit)
     if as_json:
         emit_json([dataclasses.asdict(v) for v in views])
@@ -186,10 +190,11 @@ def reembed_list(limit: int, as_json: bool) -> None:
 @reembed.command("show")
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def reembed_show(job_id: int, as_json: bool) -> None:
+@pass_runtime
+def reembed_show(runtime: Runtime, job_id: int, as_json: bool) -> None:
     """Show one job, its progress, and the items it could not embed (with why)."""
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             view = jobs.get_job(session, job_id)
             failed = [
                 {

@@ -19,8 +19,7 @@ from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, Upl
 from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.http.access import allow
+from moderation.http.access import AppRuntime, allow
 from moderation.http.admission import image_body
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
@@ -32,9 +31,7 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters, SearchResult
 
 # Loaded with the process's first search, then following the embeddings table.
-RUNTIME = ProcessResource(
-    "search_runtime", lambda runtime: SearchRuntime(runtime.settings, runtime.engine, follow=True)
-)
+RUNTIME = ProcessResource("search_runtime", lambda runtime: SearchRuntime(runtime, follow=True))
 
 
 def _start_sync(runtime: Runtime) -> Callable[[], None] | None:
@@ -176,11 +173,14 @@ def search_by_text_or_upload(
 
 @router.post("/image", openapi_extra={**allow(Role.ANALYST), **image_body()})
 def search_by_image(
-    request: Request, params: Filtering, image: Annotated[UploadFile, File()]
+    request: Request,
+    app_runtime: AppRuntime,
+    params: Filtering,
+    image: Annotated[UploadFile, File()],
 ) -> SearchResponse:
     """The k screened uploads most like an example image, sent as multipart `image`; it is
     decoded and embedded exactly as screening does, and refused as screening would."""
-    limit = get_settings().max_bytes
+    limit = app_runtime.settings.max_bytes
     data = image.file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(

@@ -16,10 +16,9 @@ from typing import Any
 
 import click
 
-from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
-from moderation.db import get_engine, session_scope
 from moderation.review.models import ReviewStatus
+from moderation.runtime import Runtime, pass_runtime
 from moderation.screening.models import UploadStatus
 from moderation.search.map_cli import index_map
 
@@ -50,7 +49,9 @@ def _utc(value: datetime | None) -> datetime | None:
     help="A registered model to search instead of the active one (a candidate, to judge it).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_runtime
 def search(
+    runtime: Runtime,
     text: str | None,
     image: str | None,
     upload_id: int | None,
@@ -81,15 +82,15 @@ def search(
         error_code=error_code,
         review_status=ReviewStatus(review_status) if review_status else None,
     )
-    runtime = SearchRuntime(get_settings(), get_engine(), follow=False, model=model_name)
+    searches = SearchRuntime(runtime, follow=False, model=model_name)
     if text is not None:
-        query = runtime.text_query(text)
+        query = searches.text_query(text)
     elif image is not None:
-        query = runtime.fetched_image_query(image, operator_file=True)
+        query = searches.fetched_image_query(image, operator_file=True)
     else:
         assert upload_id is not None
-        query = runtime.upload_query(upload_id)
-    results = runtime.search(query, k, filters)
+        query = searches.upload_query(upload_id)
+    results = searches.search(query, k, filters)
     if as_json:
         emit_json(results)
         return
@@ -124,7 +125,8 @@ def _bar(length: int, label: str) -> Iterator[Any]:
 
 @index.command("rebuild")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def rebuild(as_json: bool) -> None:
+@pass_runtime
+def rebuild(runtime: Runtime, as_json: bool) -> None:
     """Build the active model's index from the embeddings table, from scratch, and
     save it as the snapshot searches start from."""
     from moderation.embedding import registry
@@ -137,16 +139,16 @@ def rebuild(as_json: bool) -> None:
         settle,
     )
 
-    settings = get_settings()
+    settings = runtime.settings
     config = IndexSettings.from_settings(settings)
-    engine = get_engine()
+    engine = runtime.engine
     started = time.perf_counter()
-    with session_scope() as session:
+    with runtime.session() as session:
         model = registry.active_model(session) or model_named(session, settings.resolved_model())
         total = count_embeddings(session, model.id)
         session.expunge(model)
     if settings.search_backend == "milvus":
-        _rebuild_milvus(model, as_json, started)
+        _rebuild_milvus(runtime, model, as_json, started)
         return
     with _bar(total, "reading") as reading, _bar(total, "indexing") as indexing:
         built = build(engine, model, config, reading=reading.update, indexing=indexing.update)
@@ -170,14 +172,14 @@ def rebuild(as_json: bool) -> None:
         )
 
 
-def _rebuild_milvus(model: Any, as_json: bool, started: float) -> None:
+def _rebuild_milvus(runtime: Runtime, model: Any, as_json: bool, started: float) -> None:
     """A new collection filled and tuned beside the serving one, then the alias moved."""
     from moderation.search import milvus_sync
     from moderation.search.milvus_index import Milvus, MilvusSettings
 
-    settings = get_settings()
+    settings = runtime.settings
     summary = milvus_sync.rebuild(
-        get_engine(),
+        runtime.engine,
         Milvus(MilvusSettings.from_settings(settings)),
         model,
         milvus_sync.SyncSettings.from_settings(settings),
@@ -202,7 +204,8 @@ def _rebuild_milvus(model: Any, as_json: bool, started: float) -> None:
     help="Sync nothing: exit 1 unless every collection's last completed pass started within "
     "MODERATION_MILVUS_MAX_LAG_S (a health check; reads PostgreSQL only).",
 )
-def sync(once: bool, model_name: str | None, as_json: bool, check: bool) -> None:
+@pass_runtime
+def sync(runtime: Runtime, once: bool, model_name: str | None, as_json: bool, check: bool) -> None:
     """Keep the Milvus collections (MODERATION_SEARCH_BACKEND=milvus) equal to PostgreSQL:
     new embeddings, deletions, and changes of the filter fields (review decisions, hits,
     statuses), every MODERATION_MILVUS_SYNC_INTERVAL_S until stopped. The first pass of a
@@ -213,9 +216,9 @@ def sync(once: bool, model_name: str | None, as_json: bool, check: bool) -> None
     from moderation.search import milvus_sync
     from moderation.search.milvus_index import Milvus, MilvusSettings
 
-    settings = get_settings()
+    settings = runtime.settings
     if check:
-        with session_scope() as session:
+        with runtime.session() as session:
             lags = milvus_sync.lags(session)
         behind = [
             lag for lag in lags if lag.seconds is None or lag.seconds > settings.milvus_max_lag_s
@@ -232,7 +235,7 @@ def sync(once: bool, model_name: str | None, as_json: bool, check: bool) -> None
             )
         return
     loop = milvus_sync.SyncLoop(
-        get_engine(),
+        runtime.engine,
         Milvus(MilvusSettings.from_settings(settings)),
         milvus_sync.SyncSettings.from_settings(settings),
         milvus_sync.synced_models(settings, model_name),
@@ -260,17 +263,17 @@ def sync(once: bool, model_name: str | None, as_json: bool, check: bool) -> None
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="Default: search_recall_k.")
 @click.option("--seed", type=int, help="Sample the same queries again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the history of evaluations as JSON.")
-def eval_(queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
+@pass_runtime
+def eval_(runtime: Runtime, queries: int, k: int | None, seed: int | None, as_json: bool) -> None:
     """Measure recall@k of the serving index against exact search, with stored vectors as
     queries, and record it (with the corpus size and index parameters)."""
     from moderation.search import service
     from moderation.search.runtime import SearchRuntime
     from moderation.search.store import IndexSettings, outgrown_by
 
-    settings = get_settings()
-    runtime = SearchRuntime(settings, get_engine(), follow=False)
-    followed = runtime.index()
-    with session_scope() as session:
+    settings = runtime.settings
+    followed = SearchRuntime(runtime, follow=False).index()
+    with runtime.session() as session:
         evaluation = service.evaluate(
             session,
             followed,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moderation.config import get_settings
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.command("map")
@@ -26,14 +26,14 @@ from moderation.config import get_settings
     help="Uploads drawn: every one with a bank hit (up to half), the rest at random.",
 )
 @click.option("--model", help="The embedding model's name (default: the active model).")
-def index_map(out: Path, sample: int, model: str | None) -> None:
+@pass_runtime
+def index_map(runtime: Runtime, out: Path, sample: int, model: str | None) -> None:
     """Draw a sample of the corpus in two dimensions (PCA), coloured by bank hit."""
-    from moderation.db import session_scope
     from moderation.embedding import registry
     from moderation.search.projection import render_map, sample_corpus
 
-    with session_scope() as session:
-        model_name = model or registry.serving_name(session, get_settings().resolved_model())
+    with runtime.session() as session:
+        model_name = model or registry.serving_name(session, runtime.settings.resolved_model())
         corpus = sample_corpus(session, model_name, sample)
     projection = render_map(
         corpus.vectors,

@@ -22,10 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
-
-from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from moderation.embedding.service import embed_first_frame
@@ -34,6 +30,7 @@ from moderation.http.limits import FETCHES_SETTING, api_limits
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime
 from moderation.search import service
 from moderation.search.rerank import SearchQuery
 from moderation.search.rerankers import reranker_named
@@ -69,12 +66,13 @@ class EmptyQuery(Invalid):
 
 
 class SearchRuntime:
-    def __init__(
-        self, settings: Settings, engine: Engine, *, follow: bool, model: str | None = None
-    ) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.config = IndexSettings.from_settings(settings)
+    """Searches on `runtime`'s settings and database."""
+
+    def __init__(self, runtime: Runtime, *, follow: bool, model: str | None = None) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.engine = runtime.engine
+        self.config = IndexSettings.from_settings(self.settings)
         self.follow = follow
         self._pinned = model
         self._lock = threading.Lock()
@@ -109,7 +107,7 @@ class SearchRuntime:
             return self._served
 
     def _read_served(self) -> tuple[int, str]:
-        with session_scope() as session:
+        with self.runtime.session() as session:
             if self._pinned is not None:
                 model = model_named(session, registry.registered_name(self._pinned))
             else:
@@ -151,7 +149,7 @@ class SearchRuntime:
             found = self._models.get(model_id)
         if found is not None:
             return found
-        with session_scope() as session:
+        with self.runtime.session() as session:
             model = model_named(session, name)
         if self.settings.search_backend == "milvus":
             # The collection is kept current by `moderation index sync`, not by this process.
@@ -184,7 +182,7 @@ class SearchRuntime:
             found = self._models.get(model_id)
         if found is not None:
             return found.index
-        with session_scope() as session:
+        with self.runtime.session() as session:
             name = session.get_one(EmbeddingModel, model_id).name
         return self._model_search(model_id, name).index
 
@@ -233,7 +231,7 @@ class SearchRuntime:
 
     def upload_query(self, upload_id: int) -> SearchQuery:
         index = self._current().index
-        with session_scope() as session:
+        with self.runtime.session() as session:
             vector = service.upload_vector(session, index.model_id, index.model_name, upload_id)
         return SearchQuery(vector=vector, model_id=index.model_id, upload_id=upload_id)
 
@@ -249,7 +247,7 @@ class SearchRuntime:
         index = self.index(query.model_id)
         if query.model_id is not None and index.model_id != query.model_id:
             raise RuntimeError("a query reached another model's index")  # never: see index()
-        with session_scope() as session:
+        with self.runtime.session() as session:
             service.check_filters(session, filters)
             return service.search(
                 session,
