@@ -25,9 +25,12 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_retrohunt"
 BENCH_REDIS = "redis://127.0.0.1:6379/14"
@@ -51,27 +54,39 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="moderation-bench-retrohunt-"))
-    os.environ.update(
-        {
-            "MODERATION_DATABASE_URL": os.environ.get(
-                "MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE
-            ),
-            "MODERATION_REDIS_URL": os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS),
-            "MODERATION_QUEUE": "screening-bench",
-            "MODERATION_RETROHUNT_QUEUE": "retrohunt-bench",
-            "MODERATION_MODEL": str(workdir / "tiny-clip"),
-            "MODERATION_DEVICE": "cpu",
-            "MODERATION_BANK_REFRESH_S": "1",
-            "MODERATION_RETROHUNT_SETTLE_S": "0",
-            "MODERATION_ALLOWED_URI_PREFIXES": f"{workdir.resolve().as_uri()}/",
-        }
-    )
+    # The bench's settings, as the worker it starts reads them from its environment.
+    environment = {
+        "MODERATION_DATABASE_URL": os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE),
+        "MODERATION_REDIS_URL": os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS),
+        "MODERATION_QUEUE": "screening-bench",
+        "MODERATION_RETROHUNT_QUEUE": "retrohunt-bench",
+        "MODERATION_MODEL": str(workdir / "tiny-clip"),
+        "MODERATION_DEVICE": "cpu",
+        "MODERATION_BANK_REFRESH_S": "1",
+        "MODERATION_RETROHUNT_SETTLE_S": "0",
+        "MODERATION_ALLOWED_URI_PREFIXES": f"{workdir.resolve().as_uri()}/",
+    }
+    # Transitional: `submit_uris`, `wait_until_final` (moderation.screening.cli) and
+    # `send_steps` (moderation.retrohunt.tasks) still read `get_settings()`, the
+    # environment; this goes once they take the runtime.
+    os.environ.update(environment)
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_tiny_clip
+    from moderation.runtime import Runtime
 
+    fields: dict[str, Any] = {
+        name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()
+    }
+    runtime = Runtime(Settings(**fields))
     write_tiny_clip(workdir / "tiny-clip")
-    prepare_uploads(args.uploads)
-    hunting = hunt_rates(args.uploads, args.clip_entries, args.pdq_entries)
-    screening = screening_while_hunting(workdir, args.images, args.pdq_entries, args.rounds)
+    try:
+        prepare_uploads(runtime, args.uploads)
+        hunting = hunt_rates(runtime, args.uploads, args.clip_entries, args.pdq_entries)
+        screening = screening_while_hunting(
+            runtime, environment, workdir, args.images, args.pdq_entries, args.rounds
+        )
+    finally:
+        runtime.close()
     results: dict[str, Any] = {
         "hunt": hunting,
         "screening": screening,
@@ -99,22 +114,21 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-def prepare_uploads(count: int) -> None:
+def prepare_uploads(runtime: Runtime, count: int) -> None:
     """A fresh schema and `count` screened uploads, each with a SHA-256, a PDQ hash and one
     768-d embedding of a model of its own."""
     from sqlalchemy import text
 
     from moderation import pg_copy, schema
-    from moderation.db import get_engine, session_scope
     from moderation.embedding.service import get_or_create_model, normalise
 
-    schema.upgrade()
-    with get_engine().begin() as conn:
+    schema.upgrade(runtime.settings.database_url)
+    with runtime.engine.begin() as conn:
         conn.execute(
             text("TRUNCATE hits, signals, embeddings, uploads, banks, retrohunt_jobs CASCADE")
         )
     rng = np.random.default_rng(0)
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, "bench-768", DIM)
         ids = list(
             session.scalars(
@@ -150,18 +164,18 @@ def prepare_uploads(count: int) -> None:
             pg_copy.copy_in(session, "embeddings", rows)
 
 
-def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, Any]:
+def hunt_rates(
+    runtime: Runtime, uploads: int, clip_entries: int, pdq_entries: int
+) -> dict[str, Any]:
     from sqlalchemy import select
 
     from moderation.banks import service as banks
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.embedding.models import Embedding, EmbeddingModel
     from moderation.embedding.service import normalise, vector_from_bytes
     from moderation.screening.models import Signal
 
     rng = np.random.default_rng(1)
-    with session_scope() as session:
+    with runtime.session() as session:
         model = session.scalars(
             select(EmbeddingModel).where(EmbeddingModel.name == "bench-768")
         ).one()
@@ -182,16 +196,16 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
                 .limit(PLANTED)
             )
         )
-    clip = _run_job(_started_job(), uploads)
-    pdq_job = add_pdq_entries("pdq-hunted", pdq_entries, hashes)
-    pdq = _run_job(pdq_job, uploads)
+    clip = _run_job(runtime, _started_job(runtime), uploads)
+    pdq_job = add_pdq_entries(runtime, "pdq-hunted", pdq_entries, hashes)
+    pdq = _run_job(runtime, pdq_job, uploads)
 
     # The same searches, over arrays already in memory.
     from moderation.banks.clip_search import ClipRows
     from moderation.retrohunt.service import BLOCK_UPLOADS
 
-    settings = get_settings()
-    upload_vectors = _all_upload_vectors()
+    settings = runtime.settings
+    upload_vectors = _all_upload_vectors(runtime)
     bank_vectors = ClipRows.holding(
         np.arange(len(vectors)),
         np.zeros(len(vectors), np.int64),
@@ -205,7 +219,7 @@ def hunt_rates(uploads: int, clip_entries: int, pdq_entries: int) -> dict[str, A
     )
     clip["baseline_uploads_per_s"] = round(uploads / (time.perf_counter() - started), 1)
     clip["baseline_hits"] = found
-    pdq["baseline_uploads_per_s"] = round(_pdq_in_memory(pdq_entries, hashes, uploads), 1)
+    pdq["baseline_uploads_per_s"] = round(_pdq_in_memory(runtime, pdq_entries, hashes, uploads), 1)
     return {"clip": clip, "pdq": pdq}
 
 
@@ -221,15 +235,14 @@ def _at_cosine_distance(
     return vector.astype(np.float32)
 
 
-def add_pdq_entries(bank_name: str, count: int, planted: list[bytes]) -> int:
+def add_pdq_entries(runtime: Runtime, bank_name: str, count: int, planted: list[bytes]) -> int:
     """A bank of `count` random PDQ hashes, some near the planted uploads' hashes, added
     as an import would add them; its retro-hunt job."""
     from sqlalchemy import text
 
     from moderation.banks import service as banks
-    from moderation.db import session_scope
 
-    with session_scope() as session:
+    with runtime.session() as session:
         bank = banks.create_bank(session, bank_name)
         first, _last = session.execute(
             text(
@@ -247,36 +260,33 @@ def add_pdq_entries(bank_name: str, count: int, planted: list[bytes]) -> int:
                 text("UPDATE bank_entries SET pdq = :pdq WHERE id = :id"),
                 {"pdq": near, "id": first + index},
             )
-    return _started_job()
+    return _started_job(runtime)
 
 
-def _started_job() -> int:
+def _started_job(runtime: Runtime) -> int:
     """The one job the retro-hunt's starter makes of the entries just committed (as every
     worker's sweeper would), run here rather than sent."""
-    from moderation.db import session_scope
     from moderation.retrohunt import service as retrohunt
 
-    with session_scope() as session:
+    with runtime.session() as session:
         (step,) = retrohunt.start_from_changes(session, settle_wait_s=60) or []
     return step.job_id
 
 
-def _run_job(job_id: int, uploads: int) -> dict[str, Any]:
-    from moderation.config import get_settings
-    from moderation.db import session_scope
+def _run_job(runtime: Runtime, job_id: int, uploads: int) -> dict[str, Any]:
     from moderation.retrohunt import service as retrohunt
 
-    settings = get_settings()
+    settings = runtime.settings
     cache = retrohunt.TargetCache()
     step: retrohunt.NextStep | None = retrohunt.NextStep(job_id, 0)
     steps = 0
     started = time.perf_counter()
     while step is not None:
-        with session_scope() as session:
+        with runtime.session() as session:
             step = retrohunt.run_step(session, job_id, step.step, settings, cache)
         steps += 1
     elapsed = time.perf_counter() - started
-    with session_scope() as session:
+    with runtime.session() as session:
         job = retrohunt.get_job(session, job_id)
     return {
         "entries": job.entries,
@@ -289,15 +299,14 @@ def _run_job(job_id: int, uploads: int) -> dict[str, Any]:
     }
 
 
-def _all_upload_vectors() -> np.ndarray:
+def _all_upload_vectors(runtime: Runtime) -> np.ndarray:
     from sqlalchemy import select
 
     from moderation import pg_copy
-    from moderation.db import session_scope
     from moderation.embedding.models import Embedding
 
     blocks: list[np.ndarray] = []
-    with session_scope() as session:
+    with runtime.session() as session:
         pg_copy.copy_out(
             session,
             select(Embedding.vector).order_by(Embedding.upload_id),
@@ -307,16 +316,15 @@ def _all_upload_vectors() -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(blocks))
 
 
-def _pdq_in_memory(entries: int, planted: list[bytes], uploads: int) -> float:
+def _pdq_in_memory(runtime: Runtime, entries: int, planted: list[bytes], uploads: int) -> float:
     """Uploads/s of the Faiss range search alone, the hashes already in memory."""
     import faiss
     from sqlalchemy import select
 
-    from moderation.db import session_scope
     from moderation.retrohunt.service import BLOCK_UPLOADS
     from moderation.screening.models import Signal
 
-    with session_scope() as session:
+    with runtime.session() as session:
         queries = np.frombuffer(
             b"".join(
                 session.scalars(
@@ -341,7 +349,12 @@ def _pdq_in_memory(entries: int, planted: list[bytes], uploads: int) -> float:
 
 
 def screening_while_hunting(
-    workdir: Path, images: int, pdq_entries: int, rounds: int
+    runtime: Runtime,
+    environment: dict[str, str],
+    workdir: Path,
+    images: int,
+    pdq_entries: int,
+    rounds: int,
 ) -> dict[str, Any]:
     """Rounds of K images screened with no hunt, then K while a fresh hunt runs (each hunt
     is waited for before the next round): the host's load varies between runs, so the
@@ -352,8 +365,6 @@ def screening_while_hunting(
     from sqlalchemy import func, select
 
     from moderation.banks import service as banks
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.demo.synthetic import textured
     from moderation.retrohunt import service as retrohunt
     from moderation.retrohunt.cli import wait_for_jobs
@@ -361,7 +372,7 @@ def screening_while_hunting(
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.worker.child import WorkerProcess
 
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
     paths = []
     for seed in range(16 + 2 * rounds * images):
         path = workdir / f"{seed}.jpg"
@@ -370,7 +381,7 @@ def screening_while_hunting(
     warmup, timed = paths[:16], paths[16:]
 
     def images_per_s(uris: list[str]) -> float:
-        with session_scope() as session:
+        with runtime.session() as session:
             started_at = session.scalar(select(func.clock_timestamp()))
         uploads = wait_until_final(submit_uris(uris), timeout_s=3600)
         finished = max(u.finished_at for u in uploads if u.finished_at is not None)
@@ -383,23 +394,23 @@ def screening_while_hunting(
     # Banked before the worker starts and hunted again each round, so that every run
     # screens against the same banks: adding entries makes workers reload their snapshot
     # and match against a larger bank, which is not the hunt's cost.
-    _run_job(add_pdq_entries("pdq-hunted-by-worker", pdq_entries, []), 1)
-    with WorkerProcess(workdir / "worker.log") as worker:
+    _run_job(runtime, add_pdq_entries(runtime, "pdq-hunted-by-worker", pdq_entries, []), 1)
+    with WorkerProcess(workdir / "worker.log", env=environment) as worker:
         worker.wait_ready()
         wait_until_final(submit_uris(warmup), timeout_s=600)
         for round_ in range(rounds):
             batch = timed[2 * round_ * images : 2 * (round_ + 1) * images]
             alone.append(images_per_s(batch[:images]))
-            with session_scope() as session:
+            with runtime.session() as session:
                 bank = banks.get_bank(session, "pdq-hunted-by-worker")
                 job_id = retrohunt.hunt_bank(session, bank, created_by="bench").id
             send_steps([retrohunt.NextStep(job_id, 0)])
             time.sleep(1)  # the job's first message is taken
             hunting.append(images_per_s(batch[images:]))
-            with session_scope() as session:
+            with runtime.session() as session:
                 # Still scanning: the hunt ran for the whole timed run.
                 during.append(retrohunt.get_job(session, job_id).status)
-            wait_for_jobs([job_id], 3600, quiet=True)
+            wait_for_jobs(runtime, [job_id], 3600, quiet=True)
         worker.stop()
     return {
         "alone_images_per_s": round(statistics.median(alone), 2),

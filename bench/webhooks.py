@@ -25,10 +25,6 @@ from pathlib import Path
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_webhooks"
 GROUP = 16
 
-os.environ["MODERATION_DATABASE_URL"] = os.environ.get(
-    "MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE
-)
-os.environ["MODERATION_WEBHOOK_SECRET"] = "bench"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
@@ -39,11 +35,11 @@ from moderation import schema  # noqa: E402
 from moderation.banks.matcher import Match  # noqa: E402
 from moderation.banks.models import BankEntry  # noqa: E402
 from moderation.banks.service import create_bank  # noqa: E402
-from moderation.config import get_settings  # noqa: E402
-from moderation.db import session_scope  # noqa: E402
+from moderation.config import Settings, get_settings  # noqa: E402
 from moderation.embedding.service import get_or_create_model  # noqa: E402
 from moderation.images.hashing import PdqHash  # noqa: E402
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType  # noqa: E402
+from moderation.runtime import Runtime  # noqa: E402
 from moderation.screening import service as screening  # noqa: E402
 from moderation.webhooks import sender as sending  # noqa: E402
 from moderation.webhooks import service as webhooks  # noqa: E402
@@ -71,9 +67,9 @@ def _signals() -> ImageSignals:
     )
 
 
-def time_group(entries: list[int], model_id: int, dim: int) -> float:
+def time_group(runtime: Runtime, entries: list[int], model_id: int, dim: int) -> float:
     """Seconds to record one group of screened uploads with two hits each, committed."""
-    with session_scope() as session:
+    with runtime.session() as session:
         ids = screening.submit_many(session, [f"https://img.example/{i}.jpg" for i in range(GROUP)])
         screening.claim_many(session, ids, max_attempts=5)
     results = [
@@ -86,15 +82,17 @@ def time_group(entries: list[int], model_id: int, dim: int) -> float:
         for upload_id in ids
     ]
     started = time.perf_counter()
-    with session_scope() as session:
+    with runtime.session() as session:
         record_results(session, results)
     return time.perf_counter() - started
 
 
-def bench_hook(groups: int) -> dict[str, float]:
+def bench_hook(runtime: Runtime, groups: int) -> dict[str, float]:
+    # Transitional: `record_results` reads whether to announce hits from `get_settings()`,
+    # which is switched here, until it takes its settings from its caller.
     settings = get_settings()
     settings.webhook_url = "http://127.0.0.1:9/unused"
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, "bench", 8)
         bank = create_bank(session, "bench")
         entries = [BankEntry(bank_id=bank.id, sha256=os.urandom(32), added_by="bench")]
@@ -104,13 +102,13 @@ def bench_hook(groups: int) -> dict[str, float]:
         entry_ids, model_id = [entry.id for entry in entries], model.id
     timings: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(3):  # warm-up: statement caches, connections
-        time_group(entry_ids, model_id, 8)
+        time_group(runtime, entry_ids, model_id, 8)
     for i in range(2 * groups):
         announce = i % 2 == 1
         settings.webhook_on_screening_hit = announce
-        timings[announce].append(time_group(entry_ids, model_id, 8))
+        timings[announce].append(time_group(runtime, entry_ids, model_id, 8))
     settings.webhook_on_screening_hit = False
-    with session_scope() as session:
+    with runtime.session() as session:
         written = len(list(session.scalars(select(WebhookEvent.id))))
         session.execute(text("DELETE FROM webhook_events"))
     assert written == groups * GROUP, written
@@ -122,19 +120,18 @@ def bench_hook(groups: int) -> dict[str, float]:
     }
 
 
-def bench_sender(events: int) -> dict[str, float]:
-    with session_scope() as session:
+def bench_sender(runtime: Runtime, events: int) -> dict[str, float]:
+    with runtime.session() as session:
         upload_ids = screening.submit_many(session, ["https://img.example/x.jpg"] * events)
         webhooks.enqueue(session, EventType.CONFIRMED, upload_ids, hit_ids=[])
     with running_receiver(Receiver()) as receiver:
-        settings = get_settings()
-        settings.webhook_url = receiver.url
-        sender = sending.Sender(settings, name="bench")
+        to_receiver = Runtime(runtime.settings.model_copy(update={"webhook_url": receiver.url}))
+        sender = sending.Sender(to_receiver, name="bench")
         started = time.perf_counter()
         while sender.deliver_batch():
             pass
         sender_s = time.perf_counter() - started
-        with session_scope() as session:
+        with runtime.session() as session:
             delivered = session.scalars(
                 select(WebhookEvent).where(WebhookEvent.status == DeliveryStatus.DELIVERED)
             ).all()
@@ -159,6 +156,7 @@ def bench_sender(events: int) -> dict[str, float]:
                 client.post(receiver.url, content=body, headers={"Idempotency-Key": "x"})
             plain_s = time.perf_counter() - started
         sender.close()
+        to_receiver.close()
     return {
         "sender_events_per_s": events / sender_s,
         "plain_posts_per_s": events / plain_s,
@@ -172,8 +170,16 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=500, help="Events delivered.")
     parser.add_argument("--out", type=Path, default=Path("webhooks.json"))
     args = parser.parse_args()
-    recreate_database(os.environ["MODERATION_DATABASE_URL"])
-    figures = {**bench_hook(args.groups), **bench_sender(args.events)}
+    settings = Settings(
+        database_url=os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE),
+        webhook_secret="bench",
+    )
+    recreate_database(settings.database_url)
+    runtime = Runtime(settings)
+    try:
+        figures = {**bench_hook(runtime, args.groups), **bench_sender(runtime, args.events)}
+    finally:
+        runtime.close()
     figures.update(groups=args.groups, group_size=GROUP, events=args.events)
     print(
         f"group commit of {GROUP} uploads with 2 hits each: "

@@ -17,15 +17,16 @@ from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import BankEntry
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.service import model_dim
 from moderation.images.hashing import sha256
 from moderation.images.signals import SignalType
 from moderation.main.cli import main
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_SETTINGS
 from tests.images import encode, textured
 
 __all__ = ["api", "keys"]
@@ -114,7 +115,7 @@ def test_entries_by_signal_are_added_listed_and_removed(
 ) -> None:
     admin = bearer(keys[Role.ADMIN])
     _create(api, admin)
-    dim = model_dim(get_settings().resolved_model())
+    dim = model_dim(TEST_SETTINGS.resolved_model())
     body = {
         "entries": [
             {"sha256": SHA_A},
@@ -299,7 +300,9 @@ def test_a_threatexchange_csv_export_is_read_by_its_header() -> None:
     assert "0 to 100" in quality.rejected[0].reason
 
 
-def test_bank_remove_on_the_command_line(api: TestClient, keys: dict[Role, str]) -> None:
+def test_bank_remove_on_the_command_line(
+    api: TestClient, keys: dict[Role, str], runtime: Runtime
+) -> None:
     admin = bearer(keys[Role.ADMIN])
     _create(api, admin)
     entries = api.post(
@@ -308,11 +311,11 @@ def test_bank_remove_on_the_command_line(api: TestClient, keys: dict[Role, str])
         headers=admin,
     ).json()["entries"]
     ids = [str(e["id"]) for e in entries]
-    result = CliRunner().invoke(main, ["bank", "remove", "csam-known", *ids, "--json"])
+    result = CliRunner().invoke(main, ["bank", "remove", "csam-known", *ids, "--json"], obj=runtime)
     assert result.exit_code == 0, result.output
     assert [r["bank_entry_id"] for r in json.loads(result.output)] == [e["id"] for e in entries]
     assert [e.actor.startswith("cli:") for e in _audit("bank.entries.remove")] == [True, True]
-    missing = CliRunner().invoke(main, ["bank", "remove", "csam-known", ids[0]])
+    missing = CliRunner().invoke(main, ["bank", "remove", "csam-known", ids[0]], obj=runtime)
     assert missing.exit_code == 1
     assert f"has no entry {ids[0]}" in missing.output
 
@@ -353,10 +356,12 @@ def test_who_may_read_and_change_banks(
             assert status == 403, (role, status)
 
 
-def test_bank_create_and_add_on_the_command_line_are_audited(clean_db: None) -> None:
+def test_bank_create_and_add_on_the_command_line_are_audited(
+    clean_db: None, runtime: Runtime
+) -> None:
     runner = CliRunner()
-    assert runner.invoke(main, ["bank", "create", "csam-known"]).exit_code == 0
-    added = runner.invoke(main, ["bank", "add", "csam-known", "--sha256", SHA_A])
+    assert runner.invoke(main, ["bank", "create", "csam-known"], obj=runtime).exit_code == 0
+    added = runner.invoke(main, ["bank", "add", "csam-known", "--sha256", SHA_A], obj=runtime)
     assert added.exit_code == 0, added.output
     (created,) = _audit("bank.create")
     (entries,) = _audit("bank.entries.add")

@@ -97,9 +97,6 @@ def test_the_command_line_says_it_in_one_line(unavailable_model: str, tmp_path: 
 def test_an_image_entry_answers_503_naming_the_setting(
     api: TestClient, keys: dict[Role, str], unavailable_model: str, tmp_path: Path
 ) -> None:
-    from moderation.banks.api import _embedder
-
-    _embedder.cache_clear()
     admin = bearer(keys[Role.ADMIN])
     assert api.post("/v1/banks", json={"name": "by-image"}, headers=admin).status_code == 201
     answer = api.post(
@@ -107,7 +104,6 @@ def test_an_image_entry_answers_503_naming_the_setting(
         files={"image": ("a.jpg", encode(textured(64)), "image/jpeg")},
         headers=admin,
     )
-    _embedder.cache_clear()
     assert answer.status_code == 503
     assert answer.json()["code"] == "model_unavailable"
     assert "MODERATION_MODEL" in answer.json()["detail"]

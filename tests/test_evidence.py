@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from moderation.audit.models import AuditEvent
 from moderation.banks import service as banks
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.evidence import service as evidence
 from moderation.evidence.models import Evidence, EvidenceSource, EvidenceState
@@ -32,6 +31,7 @@ from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
+from tests.conftest import TEST_SETTINGS
 from tests.images import animated_gif, write
 from tests.web_fixtures import seed_hit
 
@@ -40,7 +40,7 @@ from tests.web_fixtures import seed_hit
 
 
 def _vault() -> Vault:
-    vault = Vault.from_settings(get_settings())
+    vault = Vault.from_settings(TEST_SETTINGS)
     assert vault is not None, "the tests configure an evidence key"
     return vault
 
@@ -198,7 +198,7 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
         assert timedelta(days=89) < expires - kept.captured_at <= timedelta(days=90)
         sha = kept.screened_sha256
     vault = _vault()
-    on_disk = Path(get_settings().evidence_uri) / frame_name(upload_id, sha, 5)
+    on_disk = Path(TEST_SETTINGS.evidence_uri) / frame_name(upload_id, sha, 5)
     assert on_disk.exists()
     assert not _is_image(on_disk.read_bytes())
     assert _audited_reads(upload_id) == []
@@ -258,7 +258,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     with session_scope() as session:
         review.decide(session, escalated.hit_id, "escalate", None, "key:1:ada")
         assert evidence.hold(session, held.upload_id, actor="cli:lawyer", reason="subpoena")
-    root = Path(get_settings().evidence_uri)
+    root = Path(TEST_SETTINGS.evidence_uri)
     files = {
         s.upload_id: sorted((root / f"uploads/{s.upload_id}").rglob("*.jpg"))
         for s in (expiring, escalated, held)

@@ -36,13 +36,14 @@ from moderation.review.models import Hit
 from moderation.screening import service as screening
 from moderation.screening.models import UploadStatus
 from moderation.worker.results import record_results
+from tests.conftest import TEST_RUNTIME, settings_for_tests
 from tests.images import encode, textured, write
 from tests.vectors import at_cosine_distance
 
 DIM = 8
 ANCHOR = np.eye(DIM, dtype=np.float32)[0]
 # Settled at once: the tests place the race themselves (see the catch-up test).
-SETTINGS = Settings(bank_refresh_s=0, retrohunt_settle_s=0)
+SETTINGS = settings_for_tests(bank_refresh_s=0, retrohunt_settle_s=0)
 # Long enough for the transactions of a busy test server to end (see `settled_value`).
 SETTLE_WAIT_S = 30.0
 
@@ -118,12 +119,14 @@ def screened_upload(
     return upload_id
 
 
-def run_to_end(session: Session, job_id: int, **options: Any) -> RetrohuntJob:
+def run_to_end(
+    session: Session, job_id: int, settings: Settings = SETTINGS, **options: Any
+) -> RetrohuntJob:
     """Every step of a job, as the worker runs them; the job as it ended."""
     cache = retrohunt.TargetCache()
     step: retrohunt.NextStep | None = retrohunt.NextStep(job_id, 0)
     while step is not None:
-        step = retrohunt.run_step(session, job_id, step.step, SETTINGS, cache, **options)
+        step = retrohunt.run_step(session, job_id, step.step, settings, cache, **options)
     return session.get_one(RetrohuntJob, job_id, populate_existing=True)
 
 
@@ -472,7 +475,7 @@ def test_an_import_of_100000_hashes_hunts_in_the_background_with_progress(
 
 
 def cli(*args: str) -> Any:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False, obj=TEST_RUNTIME)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout) if "--json" in args else result.output
 
@@ -540,7 +543,9 @@ def test_retrohunt_wait_starts_the_hunt_and_waits_within_a_timeout() -> None:
     cli("bank", "create", "waited")
     added = cli("bank", "add", "waited", "--sha256", "ab" * 32)
     assert "moderation retrohunt wait --bank waited" in added
-    result = CliRunner().invoke(main, ["retrohunt", "wait", "--bank", "waited", "--timeout", "1"])
+    result = CliRunner().invoke(
+        main, ["retrohunt", "wait", "--bank", "waited", "--timeout", "1"], obj=TEST_RUNTIME
+    )
     # A hunt settles for `retrohunt_settle_s` (30 s here), so it cannot finish in 1 s.
     assert result.exit_code == 3, result.output
     assert "timed out waiting for the retro-hunt" in result.stderr
@@ -549,7 +554,9 @@ def test_retrohunt_wait_starts_the_hunt_and_waits_within_a_timeout() -> None:
     started = cli("retrohunt", "start", "waited", "--json")
     assert (started["bank"], started["entries"], started["status"]) == ("waited", 1, "queued")
     assert started["id"] != job["id"]
-    missing = CliRunner().invoke(main, ["retrohunt", "show", str(started["id"] + 1000)])
+    missing = CliRunner().invoke(
+        main, ["retrohunt", "show", str(started["id"] + 1000)], obj=TEST_RUNTIME
+    )
     assert missing.exit_code == 1
     assert "no retro-hunt job with id" in missing.output
 
@@ -587,28 +594,23 @@ def test_a_worker_hunts_an_entry_added_after_the_upload_was_screened(tmp_path: P
 
 
 def test_retroactive_hits_are_announced_when_screening_hits_are(
-    session: Session, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+    session: Session, model: EmbeddingModel
 ) -> None:
-    from moderation.config import get_settings
     from moderation.webhooks.models import EventType, WebhookEvent
 
     old = screened_upload(session, model, sha256=b"\x5a" * 32)
     quiet = screened_upload(session, model, sha256=b"\x5b" * 32)
     bank = banks.create_bank(session, "announced")
-    monkeypatch.setenv("MODERATION_WEBHOOK_URL", "https://uploads.example/hook")
-    monkeypatch.setenv("MODERATION_WEBHOOK_ON_SCREENING_HIT", "true")
-    get_settings.cache_clear()
-    try:
-        banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x5a" * 32)], added_by="test")
-        run_to_end(session, only_job(session))
-        # Off again: hits found now are recorded but not announced.
-        monkeypatch.setenv("MODERATION_WEBHOOK_ON_SCREENING_HIT", "false")
-        get_settings.cache_clear()
-        banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x5b" * 32)], added_by="test")
-        run_to_end(session, only_job(session))
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+    hook = {"webhook_url": "https://uploads.example/hook"}
+    announcing = settings_for_tests(
+        bank_refresh_s=0, retrohunt_settle_s=0, webhook_on_screening_hit=True, **hook
+    )
+    banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x5a" * 32)], added_by="test")
+    run_to_end(session, only_job(session), announcing)
+    # Off again: hits found now are recorded but not announced.
+    quiet_hook = settings_for_tests(bank_refresh_s=0, retrohunt_settle_s=0, **hook)
+    banks.add_entries(session, bank, [banks.NewEntry(sha256=b"\x5b" * 32)], added_by="test")
+    run_to_end(session, only_job(session), quiet_hook)
 
     assert len(hits_of(session, quiet)) == 1
     (event,) = session.scalars(select(WebhookEvent))

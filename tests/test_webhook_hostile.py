@@ -14,16 +14,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
-from moderation.config import Settings, get_settings
+from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.runtime import Runtime
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import ANSWER_BYTES_READ, Sender
-from tests.test_webhooks import FAST, _confirmed_uploads
+from tests.test_webhooks import _confirmed_uploads, as_fields, sending_to
 from tests.webhook_receiver import Receiver, running_receiver
 
 # The attempt's deadline here (MODERATION_WEBHOOK_TIMEOUT_S), and what the receivers do
@@ -64,15 +66,16 @@ def _trickled(answer: bytes) -> Iterator[bytes]:
         yield bytes([byte])
 
 
+def _settings(url: str) -> dict[str, str]:
+    return {**sending_to(url), "MODERATION_WEBHOOK_TIMEOUT_S": str(DEADLINE_S)}
+
+
 @pytest.fixture
 def receiver(clean_db: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A receiver. Transitional: its settings are also put in this process's environment,
+    for `review.decide`, which still reads `get_settings()` (see tests.test_webhooks)."""
     with running_receiver(Receiver()) as running:
-        settings = {
-            **FAST,
-            "MODERATION_WEBHOOK_URL": running.url,
-            "MODERATION_WEBHOOK_TIMEOUT_S": str(DEADLINE_S),
-        }
-        for name, value in settings.items():
+        for name, value in _settings(running.url).items():
             monkeypatch.setenv(name, value)
         get_settings.cache_clear()
         yield running
@@ -80,10 +83,20 @@ def receiver(clean_db: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiv
     get_settings.cache_clear()
 
 
-def _one_attempt(settings: Settings | None = None) -> tuple[WebhookEvent, WebhookAttempt, float]:
+@pytest.fixture
+def hooked(receiver: Receiver, make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """Runtimes whose settings send to the receiver, with `changes` (by field name) on top."""
+
+    def make(**changes: Any) -> Runtime:
+        return make_runtime(**{**as_fields(_settings(receiver.url)), **changes})
+
+    return make
+
+
+def _one_attempt(runtime: Runtime) -> tuple[WebhookEvent, WebhookAttempt, float]:
     """Deliver the one due event once: the event and its attempt after, and how long the
     sender took."""
-    sender = Sender(settings or get_settings())
+    sender = Sender(runtime)
     started = time.monotonic()
     try:
         assert sender.deliver_batch() == 1
@@ -107,7 +120,7 @@ def _one_attempt(settings: Settings | None = None) -> tuple[WebhookEvent, Webhoo
     ],
 )
 def test_an_attempt_ends_at_its_deadline_however_the_receiver_trickles(
-    receiver: Receiver, answer: bytes
+    receiver: Receiver, hooked: Callable[..., Runtime], answer: bytes
 ) -> None:
     """A byte every 0.25 s never trips a 1 s read timeout; the attempt's deadline does."""
     head = answer.index(b"\r\n\r\n") + 4
@@ -118,7 +131,7 @@ def test_an_attempt_ends_at_its_deadline_however_the_receiver_trickles(
         itertools.chain([at_once], _trickled(rest)) if at_once else _trickled(rest), BYTE_EVERY_S
     )
     _confirmed_uploads(1)
-    event, attempt, took = _one_attempt()
+    event, attempt, took = _one_attempt(hooked())
     assert attempt.status_code is None or attempt.status_code == 500
     assert attempt.error is not None
     assert "Timeout" in attempt.error
@@ -128,7 +141,7 @@ def test_an_attempt_ends_at_its_deadline_however_the_receiver_trickles(
     assert event.status is DeliveryStatus.PENDING
 
 
-def test_a_huge_error_body_is_not_read(receiver: Receiver) -> None:
+def test_a_huge_error_body_is_not_read(receiver: Receiver, hooked: Callable[..., Runtime]) -> None:
     """600 MiB declared and offered as fast as the socket takes it: the sender reads a few
     KiB, keeps at most 500 characters, and hangs up."""
     declared = 600 * 1024 * 1024
@@ -141,7 +154,7 @@ def test_a_huge_error_body_is_not_read(receiver: Receiver) -> None:
 
     receiver.respond = _sending(flood())
     _confirmed_uploads(1)
-    _, attempt, took = _one_attempt()
+    _, attempt, took = _one_attempt(hooked())
     assert attempt.status_code == 500
     assert attempt.error is not None
     assert attempt.error.startswith("HTTP 500: EEEE")
@@ -170,15 +183,14 @@ def _until_sent(receiver: Receiver, timeout_s: float = 30.0) -> None:
     ],
 )
 def test_error_text_is_cleaned_before_it_is_stored_and_the_event_gives_up(
-    receiver: Receiver, body: bytes
+    receiver: Receiver, hooked: Callable[..., Runtime], body: bytes
 ) -> None:
     """A NUL in an error body made the attempt's INSERT fail: never recorded, the event was
     posted again forever instead of failing at its give-up time."""
     answer = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     receiver.respond = _sending(iter([answer]))
     _confirmed_uploads(1)
-    settings = Settings(**{**get_settings().model_dump(), "webhook_give_up_after_s": 0.001})
-    event, attempt, _ = _one_attempt(settings)
+    event, attempt, _ = _one_attempt(hooked(webhook_give_up_after_s=0.001))
     assert attempt.error is not None
     assert attempt.error.startswith("HTTP 500: ")
     assert all(c.isprintable() for c in attempt.error)
@@ -186,7 +198,9 @@ def test_error_text_is_cleaned_before_it_is_stored_and_the_event_gives_up(
     assert event.last_error == attempt.error
 
 
-def test_an_event_whose_attempts_were_never_recorded_gives_up(receiver: Receiver) -> None:
+def test_an_event_whose_attempts_were_never_recorded_gives_up(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     """Claimed before (its sender died, or could not record), due again, past its give-up
     time: failed, not posted again."""
     _confirmed_uploads(1)
@@ -197,7 +211,7 @@ def test_an_event_whose_attempts_were_never_recorded_gives_up(receiver: Receiver
                 pending_since=WebhookEvent.pending_since - func.make_interval(0, 0, 0, 4),
             )
         )
-    sender = Sender(get_settings())
+    sender = Sender(hooked())
     try:
         assert sender.deliver_batch() == 0
     finally:

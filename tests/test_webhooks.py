@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import Match
-from moderation.config import Settings, get_settings
+from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
@@ -29,13 +30,14 @@ from moderation.images.signals import FrameSignals, ImageSignals, SignalType
 from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.service import Outcome
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.webhooks import sender as sending
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import Sender
 from moderation.worker.results import record_results
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, settings_for_tests
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -52,16 +54,38 @@ FAST = {
 }
 
 
+def sending_to(url: str) -> dict[str, str]:
+    """The settings that send to `url`, fast, as a child process's environment has them."""
+    return {**FAST, "MODERATION_WEBHOOK_URL": url}
+
+
+def as_fields(environment: dict[str, str]) -> dict[str, str]:
+    """MODERATION_* variables as settings fields (for `make_runtime`)."""
+    return {name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()}
+
+
 @pytest.fixture
 def receiver(clean_db: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    """A receiver, with the settings pointing at it (in this process and for children)."""
+    """A receiver. Transitional: the settings that send to it are also put in this
+    process's environment, for the code that still reads `get_settings()` (`review.decide`
+    writing the events, `worker.results`); they go once it takes its settings."""
     with running_receiver(Receiver()) as running:
-        for name, value in {**FAST, "MODERATION_WEBHOOK_URL": running.url}.items():
+        for name, value in sending_to(running.url).items():
             monkeypatch.setenv(name, value)
         get_settings.cache_clear()
         yield running
     monkeypatch.undo()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def hooked(receiver: Receiver, make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """Runtimes whose settings send to the receiver, with `changes` (by field name) on top."""
+
+    def make(**changes: Any) -> Runtime:
+        return make_runtime(**{**as_fields(sending_to(receiver.url)), **changes})
+
+    return make
 
 
 def _confirmed_uploads(count: int, hits_each: int = 2) -> list[int]:
@@ -96,10 +120,12 @@ def _deliver_until_idle(sender: Sender) -> None:
             time.sleep(0.02)
 
 
-def test_an_event_fails_twice_then_is_delivered_once(receiver: Receiver) -> None:
+def test_an_event_fails_twice_then_is_delivered_once(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     receiver.fail_first = 2
     (upload_id,) = _confirmed_uploads(1)
-    sender = Sender(get_settings(), name="test-sender")
+    sender = Sender(hooked(), name="test-sender")
     try:
         _deliver_until_idle(sender)
     finally:
@@ -124,9 +150,11 @@ def test_an_event_fails_twice_then_is_delivered_once(receiver: Receiver) -> None
     assert len({request.body for request in receiver.requests}) == 1
 
 
-def test_a_repeat_is_dropped_by_the_receiver(receiver: Receiver) -> None:
+def test_a_repeat_is_dropped_by_the_receiver(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     _confirmed_uploads(2)
-    sender = Sender(get_settings())
+    sender = Sender(hooked())
     try:
         _deliver_until_idle(sender)
         with session_scope() as session:
@@ -139,10 +167,13 @@ def test_a_repeat_is_dropped_by_the_receiver(receiver: Receiver) -> None:
     assert len(receiver.effects) == 2
 
 
-def test_several_senders_post_each_event_once(receiver: Receiver) -> None:
+def test_several_senders_post_each_event_once(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     _confirmed_uploads(30, hits_each=1)
     stop = threading.Event()
-    senders = [Sender(get_settings(), name=f"sender-{i}") for i in range(4)]
+    runtime = hooked()
+    senders = [Sender(runtime, name=f"sender-{i}") for i in range(4)]
     threads = [threading.Thread(target=sender.run, args=(stop,)) for sender in senders]
     for thread in threads:
         thread.start()
@@ -162,24 +193,26 @@ def test_several_senders_post_each_event_once(receiver: Receiver) -> None:
     assert len(used) > 1  # they shared the work
 
 
-def _sender_process(log: Path) -> subprocess.Popen[bytes]:
-    """`moderation webhooks send`, a real process, logging to `log`."""
+def _sender_process(log: Path, receiver: Receiver) -> subprocess.Popen[bytes]:
+    """`moderation webhooks send` to `receiver`, a real process, logging to `log`."""
     with log.open("ab") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "moderation", "-v", "webhooks", "send"],
-            env={**os.environ, **TEST_ENV},
+            env={**os.environ, **TEST_ENV, **sending_to(receiver.url)},
             stdout=output,
             stderr=output,
         )
 
 
-def test_a_sender_killed_mid_delivery_loses_nothing(receiver: Receiver, tmp_path: Path) -> None:
+def test_a_sender_killed_mid_delivery_loses_nothing(
+    receiver: Receiver, hooked: Callable[..., Runtime], tmp_path: Path
+) -> None:
     """SIGKILL while the receiver holds the third request: another sender delivers that
     event once the lease runs out, and the receiver sees at most repeats it drops."""
     receiver.hold_request = 3
     _confirmed_uploads(5)
     log = tmp_path / "senders.log"
-    first = _sender_process(log)
+    first = _sender_process(log, receiver)
     try:
         assert receiver.held.wait(60), log.read_text()
         # The sender posts its claimed events at once: the other four are answered and
@@ -191,7 +224,7 @@ def test_a_sender_killed_mid_delivery_loses_nothing(receiver: Receiver, tmp_path
         first.kill()
     assert _statuses()[DeliveryStatus.DELIVERED] == 4
     receiver.release.set()
-    second = _sender_process(log)
+    second = _sender_process(log, receiver)
     try:
         _until(lambda: _statuses()[DeliveryStatus.DELIVERED] == 5)
     finally:
@@ -208,7 +241,7 @@ def test_a_sender_killed_mid_delivery_loses_nothing(receiver: Receiver, tmp_path
         ).one()
         assert event.attempts == 2
         assert [a.attempt for a in service.attempts_of(session, event.id)] == [2]
-    shown = CliRunner().invoke(main, ["webhooks", "show", str(event.id)])
+    shown = CliRunner().invoke(main, ["webhooks", "show", str(event.id)], obj=hooked())
     assert shown.exit_code == 0, shown.output
     assert "attempt 1: no outcome recorded" in shown.output
 
@@ -226,10 +259,10 @@ def _documented_verify() -> Callable[..., bool]:
 
 
 def test_the_documented_check_accepts_the_signature_and_refuses_forgeries(
-    receiver: Receiver,
+    receiver: Receiver, hooked: Callable[..., Runtime]
 ) -> None:
     _confirmed_uploads(1)
-    sender = Sender(get_settings())
+    sender = Sender(hooked())
     try:
         _deliver_until_idle(sender)
     finally:
@@ -254,12 +287,11 @@ def test_the_documented_check_accepts_the_signature_and_refuses_forgeries(
 
 
 def test_redirects_are_not_followed_and_old_events_give_up(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    receiver: Receiver, hooked: Callable[..., Runtime]
 ) -> None:
     receiver.status = 302
     _confirmed_uploads(1)
-    settings = Settings(**{**get_settings().model_dump(), "webhook_give_up_after_s": 0.001})
-    sender = Sender(settings)
+    sender = Sender(hooked(webhook_give_up_after_s=0.001))
     try:
         assert sender.deliver_batch() == 1
     finally:
@@ -276,11 +308,13 @@ def test_redirects_are_not_followed_and_old_events_give_up(
     assert _statuses() == Counter({DeliveryStatus.PENDING: 1})
 
 
-def test_a_sender_needs_a_url_a_secret_and_a_long_enough_lease() -> None:
+def test_a_sender_needs_a_url_a_secret_and_a_long_enough_lease(
+    make_runtime: Callable[..., Runtime],
+) -> None:
     base = {"webhook_url": "http://127.0.0.1:9/", "webhook_secret": "s"}
     for broken in ({"webhook_url": None}, {"webhook_secret": None}, {"webhook_lease_s": 1.0}):
         with pytest.raises(sending.WebhookNotConfigured):
-            Sender(Settings(**{**base, **broken}))  # type: ignore[arg-type]
+            Sender(make_runtime(**{**base, **broken}))
 
 
 def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: int) -> None:
@@ -343,7 +377,10 @@ def test_the_compose_healthcheck_follows_a_real_sender(receiver: Receiver, tmp_p
     assert not healthy()
     with (tmp_path / "sender.log").open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", *command], env={**os.environ, **TEST_ENV}, stdout=log, stderr=log
+            [sys.executable, "-m", *command],
+            env={**os.environ, **TEST_ENV, **sending_to(receiver.url)},
+            stdout=log,
+            stderr=log,
         )
     try:
         _until(healthy)
@@ -352,45 +389,51 @@ def test_the_compose_healthcheck_follows_a_real_sender(receiver: Receiver, tmp_p
         assert process.wait(20) == 0
 
 
-def test_decide_and_list_from_the_command_line(receiver: Receiver) -> None:
+def test_decide_and_list_from_the_command_line(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     with session_scope() as session:
         bank = make_bank(session, "b")
         upload = make_upload(session)
         first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
         first_id, second_id = first.id, second.id
     runner = CliRunner()
-    decided = runner.invoke(main, ["decide", str(second_id), "--confirm", "--note", "known"])
+    runtime = hooked()
+    decided = runner.invoke(
+        main, ["decide", str(second_id), "--confirm", "--note", "known"], obj=runtime
+    )
     assert decided.exit_code == 0, decided.output
     assert f"hit(s) {first_id}, {second_id} confirmed" in decided.output
-    again = runner.invoke(main, ["decide", str(first_id), "--confirm"])
+    again = runner.invoke(main, ["decide", str(first_id), "--confirm"], obj=runtime)
     assert "already confirmed" in again.output
-    refused = runner.invoke(main, ["decide", str(first_id), "--dismiss"])
+    refused = runner.invoke(main, ["decide", str(first_id), "--dismiss"], obj=runtime)
     assert refused.exit_code == 1
     assert "already confirmed by cli:" in refused.output
-    assert runner.invoke(main, ["decide", str(first_id)]).exit_code == 2
-    listed = runner.invoke(main, ["webhooks", "list"])
+    assert runner.invoke(main, ["decide", str(first_id)], obj=runtime).exit_code == 2
+    listed = runner.invoke(main, ["webhooks", "list"], obj=runtime)
     assert listed.exit_code == 0, listed.output
     assert "upload.confirmed" in listed.output
     assert "1 pending, 0 delivered, 0 failed" in listed.output
-    sent = runner.invoke(main, ["webhooks", "send", "--once"])
+    sent = runner.invoke(main, ["webhooks", "send", "--once"], obj=runtime)
     assert sent.exit_code == 0, sent.output
     assert "tried 1 event(s)" in sent.output
     assert len(receiver.effects) == 1
 
 
 def test_retry_delays_double_up_to_the_cap() -> None:
-    settings = Settings(webhook_retry_base_s=5, webhook_retry_max_s=600)
+    settings = settings_for_tests(webhook_retry_base_s=5, webhook_retry_max_s=600)
     for attempt, full in [(1, 5), (2, 10), (3, 20), (7, 320), (8, 600), (30, 600), (200, 600)]:
         for _ in range(20):
             assert full / 2 <= service.retry_delay_s(attempt, settings) <= full
 
 
-def test_events_wait_while_the_receiver_is_down(receiver: Receiver) -> None:
+def test_events_wait_while_the_receiver_is_down(
+    receiver: Receiver, hooked: Callable[..., Runtime]
+) -> None:
     """Refused connections are attempts like any other; nothing is lost or given up, and
     the backlog goes out once the receiver answers."""
     _confirmed_uploads(3)
-    down = Settings(**{**get_settings().model_dump(), "webhook_url": "http://127.0.0.1:9/"})
-    sender = Sender(down)
+    sender = Sender(hooked(webhook_url="http://127.0.0.1:9/"))
     try:
         deadline = time.monotonic() + 30
         while _attempt_count() < 9:  # three failed attempts each
@@ -403,7 +446,7 @@ def test_events_wait_while_the_receiver_is_down(receiver: Receiver) -> None:
     with session_scope() as session:
         errors = set(session.scalars(select(WebhookAttempt.error)))
         assert all(error and "ConnectError" in error for error in errors)
-    sender = Sender(get_settings())
+    sender = Sender(hooked())
     try:
         _deliver_until_idle(sender)
     finally:

@@ -8,31 +8,73 @@ by `service.entry_from_image`, as screening computes signals, and its bytes are 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from datetime import datetime
-from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile, status
+from fastapi import (
+    APIRouter,
+    File,
+    Form,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    UploadFile,
+    status,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from moderation.auth.models import Role
 from moderation.banks import service
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import Bank, BankEntry
-from moderation.config import get_settings
+from moderation.config import Settings
 from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
-from moderation.http.access import Caller, DbSession, allow
+from moderation.http.access import AppRuntime, Caller, DbSession, allow
 from moderation.http.admission import FORM_FRAMING_BYTES, body_up_to, image_body
+from moderation.http.resources import ProcessResource
 from moderation.images.decode import DecodeLimits
 from moderation.images.hashing import PdqHash, parse_hex
 
 if TYPE_CHECKING:
     from moderation.embedding.embedder import Embedder
 
-router = APIRouter(prefix="/v1/banks", tags=["banks"])
+
+class Embedders:
+    """The models this API process embeds image entries with, by name, each loaded on
+    the first image that needs it (the last two kept); one image embedded at a time."""
+
+    KEPT = 2
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loaded: OrderedDict[str, Embedder] = OrderedDict()
+        # Held while a model loads and while an image is embedded.
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> Embedder:
+        """The model called `name`; the caller holds `lock`."""
+        from moderation.embedding.families import open_embedder
+
+        embedder = self._loaded.get(name)
+        if embedder is None:
+            embedder = self._loaded[name] = open_embedder(name, self._settings.resolved_device())
+            while len(self._loaded) > self.KEPT:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(name)
+        return embedder
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+EMBEDDERS = ProcessResource("bank_embedders", lambda runtime: Embedders(runtime.settings))
+
+router = APIRouter(prefix="/v1/banks", tags=["banks"], lifespan=EMBEDDERS.lifespan())
 
 READERS = allow(Role.REVIEWER, Role.ANALYST)
 ADMINS = allow()
@@ -208,7 +250,7 @@ def list_entries(
 
 @router.post("/{name}/entries", status_code=status.HTTP_201_CREATED, openapi_extra=ADMINS)
 def add_entries(
-    session: DbSession, caller: Caller, name: BankName, body: EntriesIn
+    session: DbSession, runtime: AppRuntime, caller: Caller, name: BankName, body: EntriesIn
 ) -> EntriesAdded:
     """Add entries by SHA-256, PDQ hash or embedding (any of them in one entry)."""
     bank = service.get_bank(session, name)
@@ -222,7 +264,7 @@ def add_entries(
             )
         vector = None
         if item.embedding is not None:
-            model = model or _configured_model(session)
+            model = model or _configured_model(session, runtime.settings)
             vector = _vector(item.embedding, model.dim)
         entries.append(
             service.NewEntry(
@@ -247,6 +289,8 @@ def add_entries(
 )
 def add_image_entry(
     session: DbSession,
+    runtime: AppRuntime,
+    request: Request,
     caller: Caller,
     name: BankName,
     image: Annotated[UploadFile, File(description="The known-bad image; its bytes are not kept.")],
@@ -257,18 +301,19 @@ def add_image_entry(
     """Add an entry computed from an image: its SHA-256, PDQ and embedding under the
     configured model, exactly as screening computes them."""
     bank = service.get_bank(session, name)
-    settings = get_settings()
+    settings = runtime.settings
     data = image.file.read(settings.max_bytes + 1)
     if len(data) > settings.max_bytes:
         raise HTTPException(
             413,
             f"the image is larger than MODERATION_MAX_BYTES ({settings.max_bytes} bytes)",
         )
+    embedders = EMBEDDERS.get(request)
     # A model that cannot load here answers 503, naming MODERATION_MODEL (ModelUnavailable).
-    with _EMBED_LOCK:
-        embedder = _embedder(registry.serving_name(session, settings.resolved_model()))
+    with embedders.lock:
+        embedder = embedders.get(registry.serving_name(session, settings.resolved_model()))
     model = registry.registered(session, embedder)
-    with _EMBED_LOCK:
+    with embedders.lock:
         entry = service.entry_from_image(
             data,
             embedder,
@@ -343,13 +388,13 @@ def import_pdq_list(
     )
 
 
-def _configured_model(session: DbSession) -> EmbeddingModel:
+def _configured_model(session: DbSession, settings: Settings) -> EmbeddingModel:
     """The active model (the configured one where the registry has none yet): what
     precomputed embeddings are taken to come from."""
     active = registry.active_model(session)
     if active is not None:
         return active
-    name = get_settings().resolved_model()
+    name = settings.resolved_model()
     return get_or_create_model(session, name, model_dim(name))
 
 
@@ -361,14 +406,3 @@ def _vector(values: list[float], dim: int) -> np.ndarray:
         )
     vector: np.ndarray = normalise(np.asarray(values, dtype=np.float32))[0]
     return vector
-
-
-# One model per API process, loaded on the first image; one image embedded at a time.
-_EMBED_LOCK = threading.Lock()
-
-
-@lru_cache(maxsize=2)
-def _embedder(name: str) -> Embedder:
-    from moderation.embedding.cli import load_embedder
-
-    return load_embedder(get_settings(), name)

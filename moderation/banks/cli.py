@@ -10,15 +10,14 @@ import numpy as np
 
 from moderation.audit.service import cli_actor
 from moderation.banks import service
-from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
-from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import PdqHash, parse_hex
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.group()
@@ -30,9 +29,10 @@ def bank() -> None:
 @click.argument("name")
 @click.option("--radius", type=float, help="CLIP cosine distance for this bank (default: global).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def create(name: str, radius: float | None, as_json: bool) -> None:
+@pass_runtime
+def create(runtime: Runtime, name: str, radius: float | None, as_json: bool) -> None:
     """Create a bank called NAME."""
-    with session_scope() as session:
+    with runtime.session() as session:
         created = service.create_bank(session, name, radius)
         service.audit_created(session, created, actor=cli_actor())
         row = {"id": created.id, "name": created.name, "radius": created.radius}
@@ -44,10 +44,11 @@ def create(name: str, radius: float | None, as_json: bool) -> None:
 
 @bank.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(as_json: bool) -> None:
+@pass_runtime
+def list_(runtime: Runtime, as_json: bool) -> None:
     """List banks with their entry counts, and their CLIP entries per model: a worker
     matches only the entries embedded by its own model."""
-    with session_scope() as session:
+    with runtime.session() as session:
         banks = service.list_banks(session)
     if as_json:
         emit_json(banks)
@@ -85,7 +86,9 @@ def list_(as_json: bool) -> None:
 )
 @click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the new entries with their id.")
+@pass_runtime
 def add(
+    runtime: Runtime,
     name: str,
     images: tuple[str, ...],
     embedding_file: Path | None,
@@ -108,8 +111,8 @@ def add(
         ),
     ]
     if images or embedding_file:
-        entries += _model_entries(images, embedding_file, source_ref)
-    with session_scope() as session:
+        entries += _model_entries(runtime, images, embedding_file, source_ref)
+    with runtime.session() as session:
         target = service.get_bank(session, name)
         rows = service.add_entries(session, target, entries, added_by=added_by)
         service.audit_added(session, target, rows, actor=cli_actor(), how="cli")
@@ -144,11 +147,12 @@ def add(
 @click.argument("name")
 @click.argument("entry_ids", nargs=-1, required=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: what was removed.")
-def remove(name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
+@pass_runtime
+def remove(runtime: Runtime, name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
     """Remove entries ENTRY_IDS from bank NAME, with their hits no reviewer confirmed or
     escalated (an entry that has such hits is kept). Recorded in the audit log; all or
     none."""
-    with session_scope() as session:
+    with runtime.session() as session:
         target = service.get_bank(session, name)
         removed = [
             service.remove_entry(session, target, entry_id, actor=cli_actor())
@@ -165,29 +169,31 @@ def remove(name: str, entry_ids: tuple[int, ...], as_json: bool) -> None:
 
 
 def _model_entries(
-    images: tuple[str, ...], embedding_file: Path | None, source_ref: str | None
+    runtime: Runtime, images: tuple[str, ...], embedding_file: Path | None, source_ref: str | None
 ) -> list[service.NewEntry]:
     """Entries that carry an embedding, tied to the active model (the configured one
     where the registry has none yet)."""
-    from moderation.embedding.cli import load_embedder
+    # Imported here: torch and transformers take seconds to load, and most commands
+    # never run a model.
+    from moderation.embedding.families import open_embedder
 
-    settings = get_settings()
+    settings = runtime.settings
     entries: list[service.NewEntry] = []
-    with session_scope() as session:
+    with runtime.session() as session:
         name = registry.serving_name(session, settings.resolved_model())
     if embedding_file is not None:
         vectors = normalise(np.load(embedding_file, allow_pickle=False))
-        with session_scope() as session:
+        with runtime.session() as session:
             model = get_or_create_model(session, name, model_dim(name))
         entries += [
             service.NewEntry(embedding=v, model=model, source_ref=source_ref) for v in vectors
         ]
     if images:
-        embedder = load_embedder(settings, name)
+        embedder = open_embedder(name, settings.resolved_device())
         limits = DecodeLimits.from_settings(settings)
         # The operator's own files, named on their command line (see `allowing_files`).
         policy = UriPolicy.from_settings(settings).allowing_files(images)
-        with session_scope() as session:
+        with runtime.session() as session:
             model = registry.registered(session, embedder)
         for image in images:
             uri = to_uri(image)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy import create_engine, text
@@ -21,6 +22,7 @@ from moderation.config import DEFAULT_CPU_MODEL, Settings, get_settings
 from moderation.demo.samples import SAMPLES
 from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
 from moderation.local_services import LocalServices
+from moderation.runtime import Runtime
 
 if TYPE_CHECKING:
     from moderation.screening.models import Upload
@@ -48,47 +50,54 @@ def _run(base: Settings) -> None:
     model, is_tiny = _choose_model(base)
     database_url = _demo_database_url(base.database_url)
     redis_url = base.redis_url.rsplit("/", 1)[0] + "/1"
-    # The worker is a child process: it reads the same environment.
-    os.environ.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "MODERATION_DATABASE_URL": database_url,
-            "MODERATION_REDIS_URL": redis_url,
-            "MODERATION_QUEUE": "screening-demo",
-            "MODERATION_MODEL": model,
-            "MODERATION_DEVICE": base.device,
-            # The samples are the only files the demo's worker may read.
-            "MODERATION_ALLOWED_URI_PREFIXES": f"{SAMPLES.resolve().as_uri()}/",
-        }
-    )
+    # The demo's settings, as its worker (a child process) reads them from its environment.
+    environment = {
+        "MODERATION_DATABASE_URL": database_url,
+        "MODERATION_REDIS_URL": redis_url,
+        "MODERATION_QUEUE": "screening-demo",
+        "MODERATION_MODEL": model,
+        "MODERATION_DEVICE": base.device,
+        # The samples are the only files the demo's worker may read.
+        "MODERATION_ALLOWED_URI_PREFIXES": f"{SAMPLES.resolve().as_uri()}/",
+    }
+    # Offline, this process and its worker: every model the demo runs is already here.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # Transitional: `submit_uris` and `wait_until_final` (moderation.screening.cli) still
+    # read `get_settings()`, the environment; this goes once they take the runtime.
+    os.environ.update(environment)
     get_settings.cache_clear()
+    fields: dict[str, Any] = {
+        name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()
+    }
+    with closing(Runtime(Settings(**fields))) as runtime:
+        click.secho("moderation demo", bold=True)
+        click.echo(f"  model:    {model}")
+        if is_tiny:
+            click.secho(f"            {TINY_MODEL_WARNING}", fg="yellow")
+        shown = make_url(database_url).render_as_string()
+        click.echo(f"  database: {shown} (rebuilt for the demo)")
+        click.echo(f"  broker:   {redis_url}, queue screening-demo\n")
 
-    click.secho("moderation demo", bold=True)
-    click.echo(f"  model:    {model}")
-    if is_tiny:
-        click.secho(f"            {TINY_MODEL_WARNING}", fg="yellow")
-    click.echo(f"  database: {make_url(database_url).render_as_string()} (rebuilt for the demo)")
-    click.echo(f"  broker:   {redis_url}, queue screening-demo\n")
+        _reset_database(database_url)
+        _reset_broker(redis_url)
+        entries = _build_bank(runtime)
+        click.echo(f"bank {DEMO_BANK!r}: {len(entries)} entries from {SAMPLES / 'bank'}")
 
-    _reset_database(database_url)
-    _reset_broker(redis_url)
-    entries = _build_bank()
-    click.echo(f"bank {DEMO_BANK!r}: {len(entries)} entries from {SAMPLES / 'bank'}")
+        from moderation.screening.cli import expand, submit_uris, wait_until_final
+        from moderation.worker.child import WorkerProcess
 
-    from moderation.screening.cli import expand, submit_uris, wait_until_final
-    from moderation.worker.child import WorkerProcess
-
-    with tempfile.TemporaryDirectory(prefix="moderation-demo-") as tmp:
-        log = Path(tmp) / "worker.log"
-        with WorkerProcess(log) as worker:
-            click.echo("starting a worker ...")
-            worker.wait_ready()
-            # Each file named: the broken ones too, which a directory submit would leave
-            # out by their content, to show the worker's refusals.
-            uris = expand(tuple(str(p) for p in sorted((SAMPLES / "uploads").iterdir()))).uris
-            click.echo(f"submitting {len(uris)} uploads from {SAMPLES / 'uploads'}\n")
-            uploads = wait_until_final(submit_uris(uris), timeout_s=300)
-    _report(uploads)
+        with tempfile.TemporaryDirectory(prefix="moderation-demo-") as tmp:
+            log = Path(tmp) / "worker.log"
+            with WorkerProcess(log, env=environment) as worker:
+                click.echo("starting a worker ...")
+                worker.wait_ready()
+                # Each file named: the broken ones too, which a directory submit would
+                # leave out by their content, to show the worker's refusals.
+                samples = sorted((SAMPLES / "uploads").iterdir())
+                uris = expand(tuple(str(p) for p in samples)).uris
+                click.echo(f"submitting {len(uris)} uploads from {SAMPLES / 'uploads'}\n")
+                uploads = wait_until_final(submit_uris(uris), timeout_s=300)
+        _report(runtime, uploads)
 
 
 def _choose_model(settings: Settings) -> tuple[str, bool]:
@@ -127,20 +136,19 @@ def _reset_broker(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 
 
-def _build_bank() -> list[int]:
+def _build_bank(runtime: Runtime) -> list[int]:
     from moderation.banks import service as banks
-    from moderation.db import session_scope
     from moderation.embedding import registry
-    from moderation.embedding.cli import load_embedder
+    from moderation.embedding.families import open_embedder
     from moderation.embedding.service import get_or_create_model
     from moderation.images.decode import DecodeLimits
 
-    settings = get_settings()
-    with session_scope() as session:
+    settings = runtime.settings
+    with runtime.session() as session:
         name = registry.serving_name(session, settings.resolved_model())
-    embedder = load_embedder(settings, name)
+    embedder = open_embedder(name, settings.resolved_device())
     limits = DecodeLimits.from_settings(settings)
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, embedder.name, embedder.dim)
         bank = banks.create_bank(session, DEMO_BANK)
         entries = []
@@ -152,9 +160,8 @@ def _build_bank() -> list[int]:
         return [row.id for row in rows]
 
 
-def _report(rows: list[Upload]) -> None:
+def _report(runtime: Runtime, rows: list[Upload]) -> None:
     from moderation.console import emit_table
-    from moderation.db import session_scope
     from moderation.review import service as review
     from moderation.screening.models import UploadStatus
 
@@ -172,7 +179,7 @@ def _report(rows: list[Upload]) -> None:
         ["upload_id", "file", "status", "error"],
         empty="no uploads",
     )
-    with session_scope() as session:
+    with runtime.session() as session:
         every = review.newest(session, review.QueueFilter(status=None), None)
         hits = sorted(every, key=lambda h: (h.upload_id, h.signal))
     click.secho("\nhits", bold=True)

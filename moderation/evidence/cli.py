@@ -9,12 +9,11 @@ from pathlib import Path
 import click
 
 from moderation.audit.service import cli_actor
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.errors import Unavailable
 from moderation.evidence import service
 from moderation.evidence.sealing import new_key
 from moderation.evidence.vault import Vault
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.group()
@@ -32,18 +31,20 @@ def new_key_command() -> None:
 @evidence.command()
 @click.argument("upload_id", type=int)
 @click.option("--reason", required=True, help="Why, for the audit log.")
-def hold(upload_id: int, reason: str) -> None:
+@pass_runtime
+def hold(runtime: Runtime, upload_id: int, reason: str) -> None:
     """Keep an upload's evidence past its retention until released."""
-    with session_scope() as session:
+    with runtime.session() as session:
         held = service.hold(session, upload_id, actor=cli_actor(), reason=reason)
     click.echo(f"upload {upload_id}: {'held' if held else 'no evidence, or already held'}")
 
 
 @evidence.command()
 @click.argument("upload_id", type=int)
-def release(upload_id: int) -> None:
+@pass_runtime
+def release(runtime: Runtime, upload_id: int) -> None:
     """Lift a legal hold: the evidence goes at the end of its retention."""
-    with session_scope() as session:
+    with runtime.session() as session:
         released = service.release(session, upload_id, actor=cli_actor())
     click.echo(f"upload {upload_id}: {'released' if released else 'was not held'}")
 
@@ -51,13 +52,14 @@ def release(upload_id: int) -> None:
 @evidence.command()
 @click.argument("upload_id", type=int)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def export(upload_id: int, directory: Path) -> None:
+@pass_runtime
+def export(runtime: Runtime, upload_id: int, directory: Path) -> None:
     """Write an upload's kept frames (JPEG) and screening's report (JSON) to DIRECTORY,
     for a report to an authority; the read is audited."""
-    vault = Vault.from_settings(get_settings())
+    vault = Vault.from_settings(runtime.settings)
     if vault is None:
         raise Unavailable("no evidence key is configured (MODERATION_EVIDENCE_KEY)")
-    with session_scope() as session:
+    with runtime.session() as session:
         kept = service.evidence_of(session, upload_id)
         frames = kept.frames if kept is not None else []
         images = service.read_frames(

@@ -11,9 +11,9 @@ import click
 
 from moderation.banks import service as banks
 from moderation.console import emit_json, emit_table
-from moderation.db import session_scope
 from moderation.retrohunt import service, tasks
 from moderation.retrohunt.models import FINAL_JOB_STATUSES, JobStatus
+from moderation.runtime import Runtime, pass_runtime
 
 # `--wait` reports progress this often on stderr.
 _PROGRESS_EVERY_S = 5.0
@@ -32,9 +32,10 @@ def retrohunt() -> None:
 @click.option("--status", type=click.Choice([s.value for s in JobStatus]), help="Only this status.")
 @click.option("--limit", default=100, show_default=True, help="Newest jobs shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(status: str | None, limit: int, as_json: bool) -> None:
+@pass_runtime
+def list_(runtime: Runtime, status: str | None, limit: int, as_json: bool) -> None:
     """Show jobs, newest first, with their progress."""
-    with session_scope() as session:
+    with runtime.session() as session:
         jobs = service.list_jobs(session, status=JobStatus(status) if status else None, limit=limit)
     if as_json:
         emit_json([_json(job) for job in jobs])
@@ -49,9 +50,10 @@ def list_(status: str | None, limit: int, as_json: bool) -> None:
 @retrohunt.command("show")
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(job_id: int, as_json: bool) -> None:
+@pass_runtime
+def show(runtime: Runtime, job_id: int, as_json: bool) -> None:
     """Show one job and its progress."""
-    with session_scope() as session:
+    with runtime.session() as session:
         job = service.get_job(session, job_id)
     if as_json:
         emit_json(_json(job))
@@ -66,18 +68,26 @@ def show(job_id: int, as_json: bool) -> None:
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_json: bool) -> None:
+@pass_runtime
+def start(
+    runtime: Runtime,
+    bank_name: str,
+    wait: bool,
+    timeout: float | None,
+    added_by: str,
+    as_json: bool,
+) -> None:
     """Hunt past uploads for every entry of BANK (e.g. after it was enabled again)."""
-    with session_scope() as session:
+    with runtime.session() as session:
         job_id = service.hunt_bank(
             session, banks.get_bank(session, bank_name), created_by=added_by
         ).id
     tasks.send_steps([service.NextStep(job_id, 0)])
     if not as_json:
         click.echo(f"retro-hunt job {job_id} started for every entry of {bank_name}")
-    finished = wait_for_jobs([job_id], timeout, quiet=as_json) if wait else None
+    finished = wait_for_jobs(runtime, [job_id], timeout, quiet=as_json) if wait else None
     if as_json:
-        with session_scope() as session:
+        with runtime.session() as session:
             emit_json(_json(service.get_job(session, job_id)))
     if finished is not None:
         exit_for(finished)
@@ -87,7 +97,8 @@ def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_j
 @click.option("--bank", "bank_name", help="Only this bank's jobs.")
 @click.option("--timeout", type=float, help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the jobs waited for.")
-def wait(bank_name: str | None, timeout: float | None, as_json: bool) -> None:
+@pass_runtime
+def wait(runtime: Runtime, bank_name: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait until every unfinished job (of BANK) has finished, showing progress; jobs for
     entries already added are started first, without waiting for a worker's sweeper.
     Exits 3 on timeout, 1 if a job failed."""
@@ -97,24 +108,24 @@ def wait(bank_name: str | None, timeout: float | None, as_json: bool) -> None:
             "on the database server); workers' sweepers will start them once it ends",
             err=True,
         )
-    with session_scope() as session:
+    with runtime.session() as session:
         bank = banks.get_bank(session, bank_name) if bank_name else None
         job_ids = service.unfinished_jobs(session, bank_id=bank.id if bank else None)
-    finished = wait_for_jobs(job_ids, timeout, quiet=as_json)
+    finished = wait_for_jobs(runtime, job_ids, timeout, quiet=as_json)
     if as_json:
         emit_json([_json(job) for job in finished or []])
     exit_for(finished)
 
 
 def wait_for_jobs(
-    job_ids: Sequence[int], timeout_s: float | None, *, quiet: bool = False
+    runtime: Runtime, job_ids: Sequence[int], timeout_s: float | None, *, quiet: bool = False
 ) -> list[service.JobView] | None:
     """Wait until the jobs are final, reporting progress on stderr every few seconds
     (not if `quiet`). Returns the jobs, or None if `timeout_s` passed first."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reported = 0.0
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             jobs = [service.get_job(session, job_id) for job_id in job_ids]
         if all(JobStatus(job.status) in FINAL_JOB_STATUSES for job in jobs):
             return jobs

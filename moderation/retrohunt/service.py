@@ -265,8 +265,9 @@ def run_step(
         _start(session, job, settings)
     deadline = time.monotonic() + (settings.retrohunt_step_s if budget_s is None else budget_s)
     found = targets.get(session, job, bank, hunt_settings(settings))
+    announce = webhooks.screening_hits_enabled(settings)
     if job.status is JobStatus.SCANNING:
-        _scan(session, job, found, deadline, block_uploads)
+        _scan(session, job, found, deadline, block_uploads, announce)
     if job.status is JobStatus.SETTLING:
         # The database's clock, which set `settle_until`, not this machine's.
         now = session.scalars(select(func.now())).one()
@@ -276,7 +277,9 @@ def run_step(
             return None
         job.status = JobStatus.CATCHING_UP
     if job.status is JobStatus.CATCHING_UP:
-        _catch_up(session, job, found, deadline, block_uploads, settings.retrohunt_settle_s)
+        _catch_up(
+            session, job, found, deadline, block_uploads, settings.retrohunt_settle_s, announce
+        )
     if job.status is JobStatus.DONE:
         targets.forget(job.id)
         return None
@@ -297,7 +300,12 @@ def _start(session: Session, job: RetrohuntJob, settings: Settings) -> None:
 
 
 def _scan(
-    session: Session, job: RetrohuntJob, targets: Targets, deadline: float, block_uploads: int
+    session: Session,
+    job: RetrohuntJob,
+    targets: Targets,
+    deadline: float,
+    block_uploads: int,
+    announce: bool,
 ) -> None:
     horizon = job.horizon_upload_id or 0
     while job.scanned_through_upload_id < horizon:
@@ -312,7 +320,7 @@ def _scan(
         high, count = session.execute(select(func.max(block.c.id), func.count())).one()
         high = high or horizon
         hits, vectors = targets.search(session, _between(low, high))
-        job.hits_found += _record(session, hits)
+        job.hits_found += _record(session, hits, announce)
         job.vectors_scanned += vectors
         job.uploads_scanned += count
         job.scanned_through_upload_id = high
@@ -328,6 +336,7 @@ def _catch_up(
     deadline: float,
     block_uploads: int,
     settle_s: float,
+    announce: bool,
 ) -> None:
     """Search again the uploads screened since `settle_s` before the entries' transaction
     began: those a worker may have matched with a snapshot that predates the entries (see
@@ -349,7 +358,7 @@ def _catch_up(
             _finish(job, JobStatus.DONE, None)
             return
         hits, vectors = targets.search(session, _among(ids))
-        job.hits_found += _record(session, hits)
+        job.hits_found += _record(session, hits, announce)
         job.vectors_scanned += vectors
         job.caught_up_through_upload_id = ids[-1]
         if time.monotonic() >= deadline:
@@ -372,11 +381,11 @@ def _among(ids: list[int]) -> UploadFilter:
     return where
 
 
-def _record(session: Session, hits: list[FoundHit]) -> int:
+def _record(session: Session, hits: list[FoundHit], announce: bool) -> int:
     """Insert hits marked retroactive; those screening (or an earlier run) already
     recorded are left as they are. Returns how many were new. When screening hits are
-    announced, the new ones are too, in this transaction (`upload.hit`, each hit carrying
-    `retroactive: true`)."""
+    announced (`announce`), the new ones are too, in this transaction (`upload.hit`, each
+    hit carrying `retroactive: true`)."""
     new_hits: list[tuple[int, int]] = []
     for start in range(0, len(hits), _HITS_PER_INSERT):
         rows = [
@@ -396,7 +405,7 @@ def _record(session: Session, hits: list[FoundHit]) -> int:
             insert(Hit).values(rows).on_conflict_do_nothing().returning(Hit.id, Hit.upload_id)
         ).all()
         new_hits.extend((hit_id, upload_id) for hit_id, upload_id in inserted)
-    if new_hits and webhooks.screening_hits_enabled():
+    if new_hits and announce:
         webhooks.enqueue(
             session,
             EventType.HIT,

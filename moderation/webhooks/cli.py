@@ -11,9 +11,8 @@ from typing import Any
 
 import click
 
-from moderation.config import get_settings
 from moderation.console import emit_json, emit_table
-from moderation.db import session_scope
+from moderation.runtime import Runtime, pass_runtime
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, WebhookEvent
 from moderation.webhooks.sender import Sender
@@ -38,10 +37,11 @@ def webhooks() -> None:
     type=click.IntRange(1, 256),
     help="Events claimed and posted at once.",
 )
-def send(once: bool, heartbeat_file: Path | None, batch: int) -> None:
+@pass_runtime
+def send(runtime: Runtime, once: bool, heartbeat_file: Path | None, batch: int) -> None:
     """Deliver outbox events to MODERATION_WEBHOOK_URL until stopped (SIGTERM or Ctrl-C
     finish the delivery in hand). Run as many as you like."""
-    sender = Sender(get_settings(), batch=batch)
+    sender = Sender(runtime, batch=batch)
     try:
         if once:
             tried = 0
@@ -81,9 +81,12 @@ def _row(event: WebhookEvent) -> dict[str, Any]:
 @click.option("--upload", "upload_id", type=int, help="Only this upload's events.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(status: str | None, upload_id: int | None, limit: int, as_json: bool) -> None:
+@pass_runtime
+def list_(
+    runtime: Runtime, status: str | None, upload_id: int | None, limit: int, as_json: bool
+) -> None:
     """Events, newest first, and how many are in each state."""
-    with session_scope() as session:
+    with runtime.session() as session:
         found = service.list_events(
             session,
             status=DeliveryStatus(status) if status else None,
@@ -104,9 +107,10 @@ def list_(status: str | None, upload_id: int | None, limit: int, as_json: bool) 
 @webhooks.command()
 @click.argument("event_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(event_id: int, as_json: bool) -> None:
+@pass_runtime
+def show(runtime: Runtime, event_id: int, as_json: bool) -> None:
     """One event: its body's data and every attempt to deliver it."""
-    with session_scope() as session:
+    with runtime.session() as session:
         event = service.get_event(session, event_id)
         row = {**_row(event), "idempotency_key": str(event.idempotency_key)}
         attempts = [
@@ -139,9 +143,10 @@ def show(event_id: int, as_json: bool) -> None:
 
 @webhooks.command()
 @click.argument("event_id", type=int)
-def redeliver(event_id: int) -> None:
+@pass_runtime
+def redeliver(runtime: Runtime, event_id: int) -> None:
     """Send an event again from now on (a failed one, or one the receiver lost). It keeps
     its idempotency key, so a receiver that has it drops it again."""
-    with session_scope() as session:
+    with runtime.session() as session:
         event = service.redeliver(session, event_id)
     click.echo(f"event {event.id} is due now")

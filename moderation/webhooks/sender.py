@@ -22,9 +22,8 @@ from pathlib import Path
 
 import httpcore
 
-from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.errors import Unavailable
+from moderation.runtime import Runtime
 from moderation.webhooks import service
 from moderation.webhooks.deadline import DeadlineBackend, within
 from moderation.webhooks.service import AttemptOutcome, ClaimedEvent
@@ -143,7 +142,10 @@ class Sender:
     recorded attempt.
     """
 
-    def __init__(self, settings: Settings, name: str | None = None, batch: int = 16) -> None:
+    def __init__(self, runtime: Runtime, name: str | None = None, batch: int = 16) -> None:
+        """Delivers to the receiver that `runtime`'s settings name; claims and records
+        in its database."""
+        settings = runtime.settings
         if not settings.webhook_url:
             raise WebhookNotConfigured(
                 "MODERATION_WEBHOOK_URL is not set: there is nowhere to send events"
@@ -160,6 +162,7 @@ class Sender:
                 f"twice MODERATION_WEBHOOK_TIMEOUT_S ({settings.webhook_timeout_s}), or a "
                 "slow delivery would be taken over by another sender while in flight"
             )
+        self.runtime = runtime
         self.settings = settings
         self.url = settings.webhook_url
         self.secret = settings.webhook_secret.get_secret_value().encode()
@@ -179,7 +182,7 @@ class Sender:
 
     def deliver_batch(self) -> int:
         """Claim due events and try each once; how many were claimed (0: none was due)."""
-        with session_scope() as session:
+        with self.runtime.session() as session:
             claimed = service.claim_due(
                 session,
                 lease_s=self.settings.webhook_lease_s,
@@ -199,7 +202,7 @@ class Sender:
         }
         for done in as_completed(posts):
             event, outcome = posts[done], done.result()
-            with session_scope() as session:
+            with self.runtime.session() as session:
                 service.record_attempt(
                     session, event, outcome, sender=self.name, settings=self.settings
                 )

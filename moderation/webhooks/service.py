@@ -26,7 +26,7 @@ from sqlalchemy import BigInteger, Float, bindparam, case, func, select, text, u
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.errors import NotFound
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookAttempt, WebhookEvent
 
@@ -38,14 +38,13 @@ class EventNotFound(NotFound):
         super().__init__(f"no webhook event with id {event_id}; `moderation webhooks list`")
 
 
-def enabled(settings: Settings | None = None) -> bool:
+def enabled(settings: Settings) -> bool:
     """Whether events are written at all: only while a receiver is configured, so that an
     installation without webhooks does not grow an outbox nobody empties."""
-    return bool((settings or get_settings()).webhook_url)
+    return bool(settings.webhook_url)
 
 
-def screening_hits_enabled(settings: Settings | None = None) -> bool:
-    settings = settings or get_settings()
+def screening_hits_enabled(settings: Settings) -> bool:
     return enabled(settings) and settings.webhook_on_screening_hit
 
 

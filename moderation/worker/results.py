@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
+from moderation.config import get_settings
 from moderation.evidence import service as evidence
 from moderation.review import service as review
 from moderation.screening import service as screening
@@ -28,6 +29,6 @@ def record_results(
     written = screening.record_screened(session, results)
     new = {r.upload_id for r, fresh in zip(results, written, strict=True) if fresh}
     found = {r.upload_id: r.matches for r in results if r.upload_id in new}
-    review.record_hits(session, found, notify=screening_hits_enabled())
+    review.record_hits(session, found, notify=screening_hits_enabled(get_settings()))
     evidence.record_kept(session, [k for k in kept if k.upload_id in new], retention)
     return written
