@@ -108,10 +108,11 @@ def load(data: dict[str, np.ndarray], queries: int, relevant: int) -> dict[str, 
     from sqlalchemy import text
 
     from moderation import pg_copy, schema
+    from moderation.config import get_settings
     from moderation.db import get_engine, session_scope
     from moderation.embedding.service import get_or_create_model
 
-    schema.upgrade()
+    schema.upgrade(get_settings().database_url)
     with get_engine().begin() as conn:
         conn.execute(text("TRUNCATE evaluation_runs, golden_queries, embeddings, uploads CASCADE"))
     is_text = np.arange(queries) % 2 == 0
@@ -272,11 +273,14 @@ def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     from moderation.config import get_settings
     from moderation.db import session_scope
+    from moderation.http.limits import ApiLimits
     from moderation.search.blip import matcher, write_random_blip
     from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
     from moderation.search.rerankers import CrossEncoderReranker, upload_images
 
     settings = get_settings()
+    # What the API process would read the candidates under.
+    limits = ApiLimits.from_settings(settings)
     rng = np.random.default_rng(3)
     started = time.perf_counter()
     checkpoint = write_random_blip(workdir / f"blip-{args.architecture}", args.architecture)
@@ -322,12 +326,12 @@ def cross_encoder(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     scorer = matcher(str(checkpoint), "cpu")
     started = time.perf_counter()
     with session_scope() as session:
-        warm = upload_images(session, settings)(upload_ids[:2])
+        warm = upload_images(session, settings, limits)(upload_ids[:2])
     scorer.scores(query.text or "", list(warm.values()))  # loads the weights
     load_s = time.perf_counter() - started
     totals, cpu, reading = [], [], []
     with session_scope() as session:
-        images = upload_images(session, settings)
+        images = upload_images(session, settings, limits)
 
         def timed_images(ids: Sequence[int]) -> dict[int, Image.Image]:
             started = time.perf_counter()

@@ -105,10 +105,11 @@ def prepare_uploads(count: int) -> None:
     from sqlalchemy import text
 
     from moderation import pg_copy, schema
+    from moderation.config import get_settings
     from moderation.db import get_engine, session_scope
     from moderation.embedding.service import get_or_create_model, normalise
 
-    schema.upgrade()
+    schema.upgrade(get_settings().database_url)
     with get_engine().begin() as conn:
         conn.execute(
             text("TRUNCATE hits, signals, embeddings, uploads, banks, retrohunt_jobs CASCADE")
@@ -358,10 +359,12 @@ def screening_while_hunting(
     from moderation.retrohunt import service as retrohunt
     from moderation.retrohunt.cli import wait_for_jobs
     from moderation.retrohunt.tasks import send_steps
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.worker.child import WorkerProcess
 
     redis.Redis.from_url(get_settings().redis_url).flushdb()
+    runtime = Runtime(get_settings())
     paths = []
     for seed in range(16 + 2 * rounds * images):
         path = workdir / f"{seed}.jpg"
@@ -372,7 +375,7 @@ def screening_while_hunting(
     def images_per_s(uris: list[str]) -> float:
         with session_scope() as session:
             started_at = session.scalar(select(func.clock_timestamp()))
-        uploads = wait_until_final(submit_uris(uris), timeout_s=3600)
+        uploads = wait_until_final(runtime, submit_uris(runtime, uris), timeout_s=3600)
         finished = max(u.finished_at for u in uploads if u.finished_at is not None)
         assert started_at is not None
         return float(len(uris) / (finished - started_at).total_seconds())
@@ -386,7 +389,7 @@ def screening_while_hunting(
     _run_job(add_pdq_entries("pdq-hunted-by-worker", pdq_entries, []), 1)
     with WorkerProcess(workdir / "worker.log") as worker:
         worker.wait_ready()
-        wait_until_final(submit_uris(warmup), timeout_s=600)
+        wait_until_final(runtime, submit_uris(runtime, warmup), timeout_s=600)
         for round_ in range(rounds):
             batch = timed[2 * round_ * images : 2 * (round_ + 1) * images]
             alone.append(images_per_s(batch[:images]))

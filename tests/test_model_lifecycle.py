@@ -30,7 +30,7 @@ from moderation.screening.models import Upload, UploadStatus
 from moderation.search import service as search_service
 from moderation.search.runtime import SearchRuntime
 from moderation.worker.child import WorkerProcess, process_tree
-from tests.conftest import TEST_ENV, TINY_MODEL_DIR
+from tests.conftest import TEST_ENV, TEST_RUNTIME, TINY_MODEL_DIR
 from tests.images import encode, textured, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db")]
@@ -68,7 +68,9 @@ def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = 60
 
 
 def screen(*paths: Path) -> list[Upload]:
-    uploads = wait_until_final(submit_uris([p.as_uri() for p in paths]), timeout_s=120)
+    uploads = wait_until_final(
+        TEST_RUNTIME, submit_uris(TEST_RUNTIME, [p.as_uri() for p in paths]), timeout_s=120
+    )
     assert [u.status for u in uploads] == [UploadStatus.SCREENED] * len(paths)
     return uploads
 

@@ -40,7 +40,7 @@ from moderation.screening import service as screening
 from moderation.screening.cli import Progress
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.waiting import Tally, tally, why_stalled
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, TEST_RUNTIME
 from tests.images import encode, textured, write
 from tests.queues import queued_uploads
 
@@ -460,12 +460,13 @@ def test_wait_exits_0_when_all_are_screened_and_1_when_any_failed(tmp_path: Path
 def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
     with session_scope() as session:
         upload_ids = screening.submit_many(session, ["https://example.com/never-sent.jpg"])
-    settings = get_settings()
     with session_scope() as session:
         stalled = tally(session, upload_ids)
     assert (stalled.total, stalled.queued) == (1, 1)
-    cause = why_stalled(settings, stalled)
-    assert cause.startswith(f"1 upload(s) are queued but queue {settings.queue} has no message")
+    cause = why_stalled(TEST_RUNTIME, stalled)
+    assert cause.startswith(
+        f"1 upload(s) are queued but queue {TEST_RUNTIME.settings.queue} has no message"
+    )
     assert "`moderation sweep`" in cause
 
 

@@ -75,6 +75,7 @@ def _run(base: Settings) -> None:
     entries = _build_bank()
     click.echo(f"bank {DEMO_BANK!r}: {len(entries)} entries from {SAMPLES / 'bank'}")
 
+    from moderation.runtime import Runtime
     from moderation.screening.cli import expand, submit_uris, wait_until_final
     from moderation.worker.child import WorkerProcess
 
@@ -87,7 +88,11 @@ def _run(base: Settings) -> None:
             # out by their content, to show the worker's refusals.
             uris = expand(tuple(str(p) for p in sorted((SAMPLES / "uploads").iterdir()))).uris
             click.echo(f"submitting {len(uris)} uploads from {SAMPLES / 'uploads'}\n")
-            uploads = wait_until_final(submit_uris(uris), timeout_s=300)
+            runtime = Runtime(get_settings())
+            try:
+                uploads = wait_until_final(runtime, submit_uris(runtime, uris), timeout_s=300)
+            finally:
+                runtime.close()
     _report(uploads)
 
 

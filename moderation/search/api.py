@@ -20,8 +20,9 @@ from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
 from moderation.config import get_settings
-from moderation.http.access import allow
+from moderation.http.access import allow, app_runtime
 from moderation.http.admission import image_body
+from moderation.http.limits import app_limits
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
 from moderation.review.models import ReviewStatus
@@ -32,8 +33,15 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters, SearchResult
 
 # Loaded with the process's first search, then following the embeddings table.
+# Decodes and fetches within the application's limits, shared with its thumbnails.
 RUNTIME = ProcessResource(
-    "search_runtime", lambda runtime: SearchRuntime(runtime.settings, runtime.engine, follow=True)
+    "search_runtime",
+    lambda request: SearchRuntime(
+        app_runtime(request).settings,
+        app_runtime(request).engine,
+        follow=True,
+        limits=app_limits(request),
+    ),
 )
 
 

@@ -30,7 +30,7 @@ from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from moderation.embedding.service import embed_first_frame
 from moderation.errors import Invalid
-from moderation.http.limits import FETCHES_SETTING, api_limits
+from moderation.http.limits import FETCHES_SETTING, ApiLimits
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
@@ -70,9 +70,19 @@ class EmptyQuery(Invalid):
 
 class SearchRuntime:
     def __init__(
-        self, settings: Settings, engine: Engine, *, follow: bool, model: str | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        follow: bool,
+        model: str | None = None,
+        limits: ApiLimits | None = None,
     ) -> None:
+        """`limits`: what its queries' decodes and fetches (and its reranker's) count
+        against; the API application's own, shared with its other routes, else limits of
+        this runtime's own from `settings`."""
         self.settings = settings
+        self.limits = limits or ApiLimits.from_settings(settings)
         self.engine = engine
         self.config = IndexSettings.from_settings(settings)
         self.follow = follow
@@ -211,7 +221,7 @@ class SearchRuntime:
         limits = DecodeLimits.from_settings(self.settings)
         model_id, name = self._serving()
         embedder = self._embedder_of(model_id, name)
-        _, vector = embed_first_frame(data, embedder, limits, budget=api_limits().decodes)
+        _, vector = embed_first_frame(data, embedder, limits, budget=self.limits.decodes)
         return SearchQuery(vector=vector, model_id=model_id, image=data)
 
     def fetched_image_query(self, path_or_uri: str, *, operator_file: bool) -> SearchQuery:
@@ -222,7 +232,7 @@ class SearchRuntime:
         if operator_file:
             policy = policy.allowing_files([path_or_uri])
         uri = to_uri(path_or_uri)
-        with api_limits().fetches.taken(uri, setting=FETCHES_SETTING):
+        with self.limits.fetches.taken(uri, setting=FETCHES_SETTING):
             data = fetch(
                 uri,
                 policy=policy,
@@ -260,7 +270,10 @@ class SearchRuntime:
                 candidates=self.settings.search_candidates,
                 exact_scan_max=self.settings.search_exact_scan_max,
                 reranker=reranker_named(
-                    reranker or self.settings.search_reranker, session, self.settings
+                    reranker or self.settings.search_reranker,
+                    session,
+                    self.settings,
+                    limits=self.limits,
                 ),
             )
 
