@@ -17,7 +17,6 @@ from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import BankEntry
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.service import model_dim
 from moderation.images.hashing import sha256
@@ -26,6 +25,7 @@ from moderation.main.cli import main
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening import service as screening
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_SETTINGS
 from tests.images import encode, textured
 
 __all__ = ["api", "keys"]
@@ -114,7 +114,7 @@ def test_entries_by_signal_are_added_listed_and_removed(
 ) -> None:
     admin = bearer(keys[Role.ADMIN])
     _create(api, admin)
-    dim = model_dim(get_settings().resolved_model())
+    dim = model_dim(TEST_SETTINGS.resolved_model())
     body = {
         "entries": [
             {"sha256": SHA_A},
