@@ -55,10 +55,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import redis
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_api"
@@ -112,12 +115,11 @@ def prepare_database(url: str) -> None:
     schema.upgrade(url)
 
 
-def submitter_key(url: str) -> str:
+def submitter_key(runtime: Runtime) -> str:
     from moderation.auth import service as auth
     from moderation.auth.models import Role
-    from moderation.db import session_scope
 
-    with session_scope(url) as session:
+    with runtime.session() as session:
         _, secret = auth.create_key(session, role=Role.SUBMITTER, name="bench", actor="bench")
     return secret
 
@@ -339,8 +341,16 @@ def main() -> None:
     database = os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE)
     redis_url = os.environ.get("MODERATION_BENCH_REDIS_URL", BENCH_REDIS)
     queue = f"bench-api-{uuid.uuid4().hex[:8]}"
+    from moderation.config import Settings
+    from moderation.runtime import Runtime
+
     prepare_database(database)
-    key = submitter_key(database)
+    # The bench's own side of the database (its key); the servers read theirs from `env`.
+    runtime = Runtime(Settings(database_url=database, redis_url=redis_url, queue=queue))
+    try:
+        key = submitter_key(runtime)
+    finally:
+        runtime.close()
     port = free_port()
     env = {
         **os.environ,

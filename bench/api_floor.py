@@ -16,7 +16,8 @@ import sys
 import uvicorn
 from fastapi import FastAPI, status
 
-from moderation.db import session_scope
+from moderation.config import Settings
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.api import (
     UploadAccepted,
@@ -26,24 +27,34 @@ from moderation.screening.api import (
     accepted_answer,
 )
 
-app = FastAPI()
 
+def floor_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI()
 
-@app.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
 
+    @app.post("/v1/uploads", status_code=status.HTTP_202_ACCEPTED)
+    def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
+        events = body.uploads if isinstance(body, UploadBatchIn) else [body]
+        with runtime.session() as session:
+            # The same rows as the API writes, a submitter's name included (the floor has
+            # no key).
+            accepted = service.submit_uploads(
+                session, [event.to_new_upload("key:0:floor") for event in events]
+            )
+        return accepted_answer(body, accepted)
 
-@app.post("/v1/uploads", status_code=status.HTTP_202_ACCEPTED)
-def submit_uploads(body: UploadIn | UploadBatchIn) -> UploadAccepted | UploadBatchAccepted:
-    events = body.uploads if isinstance(body, UploadBatchIn) else [body]
-    with session_scope() as session:
-        # The same rows as the API writes, a submitter's name included (the floor has no key).
-        accepted = service.submit_uploads(
-            session, [event.to_new_upload("key:0:floor") for event in events]
-        )
-    return accepted_answer(body, accepted)
+    return app
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    # Settings from MODERATION_* variables, as `moderation api` reads them.
+    runtime = Runtime(Settings())
+    try:
+        uvicorn.run(
+            floor_app(runtime), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning"
+        )
+    finally:
+        runtime.close()

@@ -272,11 +272,14 @@ def cross_encoder(runtime: Runtime, workdir: Path, args: argparse.Namespace) -> 
     import torch
     from sqlalchemy import text
 
+    from moderation.http.limits import ApiLimits
     from moderation.search.blip import matcher, write_random_blip
     from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
     from moderation.search.rerankers import CrossEncoderReranker, upload_images
 
     settings = runtime.settings
+    # What the API process would read the candidates under.
+    limits = ApiLimits.from_settings(settings)
     rng = np.random.default_rng(3)
     started = time.perf_counter()
     checkpoint = write_random_blip(workdir / f"blip-{args.architecture}", args.architecture)
@@ -322,12 +325,12 @@ def cross_encoder(runtime: Runtime, workdir: Path, args: argparse.Namespace) -> 
     scorer = matcher(str(checkpoint), "cpu")
     started = time.perf_counter()
     with runtime.session() as session:
-        warm = upload_images(session, settings)(upload_ids[:2])
+        warm = upload_images(session, settings, limits)(upload_ids[:2])
     scorer.scores(query.text or "", list(warm.values()))  # loads the weights
     load_s = time.perf_counter() - started
     totals, cpu, reading = [], [], []
     with runtime.session() as session:
-        images = upload_images(session, settings)
+        images = upload_images(session, settings, limits)
 
         def timed_images(ids: Sequence[int]) -> dict[int, Image.Image]:
             started = time.perf_counter()

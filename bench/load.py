@@ -33,7 +33,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 LOAD_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_load"
 LOAD_REDIS = "redis://127.0.0.1:6379/10"
@@ -76,21 +79,29 @@ def main() -> None:
             "MODERATION_FETCH_TIMEOUT_S": "3",
         }
     )
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_tiny_clip
+    from moderation.runtime import Runtime
     from tests.hostile import forbidden_targets, make_corpus
+
+    # The run's settings, as set above; the workers read the same from their environment.
+    runtime = Runtime(Settings())
 
     if args.model is None and not (model / "config.json").exists():
         write_tiny_clip(model)
     good = make_good_images(workdir / "good", count=200)
-    with forbidden_targets() as (listener, redirector):
-        hostile = make_corpus(workdir / "hostile", listener, redirector)
-        reset_database_and_broker()
-        banked = add_bank(good[:20])
-        baseline = producer_alone(good, int(args.rate * args.duration))
-        reset_database_and_broker(keep_bank=True)
-        run = run_load(args, workdir, good, hostile)
-        forbidden_connections = listener.connections_so_far()
-    results = report(run, banked, baseline, args, forbidden_connections)
+    try:
+        with forbidden_targets() as (listener, redirector):
+            hostile = make_corpus(workdir / "hostile", listener, redirector)
+            reset_database_and_broker(runtime)
+            banked = add_bank(runtime, good[:20])
+            baseline = producer_alone(runtime, good, int(args.rate * args.duration))
+            reset_database_and_broker(runtime, keep_bank=True)
+            run = run_load(runtime, args, workdir, good, hostile)
+            forbidden_connections = listener.connections_so_far()
+        results = report(runtime, run, banked, baseline, args, forbidden_connections)
+    finally:
+        runtime.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
@@ -114,28 +125,25 @@ def make_good_images(directory: Path, count: int) -> list[Path]:
     return paths
 
 
-def reset_database_and_broker(keep_bank: bool = False) -> None:
+def reset_database_and_broker(runtime: Runtime, keep_bank: bool = False) -> None:
     import redis
     from sqlalchemy import text
 
     from moderation import schema
-    from moderation.config import get_settings
-    from moderation.db import get_engine
 
-    schema.upgrade()
+    schema.upgrade(runtime.settings.database_url)
     tables = "hits, signals, embeddings, uploads" + ("" if keep_bank else ", banks")
-    with get_engine().begin() as conn:
+    with runtime.engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} CASCADE"))
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
 
 
-def add_bank(banked: list[Path]) -> set[str]:
+def add_bank(runtime: Runtime, banked: list[Path]) -> set[str]:
     """A bank of the SHA-256 of some good images: the URIs that must hit, once each."""
     from moderation.banks import service as banks
-    from moderation.db import session_scope
     from moderation.images.hashing import sha256
 
-    with session_scope() as session:
+    with runtime.session() as session:
         bank = banks.create_bank(session, "load")
         banks.add_entries(
             session,
@@ -146,7 +154,7 @@ def add_bank(banked: list[Path]) -> set[str]:
     return {path.as_uri() for path in banked}
 
 
-def producer_alone(good: list[Path], count: int) -> float:
+def producer_alone(runtime: Runtime, good: list[Path], count: int) -> float:
     """Submissions per second of the producer alone (one at a time, no worker): the
     ceiling of any submission rate this run can ask for."""
     from moderation.screening.cli import submit_uris
@@ -154,21 +162,20 @@ def producer_alone(good: list[Path], count: int) -> float:
     uris = [good[i % len(good)].as_uri() for i in range(min(count, 500))]
     started = time.perf_counter()
     for uri in uris:
-        submit_uris([uri])
+        submit_uris(runtime, [uri])
     return len(uris) / (time.perf_counter() - started)
 
 
 def run_load(
-    args: argparse.Namespace, workdir: Path, good: list[Path], hostile: list[Any]
+    runtime: Runtime, args: argparse.Namespace, workdir: Path, good: list[Path], hostile: list[Any]
 ) -> dict[str, Any]:
     import redis
 
-    from moderation.config import get_settings
     from moderation.images.errors import IntakeError
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.worker.child import WorkerProcess
 
-    settings = get_settings()
+    settings = runtime.settings
     broker = redis.Redis.from_url(settings.redis_url)
     rng = random.Random(0)
     accepted: dict[int, str] = {}  # upload id -> kind ("good", "banked" or the case name)
@@ -191,17 +198,19 @@ def run_load(
             if rng.random() < args.hostile:
                 case = rng.choice(hostile)
                 try:
-                    (upload_id,) = submit_uris([case.uri], declared_sha256=case.declared_sha256)
+                    (upload_id,) = submit_uris(
+                        runtime, [case.uri], declared_sha256=case.declared_sha256
+                    )
                 except IntakeError as error:
                     refused[error.code] = refused.get(error.code, 0) + 1
                     continue
                 accepted[upload_id] = f"hostile: {case.name}"
             else:
                 path = rng.choice(good)
-                (upload_id,) = submit_uris([path.as_uri()])
+                (upload_id,) = submit_uris(runtime, [path.as_uri()])
                 accepted[upload_id] = path.as_uri()
         submit_seconds = time.monotonic() - started
-        uploads = wait_until_final(list(accepted), timeout_s=args.drain_timeout)
+        uploads = wait_until_final(runtime, list(accepted), timeout_s=args.drain_timeout)
         peak_rss_mb = [peak_rss(w.process.pid) for w in workers]
     finally:
         stop_sampling.set()
@@ -231,6 +240,7 @@ def peak_rss(pid: int) -> float:
 
 
 def report(
+    runtime: Runtime,
     run: dict[str, Any],
     banked: set[str],
     baseline: float,
@@ -239,7 +249,6 @@ def report(
 ) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from moderation.db import session_scope
     from moderation.review.models import Hit
     from moderation.screening.models import Upload, UploadStatus
 
@@ -251,7 +260,7 @@ def report(
             code = upload.error_code or "unknown"
             failed_by_code[code] = failed_by_code.get(code, 0) + 1
     good = [u for u in uploads if not accepted[u.id].startswith("hostile:")]
-    with session_scope() as session:
+    with runtime.session() as session:
         hits = dict(
             session.execute(
                 select(Hit.upload_id, func.count())

@@ -511,10 +511,11 @@ def measure_load(size: int, out: Path, device: str, repeats: int) -> None:
     from moderation import schema
     from moderation.banks import service as banks
     from moderation.banks.models import Bank, BankEntry
+    from moderation.config import get_settings
     from moderation.db import session_scope
     from moderation.embedding.service import get_or_create_model
 
-    schema.upgrade()
+    schema.upgrade(get_settings().database_url)
     inserted_s = None
     with session_scope() as session:
         model = get_or_create_model(session, LOAD_MODEL, LOAD_DIM)

@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
     from moderation.db import get_engine
     from moderation.worker.child import WorkerProcess
 
-    schema.upgrade()
+    schema.upgrade(get_settings().database_url)
     with get_engine().begin() as conn:
         conn.execute(
             text(
@@ -191,13 +192,18 @@ def screen(paths: list[Path]) -> dict[str, Any]:
     """Submit as the CLI does and wait; the count and the database's seconds."""
     from sqlalchemy import func, select
 
+    from moderation.config import get_settings
     from moderation.db import session_scope
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.screening.models import UploadStatus
 
     with session_scope() as session:
         started = session.scalar(select(func.clock_timestamp()))
-    uploads = wait_until_final(submit_uris([p.as_uri() for p in paths]), timeout_s=3600)
+    with closing(Runtime(get_settings())) as runtime:
+        uploads = wait_until_final(
+            runtime, submit_uris(runtime, [p.as_uri() for p in paths]), timeout_s=3600
+        )
     bad = [u.id for u in uploads if u.status is not UploadStatus.SCREENED]
     if bad or started is None:
         raise SystemExit(f"{len(bad)} uploads were not screened")
@@ -251,13 +257,16 @@ def _models_of_probe(workdir: Path) -> set[str]:
     """Screen one new image; the names of the models that embedded it."""
     from sqlalchemy import select
 
+    from moderation.config import get_settings
     from moderation.db import session_scope
     from moderation.embedding.models import Embedding, EmbeddingModel
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
 
     seed = int(time.time() * 1000) % 1_000_000 + 1_000_000
     (path,) = make_images(workdir / f"probe-{seed}", range(seed, seed + 1))
-    (upload,) = wait_until_final(submit_uris([path.as_uri()]), timeout_s=600)
+    with closing(Runtime(get_settings())) as runtime:
+        (upload,) = wait_until_final(runtime, submit_uris(runtime, [path.as_uri()]), timeout_s=600)
     with session_scope() as session:
         return set(
             session.scalars(
@@ -392,8 +401,9 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     stop = threading.Event()
 
     def traffic() -> None:
-        while not stop.wait(0.25):
-            submit_uris([banked.as_uri()])
+        with closing(Runtime(settings)) as sending:
+            while not stop.wait(0.25):
+                submit_uris(sending, [banked.as_uri()])
 
     sender = threading.Thread(target=traffic, daemon=True)
     sender.start()

@@ -383,7 +383,7 @@ def screening_while_hunting(
     def images_per_s(uris: list[str]) -> float:
         with runtime.session() as session:
             started_at = session.scalar(select(func.clock_timestamp()))
-        uploads = wait_until_final(submit_uris(uris), timeout_s=3600)
+        uploads = wait_until_final(runtime, submit_uris(runtime, uris), timeout_s=3600)
         finished = max(u.finished_at for u in uploads if u.finished_at is not None)
         assert started_at is not None
         return float(len(uris) / (finished - started_at).total_seconds())
@@ -397,7 +397,7 @@ def screening_while_hunting(
     _run_job(runtime, add_pdq_entries(runtime, "pdq-hunted-by-worker", pdq_entries, []), 1)
     with WorkerProcess(workdir / "worker.log", env=environment) as worker:
         worker.wait_ready()
-        wait_until_final(submit_uris(warmup), timeout_s=600)
+        wait_until_final(runtime, submit_uris(runtime, warmup), timeout_s=600)
         for round_ in range(rounds):
             batch = timed[2 * round_ * images : 2 * (round_ + 1) * images]
             alone.append(images_per_s(batch[:images]))

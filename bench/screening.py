@@ -193,7 +193,7 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
     from moderation.images.signals import extract_signals
 
     settings = get_settings()
-    schema.upgrade()
+    schema.upgrade(settings.database_url)
     with get_engine().begin() as conn:
         conn.execute(text("TRUNCATE hits, signals, embeddings, uploads, banks CASCADE"))
         # The worker computes the registry's models: retire them all, so that it seeds the
@@ -233,19 +233,21 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
     from moderation.config import get_settings
     from moderation.db import session_scope
     from moderation.review.models import Hit
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.screening.models import UploadStatus
     from moderation.worker.child import WorkerProcess
 
     redis.Redis.from_url(get_settings().redis_url).flushdb()
+    runtime = Runtime(get_settings())
     with WorkerProcess(workdir / "worker.log") as worker:
         worker.wait_ready()
-        wait_until_final(submit_uris([p.as_uri() for p in warmup]), timeout_s=600)
+        wait_until_final(runtime, submit_uris(runtime, [p.as_uri() for p in warmup]), timeout_s=600)
         cpu_before = CpuTimes.now(worker.process.pid)
         with session_scope() as session:
             started_at = session.scalar(select(func.clock_timestamp()))
-        upload_ids = submit_uris([p.as_uri() for p in timed])
-        uploads = wait_until_final(upload_ids, timeout_s=3600)
+        upload_ids = submit_uris(runtime, [p.as_uri() for p in timed])
+        uploads = wait_until_final(runtime, upload_ids, timeout_s=3600)
         cpu_used = CpuTimes.now(worker.process.pid) - cpu_before
         worker.stop()
         log = worker.log()

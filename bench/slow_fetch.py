@@ -35,6 +35,10 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench_slow_fetch"
 BENCH_REDIS = "redis://127.0.0.1:6379/11"
@@ -83,14 +87,19 @@ def main() -> None:
             "MODERATION_STUCK_AFTER_S": "3600",
         }
     )
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_tiny_clip
+    from moderation.runtime import Runtime
     from moderation.worker.child import WorkerProcess
     from tests.servers import http_server, image_handler
+
+    # The run's settings, as set above; the worker reads the same from its environment.
+    runtime = Runtime(Settings())
 
     if not (model / "config.json").exists():
         write_tiny_clip(model)
     recreate_database(database)
-    flush_broker()
+    flush_broker(runtime)
     image = normal_image()
     hosts = args.slow_hosts or args.slow
     slow_servers = [Trickler(f"127.0.0.{2 + n % hosts}") for n in range(args.slow)]
@@ -100,36 +109,40 @@ def main() -> None:
             stack.enter_context(server.listening())
         worker = stack.enter_context(WorkerProcess(workdir / "worker.log")).wait_ready()
         # A first upload warms the worker (its first forward pass, its connections).
-        latency(f"{normal_url}/warm.jpg")
-        alone = [latency(f"{normal_url}/alone-{n}.jpg") for n in range(args.samples)]
+        latency(runtime, f"{normal_url}/warm.jpg")
+        alone = [latency(runtime, f"{normal_url}/alone-{n}.jpg") for n in range(args.samples)]
         # Alternated, twice each, since the first burst after the latencies pays more.
         files = local_files(workdir, image, args.cpu_uploads)
         cpu: dict[str, list[float]] = {"http_fetched_by_the_worker": [], "file_read_by_intake": []}
         for round_ in range(2):
-            cpu["file_read_by_intake"].append(worker_cpu_ms_per_upload(worker.process.pid, files))
+            cpu["file_read_by_intake"].append(
+                worker_cpu_ms_per_upload(runtime, worker.process.pid, files)
+            )
             cpu["http_fetched_by_the_worker"].append(
                 worker_cpu_ms_per_upload(
+                    runtime,
                     worker.process.pid,
                     [f"{normal_url}/cpu-{round_}-{n}.jpg" for n in range(args.cpu_uploads)],
                 )
             )
-        slow_ids = submit_each([f"{s.url}/slow.jpg" for s in slow_servers])
+        slow_ids = submit_each(runtime, [f"{s.url}/slow.jpg" for s in slow_servers])
         # Every slow fetch its host's slots allow connected; the rest wait for them.
-        from moderation.config import get_settings
-
-        per_host = get_settings().worker_fetches_per_host
+        per_host = runtime.settings.worker_fetches_per_host
         connecting = sum(min(per_host, len(range(h, args.slow, hosts))) for h in range(hosts))
         in_flight_after_s = wait_for_connections(slow_servers, connecting)
-        behind_slow = [latency(f"{normal_url}/behind-{n}.jpg") for n in range(args.samples)]
-        still_processing = count_processing(slow_ids)
+        behind_slow = [
+            latency(runtime, f"{normal_url}/behind-{n}.jpg") for n in range(args.samples)
+        ]
+        still_processing = count_processing(runtime, slow_ids)
         for server in slow_servers:
             server.released.set()
-        slow_final_s = wait_final(slow_ids, timeout_s=300)
+        slow_final_s = wait_final(runtime, slow_ids, timeout_s=300)
         log = worker.log()
     results = report(args, alone, behind_slow, in_flight_after_s, still_processing, slow_ids)
     results["worker_main_process_cpu_ms_per_upload"] = cpu
-    results["slow_screened"] = count_screened(slow_ids)
+    results["slow_screened"] = count_screened(runtime, slow_ids)
     results["slow_final_after_release_s"] = round(slow_final_s, 2)
+    runtime.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
@@ -206,78 +219,72 @@ def recreate_database(url: str) -> None:
     schema.upgrade(url)
 
 
-def flush_broker() -> None:
+def flush_broker(runtime: Runtime) -> None:
     import redis
 
-    from moderation.config import get_settings
-
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
 
 
-def submit_each(uris: list[str]) -> list[int]:
+def submit_each(runtime: Runtime, uris: list[str]) -> list[int]:
     """Rows committed, then a message per upload (as separate uploaders' requests send)."""
-    from moderation.db import session_scope
-    from moderation.messages import send_screening
     from moderation.screening import service
 
-    with session_scope() as session:
+    with runtime.session() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
     for upload_id in ids:
-        send_screening([upload_id])
+        runtime.producer.send_screening([upload_id])
     return ids
 
 
-def final_ids(ids: list[int]) -> set[int]:
+def final_ids(runtime: Runtime, ids: list[int]) -> set[int]:
     from sqlalchemy import select
 
-    from moderation.db import session_scope
     from moderation.screening.models import Upload, UploadStatus
 
     final = (UploadStatus.SCREENED, UploadStatus.FAILED)
-    with session_scope() as session:
+    with runtime.session() as session:
         return set(
             session.scalars(select(Upload.id).where(Upload.id.in_(ids), Upload.status.in_(final)))
         )
 
 
-def count_status(ids: list[int], status: str) -> int:
+def count_status(runtime: Runtime, ids: list[int], status: str) -> int:
     from sqlalchemy import func, select
 
-    from moderation.db import session_scope
     from moderation.screening.models import Upload, UploadStatus
 
-    with session_scope() as session:
+    with runtime.session() as session:
         query = select(func.count()).where(
             Upload.id.in_(ids), Upload.status == UploadStatus(status)
         )
         return session.scalar(query) or 0
 
 
-def count_processing(ids: list[int]) -> int:
-    return count_status(ids, "processing")
+def count_processing(runtime: Runtime, ids: list[int]) -> int:
+    return count_status(runtime, ids, "processing")
 
 
-def count_screened(ids: list[int]) -> int:
-    return count_status(ids, "screened")
+def count_screened(runtime: Runtime, ids: list[int]) -> int:
+    return count_status(runtime, ids, "screened")
 
 
-def wait_final(ids: list[int], timeout_s: float) -> float:
+def wait_final(runtime: Runtime, ids: list[int], timeout_s: float) -> float:
     started = time.monotonic()
-    while len(final_ids(ids)) < len(ids):
+    while len(final_ids(runtime, ids)) < len(ids):
         if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{len(ids) - len(final_ids(ids))} uploads not final")
+            raise TimeoutError(f"{len(ids) - len(final_ids(runtime, ids))} uploads not final")
         time.sleep(0.01)
     return time.monotonic() - started
 
 
-def latency(uri: str) -> float:
+def latency(runtime: Runtime, uri: str) -> float:
     """Seconds from submitting one normal upload to its row being final (it must be
     screened: a failure would measure something else)."""
     started = time.monotonic()
-    (upload_id,) = submit_each([uri])
-    wait_final([upload_id], timeout_s=300)
+    (upload_id,) = submit_each(runtime, [uri])
+    wait_final(runtime, [upload_id], timeout_s=300)
     elapsed = time.monotonic() - started
-    assert count_screened([upload_id]) == 1, f"upload {upload_id} was not screened"
+    assert count_screened(runtime, [upload_id]) == 1, f"upload {upload_id} was not screened"
     return elapsed
 
 
@@ -298,19 +305,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker_cpu_ms_per_upload(pid: int, uris: list[str]) -> float:
+def worker_cpu_ms_per_upload(runtime: Runtime, pid: int, uris: list[str]) -> float:
     """The worker's main process CPU per upload over a burst of `uris` (16 a message, as a
     batch submission sends): where the fetch runs moves CPU into or out of it."""
-    from moderation.db import session_scope
-    from moderation.messages import send_screening
     from moderation.screening import service
 
     before = cpu_seconds(pid)
-    with session_scope() as session:
+    with runtime.session() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
-    send_screening(ids)
-    wait_final(ids, timeout_s=600)
-    assert count_screened(ids) == len(ids), "the CPU measure's uploads were not all screened"
+    runtime.producer.send_screening(ids)
+    wait_final(runtime, ids, timeout_s=600)
+    assert count_screened(runtime, ids) == len(ids), (
+        "the CPU measure's uploads were not all screened"
+    )
     return round((cpu_seconds(pid) - before) * 1000 / len(ids), 2)
 
 

@@ -221,7 +221,7 @@ def reset_database_and_broker() -> None:
 
     # Connections from before a PostgreSQL restart (the previous run's fault) are dead.
     get_engine().dispose()
-    schema.upgrade()
+    schema.upgrade(get_settings().database_url)
     with get_engine().begin() as conn:
         conn.execute(
             text("TRUNCATE webhook_attempts, webhook_events, hits, signals, embeddings, uploads, "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,13 +13,26 @@ from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.db import session_scope
 from moderation.main.app import create_app
-from tests.conftest import environment_runtime
+from moderation.runtime import Runtime
+
+
+@contextmanager
+def api_on(runtime: Runtime, **client: Any) -> Iterator[TestClient]:
+    """The application on `runtime`, called in-process (started and stopped as uvicorn
+    would: its lifespan runs)."""
+    with TestClient(create_app(runtime), **client) as started:
+        yield started
 
 
 @pytest.fixture
-def api(clean_db: None) -> Iterator[TestClient]:
-    """The application, called in-process over real PostgreSQL (keys and data committed)."""
-    with TestClient(create_app(environment_runtime())) as client:
+def api(clean_db: None, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """The application, called in-process over real PostgreSQL (keys and data committed),
+    on the tests' runtime; on `queue_runtime` (`tests.queues`) when the test takes `queue`,
+    so that what it sends stays on a queue of its own."""
+    runtime: Runtime = request.getfixturevalue(
+        "queue_runtime" if "queue" in request.fixturenames else "runtime"
+    )
+    with api_on(runtime) as client:
         yield client
 
 

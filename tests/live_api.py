@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moderation.main.app import create_app
-from tests.conftest import environment_runtime
+from moderation.runtime import Runtime
+from tests.conftest import TEST_RUNTIME
 
 
 @dataclass
@@ -84,8 +85,8 @@ class LiveApi:
 
 
 @contextmanager
-def live_api() -> Iterator[LiveApi]:
-    """Serve `create_app(environment_runtime())` on 127.0.0.1 until the block ends."""
+def live_api(runtime: Runtime = TEST_RUNTIME) -> Iterator[LiveApi]:
+    """Serve `create_app(runtime)` on 127.0.0.1 until the block ends."""
     timeline = Timeline()
 
     def committed(_: Session) -> None:
@@ -95,7 +96,7 @@ def live_api() -> Iterator[LiveApi]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = uvicorn.Config(
-        _recording(create_app(environment_runtime()), timeline),
+        _recording(create_app(runtime), timeline),
         host="127.0.0.1",
         port=port,
         log_level="warning",

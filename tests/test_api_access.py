@@ -12,13 +12,13 @@ from moderation.http.access import route_roles
 from moderation.http.routes import app_routes
 from moderation.main.app import create_app
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import environment_runtime
+from tests.conftest import TEST_RUNTIME
 
 __all__ = ["api", "keys"]
 
 
 def test_every_route_names_who_may_call_it() -> None:
-    routes = list(app_routes(create_app(environment_runtime())))
+    routes = list(app_routes(create_app(TEST_RUNTIME)))
     undecided = [
         f"{sorted(route.methods or ())} {path}"
         for path, route in routes

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
 from tests.api_fixtures import bearer, keys
+from tests.conftest import TEST_SETTINGS
 from tests.live_api import LiveApi, live_api
 
 __all__ = ["keys"]
@@ -116,7 +116,7 @@ def test_the_pages_send_a_missing_login_to_the_login_form_before_the_body(
 def test_a_declared_length_over_the_routes_limit_is_refused_before_the_body(
     server: LiveApi, keys: dict[Role, str]
 ) -> None:
-    settings = get_settings()
+    settings = TEST_SETTINGS
     admin = bearer(keys[Role.ADMIN])
     over_json = settings.max_body_bytes + 1
     status, _ = _head_only(server, "POST", "/v1/banks", over_json, {**JSON, **admin})
@@ -132,7 +132,7 @@ def test_a_body_longer_than_the_limit_is_cut_off_as_it_streams(
     server: LiveApi, keys: dict[Role, str]
 ) -> None:
     """Chunked, so nothing is declared: the server counts what arrives."""
-    limit = get_settings().max_body_bytes
+    limit = TEST_SETTINGS.max_body_bytes
 
     def chunks() -> Iterator[bytes]:
         yield b'{"uploads": ['
@@ -156,7 +156,7 @@ def test_an_image_route_takes_an_image_over_the_json_limit(
 ) -> None:
     """The limit is the route's: 9 MiB of (not an) image reaches the handler, which says
     what is wrong with it, where a 9 MiB JSON body would be a 413."""
-    junk = b"\x00" * (get_settings().max_body_bytes + MIB)
+    junk = b"\x00" * (TEST_SETTINGS.max_body_bytes + MIB)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         created = client.post("/v1/banks", json={"name": "big"}, headers=bearer(keys[Role.ADMIN]))
         assert created.status_code == 201

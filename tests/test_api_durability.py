@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
 from moderation.banks.models import Bank
-from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.review.models import Hit, ReviewStatus
 from moderation.web.models import WebSession
 from tests.api_fixtures import bearer, keys
+from tests.conftest import TEST_SETTINGS
 from tests.images import encode, textured, write
 from tests.live_api import LiveApi, live_api
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
@@ -208,7 +208,7 @@ def terminated_before_commit(statement: str) -> Iterator[None]:
     """While the block runs, the transaction that runs a statement starting `statement`
     ("INSERT INTO banks") has its PostgreSQL backend ended, from another connection, just
     before it commits: the commit meets a dropped connection, as in a failover."""
-    admin = create_engine(get_settings().database_url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(TEST_SETTINGS.database_url, isolation_level="AUTOCOMMIT")
 
     def note(conn: Connection, cursor: Any, sql: str, *_: Any) -> None:
         if sql.lstrip().upper().startswith(statement.upper()):
@@ -293,10 +293,10 @@ def test_connections_the_database_dropped_answer_503_then_the_pool_recovers(
     requests meet them dead (no pre-ping, by design) at the key check or in the handler:
     each is a 503 that says to retry, never a 500, and the pool replaces what it found dead."""
     admin = bearer(keys[Role.ADMIN])
-    database = get_settings().database_url.rsplit("/", 1)[1]
+    database = TEST_SETTINGS.database_url.rsplit("/", 1)[1]
     with httpx.Client(base_url=server.url, timeout=60) as client:
         assert client.get("/v1/banks", headers=admin).status_code == 200
-        with create_engine(get_settings().database_url).connect() as conn:
+        with create_engine(TEST_SETTINGS.database_url).connect() as conn:
             ended = conn.scalar(
                 text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -307,7 +307,7 @@ def test_connections_the_database_dropped_answer_503_then_the_pool_recovers(
         assert ended
         statuses = []
         try:
-            for _ in range(get_settings().db_pool_size + 2):
+            for _ in range(TEST_SETTINGS.db_pool_size + 2):
                 response = client.get("/v1/banks", headers=admin)
                 statuses.append(response.status_code)
                 if response.status_code == 503:

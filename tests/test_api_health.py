@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,18 +12,18 @@ from sqlalchemy import func, update
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.models import Upload, UploadStatus, Worker
-from tests.api_fixtures import announced, api, bearer, keys
+from tests.api_fixtures import announced, api, api_on, bearer, keys
 from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write
-from tests.queues import queue
+from tests.queues import queue, queue_runtime
 
-__all__ = ["api", "keys", "live_worker", "queue"]
+__all__ = ["api", "keys", "live_worker", "queue", "queue_runtime"]
 
 
 def test_ready_with_postgresql_redis_and_a_live_worker(api: TestClient, live_worker: str) -> None:
@@ -35,7 +36,7 @@ def test_ready_with_postgresql_redis_and_a_live_worker(api: TestClient, live_wor
 
 
 def test_not_ready_without_a_live_worker(
-    api: TestClient, live_worker: str, monkeypatch: pytest.MonkeyPatch
+    clean_db: None, live_worker: str, make_runtime: Callable[..., Runtime]
 ) -> None:
     with session_scope() as session:
         session.execute(
@@ -44,13 +45,8 @@ def test_not_ready_without_a_live_worker(
             .values(heartbeat_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10))
         )
     # Every worker of this test run, the shared end-to-end one too, counts as silent.
-    monkeypatch.setenv("MODERATION_WORKER_DEAD_AFTER_S", "0.000001")
-    get_settings.cache_clear()
-    try:
+    with api_on(make_runtime(worker_dead_after_s=0.000001)) as api:
         response = api.get("/readyz")
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert (checks["postgresql"], checks["redis"]) == ("ok", "ok")
@@ -58,16 +54,11 @@ def test_not_ready_without_a_live_worker(
 
 
 def test_not_ready_without_redis(
-    api: TestClient, live_worker: str, monkeypatch: pytest.MonkeyPatch
+    clean_db: None, live_worker: str, make_runtime: Callable[..., Runtime]
 ) -> None:
-    monkeypatch.setenv("MODERATION_REDIS_URL", "redis://127.0.0.1:1/0")
-    get_settings.cache_clear()
-    try:
+    with api_on(make_runtime(redis_url="redis://127.0.0.1:1/0")) as api:
         response = api.get("/readyz")
         scraped = _scrape(api)
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
     assert response.status_code == 503
     assert response.json()["checks"]["redis"].startswith("unreachable")
     # Metrics still answer, saying which source could not be read.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -17,17 +17,16 @@ from PIL import Image
 from sqlalchemy import delete, update
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
 from moderation.db import session_scope
-from moderation.http.limits import api_limits
+from moderation.http.limits import ApiLimits
 from moderation.images.budget import DecodeGate
 from moderation.images.fetch_slots import FetchesBusy, FetchSlots
 from moderation.images.signals import SignalType
 from moderation.main.app import create_app
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening.models import Signal, Upload
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
 from tests.servers import http_server
 from tests.web_fixtures import BASE_URL, seed_hit
 
@@ -35,30 +34,24 @@ __all__ = ["keys"]
 
 
 @pytest.fixture
-def limited(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Small limits, read on the application's first use of them: 150 MiB of decodes, two
-    at once; eight fetches, two to a host (local files count as one host)."""
-    for name, value in {
-        "MODERATION_API_DECODE_MEMORY_MB": "150",
-        "MODERATION_API_DECODES": "2",
-        "MODERATION_API_FETCHES": "8",
-        "MODERATION_API_FETCHES_PER_HOST": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    api_limits.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    api_limits.cache_clear()
+def limited(make_runtime: Callable[..., Runtime]) -> Runtime:
+    """A runtime with small limits: 150 MiB of decodes, two at once; eight fetches, two to
+    a host (local files count as one host)."""
+    return make_runtime(
+        api_decode_memory_mb=150, api_decodes=2, api_fetches=8, api_fetches_per_host=2
+    )
 
 
 @pytest.fixture
-def app(clean_db: None, limited: None) -> Iterator[TestClient]:
-    with TestClient(
-        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
-    ) as client:
+def app(clean_db: None, limited: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(limited), base_url=BASE_URL, follow_redirects=False) as client:
         yield client
+
+
+def _limits(app: TestClient) -> ApiLimits:
+    """The application's limits, which every route that decodes or fetches shares."""
+    limits: ApiLimits = app.app.state.api_limits  # type: ignore[attr-defined]
+    return limits
 
 
 def _hitless_upload(directory: Path, uri: str, served: bytes) -> int:
@@ -98,7 +91,7 @@ def test_thumbnails_decode_within_one_budget_and_at_most_so_many_at_once(
         )
 
     assert [answer.status_code for answer in answers] == [200] * 6
-    gate = api_limits().decodes
+    gate = _limits(app).decodes
     budget = 150 * 2**20
     # Every decode went through the gate: a large one reserved its share...
     assert gate.memory.most_used_bytes > 100 * 2**20
@@ -146,7 +139,7 @@ def test_a_slow_host_gets_its_own_fetch_slots_and_the_rest_is_answered_at_once(
             # Both fetches reached the slow server and are held there.
             assert arrived.acquire(timeout=30)
             assert arrived.acquire(timeout=30)
-            assert api_limits().fetches.in_flight == 2
+            assert _limits(app).fetches.in_flight == 2
 
             # A third to the same host is refused at once, saying why; other requests are
             # served meanwhile.
@@ -157,7 +150,7 @@ def test_a_slow_host_gets_its_own_fetch_slots_and_the_rest_is_answered_at_once(
 
             release.set()
             assert [answer.result(30).status_code for answer in held] == [200, 200]
-        assert api_limits().fetches.in_flight == 0
+        assert _limits(app).fetches.in_flight == 0
         # Its slot free again, the third is served.
         again = app.get(f"/review/uploads/{uploads[2]}/thumbnail", headers=reviewer)
         assert again.status_code == 200

@@ -27,12 +27,12 @@ from schemathesis.checks import not_a_server_error
 from moderation.auth.models import Role
 from moderation.main.app import create_app
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
+from tests.conftest import TEST_RUNTIME
 from tests.health_fixtures import live_worker
 
 __all__ = ["keys", "live_worker"]
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(environment_runtime()))
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(TEST_RUNTIME))
 
 # Every role, and no key at all.
 CALLERS = [*Role, None]

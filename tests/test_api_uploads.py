@@ -28,11 +28,11 @@ from moderation.worker.child import WorkerProcess
 from tests.api_fixtures import announced, api, bearer, keys
 from tests.conftest import TEST_ENV
 from tests.images import encode, textured, write
-from tests.queues import queue, queued_uploads
+from tests.queues import queue, queue_runtime, queued_uploads
 from tests.redis_server import RedisServer
 from tests.servers import tcp_listener
 
-__all__ = ["api", "keys", "queue"]
+__all__ = ["api", "keys", "queue", "queue_runtime"]
 
 
 def _image(tmp_path: Path, seed: int) -> str:

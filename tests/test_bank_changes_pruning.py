@@ -26,9 +26,9 @@ from moderation.config import Settings, get_settings
 from moderation.db import get_engine, session_scope
 from moderation.main.cli import main
 from moderation.worker.sweeper import Sweeper
-from tests.queues import queue
+from tests.queues import queue, queue_runtime
 
-__all__ = ["queue"]
+__all__ = ["queue", "queue_runtime"]
 
 RETENTION = timedelta(hours=1)
 # Long enough for the transactions of a busy test server to end (see `settled_value`).
@@ -189,6 +189,8 @@ def test_moderation_sweep_prunes_with_the_configured_retention(
     before = _log_ids()
     _age(before)
     added = _add_entry(log, b"\1" * 32)
+    # Read from the environment, as the messages' queue (`queue`'s, no worker's).
+    monkeypatch.setenv("MODERATION_QUEUE", queue)
     monkeypatch.setenv("MODERATION_BANK_CHANGES_RETENTION_S", "3600")
     get_settings.cache_clear()
     try:
@@ -205,6 +207,8 @@ def test_moderation_sweep_prunes_with_the_configured_retention(
 
 def test_the_workers_sweeper_prunes(log: int, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _age(_log_ids())
+    # Read from the environment, as the messages' queue (`queue`'s, no worker's).
+    monkeypatch.setenv("MODERATION_QUEUE", queue)
     monkeypatch.setenv("MODERATION_BANK_CHANGES_RETENTION_S", "3600")
     get_settings.cache_clear()
     sweeper = Sweeper(Settings(sweep_interval_s=0.05)).start()

@@ -25,36 +25,52 @@ from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.images.http_location import IPAddress
 from moderation.main.cli import main
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.cli import SUBMIT_CHUNK
+from tests.conftest import TEST_RUNTIME
 from tests.images import encode, textured, write
-from tests.queues import queue, queued_uploads
+from tests.queues import queue, queue_runtime, queued_uploads
 
-__all__ = ["queue"]
+__all__ = ["queue", "queue_runtime"]
 
 SHA256_HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 PDQ_HEX = "f8f8f0cee0f4a84f06370a22038f63f0b36e2ed596621e1d33e6b39c4e9c9b22"
 
 
+def invoke_on(runtime: Runtime, *args: str) -> Result:
+    return CliRunner().invoke(main, list(args), obj=runtime)
+
+
 def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
+    return invoke_on(TEST_RUNTIME, *args)
 
 
-def cli(*args: str) -> Any:
-    """Run a command that must succeed; its JSON parsed when asked for with --json."""
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+def cli_on(runtime: Runtime, *args: str) -> Any:
+    """Run a command on `runtime` that must succeed; its JSON parsed when asked for with
+    --json."""
+    result = CliRunner().invoke(main, list(args), obj=runtime, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout) if "--json" in args else result.output
 
 
-def fails(*args: str, exit_code: int = 1) -> str:
-    """Run a command that must fail cleanly (a Click error, no traceback); its output."""
-    result = invoke(*args)
+def cli(*args: str) -> Any:
+    return cli_on(TEST_RUNTIME, *args)
+
+
+def fails_on(runtime: Runtime, *args: str, exit_code: int = 1) -> str:
+    """Run a command on `runtime` that must fail cleanly (a Click error, no traceback); its
+    output."""
+    result = invoke_on(runtime, *args)
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == exit_code, result.output
     assert "Error:" in result.output
     assert "Traceback" not in result.output
     return result.output
+
+
+def fails(*args: str, exit_code: int = 1) -> str:
+    return fails_on(TEST_RUNTIME, *args, exit_code=exit_code)
 
 
 def entry_counts() -> dict[str, int]:
@@ -362,7 +378,7 @@ def test_model_tiny_writes_a_loadable_checkpoint_and_says_what_it_is(tmp_path: P
 
 @pytest.mark.usefixtures("clean_db")
 def test_submit_of_a_directory_queues_the_images_inside(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     folder = tmp_path / "inbox"
     images = [
@@ -374,7 +390,7 @@ def test_submit_of_a_directory_queues_the_images_inside(
     write(folder / "nested" / "manifest.json", b"{}")
     write(folder / ".hidden.jpg", encode(textured(4)))
 
-    submitted = cli("submit", str(folder), "--json")
+    submitted = cli_on(queue_runtime, "submit", str(folder), "--json")
 
     assert sorted(s["uri"] for s in submitted) == sorted(p.resolve().as_uri() for p in images)
     for row in submitted:
@@ -388,11 +404,11 @@ def test_submit_of_a_directory_queues_the_images_inside(
 
 @pytest.mark.usefixtures("clean_db")
 def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
     count = SUBMIT_CHUNK * 2 + 1
-    submitted = cli("submit", *[str(image)] * count, "--json")
+    submitted = cli_on(queue_runtime, "submit", *[str(image)] * count, "--json")
     ids = [row["upload_id"] for row in submitted]
     assert len(set(ids)) == count  # one upload per argument, even of the same file
     assert ids == sorted(ids)
@@ -402,7 +418,7 @@ def test_a_submission_larger_than_one_chunk_queues_everything_in_order(
 
 @pytest.mark.usefixtures("clean_db")
 def test_submit_resolves_each_host_once_for_all_its_uris(
-    queue: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    queue: str, queue_runtime: Runtime, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """URIs are checked once, all of them before any chunk is recorded; each chunk is not
     checked (and each host resolved) a second time."""
@@ -416,42 +432,48 @@ def test_submit_resolves_each_host_once_for_all_its_uris(
 
     monkeypatch.setattr(uri_policy, "_resolve", counted)
     uris = [f"https://cdn.example.com/{i}.jpg" for i in range(SUBMIT_CHUNK + 1)]
-    submitted = cli("submit", *uris, "--json")
+    submitted = cli_on(queue_runtime, "submit", *uris, "--json")
     assert lookups == ["cdn.example.com"]
     assert queued_uploads(redis_client, queue) == [row["upload_id"] for row in submitted]
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_submit_of_nothing_but_non_images_is_a_usage_error(tmp_path: Path, queue: str) -> None:
+def test_submit_of_nothing_but_non_images_is_a_usage_error(
+    tmp_path: Path, queue_runtime: Runtime
+) -> None:
     write(tmp_path / "only" / "notes.txt", b"not an image")
-    output = fails("submit", str(tmp_path / "only"), exit_code=2)
+    output = fails_on(queue_runtime, "submit", str(tmp_path / "only"), exit_code=2)
     assert "no images found" in output
-    assert cli("uploads", "--json") == []
+    assert cli_on(queue_runtime, "uploads", "--json") == []
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_submit_external_id_with_two_images_is_a_usage_error(tmp_path: Path, queue: str) -> None:
+def test_submit_external_id_with_two_images_is_a_usage_error(
+    tmp_path: Path, queue_runtime: Runtime
+) -> None:
     a = write(tmp_path / "a.jpg", encode(textured(1)))
     b = write(tmp_path / "b.jpg", encode(textured(2)))
-    output = fails("submit", str(a), str(b), "--external-id", "post-1", exit_code=2)
+    output = fails_on(
+        queue_runtime, "submit", str(a), str(b), "--external-id", "post-1", exit_code=2
+    )
     assert "--external-id and --sha256 name one upload" in output
-    assert cli("uploads", "--json") == []
+    assert cli_on(queue_runtime, "uploads", "--json") == []
 
 
 @pytest.mark.usefixtures("clean_db")
 def test_submit_of_the_same_external_id_twice_returns_the_same_upload(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
 
-    (first,) = cli("submit", str(image), "--external-id", "post-42", "--json")
-    (again,) = cli("submit", str(image), "--external-id", "post-42", "--json")
-    (other,) = cli("submit", str(image), "--external-id", "post-43", "--json")
+    (first,) = cli_on(queue_runtime, "submit", str(image), "--external-id", "post-42", "--json")
+    (again,) = cli_on(queue_runtime, "submit", str(image), "--external-id", "post-42", "--json")
+    (other,) = cli_on(queue_runtime, "submit", str(image), "--external-id", "post-43", "--json")
 
     assert again == first
     assert other["upload_id"] != first["upload_id"]
     assert redis_client.llen(queue) == 2  # the repeat sends no second message
-    assert sorted(u["upload_id"] for u in cli("uploads", "--json")) == sorted(
+    assert sorted(u["upload_id"] for u in cli_on(queue_runtime, "uploads", "--json")) == sorted(
         [first["upload_id"], other["upload_id"]]
     )
 
@@ -462,62 +484,72 @@ def test_submit_of_the_same_external_id_twice_returns_the_same_upload(
     ["/etc/shadow", "/etc/no-such-file", "file:///proc/self/environ", "/root/.ssh/id_rsa"],
 )
 def test_submit_refuses_what_the_fetch_policy_refuses_without_saying_if_it_exists(
-    target: str, queue: str, redis_client: redis.Redis
+    target: str, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
-    output = fails("submit", target)
+    output = fails_on(queue_runtime, "submit", target)
     assert "uri_refused" in output
     assert "MODERATION_ALLOWED_URI_PREFIXES" in output
     # The same words whether the file exists or not: only the path differs.
-    assert output.replace(target, "TARGET") == fails("submit", "/etc/absent").replace(
-        "/etc/absent", "TARGET"
-    )
-    assert cli("uploads", "--json") == []
+    assert output.replace(target, "TARGET") == fails_on(
+        queue_runtime, "submit", "/etc/absent"
+    ).replace("/etc/absent", "TARGET")
+    assert cli_on(queue_runtime, "uploads", "--json") == []
     assert redis_client.llen(queue) == 0
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_one_refused_uri_refuses_the_whole_submission(tmp_path: Path, queue: str) -> None:
+def test_one_refused_uri_refuses_the_whole_submission(
+    tmp_path: Path, queue_runtime: Runtime
+) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
-    fails("submit", str(image), "/etc/passwd")
-    assert cli("uploads", "--json") == []
+    fails_on(queue_runtime, "submit", str(image), "/etc/passwd")
+    assert cli_on(queue_runtime, "uploads", "--json") == []
 
 
 @pytest.mark.usefixtures("clean_db")
 def test_an_external_id_again_with_another_image_is_refused_as_a_conflict(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     first_image = write(tmp_path / "a.jpg", encode(textured(1)))
     second_image = write(tmp_path / "b.jpg", encode(textured(2)))
-    (first,) = cli("submit", str(first_image), "--external-id", "post-7", "--json")
+    (first,) = cli_on(
+        queue_runtime, "submit", str(first_image), "--external-id", "post-7", "--json"
+    )
 
-    other_uri = fails("submit", str(second_image), "--external-id", "post-7")
+    other_uri = fails_on(queue_runtime, "submit", str(second_image), "--external-id", "post-7")
     assert f"already names upload {first['upload_id']}" in other_uri
     # The same path with other bytes behind it: a different image, also refused.
     first_image.write_bytes(encode(textured(3)))
-    assert "bytes differ" in fails("submit", str(first_image), "--external-id", "post-7")
-    assert [u["upload_id"] for u in cli("uploads", "--json")] == [first["upload_id"]]
+    assert "bytes differ" in fails_on(
+        queue_runtime, "submit", str(first_image), "--external-id", "post-7"
+    )
+    assert [u["upload_id"] for u in cli_on(queue_runtime, "uploads", "--json")] == [
+        first["upload_id"]
+    ]
     assert redis_client.llen(queue) == 1
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_sha256_must_be_64_hex_digits(tmp_path: Path, queue: str) -> None:
+def test_sha256_must_be_64_hex_digits(tmp_path: Path, queue_runtime: Runtime) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
-    assert "64 hexadecimal digits" in fails("submit", str(image), "--sha256", "abc", exit_code=2)
+    assert "64 hexadecimal digits" in fails_on(
+        queue_runtime, "submit", str(image), "--sha256", "abc", exit_code=2
+    )
 
 
 @pytest.mark.usefixtures("clean_db")
 def test_resubmit_queues_a_failed_upload_again_and_refuses_others(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
-    (failed, queued) = cli("submit", str(image), str(image), "--json")
+    (failed, queued) = cli_on(queue_runtime, "submit", str(image), str(image), "--json")
     with session_scope() as session:
         screening.record_failed(session, failed["upload_id"], "fetch_timeout", "slow")
     redis_client.delete(queue)
 
-    assert "is queued" in fails("resubmit", str(queued["upload_id"]))
-    assert "no upload with id 999999999" in fails("resubmit", "999999999")
-    (again,) = cli("resubmit", str(failed["upload_id"]), "--json")
+    assert "is queued" in fails_on(queue_runtime, "resubmit", str(queued["upload_id"]))
+    assert "no upload with id 999999999" in fails_on(queue_runtime, "resubmit", "999999999")
+    (again,) = cli_on(queue_runtime, "resubmit", str(failed["upload_id"]), "--json")
 
     assert (again["upload_id"], again["status"], again["error"]) == (
         failed["upload_id"],
@@ -532,27 +564,32 @@ def test_resubmit_queues_a_failed_upload_again_and_refuses_others(
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_uploads_lists_submitted_uploads_newest_first(tmp_path: Path, queue: str) -> None:
-    assert cli("uploads", "--json") == []
-    assert "no uploads" in cli("uploads")
+def test_uploads_lists_submitted_uploads_newest_first(
+    tmp_path: Path, queue_runtime: Runtime
+) -> None:
+    assert cli_on(queue_runtime, "uploads", "--json") == []
+    assert "no uploads" in cli_on(queue_runtime, "uploads")
     a = write(tmp_path / "a.jpg", encode(textured(1)))
     b = write(tmp_path / "b.jpg", encode(textured(2)))
-    submitted = cli("submit", str(a), str(b), "--json")
+    submitted = cli_on(queue_runtime, "submit", str(a), str(b), "--json")
 
-    listed = cli("uploads", "--json")
+    listed = cli_on(queue_runtime, "uploads", "--json")
 
     assert [u["upload_id"] for u in listed] == sorted(
         (s["upload_id"] for s in submitted), reverse=True
     )
     assert {u["uri"] for u in listed} == {a.resolve().as_uri(), b.resolve().as_uri()}
     assert all(u["status"] == "queued" and u["attempts"] == 0 for u in listed)
-    assert cli("uploads", "--status", "queued", "--limit", "1", "--json") == listed[:1]
-    assert cli("uploads", "--status", "failed", "--json") == []
+    assert (
+        cli_on(queue_runtime, "uploads", "--status", "queued", "--limit", "1", "--json")
+        == listed[:1]
+    )
+    assert cli_on(queue_runtime, "uploads", "--status", "failed", "--json") == []
 
 
 @pytest.mark.usefixtures("clean_db")
 def test_hits_on_an_empty_database_is_an_empty_list() -> None:
-    result = CliRunner().invoke(main, ["hits", "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(main, ["hits", "--json"], obj=TEST_RUNTIME, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "[]"
     assert "no hits" in cli("hits")

@@ -21,7 +21,7 @@ from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.evaluation import golden
 from moderation.evaluation.models import EvaluationRun
-from moderation.http.limits import api_limits
+from moderation.http.limits import ApiLimits
 from moderation.main.cli import main
 from moderation.runtime import Runtime
 from moderation.search.blip import ImageTextMatcher
@@ -162,9 +162,9 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
 def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
     clean_db: None, tmp_path: Path
 ) -> None:
-    """A rerank fetches its candidates under the same slots as every fetch the API process
-    makes: while the candidates' host has none free, nothing is fetched; once they free,
-    every candidate is read."""
+    """A rerank fetches its candidates under the slots it is given (in the API, the
+    application's, which every fetch it makes shares): while the candidates' host has none
+    free, nothing is fetched; once they free, every candidate is read."""
     requests: list[str] = []
     serve = image_handler(encode(_image(0), "PNG"))
 
@@ -173,7 +173,8 @@ def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
             requests.append(self.path)
             super().do_GET()
 
-    slots = api_limits().fetches
+    limits = ApiLimits.from_settings(TEST_SETTINGS)
+    slots = limits.fetches
     with http_server(Counting) as server, ExitStack() as holding:
         with session_scope() as session:
             model = tiny_model(session)
@@ -188,7 +189,7 @@ def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
                 slots.taken(f"{server}/held", setting="TEST", party=f"holder-{holder}")
             )
         with session_scope() as session:
-            read = upload_images(session, TEST_SETTINGS)
+            read = upload_images(session, TEST_SETTINGS, limits)
             with ThreadPoolExecutor(1) as pool:
                 reading = pool.submit(read, ids)
                 time.sleep(0.5)

@@ -16,7 +16,7 @@ from moderation.config import Settings
 from moderation.http.access import PUBLIC_KEY, ROLES_KEY
 from moderation.http.routes import app_routes
 from moderation.main.app import create_app
-from tests.conftest import environment_runtime
+from tests.conftest import TEST_RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -163,12 +163,12 @@ def route_problems(markdown: str, app: FastAPI) -> list[str]:
 
 
 def test_every_route_is_documented_with_its_roles() -> None:
-    assert route_problems(API.read_text(), create_app(environment_runtime())) == []
+    assert route_problems(API.read_text(), create_app(TEST_RUNTIME)) == []
 
 
 def test_the_route_check_finds_a_missing_route_and_wrong_roles() -> None:
     text = API.read_text()
-    app = create_app(environment_runtime())
+    app = create_app(TEST_RUNTIME)
     missing = re.sub(r"^\| `GET /v1/audit` \|.*\n", "", text, flags=re.M)
     assert route_problems(missing, app) == ["GET /v1/audit is not documented"]
     wrong = text.replace("| `POST /v1/uploads` | submitter |", "| `POST /v1/uploads` | analyst |")

@@ -31,7 +31,7 @@ from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import animated_gif, write
 from tests.web_fixtures import seed_hit
 
@@ -181,8 +181,8 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
     with session_scope() as session:
         bank = banks.create_bank(session, "frames")
         banks.add_entries(session, bank, [banks.NewEntry(pdq=pdq(fifth))], added_by="test")
-    (upload_id,) = submit_uris([gif.as_uri()])
-    (upload,) = wait_until_final([upload_id], timeout_s=60)
+    (upload_id,) = submit_uris(TEST_RUNTIME, [gif.as_uri()])
+    (upload,) = wait_until_final(TEST_RUNTIME, [upload_id], timeout_s=60)
     assert upload.status is UploadStatus.SCREENED
     # The URI now serves something else: what was kept is what was screened.
     write(gif, animated_gif(_frames(3)[::-1]))

@@ -15,18 +15,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.body_budget import BodyBudget
 from moderation.images.fetch import fetch
 from moderation.images.fetch_slots import FetchesBusy, FetchSlots
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.cli import submit_uris
 from moderation.screening.models import Upload
 from moderation.worker.intake.fetches import FetchGate, WorkerFetches
 from moderation.worker.intake.jobs import IntakeStalled
 from tests.api_fixtures import api, bearer, keys  # noqa: F401
+from tests.conftest import TEST_SETTINGS
 from tests.images import encode, textured, write
 from tests.servers import http_server, image_handler
 
@@ -153,7 +154,7 @@ class _Chunked(BaseHTTPRequestHandler):
 
 
 def _fetch(url: str, reserve: object) -> bytes:
-    settings = get_settings()
+    settings = TEST_SETTINGS
     return fetch(
         url,
         policy=UriPolicy.from_settings(settings),
@@ -191,7 +192,7 @@ def test_a_refused_reservation_ends_the_fetch() -> None:
 @pytest.fixture
 def tight_budget_fetches() -> WorkerFetches:
     # Room for two of the 300 kB bodies, not three.
-    settings = get_settings().model_copy(
+    settings = TEST_SETTINGS.model_copy(
         update={"worker_fetch_memory_mb": 1, "fetch_timeout_s": 1.0, "worker_fetches": 16}
     )
     fetches = WorkerFetches(settings)
@@ -248,13 +249,14 @@ def test_an_upload_records_its_submitter(
     api: TestClient,  # noqa: F811
     keys: dict[Role, str],  # noqa: F811
     tmp_path: Path,
+    runtime: Runtime,
 ) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(64)))
     response = api.post(
         "/v1/uploads", json={"uri": image.as_uri()}, headers=bearer(keys[Role.SUBMITTER])
     )
     assert response.status_code == 202, response.text
-    (by_cli,) = submit_uris([(tmp_path / "a.jpg").as_uri()])
+    (by_cli,) = submit_uris(runtime, [(tmp_path / "a.jpg").as_uri()])
     with session_scope() as session:
         by_key = session.get_one(Upload, response.json()["upload_id"])
         assert by_key.submitted_by is not None

@@ -27,7 +27,7 @@ from moderation.worker.child import WorkerProcess
 from moderation.worker.intake.fetches import FetchGate, fetched_here
 from moderation.worker.intake.jobs import IntakeStalled
 from moderation.worker.intake.pool import IntakePool
-from tests.conftest import TEST_ENV, TEST_FETCH_NETWORK
+from tests.conftest import TEST_ENV, TEST_FETCH_NETWORK, TEST_RUNTIME
 from tests.images import encode, textured
 from tests.servers import Listener, http_server, image_handler, read_request, tcp_listener
 
@@ -211,7 +211,7 @@ def test_a_normal_upload_is_screened_while_slow_servers_hold_their_fetches(
         # Four fetches to the slow host at once, and no more: the others wait for its slots.
         assert _wait_for_connections(listener, 4) == 4
         (normal,) = _submit_each_in_a_message([f"{normal_server}/normal.jpg"], queue)
-        (screened,) = wait_until_final([normal], timeout_s=60)
+        (screened,) = wait_until_final(TEST_RUNTIME, [normal], timeout_s=60)
         assert screened.status == UploadStatus.SCREENED, worker.log()
         # The slow ones were in flight all along, and still held only their host's slots.
         assert not server.released.is_set()
@@ -219,7 +219,7 @@ def test_a_normal_upload_is_screened_while_slow_servers_hold_their_fetches(
         assert listener.connections_so_far() == 4
 
         server.released.set()
-        final = wait_until_final(slow, timeout_s=120)
+        final = wait_until_final(TEST_RUNTIME, slow, timeout_s=120)
         log = worker.log()
         fetched = listener.connections_so_far()
     assert [u.status for u in final] == [UploadStatus.SCREENED] * len(slow), log

@@ -24,7 +24,7 @@ from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.worker.child import WorkerProcess, process_tree
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, TEST_RUNTIME
 from tests.hostile import Case, forbidden_targets, make_corpus
 from tests.images import encode, textured, write
 from tests.servers import Listener
@@ -74,7 +74,7 @@ def test_every_hostile_input_fails_with_its_code_in_bounded_time(
     cases = make_corpus(tmp_path, listener, redirector)
     ids = _submit(cases)
 
-    uploads = wait_until_final(ids, timeout_s=60)
+    uploads = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
 
     outcomes = {
         case.name: (u.status.value, u.error_code) for case, u in zip(cases, uploads, strict=True)
@@ -183,4 +183,4 @@ def _screen_on(queue: str, uris: list[str]) -> list[Upload]:
     with session_scope() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
     send_screening(ids, queue=queue)
-    return wait_until_final(ids, timeout_s=120)
+    return wait_until_final(TEST_RUNTIME, ids, timeout_s=120)

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from moderation.auth.models import Role
 from moderation.main.app import create_app
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
+from tests.conftest import TEST_RUNTIME
 from tests.images import encode, textured, write
 from tests.live_api import LiveApi, live_api
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
@@ -35,7 +35,7 @@ JSON = {"Content-Type": "application/json"}
 def api(clean_db: None) -> Iterator[TestClient]:
     """In process over real PostgreSQL; a server error is answered 500, as a client sees
     it, not raised into the test."""
-    with TestClient(create_app(environment_runtime()), raise_server_exceptions=False) as client:
+    with TestClient(create_app(TEST_RUNTIME), raise_server_exceptions=False) as client:
         yield client
 
 

@@ -1,26 +1,30 @@
-"""The API's key cache (`moderation.auth.key_cache`) against real PostgreSQL: a key checked
-once is answered from memory, and a key revoked elsewhere (another process, another
-connection) is refused by the very next request, whether the cache hears of it through
-NOTIFY or has lost its listener and reads the table again."""
+"""An API application's key cache (`moderation.auth.key_cache`) against real PostgreSQL: a
+key checked once is answered from memory, and a key revoked elsewhere (another process,
+another connection) is refused by the very next request, whether the cache hears of it
+through NOTIFY or has lost its listener and reads the table again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import closing
 
 import psycopg2
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from moderation.auth import service as auth
-from moderation.auth.key_cache import APPLICATION_NAME, KeyCache, authenticate_key, key_cache
+from moderation.auth.key_cache import APPLICATION_NAME, ApiKeys, KeyCache
 from moderation.auth.models import ApiKey, Role
-from moderation.config import get_settings
 from moderation.db import session_scope
+from moderation.runtime import Runtime
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_ENV, TEST_SETTINGS
 
 __all__ = ["api", "keys"]
 
@@ -28,7 +32,7 @@ __all__ = ["api", "keys"]
 def _connect() -> psycopg2.extensions.connection:
     """A connection of this test's own, as another process would have: each statement
     commits at once (not used as a context manager, which would hold one transaction)."""
-    url = make_url(get_settings().database_url)
+    url = make_url(TEST_SETTINGS.database_url)
     connection = psycopg2.connect(
         host=url.host, port=url.port, user=url.username, dbname=url.database
     )
@@ -36,10 +40,24 @@ def _connect() -> psycopg2.extensions.connection:
     return connection
 
 
-def _listening_cache(timeout_s: float = 30) -> KeyCache:
-    """This process's key cache, once its listener is connected (it connects in its own
-    thread)."""
-    cache = key_cache()
+@pytest.fixture
+def api_keys(runtime: Runtime) -> Iterator[ApiKeys]:
+    """Keys checked as an application checks them, outside one."""
+    checked = ApiKeys(runtime)
+    yield checked
+    checked.close()
+
+
+def _app_keys(api: TestClient, secret: str) -> ApiKeys:
+    """The application's keys, once it has checked one (`secret`) and so made them."""
+    api.get("/v1/uploads/1", headers=bearer(secret))
+    checked: ApiKeys = api.app.state.api_keys  # type: ignore[attr-defined]
+    return checked
+
+
+def _listening_cache(api_keys: ApiKeys, timeout_s: float = 30) -> KeyCache:
+    """The key cache, once its listener is connected (it connects in its own thread)."""
+    cache = api_keys.cache()
     assert cache is not None
     deadline = time.monotonic() + timeout_s
     while not cache.listening:
@@ -55,8 +73,8 @@ def _key_id(secret: str) -> int:
     return key_id
 
 
-def _cached(secret: str) -> bool:
-    cache = key_cache()
+def _cached(api_keys: ApiKeys, secret: str) -> bool:
+    cache = api_keys.cache()
     assert cache is not None
     principal, _ = cache.lookup(auth.hash_key(secret))
     return principal is not None
@@ -65,10 +83,11 @@ def _cached(secret: str) -> bool:
 def test_a_key_revoked_by_another_process_is_refused_by_the_next_request(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
-    _listening_cache()
     submitter = keys[Role.SUBMITTER]
+    app_keys = _app_keys(api, submitter)
+    _listening_cache(app_keys)
     assert api.get("/v1/uploads/1", headers=bearer(submitter)).status_code == 404
-    assert _cached(submitter)
+    assert _cached(app_keys, submitter)
     # Answered from memory now: the same principal, without the table.
     assert api.get("/v1/uploads/1", headers=bearer(submitter)).status_code == 404
     revoked = subprocess.run(
@@ -76,6 +95,7 @@ def test_a_key_revoked_by_another_process_is_refused_by_the_next_request(
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **TEST_ENV},
     )
     assert revoked.returncode == 0, revoked.stderr
     refused = api.get("/v1/uploads/1", headers=bearer(submitter))
@@ -84,11 +104,13 @@ def test_a_key_revoked_by_another_process_is_refused_by_the_next_request(
     assert api.get("/v1/uploads/1", headers=bearer(keys[Role.ADMIN])).status_code == 404
 
 
-def test_a_key_revoked_on_another_connection_is_refused_at_once(keys: dict[Role, str]) -> None:
+def test_a_key_revoked_on_another_connection_is_refused_at_once(
+    api_keys: ApiKeys, keys: dict[Role, str]
+) -> None:
     """Revoked, then asked for at once, many times over: the notification is never behind
     (without the cache's round trip before each lookup, about one try in ten lost the race
     on the loaded 2-core machine)."""
-    _listening_cache()
+    _listening_cache(api_keys)
     with session_scope() as session:
         made = [
             auth.create_key(session, role=Role.REVIEWER, name=f"r{i}", actor="test")
@@ -97,17 +119,19 @@ def test_a_key_revoked_on_another_connection_is_refused_at_once(keys: dict[Role,
     with closing(_connect()) as other:
         cursor = other.cursor()
         for key, secret in made:
-            assert authenticate_key(secret) is not None
-            assert _cached(secret)
+            assert api_keys.authenticate(secret) is not None
+            assert _cached(api_keys, secret)
             cursor.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key.id,))
-            assert authenticate_key(secret) is None, key.id
-    assert authenticate_key(keys[Role.REVIEWER]) is not None
+            assert api_keys.authenticate(secret) is None, key.id
+    assert api_keys.authenticate(keys[Role.REVIEWER]) is not None
 
 
-def test_an_answer_read_before_a_revocation_is_not_kept(keys: dict[Role, str]) -> None:
+def test_an_answer_read_before_a_revocation_is_not_kept(
+    api_keys: ApiKeys, keys: dict[Role, str]
+) -> None:
     """The race a cache must not lose: a request reads the key (valid), the key is revoked,
     then the request stores what it read."""
-    cache = _listening_cache()
+    cache = _listening_cache(api_keys)
     secret = keys[Role.ANALYST]
     key_hash = auth.hash_key(secret)
     missed, generation = cache.lookup(key_hash)
@@ -126,16 +150,17 @@ def test_an_answer_read_before_a_revocation_is_not_kept(keys: dict[Role, str]) -
         time.sleep(0.01)
     cache.store(key_hash, read, generation)
     assert cache.lookup(key_hash)[0] is None
-    assert authenticate_key(secret) is None
+    assert api_keys.authenticate(secret) is None
 
 
 def test_a_lost_listener_serves_no_cached_key_until_it_listens_again(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
-    _listening_cache()
     secret = keys[Role.SUBMITTER]
+    app_keys = _app_keys(api, secret)
+    _listening_cache(app_keys)
     assert api.get("/v1/uploads/1", headers=bearer(secret)).status_code == 404
-    assert _cached(secret)
+    assert _cached(app_keys, secret)
     with closing(_connect()) as other:
         cursor = other.cursor()
         # The listener's backend ends (a restart, an operator, a failover), and the key is
@@ -149,8 +174,8 @@ def test_a_lost_listener_serves_no_cached_key_until_it_listens_again(
         cursor.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (_key_id(secret),))
     assert api.get("/v1/uploads/1", headers=bearer(secret)).status_code == 401
     # Listening again, it caches again (from an empty cache).
-    _listening_cache()
+    _listening_cache(app_keys)
     admin = keys[Role.ADMIN]
     assert api.get("/v1/uploads/1", headers=bearer(admin)).status_code == 404
-    assert _cached(admin)
-    assert not _cached(secret)
+    assert _cached(app_keys, admin)
+    assert not _cached(app_keys, secret)

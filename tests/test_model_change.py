@@ -23,7 +23,7 @@ from moderation.embedding.service import get_or_create_model
 from moderation.main.cli import main
 from moderation.main.cli_errors import explain
 from moderation.worker.metrics import MetricsPortInUse, report_unmatchable_clip_entries, serve
-from tests.conftest import WORKER_METRICS_PORT
+from tests.conftest import TEST_SETTINGS, WORKER_METRICS_PORT
 
 DIM = 4
 
@@ -161,6 +161,6 @@ def test_a_metrics_port_in_use_is_one_line_at_worker_start() -> None:
         f"cannot serve metrics on port {port} (Address already in use); give each worker on "
         "a host its own MODERATION_WORKER_METRICS_PORT, or leave it unset"
     )
-    explained = explain(refused.value)
+    explained = explain(refused.value, TEST_SETTINGS)
     assert explained is not None
     assert explained.message == str(refused.value)

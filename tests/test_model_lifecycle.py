@@ -69,7 +69,9 @@ def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = 60
 
 
 def screen(*paths: Path) -> list[Upload]:
-    uploads = wait_until_final(submit_uris([p.as_uri() for p in paths]), timeout_s=120)
+    uploads = wait_until_final(
+        TEST_RUNTIME, submit_uris(TEST_RUNTIME, [p.as_uri() for p in paths]), timeout_s=120
+    )
     assert [u.status for u in uploads] == [UploadStatus.SCREENED] * len(paths)
     return uploads
 

@@ -36,19 +36,27 @@ from moderation.images.signals import SignalType
 from moderation.images.sniff import NOT_AN_IMAGE, SNIFFED_FORMATS, image_format, why_not_an_image
 from moderation.main.cli import main
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.cli import Progress
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.waiting import Tally, tally, why_stalled
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, TEST_RUNTIME
 from tests.images import encode, textured, write
-from tests.queues import queued_uploads
+from tests.queues import queue, queue_runtime, queued_uploads
+
+__all__ = ["queue", "queue_runtime"]
 
 Configure = Callable[..., None]
 
 
 def run(*args: str) -> Result:
+    """The command as an operator runs it: its settings from MODERATION_* variables."""
     return CliRunner().invoke(main, list(args))
+
+
+def run_on(runtime: Runtime, *args: str) -> Result:
+    return CliRunner().invoke(main, list(args), obj=runtime)
 
 
 def one_line_error(result: Result, exit_code: int) -> str:
@@ -103,12 +111,15 @@ def test_version_is_the_installed_one() -> None:
     )
 
 
-def test_db_upgrade_names_the_database_without_its_password(configure: Configure) -> None:
+def test_db_upgrade_names_the_database_without_its_password(
+    make_runtime: Callable[..., Runtime],
+) -> None:
     name = make_url(TEST_ENV["MODERATION_DATABASE_URL"]).database
     assert name is not None
     # The test server trusts local connections, so any password is accepted and ignored.
-    configure(database_url=database_url(name, password="s3cret-pw"))
-    result = run("db", "upgrade")
+    result = run_on(
+        make_runtime(database_url=database_url(name, password="s3cret-pw")), "db", "upgrade"
+    )
     assert result.exit_code == 0, result.output
     assert "database postgresql+psycopg2://postgres:***@" in result.output
     assert f"/{name} is at the latest migration (" in result.output
@@ -329,19 +340,9 @@ def test_sniffing_knows_exactly_the_formats_decoded() -> None:
     assert "HEIC is not enabled" in (why_not_an_image(b"\0\0\0\x18ftypheic\0\0") or "")
 
 
-@pytest.fixture
-def queue(configure: Configure, redis_client: redis.Redis) -> Iterator[str]:
-    """A queue of this test's own: the end-to-end tests' worker, if started, consumes the
-    configured one, and messages here must stay where the test can count them."""
-    name = f"operator-cli-{uuid.uuid4().hex[:8]}"
-    configure(queue=name)
-    yield name
-    redis_client.delete(name)
-
-
 @pytest.mark.usefixtures("clean_db")
 def test_a_directory_is_submitted_by_content_and_what_was_skipped_is_said(
-    tmp_path: Path, queue: str, redis_client: redis.Redis
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis
 ) -> None:
     folder = tmp_path / "inbox"
     images = [
@@ -356,7 +357,7 @@ def test_a_directory_is_submitted_by_content_and_what_was_skipped_is_said(
     write(folder / ".thumbnails" / "t.jpg", encode(textured(5)))
     os.mkfifo(folder / "pipe.jpg")
 
-    result = run("submit", str(folder), "--json")
+    result = run_on(queue_runtime, "submit", str(folder), "--json")
 
     assert result.exit_code == 0, result.output
     submitted = json.loads(result.stdout)
@@ -378,10 +379,10 @@ def test_a_directory_is_submitted_by_content_and_what_was_skipped_is_said(
 
 @pytest.mark.usefixtures("clean_db")
 def test_a_file_named_on_the_command_line_is_submitted_whatever_it_holds(
-    tmp_path: Path, queue: str
+    tmp_path: Path, queue_runtime: Runtime
 ) -> None:
     text_file = write(tmp_path / "notes.jpg", b"not an image\n")
-    result = run("submit", str(text_file), "--json")
+    result = run_on(queue_runtime, "submit", str(text_file), "--json")
     assert result.exit_code == 0, result.output
     # The worker refuses it with its own code; named explicitly, it is not second-guessed.
     assert [s["uri"] for s in json.loads(result.stdout)] == [text_file.resolve().as_uri()]
@@ -390,12 +391,13 @@ def test_a_file_named_on_the_command_line_is_submitted_whatever_it_holds(
 @pytest.mark.usefixtures("clean_db")
 @pytest.mark.parametrize("as_uri", [False, True])
 def test_a_missing_local_file_is_refused_at_once(
-    tmp_path: Path, queue: str, redis_client: redis.Redis, as_uri: bool
+    tmp_path: Path, queue: str, queue_runtime: Runtime, redis_client: redis.Redis, as_uri: bool
 ) -> None:
     present = write(tmp_path / "a.jpg", encode(textured(1)))
     missing = tmp_path / "missing.jpg"
     line = one_line_error(
-        run("submit", str(present), missing.as_uri() if as_uri else str(missing)), 1
+        run_on(queue_runtime, "submit", str(present), missing.as_uri() if as_uri else str(missing)),
+        1,
     )
     assert line == f"Error: not_found: {missing.resolve()} does not exist; nothing was submitted"
     with session_scope() as session:
@@ -409,13 +411,16 @@ def test_a_missing_local_file_is_refused_at_once(
 @pytest.mark.usefixtures("clean_db")
 @pytest.mark.parametrize("as_json", [False, True])
 def test_wait_with_no_worker_on_the_queue_says_so_and_times_out(
-    tmp_path: Path, configure: Configure, redis_client: redis.Redis, as_json: bool
+    tmp_path: Path,
+    make_runtime: Callable[..., Runtime],
+    redis_client: redis.Redis,
+    as_json: bool,
 ) -> None:
     queue = f"nobody-listens-{uuid.uuid4().hex[:8]}"
-    configure(queue=queue)
     image = write(tmp_path / "a.jpg", encode(textured(1)))
     try:
-        result = run(
+        result = run_on(
+            make_runtime(queue=queue),
             "submit", str(image), "--wait", "--timeout", "1.5", "--stall-after", "0.3",
             *(["--json"] if as_json else []),
         )  # fmt: skip
@@ -443,12 +448,12 @@ def test_wait_exits_0_when_all_are_screened_and_1_when_any_failed(tmp_path: Path
     good = write(tmp_path / "good.jpg", encode(textured(1)))
     broken = write(tmp_path / "broken.jpg", b"not an image at all\n")
 
-    screened = run("submit", str(good), "--wait", "--timeout", "60", "--json")
+    screened = run_on(TEST_RUNTIME, "submit", str(good), "--wait", "--timeout", "60", "--json")
     assert screened.exit_code == 0, screened.output
     assert screened.stderr == ""  # no progress with --json
     assert [row["status"] for row in json.loads(screened.stdout)] == ["screened"]
 
-    mixed = run("submit", str(good), str(broken), "--wait", "--timeout", "60")
+    mixed = run_on(TEST_RUNTIME, "submit", str(good), str(broken), "--wait", "--timeout", "60")
     line = one_line_error(mixed, 1)
     assert line == "Error: 1 of 2 upload(s) failed (the error column says why)"
     assert "unsupported_format" in mixed.stdout
@@ -460,12 +465,13 @@ def test_wait_exits_0_when_all_are_screened_and_1_when_any_failed(tmp_path: Path
 def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
     with session_scope() as session:
         upload_ids = screening.submit_many(session, ["https://example.com/never-sent.jpg"])
-    settings = get_settings()
     with session_scope() as session:
         stalled = tally(session, upload_ids)
     assert (stalled.total, stalled.queued) == (1, 1)
-    cause = why_stalled(settings, stalled)
-    assert cause.startswith(f"1 upload(s) are queued but queue {settings.queue} has no message")
+    cause = why_stalled(TEST_RUNTIME, stalled)
+    assert cause.startswith(
+        f"1 upload(s) are queued but queue {TEST_RUNTIME.settings.queue} has no message"
+    )
     assert "`moderation sweep`" in cause
 
 

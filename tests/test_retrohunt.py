@@ -567,7 +567,9 @@ def test_a_worker_hunts_an_entry_added_after_the_upload_was_screened(tmp_path: P
     from moderation.screening.cli import submit_uris, wait_until_final
 
     image = write(tmp_path / "later-known-bad.jpg", encode(textured(300)))
-    (upload,) = wait_until_final(submit_uris([image.resolve().as_uri()]), timeout_s=60)
+    (upload,) = wait_until_final(
+        TEST_RUNTIME, submit_uris(TEST_RUNTIME, [image.resolve().as_uri()]), timeout_s=60
+    )
     assert upload.status is UploadStatus.SCREENED
     cli("bank", "create", "later")
     (entry,) = cli("bank", "add", "later", str(image), "--json")

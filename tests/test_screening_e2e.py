@@ -27,6 +27,7 @@ from moderation.screening import service
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Upload, UploadStatus
 from moderation.worker.recovery import sweep_once
+from tests.conftest import TEST_RUNTIME
 from tests.images import animated_gif, decompression_bomb, encode, textured, write
 from tests.servers import http_server
 from tests.vectors import at_cosine_distance
@@ -41,8 +42,10 @@ def cli(*args: str) -> Any:
 
 
 def screen(*paths: Path | str) -> list[Upload]:
-    ids = submit_uris([p if isinstance(p, str) else p.resolve().as_uri() for p in paths])
-    uploads = wait_until_final(ids, timeout_s=60)
+    ids = submit_uris(
+        TEST_RUNTIME, [p if isinstance(p, str) else p.resolve().as_uri() for p in paths]
+    )
+    uploads = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
     assert all(u.status in service.FINAL_STATUSES for u in uploads), [u.status for u in uploads]
     return uploads
 
@@ -148,7 +151,7 @@ def test_a_uri_outside_the_workers_prefixes_is_refused_naming_the_workers_list()
     with session_scope() as session:
         upload, _ = service.submit(session, "file:///srv/uploads/elsewhere.jpg")
     send_screening([upload.id])
-    (done,) = wait_until_final([upload.id], timeout_s=60)
+    (done,) = wait_until_final(TEST_RUNTIME, [upload.id], timeout_s=60)
     assert (done.status, done.error_code) == (UploadStatus.FAILED, "uri_refused")
     worker_prefixes = ", ".join(get_settings().allowed_uri_prefixes)
     assert done.error_message is not None
@@ -165,7 +168,7 @@ def test_redelivered_event_creates_no_duplicate_hits(
         upload, _ = service.submit(session, image.resolve().as_uri())
     # The same event three times at once, then twice more after it has been screened.
     send_screening([upload.id] * 3)
-    wait_until_final([upload.id], timeout_s=60)
+    wait_until_final(TEST_RUNTIME, [upload.id], timeout_s=60)
     send_screening([upload.id] * 2)
     _queue_drained(redis_client)
 
@@ -231,7 +234,7 @@ def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(tmp_path: 
         assert time.monotonic() < deadline, "no sweeper sent the lost upload again"
         time.sleep(0.2)
     assert resent in ([upload.id], [])  # [] when the worker's sweeper sent it first
-    (done,) = wait_until_final([upload.id], timeout_s=60)
+    (done,) = wait_until_final(TEST_RUNTIME, [upload.id], timeout_s=60)
     assert done.status is UploadStatus.SCREENED
 
 

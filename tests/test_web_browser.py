@@ -35,6 +35,7 @@ from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
 from moderation.web.models import WebSession
+from tests.conftest import TEST_RUNTIME
 from tests.web_fixtures import detailed_image
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -158,8 +159,8 @@ def _screened_hits(tmp_path: Path, count: int) -> list[int]:
         for image in images:
             digest = hashlib.sha256(image.read_bytes()).digest()
             session.add(BankEntry(bank_id=bank.id, sha256=digest, added_by="test"))
-    ids = submit_uris([image.as_uri() for image in images])
-    uploads = wait_until_final(ids, timeout_s=60)
+    ids = submit_uris(TEST_RUNTIME, [image.as_uri() for image in images])
+    uploads = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
     assert [upload.status for upload in uploads] == [UploadStatus.SCREENED] * count
     return ids
 

@@ -22,7 +22,7 @@ from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus, Worker
 from moderation.worker.child import WorkerProcess, children_by_parent
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, TEST_RUNTIME
 from tests.images import encode, textured
 from tests.servers import http_server, image_handler
 
@@ -121,7 +121,7 @@ def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
     survivor_env = {**env, "MODERATION_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
     with WorkerProcess(tmp_path / "survivor.log", survivor_env) as survivor:
         survivor.wait_ready()
-        final = wait_until_final(ids, timeout_s=60)
+        final = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
         log = survivor.log()
 
     assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
@@ -159,7 +159,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
         _kill_when_holding(victim, ids, victim_name)
         killed_at = time.monotonic()
         held = _held_by(victim_name, ids)
-        final = wait_until_final(ids, timeout_s=60)
+        final = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
         recovery_s = time.monotonic() - killed_at
         log = survivor.log()
 
@@ -229,7 +229,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
         while _count(UploadStatus.SCREENED, ids) < len(ids) // 2 and time.monotonic() < deadline:
             terminated += _terminate_backends(name)
             time.sleep(0.3)
-        final = wait_until_final(ids, timeout_s=120)
+        final = wait_until_final(TEST_RUNTIME, ids, timeout_s=120)
         log = worker.log()
 
     assert terminated > 0
@@ -284,7 +284,7 @@ def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
         # four task threads' jobs.
         time.sleep(0.5)
         os.kill(before[0], signal.SIGKILL)
-        final = wait_until_final(ids, timeout_s=60)
+        final = wait_until_final(TEST_RUNTIME, ids, timeout_s=60)
         after = _intake_processes(worker)
         log = worker.log()
 

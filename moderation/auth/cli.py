@@ -8,7 +8,7 @@ from moderation.audit.service import cli_actor
 from moderation.auth import service
 from moderation.auth.models import Role
 from moderation.console import emit_json, emit_table
-from moderation.db import session_scope
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.group()
@@ -21,9 +21,10 @@ def apikey() -> None:
     "--role", required=True, type=click.Choice([role.value for role in Role]), help="What it may do"
 )
 @click.option("--name", default=None, help="Whose key it is (the audit log's actor).")
-def create(role: str, name: str | None) -> None:
+@pass_runtime
+def create(runtime: Runtime, role: str, name: str | None) -> None:
     """Make a key and print it, once: only its hash is stored."""
-    with session_scope() as session:
+    with runtime.session() as session:
         key, secret = service.create_key(
             session, role=Role(role), name=name or f"{role} key", actor=cli_actor()
         )
@@ -34,9 +35,10 @@ def create(role: str, name: str | None) -> None:
 @apikey.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_(include_revoked: bool, as_json: bool) -> None:
+@pass_runtime
+def list_(runtime: Runtime, include_revoked: bool, as_json: bool) -> None:
     """Keys, oldest first (never their secrets)."""
-    with session_scope() as session:
+    with runtime.session() as session:
         keys = service.list_keys(session, include_revoked=include_revoked)
     rows = [
         {
@@ -62,8 +64,9 @@ def list_(include_revoked: bool, as_json: bool) -> None:
 
 @apikey.command()
 @click.argument("key_id", type=int)
-def revoke(key_id: int) -> None:
+@pass_runtime
+def revoke(runtime: Runtime, key_id: int) -> None:
     """Revoke a key at once; requests with it are refused from now on."""
-    with session_scope() as session:
+    with runtime.session() as session:
         key = service.revoke_key(session, key_id, actor=cli_actor())
     click.echo(f"revoked API key {key.id} ({key.name})")

@@ -1,4 +1,4 @@
-"""A per-process cache of API keys, invalidated by PostgreSQL `LISTEN/NOTIFY`.
+"""An API process's cache of API keys, invalidated by PostgreSQL `LISTEN/NOTIFY`.
 
 Checking a key against the table cost 1-1.5 ms of every API request (a pooled session,
 a query, its transaction), most of a single-event submit. Here a key checked once is
@@ -44,8 +44,7 @@ from moderation.auth.service import (
     authenticate,
     hash_key,
 )
-from moderation.config import get_settings
-from moderation.db import session_scope
+from moderation.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -245,38 +244,49 @@ class KeyCache:
                     self._drain()
 
 
-_cache: KeyCache | None = None
-_cache_pid = 0
-_cache_lock = threading.Lock()
+class ApiKeys:
+    """How an API application checks API keys: through a `KeyCache` of its own, started on
+    the first key checked, unless its settings turn the cache off
+    (`MODERATION_API_KEY_CACHE=false`: every key read from the table)."""
 
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._lock = threading.Lock()
+        self._cache: KeyCache | None = None
+        self._cache_pid = 0
 
-def key_cache() -> KeyCache | None:
-    """This process's cache, started on first use; None when turned off
-    (`MODERATION_API_KEY_CACHE=false`)."""
-    global _cache, _cache_pid
-    settings = get_settings()
-    if not settings.api_key_cache:
-        return None
-    with _cache_lock:
-        # A forked child must not share its parent's listener connection.
-        if _cache is None or _cache_pid != os.getpid():
-            _cache = KeyCache(settings.database_url).start()
-            _cache_pid = os.getpid()
-        return _cache
+    def cache(self) -> KeyCache | None:
+        """The cache, started on first use; None when turned off."""
+        settings = self._runtime.settings
+        if not settings.api_key_cache:
+            return None
+        with self._lock:
+            # A forked child must not share its parent's listener connection.
+            if self._cache is None or self._cache_pid != os.getpid():
+                self._cache = KeyCache(settings.database_url).start()
+                self._cache_pid = os.getpid()
+            return self._cache
 
-
-def authenticate_key(secret: str) -> Principal | None:
-    """The principal of an API key: from the cache, or from the table (then cached)."""
-    cache = key_cache() if secret.startswith(KEY_PREFIX) else None
-    if cache is None:
-        with session_scope() as session:
-            return authenticate(session, secret)
-    key_hash = hash_key(secret)
-    principal, generation = cache.lookup(key_hash)
-    if principal is not None:
+    def authenticate(self, secret: str) -> Principal | None:
+        """The principal of an API key: from the cache, or from the table (then cached)."""
+        cache = self.cache() if secret.startswith(KEY_PREFIX) else None
+        if cache is None:
+            with self._runtime.session() as session:
+                return authenticate(session, secret)
+        key_hash = hash_key(secret)
+        principal, generation = cache.lookup(key_hash)
+        if principal is not None:
+            return principal
+        with self._runtime.session() as session:
+            principal = authenticate(session, secret)
+        if principal is not None:
+            cache.store(key_hash, principal, generation)
         return principal
-    with session_scope() as session:
-        principal = authenticate(session, secret)
-    if principal is not None:
-        cache.store(key_hash, principal, generation)
-    return principal
+
+    def close(self) -> None:
+        """Stops the cache's listener (this process's own; a forked parent's is its own)."""
+        with self._lock:
+            cache, self._cache = self._cache, None
+            ours = self._cache_pid == os.getpid()
+        if cache is not None and ours:
+            cache.stop()

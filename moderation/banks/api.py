@@ -34,7 +34,7 @@ from moderation.config import Settings
 from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, model_dim, normalise
-from moderation.http.access import AppRuntime, Caller, DbSession, allow
+from moderation.http.access import AppRuntime, Caller, DbSession, allow, app_runtime
 from moderation.http.admission import FORM_FRAMING_BYTES, body_up_to, image_body
 from moderation.http.resources import ProcessResource
 from moderation.images.decode import DecodeLimits
@@ -72,7 +72,9 @@ class Embedders:
         self._loaded.clear()
 
 
-EMBEDDERS = ProcessResource("bank_embedders", lambda runtime: Embedders(runtime.settings))
+EMBEDDERS = ProcessResource(
+    "bank_embedders", lambda request: Embedders(app_runtime(request).settings)
+)
 
 router = APIRouter(prefix="/v1/banks", tags=["banks"], lifespan=EMBEDDERS.lifespan())
 

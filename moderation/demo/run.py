@@ -18,7 +18,7 @@ import click
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from moderation.config import DEFAULT_CPU_MODEL, Settings, get_settings
+from moderation.config import DEFAULT_CPU_MODEL, Settings
 from moderation.demo.samples import SAMPLES
 from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
 from moderation.local_services import LocalServices
@@ -62,10 +62,6 @@ def _run(base: Settings) -> None:
     }
     # Offline, this process and its worker: every model the demo runs is already here.
     os.environ["HF_HUB_OFFLINE"] = "1"
-    # Transitional: `submit_uris` and `wait_until_final` (moderation.screening.cli) still
-    # read `get_settings()`, the environment; this goes once they take the runtime.
-    os.environ.update(environment)
-    get_settings.cache_clear()
     fields: dict[str, Any] = {
         name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()
     }
@@ -96,7 +92,7 @@ def _run(base: Settings) -> None:
                 samples = sorted((SAMPLES / "uploads").iterdir())
                 uris = expand(tuple(str(p) for p in samples)).uris
                 click.echo(f"submitting {len(uris)} uploads from {SAMPLES / 'uploads'}\n")
-                uploads = wait_until_final(submit_uris(uris), timeout_s=300)
+                uploads = wait_until_final(runtime, submit_uris(runtime, uris), timeout_s=300)
         _report(runtime, uploads)
 
 

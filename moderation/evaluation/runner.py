@@ -37,7 +37,8 @@ def evaluate(
                 session,
                 index,
                 make,
-                reranker=custom_reranker or reranker_named(name, session, settings),
+                reranker=custom_reranker
+                or reranker_named(name, session, settings, limits=searches.limits),
                 reranker_name=name,
                 k=k or settings.eval_k,
                 candidates=settings.search_candidates,

@@ -21,10 +21,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from moderation.auth.key_cache import authenticate_key
+from moderation.auth.key_cache import ApiKeys
 from moderation.auth.models import Role
 from moderation.auth.service import Principal, authenticate
 from moderation.errors import Conflict, Unavailable
+from moderation.http.resources import ProcessResource
 from moderation.runtime import Runtime
 
 # PostgreSQL's SQLSTATE for a unique violation.
@@ -62,7 +63,16 @@ def app_runtime(request: Request) -> Runtime:
     return runtime
 
 
-AppRuntime = Annotated[Runtime, Depends(app_runtime)]
+async def _app_runtime(request: Request) -> Runtime:
+    # A coroutine: as a plain `def`, FastAPI would take a trip to its thread pool for it.
+    return app_runtime(request)
+
+
+AppRuntime = Annotated[Runtime, Depends(_app_runtime)]
+
+# The application's API keys, checked through its key cache (`moderation.auth.key_cache`);
+# the listener stops with the application (`create_app`).
+API_KEYS = ProcessResource("api_keys", lambda request: ApiKeys(app_runtime(request)))
 
 
 def db_session(runtime: AppRuntime) -> Iterator[Session]:
@@ -149,7 +159,7 @@ def admit(request: Request, route: APIRoute) -> Principal | None:
     if credential is not None:
         source, secret = credential
         if source is BEARER:
-            principal = authenticate_key(secret)
+            principal = API_KEYS.get(request).authenticate(secret)
         else:
             with app_runtime(request).session() as session:
                 principal = source.authenticate(session, secret)

@@ -31,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.http.access import DatabaseUnavailable, admit, route_roles
 from moderation.http.routes import app_routes
+from moderation.runtime import Runtime
 
 BODY_KEY = "x-max-body-bytes"
 # A route whose form a refused login must not lose (a reviewer's decision and note, kept by
@@ -143,7 +144,8 @@ class Admission:
         if route is None:
             await self.app(scope, receive, send)
             return
-        limit = body_limit(route, get_settings())
+        runtime: Runtime = self.application.state.runtime
+        limit = body_limit(route, runtime.settings)
         try:
             if route_roles(route) is not None:
                 # A database read: off the event loop, as the handlers' own.

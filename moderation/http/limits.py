@@ -1,13 +1,16 @@
 """What an API process allows itself at once of the work untrusted content can make slow or
-large: decoding images and fetching them. One of each per process, shared by every route
-that decodes or fetches (thumbnails, searches by example image or URI)."""
+large: decoding images and fetching them. One of each per application (so per process),
+made with it (`moderation.main.app.create_app`) and shared by every route that decodes or
+fetches (thumbnails, searches by example image or URI)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Annotated
 
-from moderation.config import Settings, get_settings
+from fastapi import Depends, Request
+
+from moderation.config import Settings
 from moderation.images.budget import DecodeGate
 from moderation.images.fetch_slots import FetchSlots
 
@@ -29,7 +32,15 @@ class ApiLimits:
         )
 
 
-@lru_cache(maxsize=1)
-def api_limits() -> ApiLimits:
-    """This process's limits, from its settings."""
-    return ApiLimits.from_settings(get_settings())
+def app_limits(request: Request) -> ApiLimits:
+    """The limits of the application serving `request`."""
+    limits: ApiLimits = request.app.state.api_limits
+    return limits
+
+
+async def _app_limits(request: Request) -> ApiLimits:
+    # A coroutine: as a plain `def`, FastAPI would take a trip to its thread pool for it.
+    return app_limits(request)
+
+
+AppLimits = Annotated[ApiLimits, Depends(_app_limits)]

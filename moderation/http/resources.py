@@ -1,9 +1,10 @@
 """Objects an API process makes on its first request that needs them and closes when it
-shuts down: the search index, the announcer of screening messages.
+shuts down: the search index, the announcer of screening messages, the key cache.
 
 Made on first use, not at start-up, so a process that serves no such request never pays
-for one; closed in the router's lifespan, after uvicorn has finished the requests in
-flight. Each lives in the application's state, one per process.
+for one; closed in the lifespan of the router that uses it (or of the application), after
+uvicorn has finished the requests in flight. Each lives in the application's state, one
+per process.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Generic, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 
-from moderation.runtime import Runtime
-
 
 class Closable(Protocol):
     def close(self) -> None: ...
@@ -26,9 +25,9 @@ T = TypeVar("T", bound=Closable)
 
 
 class ProcessResource(Generic[T]):
-    def __init__(self, name: str, make: Callable[[Runtime], T]) -> None:
-        """`name`: its attribute in the application's state; `make`: builds it on the
-        application's runtime."""
+    def __init__(self, name: str, make: Callable[[Request], T]) -> None:
+        """`name`: its attribute in the application's state; `make`: builds it for the
+        application serving the request (its runtime: `access.app_runtime(request)`)."""
         self._name = name
         self._make = make
         self._lock = threading.Lock()
@@ -38,7 +37,7 @@ class ProcessResource(Generic[T]):
         with self._lock:
             resource: T | None = getattr(state, self._name, None)
             if resource is None:
-                resource = self._make(state.runtime)
+                resource = self._make(request)
                 setattr(state, self._name, resource)
         return resource
 

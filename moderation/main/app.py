@@ -15,9 +15,10 @@ from fastapi import Depends, FastAPI
 from moderation.banks.api import router as banks_router
 from moderation.config import Settings
 from moderation.evaluation.api import router as golden_router
-from moderation.http.access import authorize
+from moderation.http.access import API_KEYS, authorize
 from moderation.http.admission import Admission
 from moderation.http.errors import install as install_errors
+from moderation.http.limits import ApiLimits
 from moderation.lifecycle.api import router as models_router
 from moderation.main.audit_log import router as audit_router
 from moderation.main.docs import install as install_docs
@@ -36,8 +37,9 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     (after every router's own resources), else its caller closes it."""
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+    async def lifespan(application: FastAPI) -> AsyncIterator[None]:
+        async with API_KEYS.lifespan()(application):
+            yield
         if owns_runtime:
             runtime.close()
 
@@ -52,6 +54,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.api_limits = ApiLimits.from_settings(runtime.settings)
     for router in (
         health_router,
         metrics_router,

@@ -9,7 +9,7 @@ import click
 
 from moderation.auth.cli import apikey
 from moderation.banks.cli import bank
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.embedding.cli import embed, model
 from moderation.evaluation.cli import activate as activate_model
 from moderation.evaluation.cli import eval_, golden
@@ -21,7 +21,7 @@ from moderation.main.cli_errors import explain, redacted
 from moderation.main.services_cli import services
 from moderation.retrohunt.cli import retrohunt
 from moderation.review.cli import decide, hits, upload
-from moderation.runtime import Runtime
+from moderation.runtime import Runtime, pass_runtime
 from moderation.screening.cli import resubmit, submit, uploads
 from moderation.search.cli import index, search
 from moderation.webhooks.cli import webhooks
@@ -40,7 +40,8 @@ class Commands(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
-            explained = explain(error)
+            runtime = ctx.obj if isinstance(ctx.obj, Runtime) else None
+            explained = explain(error, runtime.settings if runtime is not None else None)
             if explained is None:
                 raise
             # The whole story with --verbose.
@@ -76,21 +77,23 @@ def db() -> None:
 
 
 @db.command()
-def upgrade() -> None:
+@pass_runtime
+def upgrade(runtime: Runtime) -> None:
     """Create the database if needed and apply every migration."""
     from moderation import schema
 
-    url = get_settings().database_url
+    url = runtime.settings.database_url
     revision = schema.upgrade(url)
     click.echo(f"database {redacted(url)} is at the latest migration ({revision})")
 
 
 @db.command()
-def check() -> None:
+@pass_runtime
+def check(runtime: Runtime) -> None:
     """Fail if the models and the migrated schema differ."""
     from moderation import schema
 
-    differences = schema.drift()
+    differences = schema.drift(runtime.settings.database_url)
     if differences:
         for difference in differences:
             click.echo(f"drift: {difference}", err=True)

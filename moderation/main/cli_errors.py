@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.errors import ModerationError
 
 # psycopg2's SQLSTATEs for a table and a column that do not exist: a schema behind the code.
@@ -44,14 +44,16 @@ def redacted(url: str) -> str:
         return "(an unparseable URL)"
 
 
-def explain(error: BaseException) -> ClickException | None:
-    """The one line an operator needs for `error`, or None if it is not one of ours."""
+def explain(error: BaseException, settings: Settings | None) -> ClickException | None:
+    """The one line an operator needs for `error`, or None if it is not one of ours.
+    `settings`: the command's (None when they could not be read: only that is told)."""
     if isinstance(error, ValidationError) and error.title == Settings.__name__:
         return ClickException(f"bad settings: {settings_problems(error)}")
     if isinstance(error, ModerationError):
         # Typed, with a message a person can act on (`moderation.errors`).
         return ClickException(str(error))
-    settings = get_settings()
+    if settings is None:
+        return None
     if isinstance(error, DBAPIError):
         return _database(error, settings.database_url)
     if isinstance(

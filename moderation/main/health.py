@@ -10,24 +10,36 @@ says which check failed.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from moderation.config import get_settings
-from moderation.db import session_scope
-from moderation.http.access import public
+from moderation.http.access import app_runtime, public
+from moderation.http.resources import ProcessResource
+from moderation.runtime import Runtime
 from moderation.screening.service import live_workers
-
-router = APIRouter(tags=["health"])
 
 # A check that takes longer than this has failed: readiness probes run every few seconds.
 CHECK_TIMEOUT_S = 2.0
+
+
+def _redis_client(runtime: Runtime) -> redis.Redis:
+    return redis.Redis.from_url(
+        runtime.settings.redis_url,
+        socket_timeout=CHECK_TIMEOUT_S,
+        socket_connect_timeout=CHECK_TIMEOUT_S,
+    )
+
+
+# The application's Redis client (and connection pool) for health checks and metrics: its
+# commands fail after `CHECK_TIMEOUT_S`.
+CHECK_REDIS = ProcessResource("check_redis", lambda request: _redis_client(app_runtime(request)))
+
+router = APIRouter(tags=["health"], lifespan=CHECK_REDIS.lifespan())
 
 
 @router.get("/healthz", openapi_extra=public())
@@ -35,22 +47,14 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@lru_cache(maxsize=4)
-def redis_client(url: str) -> redis.Redis:
-    """One client (and connection pool) per Redis URL, for health checks and metrics."""
-    return redis.Redis.from_url(
-        url, socket_timeout=CHECK_TIMEOUT_S, socket_connect_timeout=CHECK_TIMEOUT_S
-    )
-
-
-def readiness() -> tuple[bool, dict[str, str]]:
+def readiness(runtime: Runtime, redis_client: redis.Redis) -> tuple[bool, dict[str, str]]:
     """Each check's outcome, `ok` or why not; ready when all are ok."""
-    settings = get_settings()
+    settings = runtime.settings
     checks: dict[str, str] = {}
     workers = None
     sync_lag: str | None = None
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             session.execute(text(f"SET LOCAL statement_timeout = {int(CHECK_TIMEOUT_S * 1000)}"))
             workers = live_workers(session, settings.worker_dead_after_s)
             if settings.search_backend == "milvus":
@@ -59,7 +63,7 @@ def readiness() -> tuple[bool, dict[str, str]]:
     except Exception as error:
         checks["postgresql"] = f"unreachable: {type(error).__name__}"
     try:
-        redis_client(settings.redis_url).ping()
+        redis_client.ping()
         checks["redis"] = "ok"
     except Exception as error:
         checks["redis"] = f"unreachable: {type(error).__name__}"
@@ -104,7 +108,7 @@ def _search_sync(session: Session, max_lag_s: float) -> str:
     openapi_extra=public(),
     responses={503: {"description": "Not ready: the body says which check failed."}},
 )
-def readyz() -> JSONResponse:
-    ready, checks = readiness()
+def readyz(request: Request) -> JSONResponse:
+    ready, checks = readiness(app_runtime(request), CHECK_REDIS.get(request))
     body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -18,23 +18,23 @@ import logging
 from collections.abc import Iterable
 from datetime import timedelta
 
-from fastapi import APIRouter
+import redis
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Float, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.evaluation import service as evaluation
-from moderation.http.access import public
+from moderation.http.access import app_runtime, public
 from moderation.http.metrics import REGISTRY
 from moderation.lifecycle import reembed
 from moderation.lifecycle.service import list_models
-from moderation.main.health import CHECK_TIMEOUT_S, redis_client
+from moderation.main.health import CHECK_REDIS, CHECK_TIMEOUT_S
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload, UploadStatus
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,13 @@ def _window() -> object:
 
 
 class ServiceCollector(Collector):
-    """Reads PostgreSQL and Redis at each scrape. A source that is down is reported as
-    `moderation_metrics_source_up 0` and its metrics left out, never a failed scrape."""
+    """Reads an application's PostgreSQL and Redis at a scrape. A source that is down is
+    reported as `moderation_metrics_source_up 0` and its metrics left out, never a failed
+    scrape."""
+
+    def __init__(self, runtime: Runtime, redis_client: redis.Redis) -> None:
+        self.runtime = runtime
+        self.redis_client = redis_client
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -62,7 +67,7 @@ class ServiceCollector(Collector):
             labels=["source"],
         )
         try:
-            with session_scope() as session:
+            with self.runtime.session() as session:
                 session.execute(
                     text(f"SET LOCAL statement_timeout = {int(CHECK_TIMEOUT_S * 1000)}")
                 )
@@ -73,7 +78,7 @@ class ServiceCollector(Collector):
             logger.warning("metrics: PostgreSQL could not be read", exc_info=True)
             up.add_metric(["postgresql"], 0)
         try:
-            yield _queue_depth()
+            yield _queue_depth(self.runtime.settings.queue, self.redis_client)
             up.add_metric(["redis"], 1)
         except Exception:
             logger.warning("metrics: Redis could not be read", exc_info=True)
@@ -310,21 +315,22 @@ def _latency(session: Session, since: object, window: str) -> Metric:
     )
 
 
-def _queue_depth() -> Metric:
-    settings = get_settings()
+def _queue_depth(queue: str, redis_client: redis.Redis) -> Metric:
     depth = GaugeMetricFamily(
         "moderation_queue_messages",
         "Screening messages waiting on the broker queue (each names up to 16 uploads)",
         labels=["queue"],
     )
-    depth.add_metric([settings.queue], redis_client(settings.redis_url).llen(settings.queue))
+    depth.add_metric([queue], redis_client.llen(queue))
     return depth
 
 
-REGISTRY.register(ServiceCollector())
-
-
 @router.get("/metrics", openapi_extra=public(), response_class=Response)
-def metrics() -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: what this process observed (`REGISTRY`), then the service's
+    metrics, read now on the application's runtime."""
+    service = CollectorRegistry()
+    service.register(ServiceCollector(app_runtime(request), CHECK_REDIS.get(request)))
+    return Response(
+        generate_latest(REGISTRY) + generate_latest(service), media_type=CONTENT_TYPE_LATEST
+    )

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from moderation.auth.models import Role
-from moderation.http.access import allow, current_principal
+from moderation.http.access import allow, app_runtime, current_principal
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
 from moderation.http.types import plain_text
@@ -32,7 +32,9 @@ from moderation.screening.submission import accept
 
 # Started with the process's first upload; closed after the requests in flight, sending
 # what they recorded.
-ANNOUNCER = ProcessResource("announcer", lambda runtime: Announcer(runtime.producer.send_screening))
+ANNOUNCER = ProcessResource(
+    "announcer", lambda request: Announcer(app_runtime(request).producer.send_screening)
+)
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=ANNOUNCER.lifespan())
 
@@ -149,6 +151,7 @@ async def submit_uploads(
     submitter = (await current_principal(request)).actor
     accepted = await run_in_threadpool(
         accept,
+        app_runtime(request),
         [event.to_new_upload(submitter) for event in events],
         announce=ANNOUNCER.get(request).announce,
     )

@@ -13,14 +13,14 @@ from urllib.parse import urlsplit
 import click
 
 from moderation.audit.service import cli_actor
-from moderation.config import get_settings
+from moderation.config import Settings
 from moderation.console import emit_json, emit_table, limit_options, say_if_cut
-from moderation.db import session_scope
 from moderation.images.errors import NotFound
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.hashing import sha256
 from moderation.images.sniff import HEAD_BYTES, why_not_an_image
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime, pass_runtime
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import NewUpload
@@ -120,11 +120,11 @@ def _emit_uploads(
 SUBMIT_CHUNK = 100
 
 
-def refuse_missing_files(uris: list[str], policy: UriPolicy | None = None) -> None:
+def refuse_missing_files(settings: Settings, uris: list[str]) -> None:
     """`NotFound` for the first allowed local file that does not exist, said at once rather
     than by a failed upload later; `UriRefused` for a file the policy refuses, in the same
     words whether it exists or not."""
-    policy = policy or UriPolicy.from_settings(get_settings())
+    policy = UriPolicy.from_settings(settings)
     for uri in uris:
         if uri.startswith("file:"):
             path, _ = policy.allowed_file(uri)
@@ -133,13 +133,12 @@ def refuse_missing_files(uris: list[str], policy: UriPolicy | None = None) -> No
                 raise NotFound(f"{path} {problem}; nothing was submitted")
 
 
-def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
+def declared_bytes(settings: Settings, uri: str) -> bytes:
     """SHA-256 of a local file's bytes now, so that the upload names these bytes: the worker
     refuses others, and the external id cannot be reused for another image."""
-    settings = get_settings()
     data = fetch(
         uri,
-        policy=policy or UriPolicy.from_settings(settings),
+        policy=UriPolicy.from_settings(settings),
         max_bytes=settings.max_bytes,
         timeout_s=settings.fetch_timeout_s,
     )
@@ -147,7 +146,10 @@ def declared_bytes(uri: str, policy: UriPolicy | None = None) -> bytes:
 
 
 def submit_uris(
-    uris: list[str], external_id: str | None = None, declared_sha256: bytes | None = None
+    runtime: Runtime,
+    uris: list[str],
+    external_id: str | None = None,
+    declared_sha256: bytes | None = None,
 ) -> list[int]:
     """Check every URI, then record uploads, commit and publish, `SUBMIT_CHUNK` to a
     transaction (the steps of `submission.accept`, which `POST /v1/uploads` takes).
@@ -160,17 +162,17 @@ def submit_uris(
     submitter = cli_actor()
     uploads = [NewUpload(uri, external_id, declared_sha256, submitted_by=submitter) for uri in uris]
     # All checked before any chunk is recorded: a refusal leaves nothing half-submitted.
-    uploads = check_uris(uploads, UriPolicy.from_settings(get_settings()))
+    uploads = check_uris(uploads, UriPolicy.from_settings(runtime.settings))
     upload_ids: list[int] = []
     for start in range(0, len(uploads), SUBMIT_CHUNK):
-        accepted = record_and_announce(uploads[start : start + SUBMIT_CHUNK])
+        accepted = record_and_announce(runtime, uploads[start : start + SUBMIT_CHUNK])
         upload_ids += [a.upload_id for a in accepted]
     return upload_ids
 
 
-def wait_until_final(upload_ids: list[int], timeout_s: float) -> list[Upload]:
-    wait_for(upload_ids, timeout_s=timeout_s, settings=get_settings())
-    with session_scope() as session:
+def wait_until_final(runtime: Runtime, upload_ids: list[int], timeout_s: float) -> list[Upload]:
+    wait_for(runtime, upload_ids, timeout_s=timeout_s)
+    with runtime.session() as session:
         return service.get_uploads(session, upload_ids)
 
 
@@ -229,24 +231,28 @@ def _parse_sha256(value: str | None) -> bytes | None:
 
 
 def _show_uploads(
-    upload_ids: list[int], wait: bool, timeout: float, as_json: bool, stall_after: float
+    runtime: Runtime,
+    upload_ids: list[int],
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+    stall_after: float,
 ) -> None:
     final: Tally | None = None
     if wait:
-        settings = get_settings()
         progress = Progress(len(set(upload_ids)), quiet=as_json)
         try:
             final = wait_for(
+                runtime,
                 upload_ids,
                 timeout_s=timeout,
                 on_progress=progress.update,
                 on_stall=progress.stalled,
                 stall_after_s=stall_after,
-                settings=settings,
             )
         finally:
             progress.close()
-    with session_scope() as session:
+    with runtime.session() as session:
         uploads = service.get_uploads(session, upload_ids)
     rows = [upload_json(u) for u in uploads]
     _emit_uploads(rows, ["upload_id", "status", "uri", "error"], as_json, "nothing submitted")
@@ -255,7 +261,7 @@ def _show_uploads(
     if final.finished < final.total:
         raise TimedOut(
             f"{final.total - final.finished} of {final.total} upload(s) not finished after "
-            f"{timeout:g} s; {why_stalled(settings, final)}"
+            f"{timeout:g} s; {why_stalled(runtime, final)}"
         )
     if final.failed:
         raise SomeFailed(
@@ -292,7 +298,9 @@ def wait_options(command: Any) -> Any:
 )
 @wait_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
+@pass_runtime
 def submit(
+    runtime: Runtime,
     paths_or_uris: tuple[str, ...],
     external_id: str | None,
     sha256_hex: str | None,
@@ -321,19 +329,25 @@ def submit(
         raise click.UsageError("--external-id and --sha256 name one upload; give one image")
     # Before anything is recorded; the worker checks again when it fetches. A refusal says
     # which rule refused, never whether a refused file exists.
-    refuse_missing_files(uris)
+    refuse_missing_files(runtime.settings, uris)
     if external_id and declared is None and urlsplit(uris[0]).scheme == "file":
-        declared = declared_bytes(uris[0])
-    upload_ids = submit_uris(uris, external_id, declared)
-    _show_uploads(upload_ids, wait, timeout, as_json, stall_after)
+        declared = declared_bytes(runtime.settings, uris[0])
+    upload_ids = submit_uris(runtime, uris, external_id, declared)
+    _show_uploads(runtime, upload_ids, wait, timeout, as_json, stall_after)
 
 
 @click.command()
 @click.argument("upload_ids", nargs=-1, required=True, type=int)
 @wait_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per upload.")
+@pass_runtime
 def resubmit(
-    upload_ids: tuple[int, ...], wait: bool, timeout: float, stall_after: float, as_json: bool
+    runtime: Runtime,
+    upload_ids: tuple[int, ...],
+    wait: bool,
+    timeout: float,
+    stall_after: float,
+    as_json: bool,
 ) -> None:
     """Screen failed uploads again from scratch. Recorded in the audit log.
 
@@ -341,17 +355,15 @@ def resubmit(
     Exit status with --wait: 0 all screened; 1 some failed; 2 usage error;
     3 timed out (not all finished); 4 PostgreSQL or Redis unreachable.
     """
-    from moderation.messages import send_screening
-
     actor = cli_actor()
     try:
-        with session_scope() as session:
+        with runtime.session() as session:
             for upload_id in upload_ids:
                 service.resubmit(session, upload_id, actor=actor)
     except (service.UploadNotFound, service.NotResubmittable) as error:
         raise click.ClickException(f"{error}; nothing was resubmitted") from None
-    send_screening(list(upload_ids), get_settings().queue)
-    _show_uploads(list(upload_ids), wait, timeout, as_json, stall_after)
+    runtime.producer.send_screening(list(upload_ids))
+    _show_uploads(runtime, list(upload_ids), wait, timeout, as_json, stall_after)
 
 
 @click.command()
@@ -360,10 +372,13 @@ def resubmit(
 )
 @limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def uploads(status: str | None, limit: int, show_all: bool, as_json: bool) -> None:
+@pass_runtime
+def uploads(
+    runtime: Runtime, status: str | None, limit: int, show_all: bool, as_json: bool
+) -> None:
     """Show recent uploads, newest first, with their status and any error."""
     wanted = UploadStatus(status) if status else None
-    with session_scope() as session:
+    with runtime.session() as session:
         found = service.list_uploads(session, status=wanted, limit=None if show_all else limit)
         cut = not show_all and len(found) == limit
         total = service.count_uploads(session, status=wanted) if cut else len(found)

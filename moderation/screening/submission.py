@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.errors import Invalid
 from moderation.images.errors import IntakeError
 from moderation.images.uri_policy import UriPolicy
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.service import NewUpload, Submitted
 
@@ -86,26 +85,30 @@ def check_uris(uploads: Sequence[NewUpload], policy: UriPolicy) -> list[NewUploa
 
 
 def accept(
+    runtime: Runtime,
     uploads: Sequence[NewUpload],
     *,
     policy: UriPolicy | None = None,
     queue: str | None = None,
     announce: Callable[[list[int], str], None] | None = None,
 ) -> list[Submitted]:
-    """Check, record and announce upload events, all or none; their uploads, in order.
+    """Check, record and announce upload events, all or none, on `runtime` (its URI
+    policy, database and queue unless told otherwise); their uploads, in order.
 
     `announce(ids, queue)` sends the screening messages once the rows are committed;
-    by default they are published here, before returning (`moderation submit`). The API
-    hands them to its `Announcer` instead, and answers without waiting for Redis.
+    by default they are published here with the runtime's producer, before returning
+    (`moderation submit`). The API hands them to its `Announcer` instead, and answers
+    without waiting for Redis.
 
     Raises `UrisRefused` (nothing recorded) and `service.ExternalIdConflict` (nothing
     recorded: the transaction rolls back).
     """
-    checked = check_uris(uploads, policy or UriPolicy.from_settings(get_settings()))
-    return record_and_announce(checked, queue=queue, announce=announce)
+    checked = check_uris(uploads, policy or UriPolicy.from_settings(runtime.settings))
+    return record_and_announce(runtime, checked, queue=queue, announce=announce)
 
 
 def record_and_announce(
+    runtime: Runtime,
     checked: Sequence[NewUpload],
     *,
     queue: str | None = None,
@@ -114,12 +117,9 @@ def record_and_announce(
     """Steps 2 and 3 of `accept`, for events whose URIs `check_uris` has already checked
     (and put in canonical form): a caller that checks a large submission once, before
     recording it in chunks, does not resolve every host twice."""
-    from moderation.messages import send_screening
-
-    with session_scope() as session:
+    with runtime.session() as session:
         submitted = service.submit_uploads(session, checked)
     created = [s.upload_id for s in submitted if s.created]
     if created:
-        # The queue configured now (not when the Celery app was made), as `--wait` watches.
-        (announce or send_screening)(created, queue or get_settings().queue)
+        (announce or runtime.producer.send_screening)(created, queue or runtime.settings.queue)
     return submitted

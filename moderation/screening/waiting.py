@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from moderation.config import Settings
-from moderation.db import session_scope
-from moderation.messages import producer
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload, UploadStatus
 from moderation.screening.service import live_workers
 
@@ -76,13 +74,13 @@ def tally(session: Session, upload_ids: Sequence[int]) -> Tally:
 
 
 def wait_for(
+    runtime: Runtime,
     upload_ids: Sequence[int],
     *,
     timeout_s: float,
     on_progress: Callable[[Tally], None] = lambda _: None,
     on_stall: Callable[[str], None] = lambda _: None,
     stall_after_s: float = 30.0,
-    settings: Settings,
     poll_s: float = 0.2,
 ) -> Tally:
     """Poll until every upload is screened or failed, or `timeout_s` passes; the last tally.
@@ -96,7 +94,7 @@ def wait_for(
     moved_at = start
     told: str | None = None
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             now_tally = tally(session, upload_ids)
         now = time.monotonic()
         if now_tally != last:
@@ -105,7 +103,7 @@ def wait_for(
         if now_tally.finished == now_tally.total or now >= deadline:
             return now_tally
         if now - moved_at >= stall_after_s:
-            cause = why_stalled(settings, now_tally)
+            cause = why_stalled(runtime, now_tally)
             if cause != told:
                 on_stall(cause)
                 told = cause
@@ -113,11 +111,12 @@ def wait_for(
         time.sleep(min(poll_s, max(0.0, deadline - now)))
 
 
-def why_stalled(settings: Settings, stalled: Tally) -> str:
+def why_stalled(runtime: Runtime, stalled: Tally) -> str:
     """The likely reason these uploads have not moved, in one sentence with what to do."""
+    settings = runtime.settings
     queue = settings.queue
-    consumers = consumers_of(queue)
-    with session_scope() as session:
+    consumers = consumers_of(runtime, queue)
+    with runtime.session() as session:
         alive = live_workers(session, settings.worker_dead_after_s)
     if consumers is not None and not consumers:
         cause = f"no worker is consuming queue {queue}: start one with `moderation worker`"
@@ -127,7 +126,7 @@ def why_stalled(settings: Settings, stalled: Tally) -> str:
                 "consuming another queue; MODERATION_QUEUE must be the same for both)"
             )
         return cause
-    waiting = queue_length(queue)
+    waiting = queue_length(runtime, queue)
     if stalled.retrying and stalled.retrying == stalled.queued and not stalled.processing:
         return (
             f"{stalled.retrying} upload(s) wait to retry after a transient fault "
@@ -147,10 +146,12 @@ def why_stalled(settings: Settings, stalled: Tally) -> str:
     )
 
 
-def consumers_of(queue: str) -> list[str] | None:
+def consumers_of(runtime: Runtime, queue: str) -> list[str] | None:
     """The workers that consume `queue`, by node name; None if the broker cannot be asked."""
     try:
-        replies = producer().control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+        replies = (
+            runtime.producer.app.control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+        )
     except Exception as error:
         logger.info("could not ask the workers which queues they consume: %s", error)
         return None
@@ -159,7 +160,7 @@ def consumers_of(queue: str) -> list[str] | None:
     )
 
 
-def queue_length(queue: str) -> int:
+def queue_length(runtime: Runtime, queue: str) -> int:
     """Messages waiting on `queue`: Celery on Redis keeps each queue as a list."""
-    with producer().connection_for_read() as connection:
+    with runtime.producer.app.connection_for_read() as connection:
         return int(connection.default_channel.client.llen(queue))

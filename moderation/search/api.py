@@ -19,8 +19,9 @@ from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, Upl
 from pydantic import BaseModel, Field
 
 from moderation.auth.models import Role
-from moderation.http.access import AppRuntime, allow
+from moderation.http.access import AppRuntime, allow, app_runtime
 from moderation.http.admission import image_body
+from moderation.http.limits import app_limits
 from moderation.http.resources import ProcessResource
 from moderation.http.types import UtcDatetime
 from moderation.review.models import ReviewStatus
@@ -31,7 +32,11 @@ from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters, SearchResult
 
 # Loaded with the process's first search, then following the embeddings table.
-RUNTIME = ProcessResource("search_runtime", lambda runtime: SearchRuntime(runtime, follow=True))
+# Decodes and fetches within the application's limits, shared with its thumbnails.
+RUNTIME = ProcessResource(
+    "search_runtime",
+    lambda request: SearchRuntime(app_runtime(request), follow=True, limits=app_limits(request)),
+)
 
 
 def _start_sync(runtime: Runtime) -> Callable[[], None] | None:
@@ -174,17 +179,17 @@ def search_by_text_or_upload(
 @router.post("/image", openapi_extra={**allow(Role.ANALYST), **image_body()})
 def search_by_image(
     request: Request,
-    app_runtime: AppRuntime,
+    runtime: AppRuntime,
     params: Filtering,
     image: Annotated[UploadFile, File()],
 ) -> SearchResponse:
     """The k screened uploads most like an example image, sent as multipart `image`; it is
     decoded and embedded exactly as screening does, and refused as screening would."""
-    limit = app_runtime.settings.max_bytes
+    limit = runtime.settings.max_bytes
     data = image.file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE, f"the image is over {limit} bytes (max_bytes)"
         )
-    runtime = RUNTIME.get(request)
-    return _run(runtime, lambda: runtime.image_query(data), params)
+    searches = RUNTIME.get(request)
+    return _run(searches, lambda: searches.image_query(data), params)

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from moderation.config import Settings
 from moderation.errors import Invalid
-from moderation.http.limits import api_limits
+from moderation.http.limits import ApiLimits
 from moderation.images.decode import DecodeLimits, decode
 from moderation.images.errors import IntakeError
 from moderation.images.fetch import fetch
@@ -90,9 +90,9 @@ class CrossEncoderReranker:
         return reordered + [c for c in ranked if c.embedding_id not in moved]
 
 
-def upload_images(session: Session, settings: Settings) -> ImageSource:
+def upload_images(session: Session, settings: Settings, shared: ApiLimits) -> ImageSource:
     """Reads uploads' images as screening did (URI policy, byte and decode limits): the
-    first frame, upright and RGB."""
+    first frame, upright and RGB; its fetches and decodes count against `shared`."""
     policy = UriPolicy.from_settings(settings)
     limits = replace(DecodeLimits.from_settings(settings), max_frames=1, max_hashed_frames=1)
 
@@ -100,16 +100,16 @@ def upload_images(session: Session, settings: Settings) -> ImageSource:
         try:
             # Waits for a slot (the request waits for its rerank anyway), up to the fetch
             # timeout: its candidates often share a host, which has few slots.
-            with api_limits().fetches.held(host_of(uri), settings.fetch_timeout_s, _no_slot):
+            with shared.fetches.held(host_of(uri), settings.fetch_timeout_s, _no_slot):
                 data = fetch(
                     uri,
                     policy=policy,
                     max_bytes=settings.max_bytes,
                     timeout_s=settings.fetch_timeout_s,
                 )
-            # The process's decode budget, as for thumbnails: a rerank decodes up to `top`
-            # images at once, and many analysts may rerank together.
-            return decode(data, limits, budget=api_limits().decodes).frames[0][1]
+            # The shared decode budget (the API application's, as for thumbnails): a rerank
+            # decodes up to `top` images at once, and many analysts may rerank together.
+            return decode(data, limits, budget=shared.decodes).frames[0][1]
         except (IntakeError, FetchesBusy) as error:
             logger.warning("cross-encoder: %s could not be read again: %s", uri, error.code)
             return None
@@ -129,15 +129,16 @@ def _no_slot(full: Full) -> FetchesBusy:
 
 
 def reranker_named(
-    name: str, session: Session, settings: Settings, *, top: int | None = None
+    name: str, session: Session, settings: Settings, *, limits: ApiLimits, top: int | None = None
 ) -> Reranker:
-    """The reranker called `name`, reading candidates' images through `session`."""
+    """The reranker called `name`, reading candidates' images through `session`, within
+    `limits`."""
     if name == "exact":
         return ExactReranker()
     if name == "cross-encoder":
         return CrossEncoderReranker(
             matcher(settings.search_rerank_model, settings.resolved_device()),
-            upload_images(session, settings),
+            upload_images(session, settings, limits),
             top or settings.search_rerank_top,
         )
     raise UnknownReranker(f"no reranker named {name!r}; choose one of {', '.join(RERANKERS)}")

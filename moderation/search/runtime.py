@@ -26,7 +26,7 @@ from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from moderation.embedding.service import embed_first_frame
 from moderation.errors import Invalid
-from moderation.http.limits import FETCHES_SETTING, api_limits
+from moderation.http.limits import FETCHES_SETTING, ApiLimits
 from moderation.images.decode import DecodeLimits
 from moderation.images.fetch import fetch, to_uri
 from moderation.images.uri_policy import UriPolicy
@@ -68,9 +68,20 @@ class EmptyQuery(Invalid):
 class SearchRuntime:
     """Searches on `runtime`'s settings and database."""
 
-    def __init__(self, runtime: Runtime, *, follow: bool, model: str | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        follow: bool,
+        model: str | None = None,
+        limits: ApiLimits | None = None,
+    ) -> None:
+        """`limits`: what its queries' decodes and fetches (and its reranker's) count
+        against; the API application's own, shared with its other routes, else limits of
+        this runtime's own from its settings."""
         self.runtime = runtime
         self.settings = runtime.settings
+        self.limits = limits or ApiLimits.from_settings(self.settings)
         self.engine = runtime.engine
         self.config = IndexSettings.from_settings(self.settings)
         self.follow = follow
@@ -209,7 +220,7 @@ class SearchRuntime:
         limits = DecodeLimits.from_settings(self.settings)
         model_id, name = self._serving()
         embedder = self._embedder_of(model_id, name)
-        _, vector = embed_first_frame(data, embedder, limits, budget=api_limits().decodes)
+        _, vector = embed_first_frame(data, embedder, limits, budget=self.limits.decodes)
         return SearchQuery(vector=vector, model_id=model_id, image=data)
 
     def fetched_image_query(self, path_or_uri: str, *, operator_file: bool) -> SearchQuery:
@@ -220,7 +231,7 @@ class SearchRuntime:
         if operator_file:
             policy = policy.allowing_files([path_or_uri])
         uri = to_uri(path_or_uri)
-        with api_limits().fetches.taken(uri, setting=FETCHES_SETTING):
+        with self.limits.fetches.taken(uri, setting=FETCHES_SETTING):
             data = fetch(
                 uri,
                 policy=policy,
@@ -258,7 +269,10 @@ class SearchRuntime:
                 candidates=self.settings.search_candidates,
                 exact_scan_max=self.settings.search_exact_scan_max,
                 reranker=reranker_named(
-                    reranker or self.settings.search_reranker, session, self.settings
+                    reranker or self.settings.search_reranker,
+                    session,
+                    self.settings,
+                    limits=self.limits,
                 ),
             )
 

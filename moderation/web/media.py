@@ -22,7 +22,7 @@ from moderation.evidence import service as evidence
 from moderation.evidence.models import Evidence, EvidenceState
 from moderation.evidence.vault import Vault
 from moderation.http.access import Caller, allow
-from moderation.http.limits import api_limits
+from moderation.http.limits import AppLimits
 from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
@@ -167,7 +167,7 @@ def kept_strip(
 
 @router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
 def upload_thumbnail(
-    caller: Caller, upload_id: RowId, reveal: Annotated[bool, Query()] = False
+    caller: Caller, limits: AppLimits, upload_id: RowId, reveal: Annotated[bool, Query()] = False
 ) -> Response:
     """The upload as a page shows it: its kept frame (the best hit's) if evidence was kept;
     for an upload with no hit and no evidence, fetched again and shown only if its SHA-256
@@ -197,7 +197,7 @@ def upload_thumbnail(
             )
     try:
         thumbnail = fetched_thumbnail(
-            uri, screened, get_settings(), api_limits(), reveal=reveal, caller=caller.actor
+            uri, screened, get_settings(), limits, reveal=reveal, caller=caller.actor
         )
         return _image(thumbnail)
     except ContentChanged as changed:
