@@ -358,9 +358,11 @@ def screening_while_hunting(
     from moderation.retrohunt import service as retrohunt
     from moderation.retrohunt.cli import wait_for_jobs
     from moderation.retrohunt.tasks import send_steps
+    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.worker.child import WorkerProcess
 
+    runtime = Runtime(get_settings())  # what the hunts' first steps are sent with
     redis.Redis.from_url(get_settings().redis_url).flushdb()
     paths = []
     for seed in range(16 + 2 * rounds * images):
@@ -393,7 +395,7 @@ def screening_while_hunting(
             with session_scope() as session:
                 bank = banks.get_bank(session, "pdq-hunted-by-worker")
                 job_id = retrohunt.hunt_bank(session, bank, created_by="bench").id
-            send_steps([retrohunt.NextStep(job_id, 0)])
+            send_steps(runtime, [retrohunt.NextStep(job_id, 0)])
             time.sleep(1)  # the job's first message is taken
             hunting.append(images_per_s(batch[images:]))
             with session_scope() as session:
@@ -401,6 +403,7 @@ def screening_while_hunting(
                 during.append(retrohunt.get_job(session, job_id).status)
             wait_for_jobs([job_id], 3600, quiet=True)
         worker.stop()
+    runtime.close()
     return {
         "alone_images_per_s": round(statistics.median(alone), 2),
         "while_hunting_images_per_s": round(statistics.median(hunting), 2),

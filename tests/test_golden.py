@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ from moderation.main import metrics as _metrics  # registers the /metrics collec
 from moderation.main.cli import main
 from moderation.review import service as review
 from moderation.review.models import Hit, ReviewStatus
+from moderation.runtime import Runtime
 from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
 from moderation.worker.sweeper import CHORES
 from tests.api_fixtures import api, bearer, keys
@@ -464,17 +465,17 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
 
 
 def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
-    clean_db: None, index_dir: Path, monkeypatch: pytest.MonkeyPatch
+    clean_db: None, index_dir: Path, make_runtime: Callable[..., Runtime]
 ) -> None:
     assert any(chore.run is tasks.CHORES[0].run for chore in CHORES)
     _planted_corpus()
-    assert tasks.run_if_due() == {}
-    monkeypatch.setenv("MODERATION_EVAL_INTERVAL_S", "3600")
-    get_settings.cache_clear()
+    search = {"index_dir": index_dir, "search_commit_lag_s": 0.2, "search_tail_interval_s": 0.2}
+    assert tasks.run_if_due(make_runtime(**search)) == {}
+    runtime = make_runtime(**search, eval_interval_s=3600)
 
-    done = tasks.run_if_due()
+    done = tasks.run_if_due(runtime)
     assert done["golden_regressed"] is False
-    assert tasks.run_if_due() == {}  # not due again for an hour
+    assert tasks.run_if_due(runtime) == {}  # not due again for an hour
     with session_scope() as session:
         (run,) = session.scalars(select(EvaluationRun))
         assert (run.id, run.trigger) == (done["golden_run"], "schedule")
@@ -482,7 +483,7 @@ def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
         session.execute(
             update(EvaluationRun).values(created_at=EvaluationRun.created_at - timedelta(hours=2))
         )
-    assert set(tasks.run_if_due()) == {"golden_run", "golden_regressed"}
+    assert set(tasks.run_if_due(runtime)) == {"golden_run", "golden_regressed"}
 
 
 def test_unaskable_queries_are_skipped_not_failed(clean_db: None, index_dir: Path) -> None:

@@ -17,7 +17,7 @@ from moderation.embedding import registry
 from moderation.embedding.checkpoints import ModelUnavailable
 from moderation.embedding.models import EmbeddingModel
 from moderation.errors import Invalid, NotFound
-from moderation.http.access import Caller, DbSession, allow
+from moderation.http.access import AppRuntime, Caller, DbSession, allow
 from moderation.lifecycle import reembed as jobs
 from moderation.lifecycle import service
 from moderation.lifecycle.reembed import JobView
@@ -117,14 +117,16 @@ def retire_model(
 
 
 @router.post("/v1/models/{model_id}/reembed", status_code=202, openapi_extra=ADMINS)
-def reembed_model(model_id: ModelId, body: ReembedIn, caller: Caller) -> JobView:
+def reembed_model(
+    model_id: ModelId, body: ReembedIn, caller: Caller, runtime: AppRuntime
+) -> JobView:
     """Start (or return the running) re-embedding job; its first step is sent once the
     job is committed."""
     with session_scope() as session:
         job, new = jobs.start(session, _name(session, model_id), actor=caller.actor, duty=body.duty)
         job_id, step = job.id, job.step
     if new:
-        send_steps([jobs.NextStep(job_id, step)])
+        send_steps(runtime, [jobs.NextStep(job_id, step)])
     with session_scope() as session:
         return jobs.get_job(session, job_id)
 

@@ -18,6 +18,7 @@ from moderation.lifecycle import reembed as jobs
 from moderation.lifecycle import service
 from moderation.lifecycle.models import FINAL_REEMBED_STATUSES
 from moderation.lifecycle.tasks import send_steps
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.command("add")
@@ -106,9 +107,11 @@ EXIT_TIMED_OUT = 3
     type=click.FloatRange(0, 1, min_open=True),
     help="Share of each worker's time the job may take (default: MODERATION_REEMBED_DUTY).",
 )
+@pass_runtime
 @click.pass_context
 def reembed(
     ctx: click.Context,
+    runtime: Runtime,
     model_name: str | None,
     wait: bool,
     timeout: float | None,
@@ -127,7 +130,7 @@ def reembed(
     except (jobs.NotReembeddable, registry.ModelNotFound) as error:
         raise click.ClickException(str(error)) from None
     if new:
-        send_steps([jobs.NextStep(job_id, step)])
+        send_steps(runtime, [jobs.NextStep(job_id, step)])
         click.echo(f"started re-embedding job {job_id}")
     else:
         click.echo(f"re-embedding job {job_id} for this model is already running")

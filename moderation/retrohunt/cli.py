@@ -14,6 +14,7 @@ from moderation.console import emit_json, emit_table
 from moderation.db import session_scope
 from moderation.retrohunt import service, tasks
 from moderation.retrohunt.models import FINAL_JOB_STATUSES, JobStatus
+from moderation.runtime import Runtime, pass_runtime
 
 # `--wait` reports progress this often on stderr.
 _PROGRESS_EVERY_S = 5.0
@@ -61,18 +62,26 @@ def show(job_id: int, as_json: bool) -> None:
 
 
 @retrohunt.command("start")
+@pass_runtime
 @click.argument("bank_name", metavar="BANK")
 @click.option("--wait", is_flag=True, help="Wait until the job has finished, showing progress.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_json: bool) -> None:
+def start(
+    runtime: Runtime,
+    bank_name: str,
+    wait: bool,
+    timeout: float | None,
+    added_by: str,
+    as_json: bool,
+) -> None:
     """Hunt past uploads for every entry of BANK (e.g. after it was enabled again)."""
     with session_scope() as session:
         job_id = service.hunt_bank(
             session, banks.get_bank(session, bank_name), created_by=added_by
         ).id
-    tasks.send_steps([service.NextStep(job_id, 0)])
+    tasks.send_steps(runtime, [service.NextStep(job_id, 0)])
     if not as_json:
         click.echo(f"retro-hunt job {job_id} started for every entry of {bank_name}")
     finished = wait_for_jobs([job_id], timeout, quiet=as_json) if wait else None
@@ -84,14 +93,15 @@ def start(bank_name: str, wait: bool, timeout: float | None, added_by: str, as_j
 
 
 @retrohunt.command("wait")
+@pass_runtime
 @click.option("--bank", "bank_name", help="Only this bank's jobs.")
 @click.option("--timeout", type=float, help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the jobs waited for.")
-def wait(bank_name: str | None, timeout: float | None, as_json: bool) -> None:
+def wait(runtime: Runtime, bank_name: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait until every unfinished job (of BANK) has finished, showing progress; jobs for
     entries already added are started first, without waiting for a worker's sweeper.
     Exits 3 on timeout, 1 if a job failed."""
-    if tasks.start_hunts(settle_wait_s=_SETTLE_WAIT_S) is None:
+    if tasks.start_hunts(runtime, settle_wait_s=_SETTLE_WAIT_S) is None:
         click.echo(
             "could not start hunts for the latest entries yet (a long transaction is running "
             "on the database server); workers' sweepers will start them once it ends",
