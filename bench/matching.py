@@ -71,7 +71,11 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
+    from moderation.runtime import Runtime
 
 SIZES = [100_000, 1_000_000]
 DIMS = [768]
@@ -115,16 +119,25 @@ def main() -> None:
     os.environ.setdefault(
         "MODERATION_DATABASE_URL", os.environ.get("MODERATION_BENCH_DATABASE_URL", BENCH_DATABASE)
     )
-    if args.load_child:
-        load_child(args.device, args.repeats)
-    elif args.load:
-        out = args.out or Path("bench/results/matching_load.json")
-        measure_load(args.load, out, args.device, args.repeats)
-    else:
-        measure_search(args)
+    # Neither imports NumPy, whose thread count `measure_search` sets first.
+    from moderation.config import Settings
+    from moderation.runtime import Runtime
+
+    # Settings from the environment, which the --load-child process inherits too.
+    runtime = Runtime(Settings())
+    try:
+        if args.load_child:
+            load_child(runtime, args.device, args.repeats)
+        elif args.load:
+            out = args.out or Path("bench/results/matching_load.json")
+            measure_load(runtime, args.load, out, args.device, args.repeats)
+        else:
+            measure_search(runtime.settings, args)
+    finally:
+        runtime.close()
 
 
-def measure_search(args: argparse.Namespace) -> None:
+def measure_search(settings: Settings, args: argparse.Namespace) -> None:
     # OpenBLAS reads its thread count once, when NumPy is first imported.
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import faiss
@@ -146,25 +159,24 @@ def measure_search(args: argparse.Namespace) -> None:
         "load_average_before": os.getloadavg(),
     }
     if args.section in ("clip", "both"):
-        results["clip"] = measure_clip(args)
+        results["clip"] = measure_clip(settings, args)
     if args.section in ("pdq", "both"):
         results["pdq"] = measure_pdq(args)
     results["load_average_after"] = os.getloadavg()
     write(results, args.out or Path("bench/results/matching.json"))
 
 
-def measure_clip(args: argparse.Namespace) -> dict[str, Any]:
+def measure_clip(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     import faiss
     import torch
 
     from moderation.banks.clip_calibration import calibrated_plan
-    from moderation.config import Settings
 
     rows: list[dict[str, Any]] = []
     plans = {}
     for dim in args.dims:
         started = time.perf_counter()
-        plan = calibrated_plan(dim, "cpu", Settings().resolved_clip_plan_cache())
+        plan = calibrated_plan(dim, "cpu", settings.resolved_clip_plan_cache())
         plans[dim] = {"choices": plan.as_json()["choices"], "s": time.perf_counter() - started}
         print(f"{dim}-d plan: {plans[dim]}", flush=True)
         for size in args.sizes:
@@ -502,7 +514,7 @@ LOAD_DIM = 768
 LOAD_MODEL = "bench-matching-random-768"
 
 
-def measure_load(size: int, out: Path, device: str, repeats: int) -> None:
+def measure_load(runtime: Runtime, size: int, out: Path, device: str, repeats: int) -> None:
     """Fill the bench database's bank to `size` entries, then measure loading it in a
     fresh process (so that its peak RSS is the load's, not this process's)."""
     import numpy as np
@@ -511,13 +523,11 @@ def measure_load(size: int, out: Path, device: str, repeats: int) -> None:
     from moderation import schema
     from moderation.banks import service as banks
     from moderation.banks.models import Bank, BankEntry
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.embedding.service import get_or_create_model
 
-    schema.upgrade(get_settings().database_url)
+    schema.upgrade(runtime.settings.database_url)
     inserted_s = None
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, LOAD_MODEL, LOAD_DIM)
         # One bank holds what is measured: other banks of this database are disabled.
         session.execute(
@@ -569,26 +579,18 @@ def measure_load(size: int, out: Path, device: str, repeats: int) -> None:
     write(results, out)
 
 
-def load_child(device: str, repeats: int) -> None:
+def load_child(runtime: Runtime, device: str, repeats: int) -> None:
     """In a fresh process: build the snapshot as a worker does, then time its refreshes."""
-    from contextlib import AbstractContextManager
-
-    from sqlalchemy.orm import Session
-
     from moderation.banks.matcher import BankMatcher, MatchSettings
-    from moderation.db import session_scope
     from moderation.embedding.service import get_or_create_model
 
-    def sessions() -> AbstractContextManager[Session]:
-        return session_scope()
-
-    with session_scope() as session:
+    with runtime.session() as session:
         model_id = get_or_create_model(session, LOAD_MODEL, LOAD_DIM).id
     settings = MatchSettings(RADIUS, 31, 50)
     before = _rss_mb()
     started = time.perf_counter()
     matcher = BankMatcher(
-        sessions,
+        runtime.session,
         model_id=model_id,
         dim=LOAD_DIM,
         settings=settings,
@@ -601,7 +603,7 @@ def load_child(device: str, repeats: int) -> None:
     started = time.perf_counter()
     kept = matcher.current() is index
     check_s = time.perf_counter() - started
-    refreshes = _time_refreshes(matcher, model_id, settings, device, repeats)
+    refreshes = _time_refreshes(runtime, matcher, model_id, settings, device, repeats)
     print(
         json.dumps(
             {
@@ -621,7 +623,7 @@ def load_child(device: str, repeats: int) -> None:
 
 
 def _time_refreshes(
-    matcher: Any, model_id: int, settings: Any, device: str, repeats: int
+    runtime: Runtime, matcher: Any, model_id: int, settings: Any, device: str, repeats: int
 ) -> dict[str, Any]:
     """Each kind of change committed by another session, then the time of the next
     `matcher.current()`; the medians of `repeats`, in ms, beside a full load's."""
@@ -633,7 +635,6 @@ def _time_refreshes(
     from moderation.banks import service as banks
     from moderation.banks.matcher import load_index
     from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
-    from moderation.db import session_scope
     from moderation.embedding.service import vector_to_bytes
     from moderation.images.hashing import PdqHash
     from moderation.images.signals import FrameSignals, ImageSignals
@@ -655,15 +656,15 @@ def _time_refreshes(
         found = index.match(signals(sha, pdq), vector[np.newaxis])
         return {(m.bank_entry_id, m.signal.value) for m in found}
 
-    with session_scope() as session:
+    with runtime.session() as session:
         small_id = session.scalars(select(Bank.id).where(Bank.name == "bench-load-small")).one()
         bank_id = session.scalars(select(Bank.id).where(Bank.name == "bench-load")).one()
     for _ in range(repeats):
         timed("unchanged_check_ms")
-        _time_old_checkpoint(times, model_id)
+        _time_old_checkpoint(runtime, times, model_id)
         vector = _unit_rows(rng, 1)[0]
         sha, pdq = rng.bytes(32), rng.bytes(32)
-        with session_scope() as session:
+        with runtime.session() as session:
             entry = BankEntry(bank_id=bank_id, sha256=sha, pdq=pdq, added_by="bench")
             session.add(entry)
             session.flush()
@@ -679,21 +680,21 @@ def _time_refreshes(
             (entry_id, "pdq"),
             (entry_id, "clip"),
         }, "the entry just added is not matched"
-        with session_scope() as session:
+        with runtime.session() as session:
             session.execute(delete(BankEntry).where(BankEntry.id == entry_id))
         index = timed("remove_1_entry_ms")
         assert matched(index, sha, pdq, vector) == set(), "the entry just removed is matched"
-        with session_scope() as session:
+        with runtime.session() as session:
             bank = session.get_one(Bank, small_id)
             banks.update_bank(session, bank, actor="bench", radius=0.04 if bank.radius else 0.06)
         timed("radius_change_ms")
         for enabled in (False, True):
-            with session_scope() as session:
+            with runtime.session() as session:
                 banks.update_bank(
                     session, session.get_one(Bank, small_id), actor="bench", enabled=enabled
                 )
             timed("disable_100_ms" if not enabled else "enable_100_ms")
-    with session_scope() as session:
+    with runtime.session() as session:
         started = time.perf_counter()
         load_index(session, model_id, LOAD_DIM, settings, device)
         full_load_s = time.perf_counter() - started
@@ -701,15 +702,14 @@ def _time_refreshes(
     return {"refresh_ms": medians, "full_load_s": round(full_load_s, 1), "repeats": repeats}
 
 
-def _time_old_checkpoint(times: dict[str, list[float]], model_id: int) -> None:
+def _time_old_checkpoint(runtime: Runtime, times: dict[str, list[float]], model_id: int) -> None:
     """The queries a check ran before the change log: counts and maxima over the bank
     tables (the baseline of `unchanged_check_ms`)."""
     from sqlalchemy import func, select
 
     from moderation.banks.models import Bank, BankEntry, BankEntryEmbedding
-    from moderation.db import session_scope
 
-    with session_scope() as session:
+    with runtime.session() as session:
         started = time.perf_counter()
         session.execute(select(func.count(Bank.id), func.max(Bank.updated_at))).one()
         session.execute(

@@ -41,7 +41,10 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 CACHE = Path.home() / ".cache" / "moderation"
 
@@ -71,15 +74,22 @@ def main() -> None:
             "MODERATION_ALLOWED_URI_PREFIXES": f"{Path(tempfile.gettempdir()).resolve().as_uri()}/",
         }
     )
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_random_clip, write_random_siglip
+    from moderation.runtime import Runtime
 
     if not (clip_dir / "config.json").exists():
         write_random_clip(clip_dir, args.clip_arch)
     if not (siglip_dir / "config.json").exists():
         write_random_siglip(siglip_dir, args.siglip_arch)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="moderation-reembed-bench-") as tmp:
-        results = run(Path(tmp), args.images, str(clip_dir), str(siglip_dir))
+    # Settings from the environment just set, which the worker's process inherits too.
+    runtime = Runtime(Settings())
+    try:
+        with tempfile.TemporaryDirectory(prefix="moderation-reembed-bench-") as tmp:
+            results = run(runtime, Path(tmp), args.images, str(clip_dir), str(siglip_dir))
+    finally:
+        runtime.close()
     results.update(
         {
             "images_per_phase": args.images,
@@ -97,17 +107,15 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
+def run(runtime: Runtime, workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
     import redis
     from sqlalchemy import text
 
     from moderation import schema
-    from moderation.config import get_settings
-    from moderation.db import get_engine
     from moderation.worker.child import WorkerProcess
 
-    schema.upgrade(get_settings().database_url)
-    with get_engine().begin() as conn:
+    schema.upgrade(runtime.settings.database_url)
+    with runtime.engine.begin() as conn:
         conn.execute(
             text(
                 "TRUNCATE reembed_jobs, hits, signals, embeddings, uploads, banks, "
@@ -115,8 +123,8 @@ def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
             )
         )
         conn.execute(text("UPDATE embedding_models SET state = 'retired'"))
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
-    batch = get_settings().resolved_batch_size()
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
+    batch = runtime.settings.resolved_batch_size()
     images = {
         name: make_images(workdir / name, range(start, start + n))
         for name, start in (("a", 0), ("b", 10_000), ("during", 20_000), ("after", 30_000))
@@ -125,49 +133,49 @@ def run(workdir: Path, n: int, clip: str, siglip: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with WorkerProcess(workdir / "worker.log") as worker:
         worker.wait_ready()
-        screen(warmup)
-        out["screening_clip_alone_per_s"] = rate(screen(images["a"]))
+        screen(runtime, warmup)
+        out["screening_clip_alone_per_s"] = rate(screen(runtime, images["a"]))
 
-        add(siglip)
-        wait_until_computed(siglip, workdir)
-        out["screening_clip_and_siglip_per_s"] = rate(screen(images["b"]))
+        add(runtime, siglip)
+        wait_until_computed(runtime, siglip, workdir)
+        out["screening_clip_and_siglip_per_s"] = rate(screen(runtime, images["b"]))
         out["two_models_over_one"] = ratio(
             out, "screening_clip_and_siglip_per_s", "screening_clip_alone_per_s"
         )
 
-        job = reembed(siglip, duty=1.0)
-        done = wait_job(job)
+        job = reembed(runtime, siglip, duty=1.0)
+        done = wait_job(runtime, job)
         out["reembed_siglip_per_s"] = round(done["embedded"] / done["seconds"], 2)
         out["reembed_siglip_scan_per_s"] = round(done["embedded"] / done["scan_seconds"], 2)
         out["reembed_siglip_embedded"] = done["embedded"]
 
-        activate(siglip)
-        retire(clip)
-        wait_until_only(siglip, workdir)
-        out["screening_siglip_alone_per_s"] = rate(screen(images["a"]))
+        activate(runtime, siglip)
+        retire(runtime, clip)
+        wait_until_only(runtime, siglip, workdir)
+        out["screening_siglip_alone_per_s"] = rate(screen(runtime, images["a"]))
         out["reembed_over_screening"] = ratio(
             out, "reembed_siglip_per_s", "screening_siglip_alone_per_s"
         )
         out["reembed_scan_over_screening"] = ratio(
             out, "reembed_siglip_scan_per_s", "screening_siglip_alone_per_s"
         )
-        screen(images["a"])  # untimed: uploads CLIP has not embedded, for phase 5
-        screen(images["a"])
+        screen(runtime, images["a"])  # untimed: uploads CLIP has not embedded, for phase 5
+        screen(runtime, images["a"])
 
-        add(clip)
-        wait_until_computed(clip, workdir)
-        job = reembed(clip, duty=None)
-        during = screen(images["during"])
-        still_running = job_view(job)["status"] not in {"done", "failed", "cancelled"}
+        add(runtime, clip)
+        wait_until_computed(runtime, clip, workdir)
+        job = reembed(runtime, clip, duty=None)
+        during = screen(runtime, images["during"])
+        still_running = job_view(runtime, job)["status"] not in {"done", "failed", "cancelled"}
         out["screening_during_reembed_per_s"] = rate(during)
         out["reembed_ran_throughout"] = still_running
-        wait_job(job)
-        out["screening_after_reembed_per_s"] = rate(screen(images["after"]))
+        wait_job(runtime, job)
+        out["screening_after_reembed_per_s"] = rate(screen(runtime, images["after"]))
         out["during_over_alone"] = ratio(
             out, "screening_during_reembed_per_s", "screening_after_reembed_per_s"
         )
 
-        out.update(switch_over(workdir, clip, siglip))
+        out.update(switch_over(runtime, workdir, clip, siglip))
         worker.stop()
     return out
 
@@ -188,22 +196,18 @@ def make_images(directory: Path, seeds: range) -> list[Path]:
     return paths
 
 
-def screen(paths: list[Path]) -> dict[str, Any]:
+def screen(runtime: Runtime, paths: list[Path]) -> dict[str, Any]:
     """Submit as the CLI does and wait; the count and the database's seconds."""
     from sqlalchemy import func, select
 
-    from moderation.config import get_settings
-    from moderation.db import session_scope
-    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.screening.models import UploadStatus
 
-    with session_scope() as session:
+    with runtime.session() as session:
         started = session.scalar(select(func.clock_timestamp()))
-    with closing(Runtime(get_settings())) as runtime:
-        uploads = wait_until_final(
-            runtime, submit_uris(runtime, [p.as_uri() for p in paths]), timeout_s=3600
-        )
+    uploads = wait_until_final(
+        runtime, submit_uris(runtime, [p.as_uri() for p in paths]), timeout_s=3600
+    )
     bad = [u.id for u in uploads if u.status is not UploadStatus.SCREENED]
     if bad or started is None:
         raise SystemExit(f"{len(bad)} uploads were not screened")
@@ -221,12 +225,11 @@ def _model(name: str) -> Any:
     return open_embedder(name)
 
 
-def add(name: str) -> None:
-    from moderation.db import session_scope
+def add(runtime: Runtime, name: str) -> None:
     from moderation.embedding import registry
 
     embedder = _model(name)
-    with session_scope() as session:
+    with runtime.session() as session:
         registry.add(
             session,
             name,
@@ -237,37 +240,31 @@ def add(name: str) -> None:
         )
 
 
-def activate(name: str) -> None:
-    from moderation.db import session_scope
+def activate(runtime: Runtime, name: str) -> None:
     from moderation.embedding import registry
 
-    with session_scope() as session:
+    with runtime.session() as session:
         registry.activate(session, name, actor="bench")
 
 
-def retire(name: str) -> None:
-    from moderation.db import session_scope
+def retire(runtime: Runtime, name: str) -> None:
     from moderation.lifecycle import service
 
-    with session_scope() as session:
+    with runtime.session() as session:
         service.retire(session, name, actor="bench", force=True)
 
 
-def _models_of_probe(workdir: Path) -> set[str]:
+def _models_of_probe(runtime: Runtime, workdir: Path) -> set[str]:
     """Screen one new image; the names of the models that embedded it."""
     from sqlalchemy import select
 
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.embedding.models import Embedding, EmbeddingModel
-    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
 
     seed = int(time.time() * 1000) % 1_000_000 + 1_000_000
     (path,) = make_images(workdir / f"probe-{seed}", range(seed, seed + 1))
-    with closing(Runtime(get_settings())) as runtime:
-        (upload,) = wait_until_final(runtime, submit_uris(runtime, [path.as_uri()]), timeout_s=600)
-    with session_scope() as session:
+    (upload,) = wait_until_final(runtime, submit_uris(runtime, [path.as_uri()]), timeout_s=600)
+    with runtime.session() as session:
         return set(
             session.scalars(
                 select(EmbeddingModel.name)
@@ -285,49 +282,50 @@ def _until(condition: Callable[[], bool], what: str, timeout_s: float = 600) -> 
         time.sleep(0.2)
 
 
-def wait_until_computed(name: str, workdir: Path) -> None:
-    _until(lambda: name in _models_of_probe(workdir), f"the worker computing {name}")
+def wait_until_computed(runtime: Runtime, name: str, workdir: Path) -> None:
+    _until(lambda: name in _models_of_probe(runtime, workdir), f"the worker computing {name}")
 
 
-def wait_until_only(name: str, workdir: Path) -> None:
-    _until(lambda: _models_of_probe(workdir) == {name}, f"the worker computing {name} alone")
+def wait_until_only(runtime: Runtime, name: str, workdir: Path) -> None:
+    _until(
+        lambda: _models_of_probe(runtime, workdir) == {name}, f"the worker computing {name} alone"
+    )
 
 
-def reembed(name: str, *, duty: float | None) -> int:
-    from moderation.db import session_scope
+def reembed(runtime: Runtime, name: str, *, duty: float | None) -> int:
     from moderation.lifecycle import reembed as jobs
     from moderation.lifecycle.tasks import send_steps
 
-    with session_scope() as session:
+    with runtime.session() as session:
         job, _ = jobs.start(session, name, actor="bench", duty=duty)
         job_id, step = job.id, job.step
-    send_steps([jobs.NextStep(job_id, step)])
+    send_steps(runtime, [jobs.NextStep(job_id, step)])
     return job_id
 
 
-def job_view(job_id: int) -> dict[str, Any]:
+def job_view(runtime: Runtime, job_id: int) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from moderation.db import session_scope
     from moderation.lifecycle import reembed as jobs
 
-    with session_scope() as session:
+    with runtime.session() as session:
         return asdict(jobs.get_job(session, job_id))
 
 
-def wait_job(job_id: int) -> dict[str, Any]:
+def wait_job(runtime: Runtime, job_id: int) -> dict[str, Any]:
     """The finished job's view, with its seconds from start to finish and to the last
     upload embedding it recorded (the scan's end, before the catch-up settles)."""
     from sqlalchemy import func, select
 
-    from moderation.db import session_scope
     from moderation.embedding.models import Embedding
     from moderation.lifecycle.models import ReembedJob
 
-    _until(lambda: job_view(job_id)["status"] == "done", f"re-embedding job {job_id}", 3600)
-    view = job_view(job_id)
+    _until(
+        lambda: job_view(runtime, job_id)["status"] == "done", f"re-embedding job {job_id}", 3600
+    )
+    view = job_view(runtime, job_id)
     view["seconds"] = (view["finished_at"] - view["started_at"]).total_seconds()
-    with session_scope() as session:
+    with runtime.session() as session:
         job = session.get_one(ReembedJob, job_id)
         last_record = session.scalar(
             select(func.max(Embedding.created_at)).where(
@@ -339,15 +337,13 @@ def wait_job(job_id: int) -> dict[str, Any]:
     return view
 
 
-def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
+def switch_over(runtime: Runtime, workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     """Seconds from activating CLIP (a candidate, fully re-embedded) to the first search
     answered under it by a search runtime that follows the registry, and to the first hit
     under it on a copy of a banked image."""
     from sqlalchemy import func, select
 
     from moderation.banks import service as banks
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.embedding import registry
     from moderation.images.decode import DecodeLimits
     from moderation.review.models import Hit
@@ -358,8 +354,8 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     from moderation.search.runtime import SearchRuntime
 
     (banked,) = make_images(workdir / "banked", range(50_000, 50_001))
-    settings = get_settings()
-    with session_scope() as session:
+    settings = runtime.settings
+    with runtime.session() as session:
         bank = banks.create_bank(session, "bench-switch")
         rows = []
         for name in (siglip, clip):
@@ -378,7 +374,7 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
         clip_vector = rows[1].embedding
         assert clip_vector is not None
         entry_id = entry.id
-    with session_scope() as session:
+    with runtime.session() as session:
         from moderation.banks.models import BankEntryEmbedding
 
         session.add(
@@ -389,11 +385,11 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
             )
         )
     searching = Runtime(settings.model_copy(update={"index_dir": workdir / "index"}))
-    runtime = SearchRuntime(searching, follow=True)
-    first = runtime.upload_query(_any_upload())
-    assert runtime.model_name == siglip, runtime.model_name
-    runtime.search(first, 5, search_service.Filters())
-    with session_scope() as session:
+    search = SearchRuntime(searching, follow=True)
+    first = search.upload_query(_any_upload(runtime))
+    assert search.model_name == siglip, search.model_name
+    search.search(first, 5, search_service.Filters())
+    with runtime.session() as session:
         clip_id = registry.get_model(session, clip).id
     # Uploads keep coming, as they do in service: a copy of the banked image every 0.25 s
     # from before the switch, so the first hit under the new model is not held back by a
@@ -408,21 +404,21 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     sender = threading.Thread(target=traffic, daemon=True)
     sender.start()
     time.sleep(2)
-    with session_scope() as session:
+    with runtime.session() as session:
         activated_db = session.scalar(select(func.clock_timestamp()))
     activated = time.monotonic()
-    activate(clip)
+    activate(runtime, clip)
     searched_at = hit_after_s = None
     try:
         while searched_at is None or hit_after_s is None:
             if time.monotonic() - activated > 120:
                 raise SystemExit("no search or hit under the new model within 120 s")
             if searched_at is None:
-                query = runtime.upload_query(_any_upload())
-                if query.model_id == clip_id and runtime.search(query, 5, search_service.Filters()):
+                query = search.upload_query(_any_upload(runtime))
+                if query.model_id == clip_id and search.search(query, 5, search_service.Filters()):
                     searched_at = time.monotonic()
             if hit_after_s is None:
-                with session_scope() as session:
+                with runtime.session() as session:
                     first = session.scalar(
                         select(func.min(Upload.finished_at))
                         .join(Hit, Hit.upload_id == Upload.id)
@@ -438,7 +434,7 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     finally:
         stop.set()
         sender.join()
-    runtime.close()
+    search.close()
     searching.close()
     return {
         "activate_to_first_search_s": round(searched_at - activated, 2),
@@ -447,13 +443,12 @@ def switch_over(workdir: Path, clip: str, siglip: str) -> dict[str, Any]:
     }
 
 
-def _any_upload() -> int:
+def _any_upload(runtime: Runtime) -> int:
     from sqlalchemy import func, select
 
-    from moderation.db import session_scope
     from moderation.screening.models import Upload, UploadStatus
 
-    with session_scope() as session:
+    with runtime.session() as session:
         found = session.scalar(
             select(func.max(Upload.id)).where(Upload.status == UploadStatus.SCREENED)
         )

@@ -66,10 +66,6 @@ def main() -> None:
         "MODERATION_RETROHUNT_SETTLE_S": "0",
         "MODERATION_ALLOWED_URI_PREFIXES": f"{workdir.resolve().as_uri()}/",
     }
-    # Transitional: `submit_uris`, `wait_until_final` (moderation.screening.cli) and
-    # `send_steps` (moderation.retrohunt.tasks) still read `get_settings()`, the
-    # environment; this goes once they take the runtime.
-    os.environ.update(environment)
     from moderation.config import Settings
     from moderation.embedding.tiny import write_tiny_clip
     from moderation.runtime import Runtime
@@ -404,7 +400,7 @@ def screening_while_hunting(
             with runtime.session() as session:
                 bank = banks.get_bank(session, "pdq-hunted-by-worker")
                 job_id = retrohunt.hunt_bank(session, bank, created_by="bench").id
-            send_steps([retrohunt.NextStep(job_id, 0)])
+            send_steps(runtime, [retrohunt.NextStep(job_id, 0)])
             time.sleep(1)  # the job's first message is taken
             hunting.append(images_per_s(batch[images:]))
             with runtime.session() as session:
@@ -412,6 +408,7 @@ def screening_while_hunting(
                 during.append(retrohunt.get_job(session, job_id).status)
             wait_for_jobs(runtime, [job_id], 3600, quiet=True)
         worker.stop()
+    runtime.close()
     return {
         "alone_images_per_s": round(statistics.median(alone), 2),
         "while_hunting_images_per_s": round(statistics.median(hunting), 2),

@@ -32,7 +32,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
+    from moderation.runtime import Runtime
 
 BENCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation_bench"
 BENCH_REDIS = "redis://127.0.0.1:6379/14"
@@ -71,7 +75,7 @@ def main() -> None:
     arch = args.arch or ("vit-l-14-336" if cuda else "vit-b-32")
     n_images = args.images or (3000 if cuda else 1000)
     model_dir = Path(os.environ.get("MODERATION_MODEL") or CACHE / f"random-{arch}")
-    # Settings are read from the environment on first use: set it before importing them.
+    # The runtime built below and the worker's process read their settings from it.
     os.environ.update(
         {
             "MODERATION_DATABASE_URL": os.environ.get(
@@ -85,13 +89,16 @@ def main() -> None:
             **({"MODERATION_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}),
         }
     )
-    from moderation.config import get_settings
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_random_clip
+    from moderation.runtime import Runtime
 
     if not (model_dir / "config.json").exists():
         print(f"writing a random {arch} checkpoint to {model_dir} ...")
         write_random_clip(model_dir, arch)
-    settings = get_settings()
+    # Settings from the environment just set, which the worker's process inherits too.
+    runtime = Runtime(Settings())
+    settings = runtime.settings
     batch = settings.resolved_batch_size()
 
     with tempfile.TemporaryDirectory(prefix="moderation-bench-") as tmp:
@@ -100,13 +107,14 @@ def main() -> None:
             workdir / "warmup", range(1_000_000, 1_000_000 + 4 * batch), args.image_size
         )
         timed = make_images(workdir / "timed", range(n_images), args.image_size)
-        prepare_database_and_bank(timed[:10], args.bank_size)
+        prepare_database_and_bank(runtime, timed[:10], args.bank_size)
 
-        model_before = model_only(timed, batch)
-        intake_ips = intake_only(timed)
-        pipeline = run_pipeline(workdir, warmup, timed)
-        model_after = model_only(timed, batch)
-        cpu_work = per_image_cpu_work(timed[:50])
+        model_before = model_only(settings, timed, batch)
+        intake_ips = intake_only(settings, timed)
+        pipeline = run_pipeline(runtime, workdir, warmup, timed)
+        model_after = model_only(settings, timed, batch)
+        cpu_work = per_image_cpu_work(settings, timed[:50])
+    runtime.close()
 
     model_ips = statistics.mean([model_before, model_after])
     results: dict[str, Any] = {
@@ -177,7 +185,7 @@ def make_images(directory: Path, seeds: range, size: tuple[int, int]) -> list[Pa
     return paths
 
 
-def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
+def prepare_database_and_bank(runtime: Runtime, banked: list[Path], bank_size: int) -> None:
     """A fresh schema and one bank: random embeddings and PDQ hashes, and the SHA-256 and PDQ
     of a few of the timed images (so some uploads hit)."""
     import numpy as np
@@ -185,23 +193,21 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
 
     from moderation import schema
     from moderation.banks import service as banks
-    from moderation.config import get_settings
-    from moderation.db import get_engine, session_scope
     from moderation.embedding.clip import ClipEmbedder
     from moderation.embedding.service import get_or_create_model, normalise
     from moderation.images.decode import DecodeLimits
     from moderation.images.signals import extract_signals
 
-    settings = get_settings()
+    settings = runtime.settings
     schema.upgrade(settings.database_url)
-    with get_engine().begin() as conn:
+    with runtime.engine.begin() as conn:
         conn.execute(text("TRUNCATE hits, signals, embeddings, uploads, banks CASCADE"))
         # The worker computes the registry's models: retire them all, so that it seeds the
         # configured one (MODERATION_MODEL) as the active model of this run.
         conn.execute(text("UPDATE embedding_models SET state = 'retired'"))
     embedder = ClipEmbedder(settings.resolved_model(), "cpu")
     rng = np.random.default_rng(0)
-    with session_scope() as session:
+    with runtime.session() as session:
         model = get_or_create_model(session, embedder.name, embedder.dim)
         bank = banks.create_bank(session, "bench")
         # By COPY, a block at a time: a million entries take minutes, not an object each.
@@ -226,25 +232,23 @@ def prepare_database_and_bank(banked: list[Path], bank_size: int) -> None:
         banks.add_entries(session, bank, image_entries, added_by="bench")
 
 
-def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[str, Any]:
+def run_pipeline(
+    runtime: Runtime, workdir: Path, warmup: list[Path], timed: list[Path]
+) -> dict[str, Any]:
     import redis
     from sqlalchemy import func, select
 
-    from moderation.config import get_settings
-    from moderation.db import session_scope
     from moderation.review.models import Hit
-    from moderation.runtime import Runtime
     from moderation.screening.cli import submit_uris, wait_until_final
     from moderation.screening.models import UploadStatus
     from moderation.worker.child import WorkerProcess
 
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
-    runtime = Runtime(get_settings())
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
     with WorkerProcess(workdir / "worker.log") as worker:
         worker.wait_ready()
         wait_until_final(runtime, submit_uris(runtime, [p.as_uri() for p in warmup]), timeout_s=600)
         cpu_before = CpuTimes.now(worker.process.pid)
-        with session_scope() as session:
+        with runtime.session() as session:
             started_at = session.scalar(select(func.clock_timestamp()))
         upload_ids = submit_uris(runtime, [p.as_uri() for p in timed])
         uploads = wait_until_final(runtime, upload_ids, timeout_s=3600)
@@ -260,7 +264,7 @@ def run_pipeline(workdir: Path, warmup: list[Path], timed: list[Path]) -> dict[s
     if started_at is None or len(finished) != len(uploads):
         raise SystemExit("the database did not record when screening started and finished")
     elapsed = (max(finished) - started_at).total_seconds()
-    with session_scope() as session:
+    with runtime.session() as session:
         hits = session.scalar(select(func.count(Hit.id)).where(Hit.upload_id.in_(upload_ids)))
     # Model stages are named per model lane (`embedding-<model id>`); the one lane's.
     batches = {
@@ -331,19 +335,17 @@ def _cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def model_only(paths: list[Path], batch: int) -> float:
+def model_only(settings: Settings, paths: list[Path], batch: int) -> float:
     """Forward passes alone over the same images, preprocessed beforehand, in the worker's
     configuration: the same batch size, streams and threads per stream."""
     import threading
 
     import numpy as np
 
-    from moderation.config import get_settings
     from moderation.embedding.families import embedder_for_worker
     from moderation.images.decode import DecodeLimits
     from moderation.images.signals import extract_signals
 
-    settings = get_settings()
     embedder = embedder_for_worker(settings, settings.resolved_model())
     limits = DecodeLimits.from_settings(settings)
     pixels = np.stack(
@@ -374,16 +376,14 @@ def model_only(paths: list[Path], batch: int) -> float:
     return len(pixels) / (time.perf_counter() - started)
 
 
-def intake_only(paths: list[Path]) -> float:
+def intake_only(settings: Settings, paths: list[Path]) -> float:
     """Intake alone, fetch to preprocessed crop, as the worker runs it: the same intake
     processes (or none: in threads), kept busy by twice as many threads as they take jobs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from moderation.config import get_settings
     from moderation.embedding.families import preprocessing_of
     from moderation.worker.intake.pool import build_intake
 
-    settings = get_settings()
     preprocess = preprocessing_of(settings.resolved_model())
     threads = 2 * max(1, settings.resolved_intake_processes()) * settings.intake_jobs_per_process
     intake = build_intake(settings, slots=threads)
@@ -403,16 +403,14 @@ def intake_only(paths: list[Path]) -> float:
     return len(paths) / elapsed
 
 
-def per_image_cpu_work(paths: list[Path]) -> dict[str, float]:
+def per_image_cpu_work(settings: Settings, paths: list[Path]) -> dict[str, float]:
     """Milliseconds per image of each intake stage, one thread, for where the time goes."""
-    from moderation.config import get_settings
     from moderation.embedding.families import preprocessing_of
     from moderation.images.decode import DecodeLimits, decode
     from moderation.images.fetch import fetch
     from moderation.images.hashing import pdq, sha256
     from moderation.images.uri_policy import UriPolicy
 
-    settings = get_settings()
     limits = DecodeLimits.from_settings(settings)
     policy = UriPolicy.from_settings(settings)
     preprocess = preprocessing_of(settings.resolved_model())

@@ -44,13 +44,16 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 CACHE = Path.home() / ".cache" / "moderation"
 # The hostile corpus and the test servers live with the tests; import them from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.webhook_receiver import Receiver  # noqa: E402 (needs the path above)
+
+if TYPE_CHECKING:
+    from moderation.runtime import Runtime
 
 FAULTS = ("kill_worker", "kill_intake", "restart_redis", "restart_postgres", "stall_receiver")
 BATCH = 50
@@ -124,8 +127,10 @@ def main() -> None:
             "MODERATION_WEBHOOK_POLL_S": "0.2",
         }
     )
+    from moderation.config import Settings
     from moderation.embedding.tiny import write_tiny_clip
     from moderation.local_services import LocalPostgres, LocalRedis
+    from moderation.runtime import Runtime
     from tests.hostile import forbidden_targets, make_corpus
     from tests.servers import http_server, image_handler
     from tests.webhook_receiver import running_receiver
@@ -144,6 +149,9 @@ def main() -> None:
         create_database(pg_port)
         stack.enter_context(running_receiver(receiver))
         os.environ["MODERATION_WEBHOOK_URL"] = receiver.url
+        # Settings from the environment, complete now, which the run's processes inherit.
+        runtime = Runtime(Settings())
+        stack.callback(runtime.close)
         listener, redirector = stack.enter_context(forbidden_targets())
         slow_image = make_good_images(workdir / "slow", 1, first_seed=10_000)[0].read_bytes()
         slow_base = stack.enter_context(http_server(image_handler(slow_image, delay_s=2.0)))
@@ -155,10 +163,10 @@ def main() -> None:
         services = Services(postgres, redis_server, receiver)
         phases = [True] if args.no_baseline else [True, False]
         for faulted in phases:  # the faulted run first, then the baseline
-            reset_database_and_broker()
-            banked = add_bank(corpus.good[:20])
+            reset_database_and_broker(runtime)
+            banked = add_bank(runtime, corpus.good[:20])
             phase_dir = workdir / ("faulted" if faulted else "baseline")
-            run = run_phase(args, phase_dir, corpus, services, banked, faulted=faulted)
+            run = run_phase(runtime, args, phase_dir, corpus, services, banked, faulted=faulted)
             results["with_faults" if faulted else "without_faults"] = run
             print(json.dumps(run, indent=2), flush=True)
     if "with_faults" in results and "without_faults" in results:
@@ -211,34 +219,31 @@ def make_good_images(directory: Path, count: int, first_seed: int = 0) -> list[P
     return paths
 
 
-def reset_database_and_broker() -> None:
+def reset_database_and_broker(runtime: Runtime) -> None:
     import redis
     from sqlalchemy import text
 
     from moderation import schema
-    from moderation.config import get_settings
-    from moderation.db import get_engine
 
     # Connections from before a PostgreSQL restart (the previous run's fault) are dead.
-    get_engine().dispose()
-    schema.upgrade(get_settings().database_url)
-    with get_engine().begin() as conn:
+    runtime.engine.dispose()
+    schema.upgrade(runtime.settings.database_url)
+    with runtime.engine.begin() as conn:
         conn.execute(
             text("TRUNCATE webhook_attempts, webhook_events, hits, signals, embeddings, uploads, "
                  "banks, workers CASCADE")
         )  # fmt: skip
-    redis.Redis.from_url(get_settings().redis_url).flushdb()
+    redis.Redis.from_url(runtime.settings.redis_url).flushdb()
 
 
-def add_bank(banked: list[Path]) -> set[str]:
+def add_bank(runtime: Runtime, banked: list[Path]) -> set[str]:
     """A bank of the SHA-256 of some good images: the URIs that must hit, once each (as
     `bench/load.py` makes it; a script cannot import another here without mypy seeing one
     file under two module names)."""
     from moderation.banks import service as banks
-    from moderation.db import session_scope
     from moderation.images.hashing import sha256
 
-    with session_scope() as session:
+    with runtime.session() as session:
         bank = banks.create_bank(session, "soak")
         entries = [banks.NewEntry(sha256=sha256(path.read_bytes())) for path in banked]
         banks.add_entries(session, bank, entries, added_by="bench")
@@ -372,12 +377,11 @@ def wait_for_api(processes: Processes, timeout_s: float = 120) -> None:
     raise SystemExit(f"the API did not start; see {processes.workdir / 'api.log'}")
 
 
-def submitter_key() -> str:
+def submitter_key(runtime: Runtime) -> str:
     from moderation.auth import service as auth
     from moderation.auth.models import Role
-    from moderation.db import session_scope
 
-    with session_scope() as session:
+    with runtime.session() as session:
         _, secret = auth.create_key(session, role=Role.SUBMITTER, name="soak", actor="bench")
     return secret
 
@@ -391,14 +395,14 @@ class Submitted:
     finished: float = 0.0
 
 
-def submit_all(args: argparse.Namespace, corpus: Corpus, banked: set[str], port: int,
-               done: threading.Event) -> Submitted:  # fmt: skip
+def submit_all(runtime: Runtime, args: argparse.Namespace, corpus: Corpus, banked: set[str],
+               port: int, done: threading.Event) -> Submitted:  # fmt: skip
     """Every upload through the API, each request retried until answered: a fault makes
     requests fail (503, reset connections) and the same external ids make retries harmless."""
     import httpx
 
     rng = random.Random(0)
-    key = submitter_key()
+    key = submitter_key(runtime)
     client = httpx.Client(
         base_url=f"http://127.0.0.1:{port}",
         headers={"Authorization": f"Bearer {key}"},
@@ -460,13 +464,13 @@ def submit_all(args: argparse.Namespace, corpus: Corpus, banked: set[str], port:
     return submitted
 
 
-def inject_faults(args: argparse.Namespace, processes: Processes, services: Services,
-                  done: threading.Event, log: list[tuple[float, str]]) -> None:  # fmt: skip
+def inject_faults(runtime: Runtime, args: argparse.Namespace, processes: Processes,
+                  services: Services, done: threading.Event,
+                  log: list[tuple[float, str]]) -> None:  # fmt: skip
     """A fault every `fault_every` seconds, in turn, until `done` (set once the submissions
     are in and less than `FAULTS_UNTIL_OPEN` of them is still open)."""
     import redis
 
-    from moderation.config import get_settings
     from moderation.worker.child import children_by_parent
 
     for turn in range(10**6):
@@ -494,7 +498,7 @@ def inject_faults(args: argparse.Namespace, processes: Processes, services: Serv
         elif fault == "restart_redis":
             services.redis.stop()
             services.redis.start()
-            assert redis.Redis.from_url(get_settings().redis_url).dbsize() == 0
+            assert redis.Redis.from_url(runtime.settings.redis_url).dbsize() == 0
         elif fault == "restart_postgres":
             services.postgres.stop()
             services.postgres.start()
@@ -505,8 +509,9 @@ def inject_faults(args: argparse.Namespace, processes: Processes, services: Serv
         print(f"{time.strftime('%H:%M:%S')} fault: {fault}", flush=True)
 
 
-def run_phase(args: argparse.Namespace, workdir: Path, corpus: Corpus, services: Services,
-              banked: set[str], *, faulted: bool) -> dict[str, Any]:  # fmt: skip
+def run_phase(runtime: Runtime, args: argparse.Namespace, workdir: Path, corpus: Corpus,
+              services: Services, banked: set[str], *,
+              faulted: bool) -> dict[str, Any]:  # fmt: skip
     services.receiver.forget()
     submissions_done = threading.Event()
     faults_done = threading.Event()
@@ -524,42 +529,49 @@ def run_phase(args: argparse.Namespace, workdir: Path, corpus: Corpus, services:
         if faulted:
             injector = threading.Thread(
                 target=inject_faults,
-                args=(args, processes, services, faults_done, faults),
+                args=(runtime, args, processes, services, faults_done, faults),
                 daemon=True,
             )
             injector.start()
         label = "with faults" if faulted else "without faults"
         print(f"{time.strftime('%H:%M:%S')} {label}: submitting {args.uploads}", flush=True)
-        submitted = submit_all(args, corpus, banked, processes.api_port, submissions_done)
+        submitted = submit_all(runtime, args, corpus, banked, processes.api_port, submissions_done)
         ids = list(submitted.kinds)
         print(f"{time.strftime('%H:%M:%S')} {label}: {len(ids)} accepted; draining", flush=True)
-        last_final = wait_final(ids, args.drain_timeout, faults_done, len(ids) * FAULTS_UNTIL_OPEN)
+        last_final = wait_final(
+            runtime, ids, args.drain_timeout, faults_done, len(ids) * FAULTS_UNTIL_OPEN
+        )
         faults_done.set()
         if injector is not None:
             injector.join()
-        undelivered = wait_webhooks(timeout_s=300)
+        undelivered = wait_webhooks(runtime, timeout_s=300)
         sampling.set()
         sampler.join()
         peaks = dict(processes.peaks_kb)
-    return report(args, submitted, banked, faults, last_final, undelivered, peaks, services)
+    return report(
+        runtime, args, submitted, banked, faults, last_final, undelivered, peaks, services
+    )
 
 
 def wait_final(
-    upload_ids: list[int], timeout_s: float, nearly: threading.Event, nearly_open: float
+    runtime: Runtime,
+    upload_ids: list[int],
+    timeout_s: float,
+    nearly: threading.Event,
+    nearly_open: float,
 ) -> float | None:
     """When the last of the uploads became final (monotonic), or None at the timeout; sets
     `nearly` once at most `nearly_open` of them are open."""
     from sqlalchemy import func, select
     from sqlalchemy.exc import OperationalError
 
-    from moderation.db import session_scope
     from moderation.screening.models import Upload, UploadStatus
 
     final = (UploadStatus.SCREENED, UploadStatus.FAILED)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with session_scope() as session:
+            with runtime.session() as session:
                 open_count = session.scalar(
                     select(func.count()).where(
                         Upload.id.in_(upload_ids), Upload.status.not_in(final)
@@ -575,15 +587,14 @@ def wait_final(
     return None
 
 
-def wait_webhooks(timeout_s: float) -> int:
+def wait_webhooks(runtime: Runtime, timeout_s: float) -> int:
     """Webhook events not delivered when the wait ended."""
-    from moderation.db import session_scope
     from moderation.webhooks import service as webhooks
     from moderation.webhooks.models import DeliveryStatus
 
     deadline = time.monotonic() + timeout_s
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             counts = webhooks.count_by_status(session)
         pending = sum(n for status, n in counts.items() if status is not DeliveryStatus.DELIVERED)
         if pending == 0 or time.monotonic() > deadline:
@@ -591,18 +602,17 @@ def wait_webhooks(timeout_s: float) -> int:
         time.sleep(1.0)
 
 
-def report(args: argparse.Namespace, submitted: Submitted, banked: set[str],
+def report(runtime: Runtime, args: argparse.Namespace, submitted: Submitted, banked: set[str],
            faults: list[tuple[float, str]], last_final: float | None, undelivered: int,
            peaks_kb: dict[str, int], services: Services) -> dict[str, Any]:  # fmt: skip
     from sqlalchemy import func, select, text
 
-    from moderation.db import session_scope
     from moderation.review.models import Hit
     from moderation.screening.models import Upload, UploadStatus
     from moderation.webhooks.models import WebhookEvent
 
     ids = list(submitted.kinds)
-    with session_scope() as session:
+    with runtime.session() as session:
         rows = session.execute(
             select(Upload.id, Upload.status, Upload.error_code).where(Upload.id.in_(ids))
         ).all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -22,9 +22,9 @@ from moderation.banks import pruning
 from moderation.banks import service as banks
 from moderation.banks.models import BankChange, BankChangeReader, BankChangesHorizon, BankEntry
 from moderation.banks.pruning import Pruned, prune_changes, pruned_through
-from moderation.config import Settings, get_settings
 from moderation.db import get_engine, session_scope
 from moderation.main.cli import main
+from moderation.runtime import Runtime
 from moderation.worker.sweeper import Sweeper
 from tests.queues import queue, queue_runtime
 
@@ -184,20 +184,13 @@ def test_a_transaction_holding_a_lower_id_open_is_not_pruned_past(log: int) -> N
 
 
 def test_moderation_sweep_prunes_with_the_configured_retention(
-    log: int, queue: str, monkeypatch: pytest.MonkeyPatch
+    log: int, queue: str, make_runtime: Callable[..., Runtime]
 ) -> None:
     before = _log_ids()
     _age(before)
     added = _add_entry(log, b"\1" * 32)
-    # Read from the environment, as the messages' queue (`queue`'s, no worker's).
-    monkeypatch.setenv("MODERATION_QUEUE", queue)
-    monkeypatch.setenv("MODERATION_BANK_CHANGES_RETENTION_S", "3600")
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(main, ["sweep", "--json"], catch_exceptions=False)
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+    runtime = make_runtime(queue=queue, bank_changes_retention_s=3600)
+    result = CliRunner().invoke(main, ["sweep", "--json"], obj=runtime, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     swept = json.loads(result.stdout)
     assert swept["bank_changes_pruned"] == len(before)
@@ -205,20 +198,17 @@ def test_moderation_sweep_prunes_with_the_configured_retention(
     assert _log_ids() == [added]
 
 
-def test_the_workers_sweeper_prunes(log: int, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_workers_sweeper_prunes(
+    log: int, queue: str, make_runtime: Callable[..., Runtime]
+) -> None:
     _age(_log_ids())
-    # Read from the environment, as the messages' queue (`queue`'s, no worker's).
-    monkeypatch.setenv("MODERATION_QUEUE", queue)
-    monkeypatch.setenv("MODERATION_BANK_CHANGES_RETENTION_S", "3600")
-    get_settings.cache_clear()
-    sweeper = Sweeper(Settings(sweep_interval_s=0.05)).start()
+    runtime = make_runtime(queue=queue, bank_changes_retention_s=3600, sweep_interval_s=0.05)
+    sweeper = Sweeper(runtime).start()
     try:
         deadline = time.monotonic() + SETTLE_WAIT_S
         while _log_ids() and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         sweeper.stop()
-        monkeypatch.undo()
-        get_settings.cache_clear()
     assert _log_ids() == []
     assert _horizon() > 0

@@ -227,7 +227,7 @@ def test_a_later_hit_keeps_refetched_bytes_only_if_they_are_the_screened_ones(
     gone = seed_hit(tmp_path / "gone", bank_name="three", seed=3)
     changed.image.write_bytes(_jpeg((0, 255, 0)))
     gone.image.unlink()
-    assert CAPTURE.run(complete=True) == {
+    assert CAPTURE.run(TEST_RUNTIME, complete=True) == {
         "evidence_preserved": 1,
         "evidence_changed": 1,
         "evidence_unavailable": 1,
@@ -246,7 +246,7 @@ def test_a_later_hit_keeps_refetched_bytes_only_if_they_are_the_screened_ones(
             session, _vault(), changed.upload_id, [0], actor="key:1:ada", purpose="revealed"
         )
     # Nothing is due any more: each upload was taken once.
-    assert CAPTURE.run(complete=True) == {}
+    assert CAPTURE.run(TEST_RUNTIME, complete=True) == {}
 
 
 @pytest.mark.usefixtures("clean_db")
@@ -254,7 +254,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     expiring = seed_hit(tmp_path / "a", bank_name="one", seed=1)
     escalated = seed_hit(tmp_path / "b", bank_name="two", seed=2)
     held = seed_hit(tmp_path / "c", bank_name="three", seed=3)
-    CAPTURE.run(complete=True)
+    CAPTURE.run(TEST_RUNTIME, complete=True)
     with session_scope() as session:
         review.decide(session, escalated.hit_id, "escalate", None, "key:1:ada")
         assert evidence.hold(session, held.upload_id, actor="cli:lawyer", reason="subpoena")
@@ -265,7 +265,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     }
     assert all(files.values())
     # Nothing is due yet.
-    assert PURGE.run(complete=True) == {"evidence_purged": 0}
+    assert PURGE.run(TEST_RUNTIME, complete=True) == {"evidence_purged": 0}
     with session_scope() as session:
         future = datetime.now(UTC) + timedelta(days=91)
         assert evidence.purge_expired(session, open_store(str(root)), now=future) == 1

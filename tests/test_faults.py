@@ -24,14 +24,13 @@ from sqlalchemy.pool import NullPool
 
 from moderation import schema
 from moderation.banks import service as banks
-from moderation.config import Settings
 from moderation.images.hashing import sha256
 from moderation.messages import SCREEN_UPLOAD, create_celery
 from moderation.review.models import Hit
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus, Worker
 from moderation.worker.child import WorkerProcess
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, settings_for_tests
 from tests.images import encode, textured
 from tests.redis_server import RedisServer
 from tests.servers import http_server, image_handler
@@ -168,7 +167,7 @@ def test_postgres_stopped_during_screening_loses_nothing_and_duplicates_nothing(
         # lives throughout, so nothing should be.
         "MODERATION_STUCK_AFTER_S": "3600",
     }
-    app = create_celery(Settings(redis_url=redis_url))
+    app = create_celery(settings_for_tests(redis_url=redis_url))
     with (
         http_server(image_handler(IMAGE, 0.5)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,
@@ -253,7 +252,7 @@ def test_redis_restarted_empty_loses_nothing_and_resends_each_upload_once(
         # send the whole waiting backlog again.
         "MODERATION_STUCK_AFTER_S": "3",
     }
-    app = create_celery(Settings(redis_url=own_redis.url))
+    app = create_celery(settings_for_tests(redis_url=own_redis.url))
     with (
         http_server(image_handler(IMAGE, 0.25)) as base_url,
         WorkerProcess(tmp_path / "w.log", env) as worker,

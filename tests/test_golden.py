@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +25,6 @@ from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.embedding.models import EmbeddingModel
@@ -470,17 +469,17 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
 
 
 def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
-    clean_db: None, index_dir: Path, monkeypatch: pytest.MonkeyPatch
+    clean_db: None, index_dir: Path, make_runtime: Callable[..., Runtime]
 ) -> None:
     assert any(chore.run is tasks.CHORES[0].run for chore in CHORES)
     _planted_corpus()
-    assert tasks.run_if_due() == {}
-    monkeypatch.setenv("MODERATION_EVAL_INTERVAL_S", "3600")
-    get_settings.cache_clear()
+    search = {"index_dir": index_dir, "search_commit_lag_s": 0.2, "search_tail_interval_s": 0.2}
+    assert tasks.run_if_due(make_runtime(**search)) == {}
+    runtime = make_runtime(**search, eval_interval_s=3600)
 
-    done = tasks.run_if_due()
+    done = tasks.run_if_due(runtime)
     assert done["golden_regressed"] is False
-    assert tasks.run_if_due() == {}  # not due again for an hour
+    assert tasks.run_if_due(runtime) == {}  # not due again for an hour
     with session_scope() as session:
         (run,) = session.scalars(select(EvaluationRun))
         assert (run.id, run.trigger) == (done["golden_run"], "schedule")
@@ -488,7 +487,7 @@ def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
         session.execute(
             update(EvaluationRun).values(created_at=EvaluationRun.created_at - timedelta(hours=2))
         )
-    assert set(tasks.run_if_due()) == {"golden_run", "golden_regressed"}
+    assert set(tasks.run_if_due(runtime)) == {"golden_run", "golden_regressed"}
 
 
 def test_unaskable_queries_are_skipped_not_failed(clean_db: None, search_runtime: Runtime) -> None:

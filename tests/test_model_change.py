@@ -23,7 +23,7 @@ from moderation.embedding.service import get_or_create_model
 from moderation.main.cli import main
 from moderation.main.cli_errors import explain
 from moderation.worker.metrics import MetricsPortInUse, report_unmatchable_clip_entries, serve
-from tests.conftest import TEST_SETTINGS, WORKER_METRICS_PORT
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS, WORKER_METRICS_PORT
 
 DIM = 4
 
@@ -98,7 +98,7 @@ def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixtur
         two_models_world(session)
 
     with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
-        assert report_unmatchable_clip_entries("clip-new") == {"photos": 2}
+        assert report_unmatchable_clip_entries(TEST_RUNTIME, "clip-new") == {"photos": 2}
     (record,) = caplog.records
     assert record.getMessage().startswith(
         "bank photos has 2 CLIP entries embedded only by other models than clip-new"
@@ -109,7 +109,7 @@ def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixtur
     # Counted again (another start, another model): the old labels go.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
-        assert report_unmatchable_clip_entries("clip-old") == {"partners": 1}
+        assert report_unmatchable_clip_entries(TEST_RUNTIME, "clip-old") == {"partners": 1}
     assert "bank partners has 1 CLIP entry embedded only" in caplog.records[0].getMessage()
     assert _gauge("photos", "clip-new") is None
     assert _gauge("partners", "clip-old") == 1
@@ -121,7 +121,7 @@ def test_a_model_that_sees_every_entry_warns_of_nothing(caplog: pytest.LogCaptur
         model = get_or_create_model(session, "clip-only", DIM)
         add_clip_entry(session, banks.create_bank(session, "photos"), model)
     with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
-        assert report_unmatchable_clip_entries("clip-only") == {}
+        assert report_unmatchable_clip_entries(TEST_RUNTIME, "clip-only") == {}
     assert caplog.records == []
 
 

@@ -15,13 +15,13 @@ import redis
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.config import Settings
 from moderation.db import session_scope
-from moderation.messages import send_screening
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus, Worker
 from moderation.worker import recovery
 from moderation.worker.recovery import find_stuck, oldest_waiting_upload
+from tests.conftest import settings_for_tests
 
 STUCK_AFTER = timedelta(minutes=10)
 DEAD_AFTER = timedelta(seconds=30)
@@ -135,12 +135,14 @@ def test_uploads_taken_by_a_worker_and_never_claimed_are_sent_again(session: Ses
     assert stuck == [abandoned.id]
 
 
-def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redis.Redis) -> None:
+def test_messages_taken_and_unacknowledged_name_their_uploads(
+    redis_client: redis.Redis, runtime: Runtime
+) -> None:
     """Read from kombu's own `unacked` records: only this queue's, only those taken long
     enough ago, and not retries waiting for their countdown; every upload of a message."""
     queue = f"taken-{uuid.uuid4().hex}"
     for upload_ids in ([51, 55], [52], [53], [54]):
-        send_screening(upload_ids, queue=queue)
+        runtime.producer.send_screening(upload_ids, queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
     messages[2]["headers"]["eta"] = "2026-01-01T00:00:00+00:00"
@@ -155,7 +157,7 @@ def test_messages_taken_and_unacknowledged_name_their_uploads(redis_client: redi
         for tag, (message, routing_key, taken_at) in entries.items():
             redis_client.hset("unacked", tag, json.dumps([message, routing_key, routing_key]))
             redis_client.zadd("unacked_index", {tag: taken_at})
-        taken = recovery.taken_and_unacknowledged(queue, timedelta(seconds=30))
+        taken = recovery.taken_and_unacknowledged(runtime, queue, timedelta(seconds=30))
     finally:
         redis_client.hdel("unacked", *entries)
         redis_client.zrem("unacked_index", *entries)
@@ -213,21 +215,23 @@ def test_one_sweeper_at_a_time(session: Session) -> None:
         assert _stuck(other) == []
 
 
-def test_the_message_next_in_line_names_its_upload(redis_client: redis.Redis) -> None:
+def test_the_message_next_in_line_names_its_upload(
+    redis_client: redis.Redis, runtime: Runtime
+) -> None:
     queue = f"peek-{uuid.uuid4().hex}"
-    assert oldest_waiting_upload(queue) is None
-    send_screening([41], queue=queue)
-    send_screening([42, 43], queue=queue)
-    assert oldest_waiting_upload(queue) == 41
+    assert oldest_waiting_upload(runtime, queue) is None
+    runtime.producer.send_screening([41], queue=queue)
+    runtime.producer.send_screening([42, 43], queue=queue)
+    assert oldest_waiting_upload(runtime, queue) == 41
     redis_client.rpop(queue)
-    assert oldest_waiting_upload(queue) == 42  # the first of its message
+    assert oldest_waiting_upload(runtime, queue) == 42  # the first of its message
     redis_client.rpush(queue, b"not a celery message")
-    assert oldest_waiting_upload(queue) is None
+    assert oldest_waiting_upload(runtime, queue) is None
     redis_client.delete(queue)
 
 
 def test_a_heartbeat_registers_beats_and_records_a_clean_stop(database: str) -> None:
-    heartbeat = recovery.Heartbeat(Settings(worker_heartbeat_s=0.05)).start()
+    heartbeat = recovery.Heartbeat(settings_for_tests(worker_heartbeat_s=0.05)).start()
 
     def row() -> Worker:
         with session_scope() as session:
@@ -263,9 +267,11 @@ def test_worker_names_are_unique_per_process_start() -> None:
     assert recovery.new_worker_name() != name
 
 
-def test_uploads_sent_together_travel_sixteen_to_a_message(redis_client: redis.Redis) -> None:
+def test_uploads_sent_together_travel_sixteen_to_a_message(
+    redis_client: redis.Redis, runtime: Runtime
+) -> None:
     queue = f"chunks-{uuid.uuid4().hex}"
-    send_screening(list(range(1, 41)), queue=queue)
+    runtime.producer.send_screening(list(range(1, 41)), queue=queue)
     messages = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)][::-1]
     redis_client.delete(queue)
     assert [recovery.uploads_of_message(m) for m in messages] == [

@@ -6,7 +6,7 @@ duty running the whole scan in one message on the screening pipeline (stub model
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.config import Settings, get_settings
 from moderation.db import session_scope
 from moderation.embedding.families import preprocessing_of
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
@@ -23,9 +22,11 @@ from moderation.images.hashing import sha256
 from moderation.images.signals import SignalType
 from moderation.lifecycle import reembed
 from moderation.lifecycle.models import ReembedFailure, ReembedJob, ReembedStatus
+from moderation.runtime import Runtime
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.worker import reembed as worker_reembed
 from moderation.worker.pipeline import Screener
+from tests.conftest import TEST_RUNTIME, settings_for_tests
 from tests.images import encode, textured, write
 from tests.test_screener import OtherStub, StubEmbedder
 
@@ -141,10 +142,6 @@ def test_the_catch_up_names_the_step_to_send_when_its_settle_time_is_over(
 # A worker's step, on a screener of its own with two stub models.
 
 
-def _settings(**overrides: object) -> Settings:
-    return get_settings().model_copy(update={"reembed_block": BLOCK, **overrides})
-
-
 @pytest.fixture
 def preprocess(tiny_model: Path) -> Preprocessing:
     return preprocessing_of(str(tiny_model))
@@ -153,14 +150,15 @@ def preprocess(tiny_model: Path) -> Preprocessing:
 @pytest.fixture
 def screener(preprocess: Preprocessing) -> Iterator[Screener]:
     small = dataclasses.replace(preprocess, crop_height=32, crop_width=32, shortest_edge=32)
-    settings = _settings(intake_processes=1, stage_timeout_s=10.0)
-    built = Screener(settings, session_scope, [StubEmbedder(preprocess), OtherStub(small)], slots=4)  # type: ignore[list-item]
+    settings = settings_for_tests(reembed_block=BLOCK, intake_processes=1, stage_timeout_s=10.0)
+    models = [StubEmbedder(preprocess), OtherStub(small)]
+    built = Screener(settings, TEST_RUNTIME.session, models, slots=4)  # type: ignore[arg-type]
     yield built
     built.close()
 
 
 def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
-    screener: Screener, tmp_path: Path
+    screener: Screener, tmp_path: Path, make_runtime: Callable[..., Runtime]
 ) -> None:
     """The blocks are taken ahead and recorded in order by the one step, each readable
     upload embedded once under the candidate and each gone or changed one recorded; at a
@@ -183,7 +181,8 @@ def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
         slow, _ = reembed.start(session, name, actor="t", duty=0.5)
         slow_id = slow.id
 
-    worker_reembed.run_step(screener, _settings(), slow_id, 0)
+    runtime = make_runtime(reembed_block=BLOCK)
+    worker_reembed.run_step(runtime, screener, slow_id, 0)
     with session_scope() as session:
         job = session.get_one(ReembedJob, slow_id)
         assert (job.uploads_done, job.step) == (BLOCK, 1)
@@ -191,7 +190,7 @@ def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
         fast, _ = reembed.start(session, name, actor="t", duty=1.0)
         fast_id = fast.id
 
-    worker_reembed.run_step(screener, _settings(), fast_id, 0)
+    worker_reembed.run_step(runtime, screener, fast_id, 0)
 
     with session_scope() as session:
         job = session.get_one(ReembedJob, fast_id)

@@ -33,6 +33,7 @@ from moderation.retrohunt import service as retrohunt
 from moderation.retrohunt import tasks as retrohunt_tasks
 from moderation.retrohunt.models import JobStatus, RetrohuntJob
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.models import UploadStatus
 from moderation.worker.results import record_results
@@ -481,7 +482,7 @@ def cli(*args: str) -> Any:
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_entries_committed_anyhow_start_one_hunt_per_bank_once() -> None:
+def test_entries_committed_anyhow_start_one_hunt_per_bank_once(runtime: Runtime) -> None:
     """The starter reads the bank change log: entries added by the service or by plain SQL
     start a hunt (one job per enabled bank, over their ids), once; a disabled bank's do
     not. Jobs begin from the adding transaction's start (the catch-up's base)."""
@@ -503,7 +504,7 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once() -> None:
         )
     # A worker's sweeper may start them first (a test worker may be running): either way,
     # once.
-    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
     with session_scope() as session:
         jobs = {j.bank_id: j for j in session.scalars(select(RetrohuntJob))}
         assert set(jobs) == {one_id, two_id}
@@ -511,28 +512,30 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once() -> None:
         assert (jobs[one_id].entries, jobs[one_id].created_by) == (2, "a")
         assert jobs[one_id].created_at == began
         assert (jobs[two_id].entries, jobs[two_id].created_by) == (1, "sql")
-    assert retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S) == []
+    assert retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S) == []
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 2
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_the_starter_waits_for_a_transaction_that_may_still_add_entries() -> None:
+def test_the_starter_waits_for_a_transaction_that_may_still_add_entries(
+    runtime: Runtime,
+) -> None:
     """Entries whose transaction took its log id before a later one committed are not
     skipped: the starter does not move past an id a running transaction may still commit."""
     with session_scope() as session:
         bank_id = banks.create_bank(session, "starter-race").id
-    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
     with Session(get_engine()) as slow, slow.begin():
         slow.add(BankEntry(bank_id=bank_id, sha256=b"\x01" * 32, added_by="slow"))
         slow.flush()  # its log row takes the lower id now
         with session_scope() as session:
             session.add(BankEntry(bank_id=bank_id, sha256=b"\x02" * 32, added_by="fast"))
         # Waited for `slow`, which is still open.
-        assert not retrohunt_tasks.start_hunts(settle_wait_s=0.5)
+        assert not retrohunt_tasks.start_hunts(runtime, settle_wait_s=0.5)
         with session_scope() as session:
             assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 0
-    retrohunt_tasks.start_hunts(settle_wait_s=SETTLE_WAIT_S)
+    retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
     with session_scope() as session:
         (job,) = session.scalars(select(RetrohuntJob))
         assert job.entries == 2

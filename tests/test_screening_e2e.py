@@ -23,6 +23,7 @@ from moderation.db import session_scope
 from moderation.main.cli import main
 from moderation.messages import send_screening
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Upload, UploadStatus
@@ -216,7 +217,9 @@ def test_transient_faults_are_retried_with_backoff_then_fail_visibly(flaky_serve
     assert "gave up after" in (never.error_message or "")
 
 
-def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(tmp_path: Path) -> None:
+def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(
+    tmp_path: Path, runtime: Runtime
+) -> None:
     image = write(tmp_path / "orphan.jpg", encode(textured(600)))
     with session_scope() as session:
         # Committed, but the message was never sent (say the producer died right here).
@@ -230,7 +233,7 @@ def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(tmp_path: 
     # The test worker's own sweeper (every `sweep_interval_s`) may hold the sweep lock at
     # this moment, and this sweep then finds nothing; or it may send the upload first.
     deadline = time.monotonic() + 30
-    while not (resent := sweep_once()) and not _sent_again(upload.id):
+    while not (resent := sweep_once(runtime)) and not _sent_again(upload.id):
         assert time.monotonic() < deadline, "no sweeper sent the lost upload again"
         time.sleep(0.2)
     assert resent in ([upload.id], [])  # [] when the worker's sweeper sent it first

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import AutoTokenizer
@@ -29,7 +29,7 @@ from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from moderation.search.store import build, open_index, save
 from moderation.search.vector_index import IndexRows, VectorIndex
-from moderation.worker import metrics as _worker_metrics  # noqa: F401 (registers moderation_index_recall)
+from moderation.worker.metrics import IndexRecall
 from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
 from tests.milvus_fixtures import MilvusEnv, sync_until_caught_up
 from tests.search_fixtures import (
@@ -392,7 +392,10 @@ def test_rebuild_then_eval_reports_recall_one_for_the_exact_index(
     assert history[0]["queries"] == 50
     history = json.loads(cli(search_runtime, "index", "eval", "-k", "5", "--json"))
     assert [e["k"] for e in history] == [10, 5]
-    recall = REGISTRY.get_sample_value(
+    # What a worker's metrics export (`moderation_index_recall`).
+    exported = CollectorRegistry()
+    exported.register(IndexRecall(TEST_RUNTIME))
+    recall = exported.get_sample_value(
         "moderation_index_recall", {"model": str(TINY_MODEL_DIR), "index_kind": "flat", "k": "5"}
     )
     assert recall == 1.0

@@ -202,7 +202,7 @@ def test_kept_frames_are_blurred_until_revealed_and_every_read_is_audited(
 ) -> None:
     seeded = seed_hit(tmp_path)
     original_bytes = seeded.image.read_bytes()
-    CAPTURE.run(complete=True)  # a worker's sweeper keeps the hit's evidence
+    CAPTURE.run(environment_runtime(), complete=True)  # a worker's sweeper keeps the hit's evidence
     # Kept: the URI may serve anything now, the page shows what was kept.
     seeded.image.write_bytes(b"not the screened bytes")
     log_in(site, keys[Role.REVIEWER])
@@ -254,7 +254,7 @@ def test_an_upload_with_hits_and_no_evidence_is_never_fetched_from_a_view(
     assert "Evidence not kept yet" in response.text
     # Its content changes; the sweeper finds the bytes are not the screened ones.
     seeded.image.write_bytes(original_bytes[:-200] + b"\xff\xd9")
-    CAPTURE.run(complete=True)
+    CAPTURE.run(environment_runtime(), complete=True)
     page = site.get(f"/review/uploads/{seeded.upload_id}").text
     assert "Content changed since screening" in page
     assert f"/review/uploads/{seeded.upload_id}/frames/" not in page

@@ -63,7 +63,7 @@ def test_the_queue_shows_the_pending_count_and_each_hits_evidence(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = _seed(tmp_path, 2)
-    CAPTURE.run(complete=True)
+    CAPTURE.run(environment_runtime(), complete=True)
     log_in(site, keys[Role.REVIEWER])
     page = site.get("/review")
     assert page.status_code == 200

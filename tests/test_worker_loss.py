@@ -16,8 +16,8 @@ from moderation.banks import service as banks
 from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.images.hashing import sha256
-from moderation.messages import send_screening
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus, Worker
@@ -91,7 +91,7 @@ def _kill_when_holding(worker: WorkerProcess, ids: list[int], name: str | None =
 
 
 def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
-    slow_server: str, tmp_path: Path
+    slow_server: str, tmp_path: Path, runtime: Runtime
 ) -> None:
     """Redis hands a dead worker's unacknowledged messages to another worker once their
     visibility timeout passes. The sweeper is kept out of it (thresholds of an hour), so
@@ -107,7 +107,7 @@ def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
         "MODERATION_WORKER_DEAD_AFTER_S": "3600",
         "MODERATION_SWEEP_INTERVAL_S": "0.5",
     }
-    send_screening(ids, queue=queue)
+    runtime.producer.send_screening(ids, queue=queue)
 
     with WorkerProcess(tmp_path / "doomed.log", env) as doomed:
         doomed.wait_ready()
@@ -130,7 +130,7 @@ def test_a_killed_workers_messages_are_delivered_again_by_acks_late(
 
 
 def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
-    slow_server: str, tmp_path: Path
+    slow_server: str, tmp_path: Path, runtime: Runtime
 ) -> None:
     """Two workers share a queue and one is SIGKILLed mid-batch: its heartbeat stops, the
     sweeper sends what it held again at once, and the other screens everything, with
@@ -155,7 +155,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
         victim.wait_ready()
         survivor.wait_ready()
         victim_name, survivor_name = _worker_name(victim), _worker_name(survivor)
-        send_screening(ids, queue=queue)
+        runtime.producer.send_screening(ids, queue=queue)
         _kill_when_holding(victim, ids, victim_name)
         killed_at = time.monotonic()
         held = _held_by(victim_name, ids)
@@ -202,7 +202,7 @@ def _terminate_backends(application_name: str) -> int:
 
 
 def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
-    slow_server: str, tmp_path: Path
+    slow_server: str, tmp_path: Path, runtime: Runtime
 ) -> None:
     """PostgreSQL drops every connection of a busy worker, again and again: claims and
     results in flight fail with their group commit, the tasks retry, and each upload ends
@@ -220,7 +220,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
         "MODERATION_WORKER_CONCURRENCY": "8",
         "MODERATION_INTAKE_PROCESSES": INTAKE_PROCESSES,
     }
-    send_screening(ids, queue=env["MODERATION_QUEUE"])
+    runtime.producer.send_screening(ids, queue=env["MODERATION_QUEUE"])
 
     with WorkerProcess(tmp_path / "faulty.log", env) as worker:
         worker.wait_ready()
@@ -257,7 +257,7 @@ def _intake_processes(worker: WorkerProcess) -> list[int]:
 
 
 def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
-    slow_server: str, tmp_path: Path
+    slow_server: str, tmp_path: Path, runtime: Runtime
 ) -> None:
     """An intake process dies mid-fetch (the OOM killer, a decoder crash) holding two jobs:
     the upload it was fetching is retried, the one queued behind it in its pipe goes to
@@ -278,7 +278,7 @@ def test_a_killed_intake_process_costs_one_attempt_and_loses_nothing(
         worker.wait_ready()
         before = _intake_processes(worker)
         assert len(before) == 2
-        send_screening(ids, queue=queue)
+        runtime.producer.send_screening(ids, queue=queue)
         _wait_for(lambda: _count(UploadStatus.PROCESSING, ids) >= 2)
         # Mid-fetch (the slow server answers after 1.5 s), each process holding two of the
         # four task threads' jobs.

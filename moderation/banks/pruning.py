@@ -33,8 +33,7 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.models import BankChange, BankChangeReader, BankChangesHorizon
 from moderation.commit_horizon import settled_value
-from moderation.config import get_settings
-from moderation.db import session_scope
+from moderation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +101,11 @@ def prune_changes(
     return Pruned(rows, through)
 
 
-def prune_expired(batches: int | None = SWEEP_BATCHES) -> Pruned:
+def prune_expired(runtime: Runtime, batches: int | None = SWEEP_BATCHES) -> Pruned:
     """`prune_changes` of the rows older than `bank_changes_retention_s`, in the
-    configured database."""
-    retention = timedelta(seconds=get_settings().bank_changes_retention_s)
-    return prune_changes(session_scope, retention, batches=batches)
+    runtime's database."""
+    retention = timedelta(seconds=runtime.settings.bank_changes_retention_s)
+    return prune_changes(runtime.session, retention, batches=batches)
 
 
 def prune_batch(

@@ -15,8 +15,6 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, text
 
 from moderation.chores import Chore
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.evaluation import runner
 from moderation.evaluation.models import EvaluationRun
 from moderation.runtime import Runtime
@@ -29,11 +27,11 @@ SCHEDULE = "schedule"
 _LOCK_KEY = 0x601DE7
 
 
-def run_if_due() -> dict[str, object]:
-    settings = get_settings()
+def run_if_due(runtime: Runtime) -> dict[str, object]:
+    settings = runtime.settings
     if settings.eval_interval_s is None:
         return {}
-    with session_scope() as session:
+    with runtime.session() as session:
         if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _LOCK_KEY}):
             return {}  # another worker is deciding, or running one now
         last = session.scalar(
@@ -43,20 +41,16 @@ def run_if_due() -> dict[str, object]:
             seconds=settings.eval_interval_s
         ):
             return {}
-        # Transitional, until the worker passes its own runtime down (issue 21, item 3).
-        scheduled = Runtime(settings)
         try:
-            view = runner.evaluate(scheduled, trigger=SCHEDULE)
+            view = runner.evaluate(runtime, trigger=SCHEDULE)
         except NoEmbeddings:
             return {}  # nothing screened yet under the model
-        finally:
-            scheduled.close()
     logger.info("scheduled golden-set run %d: %s", view.id, view.figures)
     return {"golden_run": view.id, "golden_regressed": view.regressed}
 
 
-def _scheduled(*, complete: bool) -> Mapping[str, object]:
-    return run_if_due()
+def _scheduled(runtime: Runtime, *, complete: bool) -> Mapping[str, object]:
+    return run_if_due(runtime)
 
 
 CHORES = (Chore("measuring search on the golden set when due", _scheduled),)

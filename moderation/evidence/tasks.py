@@ -6,21 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from moderation.chores import Chore
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.evidence import service
 from moderation.evidence.storage import open_store
+from moderation.runtime import Runtime
 
 # Rows purged per sweep: a sweep stays short however much expires at once.
 PURGE_PER_SWEEP = 100
 
 
-def _purge(*, complete: bool) -> Mapping[str, object]:
-    settings = get_settings()
+def _purge(runtime: Runtime, *, complete: bool) -> Mapping[str, object]:
+    settings = runtime.settings
     store = open_store(settings.evidence_uri, s3_endpoint_url=settings.evidence_s3_endpoint_url)
     purged = 0
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             done = service.purge_expired(session, store, limit=PURGE_PER_SWEEP)
         purged += done
         if not complete or done < PURGE_PER_SWEEP:

@@ -125,7 +125,7 @@ def reembed_model(
         job, new = jobs.start(session, _name(session, model_id), actor=caller.actor, duty=body.duty)
         job_id, step = job.id, job.step
     if new:
-        send_steps([jobs.NextStep(job_id, step)])
+        send_steps(runtime, [jobs.NextStep(job_id, step)])
     with runtime.session() as session:
         return jobs.get_job(session, job_id)
 

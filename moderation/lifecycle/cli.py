@@ -130,7 +130,7 @@ def reembed(
     except (jobs.NotReembeddable, registry.ModelNotFound) as error:
         raise click.ClickException(str(error)) from None
     if new:
-        send_steps([jobs.NextStep(job_id, step)])
+        send_steps(runtime, [jobs.NextStep(job_id, step)])
         click.echo(f"started re-embedding job {job_id}")
     else:
         click.echo(f"re-embedding job {job_id} for this model is already running")

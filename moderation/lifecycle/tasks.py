@@ -8,38 +8,38 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from moderation.chores import Chore
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.lifecycle import reembed
-from moderation.messages import send_reembed_step
+from moderation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def send_steps(steps: Sequence[reembed.NextStep], *, countdown_s: float | None = None) -> None:
+def send_steps(
+    runtime: Runtime, steps: Sequence[reembed.NextStep], *, countdown_s: float | None = None
+) -> None:
     """Send steps whose transaction has committed (to run `countdown_s` from now, if
-    given). A step that cannot be sent is left to the sweeper, which sends a job once its
-    next step is overdue."""
+    given), with the runtime's producer. A step that cannot be sent is left to the
+    sweeper, which sends a job once its next step is overdue."""
     for step in steps:
         try:
-            send_reembed_step(step.job_id, step.step, countdown_s=countdown_s)
+            runtime.producer.send_reembed_step(step.job_id, step.step, countdown_s=countdown_s)
         except Exception as error:
             logger.warning(
                 "could not send re-embedding job %d (the sweeper will): %s", step.job_id, error
             )
 
 
-def send_due() -> list[reembed.NextStep]:
-    with session_scope() as session:
-        due = reembed.find_due(session, stalled_after_s=get_settings().reembed_stalled_after_s)
+def send_due(runtime: Runtime) -> list[reembed.NextStep]:
+    with runtime.session() as session:
+        due = reembed.find_due(session, stalled_after_s=runtime.settings.reembed_stalled_after_s)
     if due:
         logger.info("sending %d due re-embedding job(s): %s", len(due), due[:20])
-    send_steps(due)
+    send_steps(runtime, due)
     return due
 
 
-def _due_chore(*, complete: bool) -> Mapping[str, object]:
-    return {"reembed_jobs_sent": [step.job_id for step in send_due()]}
+def _due_chore(runtime: Runtime, *, complete: bool) -> Mapping[str, object]:
+    return {"reembed_jobs_sent": [step.job_id for step in send_due(runtime)]}
 
 
 CHORES = (Chore("sending re-embedding jobs that are due", _due_chore),)

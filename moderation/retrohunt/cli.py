@@ -63,12 +63,12 @@ def show(runtime: Runtime, job_id: int, as_json: bool) -> None:
 
 
 @retrohunt.command("start")
+@pass_runtime
 @click.argument("bank_name", metavar="BANK")
 @click.option("--wait", is_flag=True, help="Wait until the job has finished, showing progress.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--added-by", default=lambda: f"cli:{getpass.getuser()}", show_default="cli:$USER")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_runtime
 def start(
     runtime: Runtime,
     bank_name: str,
@@ -82,7 +82,7 @@ def start(
         job_id = service.hunt_bank(
             session, banks.get_bank(session, bank_name), created_by=added_by
         ).id
-    tasks.send_steps([service.NextStep(job_id, 0)])
+    tasks.send_steps(runtime, [service.NextStep(job_id, 0)])
     if not as_json:
         click.echo(f"retro-hunt job {job_id} started for every entry of {bank_name}")
     finished = wait_for_jobs(runtime, [job_id], timeout, quiet=as_json) if wait else None
@@ -94,15 +94,15 @@ def start(
 
 
 @retrohunt.command("wait")
+@pass_runtime
 @click.option("--bank", "bank_name", help="Only this bank's jobs.")
 @click.option("--timeout", type=float, help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the jobs waited for.")
-@pass_runtime
 def wait(runtime: Runtime, bank_name: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait until every unfinished job (of BANK) has finished, showing progress; jobs for
     entries already added are started first, without waiting for a worker's sweeper.
     Exits 3 on timeout, 1 if a job failed."""
-    if tasks.start_hunts(settle_wait_s=_SETTLE_WAIT_S) is None:
+    if tasks.start_hunts(runtime, settle_wait_s=_SETTLE_WAIT_S) is None:
         click.echo(
             "could not start hunts for the latest entries yet (a long transaction is running "
             "on the database server); workers' sweepers will start them once it ends",

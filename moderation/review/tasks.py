@@ -9,14 +9,13 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 from moderation.chores import Chore
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.evidence import service as evidence
 from moderation.evidence.capture import capture
 from moderation.evidence.vault import Vault
 from moderation.images.decode import DecodeLimits
 from moderation.images.uri_policy import UriPolicy
 from moderation.review import service
+from moderation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +25,8 @@ CAPTURES_PER_SWEEP = 8
 CAPTURE_STALE_AFTER = timedelta(minutes=5)
 
 
-def _capture(*, complete: bool) -> Mapping[str, object]:
-    settings = get_settings()
+def _capture(runtime: Runtime, *, complete: bool) -> Mapping[str, object]:
+    settings = runtime.settings
     vault = Vault.from_settings(settings)
     if vault is None:
         return {}
@@ -35,7 +34,7 @@ def _capture(*, complete: bool) -> Mapping[str, object]:
     limits = DecodeLimits.from_settings(settings)
     outcomes: dict[str, int] = {}
     while True:
-        with session_scope() as session:
+        with runtime.session() as session:
             due = service.uploads_missing_evidence(
                 session, CAPTURES_PER_SWEEP, stale_after=CAPTURE_STALE_AFTER
             )
@@ -49,7 +48,7 @@ def _capture(*, complete: bool) -> Mapping[str, object]:
                 max_bytes=settings.max_bytes,
                 timeout_s=settings.fetch_timeout_s,
             )
-            with session_scope() as session:
+            with runtime.session() as session:
                 evidence.finish_capture(session, outcome, vault.retention)
                 if service.was_escalated(session, one.upload_id):
                     evidence.hold(session, one.upload_id, actor="system", reason="escalated")

@@ -1,8 +1,9 @@
 """The worker's Celery application: the service's Celery configuration
-(`moderation.messages`) with the tasks registered on it, all on one base task.
+(`moderation.messages`) with the tasks registered on it, all on one base task, holding
+the worker process's state (`process.WorkerState`) that the tasks reach through it.
 
-Built by the entry point (`moderation worker`), not at import: importing this module
-changes nothing.
+Built by the entry point (`moderation worker`) on the runtime it passes down, not at
+import: importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import DBAPIError
 
-from moderation.config import Settings
 from moderation.messages import (
     REEMBED_STEP,
     RETROHUNT_STEP,
@@ -21,7 +21,9 @@ from moderation.messages import (
     SCREEN_UPLOADS,
     create_celery,
 )
-from moderation.worker import process, tasks
+from moderation.runtime import Runtime
+from moderation.worker import tasks
+from moderation.worker.process import WorkerState
 
 
 class ModerationTask(Task):  # type: ignore[misc]
@@ -38,22 +40,25 @@ class ModerationTask(Task):  # type: ignore[misc]
     max_retries = 10
 
 
-def create_app(settings: Settings) -> Celery:
-    app = create_celery(settings, current=True)
+def create_app(runtime: Runtime) -> Celery:
+    """The worker's application on `runtime`'s broker, holding a new `WorkerState` on
+    `runtime` (`WorkerState.of(app)`)."""
+    app = create_celery(runtime.settings, current=True)
+    state = WorkerState(runtime)
+    state.hold_on(app)
     app.task(bind=True, base=ModerationTask, name=SCREEN_UPLOADS)(tasks.screen_uploads)
     app.task(bind=True, base=ModerationTask, name=SCREEN_UPLOAD)(tasks.screen_upload)
     app.task(bind=True, base=ModerationTask, name=RETROHUNT_STEP)(tasks.retrohunt_step)
     app.task(bind=True, base=ModerationTask, name=REEMBED_STEP)(tasks.reembed_step)
+
     # The worker process starts its sweeper once it consumes, and stops what it runs when
     # Celery has finished the last task.
-    worker_ready.connect(_on_ready, weak=False)
-    worker_shutdown.connect(_on_shutdown, weak=False)
+    def on_ready(**_: Any) -> None:
+        state.start_sweeper()
+
+    def on_shutdown(**_: Any) -> None:
+        state.stop()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
     return app
-
-
-def _on_ready(**_: Any) -> None:
-    process.start_sweeper()
-
-
-def _on_shutdown(**_: Any) -> None:
-    process.stop()

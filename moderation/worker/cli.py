@@ -8,31 +8,32 @@ import sys
 
 import click
 
-from moderation.config import get_settings
 from moderation.console import emit_json
-from moderation.messages import producer
+from moderation.runtime import Runtime, pass_runtime
 
 
 @click.command()
+@pass_runtime
 @click.option(
     "--concurrency",
     type=int,
     help="Uploads screened at once (default: twice the batch size times the streams).",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(concurrency: int | None, loglevel: str) -> None:
+def worker(runtime: Runtime, concurrency: int | None, loglevel: str) -> None:
     """Run a screening worker: one process, the registry's models, many task threads."""
     from moderation.images.memory import configure_allocator
     from moderation.worker.celery_app import create_app
-    from moderation.worker.process import get_screener
+    from moderation.worker.process import WorkerState
 
     # Before any thread exists: arenas made by then would stay (see images/memory.py).
     configure_allocator()
-    settings = get_settings()
+    settings = runtime.settings
     concurrency = concurrency or settings.resolved_concurrency()
+    app = create_app(runtime)
     # Load the model and bank index and start the intake processes before taking any
     # message, so failures show at start.
-    screener = get_screener(slots=concurrency)
+    screener = WorkerState.of(app).screener(slots=concurrency)
     click.echo(
         f"worker: model {screener.embedder.name} on {screener.embedder.device}, "
         f"{settings.resolved_streams()} stream(s) of batch {settings.resolved_batch_size()}, "
@@ -47,7 +48,7 @@ def worker(concurrency: int | None, loglevel: str) -> None:
         f"{', '.join(settings.allowed_uri_prefixes) or '(none)'}; private networks allowed: "
         f"{', '.join(settings.fetch_allowed_networks) or 'none'}"
     )
-    create_app(settings).worker_main(
+    app.worker_main(
         [
             "worker",
             "--pool=threads",
@@ -78,6 +79,7 @@ NODE_PREFIX = "screening@"
 
 
 @click.command()
+@pass_runtime
 @click.option(
     "--host",
     default=socket.gethostname,
@@ -85,11 +87,11 @@ NODE_PREFIX = "screening@"
     help="Ask the worker on this host; '*' asks every worker.",
 )
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for answers.")
-def ping(host: str, timeout: float) -> None:
+def ping(runtime: Runtime, host: str, timeout: float) -> None:
     """Ask workers over the broker whether they answer: a worker answers once its model is
     loaded and it consumes. Exits 1 if none answered (compose's healthcheck)."""
     destination = None if host == "*" else [f"{NODE_PREFIX}{host}"]
-    replies = producer().control.ping(destination=destination, timeout=timeout) or []
+    replies = runtime.producer.app.control.ping(destination=destination, timeout=timeout) or []
     names = sorted(name for reply in replies for name in reply)
     if not names:
         click.echo(f"no worker answered within {timeout:g} s", err=True)
@@ -99,15 +101,16 @@ def ping(host: str, timeout: float) -> None:
 
 
 @click.command()
+@pass_runtime
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def sweep(as_json: bool) -> None:
+def sweep(runtime: Runtime, as_json: bool) -> None:
     """Run every periodic chore once, completely, as each worker's sweeper does every few
     seconds: re-send uploads whose message or worker was lost, start retro-hunts for new
     bank entries and send those that are due, delete bank change log rows older than
     MODERATION_BANK_CHANGES_RETENTION_S."""
     from moderation.worker.sweeper import sweep_all
 
-    done = sweep_all()
+    done = sweep_all(runtime)
     if as_json:
         emit_json(done)
         return

@@ -16,9 +16,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from moderation.banks.service import unmatchable_clip_entries
-from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.errors import Unavailable
+from moderation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,11 @@ UNMATCHABLE_CLIP_ENTRIES = Gauge(
 
 class IndexRecall(Collector):
     """The latest `moderation index eval` of each model's search index, read from the
-    database at each scrape: recall falling as the corpus grows shows on a dashboard."""
+    runtime's database at each scrape: recall falling as the corpus grows shows on a
+    dashboard."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         recall = GaugeMetricFamily(
@@ -57,7 +60,7 @@ class IndexRecall(Collector):
 
         recall, size = self._families()
         try:
-            with session_scope() as session:
+            with self._runtime.session() as session:
                 for model, evaluation in latest_evaluations(session):
                     labels = [model, evaluation.index_kind, str(evaluation.k)]
                     recall.add_metric(labels, evaluation.recall)
@@ -68,26 +71,25 @@ class IndexRecall(Collector):
         yield size
 
 
-REGISTRY.register(IndexRecall())
-
 _served: set[int] = set()
 _lock = threading.Lock()
 
 
-def on_worker_start(settings: Settings, model: str) -> None:
+def on_worker_start(runtime: Runtime, model: str) -> None:
     """What a worker reports once its model is loaded: a warning for each bank whose CLIP
-    entries its model cannot match, the same as a gauge, and the metrics served."""
+    entries its model cannot match, the same as a gauge, and the metrics served, the
+    index recall read from the runtime's database."""
     try:
-        report_unmatchable_clip_entries(model)
+        report_unmatchable_clip_entries(runtime, model)
     except Exception:
         # Never a reason not to screen: hashes and the other entries still match.
         logger.exception("could not count the CLIP entries model %s cannot match", model)
-    if settings.worker_metrics_port is not None:
-        serve(settings.worker_metrics_port)
+    if runtime.settings.worker_metrics_port is not None:
+        serve(runtime.settings.worker_metrics_port, IndexRecall(runtime))
 
 
-def report_unmatchable_clip_entries(model: str) -> dict[str, int]:
-    with session_scope() as session:
+def report_unmatchable_clip_entries(runtime: Runtime, model: str) -> dict[str, int]:
+    with runtime.session() as session:
         unmatchable = unmatchable_clip_entries(session, model)
     UNMATCHABLE_CLIP_ENTRIES.clear()
     for bank, count in unmatchable.items():
@@ -113,9 +115,10 @@ class MetricsPortInUse(Unavailable):
         )
 
 
-def serve(port: int) -> None:
-    """Serve /metrics on `port`, once per process. A port that cannot be had stops the
-    worker at start, as any other misconfiguration does, rather than leave it unwatched."""
+def serve(port: int, *collectors: Collector) -> None:
+    """Serve /metrics on `port`, once per process, with `collectors` added to the
+    process's registry. A port that cannot be had stops the worker at start, as any other
+    misconfiguration does, rather than leave it unwatched."""
     with _lock:
         if port in _served:
             return
@@ -123,5 +126,7 @@ def serve(port: int) -> None:
             start_http_server(port, registry=REGISTRY)
         except OSError as error:
             raise MetricsPortInUse(port, error.strerror or str(error)) from None
+        for collector in collectors:
+            REGISTRY.register(collector)
         _served.add(port)
     logger.info("metrics on http://0.0.0.0:%d/metrics", port)

@@ -53,9 +53,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from moderation.chores import Chore
-from moderation.config import Settings, get_settings
-from moderation.db import session_scope
-from moderation.messages import producer, send_screening
+from moderation.config import Settings
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload, UploadStatus, Worker
 
 logger = logging.getLogger(__name__)
@@ -239,13 +238,15 @@ def forget_old_workers(session: Session) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def taken_and_unacknowledged(queue: str, older_than: timedelta) -> dict[int, datetime]:
+def taken_and_unacknowledged(
+    runtime: Runtime, queue: str, older_than: timedelta
+) -> dict[int, datetime]:
     """Uploads whose screening message on `queue` a worker took more than `older_than` ago
     and has not acknowledged, with when it was taken; retries waiting for their countdown
     are left out. Kombu's Redis transport keeps each taken message in the `unacked` hash
     until it is acknowledged, and when it was taken in the `unacked_index` sorted set."""
     cutoff = time.time() - older_than.total_seconds()
-    with producer().connection_for_read() as connection:
+    with runtime.producer.app.connection_for_read() as connection:
         client = connection.default_channel.client
         tags = client.zrangebyscore("unacked_index", "-inf", cutoff, withscores=True)
         payloads = client.hmget("unacked", [tag for tag, _ in tags]) if tags else []
@@ -275,11 +276,11 @@ def uploads_of_message(message: dict[str, Any]) -> list[int]:
     return [int(upload_id) for upload_id in named] if isinstance(named, list) else [int(named)]
 
 
-def oldest_waiting_upload(queue: str) -> int | None:
+def oldest_waiting_upload(runtime: Runtime, queue: str) -> int | None:
     """The upload of the message next in line on the queue; None if the queue is empty
     or that message is not a screening message. Celery on Redis keeps a queue as a list
     that producers push on the left and workers pop from the right."""
-    with producer().connection_for_read() as connection:
+    with runtime.producer.app.connection_for_read() as connection:
         raw = connection.default_channel.client.lindex(queue, -1)
     if raw is None:
         return None
@@ -294,15 +295,15 @@ def oldest_waiting_upload(queue: str) -> int | None:
 # Sending it again.
 
 
-def sweep_once(queue: str | None = None) -> list[int]:
+def sweep_once(runtime: Runtime, queue: str | None = None) -> list[int]:
     """Re-send uploads whose message or worker was lost (see `find_stuck`) on the
-    configured queue unless told otherwise; returns their ids."""
-    settings = get_settings()
+    runtime's queue unless told otherwise; returns their ids."""
+    settings = runtime.settings
     queue = queue or settings.queue
     dead_after = timedelta(seconds=settings.worker_dead_after_s)
-    oldest_waiting = oldest_waiting_upload(queue)
-    taken = taken_and_unacknowledged(queue, dead_after)
-    with session_scope() as session:
+    oldest_waiting = oldest_waiting_upload(runtime, queue)
+    taken = taken_and_unacknowledged(runtime, queue, dead_after)
+    with runtime.session() as session:
         stuck = find_stuck(
             session,
             stuck_after=timedelta(seconds=settings.stuck_after_s),
@@ -315,7 +316,7 @@ def sweep_once(queue: str | None = None) -> list[int]:
     if stuck:
         logger.warning("re-sending %d lost upload(s): %s", len(stuck), stuck[:20])
         try:
-            send_screening(stuck, queue)
+            runtime.producer.send_screening(stuck, queue)
         except Exception:
             # Already marked as re-sent: they are found again once `stuck_after_s` passes.
             logger.error("could not publish %d re-sent upload(s)", len(stuck))
@@ -323,8 +324,8 @@ def sweep_once(queue: str | None = None) -> list[int]:
     return stuck
 
 
-def _requeue_lost(*, complete: bool) -> Mapping[str, object]:
-    return {"requeued": sweep_once()}
+def _requeue_lost(runtime: Runtime, *, complete: bool) -> Mapping[str, object]:
+    return {"requeued": sweep_once(runtime)}
 
 
 REQUEUE_LOST = Chore("the sweep for lost uploads", _requeue_lost)

@@ -26,10 +26,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.images.errors import IntakeError
 from moderation.lifecycle import reembed
 from moderation.lifecycle.tasks import send_steps
+from moderation.runtime import Runtime
 from moderation.worker.lanes import ModelLane
 from moderation.worker.pipeline import Screener
 
@@ -51,12 +51,13 @@ FETCHES_AS = "re-embedding"
 RUN_S = 30.0
 
 
-def run_step(screener: Screener, settings: Settings, job_id: int, step: int) -> float | None:
+def run_step(runtime: Runtime, screener: Screener, job_id: int, step: int) -> float | None:
     """Take a job's step, embed its block and record it (at full duty, with the blocks
     taken ahead of it), then send the next step. Returns seconds after which the same step
     is to be sent again (this worker does not compute the job's model yet), else None."""
+    settings = runtime.settings
     started = time.monotonic()
-    with session_scope() as session:
+    with runtime.session() as session:
         taken = reembed.take(
             session,
             job_id,
@@ -71,26 +72,27 @@ def run_step(screener: Screener, settings: Settings, job_id: int, step: int) -> 
     if isinstance(taken, reembed.Settling):
         # Sent for the end of the settle time rather than left for the sweeper's next
         # round, which may come `sweep_interval_s` later.
-        send_steps([taken.step], countdown_s=taken.after_s)
+        send_steps(runtime, [taken.step], countdown_s=taken.after_s)
         return None
     if taken is None:
         return None
     assert lane is not None
     duty = taken.duty or settings.reembed_duty
     with BlockEmbedder(screener, lane, settings) as embedder:
-        following = _embed_and_record(embedder, taken, settings, ahead=duty >= 1)
+        following = _embed_and_record(runtime, embedder, taken, ahead=duty >= 1)
     # The rest keeps re-embedding to at most its duty of this worker's time.
     time.sleep((time.monotonic() - started) * (1 - duty) / duty)
     if following is not None:
-        send_steps([following])
+        send_steps(runtime, [following])
     return None
 
 
 def _embed_and_record(
-    embedder: BlockEmbedder, first: reembed.Block, settings: Settings, *, ahead: bool
+    runtime: Runtime, embedder: BlockEmbedder, first: reembed.Block, *, ahead: bool
 ) -> reembed.NextStep | None:
     """Embed and record `first` and, if `ahead`, the blocks taken after it for up to
     `RUN_S`; the step to send next, or None if the job finished meanwhile."""
+    settings = runtime.settings
     started = time.monotonic()
     # Blocks in flight, enough that the threads have the next block's items queued
     # while the oldest block's last items finish: its own and a concurrency's worth.
@@ -100,7 +102,7 @@ def _embed_and_record(
     following: reembed.NextStep | None = None
     while in_flight:
         while taking and len(in_flight) < depth:
-            with session_scope() as session:
+            with runtime.session() as session:
                 block = reembed.take_ahead(
                     session, in_flight[-1].block, block_size=settings.reembed_block
                 )
@@ -109,7 +111,7 @@ def _embed_and_record(
                 in_flight.append(embedder.submit(block))
         oldest = in_flight.popleft()
         outcomes = oldest.outcomes()
-        with session_scope() as session:
+        with runtime.session() as session:
             following = reembed.record(session, oldest.block, outcomes)
         logger.info(
             "re-embedding job %d step %d: %d item(s) under %s in %.2f s",

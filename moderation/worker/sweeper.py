@@ -1,5 +1,6 @@
 """Every worker's sweeper: the periodic chores of every domain, on a thread, every
-`sweep_interval_s`; and the same chores once, complete, for `moderation sweep`.
+`sweep_interval_s`; and the same chores once, complete, for `moderation sweep`. Both run
+them on the runtime their process was given.
 
 A chore that fails (the database or the broker is down) is logged and tried again at the
 next interval; it never stops the worker, nor the chores after it.
@@ -12,12 +13,12 @@ import threading
 
 from moderation.banks import tasks as banks
 from moderation.chores import Chore
-from moderation.config import Settings
 from moderation.evaluation import tasks as evaluation
 from moderation.evidence import tasks as evidence
 from moderation.lifecycle import tasks as lifecycle
 from moderation.retrohunt import tasks as retrohunt
 from moderation.review import tasks as review
+from moderation.runtime import Runtime
 from moderation.worker.recovery import REQUEUE_LOST
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,14 @@ CHORES: tuple[Chore, ...] = (
 _JOIN_TIMEOUT_S = 30.0
 
 
-def sweep_all(chores: tuple[Chore, ...] = CHORES) -> dict[str, object]:
+def sweep_all(runtime: Runtime, chores: tuple[Chore, ...] = CHORES) -> dict[str, object]:
     """Every chore once, complete; what each did. A failing chore raises, after the others
     have run."""
     done: dict[str, object] = {}
     failed: list[Exception] = []
     for chore in chores:
         try:
-            done.update(chore.run(complete=True))
+            done.update(chore.run(runtime, complete=True))
         except Exception as error:
             logger.exception("%s failed", chore.name)
             failed.append(error)
@@ -54,8 +55,9 @@ def sweep_all(chores: tuple[Chore, ...] = CHORES) -> dict[str, object]:
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, chores: tuple[Chore, ...] = CHORES) -> None:
-        self._interval_s = settings.sweep_interval_s
+    def __init__(self, runtime: Runtime, chores: tuple[Chore, ...] = CHORES) -> None:
+        self._runtime = runtime
+        self._interval_s = runtime.settings.sweep_interval_s
         self._chores = chores
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
@@ -72,7 +74,7 @@ class Sweeper:
         while not self._stop.wait(self._interval_s):
             for chore in self._chores:
                 try:
-                    chore.run(complete=False)
+                    chore.run(self._runtime, complete=False)
                 except Exception:
                     logger.exception(
                         "%s failed; trying again in %g s", chore.name, self._interval_s
