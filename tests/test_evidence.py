@@ -32,6 +32,7 @@ from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
+from tests.conftest import TEST_SETTINGS
 from tests.images import animated_gif, write
 from tests.web_fixtures import seed_hit
 
@@ -256,7 +257,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     held = seed_hit(tmp_path / "c", bank_name="three", seed=3)
     CAPTURE.run(complete=True)
     with session_scope() as session:
-        review.decide(session, escalated.hit_id, "escalate", None, "key:1:ada")
+        review.decide(session, TEST_SETTINGS, escalated.hit_id, "escalate", None, "key:1:ada")
         assert evidence.hold(session, held.upload_id, actor="cli:lawyer", reason="subpoena")
     root = Path(get_settings().evidence_uri)
     files = {

@@ -24,12 +24,12 @@ from moderation.http.routes import app_routes
 from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import WebSession
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
 from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 
 (CAPTURE,) = REVIEW_CHORES
@@ -37,10 +37,8 @@ from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 __all__ = ["keys", "site"]
 
 
-def test_every_page_names_who_may_see_it() -> None:
-    paths = {
-        path: route_roles(route) for path, route in app_routes(create_app(environment_runtime()))
-    }
+def test_every_page_names_who_may_see_it(runtime: Runtime) -> None:
+    paths = {path: route_roles(route) for path, route in app_routes(create_app(runtime))}
     assert paths["/login"] is None  # public
     assert paths["/review/banks"] == frozenset({Role.REVIEWER, Role.ANALYST, Role.ADMIN})
     assert all(roles is None or roles for roles in paths.values())

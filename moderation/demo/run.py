@@ -170,7 +170,7 @@ def _report(rows: list[Upload]) -> None:
         empty="no uploads",
     )
     with session_scope() as session:
-        every = review.newest(session, review.QueueFilter(status=None), None)
+        every = review.newest(session, get_settings(), review.QueueFilter(status=None), None)
         hits = sorted(every, key=lambda h: (h.upload_id, h.signal))
     click.secho("\nhits", bold=True)
     emit_table(
