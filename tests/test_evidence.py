@@ -256,7 +256,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     held = seed_hit(tmp_path / "c", bank_name="three", seed=3)
     CAPTURE.run(TEST_RUNTIME, complete=True)
     with session_scope() as session:
-        review.decide(session, escalated.hit_id, "escalate", None, "key:1:ada")
+        review.decide(session, TEST_SETTINGS, escalated.hit_id, "escalate", None, "key:1:ada")
         assert evidence.hold(session, held.upload_id, actor="cli:lawyer", reason="subpoena")
     root = Path(TEST_SETTINGS.evidence_uri)
     files = {

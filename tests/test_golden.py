@@ -40,7 +40,7 @@ from moderation.runtime import Runtime
 from moderation.search.rerank import Candidate, ExactReranker, SearchQuery
 from moderation.worker.sweeper import CHORES
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS, TINY_MODEL_DIR
 from tests.search_fixtures import add_upload, index_dir, search_runtime, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
@@ -96,8 +96,8 @@ def test_confirmed_hits_become_golden_queries_and_follow_the_decisions(session: 
     confirmed = _hit(session, uploads[0], entries[0])
     dismissed = _hit(session, uploads[1], entries[1])
     _hit(session, uploads[2], entries[2])  # still pending
-    review.decide(session, confirmed, "confirm", None, "reviewer")
-    review.decide(session, dismissed, "dismiss", None, "reviewer")
+    review.decide(session, TEST_SETTINGS, confirmed, "confirm", None, "reviewer")
+    review.decide(session, TEST_SETTINGS, dismissed, "dismiss", None, "reviewer")
 
     done = golden.sync_from_review(session)
 
@@ -334,7 +334,14 @@ def _planted_corpus(seed: int = 0) -> None:
             else:  # a bank entry, as review makes it: its hits confirmed
                 entry_id = _entry(session, "planted", model, anchor)
                 for upload_id in relevant:
-                    review.decide(session, _hit(session, upload_id, entry_id), "confirm", None, "r")
+                    review.decide(
+                        session,
+                        TEST_SETTINGS,
+                        _hit(session, upload_id, entry_id),
+                        "confirm",
+                        None,
+                        "r",
+                    )
         background = unit(rng, 150)
         # Each background vector at most 0.3 similar to every query: far below the plants.
         stacked = np.stack(anchors)
@@ -508,7 +515,9 @@ def test_unaskable_queries_are_skipped_not_failed(clean_db: None, search_runtime
             session, bank, [banks.NewEntry(sha256=uuid.uuid4().bytes * 2)], added_by="test"
         )
         # Confirmed, but the entry is hashes only: no embedding to search with.
-        review.decide(session, _hit(session, uploads[1], entry.id), "confirm", None, "r")
+        review.decide(
+            session, TEST_SETTINGS, _hit(session, uploads[1], entry.id), "confirm", None, "r"
+        )
         golden.add_query(
             session, golden.QuerySubject(upload_id=uploads[2]), [uploads[3]], actor="test"
         )

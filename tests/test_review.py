@@ -13,13 +13,13 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEvent
 from moderation.banks import service as banks
-from moderation.config import get_settings
 from moderation.db import get_engine, session_scope
 from moderation.images.signals import SignalType
 from moderation.review import service
 from moderation.review.models import Hit, ReviewStatus
 from moderation.review.service import AlreadyDecided, Outcome, QueueFilter
 from moderation.webhooks.models import EventType, WebhookEvent
+from tests.conftest import TEST_SETTINGS, settings_for_tests
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -30,20 +30,14 @@ def _empty(clean_db: None) -> None:
     """Start from no banks and no hits, whatever earlier tests committed."""
 
 
-@pytest.fixture
-def webhooks_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("MODERATION_WEBHOOK_URL", "http://127.0.0.1:9/hook")
-    monkeypatch.setenv("MODERATION_WEBHOOK_SECRET", "s3cret")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
+# Webhooks configured: confirmations are announced.
+WEBHOOKS_ON = settings_for_tests(webhook_url="http://127.0.0.1:9/hook", webhook_secret="s3cret")
 
 
 def _traverse(session: Session, filters: QueueFilter, limit: int) -> Iterator[list[int]]:
     cursor = None
     while True:
-        page = service.queue(session, filters, cursor=cursor, limit=limit)
+        page = service.queue(session, TEST_SETTINGS, filters, cursor=cursor, limit=limit)
         yield [hit.hit_id for hit in page.hits]
         if page.next_cursor is None:
             return
@@ -67,7 +61,7 @@ def test_pages_return_every_hit_exactly_once_while_hits_arrive(session: Session)
         # Between pages: new hits arrive, and a reviewer decides one already seen.
         upload = make_upload(session)
         arrived.append(make_hit(session, upload, entries[0]).id)
-        service.decide(session, page[0], Outcome.DISMISS, None, "test")
+        service.decide(session, TEST_SETTINGS, page[0], Outcome.DISMISS, None, "test")
     assert sorted(seen) == sorted(existing)
     assert len(seen) == len(set(seen))
     # Newest first: by created_at, then id.
@@ -83,7 +77,7 @@ def test_a_page_of_exactly_the_limit_says_it_is_the_last(session: Session) -> No
     entry = make_entry(session, bank)
     for _ in range(4):
         make_hit(session, make_upload(session), entry)
-    page = service.queue(session, limit=4)
+    page = service.queue(session, TEST_SETTINGS, limit=4)
     assert len(page.hits) == 4
     assert page.next_cursor is None
     assert service.count(session) == 4
@@ -92,7 +86,7 @@ def test_a_page_of_exactly_the_limit_says_it_is_the_last(session: Session) -> No
 def test_a_forged_cursor_is_refused(session: Session) -> None:
     for cursor in ("", "not-base64!", "W10", service.encode_cursor(T0, 1)[:-3]):
         with pytest.raises(service.InvalidCursor):
-            service.queue(session, cursor=cursor)
+            service.queue(session, TEST_SETTINGS, cursor=cursor)
 
 
 def test_filters(session: Session) -> None:
@@ -103,10 +97,11 @@ def test_filters(session: Session) -> None:
     clip = make_hit(session, upload, a, signal=SignalType.CLIP, distance=0.01, created_at=T0)
     retro = make_hit(session, upload, b, retroactive=True, created_at=T0 + timedelta(days=2))
     other = make_hit(session, make_upload(session), b, signal=SignalType.PDQ, distance=3)
-    service.decide(session, other.id, Outcome.DISMISS, "clean", "test")
+    service.decide(session, TEST_SETTINGS, other.id, Outcome.DISMISS, "clean", "test")
 
     def ids(**filters: object) -> set[int]:
-        return {hit.hit_id for hit in service.queue(session, QueueFilter(**filters)).hits}  # type: ignore[arg-type]
+        page = service.queue(session, TEST_SETTINGS, QueueFilter(**filters))  # type: ignore[arg-type]
+        return {hit.hit_id for hit in page.hits}
 
     assert ids() == {old.id, clip.id, retro.id}
     assert ids(status=None) == {old.id, clip.id, retro.id, other.id}
@@ -123,7 +118,7 @@ def test_filters(session: Session) -> None:
 
 
 def test_evidence_names_the_threshold_that_applies(session: Session) -> None:
-    settings = get_settings()
+    settings = TEST_SETTINGS
     own, default = make_bank(session, "own", radius=0.08), make_bank(session, "default")
     upload = make_upload(session, external_id="ext-9")
     by_bank = make_hit(
@@ -134,7 +129,7 @@ def test_evidence_names_the_threshold_that_applies(session: Session) -> None:
     )
     pdq = make_hit(session, upload, make_entry(session, default), signal=SignalType.PDQ)
     exact = make_hit(session, upload, make_entry(session, default))
-    evidence = {hit.hit_id: hit for hit in service.upload_hits(session, upload.id)}
+    evidence = {hit.hit_id: hit for hit in service.upload_hits(session, TEST_SETTINGS, upload.id)}
     assert (evidence[by_bank.id].threshold, evidence[by_bank.id].threshold_source) == (
         0.08,
         "bank",
@@ -145,9 +140,9 @@ def test_evidence_names_the_threshold_that_applies(session: Session) -> None:
     assert evidence[exact.id].threshold_source == "exact"
     assert evidence[by_bank.id].bank == "own"
     assert evidence[by_bank.id].external_id == "ext-9"
-    assert service.get_hit(session, pdq.id) == evidence[pdq.id]
+    assert service.get_hit(session, TEST_SETTINGS, pdq.id) == evidence[pdq.id]
     with pytest.raises(service.HitNotFound):
-        service.get_hit(session, 10**12)
+        service.get_hit(session, TEST_SETTINGS, 10**12)
 
 
 def test_evidence_shows_the_threshold_recorded_when_the_hit_was_found(session: Session) -> None:
@@ -163,7 +158,7 @@ def test_evidence_shows_the_threshold_recorded_when_the_hit_was_found(session: S
     )
     # The bank's radius is narrowed afterwards: the hit was still held to 0.08, not 0.03.
     banks.update_bank(session, bank, actor="test", radius=0.03)
-    evidence = service.get_hit(session, found_wide.id)
+    evidence = service.get_hit(session, TEST_SETTINGS, found_wide.id)
     assert (evidence.threshold, evidence.threshold_source) == (0.08, "recorded")
 
 
@@ -176,14 +171,18 @@ def test_a_decision_decides_the_uploads_open_hits_together_and_is_audited(
         make_hit(session, upload, make_entry(session, bank)) for _ in range(4)
     )
     unrelated = make_hit(session, make_upload(session), make_entry(session, bank))
-    service.decide(session, escalated.id, Outcome.ESCALATE, "ask a senior", "key:1:alice")
+    service.decide(
+        session, TEST_SETTINGS, escalated.id, Outcome.ESCALATE, "ask a senior", "key:1:alice"
+    )
     # Escalating decided the upload's every open hit; make one dismissed by hand to see
     # that a final decision is left alone.
     dismissed.review_status = ReviewStatus.DISMISSED
     sibling.review_status = ReviewStatus.PENDING
     session.flush()
 
-    decision = service.decide(session, named.id, Outcome.CONFIRM, "matches", "key:2:bob")
+    decision = service.decide(
+        session, TEST_SETTINGS, named.id, Outcome.CONFIRM, "matches", "key:2:bob"
+    )
     assert decision.changed
     assert decision.decided == {
         named.id: ReviewStatus.ESCALATED,
@@ -245,34 +244,34 @@ def test_repeating_a_decision_changes_nothing_and_contradicting_it_is_refused(
 ) -> None:
     bank = make_bank(session, "b")
     hit = make_hit(session, make_upload(session), make_entry(session, bank))
-    service.decide(session, hit.id, "dismiss", None, "key:1:alice")
+    service.decide(session, TEST_SETTINGS, hit.id, "dismiss", None, "key:1:alice")
     audited = session.scalar(select(func.count()).select_from(AuditEvent))
-    again = service.decide(session, hit.id, Outcome.DISMISS, "again", "key:2:bob")
+    again = service.decide(session, TEST_SETTINGS, hit.id, Outcome.DISMISS, "again", "key:2:bob")
     assert not again.changed
     assert again.decided == {}
     assert session.scalar(select(func.count()).select_from(AuditEvent)) == audited
     session.refresh(hit)
     assert hit.reviewed_by == "key:1:alice"
     with pytest.raises(AlreadyDecided, match=r"already dismissed by key:1:alice"):
-        service.decide(session, hit.id, Outcome.CONFIRM, None, "key:2:bob")
+        service.decide(session, TEST_SETTINGS, hit.id, Outcome.CONFIRM, None, "key:2:bob")
     with pytest.raises(service.HitNotFound):
-        service.decide(session, 10**12, Outcome.CONFIRM, None, "key:2:bob")
+        service.decide(session, TEST_SETTINGS, 10**12, Outcome.CONFIRM, None, "key:2:bob")
 
 
-def test_a_confirmation_writes_its_webhook_event_in_its_transaction(
-    session: Session, webhooks_on: None
-) -> None:
+def test_a_confirmation_writes_its_webhook_event_in_its_transaction(session: Session) -> None:
     bank = make_bank(session, "b")
     upload = make_upload(session, external_id="ext-1")
     first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
-    service.decide(session, first.id, Outcome.DISMISS, None, "t")  # no event: not configured
+    service.decide(
+        session, WEBHOOKS_ON, first.id, Outcome.DISMISS, None, "t"
+    )  # no event: not configured
     upload = make_upload(session, external_id="ext-2")
     first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
     nested = session.begin_nested()
-    service.decide(session, first.id, Outcome.CONFIRM, None, "t")
+    service.decide(session, WEBHOOKS_ON, first.id, Outcome.CONFIRM, None, "t")
     nested.rollback()
     assert session.scalar(select(func.count()).select_from(WebhookEvent)) == 0
-    service.decide(session, first.id, Outcome.CONFIRM, "not sent", "t")
+    service.decide(session, WEBHOOKS_ON, first.id, Outcome.CONFIRM, "not sent", "t")
     (event,) = session.scalars(select(WebhookEvent))
     assert event.event_type is EventType.CONFIRMED
     assert event.upload_id == upload.id
@@ -297,13 +296,13 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
         try:
             with session_scope() as other:
                 outcome["pid"] = _backend_pid(other)
-                service.decide(other, second_id, Outcome.DISMISS, None, "key:2:bob")
+                service.decide(other, TEST_SETTINGS, second_id, Outcome.DISMISS, None, "key:2:bob")
             outcome["bob"] = "decided"
         except AlreadyDecided as error:
             outcome["bob"] = error
 
     with session_scope() as session:
-        service.decide(session, first_id, Outcome.CONFIRM, None, "key:1:alice")
+        service.decide(session, TEST_SETTINGS, first_id, Outcome.CONFIRM, None, "key:1:alice")
         bob = threading.Thread(target=contradict)
         bob.start()
         _wait_for_a_lock_wait(outcome)

@@ -33,6 +33,7 @@ from moderation.search.models import MilvusSyncState
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from tests.api_fixtures import bearer, keys
+from tests.conftest import TEST_SETTINGS
 from tests.milvus_fixtures import MilvusEnv, milvus_api, sync_until_caught_up
 from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
@@ -101,7 +102,9 @@ def test_a_review_decision_reaches_the_filter_inside_milvus(
         for upload in near[:2]:
             hit_id = session.scalar(select(Hit.id).where(Hit.upload_id == upload))
             assert hit_id is not None
-            review.decide(session, hit_id, review.Outcome.CONFIRM, None, "reviewer@test")
+            review.decide(
+                session, TEST_SETTINGS, hit_id, review.Outcome.CONFIRM, None, "reviewer@test"
+            )
     # Milvus itself still holds the old status until the change log is synced: the filter
     # runs inside it, not only on PostgreSQL afterwards.
     _, stale, _ = index.search(query, 10, filters=confirmed)

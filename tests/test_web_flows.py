@@ -15,11 +15,11 @@ from playwright.sync_api import Browser, Page, expect
 
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import embed_first_frame
 from moderation.images.decode import DecodeLimits
+from tests.conftest import TEST_SETTINGS
 from tests.search_fixtures import add_upload, index_dir, tiny_model, unit
 from tests.test_web_browser import CHROMIUM, browser, receiver, server, webhook_env
 
@@ -85,7 +85,7 @@ def _result_ids(page: Page) -> list[int]:
 def test_an_analyst_searches_by_text_image_and_upload_pages_and_exports(
     index_dir: Path, server: str, browser: Browser
 ) -> None:
-    settings = get_settings()
+    settings = TEST_SETTINGS
     embedder = ClipEmbedder(settings.resolved_model(), "cpu")
     _, photo_vector = embed_first_frame(
         PHOTO.read_bytes(), embedder, DecodeLimits.from_settings(settings)

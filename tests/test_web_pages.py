@@ -24,12 +24,13 @@ from moderation.http.routes import app_routes
 from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.review.tasks import CHORES as REVIEW_CHORES
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import WebSession
 from moderation.web.service import COOKIE_NAME
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
+from tests.conftest import TEST_RUNTIME
 from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 
 (CAPTURE,) = REVIEW_CHORES
@@ -37,10 +38,8 @@ from tests.web_fixtures import SAME_ORIGIN, log_in, seed_hit, site
 __all__ = ["keys", "site"]
 
 
-def test_every_page_names_who_may_see_it() -> None:
-    paths = {
-        path: route_roles(route) for path, route in app_routes(create_app(environment_runtime()))
-    }
+def test_every_page_names_who_may_see_it(runtime: Runtime) -> None:
+    paths = {path: route_roles(route) for path, route in app_routes(create_app(runtime))}
     assert paths["/login"] is None  # public
     assert paths["/review/banks"] == frozenset({Role.REVIEWER, Role.ANALYST, Role.ADMIN})
     assert all(roles is None or roles for roles in paths.values())
@@ -202,7 +201,7 @@ def test_kept_frames_are_blurred_until_revealed_and_every_read_is_audited(
 ) -> None:
     seeded = seed_hit(tmp_path)
     original_bytes = seeded.image.read_bytes()
-    CAPTURE.run(environment_runtime(), complete=True)  # a worker's sweeper keeps the hit's evidence
+    CAPTURE.run(TEST_RUNTIME, complete=True)  # a worker's sweeper keeps the hit's evidence
     # Kept: the URI may serve anything now, the page shows what was kept.
     seeded.image.write_bytes(b"not the screened bytes")
     log_in(site, keys[Role.REVIEWER])
@@ -254,7 +253,7 @@ def test_an_upload_with_hits_and_no_evidence_is_never_fetched_from_a_view(
     assert "Evidence not kept yet" in response.text
     # Its content changes; the sweeper finds the bytes are not the screened ones.
     seeded.image.write_bytes(original_bytes[:-200] + b"\xff\xd9")
-    CAPTURE.run(environment_runtime(), complete=True)
+    CAPTURE.run(TEST_RUNTIME, complete=True)
     page = site.get(f"/review/uploads/{seeded.upload_id}").text
     assert "Content changed since screening" in page
     assert f"/review/uploads/{seeded.upload_id}/frames/" not in page

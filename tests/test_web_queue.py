@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,13 @@ from sqlalchemy.orm import Session
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.images.signals import SignalType
-from moderation.main.app import create_app
 from moderation.review import claims
 from moderation.review.cards import Order
 from moderation.review.models import Hit, ReviewStatus
 from moderation.review.tasks import CHORES as REVIEW_CHORES
+from moderation.runtime import Runtime
 from moderation.screening.models import Upload
 from moderation.web import service as web
 from moderation.web.models import PendingForm, WebSession
@@ -32,8 +31,8 @@ from moderation.web.service import COOKIE_NAME
 from moderation.webhooks import service as webhooks
 from moderation.webhooks.models import WebhookEvent
 from tests.api_fixtures import bearer, keys
-from tests.conftest import environment_runtime
-from tests.web_fixtures import BASE_URL, SAME_ORIGIN, Seeded, add_hit, log_in, seed_hit, site
+from tests.conftest import TEST_RUNTIME
+from tests.web_fixtures import SAME_ORIGIN, Seeded, add_hit, browser, log_in, seed_hit, site
 
 __all__ = ["keys", "site"]
 (CAPTURE,) = REVIEW_CHORES
@@ -63,7 +62,7 @@ def test_the_queue_shows_the_pending_count_and_each_hits_evidence(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = _seed(tmp_path, 2)
-    CAPTURE.run(environment_runtime(), complete=True)
+    CAPTURE.run(TEST_RUNTIME, complete=True)
     log_in(site, keys[Role.REVIEWER])
     page = site.get("/review")
     assert page.status_code == 200
@@ -232,15 +231,20 @@ def test_a_hit_found_after_the_page_was_drawn_stays_open(
 # decisions, undo, and decisions that outlive their session.
 
 
+# Batches of two cards; an age target of one hour.
+QUEUE_SETTINGS: dict[str, Any] = {"review_claim_batch": 2, "review_age_target_hours": 1}
+
+
 @pytest.fixture
-def queue_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Batches of two cards; an age target of one hour."""
-    monkeypatch.setenv("MODERATION_REVIEW_CLAIM_BATCH", "2")
-    monkeypatch.setenv("MODERATION_REVIEW_AGE_TARGET_HOURS", "1")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
+def queue_runtime(make_runtime: Callable[..., Runtime]) -> Runtime:
+    return make_runtime(**QUEUE_SETTINGS)
+
+
+@pytest.fixture
+def queue_site(clean_db: None, queue_runtime: Runtime) -> Iterator[TestClient]:
+    """`site` on `queue_runtime`."""
+    with browser(queue_runtime) as client:
+        yield client
 
 
 def _age(hit_id: int, hours: float) -> None:
@@ -253,19 +257,25 @@ def _age(hit_id: int, hours: float) -> None:
         )
 
 
-def _client(keys: dict[Role, str], name: str) -> TestClient:
-    """Another reviewer's browser: their own key and session."""
+def _client(runtime: Runtime, keys: dict[Role, str], name: str) -> TestClient:
+    """Another reviewer's browser, on `runtime`: their own key and session."""
     with session_scope() as session:
         _, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
-    client = TestClient(
-        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
-    )
+    client = browser(runtime)
     log_in(client, secret)
     return client
 
 
+def _same_browser(site: TestClient, runtime: Runtime) -> TestClient:
+    """The reviewer's browser of `site`, logged in as they are, on the service run on
+    `runtime` (other settings)."""
+    client = browser(runtime)
+    client.cookies = site.cookies
+    return client
+
+
 def test_cards_count_uploads_and_show_age_and_submitter(
-    site: TestClient, keys: dict[Role, str], tmp_path: Path, queue_settings: None
+    queue_site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     first, second = _seed(tmp_path, 2)
     add_hit(first.upload_id, bank_name="second-bank")
@@ -274,8 +284,8 @@ def test_cards_count_uploads_and_show_age_and_submitter(
         upload = session.get(Upload, second.upload_id)
         assert upload is not None
         upload.event_metadata = {"user": "u-1729", "surface": "<b>profile</b>"}
-    log_in(site, keys[Role.REVIEWER])
-    html = site.get("/review").text
+    log_in(queue_site, keys[Role.REVIEWER])
+    html = queue_site.get("/review").text
     # Three hits, two uploads: the queue counts uploads.
     assert '<strong id="pending-count">2</strong> uploads pending' in html
     assert "2 cards on this page" in html
@@ -285,7 +295,7 @@ def test_cards_count_uploads_and_show_age_and_submitter(
     # The submitter's metadata, as text.
     assert "<dt>user</dt><dd>u-1729</dd>" in html
     assert "&lt;b&gt;profile&lt;/b&gt;" in html
-    upload_page = site.get(f"/review/uploads/{second.upload_id}").text
+    upload_page = queue_site.get(f"/review/uploads/{second.upload_id}").text
     assert "<dt>user</dt><dd>u-1729</dd>" in upload_page
 
 
@@ -342,10 +352,10 @@ def _claim(client: TestClient) -> list[int]:
 
 
 def test_two_reviewers_claim_disjoint_batches(
-    keys: dict[Role, str], tmp_path: Path, queue_settings: None, site: TestClient
+    keys: dict[Role, str], tmp_path: Path, queue_runtime: Runtime, clean_db: None
 ) -> None:
     seeded = _seed(tmp_path, 5)
-    ada, bob = _client(keys, "ada"), _client(keys, "bob")
+    ada, bob = _client(queue_runtime, keys, "ada"), _client(queue_runtime, keys, "bob")
     with ada, bob:
         ada_cards = _claim(ada)
         bob_cards = _claim(bob)
@@ -372,7 +382,7 @@ def test_two_reviewers_claim_disjoint_batches(
 
 
 def test_a_stale_decision_shows_what_changed_and_lets_the_reviewer_go_on(
-    site: TestClient, keys: dict[Role, str], tmp_path: Path
+    site: TestClient, runtime: Runtime, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = seed_hit(tmp_path)
     log_in(site, keys[Role.REVIEWER])
@@ -380,7 +390,7 @@ def test_a_stale_decision_shows_what_changed_and_lets_the_reviewer_go_on(
     drawn = _field(html, seeded.upload_id, "state")
     assert drawn == f"{seeded.hit_id}:pending"
     # A colleague escalates it with a note while the page is open.
-    with _client(keys, "carol") as carol:
+    with _client(runtime, keys, "carol") as carol:
         assert _decide(carol, seeded.hit_id, "escalate", note="needs a senior").status_code == 303
     stale = _decide(site, seeded.hit_id, "confirm", note="clear match", state=drawn)
     assert stale.status_code == 409
@@ -402,7 +412,7 @@ def test_a_stale_decision_shows_what_changed_and_lets_the_reviewer_go_on(
     # A card decided for good by a colleague: the page says so and offers nothing to send.
     other = seed_hit(tmp_path / "other", bank_name="other-bank", seed=9)
     drawn = _field(site.get("/review").text, other.upload_id, "state")
-    with _client(keys, "dan") as dan:
+    with _client(runtime, keys, "dan") as dan:
         assert _decide(dan, other.hit_id, "dismiss").status_code == 303
     stale = _decide(site, other.hit_id, "confirm", state=drawn)
     assert stale.status_code == 409
@@ -418,12 +428,12 @@ def _field(html: str, upload_id: int, name: str) -> str:
 
 
 def test_undo_restores_the_card_within_the_window_only(
-    site: TestClient,
+    queue_site: TestClient,
     keys: dict[Role, str],
     tmp_path: Path,
-    queue_settings: None,
-    monkeypatch: pytest.MonkeyPatch,
+    make_runtime: Callable[..., Runtime],
 ) -> None:
+    site = queue_site
     first, second, third = _seed(tmp_path, 3)
     log_in(site, keys[Role.REVIEWER])
     assert _decide(site, first.hit_id, "confirm", note="oops").status_code == 303
@@ -454,23 +464,27 @@ def test_undo_restores_the_card_within_the_window_only(
         f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
     )
     assert again.status_code == 409
-    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "0")
-    get_settings.cache_clear()
-    assert _decide(site, second.hit_id, "dismiss").status_code == 303
-    with session_scope() as session:
-        late_id = max(e.id for e in events_for(session, "upload", second.upload_id))
-    late = site.post(f"/review/decisions/{late_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN)
+    # The same reviewer on a service that offers no undo.
+    with _same_browser(site, make_runtime(**QUEUE_SETTINGS, review_undo_seconds=0)) as no_undo:
+        assert _decide(no_undo, second.hit_id, "dismiss").status_code == 303
+        with session_scope() as session:
+            late_id = max(e.id for e in events_for(session, "upload", second.upload_id))
+        late = no_undo.post(
+            f"/review/decisions/{late_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+        )
     assert late.status_code == 409
     assert "can no longer be undone" in late.text
     assert _status(second.hit_id) is ReviewStatus.DISMISSED
     # Nobody undoes a colleague's decision.
-    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "60")
-    get_settings.cache_clear()
-    with _client(keys, "eve") as eve:
+    long_undo = make_runtime(**QUEUE_SETTINGS, review_undo_seconds=60)
+    with _client(long_undo, keys, "eve") as eve:
         assert _decide(eve, third.hit_id, "escalate").status_code == 303
     with session_scope() as session:
         eves = max(e.id for e in events_for(session, "upload", third.upload_id))
-    theirs = site.post(f"/review/decisions/{eves}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN)
+    with _same_browser(site, long_undo) as mine:
+        theirs = mine.post(
+            f"/review/decisions/{eves}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
+        )
     assert theirs.status_code == 409
     assert _status(third.hit_id) is ReviewStatus.ESCALATED
 
@@ -540,12 +554,10 @@ def test_a_decision_and_its_note_survive_an_expired_session(
 
 
 def test_an_undone_decision_is_never_announced(
-    site: TestClient, keys: dict[Role, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clean_db: None, keys: dict[Role, str], tmp_path: Path, make_runtime: Callable[..., Runtime]
 ) -> None:
-    monkeypatch.setenv("MODERATION_WEBHOOK_URL", "https://receiver.example/hooks")
-    monkeypatch.setenv("MODERATION_REVIEW_UNDO_SECONDS", "30")
-    get_settings.cache_clear()
-    try:
+    runtime = make_runtime(webhook_url="https://receiver.example/hooks", review_undo_seconds=30)
+    with browser(runtime) as site:
         kept, undone = _seed(tmp_path, 2)
         log_in(site, keys[Role.REVIEWER])
         assert _decide(site, kept.hit_id, "confirm").status_code == 303
@@ -569,18 +581,15 @@ def test_an_undone_decision_is_never_announced(
         assert response.status_code == 303
         with session_scope() as session:
             assert set(session.scalars(select(WebhookEvent.upload_id))) == {kept.upload_id}
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
 
 
 def test_the_api_respects_a_colleagues_claim(
-    site: TestClient, keys: dict[Role, str], tmp_path: Path, queue_settings: None
+    queue_site: TestClient, queue_runtime: Runtime, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = _seed(tmp_path, 1)
-    with _client(keys, "ada") as ada:
+    with _client(queue_runtime, keys, "ada") as ada:
         assert _claim(ada) == [seeded[0].upload_id]
-    refused = site.post(
+    refused = queue_site.post(
         f"/v1/hits/{seeded[0].hit_id}/decision",
         json={"outcome": "dismiss"},
         headers=bearer(keys[Role.REVIEWER]),
@@ -591,7 +600,7 @@ def test_the_api_respects_a_colleagues_claim(
 
 
 def test_reviewers_claiming_at_the_same_moment_get_disjoint_batches(
-    clean_db: None, tmp_path: Path
+    clean_db: None, runtime: Runtime, tmp_path: Path
 ) -> None:
     """Claims taken in concurrent transactions, started together: each card goes to one."""
     seeded = _seed(tmp_path, 8)
@@ -602,7 +611,12 @@ def test_reviewers_claiming_at_the_same_moment_get_disjoint_batches(
         with session_scope() as session:
             start.wait(timeout=30)
             taken[actor] = claims.claim_batch(
-                session, actor, size=2, lease=timedelta(minutes=5), order=Order.PRIORITY
+                session,
+                runtime.settings,
+                actor,
+                size=2,
+                lease=timedelta(minutes=5),
+                order=Order.PRIORITY,
             )
 
     threads = [threading.Thread(target=claim_for, args=(f"r{i}",)) for i in range(4)]

@@ -96,7 +96,9 @@ def _confirmed_uploads(count: int, hits_each: int = 2) -> list[int]:
         for _ in range(count):
             upload = make_upload(session, external_id=os.urandom(6).hex())
             hits = [make_hit(session, upload, make_entry(session, bank)) for _ in range(hits_each)]
-            review.decide(session, hits[0].id, Outcome.CONFIRM, "seen", "key:1:alice")
+            review.decide(
+                session, get_settings(), hits[0].id, Outcome.CONFIRM, "seen", "key:1:alice"
+            )
             upload_ids.append(upload.id)
     return upload_ids
 
@@ -353,7 +355,7 @@ def test_screening_hits_are_announced_when_configured(
     assert event.payload["decision"] is None
     # A dismissal is announced too, so that the receiver learns the hit was cleared.
     hit_id = event.payload["hits"][0]["id"]
-    review.decide(session, hit_id, Outcome.DISMISS, None, "key:1:alice")
+    review.decide(session, get_settings(), hit_id, Outcome.DISMISS, None, "key:1:alice")
     kinds = session.scalars(select(WebhookEvent.event_type).order_by(WebhookEvent.id))
     assert list(kinds) == [EventType.HIT, EventType.DISMISSED]
     assert session.scalar(select(func.count()).select_from(WebhookAttempt)) == 0

@@ -18,21 +18,25 @@ from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.main.app import create_app
 from moderation.review.models import Hit
+from moderation.runtime import Runtime
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.web.service import COOKIE_NAME
-from tests.conftest import environment_runtime
 
 BASE_URL = "https://testserver"
 # What a browser sends with a form posted from this site's own pages.
 SAME_ORIGIN = {"Origin": BASE_URL}
 
 
+def browser(runtime: Runtime) -> TestClient:
+    """The application on `runtime` over HTTPS, not following redirects (the tests look at
+    them)."""
+    return TestClient(create_app(runtime), base_url=BASE_URL, follow_redirects=False)
+
+
 @pytest.fixture
-def site(clean_db: None) -> Iterator[TestClient]:
-    """The application over HTTPS, not following redirects (the tests look at them)."""
-    with TestClient(
-        create_app(environment_runtime()), base_url=BASE_URL, follow_redirects=False
-    ) as client:
+def site(clean_db: None, runtime: Runtime) -> Iterator[TestClient]:
+    """The application on the tests' runtime, in a browser (`browser`)."""
+    with browser(runtime) as client:
         yield client
 
 

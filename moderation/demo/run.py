@@ -176,7 +176,7 @@ def _report(runtime: Runtime, rows: list[Upload]) -> None:
         empty="no uploads",
     )
     with runtime.session() as session:
-        every = review.newest(session, review.QueueFilter(status=None), None)
+        every = review.newest(session, runtime.settings, review.QueueFilter(status=None), None)
         hits = sorted(every, key=lambda h: (h.upload_id, h.signal))
     click.secho("\nhits", bold=True)
     emit_table(

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.http.access import Caller, DbSession, allow
+from moderation.config import Settings
+from moderation.http.access import AppRuntime, Caller, DbSession, allow
 from moderation.http.types import UtcDatetime
 from moderation.images.signals import SignalType
 from moderation.review import claims, service
@@ -107,6 +108,7 @@ class DecisionOut(BaseModel):
 @router.get("", openapi_extra=READERS)
 def list_hits(
     session: DbSession,
+    runtime: AppRuntime,
     status_: Annotated[
         ReviewStatus | None, Query(alias="status", description="default: pending")
     ] = ReviewStatus.PENDING,
@@ -130,7 +132,7 @@ def list_hits(
         retroactive=retroactive,
         upload_id=upload_id,
     )
-    page = service.queue(session, filters, cursor=cursor, limit=limit)
+    page = service.queue(session, runtime.settings, filters, cursor=cursor, limit=limit)
     pending = service.count(session, replace(filters, status=ReviewStatus.PENDING))
     return HitPage(
         hits=[HitOut.of(hit) for hit in page.hits], next_cursor=page.next_cursor, pending=pending
@@ -138,8 +140,8 @@ def list_hits(
 
 
 @router.get("/{hit_id}", openapi_extra=READERS)
-def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
-    return HitOut.of(service.get_hit(session, hit_id))
+def get_hit(session: DbSession, runtime: AppRuntime, hit_id: HitId) -> HitOut:
+    return HitOut.of(service.get_hit(session, runtime.settings, hit_id))
 
 
 @router.post(
@@ -150,16 +152,19 @@ def get_hit(session: DbSession, hit_id: HitId) -> HitOut:
         409: {"description": "decided otherwise, or the card is claimed by a colleague"},
     },
 )
-def decide(session: DbSession, caller: Caller, hit_id: HitId, body: DecisionIn) -> DecisionOut:
+def decide(
+    session: DbSession, runtime: AppRuntime, caller: Caller, hit_id: HitId, body: DecisionIn
+) -> DecisionOut:
     """Confirm, dismiss or escalate a hit, and with it every open hit of its upload (or,
     given `seen_hit_ids`, those of them the reviewer saw). Repeating a decision changes
     nothing; contradicting a final one is a 409, as is deciding a card another reviewer
     has claimed (`claimed_by_colleague`) on the review pages."""
-    upload_id = service.get_hit(session, hit_id).upload_id
-    lease = timedelta(minutes=get_settings().review_claim_minutes)
+    settings = runtime.settings
+    upload_id = service.get_hit(session, settings, hit_id).upload_id
+    lease = timedelta(minutes=settings.review_claim_minutes)
     claims.take_for_decision(session, upload_id, caller.actor, lease=lease)
     decision = service.decide(
-        session, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
+        session, settings, hit_id, body.outcome, body.note, caller.actor, seen=body.seen_hit_ids
     )
     claims.release(session, upload_id, caller.actor)
     return DecisionOut(
@@ -233,23 +238,29 @@ UPLOAD_READERS = allow(Role.SUBMITTER, Role.REVIEWER, Role.ANALYST)
 
 
 @uploads_router.get("/{upload_id}", openapi_extra=UPLOAD_READERS)
-def get_upload(session: DbSession, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> UploadOut:
+def get_upload(
+    session: DbSession, runtime: AppRuntime, upload_id: Annotated[int, Path(ge=1, le=MAX_ID)]
+) -> UploadOut:
     """An upload's status, error, signals and hits."""
-    return _upload_out(session, screening.get_upload(session, upload_id))
+    return _upload_out(session, runtime.settings, screening.get_upload(session, upload_id))
 
 
 @uploads_router.get("", openapi_extra=UPLOAD_READERS)
 def find_uploads(
-    session: DbSession, external_id: Annotated[str, Query(min_length=1, max_length=512)]
+    session: DbSession,
+    runtime: AppRuntime,
+    external_id: Annotated[str, Query(min_length=1, max_length=512)],
 ) -> UploadList:
     """The upload an external id names (a list of at most one)."""
     if "\x00" in external_id:
         return UploadList(uploads=[])
     upload = screening.upload_by_external_id(session, external_id)
-    return UploadList(uploads=[] if upload is None else [_upload_out(session, upload)])
+    return UploadList(
+        uploads=[] if upload is None else [_upload_out(session, runtime.settings, upload)]
+    )
 
 
-def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
+def _upload_out(session: Session, settings: Settings, upload: Upload) -> UploadOut:
     error = (
         UploadError(code=upload.error_code, message=upload.error_message or "")
         if upload.error_code
@@ -293,6 +304,6 @@ def _upload_out(session: DbSession, upload: Upload) -> UploadOut:
                 review_status=hit.review_status,
                 created_at=hit.created_at,
             )
-            for hit in service.upload_hits(session, upload.id)
+            for hit in service.upload_hits(session, settings, upload.id)
         ],
     )

@@ -46,7 +46,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Exists, Subquery
 
-from moderation.config import get_settings
+from moderation.config import Settings
 from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewClaim
 from moderation.review.service import (
@@ -83,10 +83,10 @@ class CardPage:
     next_cursor: str | None
 
 
-def _strength() -> ColumnElement[float]:
+def _strength(settings: Settings) -> ColumnElement[float]:
     """A hit's distance as a fraction of its threshold. Hits found before thresholds were
-    recorded are held to today's global one (a bank's own radius is not looked up here)."""
-    settings = get_settings()
+    recorded are held to the global one in `settings` (a bank's own radius is not looked
+    up here)."""
     fallback = case(
         (Hit.signal == SignalType.PDQ, literal(float(settings.pdq_threshold))),
         else_=literal(settings.match_radius),
@@ -99,13 +99,13 @@ def _strength() -> ColumnElement[float]:
     )
 
 
-def _cards(filters: QueueFilter) -> Select[int, bool, float, datetime, int]:
+def _cards(settings: Settings, filters: QueueFilter) -> Select[int, bool, float, datetime, int]:
     return (
         _filtered(select(Hit.upload_id), filters)
         .with_only_columns(
             Hit.upload_id.label("upload_id"),
             func.bool_or(Hit.signal == SignalType.SHA256).label("exact"),
-            func.min(_strength()).label("strength"),
+            func.min(_strength(settings)).label("strength"),
             func.min(Hit.created_at).label("waiting_since"),
             func.count().label("hits"),
         )
@@ -171,6 +171,7 @@ def decode_cursor(cursor: str, order: Order) -> tuple[object, ...]:
 
 def queue(
     session: Session,
+    settings: Settings,
     filters: QueueFilter,
     *,
     order: Order,
@@ -180,7 +181,7 @@ def queue(
 ) -> CardPage:
     """A page of cards in `order`, after `cursor`: those nobody holds a live claim on
     (the caller's own claims are `claimed_by`'s)."""
-    query = _cards(filters).where(~_live_claim(Hit.upload_id))
+    query = _cards(settings, filters).where(~_live_claim(Hit.upload_id))
     cards, key = _ordered(query, order)
     statement = select(cards).order_by(*key)
     if cursor is not None:
@@ -192,10 +193,10 @@ def queue(
 
 
 def claimed_by(
-    session: Session, filters: QueueFilter, *, order: Order, actor: str
+    session: Session, settings: Settings, filters: QueueFilter, *, order: Order, actor: str
 ) -> list[CardKey]:
     """The cards `actor` holds a live claim on, in `order` (a batch is small: no paging)."""
-    query = _cards(filters).where(_live_claim(Hit.upload_id, by=actor))
+    query = _cards(settings, filters).where(_live_claim(Hit.upload_id, by=actor))
     cards, key = _ordered(query, order)
     statement = select(cards).order_by(*key)
     return [CardKey(*row) for row in session.execute(statement)]
@@ -212,8 +213,10 @@ class QueueCounts:
     over_target: int
 
 
-def counts(session: Session, filters: QueueFilter, *, actor: str, target_s: float) -> QueueCounts:
-    cards = _cards(filters).subquery()
+def counts(
+    session: Session, settings: Settings, filters: QueueFilter, *, actor: str, target_s: float
+) -> QueueCounts:
+    cards = _cards(settings, filters).subquery()
     others = _live_claim(cards.c.upload_id, not_by=actor)
     mine = _live_claim(cards.c.upload_id, by=actor)
     overdue = cards.c.waiting_since < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, target_s)

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from moderation.config import Settings
 from moderation.errors import Conflict
 from moderation.review.cards import Order, queue
 from moderation.review.models import ReviewClaim
@@ -54,6 +55,7 @@ class Claim:
 
 def claim_batch(
     session: Session,
+    settings: Settings,
     actor: str,
     *,
     size: int,
@@ -63,7 +65,8 @@ def claim_batch(
 ) -> list[int]:
     """Claim up to `size` cards for `actor`, the next ones in `order` that nobody holds;
     renew the actor's live claims too (the batch being worked stays theirs). The uploads
-    newly claimed, in order."""
+    newly claimed, in order. `settings`: the thresholds the queue's order holds hits with
+    none recorded to (`cards.queue`)."""
     expires = func.now() + lease
     session.execute(
         update(ReviewClaim)
@@ -75,7 +78,7 @@ def claim_batch(
         wanted = size - len(taken)
         if wanted <= 0:
             break
-        page = queue(session, filters, order=order, actor=actor, limit=wanted)
+        page = queue(session, settings, filters, order=order, actor=actor, limit=wanted)
         if not page.cards:
             break
         for card in page.cards:

@@ -7,9 +7,9 @@ import click
 
 from moderation.audit.service import cli_actor
 from moderation.console import emit_json, emit_table, limit_options, say_if_cut
-from moderation.db import session_scope
 from moderation.review import service
 from moderation.review.service import Outcome, QueueFilter
+from moderation.runtime import Runtime, pass_runtime
 from moderation.screening import service as screening
 from moderation.screening.cli import upload_json
 from moderation.screening.models import AS_STORED_FRAME
@@ -23,12 +23,15 @@ from moderation.screening.models import AS_STORED_FRAME
     "--escalate", "outcome", flag_value=Outcome.ESCALATE.value, help="For a senior reviewer."
 )
 @click.option("--note", default=None, help="Why, for the audit log.")
-def decide(hit_id: int, outcome: str | None, note: str | None) -> None:
+@pass_runtime
+def decide(runtime: Runtime, hit_id: int, outcome: str | None, note: str | None) -> None:
     """Decide a hit, and with it every open hit of its upload (audited as the OS user)."""
     if outcome is None:
         raise click.UsageError("say --confirm, --dismiss or --escalate")
-    with session_scope() as session:
-        decision = service.decide(session, hit_id, Outcome(outcome), note, cli_actor())
+    with runtime.session() as session:
+        decision = service.decide(
+            session, runtime.settings, hit_id, Outcome(outcome), note, cli_actor()
+        )
     if not decision.changed:
         click.echo(f"hit {hit_id} was already {service.STATUS_AFTER[decision.outcome].value}")
         return
@@ -41,12 +44,15 @@ def decide(hit_id: int, outcome: str | None, note: str | None) -> None:
 @click.option("--upload", "upload_id", type=int, help="Only this upload's hits.")
 @limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def hits(upload_id: int | None, limit: int, show_all: bool, as_json: bool) -> None:
+@pass_runtime
+def hits(
+    runtime: Runtime, upload_id: int | None, limit: int, show_all: bool, as_json: bool
+) -> None:
     """Show hits against the banks, newest first, with their evidence and review status
     (`moderation decide` decides them)."""
     every = QueueFilter(status=None, upload_id=upload_id)
-    with session_scope() as session:
-        found = service.newest(session, every, None if show_all else limit)
+    with runtime.session() as session:
+        found = service.newest(session, runtime.settings, every, None if show_all else limit)
         cut = not show_all and len(found) == limit
         total = service.count(session, every) if cut else len(found)
     if as_json:
@@ -77,13 +83,14 @@ def emit_hits(found: list[service.HitEvidence]) -> None:
 @click.command()
 @click.argument("upload_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def upload(upload_id: int, as_json: bool) -> None:
+@pass_runtime
+def upload(runtime: Runtime, upload_id: int, as_json: bool) -> None:
     """Show one upload: its status and error, what was decoded, its signals and its hits
     with their evidence and review status."""
-    with session_scope() as session:
+    with runtime.session() as session:
         found = screening.get_upload(session, upload_id)
         signals = screening.upload_signals(session, upload_id)
-        hits = service.upload_hits(session, upload_id)
+        hits = service.upload_hits(session, runtime.settings, upload_id)
         shown = {
             **upload_json(found),
             "external_id": found.external_id,

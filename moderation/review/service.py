@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from moderation.audit import service as audit
 from moderation.banks.models import Bank, BankEntry
 from moderation.bulk_insert import ArrayRows, insert_rows_statement
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.embedding.models import EmbeddingModel
 from moderation.errors import Conflict, Invalid, NotFound
 from moderation.evidence import service as evidence
@@ -184,7 +184,8 @@ class HitEvidence:
     distance: float
     # What the distance was held to: the bank's CLIP radius (cosine distance), the PDQ
     # threshold (bits), 0 for SHA-256; as recorded when the hit was found. For a hit found
-    # before thresholds were recorded, the one in force now for this signal and bank.
+    # before thresholds were recorded, the one the reader's settings put in force now for
+    # this signal and bank.
     threshold: float
     # `recorded` (when found); for older hits, where today's comes from: bank, global
     # (CLIP radius), pdq or exact.
@@ -228,8 +229,10 @@ def _threshold(hit: Hit, bank: Bank, settings: Settings) -> tuple[float, str]:
     return 0.0, "exact"
 
 
-def _evidence(hit: Hit, upload: Upload, bank: Bank, model: str | None) -> HitEvidence:
-    threshold, source = _threshold(hit, bank, get_settings())
+def _evidence(
+    settings: Settings, hit: Hit, upload: Upload, bank: Bank, model: str | None
+) -> HitEvidence:
+    threshold, source = _threshold(hit, bank, settings)
     return HitEvidence(
         hit_id=hit.id,
         upload_id=hit.upload_id,
@@ -300,6 +303,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
 
 def queue(
     session: Session,
+    settings: Settings,
     filters: QueueFilter = QueueFilter(),
     *,
     cursor: str | None = None,
@@ -310,15 +314,18 @@ def queue(
     if cursor is not None:
         query = query.where(tuple_(Hit.created_at, Hit.id) < tuple_(*decode_cursor(cursor)))
     rows = session.execute(query.limit(limit + 1)).all()
-    hits = [_evidence(*row) for row in rows[:limit]]
+    hits = [_evidence(settings, *row) for row in rows[:limit]]
     more = len(rows) > limit
     next_cursor = encode_cursor(hits[-1].created_at, hits[-1].hit_id) if more else None
     return QueuePage(hits, next_cursor)
 
 
-def newest(session: Session, filters: QueueFilter, limit: int | None) -> list[HitEvidence]:
+def newest(
+    session: Session, settings: Settings, filters: QueueFilter, limit: int | None
+) -> list[HitEvidence]:
     """Hits matching the filters, newest first: the first `limit`, or all (None)."""
-    return [_evidence(*row) for row in session.execute(_newest_first(filters).limit(limit))]
+    query = _newest_first(filters).limit(limit)
+    return [_evidence(settings, *row) for row in session.execute(query)]
 
 
 def _newest_first(filters: QueueFilter) -> Select[Hit, Upload, Bank, str | None]:
@@ -332,30 +339,34 @@ def count(session: Session, filters: QueueFilter = QueueFilter()) -> int:
     return session.scalar(query) or 0
 
 
-def get_hit(session: Session, hit_id: int) -> HitEvidence:
+def get_hit(session: Session, settings: Settings, hit_id: int) -> HitEvidence:
     row = session.execute(_evidence_query().where(Hit.id == hit_id)).one_or_none()
     if row is None:
         raise HitNotFound(hit_id)
-    return _evidence(*row)
+    return _evidence(settings, *row)
 
 
-def upload_hits(session: Session, upload_id: int) -> list[HitEvidence]:
+def upload_hits(session: Session, settings: Settings, upload_id: int) -> list[HitEvidence]:
     """Every hit of an upload, whatever its status, in the order they were found."""
     query = _evidence_query().where(Hit.upload_id == upload_id).order_by(Hit.id)
-    return [_evidence(*row) for row in session.execute(query)]
+    return [_evidence(settings, *row) for row in session.execute(query)]
 
 
-def hits_of(session: Session, upload_ids: Collection[int]) -> dict[int, list[HitEvidence]]:
+def hits_of(
+    session: Session, settings: Settings, upload_ids: Collection[int]
+) -> dict[int, list[HitEvidence]]:
     """Every hit of each of these uploads, whatever its status, in the order they were found."""
     query = _evidence_query().where(Hit.upload_id.in_(upload_ids)).order_by(Hit.id)
     found: dict[int, list[HitEvidence]] = {}
     for row in session.execute(query):
-        evidence = _evidence(*row)
+        evidence = _evidence(settings, *row)
         found.setdefault(evidence.upload_id, []).append(evidence)
     return found
 
 
-def open_hits(session: Session, upload_ids: Collection[int]) -> dict[int, list[HitEvidence]]:
+def open_hits(
+    session: Session, settings: Settings, upload_ids: Collection[int]
+) -> dict[int, list[HitEvidence]]:
     """The open hits of each of these uploads, in the order they were found: what a
     decision on one of their hits would cover, whatever page or filter showed that hit."""
     query = (
@@ -365,7 +376,7 @@ def open_hits(session: Session, upload_ids: Collection[int]) -> dict[int, list[H
     )
     found: dict[int, list[HitEvidence]] = {}
     for row in session.execute(query):
-        evidence = _evidence(*row)
+        evidence = _evidence(settings, *row)
         found.setdefault(evidence.upload_id, []).append(evidence)
     return found
 
@@ -387,6 +398,7 @@ class Decision:
 
 def decide(
     session: Session,
+    settings: Settings,
     hit_id: int,
     outcome: Outcome | str,
     note: str | None,
@@ -404,6 +416,9 @@ def decide(
 
     `undo_window_s`: the decider may take it back this long (`undo`); its webhook event
     waits as long, so that an undone decision is never announced.
+
+    `settings`: whether webhooks are configured (which decisions write an event), and the
+    thresholds the answer shows for hits found before thresholds were recorded.
     """
     outcome = Outcome(outcome)  # a plain "confirm" from a form is welcome too
     upload_id = session.scalar(select(Hit.upload_id).where(Hit.id == hit_id))
@@ -425,7 +440,9 @@ def decide(
         raise HitNotFound(hit_id)
     target = STATUS_AFTER[outcome]
     if named.review_status is target:
-        return Decision(upload_id, hit_id, outcome, False, {}, upload_hits(session, upload_id))
+        return Decision(
+            upload_id, hit_id, outcome, False, {}, upload_hits(session, settings, upload_id)
+        )
     if named.review_status not in OPEN_STATUSES:
         raise AlreadyDecided(named)
     decided_at = session.scalar(select(func.now()))
@@ -469,14 +486,23 @@ def decide(
     if outcome is Outcome.ESCALATE and decided:
         # Escalated evidence is kept past its retention until someone releases it.
         evidence.hold(session, upload_id, actor=actor, reason="escalated")
-    _announce(session, upload_id, outcome, list(decided), decided_at, delay_s=undo_window_s)
+    _announce(
+        session, settings, upload_id, outcome, list(decided), decided_at, delay_s=undo_window_s
+    )
     return Decision(
-        upload_id, hit_id, outcome, True, decided, upload_hits(session, upload_id), event.id
+        upload_id,
+        hit_id,
+        outcome,
+        True,
+        decided,
+        upload_hits(session, settings, upload_id),
+        event.id,
     )
 
 
 def _announce(
     session: Session,
+    settings: Settings,
     upload_id: int,
     outcome: Outcome,
     hit_ids: Sequence[int],
@@ -484,7 +510,6 @@ def _announce(
     *,
     delay_s: float = 0.0,
 ) -> None:
-    settings = get_settings()
     if outcome is Outcome.CONFIRM and webhooks.enabled(settings):
         event = EventType.CONFIRMED
     elif outcome is Outcome.DISMISS and webhooks.screening_hits_enabled(settings):

@@ -8,21 +8,20 @@ audit row commits before the image is sent: a read that is not on record is not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import Response
 
 from moderation.audit import service as audit
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.db import session_scope
+from moderation.config import Settings
 from moderation.evidence import service as evidence
 from moderation.evidence.models import Evidence, EvidenceState
 from moderation.evidence.vault import Vault
-from moderation.http.access import Caller, allow
+from moderation.http.access import AppRuntime, Caller, allow, app_runtime
 from moderation.http.limits import AppLimits
+from moderation.http.resources import ProcessResource
 from moderation.images.errors import BadInput, IntakeError
 from moderation.images.signals import SignalType
 from moderation.review import service as review
@@ -40,10 +39,21 @@ NO_STORE = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nos
 SIGNAL_RANK = {SignalType.SHA256.value: 0, SignalType.PDQ.value: 1, SignalType.CLIP.value: 2}
 
 
-@lru_cache(maxsize=1)
-def web_vault() -> Vault | None:
-    """This process's vault, from the settings (None: no evidence key configured)."""
-    return Vault.from_settings(get_settings())
+@dataclass(frozen=True)
+class PagesVault:
+    """The vault the pages read kept evidence from; None when no evidence key is configured."""
+
+    vault: Vault | None
+
+    def close(self) -> None:
+        """Nothing to close: a store is a directory, or a boto3 client whose connections
+        end with the process."""
+
+
+# One per process, made from the application's settings on the first image asked for.
+VAULT = ProcessResource(
+    "pages_vault", lambda request: PagesVault(Vault.from_settings(app_runtime(request).settings))
+)
 
 
 def shown_hit(hits: list[HitEvidence]) -> HitEvidence | None:
@@ -76,14 +86,16 @@ class Media:
         return None
 
 
-def media_for(upload_id: int, kept: Evidence | None, hits: list[HitEvidence]) -> Media:
+def media_for(
+    settings: Settings, upload_id: int, kept: Evidence | None, hits: list[HitEvidence]
+) -> Media:
     best = shown_hit(hits)
     if kept is None:
         if not hits:
             return Media(upload_id, "fetch")
         reason = (
             "No evidence kept: this service keeps none (MODERATION_EVIDENCE_KEY is not set)."
-            if web_vault() is None
+            if settings.evidence_key is None
             else "Evidence not kept yet: a worker fetches the upload again and keeps it only "
             "if its bytes are the ones screened."
         )
@@ -120,8 +132,8 @@ def _purpose(reveal: bool) -> str:
     return "revealed" if reveal else "blurred"
 
 
-def _vault() -> Vault:
-    vault = web_vault()
+def _vault(request: Request) -> Vault:
+    vault = VAULT.get(request).vault
     if vault is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no evidence is kept by this service")
     return vault
@@ -129,11 +141,16 @@ def _vault() -> Vault:
 
 @router.get("/review/uploads/{upload_id}/frames/{frame}", openapi_extra=READERS)
 def kept_frame(
-    caller: Caller, upload_id: RowId, frame: FrameIndex, reveal: Annotated[bool, Query()] = False
+    request: Request,
+    runtime: AppRuntime,
+    caller: Caller,
+    upload_id: RowId,
+    frame: FrameIndex,
+    reveal: Annotated[bool, Query()] = False,
 ) -> Response:
     """A kept frame of the upload, blurred unless `reveal`; the read is audited."""
-    vault = _vault()
-    with session_scope() as session:
+    vault = _vault(request)
+    with runtime.session() as session:
         (jpeg,) = evidence.read_frames(
             session, vault, upload_id, [frame], actor=caller.actor, purpose=_purpose(reveal)
         )
@@ -142,6 +159,8 @@ def kept_frame(
 
 @router.get("/review/uploads/{upload_id}/strip", openapi_extra=READERS)
 def kept_strip(
+    request: Request,
+    runtime: AppRuntime,
     caller: Caller,
     upload_id: RowId,
     frame: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -149,8 +168,8 @@ def kept_strip(
 ) -> Response:
     """The kept frames of an animation side by side (at most `STRIP_FRAMES`, spread), the
     one at `frame` framed; blurred unless `reveal`; the read is audited."""
-    vault = _vault()
-    with session_scope() as session:
+    vault = _vault(request)
+    with runtime.session() as session:
         kept = evidence.evidence_of(session, upload_id)
         frames = spread(kept.frames, frame) if kept is not None else []
         jpegs = evidence.read_frames(
@@ -167,27 +186,33 @@ def kept_strip(
 
 @router.get("/review/uploads/{upload_id}/thumbnail", openapi_extra=READERS)
 def upload_thumbnail(
-    caller: Caller, limits: AppLimits, upload_id: RowId, reveal: Annotated[bool, Query()] = False
+    request: Request,
+    runtime: AppRuntime,
+    caller: Caller,
+    limits: AppLimits,
+    upload_id: RowId,
+    reveal: Annotated[bool, Query()] = False,
 ) -> Response:
     """The upload as a page shows it: its kept frame (the best hit's) if evidence was kept;
     for an upload with no hit and no evidence, fetched again and shown only if its SHA-256
     is the one screened. An upload with hits is never fetched from here."""
-    with session_scope() as session:
+    settings = runtime.settings
+    with runtime.session() as session:
         upload = session.get(Upload, upload_id)
         if upload is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-        hits = review.upload_hits(session, upload_id)
-        media = media_for(upload_id, evidence.evidence_of(session, upload_id), hits)
+        hits = review.upload_hits(session, settings, upload_id)
+        media = media_for(settings, upload_id, evidence.evidence_of(session, upload_id), hits)
         uri = upload.uri
         screened = screening.screened_sha256(session, upload_id)
     if media.frame is not None:
-        return kept_frame(caller, upload_id, media.frame, reveal)
+        return kept_frame(request, runtime, caller, upload_id, media.frame, reveal)
     if media.state != "fetch" or screened is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, media.reason or "the upload was not screened"
         )
     if reveal:
-        with session_scope() as session:
+        with runtime.session() as session:
             audit.record(
                 session,
                 actor=caller.actor,
@@ -197,7 +222,7 @@ def upload_thumbnail(
             )
     try:
         thumbnail = fetched_thumbnail(
-            uri, screened, get_settings(), limits, reveal=reveal, caller=caller.actor
+            uri, screened, settings, limits, reveal=reveal, caller=caller.actor
         )
         return _image(thumbnail)
     except ContentChanged as changed:

@@ -22,12 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.embedding import registry
 from moderation.errors import ModerationError
 from moderation.evidence import service as evidence
 from moderation.http.access import (
+    AppRuntime,
     Caller,
     DbSession,
     allow,
@@ -37,6 +36,7 @@ from moderation.http.access import (
 )
 from moderation.http.errors import bounded_errors, error_answer, validation_answer
 from moderation.http.routes import route_for
+from moderation.runtime import Runtime
 from moderation.web import pending_forms, queue, reads, service
 from moderation.web.media import media_for
 from moderation.web.media import router as media_router
@@ -93,13 +93,14 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 def login(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     api_key: Annotated[str, Form()],
     next: Annotated[str, Form()] = "",
 ) -> Response:
     # No session yet, so no form token: the Origin check stops another site from logging a
     # reviewer in under a key of its own.
     require_same_origin(request)
-    settings = get_settings()
+    settings = runtime.settings
     login = service.log_in(
         session, api_key.strip(), lifetime=timedelta(hours=settings.web_session_hours)
     )
@@ -156,11 +157,14 @@ def logout(
 
 
 @router.get("/review/uploads/{upload_id}", openapi_extra=READERS)
-def upload_page(request: Request, session: DbSession, upload_id: RowId) -> HTMLResponse:
-    page = reads.upload_page(session, upload_id)
+def upload_page(
+    request: Request, session: DbSession, runtime: AppRuntime, upload_id: RowId
+) -> HTMLResponse:
+    settings = runtime.settings
+    page = reads.upload_page(session, settings, upload_id)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload with id {upload_id}")
-    media = media_for(upload_id, evidence.evidence_of(session, upload_id), page.hits)
+    media = media_for(settings, upload_id, evidence.evidence_of(session, upload_id), page.hits)
     kept = evidence.evidence_of(session, upload_id)
     return render(request, "upload.html", {"page": page, "media": media, "kept": kept})
 
@@ -171,8 +175,10 @@ def banks_page(request: Request, session: DbSession) -> HTMLResponse:
 
 
 @router.get("/review/banks/{bank_id}", openapi_extra=READERS)
-def bank_page(request: Request, session: DbSession, bank_id: RowId) -> HTMLResponse:
-    page = reads.bank_page(session, bank_id, get_settings())
+def bank_page(
+    request: Request, session: DbSession, runtime: AppRuntime, bank_id: RowId
+) -> HTMLResponse:
+    page = reads.bank_page(session, bank_id, runtime.settings)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bank with id {bank_id}")
     return render(request, "bank.html", {"page": page, "recent_limit": reads.RECENT_ENTRIES})
@@ -184,15 +190,15 @@ ANALYSTS = allow(Role.ANALYST, Role.REVIEWER)
 
 
 @router.get("/search/map", openapi_extra=ANALYSTS)
-def map_page(request: Request) -> HTMLResponse:
+def map_page(request: Request, runtime: AppRuntime) -> HTMLResponse:
     """The embedding space for analysts, drawn as points they can hover (the upload's
     blurred thumbnail), click (its page) and select by region (exported as a list); the
     same sample as `moderation index map` draws to a PNG."""
     from moderation.search.map_view import map_view
     from moderation.search.projection import NothingToMap, sample_corpus
 
-    with session_scope() as session:
-        model = registry.serving_name(session, get_settings().resolved_model())
+    with runtime.session() as session:
+        model = registry.serving_name(session, runtime.settings.resolved_model())
         try:
             view = map_view(sample_corpus(session, model, MAP_SAMPLE))
             empty = None
@@ -203,16 +209,16 @@ def map_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/search/map.png", openapi_extra=ANALYSTS)
-def map_image() -> Response:
+def map_image(runtime: AppRuntime) -> Response:
     """A PCA of a sample of the active model's embeddings, coloured by bank hit, drawn
     now from the table; no upload's content is read."""
     from moderation.search.projection import render_map, sample_corpus
 
-    with session_scope() as session:
-        model = registry.serving_name(session, get_settings().resolved_model())
+    with runtime.session() as session:
+        model = registry.serving_name(session, runtime.settings.resolved_model())
     no_store = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
     picture = io.BytesIO()
-    with session_scope() as session:
+    with runtime.session() as session:
         corpus = sample_corpus(session, model, MAP_SAMPLE)
     render_map(
         corpus.vectors,
@@ -258,8 +264,9 @@ async def _keep_decision(request: Request) -> str | None:
     except HTTPException:  # longer than a decision form may be (admission's cap): not kept
         return None
     fields = {name: value for name, value in posted.items() if isinstance(value, str)}
-    lifetime = timedelta(minutes=get_settings().review_pending_form_minutes)
-    with session_scope() as session:
+    runtime: Runtime = request.app.state.runtime
+    lifetime = timedelta(minutes=runtime.settings.review_pending_form_minutes)
+    with runtime.session() as session:
         token = pending_forms.keep(session, request.url.path, fields, lifetime=lifetime)
     return f"/review/resume/{token}"
 

@@ -10,10 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.evaluation import service
 from moderation.evaluation.models import Modality
-from moderation.http.access import allow
+from moderation.http.access import AppRuntime, allow
 from moderation.web.rendering import render
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
@@ -67,8 +66,8 @@ def recall_chart(runs: list[service.RunView]) -> list[Series]:
 
 
 @router.get("/search/quality", openapi_extra=ANALYSTS)
-def quality_page(request: Request) -> HTMLResponse:
-    with session_scope() as session:
+def quality_page(request: Request, runtime: AppRuntime) -> HTMLResponse:
+    with runtime.session() as session:
         runs = service.history(session, limit=RUNS_SHOWN)
     context = {
         "runs": runs,

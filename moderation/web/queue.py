@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.evidence import service as evidence
-from moderation.http.access import Caller, DbSession, allow
+from moderation.http.access import AppRuntime, Caller, DbSession, allow
 from moderation.http.admission import form_kept_when_refused
 from moderation.http.types import form_datetime
 from moderation.images.signals import SignalType
@@ -125,7 +125,7 @@ def build_cards(
     upload_ids = [key.upload_id for key in keys]
     if not upload_ids:
         return []
-    hits = review.hits_of(session, upload_ids)
+    hits = review.hits_of(session, settings, upload_ids)
     kept = evidence.evidence_for(session, upload_ids)
     uploads = {
         upload.id: upload
@@ -143,7 +143,7 @@ def build_cards(
                 upload_id=key.upload_id,
                 external_id=upload.external_id,
                 hits=its_hits,
-                media=media_for(key.upload_id, kept.get(key.upload_id), its_hits),
+                media=media_for(settings, key.upload_id, kept.get(key.upload_id), its_hits),
                 metadata=upload.event_metadata,
                 key=key,
                 age_s=age_s,
@@ -190,6 +190,7 @@ def _undo_offer(
 def queue_page(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     caller: Caller,
     status_: Annotated[str, Query(alias="status")] = ReviewStatus.PENDING.value,
     bank: str = "",
@@ -209,7 +210,7 @@ def queue_page(
             f"status must be one of {', '.join(QUEUE_STATUSES)}; signal one of "
             f"{', '.join(SignalType)}; found one of screening, retroactive",
         )
-    settings = get_settings()
+    settings = runtime.settings
     filters = QueueFilter(
         status=None if status_ == "any" else ReviewStatus(status_),
         bank=bank or None,
@@ -220,11 +221,11 @@ def queue_page(
     )
     actor = caller.actor
     page = cards.queue(
-        session, filters, order=order, actor=actor, cursor=cursor or None, limit=limit
+        session, settings, filters, order=order, actor=actor, cursor=cursor or None, limit=limit
     )
     mine: list[UploadCard] = []
     if not cursor:
-        held = cards.claimed_by(session, filters, order=order, actor=actor)
+        held = cards.claimed_by(session, settings, filters, order=order, actor=actor)
         leases = claims.leases_of(session, actor)
         mine = build_cards(session, held, settings, claimed_until=leases)
     target_s = settings.review_age_target_hours * 3600
@@ -257,8 +258,8 @@ def queue_page(
             "banks": reads.bank_list(session),
             "mine": mine,
             "uploads": build_cards(session, page.cards, settings),
-            "pending": cards.counts(session, pending, actor=actor, target_s=target_s),
-            "matching": cards.counts(session, filters, actor=actor, target_s=target_s),
+            "pending": cards.counts(session, settings, pending, actor=actor, target_s=target_s),
+            "matching": cards.counts(session, settings, filters, actor=actor, target_s=target_s),
             "age_target_h": settings.review_age_target_hours,
             "claim_batch": settings.review_claim_batch,
             "claim_minutes": settings.review_claim_minutes,
@@ -276,6 +277,7 @@ def queue_page(
 def claim(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     caller: Caller,
     order: Annotated[Order, Form()] = Order.PRIORITY,
     back: Annotated[str, Form()] = "",
@@ -283,9 +285,10 @@ def claim(
 ) -> Response:
     """Claim the next batch of cards (and renew the caller's lease on those they hold)."""
     check_form_token(request, csrf)
-    settings = get_settings()
+    settings = runtime.settings
     claims.claim_batch(
         session,
+        settings,
         caller.actor,
         size=settings.review_claim_batch,
         lease=timedelta(minutes=settings.review_claim_minutes),
@@ -307,6 +310,7 @@ DECISION_FORM_BYTES = 256 * 1024
 def decide(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     caller: Caller,
     hit_id: RowId,
     outcome: Annotated[Outcome, Form()],
@@ -324,8 +328,8 @@ def decide(
     that changed since is not decided: the answer is a page showing what changed. With
     `resumed`, the token of a kept form this decision was given back from."""
     check_form_token(request, csrf)
-    settings = get_settings()
-    target = review.get_hit(session, hit_id)
+    settings = runtime.settings
+    target = review.get_hit(session, settings, hit_id)
     upload_id = target.upload_id
     fields = {"outcome": outcome.value, "note": note, "back": back}
     # Taking the card and checking it, undone together if the decision cannot go ahead.
@@ -339,19 +343,22 @@ def decide(
         )
     except claims.ClaimedByColleague as claimed:
         checks.rollback()
-        return _stale_page(request, session, hit_id, upload_id, fields, [], claimed=claimed)
+        return _stale_page(
+            request, session, settings, hit_id, upload_id, fields, [], claimed=claimed
+        )
     if state:
         # Locked, in the order `decide` locks them: nobody changes them before we decide.
         session.execute(
             select(Hit.id).where(Hit.upload_id == upload_id).order_by(Hit.id).with_for_update()
         )
-        changed = cards.changes(review.upload_hits(session, upload_id), state)
+        changed = cards.changes(review.upload_hits(session, settings, upload_id), state)
         if changed:
             checks.rollback()
-            return _stale_page(request, session, hit_id, upload_id, fields, changed)
+            return _stale_page(request, session, settings, hit_id, upload_id, fields, changed)
     checks.commit()
     decision = review.decide(
         session,
+        settings,
         hit_id,
         outcome,
         note.strip() or None,
@@ -381,6 +388,7 @@ def decide(
 def _stale_page(
     request: Request,
     session: Session,
+    settings: Settings,
     hit_id: int,
     upload_id: int,
     fields: dict[str, str],
@@ -390,7 +398,7 @@ def _stale_page(
 ) -> HTMLResponse:
     """The upload changed since the reviewer's page was drawn (or a colleague holds it):
     what changed, the card as it is now, and the reviewer's decision ready to send again."""
-    card = _card_now(session, upload_id)
+    card = _card_now(session, settings, upload_id)
     open_ids = card.open_hit_ids
     return render(
         request,
@@ -410,12 +418,12 @@ def _stale_page(
     )
 
 
-def _card_now(session: Session, upload_id: int) -> UploadCard:
+def _card_now(session: Session, settings: Settings, upload_id: int) -> UploadCard:
     """One upload's card as it is now, for a page about a decision on it (not the queue's
     order: its key carries no priority)."""
-    hits = review.upload_hits(session, upload_id)
+    hits = review.upload_hits(session, settings, upload_id)
     key = CardKey(upload_id, False, 0.0, min(hit.created_at for hit in hits), len(hits))
-    (card,) = build_cards(session, [key], get_settings())
+    (card,) = build_cards(session, [key], settings)
     return card
 
 
@@ -423,6 +431,7 @@ def _card_now(session: Session, upload_id: int) -> UploadCard:
 def undo_decision(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     caller: Caller,
     event_id: RowId,
     back: Annotated[str, Form()] = "",
@@ -430,7 +439,7 @@ def undo_decision(
 ) -> Response:
     """Take back one's own decision within the undo window; the card is one's own again."""
     check_form_token(request, csrf)
-    settings = get_settings()
+    settings = runtime.settings
     upload_id = undo.undo(
         session,
         event_id,
@@ -450,6 +459,7 @@ def undo_decision(
 def resume(
     request: Request,
     session: DbSession,
+    runtime: AppRuntime,
     token: Annotated[str, Path(max_length=64)],
 ) -> HTMLResponse:
     """A decision form the reviewer sent after their session had ended, given back as they
@@ -461,7 +471,8 @@ def resume(
             "this saved decision was already used, or it expired: decide from the queue",
         )
     hit_id = int(kept.action.rstrip("/").split("/")[-2])
-    card = _card_now(session, review.get_hit(session, hit_id).upload_id)
+    settings = runtime.settings
+    card = _card_now(session, settings, review.get_hit(session, settings, hit_id).upload_id)
     fields = kept.fields
     return render(
         request,

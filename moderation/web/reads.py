@@ -30,12 +30,12 @@ class UploadPage:
     hits: list[HitEvidence]
 
 
-def upload_page(session: Session, upload_id: int) -> UploadPage | None:
+def upload_page(session: Session, settings: Settings, upload_id: int) -> UploadPage | None:
     upload = session.get(Upload, upload_id)
     if upload is None:
         return None
     signals = screening.upload_signals(session, upload_id)
-    return UploadPage(upload, signals, review.upload_hits(session, upload_id))
+    return UploadPage(upload, signals, review.upload_hits(session, settings, upload_id))
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,8 @@ from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.errors import Invalid
-from moderation.http.access import allow
+from moderation.http.access import AppRuntime, allow
 from moderation.http.admission import image_body
 from moderation.http.types import form_datetime
 from moderation.screening.models import UploadStatus
@@ -156,7 +154,7 @@ def _form(request: Request) -> SearchForm:
 
 
 @router.get("/search", openapi_extra=ANALYSTS)
-def search_page(request: Request) -> HTMLResponse:
+def search_page(request: Request, runtime: AppRuntime) -> HTMLResponse:
     form = _form(request)
     page, size = form.paging()
     results: list[SearchResult] = []
@@ -164,7 +162,7 @@ def search_page(request: Request) -> HTMLResponse:
     if form.asked:
         found = _results(request, form, page * size, size + 1)
         results, more = found[:size], len(found) > size
-    with session_scope() as session:
+    with runtime.session() as session:
         banks = reads.bank_list(session)
     return render(
         request,
@@ -191,6 +189,7 @@ def search_page(request: Request) -> HTMLResponse:
 @router.post("/search/image", openapi_extra={**ANALYSTS, **image_body()})
 def search_by_image(
     request: Request,
+    runtime: AppRuntime,
     image: Annotated[UploadFile, File()],
     csrf: Annotated[str, Form()] = "",
     status_: Annotated[str, Form(alias="status")] = "",
@@ -202,7 +201,7 @@ def search_by_image(
 ) -> Response:
     """Embed the example image as screening would, then show the GET of its vector."""
     check_form_token(request, csrf)
-    limit = get_settings().max_bytes
+    limit = runtime.settings.max_bytes
     data = image.file.read(limit + 1)
     if len(data) > limit:
         raise BadSearch(f"the image is over {limit} bytes (max_bytes)")
