@@ -37,7 +37,7 @@ from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.models import UploadStatus
 from moderation.worker.results import record_results
-from tests.conftest import TEST_RUNTIME, settings_for_tests
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS, settings_for_tests
 from tests.images import encode, textured, write
 from tests.vectors import at_cosine_distance
 
@@ -116,7 +116,7 @@ def screened_upload(
     result = screening.Screened(
         upload_id, signals, {model.id: np.array(vectors, np.float32)}, matches or []
     )
-    assert record_results(session, [result]) == [True]
+    assert record_results(session, TEST_SETTINGS, [result]) == [True]
     return upload_id
 
 

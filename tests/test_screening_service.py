@@ -18,6 +18,7 @@ from moderation.review.models import Hit
 from moderation.screening import service
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.worker.results import record_results
+from tests.conftest import TEST_SETTINGS
 
 
 def _signals() -> ImageSignals:
@@ -74,7 +75,7 @@ def test_an_external_id_conflicts_with_the_bytes_screened_too(session: Session) 
     upload, _ = service.submit(session, "file:///a.jpg", "ext-3")
     service.claim(session, upload.id, max_attempts=3)
     screened = service.Screened(upload.id, _signals(), {model.id: np.zeros((1, 4), np.float32)}, [])
-    record_results(session, [screened])
+    record_results(session, TEST_SETTINGS, [screened])
     with pytest.raises(service.ExternalIdConflict, match="bytes differ"):
         service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=bytes(range(32)))
     assert service.submit(session, "file:///a.jpg", "ext-3", declared_sha256=b"\x02" * 32)[0]
@@ -132,10 +133,10 @@ def test_recording_twice_writes_once(session: Session) -> None:
 
     screened = service.Screened(upload.id, _signals(), vectors, matches)
     assert service.claim(session, upload.id, max_attempts=3) is not None
-    assert record_results(session, [screened]) == [True]
+    assert record_results(session, TEST_SETTINGS, [screened]) == [True]
     # A redelivered message: nothing left to claim, and recording again is a no-op.
     assert service.claim(session, upload.id, max_attempts=3) is None
-    assert record_results(session, [screened]) == [False]
+    assert record_results(session, TEST_SETTINGS, [screened]) == [False]
 
     assert _count(session, Hit, upload.id) == 1
     assert session.scalar(select(Hit.threshold).where(Hit.upload_id == upload.id)) == 0.25
@@ -157,10 +158,11 @@ def test_a_group_of_results_is_recorded_per_upload(session: Session) -> None:
     a, b, done = (service.submit(session, f"file:///{n}.jpg")[0] for n in "abc")
     vectors = {model.id: np.ones((1, 4), np.float32) / 2}
     hit = [Match(entry.id, bank.id, SignalType.SHA256, 0.0, 0, 0.0)]
-    record_results(session, [service.Screened(done.id, _signals(), vectors, hit)])
+    record_results(session, TEST_SETTINGS, [service.Screened(done.id, _signals(), vectors, hit)])
 
     outcome = record_results(
         session,
+        TEST_SETTINGS,
         [
             service.Screened(a.id, _signals(), vectors, hit),
             service.Screened(b.id, _signals(), vectors, []),
@@ -185,6 +187,7 @@ def test_recording_a_group_with_a_missing_upload_raises(session: Session) -> Non
     with pytest.raises(service.UploadNotFound, match="999999999"):
         record_results(
             session,
+            TEST_SETTINGS,
             [
                 service.Screened(upload.id, _signals(), vectors, []),
                 service.Screened(999_999_999, _signals(), vectors, []),

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from moderation.config import get_settings
 from moderation.db import session_scope
 from moderation.runtime import Runtime
 from moderation.webhooks import service
@@ -71,16 +70,9 @@ def _settings(url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def receiver(clean_db: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    """A receiver. Transitional: its settings are also put in this process's environment,
-    for `review.decide`, which still reads `get_settings()` (see tests.test_webhooks)."""
+def receiver(clean_db: None) -> Iterator[Receiver]:
     with running_receiver(Receiver()) as running:
-        for name, value in _settings(running.url).items():
-            monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
         yield running
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 @pytest.fixture

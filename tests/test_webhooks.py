@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import Match
-from moderation.config import get_settings
+from moderation.config import Settings
 from moderation.db import session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
@@ -64,18 +64,15 @@ def as_fields(environment: dict[str, str]) -> dict[str, str]:
     return {name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()}
 
 
+# What writes events (`review.decide`, `worker.results`) reads from its settings is only
+# whether a receiver is configured; a sender delivers them to its own runtime's receiver.
+WRITING_EVENTS = settings_for_tests(webhook_url="http://127.0.0.1:9/unused")
+
+
 @pytest.fixture
-def receiver(clean_db: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    """A receiver. Transitional: the settings that send to it are also put in this
-    process's environment, for the code that still reads `get_settings()` (`review.decide`
-    writing the events, `worker.results`); they go once it takes its settings."""
+def receiver(clean_db: None) -> Iterator[Receiver]:
     with running_receiver(Receiver()) as running:
-        for name, value in sending_to(running.url).items():
-            monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
         yield running
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -97,7 +94,7 @@ def _confirmed_uploads(count: int, hits_each: int = 2) -> list[int]:
             upload = make_upload(session, external_id=os.urandom(6).hex())
             hits = [make_hit(session, upload, make_entry(session, bank)) for _ in range(hits_each)]
             review.decide(
-                session, get_settings(), hits[0].id, Outcome.CONFIRM, "seen", "key:1:alice"
+                session, WRITING_EVENTS, hits[0].id, Outcome.CONFIRM, "seen", "key:1:alice"
             )
             upload_ids.append(upload.id)
     return upload_ids
@@ -319,7 +316,9 @@ def test_a_sender_needs_a_url_a_secret_and_a_long_enough_lease(
             Sender(make_runtime(**{**base, **broken}))
 
 
-def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: int) -> None:
+def _screen(
+    session: Session, settings: Settings, upload_id: int, entry_ids: list[int], model_id: int
+) -> None:
     signals = ImageSignals(
         sha256=os.urandom(32),
         format="JPEG",
@@ -333,21 +332,20 @@ def _screen(session: Session, upload_id: int, entry_ids: list[int], model_id: in
     screened = screening.Screened(
         upload_id, signals, {model_id: np.zeros((1, 4), np.float32)}, matches
     )
-    record_results(session, [screened])
+    record_results(session, settings, [screened])
 
 
-def test_screening_hits_are_announced_when_configured(
-    receiver: Receiver, session: Session, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_screening_hits_are_announced_when_configured(session: Session) -> None:
     model = get_or_create_model(session, "m", 4)
     bank = make_bank(session, "b")
     entries = [make_entry(session, bank).id for _ in range(2)]
     quiet, found, clean = (make_upload(session) for _ in range(3))
-    _screen(session, quiet.id, entries, model.id)  # only confirmations by default
-    monkeypatch.setenv("MODERATION_WEBHOOK_ON_SCREENING_HIT", "true")
-    get_settings.cache_clear()
-    _screen(session, found.id, entries, model.id)
-    _screen(session, clean.id, [], model.id)
+    _screen(session, WRITING_EVENTS, quiet.id, entries, model.id)  # only confirmations by default
+    announcing = settings_for_tests(
+        webhook_url="http://127.0.0.1:9/unused", webhook_on_screening_hit=True
+    )
+    _screen(session, announcing, found.id, entries, model.id)
+    _screen(session, announcing, clean.id, [], model.id)
     (event,) = session.scalars(select(WebhookEvent))
     assert event.event_type is EventType.HIT
     assert event.upload_id == found.id
@@ -355,7 +353,7 @@ def test_screening_hits_are_announced_when_configured(
     assert event.payload["decision"] is None
     # A dismissal is announced too, so that the receiver learns the hit was cleared.
     hit_id = event.payload["hits"][0]["id"]
-    review.decide(session, get_settings(), hit_id, Outcome.DISMISS, None, "key:1:alice")
+    review.decide(session, announcing, hit_id, Outcome.DISMISS, None, "key:1:alice")
     kinds = session.scalars(select(WebhookEvent.event_type).order_by(WebhookEvent.id))
     assert list(kinds) == [EventType.HIT, EventType.DISMISSED]
     assert session.scalar(select(func.count()).select_from(WebhookAttempt)) == 0

@@ -209,7 +209,7 @@ class Screener:
     def _write_results(self, session: Session, results: Sequence[Recorded]) -> list[bool]:
         kept = [k for _, k in results if k is not None]
         retention = self.vault.retention if self.vault is not None else timedelta(0)
-        return record_results(session, [r for r, _ in results], kept, retention)
+        return record_results(session, self.settings, [r for r, _ in results], kept, retention)
 
     # One upload, on a task thread.
 
