@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -425,8 +424,3 @@ class Settings(BaseSettings):
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from datetime import datetime
-from functools import lru_cache
 
 from sqlalchemy import BigInteger, DateTime, Engine, Enum, MetaData, create_engine, func, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 
 # Stable constraint names, so migrations can refer to them (and autogenerate can compare them).
 NAMING_CONVENTION = {
@@ -76,23 +75,6 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on any error."""
     with sessions() as session, session.begin():
         yield session
-
-
-# Transitional: callers not yet handed a `Runtime` use these, built from the environment.
-# They go once every caller takes its runtime from its entry point (issue 21, item 3).
-@lru_cache(maxsize=4)
-def get_engine(url: str | None = None) -> Engine:
-    return create_database_engine(get_settings(), url)
-
-
-@lru_cache(maxsize=4)
-def _session_factory(url: str | None) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
-
-
-def session_scope(url: str | None = None) -> AbstractContextManager[Session]:
-    """A session whose transaction commits on success and rolls back on any error."""
-    return transaction(_session_factory(url))
 
 
 def ensure_database(url: str) -> bool:

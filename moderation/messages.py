@@ -3,21 +3,20 @@ share, and sending.
 
 Redis is transport, PostgreSQL the source of truth: a message only announces rows that
 are already committed, so it is sent after their transaction (`db.after_commit`, or
-explicitly once `session_scope` has returned). Producers (the API, the command line, a
+explicitly once the runtime's `session()` has committed). Producers (the API, the command line, a
 worker's sweeper) send by task name, and so never import the worker runtime, which
 registers the tasks themselves (`moderation.worker.celery_app`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Celery
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 
 # The screening tasks: one upload per message, or many.
 SCREEN_UPLOAD = "moderation.screen_upload"
@@ -129,43 +128,6 @@ class Producer:
 
     def close(self) -> None:
         self.app.close()
-
-
-# Transitional: senders not yet handed a `Runtime` use this process-wide producer, built
-# from the environment. It goes once every caller takes its runtime from its entry point
-# (issue 21, item 3).
-_producers: dict[str, Producer] = {}
-_producers_lock = threading.Lock()
-
-
-def _producer() -> Producer:
-    """One Celery application per broker; the queues from the settings in force."""
-    settings = get_settings()
-    with _producers_lock:
-        made = _producers.get(settings.redis_url)
-        if made is None:
-            made = _producers[settings.redis_url] = Producer(settings)
-        return made if made.settings is settings else Producer(settings, made.app)
-
-
-def producer() -> Celery:
-    return _producer().app
-
-
-def send_screening(upload_ids: Sequence[int], queue: str | None = None) -> None:
-    _producer().send_screening(upload_ids, queue)
-
-
-def send_screening_retry(upload_id: int, delay_s: float, queue: str | None) -> None:
-    _producer().send_screening_retry(upload_id, delay_s, queue)
-
-
-def send_retrohunt_step(job_id: int, step: int) -> None:
-    _producer().send_retrohunt_step(job_id, step)
-
-
-def send_reembed_step(job_id: int, step: int, *, countdown_s: float | None = None) -> None:
-    _producer().send_reembed_step(job_id, step, countdown_s=countdown_s)
 
 
 def _one_round_trip(connection: Any) -> AbstractContextManager[Any]:

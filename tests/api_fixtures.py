@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.main.app import create_app
 from moderation.runtime import Runtime
+from tests.conftest import TEST_RUNTIME
 
 
 @contextmanager
@@ -40,7 +40,7 @@ def api(clean_db: None, request: pytest.FixtureRequest) -> Iterator[TestClient]:
 def keys(clean_db: None) -> dict[Role, str]:
     """One key per role, committed."""
     made = {}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         for role in Role:
             _, secret = auth.create_key(session, role=role, name=f"test {role}", actor="test")
             made[role] = secret

@@ -1,7 +1,9 @@
 """Test fixtures: a migrated test database, Redis, the tiny CLIP and a real worker process.
 
-Settings are read from the environment once, so the environment is set here, before
-anything from `moderation` is imported.
+The tests never set the environment: they build their settings (`settings_for_tests`,
+never read from MODERATION_* variables) and run the service's code on a runtime of their
+own (`TEST_RUNTIME`, `make_runtime`), as an entry point would. A process they start (a
+worker, a `moderation` command) is given `TEST_ENV` explicitly.
 """
 
 from __future__ import annotations
@@ -88,7 +90,6 @@ TEST_ENV = {
     "MODERATION_EVIDENCE_URI": str(_RUN_DIR / f"evidence{XDIST_WORKER}"),
     "MODERATION_EVIDENCE_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
 }
-os.environ.update(TEST_ENV)
 
 from moderation.local_services import LocalServices  # noqa: E402
 
@@ -141,24 +142,6 @@ def settings_for_tests(**changes: Any) -> Settings:
 # What the tests run the service's code on, as an entry point would build it.
 TEST_SETTINGS = settings_for_tests()
 TEST_RUNTIME = Runtime(TEST_SETTINGS)
-
-
-_ENVIRONMENT_RUNTIMES: dict[int, tuple[Settings, Runtime]] = {}
-
-
-def environment_runtime() -> Runtime:
-    """Transitional, for tests that still change settings with `monkeypatch.setenv`: a
-    runtime on the settings in force (`get_settings()`), one per settings object. Goes
-    with `get_settings` once every test builds its runtime with `make_runtime`."""
-    from moderation.config import get_settings
-
-    settings = get_settings()
-    if settings == TEST_SETTINGS:
-        return TEST_RUNTIME
-    known = _ENVIRONMENT_RUNTIMES.get(id(settings))
-    if known is None or known[0] is not settings:
-        known = _ENVIRONMENT_RUNTIMES[id(settings)] = (settings, Runtime(settings))
-    return known[1]
 
 
 def _free_port() -> int:

@@ -8,16 +8,16 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import delete
 
-from moderation.db import session_scope
 from moderation.screening.models import Worker
+from tests.conftest import TEST_RUNTIME
 
 
 @pytest.fixture
 def live_worker(database: str) -> Iterator[str]:
     """A worker row with a fresh heartbeat, as `moderation worker` keeps one; its name."""
     name = f"test-worker-{uuid.uuid4().hex[:8]}"
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.add(Worker(name=name, hostname="test", pid=1))
     yield name
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(delete(Worker).where(Worker.name == name))

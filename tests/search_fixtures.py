@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
-from moderation.config import get_settings
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
@@ -72,18 +71,20 @@ def search_api(clean_db: None, search_runtime: Runtime) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def index_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Transitional, for a `moderation api` process that takes the environment of the
-    tests' own (tests/test_web_flows.py): the settings of `search_runtime` as variables.
-    Goes once that process is given its environment explicitly."""
-    directory = tmp_path / "index"
-    monkeypatch.setenv("MODERATION_INDEX_DIR", str(directory))
-    monkeypatch.setenv("MODERATION_SEARCH_COMMIT_LAG_S", "0.2")
-    monkeypatch.setenv("MODERATION_SEARCH_TAIL_INTERVAL_S", "0.2")
-    get_settings.cache_clear()
-    yield directory
-    monkeypatch.undo()
-    get_settings.cache_clear()
+def index_dir(tmp_path: Path) -> Path:
+    """Where a `moderation api` process started by the test keeps its search snapshots
+    (`search_environment`)."""
+    return tmp_path / "index"
+
+
+def search_environment(index_dir: Path) -> dict[str, str]:
+    """For a `moderation api` process: snapshots under `index_dir`, and a short commit lag
+    and tail interval (what `search_runtime` gives the tests' own)."""
+    return {
+        "MODERATION_INDEX_DIR": str(index_dir),
+        "MODERATION_SEARCH_COMMIT_LAG_S": "0.2",
+        "MODERATION_SEARCH_TAIL_INTERVAL_S": "0.2",
+    }
 
 
 def tiny_model(session: Session) -> EmbeddingModel:

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import select, update
 
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.evaluation import golden
 from moderation.evaluation.golden import QuerySubject
 from moderation.main.cli import main
 from moderation.runtime import Runtime
+from tests.conftest import TEST_RUNTIME
 from tests.search_fixtures import DIM, add_upload, search_runtime, tiny_model, unit
 from tests.vectors import at_cosine_distance
 
@@ -31,11 +31,11 @@ CANDIDATE = "gate-candidate-model"
 def registry_states() -> Iterator[None]:
     """The registry's states as they were before the test, restored after it (other tests
     of this process keep the model they had active)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         before = {name: state for name, state in session.execute(
             select(EmbeddingModel.name, EmbeddingModel.state))}  # fmt: skip
     yield
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(update(EmbeddingModel).values(state=ModelState.RETIRED))
         session.flush()
         for name, state in before.items():
@@ -47,7 +47,7 @@ def _corpus(*, candidate_finds_it: bool) -> None:
     """One golden query (an upload) whose relevant upload is its nearest neighbour under
     the active model; under the candidate, nearest too, or pushed below twelve others."""
     rng = np.random.default_rng(4)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         active = tiny_model(session)
         candidate = get_or_create_model(session, CANDIDATE, DIM)
         session.execute(update(EmbeddingModel).values(state=ModelState.RETIRED))
@@ -99,7 +99,7 @@ def _recall_row(result: Result) -> list[str]:
 
 
 def _active() -> str:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         name = session.scalar(
             select(EmbeddingModel.name).where(EmbeddingModel.state == ModelState.ACTIVE)
         )

@@ -10,8 +10,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 import redis
 
-from moderation.messages import UPLOADS_PER_MESSAGE, send_screening
+from moderation.messages import UPLOADS_PER_MESSAGE
 from moderation.screening.announcer import Announcer
+from tests.conftest import TEST_RUNTIME
 from tests.queues import queued_uploads
 
 
@@ -25,7 +26,7 @@ def queue(redis_client: redis.Redis) -> Iterator[str]:
 def test_ids_from_many_requests_are_each_sent_once_sharing_messages(
     redis_client: redis.Redis, queue: str
 ) -> None:
-    announcer = Announcer(send_screening)
+    announcer = Announcer(TEST_RUNTIME.producer.send_screening)
     try:
 
         def one_request(first: int) -> None:

@@ -7,7 +7,6 @@ from fastapi.testclient import TestClient
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.http.access import route_roles
 from moderation.http.routes import app_routes
 from moderation.main.app import create_app
@@ -58,14 +57,14 @@ def test_a_role_not_admitted_is_403(api: TestClient, keys: dict[Role, str]) -> N
 def test_a_revoked_key_is_refused_at_once(api: TestClient, keys: dict[Role, str]) -> None:
     admin = bearer(keys[Role.ADMIN])
     assert api.get("/v1/audit", headers=admin).status_code == 200
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         key = next(k for k in auth.list_keys(session) if k.role is Role.ADMIN)
         auth.revoke_key(session, key.id, actor="test")
     assert api.get("/v1/audit", headers=admin).status_code == 401
 
 
 def test_keys_are_stored_hashed_and_their_changes_audited(keys: dict[Role, str]) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = auth.list_keys(session)
         assert {key.role for key in stored} == set(Role)
         for key in stored:

@@ -17,7 +17,6 @@ from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.hash_list import parse_pdq_list
 from moderation.banks.models import BankEntry
-from moderation.db import session_scope
 from moderation.embedding.service import model_dim
 from moderation.images.hashing import sha256
 from moderation.images.signals import SignalType
@@ -26,7 +25,7 @@ from moderation.review.models import Hit, ReviewStatus
 from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import encode, textured
 
 __all__ = ["api", "keys"]
@@ -39,7 +38,7 @@ SHA_A = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
 def _audit(action: str, bank: str = "csam-known") -> list[AuditEvent]:
     """The bank's events (the audit log outlives each test's data: it is append-only)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank_id = banks.get_bank(session, bank).id
         query = (
             select(AuditEvent)
@@ -173,7 +172,7 @@ def test_an_entry_with_a_confirmed_hit_is_kept(api: TestClient, keys: dict[Role,
         json={"entries": [{"sha256": SHA_A}, {"pdq": PDQ_A}]},
         headers=admin,
     ).json()["entries"]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload, _ = screening.submit(session, "file:///tmp/x.jpg")
         for entry, status in zip(
             entries, (ReviewStatus.CONFIRMED, ReviewStatus.PENDING), strict=True
@@ -192,10 +191,13 @@ def test_an_entry_with_a_confirmed_hit_is_kept(api: TestClient, keys: dict[Role,
     assert "confirmed or escalated" in kept.json()["detail"]
     gone = api.delete(f"/v1/banks/csam-known/entries/{entries[1]['id']}", headers=admin)
     assert gone.status_code == 200
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert [h.bank_entry_id for h in session.scalars(select(Hit))] == [entries[0]["id"]]
     # The database keeps it whoever asks: plain SQL too.
-    with pytest.raises(IntegrityError, match="confirmed or escalated"), session_scope() as session:
+    with (
+        pytest.raises(IntegrityError, match="confirmed or escalated"),
+        TEST_RUNTIME.session() as session,
+    ):
         session.execute(delete(BankEntry).where(BankEntry.id == entries[0]["id"]))
 
 
@@ -220,7 +222,7 @@ def test_an_image_becomes_an_entry_and_its_bytes_are_not_kept(
     # Where the source lives is kept for re-embedding, and never served.
     assert entry["has_source_ref"] is True
     assert b"vault://case-18" not in response.content
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = session.get_one(BankEntry, entry["id"])
         assert stored.source_ref == "vault://case-18/bad.jpg"
     broken = api.post(
@@ -267,7 +269,7 @@ def test_a_pdq_list_is_imported_and_each_bad_line_reported(
     assert "signal type 'video_md5' is not PDQ" in rejected[5]
     assert "64 hex digits, got 60" in rejected[6]
     assert "not hexadecimal" in rejected[8]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = {(e.pdq.hex(), e.pdq_quality) for e in session.scalars(select(BankEntry)) if e.pdq}
     assert stored == {(PDQ_A, None), (PDQ_B, None), (PDQ_C, 100)}
     (event,) = _audit("bank.entries.add")

@@ -20,11 +20,10 @@ from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
 from moderation.banks.models import Bank
-from moderation.db import get_engine, session_scope
 from moderation.review.models import Hit, ReviewStatus
 from moderation.web.models import WebSession
 from tests.api_fixtures import bearer, keys
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import encode, textured, write
 from tests.live_api import LiveApi, live_api
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
@@ -53,7 +52,7 @@ def _answered_after_commit(live: LiveApi, response: httpx.Response) -> None:
 
 
 def _hit(bank_name: str) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, bank_name)
         hit = make_hit(session, make_upload(session), make_entry(session, bank))
         return hit.id
@@ -282,7 +281,7 @@ def test_a_commit_that_fails_is_an_error_and_nothing_is_kept(
         response = request_(client, keys, hit_id)
     assert response.status_code == 503, response.text
     assert "nothing was kept" in response.text
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert absent(session, hit_id)
 
 
@@ -313,7 +312,7 @@ def test_connections_the_database_dropped_answer_503_then_the_pool_recovers(
                 if response.status_code == 503:
                     assert "retry" in response.json()["detail"]
         finally:
-            get_engine().dispose()  # the test's own connections were ended too
+            TEST_RUNTIME.engine.dispose()  # the test's own connections were ended too
         assert set(statuses) <= {200, 503}, statuses
         assert 503 in statuses
         assert statuses[-1] == 200

@@ -12,13 +12,13 @@ from sqlalchemy import func, update
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
-from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.review.models import Hit, ReviewStatus
 from moderation.runtime import Runtime
 from moderation.screening import service as screening
 from moderation.screening.models import Upload, UploadStatus, Worker
 from tests.api_fixtures import announced, api, api_on, bearer, keys
+from tests.conftest import TEST_RUNTIME
 from tests.health_fixtures import live_worker
 from tests.images import encode, textured, write
 from tests.queues import queue, queue_runtime
@@ -38,7 +38,7 @@ def test_ready_with_postgresql_redis_and_a_live_worker(api: TestClient, live_wor
 def test_not_ready_without_a_live_worker(
     clean_db: None, live_worker: str, make_runtime: Callable[..., Runtime]
 ) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(Worker)
             .where(Worker.name == live_worker)
@@ -82,7 +82,7 @@ def _scrape(api: TestClient) -> Samples:
 def test_metrics_read_the_database_and_the_queue(
     api: TestClient, keys: dict[Role, str], tmp_path: Path, queue: str
 ) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "metrics")
         (entry,) = banks.add_entries(
             session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="test"

@@ -17,7 +17,6 @@ from PIL import Image
 from sqlalchemy import delete, update
 
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.http.limits import ApiLimits
 from moderation.images.budget import DecodeGate
 from moderation.images.fetch_slots import FetchesBusy, FetchSlots
@@ -27,6 +26,7 @@ from moderation.review.models import Hit
 from moderation.runtime import Runtime
 from moderation.screening.models import Signal, Upload
 from tests.api_fixtures import bearer, keys
+from tests.conftest import TEST_RUNTIME
 from tests.servers import http_server
 from tests.web_fixtures import BASE_URL, seed_hit
 
@@ -58,7 +58,7 @@ def _hitless_upload(directory: Path, uri: str, served: bytes) -> int:
     """A screened upload with no hit and no evidence (an analyst's search result), whose
     screened SHA-256 is that of `served`: its thumbnail is fetched from `uri`."""
     seeded = seed_hit(directory, bank_name=f"bank-{directory.name}")
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(delete(Hit).where(Hit.upload_id == seeded.upload_id))
         session.execute(update(Upload).where(Upload.id == seeded.upload_id).values(uri=uri))
         session.execute(

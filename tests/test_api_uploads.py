@@ -21,12 +21,11 @@ from sqlalchemy import func, select
 
 from moderation.auth.models import Role
 from moderation.banks import service as banks
-from moderation.db import session_scope
 from moderation.images.hashing import sha256
 from moderation.screening.models import Upload
 from moderation.worker.child import WorkerProcess
 from tests.api_fixtures import announced, api, bearer, keys
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, TEST_RUNTIME
 from tests.images import encode, textured, write
 from tests.queues import queue, queue_runtime, queued_uploads
 from tests.redis_server import RedisServer
@@ -40,7 +39,7 @@ def _image(tmp_path: Path, seed: int) -> str:
 
 
 def _upload_count() -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return session.scalar(select(func.count()).select_from(Upload)) or 0
 
 
@@ -147,7 +146,7 @@ def test_declared_bytes_added_before_screening_are_refused_alone_and_in_a_batch(
     assert refused.status_code == 409, refused.text
     assert refused.json()["code"] == "external_id_conflict"
     assert "cannot be bound" in refused.json()["detail"]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload = session.get_one(Upload, first.json()["upload_id"])
         assert upload.declared_sha256 is None
     # The same within one batch: the first event declares nothing, its repeat adds bytes.
@@ -158,7 +157,7 @@ def test_declared_bytes_added_before_screening_are_refused_alone_and_in_a_batch(
         ]
     }
     assert api.post("/v1/uploads", json=batch, headers=submitter).status_code == 409
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalar(select(Upload).where(Upload.external_id == "evt-8")) is None
 
 
@@ -177,7 +176,7 @@ def test_a_batch_keeps_its_order(
     assert response.status_code == 202, response.text
     accepted = response.json()["uploads"]
     assert [a["external_id"] for a in accepted] == [None, "batch-1", None, "batch-3", None]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = {u.id: u.uri for u in session.scalars(select(Upload))}
     assert [rows[a["upload_id"]] for a in accepted] == uris
     announced(api)
@@ -268,7 +267,7 @@ def test_an_upload_through_the_api_is_screened_and_its_hits_shown(
     sideways[0x0112] = 6
     banked = encode(textured(40), exif=sideways)
     image = write(tmp_path / "bad.jpg", banked)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "api-e2e")
         banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(banked))], added_by="test")
     submitter = bearer(keys[Role.SUBMITTER])
@@ -326,7 +325,7 @@ def test_with_redis_down_the_upload_is_accepted_and_announced_once_it_is_back(
         assert response.status_code == 202, response.text
         assert ready.status_code == 503
         assert ready.json()["checks"]["redis"].startswith("unreachable")
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             (upload,) = session.scalars(select(Upload)).all()
         assert (upload.external_id, upload.status.value) == ("redis-down", "queued")
         assert upload.id == response.json()["upload_id"]

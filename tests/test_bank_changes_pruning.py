@@ -22,10 +22,10 @@ from moderation.banks import pruning
 from moderation.banks import service as banks
 from moderation.banks.models import BankChange, BankChangeReader, BankChangesHorizon, BankEntry
 from moderation.banks.pruning import Pruned, prune_changes, pruned_through
-from moderation.db import get_engine, session_scope
 from moderation.main.cli import main
 from moderation.runtime import Runtime
 from moderation.worker.sweeper import Sweeper
+from tests.conftest import TEST_RUNTIME
 from tests.queues import queue, queue_runtime
 
 __all__ = ["queue", "queue_runtime"]
@@ -42,36 +42,36 @@ def log(database: str) -> Iterator[int]:
     empty = text(
         "TRUNCATE retrohunt_jobs, hits, bank_entry_embeddings, bank_entries, banks CASCADE"
     )
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(empty)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank_id = banks.create_bank(session, "pruned").id
     yield bank_id
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(empty)
         conn.execute(update(BankChangesHorizon).values(pruned_through=0, pruned_at=None))
 
 
 def _add_entry(bank_id: int, sha: bytes) -> int:
     """Commit an entry; the id of the log row it made."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.add(BankEntry(bank_id=bank_id, sha256=sha, added_by="t"))
     return _last_id()
 
 
 def _last_id() -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return int(session.scalar(select(func.max(BankChange.id))) or 0)
 
 
 def _log_ids() -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return list(session.scalars(select(BankChange.id).order_by(BankChange.id)))
 
 
 def _age(ids: list[int]) -> None:
     """Make these log rows two days old."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(BankChange)
             .where(BankChange.id.in_(ids))
@@ -80,13 +80,13 @@ def _age(ids: list[int]) -> None:
 
 
 def _horizon() -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return pruned_through(session)
 
 
 def _readers_at(checkpoint: int) -> None:
     """Put the log's durable readers (the retro-hunt's starter) at `checkpoint`."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(update(BankChangeReader).values(checkpoint=checkpoint))
 
 
@@ -100,7 +100,7 @@ def _prune(
     if readers_caught_up:
         _readers_at(_last_id())
     return prune_changes(
-        session_scope, RETENTION, batch=batch, batches=batches, settle_wait_s=settle_wait_s
+        TEST_RUNTIME.session, RETENTION, batch=batch, batches=batches, settle_wait_s=settle_wait_s
     )
 
 
@@ -158,7 +158,7 @@ def test_one_prune_at_a_time(log: int) -> None:
     _add_entry(log, b"\1" * 32)
     before = _log_ids()
     _age(before)
-    with session_scope() as other:  # another prune, in a transaction of its own
+    with TEST_RUNTIME.session() as other:  # another prune, in a transaction of its own
         other.execute(select(func.pg_advisory_xact_lock(pruning._PRUNE_LOCK_KEY)))
         assert _prune() == Pruned(rows=0, through=0)
     assert _log_ids() == before
@@ -169,7 +169,7 @@ def test_a_transaction_holding_a_lower_id_open_is_not_pruned_past(log: int) -> N
     """The open transaction's row takes its id first, then a later one commits; both old
     enough. The horizon must stay below the open row's id until its transaction ends: a
     worker past the horizon would never read it once it commits."""
-    with Session(get_engine()) as slow, slow.begin():
+    with Session(TEST_RUNTIME.engine) as slow, slow.begin():
         slow.add(BankEntry(bank_id=log, sha256=b"\1" * 32, added_by="slow"))
         slow.flush()  # its log row takes the lower id now
         lower = int(slow.scalar(select(func.max(BankChange.id))) or 0)

@@ -14,13 +14,11 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from moderation.auth.models import Role
-from moderation.config import get_settings
-from moderation.db import get_engine
 from moderation.embedding.checkpoints import ModelUnavailable, check_loadable
 from moderation.embedding.models import EmbeddingModel
 from moderation.main.cli import main
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TINY_MODEL_DIR
+from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
 from tests.images import encode, textured, write
 
 __all__ = ["api", "keys"]
@@ -35,12 +33,10 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def unavailable_model(monkeypatch: pytest.MonkeyPatch, offline: None) -> Iterator[str]:
-    """A model this host cannot load, configured and (as it would seed it) the registry's
-    active model: commands and routes use the active model, not the setting."""
-    monkeypatch.setenv("MODERATION_MODEL", NOT_CACHED)
-    get_settings.cache_clear()
-    with get_engine().begin() as conn:
+def unavailable_model(offline: None) -> Iterator[str]:
+    """A model this host cannot load as the registry's active model: commands and routes
+    use the active model, not the setting."""
+    with TEST_RUNTIME.engine.begin() as conn:
         active = conn.scalar(select(EmbeddingModel.id).where(EmbeddingModel.state == "active"))
         conn.execute(
             update(EmbeddingModel).values(state="retired").where(EmbeddingModel.state == "active")
@@ -51,7 +47,7 @@ def unavailable_model(monkeypatch: pytest.MonkeyPatch, offline: None) -> Iterato
             .on_conflict_do_update(index_elements=["name"], set_={"state": "active"})
         )
     yield NOT_CACHED
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(
             update(EmbeddingModel).values(state="retired").where(EmbeddingModel.name == NOT_CACHED)
         )
@@ -59,8 +55,6 @@ def unavailable_model(monkeypatch: pytest.MonkeyPatch, offline: None) -> Iterato
             conn.execute(
                 update(EmbeddingModel).values(state="active").where(EmbeddingModel.id == active)
             )
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def test_a_checkpoint_this_host_has_is_loadable(tiny_model: Path) -> None:
@@ -87,7 +81,9 @@ def test_a_checkpoint_that_cannot_load_is_said_at_once(name: str, why: str) -> N
 
 def test_the_command_line_says_it_in_one_line(unavailable_model: str, tmp_path: Path) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(64)))
-    result = CliRunner().invoke(main, ["embed", str(image), "--out", str(tmp_path / "a.npy")])
+    result = CliRunner().invoke(
+        main, ["embed", str(image), "--out", str(tmp_path / "a.npy")], obj=TEST_RUNTIME
+    )
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"Error: cannot load the embedding model {unavailable_model!r}")

@@ -20,7 +20,6 @@ from transformers import AutoTokenizer, CLIPModel
 
 from moderation.audit import service as audit
 from moderation.banks.models import BankEntry, BankEntryEmbedding
-from moderation.db import session_scope
 from moderation.embedding.clip import processor_class
 from moderation.embedding.service import vector_from_bytes
 from moderation.images.http_location import IPAddress
@@ -151,7 +150,7 @@ def test_bank_add_hashes_returns_one_entry_each_with_the_same_hex() -> None:
     assert (pdq["pdq"], pdq["sha256"], pdq["pdq_quality"]) == (PDQ_HEX, None, None)
     assert not any(a["embedding"] for a in added)
     assert entry_counts() == {"hashes": 3}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = session.scalars(select(BankEntry).order_by(BankEntry.id)).all()
         assert [e.id for e in stored] == [a["id"] for a in added]
         assert stored[0].sha256 == bytes.fromhex(SHA256_HEX)
@@ -229,7 +228,7 @@ def test_bank_add_embedding_matrix_creates_one_entry_per_row(
     assert all(a["embedding"] and a["sha256"] is None and a["pdq"] is None for a in added)
     assert {a["source_ref"] for a in added} == {"vault://case-12"}
     assert entry_counts() == {"shared": 3}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = session.scalars(
             select(BankEntryEmbedding).order_by(BankEntryEmbedding.bank_entry_id)
         ).all()
@@ -543,7 +542,7 @@ def test_resubmit_queues_a_failed_upload_again_and_refuses_others(
 ) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
     (failed, queued) = cli_on(queue_runtime, "submit", str(image), str(image), "--json")
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         screening.record_failed(session, failed["upload_id"], "fetch_timeout", "slow")
     redis_client.delete(queue)
 
@@ -557,7 +556,7 @@ def test_resubmit_queues_a_failed_upload_again_and_refuses_others(
         None,
     )
     assert redis_client.llen(queue) == 1
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = audit.events_for(session, "upload", failed["upload_id"])
     assert event.action == "upload.resubmit"
     assert event.actor.startswith("cli:")

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import select
 
-from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.evaluation import golden
 from moderation.evaluation.models import EvaluationRun
@@ -28,7 +27,7 @@ from moderation.search.blip import ImageTextMatcher
 from moderation.search.rerankers import upload_images
 from moderation.search.runtime import SearchRuntime
 from moderation.search.service import Filters
-from tests.conftest import TEST_SETTINGS, TINY_MODEL_DIR
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS, TINY_MODEL_DIR
 from tests.images import encode, write
 from tests.search_fixtures import SEARCH_CHANGES, add_upload, tiny_model
 from tests.servers import http_server, image_handler
@@ -59,7 +58,7 @@ def _corpus(directory: Path, anchor: np.ndarray, count: int) -> list[tuple[int, 
     """Uploads of real image files, the i-th at cosine distance 0.01 * (i + 1) from
     `anchor`, so the exact order is the order made."""
     made = []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         for i in range(count):
             path = write(directory / f"{i}.png", encode(_image(i), "PNG"))
@@ -122,7 +121,7 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
     clean_db: None, blip_runtime: Runtime, tmp_path: Path
 ) -> None:
     made = [upload_id for upload_id, _ in _corpus(tmp_path, _text_vector(QUERY), 12)]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         # Relevant: the 1st and the 5th by cosine. k = 3 finds one of them exactly; what
         # the cross-encoder finds depends on its scores, measured all the same.
         golden.add_query(session, golden.QuerySubject(text=QUERY), [made[0], made[4]], actor="test")
@@ -143,7 +142,7 @@ def test_eval_compare_measures_the_cross_encoder_against_the_exact_rerank(
     # Image queries never reach the cross-encoder: their figures agree to the last bit.
     for measure in ("recall", "precision", "mrr"):
         assert rows[("image", measure)]["change"] == 0.0
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert list(session.scalars(select(EvaluationRun.reranker).order_by(EvaluationRun.id))) == [
             "exact",
             "cross-encoder",
@@ -176,7 +175,7 @@ def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
     limits = ApiLimits.from_settings(TEST_SETTINGS)
     slots = limits.fetches
     with http_server(Counting) as server, ExitStack() as holding:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             model = tiny_model(session)
             ids = [
                 add_upload(
@@ -188,7 +187,7 @@ def test_the_cross_encoders_fetches_hold_the_api_processes_fetch_slots(
             holding.enter_context(
                 slots.taken(f"{server}/held", setting="TEST", party=f"holder-{holder}")
             )
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             read = upload_images(session, TEST_SETTINGS, limits)
             with ThreadPoolExecutor(1) as pool:
                 reading = pool.submit(read, ids)

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, SiglipModel
 
-from moderation.config import get_settings
 from moderation.embedding.clip import ClipEmbedder, processor_class
 from moderation.embedding.embedder import Embedder, UnsupportedModel, batch_shapes
 from moderation.embedding.families import open_embedder, preprocessing_of
@@ -20,6 +19,7 @@ from moderation.embedding.siglip import SiglipEmbedder
 from moderation.embedding.tiny import write_tiny_siglip
 from moderation.images.decode import DecodeLimits
 from moderation.images.signals import extract_signals
+from tests.conftest import TEST_SETTINGS
 from tests.images import encode, textured
 
 
@@ -203,7 +203,7 @@ def test_a_frame_gets_one_crop_per_model_from_one_decode(
 ) -> None:
     clip, siglip = preprocessing_of(str(tiny_model)), preprocessing_of(str(tiny_siglip))
     data = encode(textured(3, (640, 480)))
-    signals = extract_signals(data, DecodeLimits.from_settings(get_settings()), [clip, siglip])
+    signals = extract_signals(data, DecodeLimits.from_settings(TEST_SETTINGS), [clip, siglip])
     (frame,) = signals.frames
     assert [c.shape for c in frame.crops] == [clip.crop_shape, siglip.crop_shape]
     np.testing.assert_array_equal(signals.embedding_inputs(1)[0], siglip(Image.open(BytesIO(data))))

@@ -17,6 +17,7 @@ from moderation.auth.models import Role
 from moderation.errors import ModerationError
 from moderation.main.cli import main
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_RUNTIME
 from tests.web_fixtures import log_in, site
 
 __all__ = ["api", "keys", "site"]
@@ -108,6 +109,6 @@ def test_a_page_shows_a_domain_error_as_a_page(site: TestClient, keys: dict[Role
 
 
 def test_the_command_line_says_a_domain_error_in_one_line(keys: dict[Role, str]) -> None:
-    result = CliRunner().invoke(main, ["decide", "987654321", "--confirm"])
+    result = CliRunner().invoke(main, ["decide", "987654321", "--confirm"], obj=TEST_RUNTIME)
     assert result.exit_code == 1
     assert result.output.strip() == "Error: no hit with id 987654321"

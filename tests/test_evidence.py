@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from moderation.audit.models import AuditEvent
 from moderation.banks import service as banks
-from moderation.db import session_scope
 from moderation.evidence import service as evidence
 from moderation.evidence.models import Evidence, EvidenceSource, EvidenceState
 from moderation.evidence.sealing import EvidenceTampered, Sealer, new_key, parse_key
@@ -157,7 +156,7 @@ def _frames(count: int) -> list[Image.Image]:
 
 
 def _audited_reads(upload_id: int) -> list[dict[str, object]]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return [
             event.after or {}
             for event in session.scalars(
@@ -178,7 +177,7 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
     with Image.open(gif) as as_decoded:
         as_decoded.seek(5)
         fifth = as_decoded.convert("RGB")
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "frames")
         banks.add_entries(session, bank, [banks.NewEntry(pdq=pdq(fifth))], added_by="test")
     (upload_id,) = submit_uris(TEST_RUNTIME, [gif.as_uri()])
@@ -186,7 +185,7 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
     assert upload.status is UploadStatus.SCREENED
     # The URI now serves something else: what was kept is what was screened.
     write(gif, animated_gif(_frames(3)[::-1]))
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hit = session.scalars(select(Hit).where(Hit.upload_id == upload_id)).one()
         kept = session.get_one(Evidence, upload_id)
         assert hit.frame_index == 5
@@ -202,7 +201,7 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
     assert on_disk.exists()
     assert not _is_image(on_disk.read_bytes())
     assert _audited_reads(upload_id) == []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (jpeg,) = evidence.read_frames(
             session, vault, upload_id, [5], actor="key:1:ada", purpose="revealed"
         )
@@ -211,7 +210,7 @@ def test_a_gif_hit_on_frame_5_keeps_what_was_screened_sealed(tmp_path: Path) -> 
     errors = [float(np.abs(shown - m).mean()) for m in means]
     assert int(np.argmin(errors)) == 5, errors
     assert _audited_reads(upload_id) == [{"frames": [5], "purpose": "revealed"}]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         report = evidence.read_report(session, vault, upload_id, actor="key:1:ada")
     assert report["sha256"] == sha.hex()
     assert [m["frame_index"] for m in report["matches"]] == [5]
@@ -232,7 +231,7 @@ def test_a_later_hit_keeps_refetched_bytes_only_if_they_are_the_screened_ones(
         "evidence_changed": 1,
         "evidence_unavailable": 1,
     }
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = {row.upload_id: row for row in session.scalars(select(Evidence))}
     assert rows[same.upload_id].state is EvidenceState.PRESERVED
     assert rows[same.upload_id].source is EvidenceSource.REFETCH
@@ -241,7 +240,7 @@ def test_a_later_hit_keeps_refetched_bytes_only_if_they_are_the_screened_ones(
     assert observed is not None
     assert observed.hex() in (rows[changed.upload_id].detail or "")
     assert rows[gone.upload_id].state is EvidenceState.UNAVAILABLE
-    with session_scope() as session, pytest.raises(evidence.EvidenceNotKept):
+    with TEST_RUNTIME.session() as session, pytest.raises(evidence.EvidenceNotKept):
         evidence.read_frames(
             session, _vault(), changed.upload_id, [0], actor="key:1:ada", purpose="revealed"
         )
@@ -255,7 +254,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     escalated = seed_hit(tmp_path / "b", bank_name="two", seed=2)
     held = seed_hit(tmp_path / "c", bank_name="three", seed=3)
     CAPTURE.run(TEST_RUNTIME, complete=True)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         review.decide(session, TEST_SETTINGS, escalated.hit_id, "escalate", None, "key:1:ada")
         assert evidence.hold(session, held.upload_id, actor="cli:lawyer", reason="subpoena")
     root = Path(TEST_SETTINGS.evidence_uri)
@@ -266,10 +265,10 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
     assert all(files.values())
     # Nothing is due yet.
     assert PURGE.run(TEST_RUNTIME, complete=True) == {"evidence_purged": 0}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         future = datetime.now(UTC) + timedelta(days=91)
         assert evidence.purge_expired(session, open_store(str(root)), now=future) == 1
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = {row.upload_id: row for row in session.scalars(select(Evidence))}
         holds = session.scalars(
             select(AuditEvent.actor).where(AuditEvent.action == "evidence.hold")
@@ -283,7 +282,7 @@ def test_evidence_past_retention_is_deleted_unless_held(tmp_path: Path) -> None:
         assert all(path.exists() for path in files[kept.upload_id])
     assert sorted(holds) == ["cli:lawyer", "key:1:ada"]
     # Released, the held one goes at the next purge past its retention.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert evidence.release(session, held.upload_id, actor="cli:lawyer")
         assert evidence.purge_expired(session, open_store(str(root)), now=future) == 1
     assert not any(path.exists() for path in files[held.upload_id])

@@ -20,13 +20,14 @@ from urllib.parse import parse_qs, quote
 
 import pytest
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.images import errors
 from moderation.images.fetch import Deadline, _read_file, fetch, to_uri
 from moderation.images.uri_policy import FILE_REFUSED, UriPolicy
+from tests.conftest import TEST_SETTINGS
 from tests.servers import Listener, http_server, read_request, tcp_listener
 
-POLICY = UriPolicy.from_settings(get_settings())
+POLICY = UriPolicy.from_settings(TEST_SETTINGS)
 Handle = Callable[[socket.socket], None]
 DEFAULT_POLICY = UriPolicy.from_settings(Settings.model_construct())
 

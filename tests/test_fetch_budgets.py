@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.images.body_budget import BodyBudget
 from moderation.images.fetch import fetch
 from moderation.images.fetch_slots import FetchesBusy, FetchSlots
@@ -27,7 +26,7 @@ from moderation.screening.models import Upload
 from moderation.worker.intake.fetches import FetchGate, WorkerFetches
 from moderation.worker.intake.jobs import IntakeStalled
 from tests.api_fixtures import api, bearer, keys  # noqa: F401
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import encode, textured, write
 from tests.servers import http_server, image_handler
 
@@ -257,7 +256,7 @@ def test_an_upload_records_its_submitter(
     )
     assert response.status_code == 202, response.text
     (by_cli,) = submit_uris(runtime, [(tmp_path / "a.jpg").as_uri()])
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         by_key = session.get_one(Upload, response.json()["upload_id"])
         assert by_key.submitted_by is not None
         assert by_key.submitted_by.startswith("key:")

@@ -14,12 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.embedding.families import preprocessing_of
 from moderation.images.errors import BadInput, ContentMismatch
 from moderation.images.hashing import sha256
-from moderation.messages import send_screening
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Upload, UploadStatus
@@ -27,7 +24,7 @@ from moderation.worker.child import WorkerProcess
 from moderation.worker.intake.fetches import FetchGate, fetched_here
 from moderation.worker.intake.jobs import IntakeStalled
 from moderation.worker.intake.pool import IntakePool
-from tests.conftest import TEST_ENV, TEST_FETCH_NETWORK, TEST_RUNTIME
+from tests.conftest import TEST_ENV, TEST_FETCH_NETWORK, TEST_RUNTIME, TEST_SETTINGS
 from tests.images import encode, textured
 from tests.servers import Listener, http_server, image_handler, read_request, tcp_listener
 
@@ -97,7 +94,7 @@ def test_fetched_bytes_reach_an_intake_process_and_their_block_is_freed(
     nothing: a fetch there would fail), declared bytes are checked against them, and the
     shared memory that carried them is gone once the upload is through intake."""
     preprocess = preprocessing_of(str(tiny_model))
-    pool = IntakePool(get_settings(), processes=1, slots=2, timeout_s=30)
+    pool = IntakePool(TEST_SETTINGS, processes=1, slots=2, timeout_s=30)
     nowhere = "http://127.0.0.1:9/never-fetched.jpg"
     try:
         pool.slots_for((preprocess.crop_shape,))  # the crop slots' block, made before
@@ -155,15 +152,15 @@ def trickling() -> Iterator[tuple[TricklingServer, Listener]]:
 
 
 def _submit_each_in_a_message(uris: list[str], queue: str) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
     for upload_id in ids:  # a message each: as many task threads held as uploads
-        send_screening([upload_id], queue=queue)
+        TEST_RUNTIME.producer.send_screening([upload_id], queue=queue)
     return ids
 
 
 def _processing(ids: list[int]) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         query = select(func.count()).where(
             Upload.id.in_(ids), Upload.status == UploadStatus.PROCESSING
         )

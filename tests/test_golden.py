@@ -25,7 +25,6 @@ from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
-from moderation.db import session_scope
 from moderation.embedding.families import open_embedder
 from moderation.embedding.models import EmbeddingModel
 from moderation.evaluation import golden, runner, service, tasks
@@ -124,7 +123,7 @@ def test_analysts_add_golden_queries_by_command_and_api(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
     rng = np.random.default_rng(2)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         uploads = [add_upload(session, model, [v]) for v in unit(rng, 4)]
         # The audit log is append-only: clean_db keeps other tests' rows.
@@ -180,7 +179,7 @@ def test_analysts_add_golden_queries_by_command_and_api(
     assert (again.status_code, again.json()["code"]) == (404, "golden_query_not_found")
     _cli(TEST_RUNTIME, "golden", "remove", str(listed[0]["id"]))
     assert _cli(TEST_RUNTIME, "golden", "list").strip() == "no golden queries"
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         actions = session.scalars(
             select(AuditEvent.action)
             .where(AuditEvent.subject_type == "golden_query", AuditEvent.id > audited_before)
@@ -312,7 +311,7 @@ def _planted_corpus(seed: int = 0) -> None:
     upload and by bank entry, each with its plan; a random background of 150 uploads
     pushed away from every query."""
     rng = np.random.default_rng(seed)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         anchors = []
         for number, (text, plan) in enumerate(zip(_query_texts(3), TEXT_PLANS, strict=True)):
@@ -375,7 +374,7 @@ def test_a_planted_corpus_gives_the_figures_its_plan_implies_per_modality(
         )
     # The two modalities differ by construction: mixing them would hide both.
     assert _figures(view, Modality.TEXT) != _figures(view, Modality.IMAGE)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = session.scalars(select(EvaluationRun)).one()
         assert stored.corpus_size == view.corpus_size > 150
         assert not stored.regressed
@@ -407,7 +406,7 @@ def test_a_reranker_that_reverses_the_order_shows_up_as_worse(
     for row in compared:
         assert row.b < row.a, row
     # Stored side by side, each under its reranker.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert [v.reranker for v in service.history(session)] == ["exact", "reversed"]
 
 
@@ -422,7 +421,7 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
     first = runner.evaluate(search_runtime, k=K)
     # The corpus grows denser around the text queries: uploads nearer to each than any of
     # its relevant ones push those out of the top k.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         for text in _query_texts(len(TEXT_PLANS)):
             anchor = _text_vector(text)
@@ -487,7 +486,7 @@ def test_scheduled_runs_are_off_by_default_then_run_once_per_interval(
     done = tasks.run_if_due(runtime)
     assert done["golden_regressed"] is False
     assert tasks.run_if_due(runtime) == {}  # not due again for an hour
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (run,) = session.scalars(select(EvaluationRun))
         assert (run.id, run.trigger) == (done["golden_run"], "schedule")
         # Due again once the interval has passed since it.
@@ -501,7 +500,7 @@ def test_unaskable_queries_are_skipped_not_failed(clean_db: None, search_runtime
     """An example image gone, a bank entry with no embedding under the model, a query with
     nothing relevant in the corpus: counted as skipped, the others measured."""
     rng = np.random.default_rng(5)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         uploads = [add_upload(session, model, [v]) for v in unit(rng, 20)]
         golden.add_query(

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy.orm import Session
 
-from moderation.db import session_scope
 from moderation.screening import service
 from moderation.worker.group_commit import GroupCommit
+from tests.conftest import TEST_RUNTIME
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -43,7 +43,9 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def writer(recorder: Recorder) -> Iterator[GroupCommit[str, int]]:
-    group_commit: GroupCommit[str, int] = GroupCommit(session_scope, recorder, name="test-writer")
+    group_commit: GroupCommit[str, int] = GroupCommit(
+        TEST_RUNTIME.session, recorder, name="test-writer"
+    )
     yield group_commit
     group_commit.close()
 
@@ -56,7 +58,7 @@ def _until_waiting(writer: GroupCommit[str, int], count: int) -> None:
 
 
 def _uris_of(upload_ids: list[int]) -> list[str]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return [upload.uri for upload in service.get_uploads(session, upload_ids)]
 
 
@@ -104,7 +106,7 @@ def test_a_failing_group_is_retried_one_item_at_a_time(
 
 
 def test_close_writes_what_was_handed_in_then_refuses_more(recorder: Recorder) -> None:
-    writer: GroupCommit[str, int] = GroupCommit(session_scope, recorder, name="test-writer")
+    writer: GroupCommit[str, int] = GroupCommit(TEST_RUNTIME.session, recorder, name="test-writer")
     recorder.gate.clear()
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(writer, "file:///1.jpg")
@@ -126,11 +128,11 @@ def test_a_write_many_that_miscounts_commits_nothing(recorder: Recorder) -> None
     def one_short(session: Session, uris: Sequence[str]) -> list[int]:
         return service.submit_many(session, uris)[:-1]
 
-    writer: GroupCommit[str, int] = GroupCommit(session_scope, one_short, name="test-writer")
+    writer: GroupCommit[str, int] = GroupCommit(TEST_RUNTIME.session, one_short, name="test-writer")
     try:
         with pytest.raises(RuntimeError, match="wrote 1 items but got 0 results"):
             writer("file:///lost.jpg")
     finally:
         writer.close()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert service.list_uploads(session) == []

@@ -18,8 +18,6 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from moderation.db import session_scope
-from moderation.messages import send_screening
 from moderation.screening import service
 from moderation.screening.cli import wait_until_final
 from moderation.screening.models import Signal, Upload, UploadStatus
@@ -43,22 +41,22 @@ def targets() -> Iterator[tuple[Listener, str]]:
 
 
 def _submit(cases: list[Case]) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         ids = [
             service.submit(session, case.uri, declared_sha256=case.declared_sha256)[0].id
             for case in cases
         ]
-    send_screening(ids)
+    TEST_RUNTIME.producer.send_screening(ids)
     return ids
 
 
 def _signal_rows(upload_ids: list[int]) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return session.scalar(select(func.count()).where(Signal.upload_id.in_(upload_ids))) or 0
 
 
 def _seconds_to_final(upload_ids: list[int]) -> dict[int, float]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(
             select(Upload.id, func.extract("epoch", Upload.finished_at - Upload.created_at)).where(
                 Upload.id.in_(upload_ids)
@@ -180,7 +178,7 @@ def test_a_burst_of_large_images_stays_within_the_decode_budget(tmp_path: Path) 
 
 
 def _screen_on(queue: str, uris: list[str]) -> list[Upload]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         ids = [service.submit(session, uri)[0].id for uri in uris]
-    send_screening(ids, queue=queue)
+    TEST_RUNTIME.producer.send_screening(ids, queue=queue)
     return wait_until_final(TEST_RUNTIME, ids, timeout_s=120)

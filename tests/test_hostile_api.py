@@ -155,9 +155,8 @@ def test_a_lone_surrogate_in_an_upload_is_refused(
 def test_a_lone_surrogate_in_a_note_or_a_source_is_refused(
     api: TestClient, keys: dict[Role, str]
 ) -> None:
-    from moderation.db import session_scope
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, "notes")
         hit_id = make_hit(session, make_upload(session), make_entry(session, bank)).id
     reviewer = {**JSON, **bearer(keys[Role.REVIEWER])}

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from moderation.auth.models import Role
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.signals import SignalType
@@ -197,7 +196,7 @@ def test_render_map_writes_a_png_of_the_stated_size_with_the_hits_drawn(tmp_path
 
 def test_map_command_renders_the_stored_corpus(clean_db: None, tmp_path: Path) -> None:
     bad, ordinary = two_clusters(30)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         store(session, bad, bank_entry(session, "known-bad"))
         store(session, ordinary, None)
     out = tmp_path / "maps" / "map.png"
@@ -233,7 +232,7 @@ def serving(name: str) -> Iterator[None]:
     """`name` as the registry's active model for the block (the map draws the active
     model, whatever MODERATION_MODEL says once the registry has one); the states before
     are restored after."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(select(EmbeddingModel.name, EmbeddingModel.state))
         states = {name: state for name, state in rows}
         session.execute(
@@ -249,7 +248,7 @@ def serving(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             session.execute(
                 update(EmbeddingModel)
                 .where(EmbeddingModel.name == name)
@@ -271,7 +270,7 @@ def test_the_review_app_draws_the_map_for_analysts_and_reviewers(
     # Committed, so under a model of its own: the other tests here count one model's uploads.
     page_model = "map-page-test-model"
     bad, ordinary = two_clusters(30, seed=5)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         store(session, bad, bank_entry(session, "page-bank"), page_model)
         store(session, ordinary, None, page_model)
     with serving(page_model):
@@ -298,7 +297,7 @@ def test_the_map_page_draws_each_upload_as_a_link_coloured_by_bank_and_review(
 ) -> None:
     page_model = "map-points-test-model"
     bad, ordinary = two_clusters(12, seed=7)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         store(session, bad, bank_entry(session, "points-bank"), page_model)
         store(session, ordinary, None, page_model)
         hit_uploads = session.scalars(

@@ -21,10 +21,9 @@ from sqlalchemy.engine import make_url
 from moderation.auth import service as auth
 from moderation.auth.key_cache import APPLICATION_NAME, ApiKeys, KeyCache
 from moderation.auth.models import ApiKey, Role
-from moderation.db import session_scope
 from moderation.runtime import Runtime
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TEST_ENV, TEST_SETTINGS
+from tests.conftest import TEST_ENV, TEST_RUNTIME, TEST_SETTINGS
 
 __all__ = ["api", "keys"]
 
@@ -67,7 +66,7 @@ def _listening_cache(api_keys: ApiKeys, timeout_s: float = 30) -> KeyCache:
 
 
 def _key_id(secret: str) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == auth.hash_key(secret)))
     assert key_id is not None
     return key_id
@@ -111,7 +110,7 @@ def test_a_key_revoked_on_another_connection_is_refused_at_once(
     (without the cache's round trip before each lookup, about one try in ten lost the race
     on the loaded 2-core machine)."""
     _listening_cache(api_keys)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         made = [
             auth.create_key(session, role=Role.REVIEWER, name=f"r{i}", actor="test")
             for i in range(30)
@@ -136,7 +135,7 @@ def test_an_answer_read_before_a_revocation_is_not_kept(
     key_hash = auth.hash_key(secret)
     missed, generation = cache.lookup(key_hash)
     assert missed is None
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         read = auth.authenticate(session, secret)
     assert read is not None
     with closing(_connect()) as other:

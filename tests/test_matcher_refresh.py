@@ -34,11 +34,11 @@ from moderation.banks.models import (
 )
 from moderation.banks.pruning import Pruned, prune_changes, pruned_through
 from moderation.banks.reads import Reading
-from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model, vector_to_bytes
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals
+from tests.conftest import TEST_RUNTIME
 from tests.vectors import at_cosine_distance
 
 DIM = 8
@@ -434,12 +434,12 @@ def committed(database: str) -> Iterator[int]:
     empty = text(
         "TRUNCATE retrohunt_jobs, hits, bank_entry_embeddings, bank_entries, banks CASCADE"
     )
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(empty)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model_id = get_or_create_model(session, "refresh-committed", DIM).id
     yield model_id
-    with get_engine().begin() as conn:
+    with TEST_RUNTIME.engine.begin() as conn:
         conn.execute(empty)
         # Never done in production, where the horizon only rises.
         conn.execute(update(BankChangesHorizon).values(pruned_through=0, pruned_at=None))
@@ -448,7 +448,7 @@ def committed(database: str) -> Iterator[int]:
 @contextmanager
 def _open_transaction() -> Iterator[Session]:
     """A session whose transaction stays open until the block ends, then commits."""
-    with Session(get_engine()) as session, session.begin():
+    with Session(TEST_RUNTIME.engine) as session, session.begin():
         yield session
 
 
@@ -470,14 +470,16 @@ class _OutOfOrder:
 def _lower_id_left_open(bank_name: str, model_id: int) -> Iterator[_OutOfOrder]:
     """Entry A's change row takes its id first, entry B's second; B commits, and is
     matched, while A's transaction stays open until the block ends (then commits)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank_id = banks.create_bank(session, bank_name).id
-    matcher = BankMatcher(session_scope, model_id=model_id, dim=DIM, settings=SETTINGS, refresh_s=0)
+    matcher = BankMatcher(
+        TEST_RUNTIME.session, model_id=model_id, dim=DIM, settings=SETTINGS, refresh_s=0
+    )
     with _open_transaction() as slow:
         lower = BankEntry(bank_id=bank_id, sha256=SHAS[0], added_by="slow")
         slow.add(lower)
         slow.flush()  # its change row takes the lower id now
-        with session_scope() as fast:
+        with TEST_RUNTIME.session() as fast:
             higher = BankEntry(bank_id=bank_id, sha256=SHAS[1], added_by="fast")
             fast.add(higher)
             fast.flush()
@@ -506,14 +508,14 @@ _SETTLE_WAIT_S = 30.0
 
 
 def _last_change() -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return int(session.scalar(select(func.max(BankChange.id))) or 0)
 
 
 def _prune_through(last: int, settle_wait_s: float = _SETTLE_WAIT_S) -> Pruned:
     """Make the log rows up to `last` older than the retention, and prune (the log's
     durable readers, the retro-hunt's starter, have read it all)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(BankChange)
             .where(BankChange.id <= last)
@@ -521,25 +523,25 @@ def _prune_through(last: int, settle_wait_s: float = _SETTLE_WAIT_S) -> Pruned:
         )
         session.execute(update(BankChangeReader).values(checkpoint=last))
     return prune_changes(
-        session_scope, timedelta(hours=1), batches=None, settle_wait_s=settle_wait_s
+        TEST_RUNTIME.session, timedelta(hours=1), batches=None, settle_wait_s=settle_wait_s
     )
 
 
 def _committed_banks(model_id: int) -> tuple[Changer, LiveBanks]:
     """Banks made by a `Changer` and committed, and a matcher loaded from them."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = session.get_one(EmbeddingModel, model_id)
         other = get_or_create_model(session, "refresh-committed-other", 3)
         changer = Changer(session, model, other)
         for _ in range(3):
             changer.create_bank()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return changer, LiveBanks.load(session, _reading(model), SETTINGS)
 
 
 def _change(changer: Changer, *kinds: Callable[[Changer], object]) -> None:
     """Changes of these kinds, committed together."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         changer.session = session
         for kind in kinds:
             kind(changer)
@@ -548,7 +550,7 @@ def _change(changer: Changer, *kinds: Callable[[Changer], object]) -> None:
 
 def _refreshed(index: LiveBanks, model_id: int) -> tuple[Refreshed | None, Found]:
     """A refresh, and what a fresh load finds."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         refreshed = index.refresh(session)
         return refreshed, _probe(load_index(session, model_id, DIM, SETTINGS))
 
@@ -584,7 +586,7 @@ def test_a_matcher_above_the_pruned_horizon_goes_on_applying_what_changed(
     last = _last_change()
     deadline = time.monotonic() + _SETTLE_WAIT_S
     while index.checkpoint < last and time.monotonic() < deadline:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             index.refresh(session)
         time.sleep(0.01)
     assert _prune_through(last).through == last

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from moderation.banks import service as banks
 from moderation.banks.models import Bank, BankEntryEmbedding
-from moderation.db import session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
 from moderation.main.cli import main
@@ -94,7 +93,7 @@ def _gauge(bank: str, model: str) -> float | None:
 
 @pytest.mark.usefixtures("clean_db")
 def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixture) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         two_models_world(session)
 
     with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
@@ -117,7 +116,7 @@ def test_a_worker_start_warns_and_sets_the_gauge(caplog: pytest.LogCaptureFixtur
 
 @pytest.mark.usefixtures("clean_db")
 def test_a_model_that_sees_every_entry_warns_of_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = get_or_create_model(session, "clip-only", DIM)
         add_clip_entry(session, banks.create_bank(session, "photos"), model)
     with caplog.at_level(logging.WARNING, logger="moderation.worker.metrics"):
@@ -127,16 +126,19 @@ def test_a_model_that_sees_every_entry_warns_of_nothing(caplog: pytest.LogCaptur
 
 @pytest.mark.usefixtures("clean_db")
 def test_bank_list_shows_clip_entries_per_model() -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         two_models_world(session)
     runner = CliRunner()
     listed = {
-        b["name"]: b for b in json.loads(runner.invoke(main, ["bank", "list", "--json"]).stdout)
+        b["name"]: b
+        for b in json.loads(
+            runner.invoke(main, ["bank", "list", "--json"], obj=TEST_RUNTIME).stdout
+        )
     }
     assert listed["photos"]["entries"] == 4
     assert listed["photos"]["clip_entries"] == {"clip-new": 1, "clip-old": 3}
     assert listed["partners"]["clip_entries"] == {"clip-new": 1}
-    table = runner.invoke(main, ["bank", "list"]).stdout.splitlines()
+    table = runner.invoke(main, ["bank", "list"], obj=TEST_RUNTIME).stdout.splitlines()
     assert "CLIP_ENTRIES_BY_MODEL" in table[0]
     (photos,) = [line for line in table if " photos " in line]
     assert photos.endswith("clip-new: 1, clip-old: 3")

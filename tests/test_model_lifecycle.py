@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from sqlalchemy import func, select, text, update
 
 from moderation.banks.models import BankEntryEmbedding
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.lifecycle.models import ReembedFailure, ReembedJob
 from moderation.main.cli import main
@@ -77,7 +76,7 @@ def screen(*paths: Path) -> list[Upload]:
 
 
 def model_id(name: Path | str) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         found = session.scalar(select(EmbeddingModel.id).where(EmbeddingModel.name == str(name)))
     assert found is not None, name
     return found
@@ -85,7 +84,7 @@ def model_id(name: Path | str) -> int:
 
 def embedding_rows(upload_id: int) -> dict[int, int]:
     """Rows per model id."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(
             select(Embedding.model_id, func.count())
             .where(Embedding.upload_id == upload_id)
@@ -96,7 +95,7 @@ def embedding_rows(upload_id: int) -> dict[int, int]:
 
 def clip_hits(upload_id: int) -> list[tuple[int, int | None]]:
     """(entry, model) of the upload's CLIP hits."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(
             select(Hit.bank_entry_id, Hit.model_id).where(
                 Hit.upload_id == upload_id, Hit.signal == "clip"
@@ -129,7 +128,7 @@ def registry_restored() -> Iterator[None]:
 
 
 def job_row(job_id: int) -> ReembedJob:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         job = session.get_one(ReembedJob, job_id)
         session.expunge(job)
         return job
@@ -212,7 +211,7 @@ def test_a_model_change_end_to_end(
         # Every screened upload embedded under SigLIP exactly once, but the two whose
         # content changed or went; the entry with a source too, the other not.
         screened = [*before, during]
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             failed = dict(
                 session.execute(
                     select(ReembedFailure.upload_id, ReembedFailure.reason).where(
@@ -287,7 +286,7 @@ def test_the_same_name_with_other_weights_is_refused(tmp_path: Path, tiny_siglip
     refused = cli("model", "add", str(checkpoint), exit_code=1)
     assert "registered with fingerprint" in refused
     assert "name of its own" in refused
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         states = session.execute(
             text("SELECT count(*) FROM embedding_models WHERE state = 'active'")
         )

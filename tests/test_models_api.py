@@ -14,11 +14,10 @@ from sqlalchemy import select, update
 from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
 from moderation.banks import service as banks
-from moderation.db import get_engine, session_scope
 from moderation.embedding import registry
 from moderation.embedding.models import EmbeddingModel, ModelState
 from tests.api_fixtures import api, bearer, keys
-from tests.conftest import TINY_MODEL_DIR
+from tests.conftest import TEST_RUNTIME, TINY_MODEL_DIR
 
 __all__ = ["api", "keys"]
 
@@ -28,7 +27,7 @@ def registry_restored(clean_db: None) -> Iterator[None]:
     """The tiny CLIP active and every other model retired, before and after."""
 
     def reset() -> None:
-        with get_engine().begin() as conn:
+        with TEST_RUNTIME.engine.begin() as conn:
             conn.execute(
                 update(EmbeddingModel)
                 .where(EmbeddingModel.name != str(TINY_MODEL_DIR))
@@ -40,7 +39,7 @@ def registry_restored(clean_db: None) -> Iterator[None]:
                 .values(state=ModelState.ACTIVE.value)
             )
 
-    with session_scope() as session:  # the row exists even before any worker started
+    with TEST_RUNTIME.session() as session:  # the row exists even before any worker started
         registry.seed_active(session, str(TINY_MODEL_DIR), family="clip", dim=32, fingerprint=None)
     reset()
     yield
@@ -63,7 +62,7 @@ def test_admins_add_activate_and_retire_models_with_audit_rows(
     assert listed[str(TINY_MODEL_DIR)] == "active"
 
     # A bank entry only the tiny CLIP has embedded: retiring CLIP later would blind it.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         clip = registry.get_model(session, str(TINY_MODEL_DIR))
         bank = banks.create_bank(session, "only-clip")
         banks.add_entries(
@@ -88,7 +87,7 @@ def test_admins_add_activate_and_retire_models_with_audit_rows(
     forced = api.post(f"/v1/models/{clip_id}/retire?force=true", headers=admin)
     assert forced.json()["state"] == "retired"
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         actions = session.scalars(
             select(AuditEvent.action).where(AuditEvent.subject_type == "embedding_model")
         ).all()

@@ -25,11 +25,8 @@ from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 
-from moderation import db
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntry
-from moderation.config import get_settings
-from moderation.db import get_engine, session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.decode import ALLOWED_FORMATS
 from moderation.images.signals import SignalType
@@ -47,16 +44,14 @@ from tests.queues import queue, queue_runtime, queued_uploads
 
 __all__ = ["queue", "queue_runtime"]
 
-Configure = Callable[..., None]
-
-
-def run(*args: str) -> Result:
-    """The command as an operator runs it: its settings from MODERATION_* variables."""
-    return CliRunner().invoke(main, list(args))
-
 
 def run_on(runtime: Runtime, *args: str) -> Result:
     return CliRunner().invoke(main, list(args), obj=runtime)
+
+
+def run(*args: str) -> Result:
+    """The command on the tests' runtime."""
+    return run_on(TEST_RUNTIME, *args)
 
 
 def one_line_error(result: Result, exit_code: int) -> str:
@@ -66,26 +61,6 @@ def one_line_error(result: Result, exit_code: int) -> str:
     assert "Traceback" not in result.output
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     return line
-
-
-def _forget_settings() -> None:
-    get_settings.cache_clear()
-    get_engine.cache_clear()
-    db._session_factory.cache_clear()
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
-    """Set MODERATION_* variables for this test only."""
-
-    def apply(**variables: str) -> None:
-        for name, value in variables.items():
-            monkeypatch.setenv(f"MODERATION_{name.upper()}", value)
-        _forget_settings()
-
-    yield apply
-    monkeypatch.undo()
-    _forget_settings()
 
 
 def closed_port() -> int:
@@ -130,7 +105,7 @@ def test_db_upgrade_names_the_database_without_its_password(
 def test_bank_add_of_one_entry_says_its_id() -> None:
     assert run("bank", "create", "known-bad").exit_code == 0
     result = run("bank", "add", "known-bad", "--sha256", "ab" * 32)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (entry_id,) = session.scalars(select(BankEntry.id)).all()
     added, hunting = result.output.strip().splitlines()
     assert added == f"added 1 entry to known-bad: id {entry_id}"
@@ -140,10 +115,11 @@ def test_bank_add_of_one_entry_says_its_id() -> None:
 # Infrastructure errors: one line with the fix, exit status 4.
 
 
-def test_a_database_that_does_not_exist_says_to_run_db_upgrade(configure: Configure) -> None:
+def test_a_database_that_does_not_exist_says_to_run_db_upgrade(
+    make_runtime: Callable[..., Runtime],
+) -> None:
     name = f"moderation_absent_{uuid.uuid4().hex[:8]}"
-    configure(database_url=database_url(name))
-    line = one_line_error(run("hits"), 4)
+    line = one_line_error(run_on(make_runtime(database_url=database_url(name)), "hits"), 4)
     assert f"database '{name}' does not exist" in line
     assert line.endswith("run `moderation db upgrade`")
 
@@ -162,18 +138,20 @@ def empty_database() -> Iterator[str]:
 
 @pytest.mark.parametrize("command", [["hits"], ["bank", "list"], ["uploads"]])
 def test_a_database_not_migrated_says_to_run_db_upgrade(
-    configure: Configure, empty_database: str, command: list[str]
+    make_runtime: Callable[..., Runtime], empty_database: str, command: list[str]
 ) -> None:
-    configure(database_url=database_url(empty_database))
-    line = one_line_error(run(*command), 4)
+    runtime = make_runtime(database_url=database_url(empty_database))
+    line = one_line_error(run_on(runtime, *command), 4)
     assert f"database '{empty_database}'" in line
     assert "has no schema: run `moderation db upgrade`" in line
 
 
-def test_postgres_unreachable_names_the_url_and_the_sweeper(configure: Configure) -> None:
+def test_postgres_unreachable_names_the_url_and_the_sweeper(
+    make_runtime: Callable[..., Runtime],
+) -> None:
     port = closed_port()
-    configure(database_url=f"postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/moderation")
-    line = one_line_error(run("bank", "list"), 4)
+    url = f"postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/moderation"
+    line = one_line_error(run_on(make_runtime(database_url=url), "bank", "list"), 4)
     assert (
         f"cannot reach PostgreSQL at postgresql+psycopg2://postgres:***@127.0.0.1:{port}/" in line
     )
@@ -202,7 +180,7 @@ def test_redis_unreachable_says_the_uploads_stay_queued_for_the_sweeper(tmp_path
     assert "stay queued in PostgreSQL" in line
     assert "sweeper re-sends them once Redis is back" in line
     # As it says: the upload was recorded, and waits for its message.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (upload,) = session.scalars(select(Upload)).all()
     assert (upload.uri, upload.status) == (image.resolve().as_uri(), UploadStatus.QUEUED)
 
@@ -219,7 +197,7 @@ def test_an_unknown_bank_is_one_line() -> None:
 @pytest.fixture
 def many_hits(clean_db: None) -> list[int]:
     """105 hits, the newest one a CLIP hit under a named model; their ids, oldest first."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "known-bad")
         (entry,) = banks.add_entries(
             session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="test"
@@ -270,7 +248,7 @@ def test_hits_are_newest_first_and_say_when_they_are_cut(many_hits: list[int]) -
 
 def test_the_hits_table_fits_120_columns_whatever_the_bank_is_called(clean_db: None) -> None:
     long_name = "partner-hash-list-imported-2026-12-07-from-the-ncmec-feed-" + "x" * 120
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, long_name)
         (entry,) = banks.add_entries(
             session, bank, [banks.NewEntry(sha256=b"\x01" * 32)], added_by="test"
@@ -289,7 +267,7 @@ def test_the_hits_table_fits_120_columns_whatever_the_bank_is_called(clean_db: N
 
 
 def test_one_upload_is_shown_with_its_signals_and_hits(many_hits: list[int]) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (upload_id, entry_id) = session.execute(
             select(Hit.upload_id, Hit.bank_entry_id).where(Hit.id == many_hits[-1])
         ).one()
@@ -400,7 +378,7 @@ def test_a_missing_local_file_is_refused_at_once(
         1,
     )
     assert line == f"Error: not_found: {missing.resolve()} does not exist; nothing was submitted"
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalars(select(Upload)).all() == []
     assert redis_client.llen(queue) == 0
 
@@ -463,9 +441,9 @@ def test_wait_exits_0_when_all_are_screened_and_1_when_any_failed(tmp_path: Path
 @pytest.mark.e2e
 @pytest.mark.usefixtures("clean_db", "worker")
 def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload_ids = screening.submit_many(session, ["https://example.com/never-sent.jpg"])
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stalled = tally(session, upload_ids)
     assert (stalled.total, stalled.queued) == (1, 1)
     cause = why_stalled(TEST_RUNTIME, stalled)
@@ -475,9 +453,24 @@ def test_a_stall_with_a_worker_but_no_message_names_lost_messages() -> None:
     assert "`moderation sweep`" in cause
 
 
-def test_bad_settings_are_one_line_naming_the_variables(configure: Configure) -> None:
-    configure(batch_size="many", match_radius="5", database_url="postgresql://u:hunter2@h/db")
-    line = one_line_error(run("hits"), 1)
+def test_bad_settings_are_one_line_naming_the_variables() -> None:
+    # As an operator runs it: the command reads its settings from MODERATION_* variables.
+    bad = {
+        "MODERATION_BATCH_SIZE": "many",
+        "MODERATION_MATCH_RADIUS": "5",
+        "MODERATION_DATABASE_URL": "postgresql://u:hunter2@h/db",
+    }
+    process = subprocess.run(
+        [sys.executable, "-m", "moderation", "hits"],
+        env={**os.environ, **TEST_ENV, **bad},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    (line,) = process.stderr.strip().splitlines()
     assert line == (
         "Error: bad settings: MODERATION_BATCH_SIZE: Input should be a valid integer, unable "
         "to parse string as an integer; MODERATION_MATCH_RADIUS: Input should be less than "

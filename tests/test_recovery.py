@@ -15,13 +15,12 @@ import redis
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.db import session_scope
 from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.models import Upload, UploadStatus, Worker
 from moderation.worker import recovery
 from moderation.worker.recovery import find_stuck, oldest_waiting_upload
-from tests.conftest import settings_for_tests
+from tests.conftest import TEST_RUNTIME, settings_for_tests
 
 STUCK_AFTER = timedelta(minutes=10)
 DEAD_AFTER = timedelta(seconds=30)
@@ -211,7 +210,7 @@ def test_one_sweeper_at_a_time(session: Session) -> None:
         .values(enqueued_at=func.now() - timedelta(hours=1))
     )
     assert _stuck(session) == [upload.id]  # holds the lock until its transaction ends
-    with session_scope() as other:  # another sweeper, in a transaction of its own
+    with TEST_RUNTIME.session() as other:  # another sweeper, in a transaction of its own
         assert _stuck(other) == []
 
 
@@ -234,7 +233,7 @@ def test_a_heartbeat_registers_beats_and_records_a_clean_stop(database: str) -> 
     heartbeat = recovery.Heartbeat(settings_for_tests(worker_heartbeat_s=0.05)).start()
 
     def row() -> Worker:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             return session.get_one(Worker, heartbeat.name, populate_existing=True)
 
     try:
@@ -247,7 +246,7 @@ def test_a_heartbeat_registers_beats_and_records_a_clean_stop(database: str) -> 
         heartbeat.stop()
         assert row().stopped_at is not None
     finally:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             session.execute(delete(Worker).where(Worker.name == heartbeat.name))
 
 

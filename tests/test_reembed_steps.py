@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.db import session_scope
 from moderation.embedding.families import preprocessing_of
 from moderation.embedding.models import Embedding, EmbeddingModel, ModelState
 from moderation.embedding.preprocessing import Preprocessing
@@ -166,7 +165,7 @@ def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
     _, candidate = screener.lineup.model_ids
     paths = [write(tmp_path / f"{i}.jpg", encode(textured(80 + i))) for i in range(5)]
     changed = write(tmp_path / "changed.jpg", encode(textured(90)))
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(EmbeddingModel)
             .where(EmbeddingModel.id == candidate)
@@ -183,7 +182,7 @@ def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
 
     runtime = make_runtime(reembed_block=BLOCK)
     worker_reembed.run_step(runtime, screener, slow_id, 0)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         job = session.get_one(ReembedJob, slow_id)
         assert (job.uploads_done, job.step) == (BLOCK, 1)
         job.status = ReembedStatus.CANCELLED  # one unfinished job per model
@@ -192,7 +191,7 @@ def test_a_step_at_full_duty_embeds_the_whole_scan_in_one_message(
 
     worker_reembed.run_step(runtime, screener, fast_id, 0)
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         job = session.get_one(ReembedJob, fast_id)
         assert (job.status, job.uploads_done, job.uploads_total) == (
             ReembedStatus.UPLOADS,

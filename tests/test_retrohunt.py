@@ -23,7 +23,6 @@ from moderation.banks import service as banks
 from moderation.banks.matcher import Match
 from moderation.banks.models import BankChange, BankEntry
 from moderation.config import Settings
-from moderation.db import get_engine, session_scope
 from moderation.embedding.models import EmbeddingModel
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
@@ -486,7 +485,7 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once(runtime: Runtime)
     """The starter reads the bank change log: entries added by the service or by plain SQL
     start a hunt (one job per enabled bank, over their ids), once; a disabled bank's do
     not. Jobs begin from the adding transaction's start (the catch-up's base)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         one = banks.create_bank(session, "starter-one")
         two = banks.create_bank(session, "starter-two")
         off = banks.create_bank(session, "starter-off")
@@ -497,7 +496,7 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once(runtime: Runtime)
         began = session.scalar(select(func.now()))
         one_id, two_id, first_id, last_id = one.id, two.id, first[0].id, first[1].id
         banks.add_entries(session, off, [banks.NewEntry(sha256=b"\x09" * 32)], added_by="a")
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             text("INSERT INTO bank_entries (bank_id, sha256, added_by) VALUES (:b, :s, 'sql')"),
             {"b": two_id, "s": b"\x03" * 32},
@@ -505,7 +504,7 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once(runtime: Runtime)
     # A worker's sweeper may start them first (a test worker may be running): either way,
     # once.
     retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         jobs = {j.bank_id: j for j in session.scalars(select(RetrohuntJob))}
         assert set(jobs) == {one_id, two_id}
         assert (jobs[one_id].first_entry_id, jobs[one_id].last_entry_id) == (first_id, last_id)
@@ -513,7 +512,7 @@ def test_entries_committed_anyhow_start_one_hunt_per_bank_once(runtime: Runtime)
         assert jobs[one_id].created_at == began
         assert (jobs[two_id].entries, jobs[two_id].created_by) == (1, "sql")
     assert retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S) == []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 2
 
 
@@ -523,20 +522,20 @@ def test_the_starter_waits_for_a_transaction_that_may_still_add_entries(
 ) -> None:
     """Entries whose transaction took its log id before a later one committed are not
     skipped: the starter does not move past an id a running transaction may still commit."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank_id = banks.create_bank(session, "starter-race").id
     retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
-    with Session(get_engine()) as slow, slow.begin():
+    with Session(TEST_RUNTIME.engine) as slow, slow.begin():
         slow.add(BankEntry(bank_id=bank_id, sha256=b"\x01" * 32, added_by="slow"))
         slow.flush()  # its log row takes the lower id now
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             session.add(BankEntry(bank_id=bank_id, sha256=b"\x02" * 32, added_by="fast"))
         # Waited for `slow`, which is still open.
         assert not retrohunt_tasks.start_hunts(runtime, settle_wait_s=0.5)
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             assert session.scalar(select(func.count()).select_from(RetrohuntJob)) == 0
     retrohunt_tasks.start_hunts(runtime, settle_wait_s=SETTLE_WAIT_S)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (job,) = session.scalars(select(RetrohuntJob))
         assert job.entries == 2
 

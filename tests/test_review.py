@@ -13,13 +13,12 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEvent
 from moderation.banks import service as banks
-from moderation.db import get_engine, session_scope
 from moderation.images.signals import SignalType
 from moderation.review import service
 from moderation.review.models import Hit, ReviewStatus
 from moderation.review.service import AlreadyDecided, Outcome, QueueFilter
 from moderation.webhooks.models import EventType, WebhookEvent
-from tests.conftest import TEST_SETTINGS, settings_for_tests
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS, settings_for_tests
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -285,7 +284,7 @@ def test_a_confirmation_writes_its_webhook_event_in_its_transaction(session: Ses
 
 def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
     """The second waits on the first's row locks, then sees its decision."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, "b")
         upload = make_upload(session)
         first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
@@ -294,14 +293,14 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
 
     def contradict() -> None:
         try:
-            with session_scope() as other:
+            with TEST_RUNTIME.session() as other:
                 outcome["pid"] = _backend_pid(other)
                 service.decide(other, TEST_SETTINGS, second_id, Outcome.DISMISS, None, "key:2:bob")
             outcome["bob"] = "decided"
         except AlreadyDecided as error:
             outcome["bob"] = error
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         service.decide(session, TEST_SETTINGS, first_id, Outcome.CONFIRM, None, "key:1:alice")
         bob = threading.Thread(target=contradict)
         bob.start()
@@ -310,7 +309,7 @@ def test_two_reviewers_deciding_at_once_are_ordered(clean_db: None) -> None:
     bob.join(timeout=30)
     assert isinstance(outcome["bob"], AlreadyDecided)
     assert outcome["bob"].decided is ReviewStatus.CONFIRMED
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         statuses = set(session.scalars(select(Hit.review_status)))
     assert statuses == {ReviewStatus.CONFIRMED}
 
@@ -325,7 +324,7 @@ def _backend_pid(session: Session) -> int:
 def _wait_for_a_lock_wait(outcome: dict[str, object]) -> None:
     """Until the second decider's connection waits for a lock."""
     deadline = time.monotonic() + 30
-    with get_engine().connect() as conn:
+    with TEST_RUNTIME.engine.connect() as conn:
         while time.monotonic() < deadline:
             waiting = (
                 "pid" in outcome

@@ -9,16 +9,16 @@ from sqlalchemy import select
 
 from moderation.audit.models import AuditEvent
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.review import service
 from tests.api_fixtures import api, bearer, keys
+from tests.conftest import TEST_RUNTIME
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 
 __all__ = ["api", "keys"]
 
 
 def _hits(count: int, per_upload: int = 1) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, "b")
         ids = []
         for _ in range(count):
@@ -112,7 +112,7 @@ def test_a_decision_over_http(api: TestClient, keys: dict[Role, str]) -> None:
     assert "already confirmed by key:" in other.json()["detail"]
     # Out of the pending queue.
     assert api.get("/v1/hits", headers=reviewer).json()["hits"] == []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = session.scalars(
             select(AuditEvent).where(
                 AuditEvent.action == "review.decide",
@@ -141,7 +141,7 @@ def test_a_decision_covers_only_the_hits_the_reviewer_saw(
 def _key_id(api: TestClient) -> int:
     from moderation.auth import service as auth
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return next(k.id for k in auth.list_keys(session) if k.role is Role.REVIEWER)
 
 

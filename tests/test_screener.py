@@ -21,8 +21,7 @@ from sqlalchemy import select
 
 from moderation.banks import service as banks
 from moderation.banks.models import BankEntryEmbedding
-from moderation.config import Settings, get_settings
-from moderation.db import session_scope
+from moderation.config import Settings
 from moderation.embedding.families import preprocessing_of
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.embedding.preprocessing import Preprocessing
@@ -36,6 +35,7 @@ from moderation.screening.models import Upload, UploadStatus
 from moderation.worker.intake.jobs import IntakeProcessLost, IntakeStalled
 from moderation.worker.intake.pool import IntakePool
 from moderation.worker.pipeline import Screener, StageTimeout
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import encode, textured, write
 from tests.servers import http_server, image_handler
 
@@ -69,7 +69,7 @@ class StubEmbedder:
 
 
 def _settings(**overrides: object) -> Settings:
-    return get_settings().model_copy(update=overrides)
+    return TEST_SETTINGS.model_copy(update=overrides)
 
 
 @pytest.fixture
@@ -80,18 +80,18 @@ def preprocess(tiny_model: Path) -> Preprocessing:
 @pytest.fixture(params=[1, 0], ids=["intake-processes", "intake-in-thread"])
 def screener(request: pytest.FixtureRequest, preprocess: Preprocessing) -> Iterator[Screener]:
     settings = _settings(intake_processes=request.param, stage_timeout_s=5.0)
-    built = Screener(settings, session_scope, StubEmbedder(preprocess), slots=4)  # type: ignore[arg-type]
+    built = Screener(settings, TEST_RUNTIME.session, StubEmbedder(preprocess), slots=4)  # type: ignore[arg-type]
     yield built
     built.close()
 
 
 def _submit(*uris: str) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return [service.submit(session, uri)[0].id for uri in uris]
 
 
 def _upload(upload_id: int) -> Upload:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload = session.get_one(Upload, upload_id)
         session.expunge(upload)
         return upload
@@ -112,7 +112,7 @@ def test_uploads_are_screened_and_recorded_with_their_vectors(
     images = [textured(seed) for seed in range(6)]
     paths = [write(tmp_path / f"{i}.jpg", encode(image)) for i, image in enumerate(images)]
     banked = paths[0].read_bytes()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "known-bad")
         banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(banked))], added_by="t")
     upload_ids = _submit(*(p.as_uri() for p in paths))
@@ -122,7 +122,7 @@ def test_uploads_are_screened_and_recorded_with_their_vectors(
     uploads = [_upload(i) for i in upload_ids]
     assert [u.status for u in uploads] == [UploadStatus.SCREENED] * 6
     assert [(u.width, u.height, u.frames_hashed) for u in uploads] == [(640, 480, 1)] * 6
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hits = session.scalars(select(Hit.upload_id)).all()
         stored = {
             e.upload_id: vector_from_bytes(e.vector) for e in session.scalars(select(Embedding))
@@ -153,7 +153,7 @@ def test_a_stalled_forward_pass_is_a_retried_stage_timeout(
     embedder = StubEmbedder(preprocess)
     embedder.gate.clear()  # the model never answers
     settings = _settings(intake_processes=0, stage_timeout_s=0.5)
-    screener = Screener(settings, session_scope, embedder, slots=2)  # type: ignore[arg-type]
+    screener = Screener(settings, TEST_RUNTIME.session, embedder, slots=2)  # type: ignore[arg-type]
     (upload_id,) = _submit(write(tmp_path / "a.jpg", encode(textured(4))).as_uri())
     try:
         started = time.monotonic()
@@ -451,12 +451,12 @@ def test_a_stalled_claim_sends_the_messages_uploads_again(
     """Another transaction holds the rows' locks, so the claim cannot commit in time: the
     uploads come back as retries due (the task sends each again), not as a lost message."""
     settings = _settings(intake_processes=0, stage_timeout_s=0.5)
-    screener = Screener(settings, session_scope, StubEmbedder(preprocess), slots=2)  # type: ignore[arg-type]
+    screener = Screener(settings, TEST_RUNTIME.session, StubEmbedder(preprocess), slots=2)  # type: ignore[arg-type]
     upload_ids = _submit(
         *(write(tmp_path / f"{i}.jpg", encode(textured(i))).as_uri() for i in range(2))
     )
     try:
-        with session_scope() as blocker:
+        with TEST_RUNTIME.session() as blocker:
             blocker.execute(select(Upload).where(Upload.id.in_(upload_ids)).with_for_update())
             retries = screener.run_many(upload_ids)
         assert retries == dict.fromkeys(upload_ids, settings.retry_backoff_s)
@@ -489,14 +489,14 @@ def test_two_models_from_one_intake_each_embedding_and_matching_its_own(
     small = dataclasses.replace(preprocess, crop_height=32, crop_width=32, shortest_edge=32)
     first, second = StubEmbedder(preprocess), OtherStub(small)
     settings = _settings(intake_processes=intake_processes, stage_timeout_s=10.0)
-    screener = Screener(settings, session_scope, [first, second], slots=4)  # type: ignore[list-item]
+    screener = Screener(settings, TEST_RUNTIME.session, [first, second], slots=4)  # type: ignore[list-item]
     try:
         paths = [write(tmp_path / f"{i}.jpg", encode(textured(40 + i))) for i in range(3)]
         crops = [p(Image.open(paths[0]).convert("RGB")) for p in (preprocess, small)]
         vector_1 = StubEmbedder(preprocess).embed(crops[0][np.newaxis])[0]
         vector_2 = OtherStub(small).embed(crops[1][np.newaxis])[0]
         first_id, second_id = screener.lineup.model_ids
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             bank = banks.create_bank(session, "two-models")
             only_second, both = banks.add_entries(
                 session,
@@ -521,7 +521,7 @@ def test_two_models_from_one_intake_each_embedding_and_matching_its_own(
 
         assert screener.run_many(upload_ids) == {}
 
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             stored = {
                 (e.upload_id, e.model_id): vector_from_bytes(e.vector)
                 for e in session.scalars(select(Embedding))
@@ -566,17 +566,17 @@ def test_an_entry_hashed_at_full_resolution_is_found_though_the_reduced_hash_mis
     agree = np.flatnonzero(reduced_bits == full_bits)
     entry_bits[np.random.default_rng(4).choice(agree, 31, replace=False)] ^= 1
     listed = PdqHash(np.packbits(entry_bits).tobytes(), None)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "hash list")
         (entry,) = banks.add_entries(session, bank, [banks.NewEntry(pdq=listed)], added_by="t")
         entry_id = entry.id
     (upload_id,) = _submit(write(tmp_path / "photo.jpg", data).as_uri())
-    screener = Screener(settings, session_scope, StubEmbedder(preprocess), slots=1)  # type: ignore[arg-type]
+    screener = Screener(settings, TEST_RUNTIME.session, StubEmbedder(preprocess), slots=1)  # type: ignore[arg-type]
     try:
         screener.run(upload_id)
     finally:
         screener.close()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hits = session.execute(select(Hit.bank_entry_id, Hit.signal, Hit.distance)).all()
     assert _upload(upload_id).status == UploadStatus.SCREENED
     assert [tuple(hit) for hit in hits] == ([(entry_id, "pdq", 31.0)] if margin else [])

@@ -18,17 +18,14 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import func, select, update
 
-from moderation.config import get_settings
-from moderation.db import session_scope
 from moderation.main.cli import main
-from moderation.messages import send_screening
 from moderation.review.models import Hit
 from moderation.runtime import Runtime
 from moderation.screening import service
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import Upload, UploadStatus
 from moderation.worker.recovery import sweep_once
-from tests.conftest import TEST_RUNTIME
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.images import animated_gif, decompression_bomb, encode, textured, write
 from tests.servers import http_server
 from tests.vectors import at_cosine_distance
@@ -37,7 +34,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db", "worker")]
 
 
 def cli(*args: str) -> Any:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(main, list(args), obj=TEST_RUNTIME, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads(result.output) if "--json" in args else result.output
 
@@ -135,7 +132,7 @@ def _unacked_on(client: redis.Redis, queue: str) -> int:
 
 def _queue_drained(client: redis.Redis, timeout_s: float = 30) -> None:
     """Wait until every message is taken and acknowledged (acks_late: after the commit)."""
-    queue = get_settings().queue
+    queue = TEST_SETTINGS.queue
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if client.llen(queue) == 0 and _unacked_on(client, queue) == 0:
@@ -149,12 +146,12 @@ def _queue_drained(client: redis.Redis, timeout_s: float = 30) -> None:
 def test_a_uri_outside_the_workers_prefixes_is_refused_naming_the_workers_list() -> None:
     """A producer with a wider allow-list than the worker's accepted the URI: the worker's
     refusal says what the worker allows, so the mismatch shows where it is stored."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload, _ = service.submit(session, "file:///srv/uploads/elsewhere.jpg")
-    send_screening([upload.id])
+    TEST_RUNTIME.producer.send_screening([upload.id])
     (done,) = wait_until_final(TEST_RUNTIME, [upload.id], timeout_s=60)
     assert (done.status, done.error_code) == (UploadStatus.FAILED, "uri_refused")
-    worker_prefixes = ", ".join(get_settings().allowed_uri_prefixes)
+    worker_prefixes = ", ".join(TEST_SETTINGS.allowed_uri_prefixes)
     assert done.error_message is not None
     assert done.error_message.endswith(f"(this worker's: {worker_prefixes})")
 
@@ -165,15 +162,15 @@ def test_redelivered_event_creates_no_duplicate_hits(
     image = write(tmp_path / "bad.jpg", encode(textured(400)))
     cli("bank", "create", "redelivery")
     cli("bank", "add", "redelivery", str(image), "--json")
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload, _ = service.submit(session, image.resolve().as_uri())
     # The same event three times at once, then twice more after it has been screened.
-    send_screening([upload.id] * 3)
+    TEST_RUNTIME.producer.send_screening([upload.id] * 3)
     wait_until_final(TEST_RUNTIME, [upload.id], timeout_s=60)
-    send_screening([upload.id] * 2)
+    TEST_RUNTIME.producer.send_screening([upload.id] * 2)
     _queue_drained(redis_client)
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hits = session.scalars(select(Hit).where(Hit.upload_id == upload.id)).all()
     assert sorted(h.signal.value for h in hits) == ["clip", "pdq", "sha256"]
 
@@ -213,7 +210,7 @@ def test_transient_faults_are_retried_with_backoff_then_fail_visibly(flaky_serve
         None,
     )
     assert (never.status, never.error_code) == (UploadStatus.FAILED, "fetch_unavailable")
-    assert never.attempts == get_settings().max_attempts
+    assert never.attempts == TEST_SETTINGS.max_attempts
     assert "gave up after" in (never.error_message or "")
 
 
@@ -221,14 +218,14 @@ def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(
     tmp_path: Path, runtime: Runtime
 ) -> None:
     image = write(tmp_path / "orphan.jpg", encode(textured(600)))
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         # Committed, but the message was never sent (say the producer died right here).
         upload, _ = service.submit(session, image.resolve().as_uri())
         session.flush()
         session.execute(
             update(Upload)
             .where(Upload.id == upload.id)
-            .values(enqueued_at=func.now() - timedelta(seconds=get_settings().stuck_after_s + 1))
+            .values(enqueued_at=func.now() - timedelta(seconds=TEST_SETTINGS.stuck_after_s + 1))
         )
     # The test worker's own sweeper (every `sweep_interval_s`) may hold the sweep lock at
     # this moment, and this sweep then finds nothing; or it may send the upload first.
@@ -244,8 +241,8 @@ def test_an_upload_whose_message_was_lost_is_recovered_by_the_sweeper(
 def _sent_again(upload_id: int) -> bool:
     """Whether a sweeper has marked the upload as sent again: `enqueued_at` set to its now,
     where the test had put it `stuck_after_s` and more in the past."""
-    stuck_after = timedelta(seconds=get_settings().stuck_after_s)
-    with session_scope() as session:
+    stuck_after = timedelta(seconds=TEST_SETTINGS.stuck_after_s)
+    with TEST_RUNTIME.session() as session:
         recent = select(Upload.enqueued_at > func.now() - stuck_after).where(Upload.id == upload_id)
         return bool(session.scalar(recent))
 

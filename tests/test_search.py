@@ -17,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import AutoTokenizer
 
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.cli import main
 from moderation.runtime import Runtime
@@ -49,7 +48,7 @@ PHOTOS = Path(__file__).parent / "data" / "photos"
 
 
 def _open(directory: Path, **plan: object) -> FollowedIndex:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
     return open_index(TEST_RUNTIME.engine, model, index_settings(directory, **plan))
 
@@ -64,7 +63,7 @@ def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[],
 
     def open_milvus() -> VectorIndex:
         sync_until_caught_up(env.loop())
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             model = tiny_model(session)
             session.expunge(model)
         return milvus_sync.open_index(env.runtime.engine, env.milvus, model)
@@ -73,19 +72,19 @@ def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[],
 
 
 def _ids_in_table() -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return sorted(session.scalars(select(Embedding.id)))
 
 
 def _random_corpus(count: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         return [add_upload(session, model, [v]) for v in unit(rng, count)]
 
 
 def _search(index: VectorIndex, vector: np.ndarray, k: int, **options: object) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         results = service.search(session, index, SearchQuery(vector=vector), k, **options)  # type: ignore[arg-type]
     return [r.upload_id for r in results]
 
@@ -101,7 +100,7 @@ def test_an_exact_copy_of_an_image_ranks_first(clean_db: None, search_runtime: R
     searches = SearchRuntime(search_runtime, follow=False)
     _random_corpus(40)
     photos = sorted(PHOTOS.glob("*.jpg"))[:4]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         uploads = {
             photo.name: add_upload(
@@ -127,7 +126,7 @@ def test_results_are_per_upload_by_its_best_frame(
     rng = np.random.default_rng(1)
     query = unit(rng)[0]
     _random_corpus(30, seed=2)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         animation = add_upload(
             session,
@@ -136,7 +135,7 @@ def test_results_are_per_upload_by_its_best_frame(
         )
         still = add_upload(session, model, [at_cosine_distance(query, 0.05)])
     index = open_backend()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         results = service.search(session, index, SearchQuery(vector=query), 2)
     assert [r.upload_id for r in results] == [animation, still]
     assert results[0].frame_index == 2
@@ -151,7 +150,7 @@ def filtered_corpus(clean_db: None) -> tuple[np.ndarray, dict[str, list[int]]]:
     query = unit(rng)[0]
     now = datetime.now(UTC)
     groups: dict[str, list[int]] = {"near": [], "banked": [], "failed": []}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         for i in range(60):
             vector = at_cosine_distance(query, 0.01 + i * 0.002, seed=i)
@@ -219,7 +218,7 @@ def test_results_summarise_their_hits(
 ) -> None:
     query, groups = filtered_corpus
     index = _open(tmp_path)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (result,) = service.search(
             session, index, SearchQuery(vector=query), 1, service.Filters(bank="csam-known")
         )
@@ -238,7 +237,7 @@ def test_an_upload_screened_after_loading_is_found_without_a_rebuild(
     before = index.size
     rng = np.random.default_rng(9)
     vector = unit(rng)[0]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload = add_upload(session, tiny_model(session), [vector])
     assert index.tail(TEST_RUNTIME.engine) == 1
     assert index.size == before + 1
@@ -253,7 +252,7 @@ def test_a_restart_reloads_the_snapshot_and_reads_only_the_tail(
     index = _open(tmp_path)
     save(index, config)
     _random_corpus(7, seed=5)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
     restarted = open_index(TEST_RUNTIME.engine, model, config)  # the snapshot, then the tail
     assert restarted.size == 127
@@ -278,7 +277,7 @@ def test_a_row_committed_late_with_a_lower_id_is_not_skipped(
         late_id = slow_session.scalars(
             select(Embedding.id).where(Embedding.upload_id == late)
         ).one()
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             early = add_upload(session, tiny_model(session), [early_vector])
         (early_id,) = [i for i in _ids_in_table() if i > late_id]
         # Tail while the slow transaction is open, for longer than the commit lag.
@@ -290,7 +289,7 @@ def test_a_row_committed_late_with_a_lower_id_is_not_skipped(
         assert index.checkpoint < late_id
         save(index, config)  # a snapshot taken with the late row still in flight
         slow_session.commit()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
     restarted = open_index(engine, model, config)
     index.tail(engine)
@@ -335,7 +334,7 @@ def test_a_text_query_goes_through_the_text_tower(clean_db: None, search_runtime
         )
     np.testing.assert_allclose(texts, joint.text_embeds.numpy(), atol=1e-5)
     _random_corpus(50)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         car = add_upload(session, model, [at_cosine_distance(texts[0], 0.02)])
         cat = add_upload(session, model, [at_cosine_distance(texts[1], 0.02)])
@@ -371,7 +370,7 @@ def test_rebuild_then_eval_reports_recall_one_for_the_exact_index(
     clean_db: None, search_runtime: Runtime
 ) -> None:
     ids = _random_corpus(80)
-    with session_scope() as session:  # exact copies: ties that any order answers rightly
+    with TEST_RUNTIME.session() as session:  # exact copies: ties that any order answers rightly
         model = tiny_model(session)
         stored = session.scalars(
             select(Embedding.vector).where(Embedding.upload_id == ids[0])
@@ -405,11 +404,11 @@ def test_eval_of_an_approximate_index_records_its_parameters(
     clean_db: None, tmp_path: Path
 ) -> None:
     _random_corpus(300)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
     index = build(TEST_RUNTIME.engine, model, index_settings(tmp_path, exact_max=10, hnsw_max=100))
     assert index.kind is IndexKind.IVF_FLAT
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         evaluation = service.evaluate(session, index, queries=100, k=10, seed=0)
     assert 0.5 < evaluation.recall <= 1.0
     assert {"nlist", "nprobe", "tuned_recall"} <= evaluation.parameters.keys()
@@ -425,7 +424,7 @@ def test_a_build_streams_large_reads_and_keeps_labels_aligned(
 
     monkeypatch.setattr(follow, "_FETCH_CHUNK", 25)
     ids = _random_corpus(150)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         vectors = {
             upload: np.frombuffer(vector, "<f4")
@@ -449,7 +448,7 @@ def test_faiss_deletes_leave_tombstones_that_survive_a_snapshot(
     ids = _random_corpus(120, seed=11)
     index = _open(tmp_path)
     assert index.kind is IndexKind.HNSW
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         victim = service.upload_vector(session, index.model_id, index.model_name, ids[5])
         victim_id = session.scalar(select(Embedding.id).where(Embedding.upload_id == ids[5]))
     assert victim_id is not None

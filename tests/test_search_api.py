@@ -9,7 +9,6 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import embed_first_frame
 from moderation.images.decode import DecodeLimits
@@ -17,7 +16,7 @@ from moderation.main.app import create_app
 from moderation.runtime import Runtime
 from moderation.search.snapshot import read_snapshot
 from tests.api_fixtures import bearer, keys
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.search_fixtures import (
     add_hit,
     add_upload,
@@ -34,7 +33,7 @@ PHOTO = Path(__file__).parent / "data" / "photos" / "coffee.jpg"
 
 def _corpus(count: int) -> list[int]:
     rng = np.random.default_rng(0)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         return [add_upload(session, model, [v]) for v in unit(rng, count)]
 
@@ -61,7 +60,7 @@ def test_only_analysts_and_admins_may_search(search_api: TestClient, keys: dict[
 
 def test_search_by_upload_with_filters(search_api: TestClient, keys: dict[Role, str]) -> None:
     ids = _corpus(40)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         for upload in ids[10:14]:
             add_hit(session, upload, "known-bad")
     analyst = bearer(keys[Role.ANALYST])
@@ -119,7 +118,7 @@ def test_search_by_text_and_by_image_upload(search_api: TestClient, keys: dict[R
         PHOTO.read_bytes(), embedder, DecodeLimits.from_settings(settings)
     )
     text_vector = embedder.embed_texts(["a cup of coffee"])[0]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         photo_upload = add_upload(session, model, [photo_vector])
         text_upload = add_upload(session, model, [text_vector])
@@ -155,7 +154,7 @@ def test_an_upload_screened_while_the_api_runs_is_found_within_seconds(
         == 200
     )
     vector = unit(np.random.default_rng(77))[0]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         new = add_upload(session, tiny_model(session), [vector])
     screened_at = time.monotonic()
     # The index is followed by the API's own thread: no rebuild, no restart.
@@ -178,7 +177,7 @@ def test_stopping_the_api_saves_what_it_added(
     analyst = bearer(keys[Role.ANALYST])
     with TestClient(create_app(search_runtime)) as client:
         assert client.get("/v1/search", params={"upload_id": ids[0]}, headers=analyst).is_success
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             new = add_upload(session, tiny_model(session), list(unit(np.random.default_rng(5))))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -186,7 +185,7 @@ def test_stopping_the_api_saves_what_it_added(
             if body.json()["results"][0]["upload_id"] == new:
                 break
             time.sleep(0.1)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model_id = tiny_model(session).id
     snapshot = read_snapshot(search_runtime.settings.index_dir, model_id)
     assert snapshot is not None

@@ -19,7 +19,6 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.main.app import create_app
 from moderation.main.cli import main
@@ -33,7 +32,7 @@ from moderation.search.models import MilvusSyncState
 from moderation.search.rerank import SearchQuery
 from moderation.search.runtime import SearchRuntime
 from tests.api_fixtures import bearer, keys
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.milvus_fixtures import MilvusEnv, milvus_api, sync_until_caught_up
 from tests.search_fixtures import add_hit, add_upload, tiny_model, unit
 from tests.vectors import at_cosine_distance
@@ -49,25 +48,25 @@ def cli(runtime: Runtime, *args: str) -> str:
 
 def _corpus(count: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         return [add_upload(session, model, [v]) for v in unit(rng, count)]
 
 
 def _index(env: MilvusEnv) -> MilvusIndex:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         session.expunge(model)
     return milvus_sync.open_index(env.runtime.engine, env.milvus, model)
 
 
 def _embedding_ids() -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return sorted(session.scalars(select(Embedding.id)))
 
 
 def _search(index: MilvusIndex, vector: np.ndarray, k: int, filters: service.Filters) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         results = service.search(session, index, SearchQuery(vector=vector), k, filters)
     return [r.upload_id for r in results]
 
@@ -77,7 +76,7 @@ def test_a_review_decision_reaches_the_filter_inside_milvus(
 ) -> None:
     rng = np.random.default_rng(5)
     query = unit(rng)[0]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         near = [
             add_upload(session, model, [at_cosine_distance(query, 0.01 * (i + 1), seed=i)])
@@ -98,7 +97,7 @@ def test_a_review_decision_reaches_the_filter_inside_milvus(
     assert _search(index, query, 5, confirmed) == []
     assert _search(index, query, 10, pending) == near[:6]
 
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         for upload in near[:2]:
             hit_id = session.scalar(select(Hit.id).where(Hit.upload_id == upload))
             assert hit_id is not None
@@ -122,7 +121,7 @@ def test_deleted_uploads_leave_the_results(clean_db: None, milvus_env: MilvusEnv
     loop = milvus_env.loop()
     sync_until_caught_up(loop)
     index = _index(milvus_env)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         victim_vector = service.upload_vector(session, index.model_id, index.model_name, ids[7])
         session.execute(delete(Upload).where(Upload.id.in_(ids[5:10])))  # cascades: embeddings
     _, _, before = index.search(victim_vector, 3)
@@ -196,7 +195,7 @@ def test_milvus_down_answers_503_and_the_sync_resumes_where_it_stopped(
         wanted = _embedding_ids()
         deadline = time.monotonic() + 120
         while True:
-            with session_scope() as session:
+            with TEST_RUNTIME.session() as session:
                 (state,) = session.scalars(select(MilvusSyncState))
                 caught_up = state.embeddings_checkpoint >= wanted[-1]
             if caught_up:
@@ -224,7 +223,7 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
     old_collection = index.describe()["collection"]
     # PostgreSQL moves on without the old collection: its uploads go, new ones come. The
     # rebuilt collection holds only the new, the old one only the old: a mix would show.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(delete(Upload).where(Upload.id.in_(first)))
     second = _corpus(40, seed=1)
     query = unit(np.random.default_rng(2))[0]
@@ -243,7 +242,7 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
     asker = threading.Thread(target=ask)
     asker.start()
     try:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             model = tiny_model(session)
             session.expunge(model)
         summary = milvus_sync.rebuild(
@@ -265,7 +264,7 @@ def test_a_rebuild_moves_the_alias_and_queries_see_one_collection_or_the_other(
     assert all(a <= old or a <= new for a in answers)
     assert any(a <= old for a in answers)
     assert answers[-1] <= new
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalars(select(MilvusSyncState.collection)).all() == [summary["collection"]]
 
 
@@ -283,7 +282,7 @@ def test_lag_shows_in_metrics_and_readyz(
     sync_until_caught_up(milvus_env.loop())
     assert milvus_api.get("/readyz").json()["checks"]["search_index"] == "ok"
     _corpus(3, seed=1)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (lag,) = milvus_sync.lags(session)
     assert lag.rows == 3
     assert lag.seconds is not None
@@ -317,7 +316,7 @@ def test_the_commands_sync_and_evaluate_on_milvus(clean_db: None, milvus_env: Mi
     index eval` measures it against exact search like the Faiss index; `moderation search`
     answers from it with a filter."""
     ids = _corpus(120)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         add_hit(session, ids[3], "known-bad")
     runtime = milvus_env.runtime
     synced = json.loads(cli(runtime, "index", "sync", "--once", "--json"))

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from moderation.config import Settings, get_settings
+from moderation.config import Settings
 from moderation.images import errors
 from moderation.images.http_location import IPAddress
 from moderation.images.uri_policy import FILE_REFUSED, PREFIX_REFUSED, UriPolicy
+from tests.conftest import TEST_SETTINGS
 
 
 def default_policy() -> UriPolicy:
@@ -24,7 +25,7 @@ def default_policy() -> UriPolicy:
 
 
 def env_policy() -> UriPolicy:
-    return UriPolicy.from_settings(get_settings())
+    return UriPolicy.from_settings(TEST_SETTINGS)
 
 
 def refusal(policy: UriPolicy, uri: str) -> str:

@@ -30,12 +30,12 @@ from sqlalchemy import func, select, update
 from moderation.auth import service as auth
 from moderation.auth.models import Role
 from moderation.banks.models import Bank, BankEntry
-from moderation.db import session_scope
 from moderation.review.models import Hit, ReviewStatus
 from moderation.screening.cli import submit_uris, wait_until_final
 from moderation.screening.models import UploadStatus
 from moderation.web.models import WebSession
-from tests.conftest import TEST_RUNTIME
+from tests.conftest import TEST_ENV, TEST_RUNTIME
+from tests.search_fixtures import search_environment
 from tests.web_fixtures import detailed_image
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -77,10 +77,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def webhook_env(receiver: Receiver) -> dict[str, str]:
-    """Settings for the API (whose decisions write events for this URL) and the sender."""
+def webhook_env(receiver: Receiver, tmp_path: Path) -> dict[str, str]:
+    """Settings for the API (whose decisions write events for this URL) and the sender:
+    the tests' own, with these."""
     return {
         **os.environ,
+        **TEST_ENV,
+        **search_environment(tmp_path / "index"),
         "MODERATION_WEBHOOK_URL": receiver.url,
         "MODERATION_WEBHOOK_SECRET": SECRET,
         "MODERATION_WEBHOOK_POLL_S": "0.1",
@@ -152,7 +155,7 @@ def _screened_hits(tmp_path: Path, count: int) -> list[int]:
     """Uploads of `count` images, each banked by its SHA-256, screened by the real worker;
     their ids, oldest first."""
     images = [detailed_image(tmp_path / f"upload-{i}.jpg", seed=i + 10) for i in range(count)]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = Bank(name="known-bad")
         session.add(bank)
         session.flush()
@@ -186,7 +189,7 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     server: str, sender: Path, receiver: Receiver, browser: Browser, tmp_path: Path
 ) -> None:
     uploads = _screened_hits(tmp_path, 2)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         key, secret = auth.create_key(session, role=Role.REVIEWER, name="ada", actor="test")
         actor = f"key:{key.id}:ada"
 
@@ -224,7 +227,7 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
     expect(page.locator(f"#upload-{chosen}")).to_have_count(0)
     expect(page.locator("#pending-count")).to_have_text("1")
     expect(page.locator(f"#upload-{other}")).to_have_count(1)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         statuses = {
             upload: status
             for upload, status in session.execute(select(Hit.upload_id, Hit.review_status))
@@ -254,7 +257,7 @@ def test_a_reviewer_reveals_and_confirms_with_the_keyboard(
 
 def _reviewer(name: str) -> tuple[str, str]:
     """A reviewer's key: its secret and the actor name decisions are recorded under."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         key, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
         return secret, f"key:{key.id}:{name}"
 
@@ -279,7 +282,7 @@ def _card_ids(page: Page, selector: str) -> list[int]:
 
 
 def _statuses(upload_id: int) -> set[tuple[ReviewStatus, str | None, str | None]]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(
             select(Hit.review_status, Hit.reviewed_by, Hit.review_note).where(
                 Hit.upload_id == upload_id
@@ -323,7 +326,7 @@ def test_a_stale_decision_shows_what_changed_and_the_reviewer_goes_on(
     page = _logged_in(browser, server, ada_key)
     expect(page.locator("article.hit")).to_have_count(1)
     # Carol escalates it through the API while Ada's page is open.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hit_id = session.scalar(select(Hit.id).where(Hit.upload_id == upload))
     escalated = httpx.post(
         f"{server}/v1/hits/{hit_id}/decision",
@@ -375,7 +378,7 @@ def test_a_decision_and_its_note_survive_an_expired_session(
     page.keyboard.type("escalating: see ticket 4411")
     page.keyboard.press("Escape")
     # The session ends while the note is written (it expired, or was ended elsewhere).
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(update(WebSession).values(expires_at=func.now()))
     page.keyboard.press("e")
     expect(page).to_have_url(re.compile(r"/login\?next=/review/resume/[A-Za-z0-9_-]+$"))

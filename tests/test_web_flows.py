@@ -15,11 +15,10 @@ from playwright.sync_api import Browser, Page, expect
 
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.embedding.clip import ClipEmbedder
 from moderation.embedding.service import embed_first_frame
 from moderation.images.decode import DecodeLimits
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_RUNTIME, TEST_SETTINGS
 from tests.search_fixtures import add_upload, index_dir, tiny_model, unit
 from tests.test_web_browser import CHROMIUM, browser, receiver, server, webhook_env
 
@@ -34,7 +33,7 @@ pytestmark = [
 
 
 def _key(role: Role, name: str) -> str:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         _, secret = auth.create_key(session, role=role, name=name, actor="test")
     return secret
 
@@ -91,7 +90,7 @@ def test_an_analyst_searches_by_text_image_and_upload_pages_and_exports(
         PHOTO.read_bytes(), embedder, DecodeLimits.from_settings(settings)
     )
     text_vector = embedder.embed_texts(["a cup of coffee"])[0]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         model = tiny_model(session)
         corpus = [add_upload(session, model, [v]) for v in unit(np.random.default_rng(0), 30)]
         photo_upload = add_upload(session, model, [photo_vector])

@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding, EmbeddingModel
 from moderation.review.models import Hit
+from tests.conftest import TEST_RUNTIME
 from tests.test_index_map import bank_entry, serving, store, two_clusters
 from tests.test_web_browser import CHROMIUM, browser, receiver, server, webhook_env
 
@@ -32,7 +32,7 @@ MODEL = "map-browser-test-model"
 
 
 def _analyst_page(browser: Browser, server: str) -> Page:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         _, secret = auth.create_key(session, role=Role.ANALYST, name="ann", actor="test")
     # Tall enough for the whole map: the mouse reaches only what is on the screen.
     context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1200})
@@ -60,7 +60,7 @@ def test_an_analyst_hovers_clicks_and_exports_a_region_of_the_map(
     server: str, browser: Browser, tmp_path: Path
 ) -> None:
     bad, ordinary = two_clusters(12, seed=3)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         store(session, bad, bank_entry(session, "map-bank"), MODEL)
         store(session, ordinary, None, MODEL)
         banked = set(

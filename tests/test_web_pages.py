@@ -18,7 +18,6 @@ from sqlalchemy import delete, select, update
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.http.access import route_roles
 from moderation.http.routes import app_routes
 from moderation.main.app import create_app
@@ -62,7 +61,7 @@ def test_login_sets_a_secure_httponly_strict_cookie(
     token = site.cookies[COOKIE_NAME]
     # The cookie holds a session token, never the key; the server keeps only its hash.
     assert keys[Role.REVIEWER] not in cookie
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         stored = session.scalars(select(WebSession)).one()
         assert token.encode() not in stored.token_hash
         assert stored.expires_at > datetime.now(UTC) + timedelta(hours=11)
@@ -77,7 +76,7 @@ def test_a_wrong_or_submitter_key_is_refused_at_login(
         assert response.status_code == 401
         assert "set-cookie" not in response.headers
         assert 'role="alert"' in response.text
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalars(select(WebSession)).all() == []
 
 
@@ -110,7 +109,7 @@ def test_logout_ends_the_session(site: TestClient, keys: dict[Role, str]) -> Non
     # The old token, replayed, opens nothing.
     site.cookies.set(COOKIE_NAME, token)
     assert site.get("/review/banks").status_code == 303
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (stored,) = session.scalars(select(WebSession))
         assert stored.revoked_at is not None
         actions = [event.action for event in events_for(session, "web_session", stored.id)]
@@ -120,7 +119,7 @@ def test_logout_ends_the_session(site: TestClient, keys: dict[Role, str]) -> Non
 def test_a_revoked_keys_session_stops_working(site: TestClient, keys: dict[Role, str]) -> None:
     log_in(site, keys[Role.REVIEWER])
     assert site.get("/review/banks").status_code == 200
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         key = next(k for k in auth.list_keys(session) if k.role is Role.REVIEWER)
         auth.revoke_key(session, key.id, actor="test")
     response = site.get("/review/banks")
@@ -131,7 +130,7 @@ def test_a_revoked_keys_session_stops_working(site: TestClient, keys: dict[Role,
 def test_an_expired_session_stops_working(site: TestClient, keys: dict[Role, str]) -> None:
     log_in(site, keys[Role.ANALYST])
     assert site.get("/review/banks").status_code == 200
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(update(WebSession).values(expires_at=datetime.now(UTC)))
     assert site.get("/review/banks").status_code == 303
 
@@ -232,7 +231,7 @@ def test_kept_frames_are_blurred_until_revealed_and_every_read_is_audited(
     assert f'href="{path}?reveal=1"' in page
     assert "frame 0 of 1" in page
     # Every read of the content is on record, blurred or not.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         reads = [e for e in events_for(session, "upload", seeded.upload_id)]
     actor = f"key:{_key_id(keys[Role.REVIEWER])}:test reviewer"
     assert [(e.action, e.actor, (e.after or {})["purpose"]) for e in reads] == [
@@ -261,7 +260,7 @@ def test_an_upload_with_hits_and_no_evidence_is_never_fetched_from_a_view(
 
 
 def _key_id(secret: str) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         principal = auth.authenticate(session, secret)
     assert principal is not None
     return principal.key_id
@@ -274,7 +273,7 @@ def test_an_upload_without_hits_is_shown_only_while_its_uri_serves_the_screened_
     SHA-256 checked against the screened one."""
     seeded = seed_hit(tmp_path)
     original_bytes = seeded.image.read_bytes()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(delete(Hit).where(Hit.upload_id == seeded.upload_id))
     path = f"/review/uploads/{seeded.upload_id}/thumbnail"
     analyst = bearer(keys[Role.ANALYST])
@@ -289,7 +288,7 @@ def test_a_thumbnail_follows_the_uri_policy(
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     seeded = seed_hit(tmp_path)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(delete(Hit).where(Hit.upload_id == seeded.upload_id))
         upload = session.get(Upload, seeded.upload_id)
         assert upload is not None

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 from moderation.audit.service import events_for
 from moderation.auth import service as auth
 from moderation.auth.models import Role
-from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.review import claims
 from moderation.review.cards import Order
@@ -122,7 +121,7 @@ def test_a_decision_leaves_the_queue_and_is_audited(
     html = site.get("/review").text
     assert _cards(html) == [second.upload_id]
     assert '<strong id="pending-count">1</strong> upload pending' in html
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hit = session.get(Hit, first.hit_id)
         assert hit is not None
         assert (hit.review_status, hit.review_note) == (ReviewStatus.CONFIRMED, "matches")
@@ -172,13 +171,13 @@ def test_decisions_need_a_reviewer_and_the_forms_token(
         headers={"Origin": "https://evil.example"},
     )
     assert api.status_code == 403
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         statuses = set(session.scalars(select(Hit.review_status)))
     assert statuses == {ReviewStatus.PENDING}
 
 
 def _status(hit_id: int) -> ReviewStatus:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hit = session.get(Hit, hit_id)
         assert hit is not None
         return hit.review_status
@@ -249,7 +248,7 @@ def queue_site(clean_db: None, queue_runtime: Runtime) -> Iterator[TestClient]:
 
 def _age(hit_id: int, hours: float) -> None:
     """Make a hit as old as `hours` (found then)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(Hit)
             .where(Hit.id == hit_id)
@@ -259,7 +258,7 @@ def _age(hit_id: int, hours: float) -> None:
 
 def _client(runtime: Runtime, keys: dict[Role, str], name: str) -> TestClient:
     """Another reviewer's browser, on `runtime`: their own key and session."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         _, secret = auth.create_key(session, role=Role.REVIEWER, name=name, actor="test")
     client = browser(runtime)
     log_in(client, secret)
@@ -280,7 +279,7 @@ def test_cards_count_uploads_and_show_age_and_submitter(
     first, second = _seed(tmp_path, 2)
     add_hit(first.upload_id, bank_name="second-bank")
     _age(first.hit_id, 3)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         upload = session.get(Upload, second.upload_id)
         assert upload is not None
         upload.event_metadata = {"user": "u-1729", "surface": "<b>profile</b>"}
@@ -303,7 +302,7 @@ def test_priority_puts_exact_hashes_then_strength_first_and_oldest_orders_by_age
     site: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
     weak, strong, exact = _seed(tmp_path, 3)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         for seeded, distance in ((weak, 30), (strong, 2)):
             session.execute(
                 update(Hit).where(Hit.id == seeded.hit_id).values(distance=distance, threshold=31)
@@ -448,7 +447,7 @@ def test_undo_restores_the_card_within_the_window_only(
     )
     assert undone.status_code == 303
     assert _status(first.hit_id) is ReviewStatus.PENDING
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         hit = session.get(Hit, first.hit_id)
         assert hit is not None
         assert (hit.reviewed_by, hit.review_note) == (None, None)
@@ -467,7 +466,7 @@ def test_undo_restores_the_card_within_the_window_only(
     # The same reviewer on a service that offers no undo.
     with _same_browser(site, make_runtime(**QUEUE_SETTINGS, review_undo_seconds=0)) as no_undo:
         assert _decide(no_undo, second.hit_id, "dismiss").status_code == 303
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             late_id = max(e.id for e in events_for(session, "upload", second.upload_id))
         late = no_undo.post(
             f"/review/decisions/{late_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
@@ -479,7 +478,7 @@ def test_undo_restores_the_card_within_the_window_only(
     long_undo = make_runtime(**QUEUE_SETTINGS, review_undo_seconds=60)
     with _client(long_undo, keys, "eve") as eve:
         assert _decide(eve, third.hit_id, "escalate").status_code == 303
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         eves = max(e.id for e in events_for(session, "upload", third.upload_id))
     with _same_browser(site, long_undo) as mine:
         theirs = mine.post(
@@ -497,7 +496,7 @@ def test_a_decision_and_its_note_survive_an_expired_session(
     html = site.get("/review").text
     state = _field(html, seeded.upload_id, "state")
     csrf = web.csrf_token(token)
-    with session_scope() as session:  # the session runs out while the note is written
+    with TEST_RUNTIME.session() as session:  # the session runs out while the note is written
         session.execute(update(WebSession).values(expires_at=func.now()))
     sent = site.post(
         f"/review/hits/{seeded.hit_id}/decision",
@@ -541,7 +540,7 @@ def test_a_decision_and_its_note_survive_an_expired_session(
     # Once its decision is sent, the kept form is gone.
     assert site.get(resume).status_code == 404
     # A post from another site is refused, and nothing of it kept.
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(update(WebSession).values(expires_at=func.now()))
     forged = site.post(
         f"/review/hits/{seeded.hit_id}/decision",
@@ -549,7 +548,7 @@ def test_a_decision_and_its_note_survive_an_expired_session(
         headers={"Origin": "https://evil.example"},
     )
     assert forged.status_code == 403
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         assert session.scalar(select(func.count()).select_from(PendingForm)) == 0
 
 
@@ -562,7 +561,7 @@ def test_an_undone_decision_is_never_announced(
         log_in(site, keys[Role.REVIEWER])
         assert _decide(site, kept.hit_id, "confirm").status_code == 303
         assert _decide(site, undone.hit_id, "confirm").status_code == 303
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             # Both events wait out the undo window: no sender may take them yet.
             assert webhooks.claim_due(session, lease_s=60, give_up_after_s=3600, limit=10) == []
             waits = {
@@ -579,7 +578,7 @@ def test_an_undone_decision_is_never_announced(
             f"/review/decisions/{event_id}/undo", data={"csrf": csrf}, headers=SAME_ORIGIN
         )
         assert response.status_code == 303
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             assert set(session.scalars(select(WebhookEvent.upload_id))) == {kept.upload_id}
 
 
@@ -608,7 +607,7 @@ def test_reviewers_claiming_at_the_same_moment_get_disjoint_batches(
     taken: dict[str, list[int]] = {}
 
     def claim_for(actor: str) -> None:
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             start.wait(timeout=30)
             taken[actor] = claims.claim_batch(
                 session,

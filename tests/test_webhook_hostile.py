@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from moderation.db import session_scope
 from moderation.runtime import Runtime
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import ANSWER_BYTES_READ, Sender
+from tests.conftest import TEST_RUNTIME
 from tests.test_webhooks import _confirmed_uploads, as_fields, sending_to
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -95,7 +95,7 @@ def _one_attempt(runtime: Runtime) -> tuple[WebhookEvent, WebhookAttempt, float]
     finally:
         sender.close()
     took = time.monotonic() - started
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = session.scalars(select(WebhookEvent))
         (attempt,) = service.attempts_of(session, event.id)
         session.expunge_all()
@@ -196,7 +196,7 @@ def test_an_event_whose_attempts_were_never_recorded_gives_up(
     """Claimed before (its sender died, or could not record), due again, past its give-up
     time: failed, not posted again."""
     _confirmed_uploads(1)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         session.execute(
             update(WebhookEvent).values(
                 attempts=3,
@@ -209,7 +209,7 @@ def test_an_event_whose_attempts_were_never_recorded_gives_up(
     finally:
         sender.close()
     assert receiver.requests == []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = session.scalars(select(WebhookEvent))
         assert event.status is DeliveryStatus.FAILED
         assert event.last_error is not None

@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import Match
 from moderation.config import Settings
-from moderation.db import session_scope
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
@@ -37,7 +36,7 @@ from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, EventType, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import Sender
 from moderation.worker.results import record_results
-from tests.conftest import TEST_ENV, settings_for_tests
+from tests.conftest import TEST_ENV, TEST_RUNTIME, settings_for_tests
 from tests.review_fixtures import make_bank, make_entry, make_hit, make_upload
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -88,7 +87,7 @@ def hooked(receiver: Receiver, make_runtime: Callable[..., Runtime]) -> Callable
 def _confirmed_uploads(count: int, hits_each: int = 2) -> list[int]:
     """Uploads with hits, each confirmed by a reviewer (one event each)."""
     upload_ids = []
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, f"bank-{os.urandom(3).hex()}")
         for _ in range(count):
             upload = make_upload(session, external_id=os.urandom(6).hex())
@@ -108,7 +107,7 @@ def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
 
 
 def _statuses() -> Counter[DeliveryStatus]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return Counter(session.scalars(select(WebhookEvent.status)))
 
 
@@ -135,7 +134,7 @@ def test_an_event_fails_twice_then_is_delivered_once(
     assert effect["type"] == "upload.confirmed"
     assert effect["data"]["upload"]["id"] == upload_id
     assert len(effect["data"]["hits"]) == 2
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = session.scalars(select(WebhookEvent))
         attempts = service.attempts_of(session, event.id)
         assert event.status is DeliveryStatus.DELIVERED
@@ -156,7 +155,7 @@ def test_a_repeat_is_dropped_by_the_receiver(
     sender = Sender(hooked())
     try:
         _deliver_until_idle(sender)
-        with session_scope() as session:
+        with TEST_RUNTIME.session() as session:
             first = min(session.scalars(select(WebhookEvent.id)))
             service.redeliver(session, first)
         _deliver_until_idle(sender)
@@ -187,7 +186,7 @@ def test_several_senders_post_each_event_once(
     requested = Counter(receiver.keys_requested())
     assert len(requested) == 30
     assert set(requested.values()) == {1}
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         used = set(session.scalars(select(WebhookAttempt.sender)))
     assert len(used) > 1  # they shared the work
 
@@ -234,7 +233,7 @@ def test_a_sender_killed_mid_delivery_loses_nothing(
     assert len(requested) == 5
     assert sorted(requested.values()) == [1, 1, 1, 1, 2]
     (held_key,) = [key for key, count in requested.items() if count == 2]
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         event = session.scalars(
             select(WebhookEvent).where(WebhookEvent.idempotency_key == held_key)
         ).one()
@@ -296,7 +295,7 @@ def test_redirects_are_not_followed_and_old_events_give_up(
     finally:
         sender.close()
     assert len(receiver.requests) == 1  # the Location was never requested
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         (event,) = session.scalars(select(WebhookEvent))
         (attempt,) = service.attempts_of(session, event.id)
         assert attempt.status_code == 302
@@ -392,7 +391,7 @@ def test_the_compose_healthcheck_follows_a_real_sender(receiver: Receiver, tmp_p
 def test_decide_and_list_from_the_command_line(
     receiver: Receiver, hooked: Callable[..., Runtime]
 ) -> None:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = make_bank(session, "b")
         upload = make_upload(session)
         first, second = (make_hit(session, upload, make_entry(session, bank)) for _ in range(2))
@@ -443,7 +442,7 @@ def test_events_wait_while_the_receiver_is_down(
     finally:
         sender.close()
     assert _statuses() == Counter({DeliveryStatus.PENDING: 3})
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         errors = set(session.scalars(select(WebhookAttempt.error)))
         assert all(error and "ConnectError" in error for error in errors)
     sender = Sender(hooked())
@@ -456,5 +455,5 @@ def test_events_wait_while_the_receiver_is_down(
 
 
 def _attempt_count() -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return session.scalar(select(func.count()).select_from(WebhookAttempt)) or 0

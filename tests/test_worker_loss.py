@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import func, select, text
 
 from moderation.banks import service as banks
-from moderation.db import session_scope
 from moderation.embedding.models import Embedding
 from moderation.images.hashing import sha256
 from moderation.review.models import Hit
@@ -49,20 +48,20 @@ def _count(status: UploadStatus, ids: list[int], held_by: str | None = None) -> 
     query = select(func.count()).where(Upload.id.in_(ids), Upload.status == status)
     if held_by is not None:
         query = query.where(Upload.held_by == held_by)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return session.scalar(query) or 0
 
 
 def _submit(bank_name: str, base_url: str, count: int) -> list[int]:
     """Uploads of the banked image, each to be hit once (SHA-256)."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, bank_name)
         banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(IMAGE))], added_by="t")
         return [service.submit(session, f"{base_url}/{i}.jpg")[0].id for i in range(count)]
 
 
 def _hits_per_upload(ids: list[int]) -> dict[int, int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rows = session.execute(
             select(Hit.upload_id, func.count())
             .where(Hit.upload_id.in_(ids))
@@ -72,7 +71,7 @@ def _hits_per_upload(ids: list[int]) -> dict[int, int]:
 
 
 def _worker_name(process: WorkerProcess) -> str:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return session.scalars(
             select(Worker.name).where(
                 Worker.pid == process.process.pid, Worker.stopped_at.is_(None)
@@ -168,7 +167,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
     assert recovery_s < 60
     assert _hits_per_upload(ids) == dict.fromkeys(ids, 1)
     assert "re-sending" in log
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         rescued = session.execute(
             select(Upload.attempts, Upload.held_by).where(Upload.id.in_(held))
         ).all()
@@ -176,7 +175,7 @@ def test_a_killed_workers_uploads_are_screened_by_another_within_a_minute(
 
 
 def _held_by(name: str, ids: list[int]) -> list[int]:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return list(
             session.scalars(
                 select(Upload.id).where(
@@ -189,7 +188,7 @@ def _held_by(name: str, ids: list[int]) -> list[int]:
 
 
 def _terminate_backends(application_name: str) -> int:
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         return len(
             session.execute(
                 text(
@@ -207,7 +206,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
     """PostgreSQL drops every connection of a busy worker, again and again: claims and
     results in flight fail with their group commit, the tasks retry, and each upload ends
     screened once."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = banks.create_bank(session, "dropped")
         banks.add_entries(session, bank, [banks.NewEntry(sha256=sha256(IMAGE))], added_by="t")
         uploads = [service.submit(session, f"{slow_server}/{i}.jpg")[0] for i in range(24)]
@@ -235,7 +234,7 @@ def test_dropped_database_connections_lose_nothing_and_duplicate_nothing(
     assert terminated > 0
     assert "OperationalError" in log  # the faults reached the worker's tasks
     assert [u.status for u in final] == [UploadStatus.SCREENED] * len(ids)
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         # One hit (the banked SHA-256), two signals (SHA-256, PDQ), one embedding each.
         for table, per_upload in ((Hit, 1), (Signal, 2), (Embedding, 1)):
             rows = session.execute(

@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from moderation.banks.models import Bank, BankEntry
-from moderation.db import session_scope
 from moderation.images.signals import SignalType
 from moderation.main.app import create_app
 from moderation.review.models import Hit
 from moderation.runtime import Runtime
 from moderation.screening.models import Signal, Upload, UploadStatus
 from moderation.web.service import COOKIE_NAME
+from tests.conftest import TEST_RUNTIME
 
 BASE_URL = "https://testserver"
 # What a browser sends with a form posted from this site's own pages.
@@ -78,7 +78,7 @@ def seed_hit(directory: Path, *, bank_name: str = "known-bad", seed: int = 1) ->
     source_bytes = b"RESTRICTED-BANK-SOURCE-" + hashlib.sha256(str(directory).encode()).digest()
     source.write_bytes(source_bytes)
     data = image.read_bytes()
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = Bank(name=bank_name)
         session.add(bank)
         session.flush()
@@ -132,7 +132,7 @@ def seed_hit(directory: Path, *, bank_name: str = "known-bad", seed: int = 1) ->
 
 def add_hit(upload_id: int, *, bank_name: str, signal: SignalType = SignalType.SHA256) -> int:
     """Another hit of an upload, on an entry of a new bank (as a retro-hunt adds one): its id."""
-    with session_scope() as session:
+    with TEST_RUNTIME.session() as session:
         bank = Bank(name=bank_name)
         session.add(bank)
         session.flush()
