@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -29,7 +28,6 @@ from moderation.embedding.families import open_embedder
 from moderation.embedding.models import EmbeddingModel
 from moderation.evaluation import golden, runner, service, tasks
 from moderation.evaluation.models import EvaluationRun, GoldenQuery, GoldenRelevant, Modality
-from moderation.http.metrics import REGISTRY
 from moderation.images.signals import SignalType
 from moderation.main import metrics as _metrics  # registers the /metrics collector
 from moderation.main.cli import main
@@ -439,7 +437,7 @@ def test_a_fall_in_recall_as_the_corpus_grows_is_warned_and_exported(
     assert second.corpus_size == first.corpus_size + K * len(TEXT_PLANS)
     assert "fell beyond the margin" in caplog.text
     assert "text -" in caplog.text
-    scraped = generate_latest(REGISTRY).decode()
+    scraped = api.get("/metrics").text
     assert f'moderation_eval_regressed{{model="{TINY_MODEL_DIR}",reranker="exact"}} 1.0' in scraped
     labels = f'k="5",modality="text",model="{TINY_MODEL_DIR}",reranker="exact"'
     assert f"moderation_eval_recall{{{labels}}} 0.0" in scraped

@@ -334,7 +334,7 @@ def _screen(
     record_results(session, settings, [screened])
 
 
-def test_screening_hits_are_announced_when_configured(session: Session) -> None:
+def test_screening_hits_are_announced_when_configured(clean_db: None, session: Session) -> None:
     model = get_or_create_model(session, "m", 4)
     bank = make_bank(session, "b")
     entries = [make_entry(session, bank).id for _ in range(2)]
