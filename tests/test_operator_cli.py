@@ -45,6 +45,24 @@ from tests.queues import queue, queue_runtime, queued_uploads
 __all__ = ["queue", "queue_runtime"]
 
 
+def one_line_from_process(variables: dict[str, str], exit_code: int, *args: str) -> str:
+    """The error of `moderation ARGS` run as an operator runs it, in a process of its own
+    reading the tests' MODERATION_* variables with `variables` on top: one line, no
+    traceback, exit status `exit_code`."""
+    process = subprocess.run(
+        [sys.executable, "-m", "moderation", *args],
+        env={**os.environ, **TEST_ENV, **variables},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert process.returncode == exit_code, process.stderr
+    assert "Traceback" not in process.stderr
+    (line,) = process.stderr.strip().splitlines()
+    return line
+
+
 def run_on(runtime: Runtime, *args: str) -> Result:
     return CliRunner().invoke(main, list(args), obj=runtime)
 
@@ -164,18 +182,8 @@ def test_postgres_unreachable_names_the_url_and_the_sweeper(
 def test_redis_unreachable_says_the_uploads_stay_queued_for_the_sweeper(tmp_path: Path) -> None:
     image = write(tmp_path / "a.jpg", encode(textured(1)))
     port = closed_port()
-    env = {**os.environ, **TEST_ENV, "MODERATION_REDIS_URL": f"redis://:pw@127.0.0.1:{port}/0"}
-    process = subprocess.run(
-        [sys.executable, "-m", "moderation", "submit", str(image)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert process.returncode == 4, process.stderr
-    assert "Traceback" not in process.stderr
-    (line,) = process.stderr.strip().splitlines()
+    redis_url = f"redis://:pw@127.0.0.1:{port}/0"
+    line = one_line_from_process({"MODERATION_REDIS_URL": redis_url}, 4, "submit", str(image))
     assert line.startswith(f"Error: cannot reach Redis at redis://:***@127.0.0.1:{port}/0")
     assert "stay queued in PostgreSQL" in line
     assert "sweeper re-sends them once Redis is back" in line
@@ -460,17 +468,7 @@ def test_bad_settings_are_one_line_naming_the_variables() -> None:
         "MODERATION_MATCH_RADIUS": "5",
         "MODERATION_DATABASE_URL": "postgresql://u:hunter2@h/db",
     }
-    process = subprocess.run(
-        [sys.executable, "-m", "moderation", "hits"],
-        env={**os.environ, **TEST_ENV, **bad},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert process.returncode == 1, process.stderr
-    assert "Traceback" not in process.stderr
-    (line,) = process.stderr.strip().splitlines()
+    line = one_line_from_process(bad, 1, "hits")
     assert line == (
         "Error: bad settings: MODERATION_BATCH_SIZE: Input should be a valid integer, unable "
         "to parse string as an integer; MODERATION_MATCH_RADIUS: Input should be less than "
