@@ -184,6 +184,14 @@ def parse_args() -> argparse.Namespace:
         help="First of the 13 ports of the wheel's server (two runs on one machine differ).",
     )
     parser.add_argument(
+        "--milvus-config",
+        nargs="+",
+        default=[],
+        metavar="PATH=VALUE",
+        help="Settings of the wheel's server, by their path in milvus.yaml "
+        "(dataCoord.segment.sealProportion=1.0).",
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -228,7 +236,9 @@ def main() -> None:
     if args.backend != "faiss":
         from search_milvus import Server
 
-        server = Server(args.milvus_uri, args.milvus_ports)
+        overrides = dict(item.split("=", 1) for item in args.milvus_config)
+        server = Server(args.milvus_uri, args.milvus_ports, dict(overrides))
+        results["milvus_config"] = overrides
         results["milvus_uri"] = server.uri
     if args.backend == "milvus":
         kinds = []

@@ -80,14 +80,19 @@ def _proc_stat(pid: int) -> tuple[float, float]:
 class Server:
     """The Milvus to measure: given by URI, or the wheel's standalone started here."""
 
-    def __init__(self, uri: str | None, port_base: int = 29_400) -> None:
+    def __init__(
+        self, uri: str | None, port_base: int = 29_400, overrides: dict[str, object] | None = None
+    ) -> None:
+        """`overrides`: the wheel's server settings to change (its milvus.yaml, by path)."""
         self.uri = uri
         self.process: Any = None
         if uri is None:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.milvus_server import MilvusProcess
 
-            self.process = MilvusProcess(Path(tempfile.mkdtemp(prefix="bench-milvus-")), port_base)
+            self.process = MilvusProcess(
+                Path(tempfile.mkdtemp(prefix="bench-milvus-")), port_base, overrides or {}
+            )
             started = time.perf_counter()
             self.process.start()
             self.uri = self.process.uri

@@ -23,7 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os.path import dirname, join
 from pathlib import Path
 
@@ -71,6 +71,8 @@ class MilvusProcess:
 
     data_dir: Path
     base: int
+    # Settings of the server's milvus.yaml by dotted path ("dataCoord.segment.sealProportion").
+    overrides: dict[str, object] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +102,8 @@ class MilvusProcess:
             config.configurable_items[key][1] = self.base + i
         for component in _COMPONENTS:
             config.set(f"{component}.ip", "127.0.0.1")
+        for key, value in self.overrides.items():
+            config.set(key, value)
         config.resolve_storage()
         config.write_config()  # configs/milvus.yaml under data_dir
         self._own_etcd_ports(Path(config.base_data_dir) / "configs")
