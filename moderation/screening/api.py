@@ -26,6 +26,7 @@ from moderation.http.access import allow, app_runtime, current_principal
 from moderation.http.metrics import REGISTRY
 from moderation.http.resources import ProcessResource
 from moderation.http.types import plain_text
+from moderation.images.uri_policy import UriPolicy
 from moderation.screening.announcer import Announcer
 from moderation.screening.service import NewUpload, Submitted
 from moderation.screening.submission import accept
@@ -153,10 +154,23 @@ async def submit_uploads(
         accept,
         app_runtime(request),
         [event.to_new_upload(submitter) for event in events],
+        policy=_uri_policy(request),
         announce=ANNOUNCER.get(request).announce,
     )
     UPLOAD_BATCH_SIZE.observe(len(events))
     return accepted_answer(body, accepted)
+
+
+def _uri_policy(request: Request) -> UriPolicy:
+    """The application's fetch policy, made from its settings on the first submit and
+    shared by every request (made per request, its checks of the configured prefixes were
+    5% of a single event's samples: py-spy, `bench/api.py`). Two requests racing to make it
+    make equal ones; either serves."""
+    state = request.app.state
+    policy: UriPolicy | None = getattr(state, "uri_policy", None)
+    if policy is None:
+        policy = state.uri_policy = UriPolicy.from_settings(app_runtime(request).settings)
+    return policy
 
 
 def accepted_answer(
