@@ -53,16 +53,16 @@ def enum_column(cls: type[enum.StrEnum], name: str) -> Enum:
     )
 
 
-def create_database_engine(settings: Settings, url: str | None = None) -> Engine:
-    """The process's engine for `settings.database_url` (or `url`): built once, by the
-    process's `Runtime`, and shared by every thread."""
+def create_database_engine(settings: Settings) -> Engine:
+    """The process's engine for `settings.database_url`: built once, by the process's
+    `Runtime`, and shared by every thread."""
     # Worker threads hold a connection only while they claim or record an upload, so the pool
     # can be much smaller than the thread count; they queue for one briefly. No overflow:
     # overflow connections are closed on return, and reconnecting costs a Postgres fork.
     # No pre-ping either (a round trip per checkout): a dead connection fails the task, which
     # is retried, and the pool replaces it.
     return create_engine(
-        url or settings.database_url,
+        settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=0,
         pool_timeout=60,

@@ -72,9 +72,9 @@ class Producer:
     connection pool) and the queues the settings name. Built once by the process's
     `Runtime`; safe to share between threads."""
 
-    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.app = app or create_celery(settings)
+        self.app = create_celery(settings)
 
     def send_screening(self, upload_ids: Sequence[int], queue: str | None = None) -> None:
         """Send screening messages for uploads whose rows are committed,
