@@ -66,14 +66,11 @@ def main() -> None:
         "MODERATION_RETROHUNT_SETTLE_S": "0",
         "MODERATION_ALLOWED_URI_PREFIXES": f"{workdir.resolve().as_uri()}/",
     }
-    from moderation.config import Settings
+    from moderation.config import Settings, settings_fields
     from moderation.embedding.tiny import write_tiny_clip
     from moderation.runtime import Runtime
 
-    fields: dict[str, Any] = {
-        name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()
-    }
-    runtime = Runtime(Settings(**fields))
+    runtime = Runtime(Settings(**settings_fields(environment)))
     write_tiny_clip(workdir / "tiny-clip")
     try:
         prepare_uploads(runtime, args.uploads)

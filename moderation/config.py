@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -14,8 +15,11 @@ DEFAULT_CUDA_MODEL = "openai/clip-vit-large-patch14-336"
 DEFAULT_CPU_MODEL = "openai/clip-vit-base-patch32"
 
 
+ENV_PREFIX = "MODERATION_"
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MODERATION_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/moderation"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -424,3 +428,9 @@ class Settings(BaseSettings):
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def settings_fields(variables: Mapping[str, str]) -> dict[str, Any]:
+    """MODERATION_* variables as `Settings` fields by name: for a process that gives a child
+    these variables and builds its own settings from the same values (`Settings(**fields)`)."""
+    return {name.removeprefix(ENV_PREFIX).lower(): value for name, value in variables.items()}

@@ -109,7 +109,7 @@ from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from moderation import schema  # noqa: E402
-from moderation.config import Settings  # noqa: E402
+from moderation.config import Settings, settings_fields  # noqa: E402
 from moderation.embedding.tiny import write_tiny_clip, write_tiny_siglip  # noqa: E402
 from moderation.runtime import Runtime  # noqa: E402
 from moderation.search.blip import write_random_blip  # noqa: E402
@@ -133,10 +133,7 @@ class _GivenSettings(Settings):
 
 def settings_for_tests(**changes: Any) -> Settings:
     """The tests' settings (`TEST_ENV`), with `changes` (by field name) on top."""
-    values: dict[str, Any] = {
-        name.removeprefix("MODERATION_").lower(): value for name, value in TEST_ENV.items()
-    }
-    validated = _GivenSettings(**{**values, **changes})
+    validated = _GivenSettings(**{**settings_fields(TEST_ENV), **changes})
     # As a plain `Settings`: what child processes (the intake pool's) can unpickle without
     # importing the tests.
     return Settings.model_construct(**dict(validated))

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from moderation.config import settings_fields
 from moderation.runtime import Runtime
 from moderation.webhooks import service
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookEvent
 from moderation.webhooks.sender import ANSWER_BYTES_READ, Sender
 from tests.conftest import TEST_RUNTIME
-from tests.test_webhooks import _confirmed_uploads, as_fields, sending_to
+from tests.test_webhooks import _confirmed_uploads, sending_to
 from tests.webhook_receiver import Receiver, running_receiver
 
 # The attempt's deadline here (MODERATION_WEBHOOK_TIMEOUT_S), and what the receivers do
@@ -80,7 +81,7 @@ def hooked(receiver: Receiver, make_runtime: Callable[..., Runtime]) -> Callable
     """Runtimes whose settings send to the receiver, with `changes` (by field name) on top."""
 
     def make(**changes: Any) -> Runtime:
-        return make_runtime(**{**as_fields(_settings(receiver.url)), **changes})
+        return make_runtime(**{**settings_fields(_settings(receiver.url)), **changes})
 
     return make
 

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.banks.matcher import Match
-from moderation.config import Settings
+from moderation.config import Settings, settings_fields
 from moderation.embedding.service import get_or_create_model
 from moderation.images.hashing import PdqHash
 from moderation.images.signals import FrameSignals, ImageSignals, SignalType
@@ -58,11 +58,6 @@ def sending_to(url: str) -> dict[str, str]:
     return {**FAST, "MODERATION_WEBHOOK_URL": url}
 
 
-def as_fields(environment: dict[str, str]) -> dict[str, str]:
-    """MODERATION_* variables as settings fields (for `make_runtime`)."""
-    return {name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()}
-
-
 # What writes events (`review.decide`, `worker.results`) reads from its settings is only
 # whether a receiver is configured; a sender delivers them to its own runtime's receiver.
 WRITING_EVENTS = settings_for_tests(webhook_url="http://127.0.0.1:9/unused")
@@ -79,7 +74,7 @@ def hooked(receiver: Receiver, make_runtime: Callable[..., Runtime]) -> Callable
     """Runtimes whose settings send to the receiver, with `changes` (by field name) on top."""
 
     def make(**changes: Any) -> Runtime:
-        return make_runtime(**{**as_fields(sending_to(receiver.url)), **changes})
+        return make_runtime(**{**settings_fields(sending_to(receiver.url)), **changes})
 
     return make
 

@@ -12,13 +12,13 @@ import os
 import tempfile
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from moderation.config import DEFAULT_CPU_MODEL, Settings
+from moderation.config import DEFAULT_CPU_MODEL, Settings, settings_fields
 from moderation.demo.samples import SAMPLES
 from moderation.embedding.tiny import TINY_MODEL_WARNING, write_tiny_clip
 from moderation.local_services import LocalServices
@@ -62,10 +62,7 @@ def _run(base: Settings) -> None:
     }
     # Offline, this process and its worker: every model the demo runs is already here.
     os.environ["HF_HUB_OFFLINE"] = "1"
-    fields: dict[str, Any] = {
-        name.removeprefix("MODERATION_").lower(): value for name, value in environment.items()
-    }
-    with closing(Runtime(Settings(**fields))) as runtime:
+    with closing(Runtime(Settings(**settings_fields(environment)))) as runtime:
         click.secho("moderation demo", bold=True)
         click.echo(f"  model:    {model}")
         if is_tiny:
