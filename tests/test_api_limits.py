@@ -48,6 +48,22 @@ def app(clean_db: None, limited: Runtime) -> Iterator[TestClient]:
         yield client
 
 
+@pytest.fixture
+def decoding_app(clean_db: None, make_runtime: Callable[..., Runtime]) -> Iterator[TestClient]:
+    """150 MiB of decodes, two at once, and fetch slots for every request the decode test
+    makes at once: its six local files are one host, and a fetch refused as busy would
+    answer 503 before ever reaching the decode gate it measures."""
+    runtime = make_runtime(
+        api_decode_memory_mb=150,
+        api_decodes=2,
+        api_fetches=8,
+        api_fetches_per_host=8,
+        api_fetches_per_caller=8,
+    )
+    with TestClient(create_app(runtime), base_url=BASE_URL, follow_redirects=False) as client:
+        yield client
+
+
 def _limits(app: TestClient) -> ApiLimits:
     """The application's limits, which every route that decodes or fetches shares."""
     limits: ApiLimits = app.app.state.api_limits  # type: ignore[attr-defined]
@@ -70,8 +86,9 @@ def _hitless_upload(directory: Path, uri: str, served: bytes) -> int:
 
 
 def test_thumbnails_decode_within_one_budget_and_at_most_so_many_at_once(
-    app: TestClient, keys: dict[Role, str], tmp_path: Path
+    decoding_app: TestClient, keys: dict[Role, str], tmp_path: Path
 ) -> None:
+    app = decoding_app
     # 12 megapixels of PNG: about 144 MB at the decoder's estimated peak, so the 150 MiB
     # budget admits one decode at a time, whatever the number of requests.
     picture = tmp_path / "large.png"
