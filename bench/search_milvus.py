@@ -11,10 +11,10 @@ Rows: `milvus-hnsw` (M and efConstruction as Faiss's HNSW, a sweep of ef; raw to
 the top 100 rescored exactly, as the service serves), with the server's CPU per query next
 to the client's; recall at 10% and 1% filter selectivity (a scalar field, against exact
 search over the passing rows), served as the service serves it (`MilvusIndex.search`: a
-window of FILTERED_WINDOW x 100 nearest rows filtered by Milvus, then Milvus's filtered
-search where too few pass) and, in the same run, Milvus's filtered search alone (window 0,
-what the service did before); ingest (insert + flush), index build
-and load times; the server's RSS growth; and freshness: seconds from an insert returning to
+window of nearest rows filtered by Milvus, its multiple of 100 tuned on stored vectors as
+the service tunes it, then Milvus's filtered search where too few pass) and, in the same
+run, Milvus's filtered search alone (window 0); ingest (insert + flush), index build and
+load times; the server's RSS growth; and freshness: seconds from an insert returning to
 the row being found by a search at Bounded consistency (the service's default), and from a
 delete to it being gone.
 
@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moderation.search.milvus_index import (
-    FILTERED_WINDOW,
     Milvus,
     MilvusIndex,
     MilvusPlan,
@@ -212,6 +211,7 @@ def run_milvus(ctx: Context, server: Server) -> None:
             f"M{HNSW_M} efC{HNSW_EF_CONSTRUCTION} ef{ef}",
             {**build, "ef": ef},
         )
+    tuned = _tuned_filtered_window(ctx, service_index(server, name, dim, {"index_type": "HNSW"}))
     for label, buckets in SELECTIVITY.items():
         expression = f"bucket < {buckets}"  # the field `bucket` is row % 100
         truth = filtered_truth(ctx, buckets)
@@ -219,9 +219,9 @@ def run_milvus(ctx: Context, server: Server) -> None:
             run = served(
                 service_index(server, name, dim, {"index_type": "HNSW", "ef": ef}),
                 expression,
-                window,
+                tuned if window is None else window,
             )
-            shown = FILTERED_WINDOW if window is None else window
+            shown = tuned if window is None else window
             _measure(
                 ctx,
                 server,
@@ -244,6 +244,50 @@ def run_milvus(ctx: Context, server: Server) -> None:
     client.close()
 
 
+def _tuned_filtered_window(ctx: Context, index: MilvusIndex) -> int:
+    """The window multiple the service's tuning picks for filtered searches
+    (`MilvusIndex.tune_filtered`, as `milvus_sync.tune_collection` runs it): measured on
+    stored vectors at 10% and 1% selectivity, the larger of the two kept."""
+    from search import CANDIDATES, SELECTIVITY, TARGET_RECALL, K
+
+    from moderation.search.indexes import exact_top_k
+
+    queries = _tuning_queries(ctx)
+    for label, buckets in SELECTIVITY.items():
+        passing = np.nonzero(np.arange(ctx.size) % 100 < buckets)[0]
+        exact = exact_top_k(queries, ctx.corpus, K, rows=passing)[0]
+        index.tune_filtered(
+            queries,
+            exact,
+            _exact_rescore(ctx),
+            expression=f"bucket < {buckets}",
+            label=label,
+            target=TARGET_RECALL,
+            k=K,
+            candidates=CANDIDATES,
+        )
+    window = int(index.parameters["filtered_window"])
+    print(f"  milvus: filtered searches tuned to a window of {window} x {CANDIDATES}", flush=True)
+    return window
+
+
+def _tuning_queries(ctx: Context) -> np.ndarray:
+    """The stored vectors the service tunes on (`milvus_sync.tune_collection`); recall is
+    then measured on the held-out queries, as for every other row."""
+    stored = np.random.default_rng(0).choice(ctx.size, TUNING_QUERIES, replace=False)
+    return ctx.corpus[np.sort(stored)]
+
+
+def _exact_rescore(ctx: Context) -> Any:
+    """Scores of candidate rows against their queries, as the service's rescore reads them."""
+
+    def rescore(ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        scores = np.einsum("qcd,qd->qc", ctx.corpus[np.maximum(ids, 0)], queries)
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+    return rescore
+
+
 def run_milvus_ivf(ctx: Context, server: Server, kinds: list[str]) -> None:
     """The service's IVF_SQ8 and IVF_PQ collections (`kinds`: ivf-sq8, ivf-pq), one at a
     time, each dropped before the next is made (module docstring)."""
@@ -251,10 +295,7 @@ def run_milvus_ivf(ctx: Context, server: Server, kinds: list[str]) -> None:
 
     from moderation.search.indexes import exact_top_k
 
-    # The service tunes on stored vectors (`milvus_sync.tune_collection`); recall is then
-    # measured on the held-out queries, as for every other row.
-    stored = np.random.default_rng(0).choice(ctx.size, TUNING_QUERIES, replace=False)
-    tuning_queries = ctx.corpus[np.sort(stored)]
+    tuning_queries = _tuning_queries(ctx)
     tuning = (tuning_queries, exact_top_k(tuning_queries, ctx.corpus, K)[0])
     for kind in kinds:
         _measure_ivf(ctx, server, kind, tuning)
@@ -303,11 +344,7 @@ def _measure_ivf(
     loaded = server.stat()
     segments = index.milvus.call("list segments", lambda c: c.list_loaded_segments(name))
 
-    def exact_rescore(ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        scores = np.einsum("qcd,qd->qc", ctx.corpus[np.maximum(ids, 0)], queries)
-        return np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-
-    index.tune(*tuning, exact_rescore, target=TARGET_RECALL, k=K, candidates=CANDIDATES)
+    index.tune(*tuning, _exact_rescore(ctx), target=TARGET_RECALL, k=K, candidates=CANDIDATES)
     build: dict[str, Any] = {
         "backend": "milvus",
         "ingest_s": round(ingest_s, 1),
