@@ -14,9 +14,11 @@ search over the passing rows), served as the service serves it (`MilvusIndex.sea
 window of nearest rows filtered by Milvus, its multiple of 100 tuned on stored vectors as
 the service tunes it, then Milvus's filtered search where too few pass) and, in the same
 run, Milvus's filtered search alone (window 0); ingest (insert + flush), index build and
-load times; the server's RSS growth; and freshness: seconds from an insert returning to
-the row being found by a search at Bounded consistency (the service's default), and from a
-delete to it being gone.
+load times, and how long the loaded server took to be quiet (it may compact segments and
+index the merged ones first; searches are timed after), with the segments it serves; the
+server's RSS growth; and freshness: seconds from an insert returning to the row being found
+by a search at Bounded consistency (the service's default), and from a delete to it being
+gone.
 
 Rows `milvus-ivf_sq8` and `milvus-ivf_pq` (`--milvus-only ivf-sq8 ivf-pq`): the IVF indexes
 the service builds at or above MODERATION_SEARCH_HNSW_MAX, with its own parameters
@@ -64,6 +66,10 @@ INSERT_CHUNK = 5_000
 FRESHNESS_TRIES = 5
 # Stored vectors the service's tuning measures recall on (MODERATION_SEARCH_TUNING_QUERIES).
 TUNING_QUERIES = 200
+# The server is quiet, and searches may be timed, once it uses under this much CPU (cores)
+# over this many seconds.
+QUIET_CORES = 0.25
+QUIET_WINDOW_S = 5.0
 
 
 def _proc_stat(pid: int) -> tuple[float, float]:
@@ -101,6 +107,22 @@ class Server:
         if self.process is None or self.process.process is None:
             return None
         return _proc_stat(self.process.process.pid)
+
+    def settle(self, timeout_s: float = 900.0) -> float:
+        """Seconds until the wheel's server is quiet (under `QUIET_CORES` of CPU over
+        `QUIET_WINDOW_S`): a loaded collection may still be compacted and its new segments
+        indexed, and searches timed meanwhile share the cores with that. 0 for a server by
+        URI, whose work cannot be seen from here."""
+        started = time.perf_counter()
+        last = self.stat()
+        while last is not None and time.perf_counter() - started < timeout_s:
+            time.sleep(QUIET_WINDOW_S)
+            now = self.stat()
+            assert now is not None
+            if (now[1] - last[1]) / QUIET_WINDOW_S < QUIET_CORES:
+                break
+            last = now
+        return time.perf_counter() - started if last is not None else 0.0
 
     def restart(self) -> bool:
         """Stop and start the wheel's server on the same data; False for a server by URI."""
@@ -169,15 +191,19 @@ def run_milvus(ctx: Context, server: Server) -> None:
     client.load_collection(name)
     load_s = time.perf_counter() - started
     after = server.stat()
+    settled_s = server.settle()
+    segments = len(client.list_loaded_segments(name))
     print(
         f"  milvus: ingested {ctx.size} in {ingest_s:.0f} s, index built in {build_s:.0f} s, "
-        f"loaded in {load_s:.0f} s",
+        f"loaded in {load_s:.0f} s, {segments} segments, quiet {settled_s:.0f} s later",
         flush=True,
     )
     build: dict[str, Any] = {
         "build_s": round(build_s, 1),
         "ingest_s": round(ingest_s, 1),
         "load_s": round(load_s, 1),
+        "settled_s": round(settled_s, 1),
+        "segments": segments,
         # The server's RSS growth from the empty collection to the loaded index: the closest
         # to Faiss's index bytes that can be read from outside.
         "index_bytes": int((after[0] - before[0]) * 2**20) if after and before else 0,
