@@ -515,9 +515,15 @@ def run_hnsw(ctx: Context) -> None:
     gc.collect()
 
 
+def passes_filter(size: int, buckets: int) -> npt.NDArray[np.bool_]:
+    """Which rows the benchmark's filter passes: `row % 100 < buckets` (on Milvus, the
+    field `bucket` holds row % 100)."""
+    return np.arange(size) % 100 < buckets
+
+
 def filtered_truth(ctx: Context, buckets: int) -> Ids:
     """The exact top K of each query among the rows passing the filter `row % 100 < buckets`."""
-    passing = np.nonzero(np.arange(ctx.size) % 100 < buckets)[0]
+    passing = np.nonzero(passes_filter(ctx.size, buckets))[0]
     scores = ctx.queries @ ctx.corpus[passing].T
     return passing[np.argsort(-scores, axis=1)[:, :K]]
 
@@ -543,7 +549,7 @@ def measure_filtered(
     import faiss
 
     faiss.omp_set_num_threads(1)
-    passes = np.arange(ctx.size) % 100 < buckets
+    passes = passes_filter(ctx.size, buckets)
     found = [faiss_filtered(index, ctx.corpus, q, passes, ef) for q in ctx.queries]
     truth = filtered_truth(ctx, buckets)
     recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, truth, strict=True)]))

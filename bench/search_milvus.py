@@ -274,13 +274,13 @@ def _tuned_filtered_window(ctx: Context, index: MilvusIndex) -> int:
     """The window multiple the service's tuning picks for filtered searches
     (`MilvusIndex.tune_filtered`, as `milvus_sync.tune_collection` runs it): measured on
     stored vectors at 10% and 1% selectivity, the larger of the two kept."""
-    from search import CANDIDATES, SELECTIVITY, TARGET_RECALL, K
+    from search import CANDIDATES, SELECTIVITY, TARGET_RECALL, K, passes_filter
 
     from moderation.search.indexes import exact_top_k
 
     queries = _tuning_queries(ctx)
     for label, buckets in SELECTIVITY.items():
-        passing = np.nonzero(np.arange(ctx.size) % 100 < buckets)[0]
+        passing = np.nonzero(passes_filter(ctx.size, buckets))[0]
         exact = exact_top_k(queries, ctx.corpus, K, rows=passing)[0]
         index.tune_filtered(
             queries,
